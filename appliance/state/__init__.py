@@ -1,0 +1,1 @@
+"""Durable state in Redis: commands, migrations, checkpoints, leases, events, heartbeats."""

@@ -1,0 +1,87 @@
+"""The Redis key layout, in one place so every writer agrees on it.
+
+All keys start with the configured prefix (``ferry`` by default; tests use a
+random one)::
+
+    {p}:generation                  string  marker written at first start; gone = Redis lost its data
+    {p}:cmd:{message_id}            hash    command record: digest, type, status, answer (idempotency)
+    {p}:request:{request_id}        string  migration ids a request created (idempotency by request)
+    {p}:migration:{id}              hash    migration record and its state-machine state
+    {p}:migrations                  zset    every migration id, scored by creation time
+    {p}:migrations:active           zset    migrations not yet finished, scored by admission order
+    {p}:vm-lock:{site}:{vm_id}      string  migration id holding the VM (one migration per VM)
+    {p}:lease:{id}                  hash    owner and fencing token of a migration's driver
+    {p}:fence:{id}                  string  last fencing token handed out for a resource
+    {p}:checkpoint:{transfer_id}    hash    chunk index -> hash of chunks done; "meta" -> JSON
+    {p}:events                      stream  global event log
+    {p}:events:{migration_id}       stream  one migration's event log
+    {p}:component:{name}            hash    component heartbeat: state, detail, last_ok_at
+    {p}:policy:{cluster|default}    hash    RTO/RPO interval, limits
+    {p}:seen:{message_id}           string  replay guard, kept for twice the clock skew
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    @property
+    def generation(self) -> str:
+        return self._key("generation")
+
+    def command(self, message_id: str) -> str:
+        return self._key("cmd", message_id)
+
+    def request(self, request_id: str) -> str:
+        return self._key("request", request_id)
+
+    def migration(self, migration_id: str) -> str:
+        return self._key("migration", migration_id)
+
+    @property
+    def migrations(self) -> str:
+        return self._key("migrations")
+
+    @property
+    def active_migrations(self) -> str:
+        return self._key("migrations", "active")
+
+    def vm_lock(self, site: str, vm_id: str) -> str:
+        return self._key("vm-lock", site, vm_id)
+
+    def lease(self, resource: str) -> str:
+        return self._key("lease", resource)
+
+    def fence(self, resource: str) -> str:
+        return self._key("fence", resource)
+
+    def checkpoint(self, transfer_id: str) -> str:
+        return self._key("checkpoint", transfer_id)
+
+    @property
+    def events(self) -> str:
+        return self._key("events")
+
+    def migration_events(self, migration_id: str) -> str:
+        return self._key("events", migration_id)
+
+    def component(self, name: str) -> str:
+        return self._key("component", name)
+
+    def policy(self, cluster: str | None) -> str:
+        return self._key("policy", cluster or "default")
+
+    def seen(self, message_id: str) -> str:
+        return self._key("seen", message_id)
+
+    @property
+    def pattern(self) -> str:
+        """Matches every key of this prefix (for reset and test cleanup)."""
+        return self._key("*")

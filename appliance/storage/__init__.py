@@ -1,0 +1,1 @@
+"""Block storage: extents, the narrow backend interface, and its implementations."""

@@ -1,0 +1,1 @@
+"""Ferry clients: SDK, CLI and heartbeat monitor."""

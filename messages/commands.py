@@ -1,0 +1,219 @@
+"""Commands: client to appliance, on the command queue."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from messages.common import (
+    BulkTransferMode,
+    MigrationType,
+    Name,
+    PowerState,
+    Secret,
+    VerifyMode,
+)
+from messages.envelope import Envelope, WireModel
+
+class Command(Envelope):
+    KIND: ClassVar[str] = "command"
+
+
+# --- inventory ---------------------------------------------------------------
+
+
+class InventoryFilter(WireModel):
+    name_glob: str | None = Field(default=None, max_length=255)
+    cluster: str | None = Field(default=None, max_length=255)
+    power_state: PowerState | None = None
+
+
+class SourceInventoryRequestBody(WireModel):
+    filters: InventoryFilter = InventoryFilter()
+    page_size: int = Field(default=100, ge=1, le=1000)
+    page_token: str | None = Field(default=None, max_length=512)
+
+
+class SourceInventoryRequest(Command):
+    message_type: Literal["SourceInventoryRequest"] = "SourceInventoryRequest"
+    body: SourceInventoryRequestBody = SourceInventoryRequestBody()
+
+
+# --- migration ---------------------------------------------------------------
+
+
+class GuestCredentials(WireModel):
+    """Used by prepare-to-migrate inside the guest; never logged, echoed or stored."""
+
+    username: str = Field(min_length=1, max_length=255)
+    password: Secret
+
+
+class NetworkMapping(WireModel):
+    source: Name
+    target: Name
+
+
+class TargetResources(WireModel):
+    site: Name = "cloud"
+    cluster: str | None = Field(default=None, max_length=255)
+    resource_pool: str | None = Field(default=None, max_length=255)
+    datastore: str | None = Field(default=None, max_length=255)
+    instance_type: str | None = Field(default=None, max_length=255)
+
+
+class CloneOptions(WireModel):
+    verify: VerifyMode = VerifyMode.CHUNK
+    bandwidth_cap_mbps: float | None = Field(default=None, gt=0)
+    io_queue_depth: int = Field(default=4, ge=1, le=64)
+    chunk_size_mib: int = Field(default=1, ge=1, le=64)
+    compress: bool = False
+    power_on_target: bool = True
+
+
+class CloneVm(WireModel):
+    """A VM to migrate, by id or by name (exactly one)."""
+
+    vm_id: str | None = Field(default=None, min_length=1, max_length=255)
+    name: str | None = Field(default=None, min_length=1, max_length=255)
+    target_name: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> CloneVm:
+        if (self.vm_id is None) == (self.name is None):
+            raise ValueError("give exactly one of vm_id or name")
+        return self
+
+    @property
+    def ref(self) -> str:
+        return self.vm_id if self.vm_id is not None else str(self.name)
+
+
+class SourceCloneRequestBody(WireModel):
+    request_id: str | None = Field(
+        default=None, min_length=1, max_length=128, description="Idempotency key; default: message_id"
+    )
+    vms: tuple[CloneVm, ...] = Field(min_length=1, max_length=1000)
+    migration_type: MigrationType
+    bulk_transfer_mode: BulkTransferMode = BulkTransferMode.ONLINE
+    guest_credentials: GuestCredentials | None = None
+    target: TargetResources = TargetResources()
+    network_map: tuple[NetworkMapping, ...] = ()
+    application_dependency: tuple[tuple[str, ...], ...] = Field(
+        default=(),
+        description="Groups of VM references (ids or names) that migrate and cut over together.",
+    )
+    options: CloneOptions = CloneOptions()
+
+
+class SourceCloneRequest(Command):
+    message_type: Literal["SourceCloneRequest"] = "SourceCloneRequest"
+    body: SourceCloneRequestBody
+
+
+class MigrationSelector(WireModel):
+    """Which migrations a command is about: by id, by request, or by VM."""
+
+    migration_ids: tuple[str, ...] = Field(default=(), max_length=1000)
+    request_id: str | None = Field(default=None, max_length=128)
+    vms: tuple[str, ...] = Field(default=(), max_length=1000)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> MigrationSelector:
+        if not (self.migration_ids or self.request_id or self.vms):
+            raise ValueError("name migration_ids, a request_id or vms")
+        return self
+
+
+class BulkMigrationDoneRequestBody(WireModel):
+    select: MigrationSelector
+    package_location: str | None = Field(default=None, max_length=2048)
+
+
+class BulkMigrationDoneRequest(Command):
+    message_type: Literal["BulkMigrationDoneRequest"] = "BulkMigrationDoneRequest"
+    body: BulkMigrationDoneRequestBody
+
+
+class MigrateBackRequestBody(WireModel):
+    select: MigrationSelector
+    planned: bool = True
+
+
+class MigrateBackRequest(Command):
+    message_type: Literal["MigrateBackRequest"] = "MigrateBackRequest"
+    body: MigrateBackRequestBody
+
+
+class CommitRequestBody(WireModel):
+    select: MigrationSelector
+
+
+class CommitRequest(Command):
+    message_type: Literal["CommitRequest"] = "CommitRequest"
+    body: CommitRequestBody
+
+
+class SyncRequestBody(WireModel):
+    select: MigrationSelector
+
+
+class SyncRequest(Command):
+    message_type: Literal["SyncRequest"] = "SyncRequest"
+    body: SyncRequestBody
+
+
+class CancelRequestBody(WireModel):
+    select: MigrationSelector
+
+
+class CancelRequest(Command):
+    message_type: Literal["CancelRequest"] = "CancelRequest"
+    body: CancelRequestBody
+
+
+class SetPolicyRequestBody(WireModel):
+    cluster: str | None = Field(default=None, max_length=255, description="None: the default")
+    rto_rpo_interval_s: int | None = Field(default=None, ge=10, le=86400)
+    max_concurrent_migrations: int | None = Field(default=None, ge=1, le=256)
+    bandwidth_cap_mbps: float | None = Field(default=None, gt=0)
+
+
+class SetPolicyRequest(Command):
+    message_type: Literal["SetPolicyRequest"] = "SetPolicyRequest"
+    body: SetPolicyRequestBody
+
+
+class ResetRequestBody(WireModel):
+    confirm: bool = Field(description="Must be true: a reset forgets every migration record")
+
+
+class ResetRequest(Command):
+    message_type: Literal["ResetRequest"] = "ResetRequest"
+    body: ResetRequestBody
+
+
+class StatusRequestBody(WireModel):
+    migration_ids: tuple[str, ...] = Field(default=(), max_length=1000)
+    request_id: str | None = Field(default=None, max_length=128)
+    include_finished: bool = True
+
+
+class StatusRequest(Command):
+    message_type: Literal["StatusRequest"] = "StatusRequest"
+    body: StatusRequestBody = StatusRequestBody()
+
+
+COMMANDS: tuple[type[Command], ...] = (
+    SourceInventoryRequest,
+    SourceCloneRequest,
+    BulkMigrationDoneRequest,
+    MigrateBackRequest,
+    CommitRequest,
+    SyncRequest,
+    CancelRequest,
+    SetPolicyRequest,
+    ResetRequest,
+    StatusRequest,
+)

@@ -1,0 +1,132 @@
+"""Value types shared by several messages."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+from pydantic import Field, PlainSerializer, SecretStr, SerializationInfo
+
+from messages.envelope import WireModel
+
+
+def _reveal_on_wire(value: SecretStr, info: SerializationInfo) -> str:
+    """Secrets leave the process only inside a message put on the wire."""
+    context = info.context if isinstance(info.context, dict) else {}
+    return value.get_secret_value() if context.get("wire") else "**********"
+
+
+Secret = Annotated[SecretStr, PlainSerializer(_reveal_on_wire, return_type=str)]
+"""A secret string: masked in repr, logs and ordinary dumps; revealed only on the wire."""
+
+Name = Annotated[str, Field(min_length=1, max_length=255)]
+
+
+class PowerState(str, Enum):
+    ON = "poweredOn"
+    OFF = "poweredOff"
+    SUSPENDED = "suspended"
+
+
+class ToolsStatus(str, Enum):
+    RUNNING = "running"
+    NOT_RUNNING = "notRunning"
+    NOT_INSTALLED = "notInstalled"
+
+
+class Firmware(str, Enum):
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
+class GuestOsFamily(str, Enum):
+    LINUX = "linux"
+    WINDOWS = "windows"
+    OTHER = "other"
+
+
+class MigrationType(str, Enum):
+    COLD = "cold"
+    WARM = "warm"
+    TBC = "tbc"
+
+
+class BulkTransferMode(str, Enum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class VerifyMode(str, Enum):
+    """How hard a transfer checks what it wrote."""
+
+    CHUNK = "chunk"  # every chunk hashed at the source and checked at the target
+    CERTIFY = "certify"  # and a full re-read and compare of both sides at the end
+
+
+class MigrationState(str, Enum):
+    """Where a migration stands, as clients see it."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    MIGRATING_BACK = "migrating_back"
+    MIGRATED_BACK = "migrated_back"
+    COMMITTED = "committed"
+
+
+class Phase(str, Enum):
+    """The step a migration is in; finer than its state."""
+
+    QUEUED = "queued"
+    PREPARE = "prepare"
+    POWER_OFF = "power_off"
+    SNAPSHOT = "snapshot"
+    TRANSFER = "transfer"
+    VERIFY = "verify"
+    CREATE_TARGET = "create_target"
+    POWER_ON = "power_on"
+    FINALIZE = "finalize"
+    CLEANUP = "cleanup"
+    DONE = "done"
+
+
+class DiskInfo(WireModel):
+    disk_id: Name
+    label: str = Field(max_length=255)
+    capacity_bytes: int = Field(ge=0)
+    boot: bool = False
+
+
+class NicInfo(WireModel):
+    nic_id: Name
+    mac: str = Field(pattern=r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+    network: Name
+
+
+class VmSummary(WireModel):
+    """One VM as the source site describes it."""
+
+    vm_id: Name
+    name: str = Field(max_length=255)
+    guest_os: str = Field(max_length=255)
+    guest_os_family: GuestOsFamily
+    firmware: Firmware
+    cpus: int = Field(ge=1)
+    memory_mib: int = Field(ge=1)
+    disks: tuple[DiskInfo, ...]
+    nics: tuple[NicInfo, ...]
+    resource_pool: Name
+    cluster: Name
+    power_state: PowerState
+    tools_status: ToolsStatus
+    migration_state: MigrationState | None = None
+
+
+class ErrorInfo(WireModel):
+    code: str = Field(max_length=64)
+    message: str = Field(max_length=4096)
+

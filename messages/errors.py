@@ -1,0 +1,50 @@
+"""Why a message cannot be accepted, as data both sides of the wire share.
+
+    MessageError            a raw message is rejected before anyone acts on it
+    ├── carries ErrorCode   machine-readable, also sent in ErrorResponse.code
+    └── correlation_id      read from the raw body when it can be, else None
+
+The appliance maps a MessageError to an ``ErrorResponse``; a client that gets
+one of its own back can match it by ``correlation_id``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    """Every error code an ``ErrorResponse`` can carry."""
+
+    # The message itself is unusable: never retried, dead-lettered.
+    TOO_LARGE = "too_large"
+    INVALID_JSON = "invalid_json"
+    UNKNOWN_MESSAGE_TYPE = "unknown_message_type"
+    SCHEMA_VIOLATION = "schema_violation"
+    MISSING_SIGNATURE = "missing_signature"
+    BAD_SIGNATURE = "bad_signature"
+    STALE_MESSAGE = "stale_message"
+    MESSAGE_ID_REUSED = "message_id_reused"
+    NOT_A_COMMAND = "not_a_command"
+    UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"
+    # The command is well formed but cannot be carried out.
+    UNKNOWN_VM = "unknown_vm"
+    UNKNOWN_MIGRATION = "unknown_migration"
+    CONFLICT = "conflict"
+    INVALID_REQUEST = "invalid_request"
+    PRECHECK_FAILED = "precheck_failed"
+    NOT_IMPLEMENTED = "not_implemented"
+    # The appliance could not do it (this time).
+    UNAVAILABLE = "unavailable"
+    DATA_PATH = "data_path"
+    INTERNAL = "internal"
+
+
+class MessageError(Exception):
+    """A raw message was rejected; ``code`` says why, ``reason`` in words."""
+
+    def __init__(self, code: ErrorCode, reason: str, correlation_id: str | None = None) -> None:
+        self.code = code
+        self.reason = reason
+        self.correlation_id = correlation_id
+        super().__init__(f"{code.value}: {reason}")

@@ -1,0 +1,156 @@
+"""Events: appliance to client, on the response queue."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from messages.common import (
+    ErrorInfo,
+    MigrationState,
+    MigrationType,
+    Phase,
+    VmSummary,
+)
+from messages.envelope import Envelope, WireModel
+from messages.errors import ErrorCode
+
+
+class Event(Envelope):
+    KIND: ClassVar[str] = "event"
+
+
+class ReadyStatus(str, Enum):
+    READY = "Ready"
+    NOT_READY = "Not Ready"
+
+
+class ComponentState(str, Enum):
+    OK = "ok"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+
+
+class ComponentStatus(WireModel):
+    name: str = Field(max_length=128)
+    state: ComponentState
+    detail: str = Field(default="", max_length=1024)
+    last_ok_at: datetime | None = None
+    required: bool = True
+
+
+class HeartbeatBody(WireModel):
+    status: ReadyStatus
+    status_details: tuple[str, ...] = ()
+    appliance_id: str = Field(max_length=128)
+    sequence: int = Field(ge=0)
+    uptime_s: float = Field(ge=0)
+    version: str = Field(max_length=64)
+    components: tuple[ComponentStatus, ...] = ()
+    migration_counts: dict[str, int] = Field(
+        default_factory=dict, description="Migrations by state; empty while state is unreachable"
+    )
+    commands_in_flight: int = Field(default=0, ge=0)
+
+
+class Heartbeat(Event):
+    message_type: Literal["Heartbeat"] = "Heartbeat"
+    body: HeartbeatBody
+
+
+class SourceInventoryResponseBody(WireModel):
+    vms: tuple[VmSummary, ...]
+    next_page_token: str | None = None
+    total_count: int = Field(ge=0, description="Matching VMs across all pages")
+
+
+class SourceInventoryResponse(Event):
+    message_type: Literal["SourceInventoryResponse"] = "SourceInventoryResponse"
+    body: SourceInventoryResponseBody
+
+
+class PrepareCheck(WireModel):
+    name: str = Field(max_length=64)
+    passed: bool
+    reason: str = Field(default="", max_length=1024)
+
+
+class MigrationStatus(WireModel):
+    """Everything a client needs to show one VM's migration."""
+
+    migration_id: str
+    request_id: str
+    vm_id: str
+    vm_name: str
+    migration_type: MigrationType
+    state: MigrationState
+    phase: Phase
+    group_id: str | None = None
+    queue_position: int | None = Field(default=None, ge=1)
+    progress_percent: float = Field(default=0.0, ge=0, le=100)
+    bytes_done: int = Field(default=0, ge=0)
+    bytes_total: int = Field(default=0, ge=0)
+    rate_bytes_per_s: float = Field(default=0.0, ge=0)
+    eta_seconds: float | None = Field(default=None, ge=0)
+    checks: tuple[PrepareCheck, ...] = ()
+    error: ErrorInfo | None = None
+    updated_at: datetime
+
+
+class SourceCloneResponse(Event):
+    message_type: Literal["SourceCloneResponse"] = "SourceCloneResponse"
+    body: MigrationStatus
+
+
+class StatusResponseBody(WireModel):
+    status: ReadyStatus
+    migrations: tuple[MigrationStatus, ...] = ()
+    migration_counts: dict[str, int] = Field(default_factory=dict)
+    policy: dict[str, float | int | str | None] = Field(default_factory=dict)
+
+
+class StatusResponse(Event):
+    message_type: Literal["StatusResponse"] = "StatusResponse"
+    body: StatusResponseBody
+
+
+class CommandResponseBody(WireModel):
+    """The answer to a command that has no richer response of its own."""
+
+    command_type: str = Field(max_length=64)
+    accepted: bool = True
+    detail: str = Field(default="", max_length=4096)
+    migration_ids: tuple[str, ...] = ()
+
+
+class CommandResponse(Event):
+    message_type: Literal["CommandResponse"] = "CommandResponse"
+    body: CommandResponseBody
+
+
+class ErrorResponseBody(WireModel):
+    code: ErrorCode
+    message: str = Field(max_length=4096)
+    correlation_id: str | None = Field(
+        default=None, max_length=128, description="The offending message's correlation id"
+    )
+    command_type: str | None = Field(default=None, max_length=64)
+    retryable: bool = False
+
+
+class ErrorResponse(Event):
+    message_type: Literal["ErrorResponse"] = "ErrorResponse"
+    body: ErrorResponseBody
+
+
+EVENTS: tuple[type[Event], ...] = (
+    Heartbeat,
+    SourceInventoryResponse,
+    SourceCloneResponse,
+    StatusResponse,
+    CommandResponse,
+    ErrorResponse,
+)
