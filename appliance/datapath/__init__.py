@@ -1,0 +1,1 @@
+"""The data path: moving blocks between sites (NBD, the transfer engine)."""

@@ -1,0 +1,1 @@
+"""Site drivers behind one protocol."""

@@ -1,0 +1,1 @@
+"""The lab site: files on disk, the embedded default and what tests use."""
