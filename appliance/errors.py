@@ -22,13 +22,18 @@
             ├── NbdProtocolError        a peer broke the NBD protocol
             ├── NbdCommandError         a peer answered an NBD request with an error
             ├── OutOfSpace              the target has no room
-            └── TransferFailed          retries exhausted; names the chunk and the cause
+            ├── TransferFailed          retries exhausted; names the chunk and the cause
+            ├── UnknownSnapshot         a layered disk has no snapshot with that id
+            ├── DiskInUse               another process (or object) has the disk open
+            └── DiskCorrupt             a disk's manifest or bitmap is unreadable or inconsistent
 
 Errors carry typed fields and build their message from them. Catch by type,
 never by message text.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from messages.errors import ErrorCode
 
@@ -195,3 +200,23 @@ class TransferFailed(DataPathError):
             f"chunk at offset {offset} ({length} bytes) failed after {attempts} attempts: "
             f"{type(cause).__name__}: {cause}"
         )
+
+
+class UnknownSnapshot(DataPathError):
+    def __init__(self, disk: str, snapshot_id: str) -> None:
+        self.disk = disk
+        self.snapshot_id = snapshot_id
+        super().__init__(f"disk {disk}: no snapshot {snapshot_id!r}")
+
+
+class DiskInUse(DataPathError):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(f"disk {path} is already open elsewhere")
+
+
+class DiskCorrupt(DataPathError):
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
