@@ -79,7 +79,8 @@ class RedisServer:
 
     async def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._process = subprocess.Popen(
+        self._process = await asyncio.to_thread(
+            subprocess.Popen,
             self._command(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -88,9 +89,9 @@ class RedisServer:
         )
         await self._wait_until_listening()
 
-    async def _wait_until_listening(self, timeout: float = 15.0) -> None:
+    async def _wait_until_listening(self, within_s: float = 15.0) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + within_s
         while True:
             assert self._process is not None
             if self._process.poll() is not None:

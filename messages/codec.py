@@ -145,11 +145,15 @@ class Decoder:
                 ErrorCode.SCHEMA_VIOLATION, _summarise(error), correlation_id
             ) from None
 
-    def _message_class(self, document: dict[str, Any], correlation_id: str | None) -> type[Envelope]:
+    def _message_class(
+        self, document: dict[str, Any], correlation_id: str | None
+    ) -> type[Envelope]:
         message_type = document.get("message_type")
         cls = MESSAGE_TYPES.get(message_type) if isinstance(message_type, str) else None
         if cls is None:
-            shown = message_type[:64] if isinstance(message_type, str) else type(message_type).__name__
+            shown = (
+                message_type[:64] if isinstance(message_type, str) else type(message_type).__name__
+            )
             raise MessageError(
                 ErrorCode.UNKNOWN_MESSAGE_TYPE, f"unknown message_type {shown!r}", correlation_id
             )

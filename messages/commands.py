@@ -16,6 +16,7 @@ from messages.common import (
 )
 from messages.envelope import Envelope, WireModel
 
+
 class Command(Envelope):
     KIND: ClassVar[str] = "command"
 
@@ -92,7 +93,10 @@ class CloneVm(WireModel):
 
 class SourceCloneRequestBody(WireModel):
     request_id: str | None = Field(
-        default=None, min_length=1, max_length=128, description="Idempotency key; default: message_id"
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Idempotency key; default: message_id",
     )
     vms: tuple[CloneVm, ...] = Field(min_length=1, max_length=1000)
     migration_type: MigrationType
@@ -198,6 +202,8 @@ class StatusRequestBody(WireModel):
     migration_ids: tuple[str, ...] = Field(default=(), max_length=1000)
     request_id: str | None = Field(default=None, max_length=128)
     include_finished: bool = True
+    page_size: int = Field(default=100, ge=1, le=1000)
+    page_token: str | None = Field(default=None, max_length=512)
 
 
 class StatusRequest(Command):

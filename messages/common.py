@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import Field, PlainSerializer, SecretStr, SerializationInfo
@@ -22,48 +22,48 @@ Secret = Annotated[SecretStr, PlainSerializer(_reveal_on_wire, return_type=str)]
 Name = Annotated[str, Field(min_length=1, max_length=255)]
 
 
-class PowerState(str, Enum):
+class PowerState(StrEnum):
     ON = "poweredOn"
     OFF = "poweredOff"
     SUSPENDED = "suspended"
 
 
-class ToolsStatus(str, Enum):
+class ToolsStatus(StrEnum):
     RUNNING = "running"
     NOT_RUNNING = "notRunning"
     NOT_INSTALLED = "notInstalled"
 
 
-class Firmware(str, Enum):
+class Firmware(StrEnum):
     BIOS = "bios"
     UEFI = "uefi"
 
 
-class GuestOsFamily(str, Enum):
+class GuestOsFamily(StrEnum):
     LINUX = "linux"
     WINDOWS = "windows"
     OTHER = "other"
 
 
-class MigrationType(str, Enum):
+class MigrationType(StrEnum):
     COLD = "cold"
     WARM = "warm"
     TBC = "tbc"
 
 
-class BulkTransferMode(str, Enum):
+class BulkTransferMode(StrEnum):
     ONLINE = "online"
     OFFLINE = "offline"
 
 
-class VerifyMode(str, Enum):
+class VerifyMode(StrEnum):
     """How hard a transfer checks what it wrote."""
 
     CHUNK = "chunk"  # every chunk hashed at the source and checked at the target
     CERTIFY = "certify"  # and a full re-read and compare of both sides at the end
 
 
-class MigrationState(str, Enum):
+class MigrationState(StrEnum):
     """Where a migration stands, as clients see it."""
 
     QUEUED = "queued"
@@ -78,7 +78,7 @@ class MigrationState(str, Enum):
     COMMITTED = "committed"
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     """The step a migration is in; finer than its state."""
 
     QUEUED = "queued"
@@ -129,4 +129,3 @@ class VmSummary(WireModel):
 class ErrorInfo(WireModel):
     code: str = Field(max_length=64)
     message: str = Field(max_length=4096)
-

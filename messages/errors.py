@@ -10,10 +10,10 @@ one of its own back can match it by ``correlation_id``.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Every error code an ``ErrorResponse`` can carry."""
 
     # The message itself is unusable: never retried, dead-lettered.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -23,12 +23,12 @@ class Event(Envelope):
     KIND: ClassVar[str] = "event"
 
 
-class ReadyStatus(str, Enum):
+class ReadyStatus(StrEnum):
     READY = "Ready"
     NOT_READY = "Not Ready"
 
 
-class ComponentState(str, Enum):
+class ComponentState(StrEnum):
     OK = "ok"
     DEGRADED = "degraded"
     FAILED = "failed"
@@ -108,6 +108,7 @@ class SourceCloneResponse(Event):
 class StatusResponseBody(WireModel):
     status: ReadyStatus
     migrations: tuple[MigrationStatus, ...] = ()
+    next_page_token: str | None = None
     migration_counts: dict[str, int] = Field(default_factory=dict)
     policy: dict[str, float | int | str | None] = Field(default_factory=dict)
 

@@ -1,7 +1,7 @@
 """JSON Schema files for every message, generated from the models.
 
-    python -m messages.schema --write    regenerate messages/schema/*.json
-    python -m messages.schema --check    exit 1 if the checked-in files are stale
+python -m messages.schema --write    regenerate messages/schema/*.json
+python -m messages.schema --check    exit 1 if the checked-in files are stale
 """
 
 from __future__ import annotations

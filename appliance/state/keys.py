@@ -3,8 +3,8 @@
 All keys start with the configured prefix (``ferry`` by default; tests use a
 random one)::
 
-    {p}:generation                  string  marker written at first start; gone = Redis lost its data
-    {p}:cmd:{message_id}            hash    command record: digest, type, status, answer (idempotency)
+    {p}:generation                  string  set at first start; missing later = Redis lost its data
+    {p}:cmd:{message_id}            hash    command record: digest, type, status (idempotency)
     {p}:request:{request_id}        string  migration ids a request created (idempotency by request)
     {p}:migration:{id}              hash    migration record and its state-machine state
     {p}:migrations                  zset    every migration id, scored by creation time

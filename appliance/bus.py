@@ -1,0 +1,349 @@
+"""The SQS bus: long-polls the command queue, settles each delivery, publishes answers.
+
+* Intake is bounded: at most ``max_in_flight`` deliveries are being handled;
+  a receive asks only for as many messages as there are free slots.
+* A delivery stays invisible while it is handled (its visibility is extended
+  in the background), and is deleted only after the dispatcher says ACK, which
+  it does only once the command is durably recorded.
+* DEAD_LETTER copies the body to the dead-letter queue before deleting it;
+  RETRY makes the message visible again after a short backoff. Messages whose
+  handling keeps failing reach the dead-letter queue through the redrive policy.
+* Stopping stops intake, lets in-flight deliveries finish within the drain
+  timeout, then cancels the rest, which SQS redelivers.
+
+Every SQS call is retried at this edge (tenacity, jittered, bounded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from appliance.dispatch.delivery import Delivery, Verdict
+from appliance.errors import BusUnavailable
+from appliance.health import HealthBoard
+from appliance.logs import get_logger
+from appliance.settings import Settings
+from messages.codec import encode
+from messages.events import Event
+
+T = TypeVar("T")
+COMPONENT = "bus"
+Handler = Callable[[Delivery], Awaitable[Verdict]]
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueUrls:
+    commands: str
+    responses: str
+    dead_letters: str
+
+
+def _transient(error: BaseException) -> bool:
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or code in ("Throttling", "ThrottlingException", "RequestThrottled")
+    return isinstance(error, BotoCoreError | OSError | asyncio.TimeoutError)
+
+
+class Slots:
+    """A counting limit from which a receiver takes as many free slots as it can use."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        self._changed = asyncio.Condition()
+
+    async def take(self, most: int) -> int:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._free > 0)
+            taken = min(most, self._free)
+            self._free -= taken
+            return taken
+
+    async def give_back(self, count: int = 1) -> None:
+        async with self._changed:
+            self._free += count
+            self._changed.notify_all()
+
+
+class SqsBus:
+    """The command and response queues, as one async context manager."""
+
+    def __init__(
+        self, settings: Settings, endpoint_url: str | None, health: HealthBoard | None = None
+    ) -> None:
+        self._settings = settings
+        self._endpoint_url = endpoint_url
+        self._health = health
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+        self.urls = QueueUrls("", "", "")
+        self.publisher = SqsPublisher(self, settings)
+
+    async def __aenter__(self) -> Self:
+        settings = self._settings
+        session = get_session()
+        config = AioConfig(
+            max_pool_connections=settings.max_in_flight + 8,
+            retries={"total_max_attempts": 1},  # retries happen at our edge
+            connect_timeout=5,
+            read_timeout=settings.receive_wait_s + 10,
+        )
+        self._client = await self._stack.enter_async_context(
+            session.create_client(
+                "sqs",
+                endpoint_url=self._endpoint_url,
+                region_name=settings.region,
+                aws_access_key_id=settings.aws_access_key_id.get_secret_value(),
+                aws_secret_access_key=settings.aws_secret_access_key.get_secret_value(),
+                config=config,
+            )
+        )
+        self.urls = await self.call("resolve queues", self._resolve_queues)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+
+    async def call(self, operation: str, action: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one SQS call with bounded, jittered retries; report the bus's health."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_transient),
+            wait=wait_random_exponential(multiplier=0.1, max=2.0),
+            stop=stop_after_attempt(5),
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    result = await action()
+        except RetryError as error:
+            cause = error.last_attempt.exception() or error
+            if self._health is not None:
+                self._health.failed(COMPONENT, f"{operation}: {type(cause).__name__}")
+            raise BusUnavailable(operation, cause) from cause
+        if self._health is not None and not self._health.is_ok(COMPONENT):
+            self._health.ok(COMPONENT)
+        return result
+
+    async def _resolve_queues(self) -> QueueUrls:
+        settings = self._settings
+        if not settings.create_queues:
+            urls = [
+                (await self._client.get_queue_url(QueueName=name))["QueueUrl"]
+                for name in (
+                    settings.command_queue,
+                    settings.response_queue,
+                    settings.dead_letter_queue,
+                )
+            ]
+            return QueueUrls(*urls)
+        dlq = (await self._client.create_queue(QueueName=settings.dead_letter_queue))["QueueUrl"]
+        attributes = await self._client.get_queue_attributes(
+            QueueUrl=dlq, AttributeNames=["QueueArn"]
+        )
+        redrive = {
+            "deadLetterTargetArn": attributes["Attributes"]["QueueArn"],
+            "maxReceiveCount": str(settings.max_receive_count),
+        }
+        commands = (
+            await self._client.create_queue(
+                QueueName=settings.command_queue,
+                Attributes={
+                    "RedrivePolicy": json.dumps(redrive),
+                    "VisibilityTimeout": str(settings.visibility_timeout_s),
+                },
+            )
+        )["QueueUrl"]
+        responses = (await self._client.create_queue(QueueName=settings.response_queue))["QueueUrl"]
+        return QueueUrls(commands, responses, dlq)
+
+    async def consume(
+        self, handler: Handler, stop: asyncio.Event, gate: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Receive and handle commands until ``stop`` is set, then drain."""
+        slots = Slots(self._settings.max_in_flight)
+        in_flight: set[asyncio.Task[None]] = set()
+        while not stop.is_set():
+            await _until(gate(), stop)
+            wanted = await _until(slots.take(self._settings.receive_batch), stop)
+            if wanted is None:
+                break
+            deliveries = await _until(self._receive(wanted), stop)
+            if deliveries is None:
+                await slots.give_back(wanted)
+                break
+            await slots.give_back(wanted - len(deliveries))
+            for delivery in deliveries:
+                task = asyncio.create_task(self._process(delivery, handler, slots))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        await self._drain(in_flight)
+
+    async def _drain(self, in_flight: set[asyncio.Task[None]]) -> None:
+        if not in_flight:
+            return
+        log.info("draining", in_flight=len(in_flight), within_s=self._settings.drain_timeout_s)
+        _, pending = await asyncio.wait(set(in_flight), timeout=self._settings.drain_timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("drain timed out; left for redelivery", cancelled=len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _receive(self, count: int) -> list[Delivery]:
+        try:
+            response = await self.call(
+                "receive",
+                lambda: self._client.receive_message(
+                    QueueUrl=self.urls.commands,
+                    MaxNumberOfMessages=count,
+                    WaitTimeSeconds=self._settings.receive_wait_s,
+                    VisibilityTimeout=self._settings.visibility_timeout_s,
+                    MessageSystemAttributeNames=["ApproximateReceiveCount"],
+                ),
+            )
+        except BusUnavailable as error:
+            log.warning("receive failed; backing off", error=str(error))
+            await asyncio.sleep(1.0)
+            return []
+        return [
+            Delivery(
+                queue_message_id=raw["MessageId"],
+                receipt_handle=raw["ReceiptHandle"],
+                body=raw.get("Body", ""),
+                receive_count=int(raw.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
+            )
+            for raw in response.get("Messages", [])
+        ]
+
+    async def _process(self, delivery: Delivery, handler: Handler, slots: Slots) -> None:
+        keeper = asyncio.create_task(self._keep_invisible(delivery))
+        try:
+            try:
+                verdict = await handler(delivery)
+            except Exception:
+                log.exception("delivery handler failed", queue_message_id=delivery.queue_message_id)
+                verdict = Verdict.RETRY
+            finally:
+                keeper.cancel()
+            await self._settle(delivery, verdict)
+        except asyncio.CancelledError:
+            # Cancelled by the drain: make it visible again now rather than at timeout.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._set_visibility(delivery, 0))
+            raise
+        except BusUnavailable as error:
+            log.warning("could not settle delivery; SQS will redeliver", error=str(error))
+        finally:
+            await slots.give_back()
+
+    async def _keep_invisible(self, delivery: Delivery) -> None:
+        period = max(1.0, self._settings.visibility_timeout_s / 3)
+        while True:
+            await asyncio.sleep(period)
+            with contextlib.suppress(BusUnavailable):
+                await self._set_visibility(delivery, self._settings.visibility_timeout_s)
+
+    async def _set_visibility(self, delivery: Delivery, seconds: int) -> None:
+        await self.call(
+            "change visibility",
+            lambda: self._client.change_message_visibility(
+                QueueUrl=self.urls.commands,
+                ReceiptHandle=delivery.receipt_handle,
+                VisibilityTimeout=seconds,
+            ),
+        )
+
+    async def _settle(self, delivery: Delivery, verdict: Verdict) -> None:
+        if verdict is Verdict.RETRY:
+            await self._set_visibility(delivery, min(2**delivery.receive_count, 60))
+            return
+        if verdict is Verdict.DEAD_LETTER:
+            await self.call(
+                "dead-letter",
+                lambda: self._client.send_message(
+                    QueueUrl=self.urls.dead_letters,
+                    MessageBody=delivery.body or "(empty)",
+                    MessageAttributes={
+                        "ferry_source_message_id": {
+                            "DataType": "String",
+                            "StringValue": delivery.queue_message_id,
+                        }
+                    },
+                ),
+            )
+        await self.call(
+            "delete",
+            lambda: self._client.delete_message(
+                QueueUrl=self.urls.commands, ReceiptHandle=delivery.receipt_handle
+            ),
+        )
+
+    async def send(self, queue_url: str, body: str, attributes: dict[str, str]) -> None:
+        message_attributes = {
+            name: {"DataType": "String", "StringValue": value}
+            for name, value in attributes.items()
+            if value
+        }
+        await self.call(
+            "send",
+            lambda: self._client.send_message(
+                QueueUrl=queue_url, MessageBody=body, MessageAttributes=message_attributes
+            ),
+        )
+
+
+class SqsPublisher:
+    """The EventSink the rest of the appliance is handed: signs and sends on the response queue."""
+
+    def __init__(self, bus: SqsBus, settings: Settings) -> None:
+        self._bus = bus
+        self._settings = settings
+
+    async def publish(self, event: Event) -> None:
+        settings = self._settings
+        if event.appliance_id is None:
+            event = event.model_copy(update={"appliance_id": settings.appliance_id})
+        body = encode(event, settings.token_bytes)
+        attributes = {"message_type": event.message_type, "correlation_id": event.correlation_id}
+        await self._bus.send(self._bus.urls.responses, body, attributes)
+
+
+async def _until(awaitable: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """Await ``awaitable`` unless ``stop`` is set first (then cancel it and return None)."""
+    work = asyncio.ensure_future(awaitable)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    return None

@@ -1,0 +1,100 @@
+"""``ferry-appliance``: run the service, build a lab site, or show a demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from appliance import logs
+from appliance.errors import FerryError
+from appliance.settings import Settings
+
+log = logs.get_logger("appliance")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {}
+    if getattr(args, "data_dir", None) is not None:
+        overrides["data_dir"] = args.data_dir
+    return Settings(**overrides)
+
+
+async def _run(settings: Settings) -> None:
+    from appliance.service.app import Appliance
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await Appliance(settings).run(stop)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings.bus_token is None:
+        print(
+            "ferry-appliance: set FERRY_BUS_TOKEN (the shared message bus token)", file=sys.stderr
+        )
+        return 2
+    asyncio.run(_run(settings))
+    return 0
+
+
+def cmd_lab_create(args: argparse.Namespace) -> int:
+    from appliance.sites.lab.create import create_lab
+    from appliance.sites.lab.sample import MIB, SampleSpec
+
+    settings = _settings(args)
+    spec = SampleSpec(vms=args.vms, seed=args.seed, disk_size=args.disk_size_mib * MIB)
+    summary = asyncio.run(create_lab(settings.data_dir, spec, fill=not args.empty_disks))
+    print(summary)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from appliance.demo import run_demo
+
+    return run_demo(args.data_dir or Path(".demo"))
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="ferry-appliance", description=__doc__)
+    root.add_argument("--data-dir", type=Path, default=None, help="overrides FERRY_DATA_DIR")
+    commands = root.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="run the appliance").set_defaults(func=cmd_run)
+    lab = commands.add_parser("lab", help="the lab site").add_subparsers(dest="lab", required=True)
+    create = lab.add_parser("create", help="create a sample on-prem site and an empty cloud site")
+    create.add_argument("--vms", type=int, default=12)
+    create.add_argument("--seed", type=int, default=7)
+    create.add_argument("--disk-size-mib", type=int, default=64, help="boot disk size")
+    create.add_argument("--empty-disks", action="store_true", help="leave disks unwritten")
+    create.set_defaults(func=cmd_lab_create)
+    demo = commands.add_parser("demo", help="run an end-to-end demo on the embedded default")
+    demo.set_defaults(func=cmd_demo)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        print(f"ferry-appliance: bad FERRY_* setting: {error}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        code: int = args.func(args)
+    except FerryError as error:
+        print(f"ferry-appliance: {error}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""From a raw queue delivery to an answered command: validate, authenticate, record, route."""

@@ -1,0 +1,128 @@
+"""Commands about the appliance itself: status, policy, reset."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from appliance.errors import CommandRejected
+from appliance.health import HealthBoard
+from appliance.logs import get_logger
+from appliance.state.policy import Policies, Policy
+from appliance.state.store import StateStore
+from messages.commands import Command, ResetRequest, SetPolicyRequest, StatusRequest
+from messages.events import (
+    CommandResponse,
+    CommandResponseBody,
+    Event,
+    MigrationStatus,
+    ReadyStatus,
+    StatusResponse,
+    StatusResponseBody,
+)
+
+log = get_logger(__name__)
+StatusPage = Callable[[StatusRequest], Awaitable[tuple[tuple[MigrationStatus, ...], str | None]]]
+Counts = Callable[[], Awaitable[dict[str, int]]]
+
+
+async def _no_migrations(_request: StatusRequest) -> tuple[tuple[MigrationStatus, ...], str | None]:
+    return (), None
+
+
+async def _no_counts() -> dict[str, int]:
+    return {}
+
+
+class Admin:
+    def __init__(
+        self,
+        *,
+        appliance_id: str,
+        store: StateStore,
+        health: HealthBoard,
+        generation_file: Path,
+        status_page: StatusPage = _no_migrations,
+        counts: Counts = _no_counts,
+        on_reset: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._appliance_id = appliance_id
+        self._store = store
+        self._policies = Policies(store)
+        self._health = health
+        self._generation_file = generation_file
+        self._status_page = status_page
+        self._counts = counts
+        self._on_reset = on_reset
+
+    def handlers(self) -> dict[str, Callable[[Command], Awaitable[Sequence[Event]]]]:
+        return {
+            "StatusRequest": self.status,
+            "SetPolicyRequest": self.set_policy,
+            "ResetRequest": self.reset,
+        }
+
+    async def status(self, command: Command) -> Sequence[Event]:
+        assert isinstance(command, StatusRequest)
+        migrations, token = await self._status_page(command)
+        ready = ReadyStatus.READY if self._health.ready else ReadyStatus.NOT_READY
+        body = StatusResponseBody(
+            status=ready,
+            migrations=migrations,
+            next_page_token=token,
+            migration_counts=await self._counts(),
+            policy=(await self._policies.get()).as_dict(),
+        )
+        return [
+            StatusResponse(
+                appliance_id=self._appliance_id, correlation_id=command.correlation_id, body=body
+            )
+        ]
+
+    async def set_policy(self, command: Command) -> Sequence[Event]:
+        assert isinstance(command, SetPolicyRequest)
+        wanted = Policy(
+            rto_rpo_interval_s=command.body.rto_rpo_interval_s,
+            max_concurrent_migrations=command.body.max_concurrent_migrations,
+            bandwidth_cap_mbps=command.body.bandwidth_cap_mbps,
+        )
+        if wanted == Policy():
+            raise CommandRejected("SetPolicyRequest sets nothing: give at least one value")
+        policy = await self._policies.set(command.body.cluster, wanted)
+        detail = f"policy for {command.body.cluster or 'default'}: {policy.as_dict()}"
+        log.info("policy set", cluster=command.body.cluster, **policy.as_dict())
+        return [self._ack(command, detail)]
+
+    async def reset(self, command: Command) -> Sequence[Event]:
+        assert isinstance(command, ResetRequest)
+        if not command.body.confirm:
+            raise CommandRejected("ResetRequest needs confirm: true")
+        if self._on_reset is not None:
+            await self._on_reset()
+        deleted = await self._delete_all_but(command.message_id)
+        await self._store.adopt_new_generation(self._generation_file)
+        log.warning("state reset", keys_deleted=deleted)
+        detail = f"state reset: {deleted} keys removed, new generation started"
+        return [self._ack(command, detail)]
+
+    async def _delete_all_but(self, message_id: str) -> int:
+        """Every key of our prefix, except this command's own record (it is being answered)."""
+        keep = self._store.keys.command(message_id).encode()
+        pattern = self._store.keys.pattern
+
+        async def delete(r: Redis) -> int:
+            count = 0
+            async for key in r.scan_iter(match=pattern, count=1000):
+                if key != keep:
+                    count += await r.delete(key)
+            return count
+
+        return await self._store.run(delete)
+
+    def _ack(self, command: Command, detail: str) -> CommandResponse:
+        body = CommandResponseBody(command_type=command.message_type, accepted=True, detail=detail)
+        return CommandResponse(
+            appliance_id=self._appliance_id, correlation_id=command.correlation_id, body=body
+        )

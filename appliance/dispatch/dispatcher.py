@@ -1,0 +1,163 @@
+"""The dispatcher: one delivery in, one verdict out, and at most one answer per command.
+
+Order of checks for each delivery (each failure is final for that delivery)::
+
+    parse (size, JSON)  ->  validate (type, version, signature, schema)
+        -> claim the message id in Redis (idempotency; first delivery wins)
+        -> freshness (only for a first delivery: a redelivery of a recorded
+           command is never "stale")
+        -> route to the handler -> publish the answer -> mark answered -> ack
+
+A message that can never be handled gets an ErrorResponse (when its
+correlation id can be read) and is dead-lettered. A command whose handler hit
+a transient failure (Redis down) is left on the queue for redelivery; its
+record says "received", so the redelivery handles it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import timedelta
+
+import structlog
+
+from appliance.clock import Clock
+from appliance.dispatch.delivery import Delivery, Verdict
+from appliance.dispatch.reply import error_for, error_response
+from appliance.errors import CommandRejected, FerryError, PermanentError, TransientError
+from appliance.logs import get_logger
+from appliance.sink import EventSink
+from appliance.state.commands import CommandRecords, CommandStatus
+from messages.codec import Decoder, body_digest, check_fresh
+from messages.commands import Command
+from messages.errors import ErrorCode, MessageError
+from messages.events import Event
+
+CommandHandler = Callable[[Command], Awaitable[Sequence[Event]]]
+log = get_logger(__name__)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        appliance_id: str,
+        decoder: Decoder,
+        records: CommandRecords,
+        sink: EventSink,
+        handlers: Mapping[str, CommandHandler],
+        clock: Clock,
+        max_skew: timedelta,
+    ) -> None:
+        self._appliance_id = appliance_id
+        self._decoder = decoder
+        self._records = records
+        self._sink = sink
+        self._handlers = handlers
+        self._clock = clock
+        self._max_skew = max_skew
+        self.in_flight = 0
+
+    async def handle(self, delivery: Delivery) -> Verdict:
+        self.in_flight += 1
+        structlog.contextvars.bind_contextvars(queue_message_id=delivery.queue_message_id)
+        try:
+            return await self._handle(delivery)
+        finally:
+            self.in_flight -= 1
+            structlog.contextvars.unbind_contextvars(
+                "queue_message_id", "message_id", "correlation_id", "message_type"
+            )
+
+    async def _handle(self, delivery: Delivery) -> Verdict:
+        try:
+            document = self._decoder.document(delivery.body)
+            message = self._decoder.validate(document)
+        except MessageError as error:
+            return await self._reject(error)
+        assert isinstance(message, Command)
+        structlog.contextvars.bind_contextvars(
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            message_type=message.message_type,
+        )
+        try:
+            return await self._claimed(message, body_digest(document))
+        except MessageError as error:
+            return await self._reject(error)
+        except TransientError as error:
+            log.warning("command left for redelivery", reason=str(error))
+            return Verdict.RETRY
+        except Exception as error:
+            # A defect, not an input problem: answer it, keep the message for a post-mortem.
+            log.exception("command handler failed unexpectedly")
+            await self._sink.publish(
+                error_for(
+                    self._appliance_id,
+                    message,
+                    ErrorCode.INTERNAL,
+                    f"internal error while handling {message.message_type}: {type(error).__name__}",
+                )
+            )
+            return Verdict.DEAD_LETTER
+
+    async def _claimed(self, command: Command, digest: str) -> Verdict:
+        claim = await self._records.claim(
+            command.message_id,
+            digest,
+            command.message_type,
+            command.correlation_id,
+            self._clock.now().isoformat(),
+        )
+        if not claim.first:
+            if claim.digest != digest:
+                raise MessageError(
+                    ErrorCode.MESSAGE_ID_REUSED,
+                    f"message_id {command.message_id} was already used for a different command",
+                    command.correlation_id,
+                )
+            if claim.status is CommandStatus.ANSWERED:
+                log.info("duplicate delivery dropped: already answered")
+                return Verdict.ACK
+            log.info("redelivery of a recorded, unanswered command: handling it")
+        else:
+            check_fresh(command.sent_at, self._clock.now(), self._max_skew, command.correlation_id)
+        answer = await self._answer(command)
+        for event in answer:
+            await self._sink.publish(event)
+        await self._records.answered(command.message_id, self._clock.now().isoformat())
+        log.info("command answered", answers=[event.message_type for event in answer])
+        return Verdict.ACK
+
+    async def _answer(self, command: Command) -> Sequence[Event]:
+        handler = self._handlers.get(command.message_type)
+        if handler is None:
+            return [
+                error_for(
+                    self._appliance_id,
+                    command,
+                    ErrorCode.NOT_IMPLEMENTED,
+                    f"{command.message_type} is not supported by this appliance yet",
+                )
+            ]
+        try:
+            return await handler(command)
+        except CommandRejected as error:
+            log.info("command rejected", code=error.code.value, reason=str(error))
+            return [error_for(self._appliance_id, command, error.code, str(error))]
+        except TransientError:
+            raise
+        except PermanentError as error:
+            log.warning("command failed", error=str(error), error_type=type(error).__name__)
+            return [error_for(self._appliance_id, command, error.code, str(error))]
+        except FerryError as error:  # pragma: no cover - every FerryError is one of the two
+            raise AssertionError(f"unclassified error {type(error).__name__}") from error
+
+    async def _reject(self, error: MessageError) -> Verdict:
+        """Answer a message that can never be handled, then dead-letter it."""
+        log.warning("message rejected", code=error.code.value, reason=error.reason)
+        if error.correlation_id is not None:
+            await self._sink.publish(
+                error_response(self._appliance_id, error.code, error.reason, error.correlation_id)
+            )
+        return Verdict.DEAD_LETTER

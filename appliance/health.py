@@ -1,0 +1,98 @@
+"""What is up and what is down: the board the heartbeat is read from.
+
+Each component (the state store, the bus, later the on-prem I/O manager and
+the cloud cache) reports ``ok`` or ``failed`` as it notices; components that
+report periodically are marked failed when they have been silent for longer
+than their timeout. The appliance is Ready when every required component is ok.
+Waiters (the bus pausing intake while Redis is down) wait on an event, never poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from appliance.clock import Clock
+from messages.events import ComponentState, ComponentStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentHealth:
+    name: str
+    state: ComponentState
+    detail: str
+    required: bool
+    last_ok_at: datetime | None
+    timeout_s: float | None  # silent longer than this: failed
+
+    def as_status(self) -> ComponentStatus:
+        return ComponentStatus(
+            name=self.name,
+            state=self.state,
+            detail=self.detail,
+            last_ok_at=self.last_ok_at,
+            required=self.required,
+        )
+
+
+class HealthBoard:
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._components: dict[str, ComponentHealth] = {}
+        self._ok_events: dict[str, asyncio.Event] = {}
+
+    def register(self, name: str, *, required: bool = True, timeout_s: float | None = None) -> None:
+        self._components[name] = ComponentHealth(
+            name, ComponentState.DEGRADED, "starting", required, None, timeout_s
+        )
+        self._ok_events[name] = asyncio.Event()
+
+    def ok(self, name: str, detail: str = "") -> None:
+        component = self._components[name]
+        self._components[name] = replace(
+            component, state=ComponentState.OK, detail=detail, last_ok_at=self._clock.now()
+        )
+        self._ok_events[name].set()
+
+    def failed(self, name: str, detail: str) -> None:
+        component = self._components[name]
+        self._components[name] = replace(component, state=ComponentState.FAILED, detail=detail)
+        self._ok_events[name].clear()
+
+    def is_ok(self, name: str) -> bool:
+        return self._components[name].state is ComponentState.OK
+
+    async def wait_ok(self, name: str) -> None:
+        await self._ok_events[name].wait()
+
+    def expire_silent(self) -> list[str]:
+        """Mark components silent past their timeout as failed; return their names."""
+        now = self._clock.now()
+        expired = []
+        for component in self._components.values():
+            if component.timeout_s is None or component.state is ComponentState.FAILED:
+                continue
+            silent_since = component.last_ok_at
+            if (
+                silent_since is not None
+                and (now - silent_since).total_seconds() > component.timeout_s
+            ):
+                self.failed(component.name, f"no heartbeat for {component.timeout_s:.0f}s")
+                expired.append(component.name)
+        return expired
+
+    @property
+    def ready(self) -> bool:
+        return all(c.state is ComponentState.OK for c in self._components.values() if c.required)
+
+    def details(self) -> tuple[str, ...]:
+        """One line per required component that is not ok, naming it."""
+        return tuple(
+            f"{c.name}: {c.detail or c.state.value}"
+            for c in self._components.values()
+            if c.required and c.state is not ComponentState.OK
+        )
+
+    def statuses(self) -> tuple[ComponentStatus, ...]:
+        return tuple(c.as_status() for c in self._components.values())

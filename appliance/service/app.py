@@ -1,0 +1,188 @@
+"""The appliance process: start what is needed, serve the command queue, stop cleanly.
+
+Startup builds every resource in one AsyncExitStack (embedded moto and
+redis-server when no endpoint is configured, the state store, the bus, the
+sites); the work runs in one TaskGroup (bus intake, heartbeat, state-store
+watchdog). ``stop`` ends intake, drains in-flight commands within the drain
+timeout, publishes a last heartbeat, and unwinds the stack in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from contextlib import AsyncExitStack
+from datetime import timedelta
+from pathlib import Path
+
+from appliance.bus import SqsBus
+from appliance.clock import Clock, SystemClock
+from appliance.dispatch.admin import Admin
+from appliance.dispatch.dispatcher import CommandHandler, Dispatcher
+from appliance.dispatch.inventory import Inventory
+from appliance.embedded import MotoServer, RedisServer
+from appliance.errors import StateLost, StateStoreUnavailable
+from appliance.health import HealthBoard
+from appliance.logs import get_logger
+from appliance.service.heartbeat import HeartbeatPublisher
+from appliance.service.runtime import RuntimeInfo, clear_runtime, write_runtime
+from appliance.settings import Settings
+from appliance.sites.lab.sample import onprem_site_config
+from appliance.sites.lab.site import LabSite
+from appliance.state.commands import CommandRecords
+from appliance.state.keys import Keys
+from appliance.state.store import StateStore, connect
+from messages.codec import Decoder
+from messages.commands import SourceInventoryRequest
+from messages.events import Event, SourceInventoryResponse
+
+log = get_logger(__name__)
+GENERATION_FILE = "state-generation"
+
+
+def onprem_root(data_dir: Path) -> Path:
+    return data_dir / "sites" / "onprem"
+
+
+class Appliance:
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.health = HealthBoard(self.clock)
+        self.health.register("state_store")
+        self.health.register("state_generation")
+        self.health.register("bus")
+        self.health.register("sites")
+        self.started = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self.settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        async with AsyncExitStack() as stack:
+            sqs_endpoint = settings.sqs_endpoint
+            if sqs_endpoint is None:
+                moto = await stack.enter_async_context(MotoServer())
+                sqs_endpoint = moto.url
+                log.info("embedded moto server", endpoint=sqs_endpoint)
+            redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+            if redis_url is None:
+                redis = await stack.enter_async_context(RedisServer(settings.data_dir / "redis"))
+                redis_url = redis.url
+                log.info("embedded redis-server", port=redis.port, pid=redis.pid)
+            store = StateStore(connect(redis_url), Keys(settings.redis_prefix), health=self.health)
+            stack.push_async_callback(store.close)
+            await self._check_state(store)
+            bus = await stack.enter_async_context(SqsBus(settings, sqs_endpoint, self.health))
+            site = await self._onprem_site()
+            dispatcher = self._dispatcher(store, bus, site)
+            heartbeat = HeartbeatPublisher(
+                appliance_id=settings.appliance_id,
+                health=self.health,
+                sink=bus.publisher,
+                clock=self.clock,
+                counts=_no_counts,
+                in_flight=lambda: dispatcher.in_flight,
+            )
+            self._write_runtime(sqs_endpoint, bus, embedded_redis=settings.redis_url is None)
+            stack.callback(clear_runtime, settings.data_dir, os.getpid())
+            log.info("appliance started", appliance_id=settings.appliance_id)
+            self.started.set()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(heartbeat.run(settings.heartbeat_interval_s, stop))
+                tasks.create_task(self._watch_state_store(store, stop))
+                tasks.create_task(bus.consume(dispatcher.handle, stop, self._intake_gate))
+            log.info("appliance stopped")
+
+    async def _intake_gate(self) -> None:
+        """Commands are only taken from the queue while the state store is reachable."""
+        await self.health.wait_ok("state_store")
+
+    async def _check_state(self, store: StateStore) -> None:
+        marker = self.settings.data_dir / GENERATION_FILE
+        try:
+            generation = await store.check_generation(marker)
+        except StateStoreUnavailable as error:
+            log.warning("state store not reachable at startup", error=str(error))
+            return
+        except StateLost as error:
+            self.health.failed("state_generation", str(error) + "; send ResetRequest")
+            log.error("state lost", error=str(error))
+            return
+        self.health.ok("state_generation", generation)
+
+    async def _watch_state_store(self, store: StateStore, stop: asyncio.Event) -> None:
+        """Probe Redis: often while it is down (to resume quickly), rarely while it is up."""
+        while not stop.is_set():
+            down = not self.health.is_ok("state_store")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5 if down else 5.0)
+            with contextlib.suppress(StateStoreUnavailable):
+                await store.ping()
+                if down or not self.health.is_ok("state_generation"):
+                    await self._check_state(store)
+
+    async def _onprem_site(self) -> LabSite:
+        root = onprem_root(self.settings.data_dir)
+        if (root / "site.json").is_file():
+            site = LabSite.open(root)
+        else:
+            log.info("no lab site yet; starting with an empty one", root=str(root))
+            site = await LabSite.create(root, onprem_site_config())
+        self.health.ok("sites", f"onprem: {root}")
+        return site
+
+    def _dispatcher(self, store: StateStore, bus: SqsBus, site: LabSite) -> Dispatcher:
+        settings = self.settings
+        inventory = Inventory(site, settings.max_message_bytes)
+
+        async def answer_inventory(command: object) -> list[Event]:
+            assert isinstance(command, SourceInventoryRequest)
+            body = await inventory.page(command.body)
+            return [
+                SourceInventoryResponse(
+                    appliance_id=settings.appliance_id,
+                    correlation_id=command.correlation_id,
+                    body=body,
+                )
+            ]
+
+        admin = Admin(
+            appliance_id=settings.appliance_id,
+            store=store,
+            health=self.health,
+            generation_file=settings.data_dir / GENERATION_FILE,
+        )
+        handlers: dict[str, CommandHandler] = {
+            "SourceInventoryRequest": answer_inventory,
+            **admin.handlers(),
+        }
+        return Dispatcher(
+            appliance_id=settings.appliance_id,
+            decoder=Decoder(settings.token_bytes, max_bytes=settings.max_message_bytes),
+            records=CommandRecords(store, settings.command_record_ttl_s),
+            sink=bus.publisher,
+            handlers=handlers,
+            clock=self.clock,
+            max_skew=timedelta(seconds=settings.max_clock_skew_s),
+        )
+
+    def _write_runtime(self, sqs_endpoint: str, bus: SqsBus, *, embedded_redis: bool) -> None:
+        write_runtime(
+            self.settings.data_dir,
+            RuntimeInfo(
+                appliance_id=self.settings.appliance_id,
+                pid=os.getpid(),
+                started_at=self.clock.now().isoformat(),
+                sqs_endpoint=sqs_endpoint,
+                region=self.settings.region,
+                command_queue_url=bus.urls.commands,
+                response_queue_url=bus.urls.responses,
+                dead_letter_queue_url=bus.urls.dead_letters,
+                redis_embedded=embedded_redis,
+            ),
+        )
+
+
+async def _no_counts() -> dict[str, int]:
+    return {}

@@ -1,0 +1,82 @@
+"""What a site knows about a VM, as immutable values (the wire form lives in messages/)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from appliance.errors import UnsafeName
+from messages.common import Firmware, GuestOsFamily, PowerState, ToolsStatus
+
+_SAFE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def check_id(site: str, value: str) -> str:
+    """Ids (never names) become path components; only a narrow alphabet is allowed."""
+    if not _SAFE_ID.fullmatch(value):
+        raise UnsafeName(site, value)
+    return value
+
+
+def child_path(site: str, root: Path, *ids: str) -> Path:
+    """``root/id/id...`` for checked ids, proven to stay inside ``root``."""
+    path = root.joinpath(*(check_id(site, value) for value in ids))
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UnsafeName(site, "/".join(ids))
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class DiskConfig:
+    disk_id: str
+    label: str
+    capacity_bytes: int
+    boot: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NicConfig:
+    nic_id: str
+    mac: str
+    network: str
+
+
+@dataclass(frozen=True, slots=True)
+class VmConfig:
+    vm_id: str
+    name: str
+    guest_os: str
+    guest_os_family: GuestOsFamily
+    firmware: Firmware
+    cpus: int
+    memory_mib: int
+    disks: tuple[DiskConfig, ...]
+    nics: tuple[NicConfig, ...]
+    resource_pool: str
+    cluster: str
+    power_state: PowerState
+    tools_status: ToolsStatus
+    annotations: tuple[tuple[str, str], ...] = field(default=())
+
+    def with_power(self, state: PowerState) -> VmConfig:
+        return replace(self, power_state=state)
+
+    def in_pool(self, pool: str) -> VmConfig:
+        return replace(self, resource_pool=pool)
+
+
+@dataclass(frozen=True, slots=True)
+class Datastore:
+    name: str
+    capacity_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SiteConfig:
+    name: str
+    kind: str  # "onprem" | "cloud"
+    clusters: tuple[str, ...]
+    networks: tuple[str, ...]
+    resource_pools: tuple[str, ...]
+    datastores: tuple[Datastore, ...]

@@ -1,0 +1,66 @@
+"""A heartbeat monitor: follow an appliance's heartbeats and decide when to raise the alarm."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from messages.events import Heartbeat, ReadyStatus
+
+
+class Outcome(StrEnum):
+    COUNT_REACHED = "count_reached"
+    MISSED = "missed"
+    NOT_READY = "not_ready"
+
+
+EXIT_CODES = {Outcome.COUNT_REACHED: 0, Outcome.MISSED: 3, Outcome.NOT_READY: 4}
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorResult:
+    outcome: Outcome
+    beats: int
+    last: Heartbeat | None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.outcome]
+
+
+class HeartbeatMonitor:
+    """Stops after ``count`` beats, after ``max_missed`` silent intervals, or on Not Ready."""
+
+    def __init__(
+        self,
+        interval_s: float,
+        *,
+        max_missed: int = 3,
+        count: int | None = None,
+        fail_on_not_ready: bool = False,
+    ) -> None:
+        self._interval_s = interval_s
+        self._max_missed = max_missed
+        self._count = count
+        self._fail_on_not_ready = fail_on_not_ready
+
+    async def watch(
+        self, heartbeats: AsyncIterator[Heartbeat], on_beat: Callable[[Heartbeat], None]
+    ) -> MonitorResult:
+        beats, missed, last = 0, 0, None
+        while True:
+            try:
+                beat = await asyncio.wait_for(anext(heartbeats), timeout=self._interval_s)
+            except TimeoutError:
+                missed += 1
+                if missed >= self._max_missed:
+                    return MonitorResult(Outcome.MISSED, beats, last)
+                continue
+            beats, missed, last = beats + 1, 0, beat
+            on_beat(beat)
+            if self._fail_on_not_ready and beat.body.status is ReadyStatus.NOT_READY:
+                return MonitorResult(Outcome.NOT_READY, beats, last)
+            if self._count is not None and beats >= self._count:
+                return MonitorResult(Outcome.COUNT_REACHED, beats, last)
