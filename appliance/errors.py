@@ -220,3 +220,14 @@ class DiskCorrupt(DataPathError):
         self.path = path
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+class TransferCancelled(DataPathError):
+    def __init__(self, transfer_id: str, chunks_done: int, chunks_total: int) -> None:
+        self.transfer_id = transfer_id
+        self.chunks_done = chunks_done
+        self.chunks_total = chunks_total
+        super().__init__(
+            f"transfer {transfer_id} cancelled with {chunks_done} of {chunks_total} chunks done; "
+            "its checkpoint resumes it"
+        )

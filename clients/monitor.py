@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -49,10 +50,29 @@ class HeartbeatMonitor:
     async def watch(
         self, heartbeats: AsyncIterator[Heartbeat], on_beat: Callable[[Heartbeat], None]
     ) -> MonitorResult:
+        # A timeout must not cancel the iterator itself (that would close it), so a
+        # pump task feeds a queue and only the queue read is timed.
+        queue: asyncio.Queue[Heartbeat] = asyncio.Queue()
+
+        async def pump() -> None:
+            async for beat in heartbeats:
+                queue.put_nowait(beat)
+
+        pumping = asyncio.create_task(pump())
+        try:
+            return await self._judge(queue, on_beat)
+        finally:
+            pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pumping
+
+    async def _judge(
+        self, queue: asyncio.Queue[Heartbeat], on_beat: Callable[[Heartbeat], None]
+    ) -> MonitorResult:
         beats, missed, last = 0, 0, None
         while True:
             try:
-                beat = await asyncio.wait_for(anext(heartbeats), timeout=self._interval_s)
+                beat = await asyncio.wait_for(queue.get(), timeout=self._interval_s)
             except TimeoutError:
                 missed += 1
                 if missed >= self._max_missed:

@@ -187,7 +187,9 @@ class Decoder:
             raise MessageError(
                 ErrorCode.INVALID_JSON, "message has no canonical form", correlation_id
             ) from None
-        if not isinstance(signature, str) or not hmac.compare_digest(signature, expected):
+        if not isinstance(signature, str) or not hmac.compare_digest(
+            signature.encode("utf-8", "surrogatepass"), expected.encode()
+        ):
             raise MessageError(ErrorCode.BAD_SIGNATURE, "signature does not match", correlation_id)
 
 

@@ -28,6 +28,7 @@ from appliance.errors import CommandRejected, FerryError, PermanentError, Transi
 from appliance.logs import get_logger
 from appliance.sink import EventSink
 from appliance.state.commands import CommandRecords, CommandStatus
+from appliance.state.events import EventLog
 from messages.codec import Decoder, body_digest, check_fresh
 from messages.commands import Command
 from messages.errors import ErrorCode, MessageError
@@ -44,6 +45,7 @@ class Dispatcher:
         appliance_id: str,
         decoder: Decoder,
         records: CommandRecords,
+        events: EventLog,
         sink: EventSink,
         handlers: Mapping[str, CommandHandler],
         clock: Clock,
@@ -52,6 +54,7 @@ class Dispatcher:
         self._appliance_id = appliance_id
         self._decoder = decoder
         self._records = records
+        self._events = events
         self._sink = sink
         self._handlers = handlers
         self._clock = clock
@@ -123,6 +126,14 @@ class Dispatcher:
         else:
             check_fresh(command.sent_at, self._clock.now(), self._max_skew, command.correlation_id)
         answer = await self._answer(command)
+        await self._events.append(
+            "command",
+            self._clock.now().isoformat(),
+            message_type=command.message_type,
+            message_id=command.message_id,
+            correlation_id=command.correlation_id,
+            answers=[event.message_type for event in answer],
+        )
         for event in answer:
             await self._sink.publish(event)
         await self._records.answered(command.message_id, self._clock.now().isoformat())

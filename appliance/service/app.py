@@ -31,6 +31,7 @@ from appliance.settings import Settings
 from appliance.sites.lab.sample import onprem_site_config
 from appliance.sites.lab.site import LabSite
 from appliance.state.commands import CommandRecords
+from appliance.state.events import EventLog
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
 from messages.codec import Decoder
@@ -161,6 +162,7 @@ class Appliance:
             appliance_id=settings.appliance_id,
             decoder=Decoder(settings.token_bytes, max_bytes=settings.max_message_bytes),
             records=CommandRecords(store, settings.command_record_ttl_s),
+            events=EventLog(store),
             sink=bus.publisher,
             handlers=handlers,
             clock=self.clock,

@@ -1,0 +1,271 @@
+"""The dispatcher against a real redis-server: idempotency, rejections, secrets, outages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+import structlog
+from pydantic import SecretStr
+
+from appliance.clock import FakeClock
+from appliance.dispatch.delivery import Delivery, Verdict
+from appliance.dispatch.dispatcher import Dispatcher
+from appliance.embedded import RedisServer
+from appliance.errors import Conflict
+from appliance.sink import MemorySink
+from appliance.state.commands import CommandRecords
+from appliance.state.events import EventLog
+from appliance.state.keys import Keys
+from appliance.state.store import StateStore, connect
+from messages.codec import Decoder, encode
+from messages.commands import (
+    CloneVm,
+    Command,
+    GuestCredentials,
+    SourceCloneRequest,
+    SourceCloneRequestBody,
+    SourceInventoryRequest,
+    StatusRequest,
+)
+from messages.common import MigrationType
+from messages.errors import ErrorCode
+from messages.events import CommandResponse, CommandResponseBody, ErrorResponse, Event
+
+TOKEN = b"dispatch-token"
+
+
+class CountingHandler:
+    """Answers every command; counts how often it took effect."""
+
+    def __init__(self) -> None:
+        self.calls: list[Command] = []
+
+    async def __call__(self, command: Command) -> Sequence[Event]:
+        self.calls.append(command)
+        if isinstance(command, StatusRequest) and command.body.request_id == "conflict":
+            raise Conflict("that VM is already migrating")
+        body = CommandResponseBody(command_type=command.message_type, detail="done")
+        return [CommandResponse(correlation_id=command.correlation_id, body=body)]
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer, keys: Keys) -> AsyncIterator[StateStore]:
+    store = StateStore(connect(redis_server.url), keys, retry_seconds=0.5, retry_attempts=2)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def handler() -> CountingHandler:
+    return CountingHandler()
+
+
+@pytest.fixture
+def sink() -> MemorySink:
+    return MemorySink()
+
+
+@pytest.fixture
+def dispatcher(
+    store: StateStore, clock: FakeClock, handler: CountingHandler, sink: MemorySink
+) -> Dispatcher:
+    return Dispatcher(
+        appliance_id="ferry-test",
+        decoder=Decoder(TOKEN),
+        records=CommandRecords(store, ttl_s=3600),
+        events=EventLog(store),
+        sink=sink,
+        handlers={
+            "SourceInventoryRequest": handler,
+            "StatusRequest": handler,
+            "SourceCloneRequest": handler,
+        },
+        clock=clock,
+        max_skew=timedelta(minutes=5),
+    )
+
+
+def _delivery(body: str, n: int = 1) -> Delivery:
+    return Delivery(f"sqs-{n}", f"receipt-{n}", body, 1)
+
+
+def _signed(command: Command, clock: FakeClock) -> str:
+    return encode(command.model_copy(update={"sent_at": clock.now()}), TOKEN)
+
+
+async def test_the_same_command_delivered_five_times_has_one_effect_and_one_answer(
+    dispatcher: Dispatcher,
+    handler: CountingHandler,
+    sink: MemorySink,
+    clock: FakeClock,
+    store: StateStore,
+) -> None:
+    body = _signed(SourceInventoryRequest(), clock)
+    verdicts = [await dispatcher.handle(_delivery(body, n)) for n in range(5)]
+    assert verdicts == [Verdict.ACK] * 5
+    assert len(handler.calls) == 1
+    assert len(sink.events) == 1
+    events = await EventLog(store).read()
+    assert [e.kind for e in events] == ["command"]
+
+
+async def test_a_redelivery_after_a_crash_before_the_answer_is_answered_once(
+    dispatcher: Dispatcher,
+    handler: CountingHandler,
+    sink: MemorySink,
+    clock: FakeClock,
+    store: StateStore,
+) -> None:
+    command = SourceInventoryRequest()
+    body = _signed(command, clock)
+    # The first delivery got as far as recording the command, then the process died.
+    await CommandRecords(store, 3600).claim(
+        command.message_id, _digest(body), command.message_type, command.correlation_id, "t"
+    )
+    clock.advance(600)  # redelivered long after: a recorded command is never "stale"
+    assert await dispatcher.handle(_delivery(body)) is Verdict.ACK
+    assert await dispatcher.handle(_delivery(body, 2)) is Verdict.ACK
+    assert len(handler.calls) == 1
+    assert [e.correlation_id for e in sink.events] == [command.correlation_id]
+
+
+def _digest(body: str) -> str:
+    from messages.codec import body_digest
+
+    return body_digest(json.loads(body))
+
+
+async def test_a_reused_message_id_with_other_content_is_rejected(
+    dispatcher: Dispatcher, handler: CountingHandler, sink: MemorySink, clock: FakeClock
+) -> None:
+    first = SourceInventoryRequest()
+    second = StatusRequest(message_id=first.message_id)
+    assert await dispatcher.handle(_delivery(_signed(first, clock))) is Verdict.ACK
+    assert await dispatcher.handle(_delivery(_signed(second, clock))) is Verdict.DEAD_LETTER
+    assert len(handler.calls) == 1
+    error = sink.events[-1]
+    assert isinstance(error, ErrorResponse)
+    assert error.body.code is ErrorCode.MESSAGE_ID_REUSED
+    assert error.correlation_id == second.correlation_id
+
+
+async def test_stale_commands_are_rejected_and_dead_lettered(
+    dispatcher: Dispatcher, handler: CountingHandler, sink: MemorySink, clock: FakeClock
+) -> None:
+    body = _signed(SourceInventoryRequest(), clock)
+    clock.advance(301)
+    assert await dispatcher.handle(_delivery(body)) is Verdict.DEAD_LETTER
+    assert handler.calls == []
+    assert isinstance(sink.events[0], ErrorResponse)
+    assert sink.events[0].body.code is ErrorCode.STALE_MESSAGE
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ("not json", None),
+        ('{"message_type": "Nope", "correlation_id": "c-1"}', ErrorCode.UNKNOWN_MESSAGE_TYPE),
+        (SourceInventoryRequest(correlation_id="c-2").to_wire(), ErrorCode.MISSING_SIGNATURE),
+        (encode(SourceInventoryRequest(correlation_id="c-3"), b"wrong"), ErrorCode.BAD_SIGNATURE),
+    ],
+)
+async def test_poison_messages_are_answered_when_possible_and_dead_lettered(
+    dispatcher: Dispatcher,
+    handler: CountingHandler,
+    sink: MemorySink,
+    body: str,
+    code: ErrorCode | None,
+) -> None:
+    assert await dispatcher.handle(_delivery(body)) is Verdict.DEAD_LETTER
+    assert handler.calls == []
+    if code is None:
+        assert sink.events == []  # no correlation id to answer to: logged only
+    else:
+        assert isinstance(sink.events[0], ErrorResponse)
+        assert sink.events[0].body.code is code
+
+
+async def test_a_rejected_command_gets_its_code_and_is_not_retried(
+    dispatcher: Dispatcher, sink: MemorySink, clock: FakeClock
+) -> None:
+    from messages.commands import StatusRequestBody
+
+    body = _signed(StatusRequest(body=StatusRequestBody(request_id="conflict")), clock)
+    assert await dispatcher.handle(_delivery(body)) is Verdict.ACK
+    assert isinstance(sink.events[0], ErrorResponse)
+    assert sink.events[0].body.code is ErrorCode.CONFLICT
+
+
+async def test_commands_without_a_handler_get_not_implemented(
+    dispatcher: Dispatcher, sink: MemorySink, clock: FakeClock
+) -> None:
+    from messages.commands import ResetRequest, ResetRequestBody
+
+    body = _signed(ResetRequest(body=ResetRequestBody(confirm=True)), clock)
+    assert await dispatcher.handle(_delivery(body)) is Verdict.ACK
+    assert isinstance(sink.events[0], ErrorResponse)
+    assert sink.events[0].body.code is ErrorCode.NOT_IMPLEMENTED
+
+
+async def test_secrets_never_reach_logs_redis_or_answers(
+    dispatcher: Dispatcher,
+    sink: MemorySink,
+    clock: FakeClock,
+    redis: aioredis.Redis,
+    keys: Keys,
+) -> None:
+    secret = "correct-horse-battery-staple"
+    command = SourceCloneRequest(
+        body=SourceCloneRequestBody(
+            vms=(CloneVm(name="lnx-web-01"),),
+            migration_type=MigrationType.COLD,
+            guest_credentials=GuestCredentials(username="root", password=SecretStr(secret)),
+        )
+    )
+    with structlog.testing.capture_logs() as logs:
+        assert await dispatcher.handle(_delivery(_signed(command, clock))) is Verdict.ACK
+    assert logs, "the dispatcher logs what it does"
+    assert secret not in repr(logs)
+    assert all(secret not in event.to_wire() for event in sink.events)
+    async for key in redis.scan_iter(match=keys.pattern):
+        dump = await redis.dump(key)
+        assert dump is not None and secret.encode() not in dump
+
+
+async def test_a_state_store_outage_leaves_the_command_for_redelivery(
+    tmp_path: Path, clock: FakeClock, handler: CountingHandler, sink: MemorySink, keys: Keys
+) -> None:
+    server = RedisServer(tmp_path / "redis")
+    await server.start()
+    store = StateStore(connect(server.url), keys, retry_seconds=0.3, retry_attempts=2)
+    dispatcher = Dispatcher(
+        appliance_id="ferry-test",
+        decoder=Decoder(TOKEN),
+        records=CommandRecords(store, 3600),
+        events=EventLog(store),
+        sink=sink,
+        handlers={"SourceInventoryRequest": handler},
+        clock=clock,
+        max_skew=timedelta(minutes=5),
+    )
+    body = _signed(SourceInventoryRequest(), clock)
+    try:
+        await server.stop()
+        assert await dispatcher.handle(_delivery(body)) is Verdict.RETRY
+        assert handler.calls == [] and sink.events == []
+        await server.start()
+        assert await dispatcher.handle(_delivery(body)) is Verdict.ACK
+        assert len(handler.calls) == 1
+    finally:
+        await store.close()
+        await server.stop()
