@@ -1,0 +1,368 @@
+"""The transfer engine against in-memory backends: what lands at the target, and how it fails."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from appliance.datapath.checkpoint import MemoryCheckpointStore
+from appliance.datapath.progress import TransferPhase, TransferProgress
+from appliance.datapath.retry import RetryPolicy
+from appliance.datapath.transfer import Transfer, TransferOptions
+from appliance.errors import (
+    CertificationFailed,
+    ChunkMismatch,
+    ConnectionDropped,
+    OutOfSpace,
+    TransferCancelled,
+    TransferFailed,
+)
+from appliance.storage.extents import Extent
+from appliance.storage.hashing import chunk_hash
+from appliance.storage.memory import MemoryBackend
+
+KIB = 1024
+MIB = 1024 * KIB
+CHUNK = 64 * KIB
+FAST_RETRY = RetryPolicy(attempts=4, initial_s=0.001, max_s=0.005)
+
+WriteHook = Callable[[int, bytes], Awaitable[bytes]]
+
+
+class FaultyBackend(MemoryBackend):
+    """A MemoryBackend whose writes pass through a hook (which may raise or alter data)."""
+
+    def __init__(self, size: int, hook: WriteHook | None = None, *, checksums: bool = False):
+        super().__init__(size, name="faulty")
+        self.hook = hook
+        self.checksums = checksums
+        self.writes = 0
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        self.writes += 1
+        payload = bytes(data)
+        if self.hook is not None:
+            payload = await self.hook(offset, payload)
+        await super().write(offset, payload)
+
+    async def checksum(self, offset: int, length: int) -> bytes | None:
+        """Like the Ferry NBD extension: hashed where the data is, or None when unsupported."""
+        if not self.checksums:
+            return None
+        return chunk_hash(await self.read(offset, length))
+
+
+def lab_bytes(size: int, seed: int = 7) -> bytes:
+    """Random, compressible, zero-filled and hole regions at unaligned boundaries."""
+    rng = random.Random(seed)
+    data = bytearray(size)
+    pos = 0
+    while pos < size:
+        length = min(rng.randrange(1, 3 * CHUNK), size - pos)
+        kind = rng.choice(["random", "text", "zero", "zero"])
+        if kind == "random":
+            data[pos : pos + length] = rng.randbytes(length)
+        elif kind == "text":
+            data[pos : pos + length] = (b"ferry lab disk " * (length // 15 + 1))[:length]
+        pos += length
+    return bytes(data)
+
+
+async def source_disk(size: int = 2 * MIB + 777, seed: int = 7) -> MemoryBackend:
+    """A source whose map has holes, allocated zeroes and data."""
+    content = lab_bytes(size, seed)
+    disk = MemoryBackend.from_bytes(content, name="source")
+    await disk.write(2 * CHUNK, bytes(CHUNK))  # allocated but all zero
+    return disk
+
+
+def options(**overrides: object) -> TransferOptions:
+    base: dict[str, object] = {"chunk_size": CHUNK, "workers": 4, "retry": FAST_RETRY}
+    base.update(overrides)
+    return TransferOptions(**base)  # type: ignore[arg-type]
+
+
+async def image(backend: MemoryBackend) -> bytes:
+    return await backend.read(0, backend.size)
+
+
+@pytest.mark.parametrize("checksums", [False, True], ids=["read-back", "checksum"])
+async def test_full_copy_is_byte_identical_and_sparse(checksums: bool) -> None:
+    source = await source_disk()
+    target = FaultyBackend(source.size, checksums=checksums)
+    result = await Transfer("t1", source, target, options=options()).run()
+
+    assert await image(target) == await image(source)
+    data_bytes = sum(e.length for e in await source.extents() if e.data)
+    zero_in_data = sum(
+        e.length for e in await target.extents() if not e.hole and e.zero
+    )  # allocated-zero at the target came from zero() calls
+    assert result.stats.bytes_read == data_bytes
+    assert result.stats.bytes_written < data_bytes  # zero runs inside data went as zero()
+    assert zero_in_data > 0
+    # Nothing the source holds as zero became data at the target.
+    for extent in await source.extents():
+        if extent.zero:
+            assert all(e.zero for e in await target.extents(extent.start, extent.length))
+    assert result.source_digest == result.target_digest is not None
+    assert (result.stats.bytes_read_back > 0) == (not checksums)
+
+
+async def test_zero_chunks_become_zero_requests_not_data() -> None:
+    size = 8 * CHUNK
+    source = MemoryBackend(size, name="source")
+    await source.write(0, b"x" * CHUNK)
+    await source.write(CHUNK, bytes(3 * CHUNK))  # written zeroes: allocated, no data
+    target = FaultyBackend(size)
+    result = await Transfer("t", source, target, options=options()).run()
+
+    assert await image(target) == await image(source)
+    assert result.stats.bytes_written == CHUNK
+    target_map = await target.extents()
+    assert [e for e in target_map if e.data] == [Extent(0, CHUNK)]
+    assert target.allocated_bytes - CHUNK <= 7 * CHUNK  # the rest is zeroed, holding no data
+
+
+async def test_target_is_zero_skips_zero_requests() -> None:
+    size = 8 * CHUNK
+    source = MemoryBackend(size, name="source")
+    await source.write(2 * CHUNK, b"y" * CHUNK)
+    target = FaultyBackend(size)
+    result = await Transfer("t", source, target, options=options(target_is_zero=True)).run()
+    assert await image(target) == await image(source)
+    assert target.allocated_bytes == CHUNK
+    assert result.stats.zero_bytes == 7 * CHUNK
+
+
+async def test_only_changed_extents_are_copied() -> None:
+    source = await source_disk()
+    target = FaultyBackend(source.size)
+    await Transfer("base", source, target, options=options()).run()
+
+    changed = [Extent(3 * CHUNK + 100, 5000), Extent(10 * CHUNK, CHUNK)]
+    for extent in changed:
+        await source.write(extent.start, random.Random(extent.start).randbytes(extent.length))
+    marker_at = 20 * CHUNK
+    await target.write(marker_at, b"MARKER")  # outside every changed extent
+    result = await Transfer(
+        "incr", source, target, extents=changed, options=options(whole_image_check=False)
+    ).run()
+
+    expected = bytearray(await image(source))
+    expected[marker_at : marker_at + 6] = b"MARKER"
+    assert await image(target) == bytes(expected)
+    assert result.stats.chunks_copied == 2
+    # The partly covered chunk is read whole (for its hash), the covered one only once.
+    assert result.stats.bytes_read == 2 * CHUNK
+    assert result.stats.bytes_written <= 5000 + CHUNK
+
+
+@pytest.mark.parametrize("size", [CHUNK - 1, 3 * CHUNK + 1, 5 * CHUNK + 4097])
+@pytest.mark.parametrize("chunk_size", [4096, 48 * KIB, CHUNK])
+async def test_unaligned_sizes_and_chunks(size: int, chunk_size: int) -> None:
+    source = MemoryBackend.from_bytes(lab_bytes(size, seed=size), name="source")
+    target = FaultyBackend(size)
+    await Transfer("t", source, target, options=options(chunk_size=chunk_size)).run()
+    assert await image(target) == await image(source)
+
+
+async def test_first_error_aborts_the_copy_and_leaves_no_tasks() -> None:
+    source = MemoryBackend.from_bytes(random.Random(1).randbytes(64 * CHUNK), name="source")
+    failed = asyncio.Event()
+
+    async def out_of_space(offset: int, data: bytes) -> bytes:
+        if offset >= 8 * CHUNK:
+            failed.set()
+            raise OutOfSpace("faulty", len(data), 0)
+        await asyncio.sleep(0)
+        return data
+
+    target = FaultyBackend(source.size, out_of_space)
+    before = asyncio.all_tasks()
+    with pytest.raises(OutOfSpace):
+        await Transfer("t", source, target, options=options()).run()
+    assert asyncio.all_tasks() == before
+    assert target.writes < 8 + 2 * 4  # stopped right away: at most a few in flight
+
+
+async def test_transient_errors_are_retried() -> None:
+    source = MemoryBackend.from_bytes(random.Random(2).randbytes(8 * CHUNK), name="source")
+    drops = {3 * CHUNK: 2, 5 * CHUNK: 1}
+
+    async def flaky(offset: int, data: bytes) -> bytes:
+        if drops.get(offset, 0) > 0:
+            drops[offset] -= 1
+            raise ConnectionDropped("faulty", "reset by peer")
+        return data
+
+    target = FaultyBackend(source.size, flaky)
+    result = await Transfer("t", source, target, options=options()).run()
+    assert await image(target) == await image(source)
+    assert result.stats.retries == 3
+
+
+async def test_a_link_that_keeps_dropping_names_the_chunk() -> None:
+    source = MemoryBackend.from_bytes(random.Random(3).randbytes(8 * CHUNK), name="source")
+
+    async def dead(offset: int, data: bytes) -> bytes:
+        if offset == 6 * CHUNK:
+            raise ConnectionDropped("faulty", "reset by peer")
+        return data
+
+    target = FaultyBackend(source.size, dead)
+    with pytest.raises(TransferFailed) as failure:
+        await Transfer("t", source, target, options=options()).run()
+    assert (failure.value.offset, failure.value.length) == (6 * CHUNK, CHUNK)
+    assert failure.value.attempts == FAST_RETRY.attempts
+    assert isinstance(failure.value.cause, ConnectionDropped)
+
+
+async def test_a_corrupted_write_is_detected_and_sent_again() -> None:
+    source = MemoryBackend.from_bytes(random.Random(4).randbytes(4 * CHUNK), name="source")
+    corrupted: set[int] = set()
+
+    async def flip_once(offset: int, data: bytes) -> bytes:
+        if offset == CHUNK and offset not in corrupted:
+            corrupted.add(offset)
+            return bytes([data[0] ^ 1]) + data[1:]
+        return data
+
+    target = FaultyBackend(source.size, flip_once)
+    result = await Transfer("t", source, target, options=options()).run()
+    assert await image(target) == await image(source)
+    assert result.stats.mismatches == 1
+
+
+async def test_a_chunk_that_never_lands_right_fails_with_mismatch() -> None:
+    source = MemoryBackend.from_bytes(random.Random(5).randbytes(4 * CHUNK), name="source")
+
+    async def flip_always(offset: int, data: bytes) -> bytes:
+        return bytes([data[0] ^ 1]) + data[1:] if offset == 2 * CHUNK else data
+
+    target = FaultyBackend(source.size, flip_always)
+    with pytest.raises(ChunkMismatch) as mismatch:
+        await Transfer("t", source, target, options=options()).run()
+    assert mismatch.value.offset == 2 * CHUNK
+
+
+async def test_certification_names_a_flipped_bit() -> None:
+    source = MemoryBackend.from_bytes(random.Random(6).randbytes(16 * CHUNK), name="source")
+    target = FaultyBackend(source.size)
+    store = MemoryCheckpointStore()
+    await Transfer("t", source, target, checkpoints=store, options=options()).run()
+    await target.write(9 * CHUNK + 1234, bytes([(await target.read(9 * CHUNK + 1234, 1))[0] ^ 4]))
+
+    with pytest.raises(CertificationFailed) as failure:
+        await Transfer("t", source, target, checkpoints=store, options=options(certify=True)).run()
+    assert (failure.value.offset, failure.value.length) == (9 * CHUNK, CHUNK)
+
+
+def progress_reaching(chunks: int) -> tuple[asyncio.Event, Callable[[TransferProgress], None]]:
+    reached = asyncio.Event()
+
+    def on_progress(progress: TransferProgress) -> None:
+        if progress.chunks_done >= chunks:
+            reached.set()
+
+    return reached, on_progress
+
+
+async def slow_target(source: MemoryBackend) -> FaultyBackend:
+    async def slow(offset: int, data: bytes) -> bytes:
+        await asyncio.sleep(0.002)
+        return data
+
+    return FaultyBackend(source.size, slow)
+
+
+async def test_stop_between_chunks_leaves_a_checkpoint_that_resumes() -> None:
+    source = MemoryBackend.from_bytes(random.Random(8).randbytes(64 * CHUNK), name="source")
+    target = await slow_target(source)
+    store = MemoryCheckpointStore()
+    reached, on_progress = progress_reaching(16)
+    opts = options(progress_interval_s=0.001)
+    transfer = Transfer("t", source, target, checkpoints=store, options=opts, progress=on_progress)
+    task = asyncio.create_task(transfer.run())
+    await reached.wait()
+    transfer.stop()
+    with pytest.raises(TransferCancelled):
+        await task
+    done = len(store.records)
+    assert 16 <= done < 64
+    assert all(record.epoch <= store.durable_epoch for record in store.records.values())
+
+    resumed = await Transfer("t", source, target, checkpoints=store, options=options()).run()
+    assert resumed.resumed
+    assert resumed.stats.chunks_skipped == done
+    assert resumed.stats.chunks_copied == 64 - done
+    assert await image(target) == await image(source)
+
+
+async def test_task_cancel_is_not_swallowed_and_keeps_the_checkpoint() -> None:
+    source = MemoryBackend.from_bytes(random.Random(9).randbytes(64 * CHUNK), name="source")
+    target = await slow_target(source)
+    store = MemoryCheckpointStore()
+    reached, on_progress = progress_reaching(10)
+    opts = options(progress_interval_s=0.001)
+    transfer = Transfer("t", source, target, checkpoints=store, options=opts, progress=on_progress)
+    task = asyncio.create_task(transfer.run())
+    await reached.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(store.records) >= 10
+    assert all(record.epoch <= store.durable_epoch for record in store.records.values())
+    await Transfer("t", source, target, checkpoints=store, options=options()).run()
+    assert await image(target) == await image(source)
+
+
+async def test_pending_chunks_are_verified_not_resent() -> None:
+    source = MemoryBackend.from_bytes(random.Random(10).randbytes(16 * CHUNK), name="source")
+    target = FaultyBackend(source.size, checksums=True)
+    store = MemoryCheckpointStore()
+    await Transfer("t", source, target, checkpoints=store, options=options()).run()
+    # As if the run had been killed before its last flush: every record still pending,
+    # and chunk 5 never made it to the target.
+    store.durable_epoch = 0
+    store.complete_digest = None
+    await target.zero(5 * CHUNK, CHUNK)
+    writes_before = target.writes
+
+    result = await Transfer("t", source, target, checkpoints=store, options=options()).run()
+    assert result.stats.chunks_reverified == 15
+    assert result.stats.chunks_resent == 1
+    assert target.writes - writes_before == 1
+    assert await image(target) == await image(source)
+
+
+async def test_progress_reports_rate_eta_and_a_final_snapshot() -> None:
+    source = MemoryBackend.from_bytes(random.Random(11).randbytes(32 * CHUNK), name="source")
+    target = await slow_target(source)
+    seen: list[TransferProgress] = []
+    opts = options(progress_interval_s=0.01)
+    await Transfer("t", source, target, options=opts, progress=seen.append).run()
+    assert len(seen) >= 2
+    assert [p.bytes_done for p in seen] == sorted(p.bytes_done for p in seen)
+    last = seen[-1]
+    assert last.phase == TransferPhase.DONE
+    assert last.bytes_done == last.bytes_total == source.size
+    assert last.chunks_done == last.chunks_total == 32
+    assert any(p.rate_bytes_per_s > 0 and p.eta_s is not None for p in seen[:-1])
+
+
+async def test_bandwidth_cap_can_be_lifted_while_running() -> None:
+    source = MemoryBackend.from_bytes(random.Random(12).randbytes(16 * CHUNK), name="source")
+    target = FaultyBackend(source.size)
+    transfer = Transfer("t", source, target, options=options())
+    transfer.set_bandwidth(1000)  # 1 kB/s: a megabyte would take a quarter of an hour
+    transfer.set_source_queue_depth(1)
+    task = asyncio.create_task(transfer.run())
+    await asyncio.sleep(0.1)
+    assert not task.done()
+    transfer.set_bandwidth(None)
+    transfer.set_source_queue_depth(8)
+    await asyncio.wait_for(task, timeout=5)
+    assert await image(target) == await image(source)
