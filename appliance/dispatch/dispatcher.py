@@ -3,7 +3,8 @@
 Order of checks for each delivery (each failure is final for that delivery)::
 
     parse (size, JSON)  ->  validate (type, version, signature, schema)
-        -> claim the message id in Redis (idempotency; first delivery wins)
+        -> claim the message id in Redis (idempotency; first delivery wins;
+           a duplicate arriving while the first is handled waits its turn)
         -> freshness (only for a first delivery: a redelivery of a recorded
            command is never "stale")
         -> route to the handler -> publish the answer -> mark answered -> ack
@@ -16,6 +17,8 @@ record says "received", so the redelivery handles it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 
@@ -27,7 +30,7 @@ from appliance.dispatch.reply import error_for, error_response
 from appliance.errors import CommandRejected, FerryError, PermanentError, TransientError
 from appliance.logs import get_logger
 from appliance.sink import EventSink
-from appliance.state.commands import CommandRecords, CommandStatus
+from appliance.state.commands import ClaimResult, CommandRecords
 from appliance.state.events import EventLog
 from messages.codec import Decoder, body_digest, check_fresh
 from messages.commands import Command
@@ -112,19 +115,34 @@ class Dispatcher:
             command.correlation_id,
             self._clock.now().isoformat(),
         )
-        if not claim.first:
-            if claim.digest != digest:
+        match claim.result:
+            case ClaimResult.REUSED:
                 raise MessageError(
                     ErrorCode.MESSAGE_ID_REUSED,
                     f"message_id {command.message_id} was already used for a different command",
                     command.correlation_id,
                 )
-            if claim.status is CommandStatus.ANSWERED:
+            case ClaimResult.ANSWERED:
                 log.info("duplicate delivery dropped: already answered")
                 return Verdict.ACK
-            log.info("redelivery of a recorded, unanswered command: handling it")
-        else:
-            check_fresh(command.sent_at, self._clock.now(), self._max_skew, command.correlation_id)
+            case ClaimResult.BUSY:
+                log.info("duplicate delivery while the command is being handled: later")
+                return Verdict.RETRY
+            case ClaimResult.TAKEOVER:
+                log.info("redelivery of a recorded, unanswered command: handling it")
+            case ClaimResult.FIRST:
+                check_fresh(
+                    command.sent_at, self._clock.now(), self._max_skew, command.correlation_id
+                )
+        try:
+            await self._act(command)
+        except asyncio.CancelledError:
+            with contextlib.suppress(TransientError):
+                await asyncio.shield(self._records.release(command.message_id, claim))
+            raise
+        return Verdict.ACK
+
+    async def _act(self, command: Command) -> None:
         answer = await self._answer(command)
         await self._events.append(
             "command",
@@ -138,7 +156,6 @@ class Dispatcher:
             await self._sink.publish(event)
         await self._records.answered(command.message_id, self._clock.now().isoformat())
         log.info("command answered", answers=[event.message_type for event in answer])
-        return Verdict.ACK
 
     async def _answer(self, command: Command) -> Sequence[Event]:
         handler = self._handlers.get(command.message_type)

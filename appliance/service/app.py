@@ -161,7 +161,9 @@ class Appliance:
         return Dispatcher(
             appliance_id=settings.appliance_id,
             decoder=Decoder(settings.token_bytes, max_bytes=settings.max_message_bytes),
-            records=CommandRecords(store, settings.command_record_ttl_s),
+            records=CommandRecords(
+                store, settings.command_record_ttl_s, lease_s=settings.visibility_timeout_s
+            ),
             events=EventLog(store),
             sink=bus.publisher,
             handlers=handlers,

@@ -1,14 +1,17 @@
 """Command records: what makes a command take effect once however often it arrives.
 
 A record is created (atomically, first writer wins) before the command is
-acted on and before it is deleted from the queue; it holds the digest of the
+acted on and before it is deleted from the queue. It holds the digest of the
 command's content, so a retry (same digest) is told from a reused message id
-(different digest), and whether the command has been answered, so a redelivery
-after a crash is answered if, and only if, the first delivery was not.
+(different digest); whether the command has been answered; and a short
+handling lease, so two deliveries of one command that arrive together are
+not both handled, while a delivery whose handler died is taken over once its
+lease runs out.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -16,37 +19,66 @@ from redis.typing import EncodableT
 
 from appliance.state.store import Fields, StateStore, text
 
+# KEYS[1] record; ARGV: digest, type, correlation id, received_at, ttl, lease ms, owner
 _CLAIM = """
 local key = KEYS[1]
-if redis.call('EXISTS', key) == 1 then
-  return redis.call('HMGET', key, 'digest', 'status')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease_until = now + tonumber(ARGV[6])
+if redis.call('EXISTS', key) == 0 then
+  redis.call('HSET', key, 'digest', ARGV[1], 'status', 'received', 'type', ARGV[2],
+             'correlation_id', ARGV[3], 'received_at', ARGV[4],
+             'owner', ARGV[7], 'lease_until', lease_until)
+  redis.call('EXPIRE', key, tonumber(ARGV[5]))
+  return {'first', ARGV[1]}
 end
-redis.call('HSET', key, 'digest', ARGV[1], 'status', 'received', 'type', ARGV[2],
-           'correlation_id', ARGV[3], 'received_at', ARGV[4])
-redis.call('EXPIRE', key, tonumber(ARGV[5]))
-return false
+local digest = redis.call('HGET', key, 'digest')
+if digest ~= ARGV[1] then
+  return {'reused', digest}
+end
+if redis.call('HGET', key, 'status') == 'answered' then
+  return {'answered', digest}
+end
+if tonumber(redis.call('HGET', key, 'lease_until') or '0') > now then
+  return {'busy', digest}
+end
+redis.call('HSET', key, 'owner', ARGV[7], 'lease_until', lease_until)
+return {'takeover', digest}
+"""
+
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'lease_until', '0')
+end
+return 0
 """
 
 
-class CommandStatus(StrEnum):
-    RECEIVED = "received"
-    ANSWERED = "answered"
+class ClaimResult(StrEnum):
+    FIRST = "first"  # no record existed: this delivery acts
+    TAKEOVER = "takeover"  # recorded, unanswered, its handler gone: this delivery acts
+    BUSY = "busy"  # another delivery is handling it right now: try again later
+    ANSWERED = "answered"  # done already: drop this delivery
+    REUSED = "reused"  # the message id was used for different content
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """The outcome of claiming a command id."""
+    result: ClaimResult
+    owner: str
 
-    first: bool  # no record existed: this delivery is the one that acts
-    digest: str
-    status: CommandStatus
+    @property
+    def acts(self) -> bool:
+        return self.result in (ClaimResult.FIRST, ClaimResult.TAKEOVER)
 
 
 class CommandRecords:
-    def __init__(self, store: StateStore, ttl_s: int) -> None:
+    def __init__(self, store: StateStore, ttl_s: int, lease_s: float = 60.0) -> None:
         self._store = store
         self._ttl_s = ttl_s
+        self._lease_ms = int(lease_s * 1000)
         self._claim = store.redis.register_script(_CLAIM)
+        self._release = store.redis.register_script(_RELEASE)
 
     async def claim(
         self,
@@ -57,15 +89,26 @@ class CommandRecords:
         received_at: str,
     ) -> Claim:
         key = self._store.keys.command(message_id)
-        args: list[EncodableT] = [digest, message_type, correlation_id, received_at, self._ttl_s]
-        existing = await self._store.run(lambda r: self._claim(keys=[key], args=args, client=r))
-        if not existing:
-            return Claim(True, digest, CommandStatus.RECEIVED)
-        found_digest, status = (text(value) if value is not None else "" for value in existing)
-        return Claim(False, found_digest, CommandStatus(status or "received"))
+        owner = uuid.uuid4().hex
+        args: list[EncodableT] = [
+            digest,
+            message_type,
+            correlation_id,
+            received_at,
+            self._ttl_s,
+            self._lease_ms,
+            owner,
+        ]
+        result = await self._store.run(lambda r: self._claim(keys=[key], args=args, client=r))
+        return Claim(ClaimResult(text(result[0])), owner)
+
+    async def release(self, message_id: str, claim: Claim) -> None:
+        """Give up our handling lease early (we were cancelled): a redelivery may take over."""
+        key = self._store.keys.command(message_id)
+        await self._store.run(lambda r: self._release(keys=[key], args=[claim.owner], client=r))
 
     async def answered(self, message_id: str, answered_at: str) -> None:
         """Record that the command's answer has been published."""
         key = self._store.keys.command(message_id)
-        mapping: Fields = {"status": CommandStatus.ANSWERED.value, "answered_at": answered_at}
+        mapping: Fields = {"status": "answered", "answered_at": answered_at, "lease_until": "0"}
         await self._store.run(lambda r: r.hset(key, mapping=mapping))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
@@ -128,8 +129,9 @@ async def test_a_redelivery_after_a_crash_before_the_answer_is_answered_once(
 ) -> None:
     command = SourceInventoryRequest()
     body = _signed(command, clock)
-    # The first delivery got as far as recording the command, then the process died.
-    await CommandRecords(store, 3600).claim(
+    # The first delivery got as far as recording the command, then the process died
+    # (its handling lease, zero here, has run out).
+    await CommandRecords(store, 3600, lease_s=0).claim(
         command.message_id, _digest(body), command.message_type, command.correlation_id, "t"
     )
     clock.advance(600)  # redelivered long after: a recorded command is never "stale"
@@ -269,3 +271,37 @@ async def test_a_state_store_outage_leaves_the_command_for_redelivery(
     finally:
         await store.close()
         await server.stop()
+
+
+async def test_a_duplicate_arriving_while_the_first_is_handled_waits_its_turn(
+    store: StateStore, clock: FakeClock, sink: MemorySink
+) -> None:
+    release = asyncio.Event()
+    started = asyncio.Event()
+    calls: list[Command] = []
+
+    async def slow(command: Command) -> Sequence[Event]:
+        calls.append(command)
+        started.set()
+        await release.wait()
+        body = CommandResponseBody(command_type=command.message_type)
+        return [CommandResponse(correlation_id=command.correlation_id, body=body)]
+
+    dispatcher = Dispatcher(
+        appliance_id="ferry-test",
+        decoder=Decoder(TOKEN),
+        records=CommandRecords(store, 3600, lease_s=30),
+        events=EventLog(store),
+        sink=sink,
+        handlers={"SourceInventoryRequest": slow},
+        clock=clock,
+        max_skew=timedelta(minutes=5),
+    )
+    body = _signed(SourceInventoryRequest(), clock)
+    first = asyncio.create_task(dispatcher.handle(_delivery(body, 1)))
+    await started.wait()
+    assert await dispatcher.handle(_delivery(body, 2)) is Verdict.RETRY
+    release.set()
+    assert await first is Verdict.ACK
+    assert await dispatcher.handle(_delivery(body, 3)) is Verdict.ACK
+    assert len(calls) == 1 and len(sink.events) == 1
