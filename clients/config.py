@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,17 +23,18 @@ class ClientSettings(BaseSettings):
     receive_wait_s: int = Field(default=2, ge=0, le=20)
 
     @classmethod
-    def load(cls, runtime_file: Path | None = None) -> ClientSettings:
+    def load(cls, runtime_file: Path | None = None, **overrides: Any) -> ClientSettings:
         """FERRY_* settings, with endpoint and queue URLs from a runtime.json when given."""
-        if runtime_file is None:
-            return cls()
-        runtime = json.loads(runtime_file.read_text())
-        return cls(
-            sqs_endpoint=runtime["sqs_endpoint"],
-            region=runtime["region"],
-            command_queue=runtime["command_queue_url"],
-            response_queue=runtime["response_queue_url"],
-        )
+        values: dict[str, Any] = {}
+        if runtime_file is not None:
+            runtime = json.loads(runtime_file.read_text())
+            values = {
+                "sqs_endpoint": runtime["sqs_endpoint"],
+                "region": runtime["region"],
+                "command_queue": runtime["command_queue_url"],
+                "response_queue": runtime["response_queue_url"],
+            }
+        return cls(**{**values, **overrides})
 
     @property
     def token(self) -> bytes:
