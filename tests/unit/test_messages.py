@@ -231,3 +231,17 @@ def test_wire_models_are_frozen_and_forbid_unknown_fields() -> None:
     with pytest.raises(MessageError) as caught:
         Decoder(None).decode(json.dumps(document))
     assert caught.value.code is ErrorCode.SCHEMA_VIOLATION
+
+
+def test_protocol_document_examples_are_current_and_verify() -> None:
+    from pathlib import Path
+
+    from messages.examples import markdown
+
+    readme = (Path(__file__).parents[2] / "messages" / "README.md").read_text()
+    assert readme.endswith(markdown() + "\n") or readme.endswith(markdown()), (
+        "messages/README.md examples are stale: regenerate with python -m messages.examples"
+    )
+    decoder = Decoder(EXAMPLE_TOKEN, accept=(Command, Event))
+    for message in examples():
+        assert decoder.decode(message.to_wire()).message_type == message.message_type
