@@ -14,6 +14,7 @@
         │   └── Conflict
         ├── IncorrectState              a state machine was asked for an illegal transition
         ├── StateLost                   Redis came back without our generation marker
+        ├── SealBroken                  a sealed secret cannot be opened (the bus token changed)
         ├── SiteError                   a site driver refused (bad name, missing VM, no capacity)
         │   └── UnsafeName              a name that would escape the data directory
         └── DataPathError               moving blocks failed for good
@@ -130,6 +131,12 @@ class StateLost(PermanentError):
         super().__init__(
             f"state store generation is {found!r}, expected {expected!r}: Redis lost its data"
         )
+
+
+class SealBroken(PermanentError):
+    def __init__(self, context: str) -> None:
+        self.context = context
+        super().__init__(f"sealed secret for {context} cannot be opened (bus token changed?)")
 
 
 class SiteError(PermanentError):

@@ -8,7 +8,11 @@ random one)::
     {p}:request:{request_id}        string  migration ids a request created (idempotency by request)
     {p}:migration:{id}              hash    migration record and its state-machine state
     {p}:migrations                  zset    every migration id, scored by creation time
-    {p}:migrations:active           zset    migrations not yet finished, scored by admission order
+    {p}:migration-counts            hash    public state -> number of migrations in it
+    {p}:group:{id}                  hash    a dependency group: members, request, admission order
+    {p}:groups:active               zset    groups not yet finished, scored by admission order
+    {p}:admission                   string  counter handing out admission order
+    {p}:secret:{request_id}         string  sealed guest credentials (AES-GCM), until prepare ends
     {p}:vm-lock:{site}:{vm_id}      string  migration id holding the VM (one migration per VM)
     {p}:lease:{id}                  hash    owner and fencing token of a migration's driver
     {p}:fence:{id}                  string  last fencing token handed out for a resource
@@ -50,8 +54,22 @@ class Keys:
         return self._key("migrations")
 
     @property
-    def active_migrations(self) -> str:
-        return self._key("migrations", "active")
+    def migration_counts(self) -> str:
+        return self._key("migration-counts")
+
+    def group(self, group_id: str) -> str:
+        return self._key("group", group_id)
+
+    @property
+    def active_groups(self) -> str:
+        return self._key("groups", "active")
+
+    @property
+    def admission(self) -> str:
+        return self._key("admission")
+
+    def secret(self, request_id: str) -> str:
+        return self._key("secret", request_id)
 
     def vm_lock(self, site: str, vm_id: str) -> str:
         return self._key("vm-lock", site, vm_id)

@@ -1,0 +1,1 @@
+"""Migrations as persisted state machines: requests, scheduling, workflows, leases."""

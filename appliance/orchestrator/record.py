@@ -1,0 +1,98 @@
+"""What the orchestrator remembers about one migration (persisted as JSON, fenced writes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from appliance.orchestrator.states import Step
+from messages.common import MigrationType, PowerState, VerifyMode
+from messages.events import PrepareCheck
+
+
+@dataclass(frozen=True, slots=True)
+class DiskPlan:
+    """One disk: where it comes from, which cloud volume it goes to, what we know of it."""
+
+    disk_id: str
+    label: str
+    capacity_bytes: int
+    boot: bool
+    volume_id: str
+    snapshot_id: str | None = None
+    image_digest: str | None = None  # whole-image digest of the source snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class TransferOptions:
+    verify: VerifyMode = VerifyMode.CHUNK
+    bandwidth_cap_bps: float | None = None
+    io_queue_depth: int = 4
+    chunk_size: int = 1024 * 1024
+    power_on_target: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    name: str
+    passed: bool
+    reason: str = ""
+
+    def wire(self) -> PrepareCheck:
+        return PrepareCheck(name=self.name, passed=self.passed, reason=self.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationRecord:
+    migration_id: str
+    request_id: str
+    correlation_id: str  # of the SourceCloneRequest: progress answers carry it
+    group_id: str
+    admission: int
+    site: str
+    vm_id: str
+    vm_name: str
+    migration_type: MigrationType
+    step: Step
+    target_site: str
+    target_pool: str | None
+    target_name: str
+    network_map: tuple[tuple[str, str], ...]
+    options: TransferOptions
+    disks: tuple[DiskPlan, ...]
+    has_credentials: bool = False
+    prior_power: PowerState | None = None
+    prior_pool: str | None = None
+    snapshot_name: str | None = None
+    cloud_vm_id: str | None = None
+    checks: tuple[CheckResult, ...] = ()
+    bytes_total: int = 0
+    bytes_done: int = 0
+    rate_bytes_per_s: float = 0.0
+    eta_seconds: float | None = None
+    rollback_to: Step | None = None  # FAILED or CANCELLED while rolling back
+    error_code: str | None = None
+    error_message: str | None = None
+    created_at: str = ""
+    updated_at: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def with_step(self, step: Step, at: str) -> MigrationRecord:
+        return replace(self, step=step, updated_at=at)
+
+    def with_disk(self, disk: DiskPlan) -> MigrationRecord:
+        disks = tuple(disk if d.disk_id == disk.disk_id else d for d in self.disks)
+        return replace(self, disks=disks)
+
+
+_ADAPTER = TypeAdapter(MigrationRecord)
+
+
+def dump(record: MigrationRecord) -> str:
+    return _ADAPTER.dump_json(record).decode()
+
+
+def load(data: str) -> MigrationRecord:
+    return _ADAPTER.validate_json(data)
