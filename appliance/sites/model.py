@@ -33,6 +33,7 @@ class DiskConfig:
     label: str
     capacity_bytes: int
     boot: bool = False
+    volume_id: str | None = None  # cloud VMs: the volume the data was copied into
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,18 @@ class VmConfig:
 class Datastore:
     name: str
     capacity_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class VmSnapshot:
+    """A crash-consistent point in time of every disk of a VM (disk id -> snapshot id)."""
+
+    vm_id: str
+    name: str
+    disks: tuple[tuple[str, str], ...]
+
+    def of(self, disk_id: str) -> str:
+        return dict(self.disks)[disk_id]
 
 
 @dataclass(frozen=True, slots=True)

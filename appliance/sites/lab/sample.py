@@ -46,6 +46,21 @@ def onprem_site_config(name: str = "onprem") -> SiteConfig:
     )
 
 
+CLOUD_NETWORKS = ("cloud-default", "cloud-app", "cloud-db", "cloud-dmz", "cloud-backup")
+CLOUD_POOLS = ("migrated", "default")
+
+
+def cloud_site_config(name: str = "cloud") -> SiteConfig:
+    return SiteConfig(
+        name=name,
+        kind="cloud",
+        clusters=("cloud-cluster",),
+        networks=CLOUD_NETWORKS,
+        resource_pools=CLOUD_POOLS,
+        datastores=(Datastore("cloud-store", 16 * 1024 * GIB),),
+    )
+
+
 def _mac(rng: random.Random) -> str:
     return "00:50:56:" + ":".join(f"{rng.randrange(256):02x}" for _ in range(3))
 
