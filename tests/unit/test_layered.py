@@ -58,7 +58,7 @@ async def test_a_new_disk_is_one_hole(disk: LayeredDisk) -> None:
     assert await disk.active().read(SIZE - 100, 100) == bytes(100)
 
 
-OFFSETS = [0, 1, 511, 4096, 65535, G - 1, G, 3 * G + 17, SIZE - 1]
+OFFSETS = [0, 1, 511, 4096, 65535, G, G + 1, 2 * G - 1, 3 * G + 17, SIZE - 1]
 LENGTHS = [1, 512, G - 1, G, G + 1, 3 * G + 7]
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "WriteLog",
     "WriteRecord",
     "content_hash",
+    "nth_write",
     "operations",
     "read_write_log",
     "verify",
@@ -109,8 +110,9 @@ class WriteLog:
     while appending) is ignored when the log is read.
     """
 
-    def __init__(self, path: Path, fd: int, batch: int) -> None:
+    def __init__(self, path: Path, fd: int, *, seed: int, batch: int) -> None:
         self.path = path
+        self.seed = seed
         self._fd = fd
         self._batch = batch
         self._pending: list[bytes] = []
@@ -123,7 +125,7 @@ class WriteLog:
         path = Path(path)
         header = {"type": "header", "format": LOG_FORMAT, "seed": seed, "disk_size": disk_size}
         fd = await asyncio.to_thread(cls._create_file, path, _line(header))
-        return cls(path, fd, batch)
+        return cls(path, fd, seed=seed, batch=batch)
 
     @staticmethod
     def _create_file(path: Path, header: bytes) -> int:
@@ -315,6 +317,16 @@ def operations(spec: WorkloadSpec, size: int) -> Iterator[Operation]:
             yield Operation(kind, offset, length)
 
 
+def nth_write(spec: WorkloadSpec, size: int, sequence: int) -> tuple[Operation, bytes]:
+    """Write ``sequence`` of a workload and its bytes, found again by replaying the stream."""
+    if sequence < 1:
+        raise ValueError(f"writes are numbered from 1, not {sequence}")
+    for operation in operations(spec, size):
+        if operation.sequence == sequence:
+            return operation, write_content(spec.seed, sequence, operation.length)
+    raise AssertionError("the operation stream is endless")
+
+
 class GuestWorkload:
     """Drives a backend like a guest would; ``run`` may be called again to continue."""
 
@@ -326,6 +338,8 @@ class GuestWorkload:
         *,
         clock: Clock | None = None,
     ) -> None:
+        if log is not None and log.seed != spec.seed:
+            raise ValueError(f"the log is for seed {log.seed}, the workload has {spec.seed}")
         self._backend = backend
         self._spec = spec
         self._log = log
