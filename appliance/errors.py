@@ -11,7 +11,9 @@
         ├── CommandRejected             a command that cannot be carried out (has an ErrorCode)
         │   ├── UnknownVm
         │   ├── UnknownMigration
-        │   └── Conflict
+        │   ├── Conflict
+        │   └── PrecheckFailed          prepare-to-migrate checks failed (names them)
+        ├── MigrationCancelled          a cancel request stopped a migration (it rolls back)
         ├── IncorrectState              a state machine was asked for an illegal transition
         ├── StateLost                   Redis came back without our generation marker
         ├── SealBroken                  a sealed secret cannot be opened (the bus token changed)
@@ -114,6 +116,22 @@ class UnknownMigration(CommandRejected):
 class Conflict(CommandRejected):
     def __init__(self, reason: str) -> None:
         super().__init__(reason, ErrorCode.CONFLICT)
+
+
+class PrecheckFailed(CommandRejected):
+    def __init__(self, vm: str, failed: list[tuple[str, str]]) -> None:
+        self.vm = vm
+        self.failed = failed
+        listed = "; ".join(f"{name}: {reason}" for name, reason in failed)
+        super().__init__(f"prepare-to-migrate failed for {vm}: {listed}", ErrorCode.PRECHECK_FAILED)
+
+
+class MigrationCancelled(PermanentError):
+    code = ErrorCode.CONFLICT
+
+    def __init__(self, migration_id: str) -> None:
+        self.migration_id = migration_id
+        super().__init__(f"migration {migration_id} was cancelled")
 
 
 class IncorrectState(PermanentError):

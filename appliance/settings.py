@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=30.0, gt=0)
     component_timeout_s: float = Field(default=120.0, gt=0)
     max_concurrent_migrations: int = Field(default=8, ge=1, le=256)
+    lease_ttl_s: float = Field(default=15.0, ge=1.0, description="migration ownership lease")
+    progress_interval_s: float = Field(default=2.0, gt=0, le=5.0)
+    scheduler_tick_s: float = Field(default=1.0, gt=0)
+    transfer_workers: int = Field(default=8, ge=1, le=64)
+    debug_step_delay_s: float = Field(
+        default=0.0, ge=0, description="pause after each persisted step (crash-safety tests)"
+    )
     log_format: str = Field(default="console", pattern=r"^(console|json)$")
     log_level: str = "info"
 

@@ -22,7 +22,9 @@ class DiskPlan:
     boot: bool
     volume_id: str
     snapshot_id: str | None = None
-    image_digest: str | None = None  # whole-image digest of the source snapshot
+    bytes_to_copy: int = 0  # allocated bytes of the source snapshot (data and zero runs)
+    source_digest: str | None = None  # whole-image digest (hash of chunk hashes), source
+    target_digest: str | None = None  # the same, computed at the target
 
 
 @dataclass(frozen=True, slots=True)

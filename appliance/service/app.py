@@ -14,36 +14,28 @@ import contextlib
 import os
 from contextlib import AsyncExitStack
 from datetime import timedelta
-from pathlib import Path
 
 from appliance.bus import SqsBus
 from appliance.clock import Clock, SystemClock
-from appliance.dispatch.admin import Admin
+from appliance.datapath.nbd.server import NbdServer
 from appliance.dispatch.dispatcher import CommandHandler, Dispatcher
-from appliance.dispatch.inventory import Inventory
 from appliance.embedded import MotoServer, RedisServer
 from appliance.errors import StateLost, StateStoreUnavailable
 from appliance.health import HealthBoard
 from appliance.logs import get_logger
+from appliance.orchestrator.scheduler import Scheduler
 from appliance.service.heartbeat import HeartbeatPublisher
 from appliance.service.runtime import RuntimeInfo, clear_runtime, write_runtime
+from appliance.service.wiring import CloudDataPlane, build_deps, build_handlers, open_sites
 from appliance.settings import Settings
-from appliance.sites.lab.sample import onprem_site_config
-from appliance.sites.lab.site import LabSite
 from appliance.state.commands import CommandRecords
 from appliance.state.events import EventLog
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
 from messages.codec import Decoder
-from messages.commands import SourceInventoryRequest
-from messages.events import Event, SourceInventoryResponse
 
 log = get_logger(__name__)
 GENERATION_FILE = "state-generation"
-
-
-def onprem_root(data_dir: Path) -> Path:
-    return data_dir / "sites" / "onprem"
 
 
 class Appliance:
@@ -75,14 +67,28 @@ class Appliance:
             stack.push_async_callback(store.close)
             await self._check_state(store)
             bus = await stack.enter_async_context(SqsBus(settings, sqs_endpoint, self.health))
-            site = await self._onprem_site()
-            dispatcher = self._dispatcher(store, bus, site)
+            sites = await open_sites(settings.data_dir)
+            for site in sites.values():
+                stack.push_async_callback(site.close)
+            self.health.ok("sites", ", ".join(sorted(sites)))
+            nbd = await stack.enter_async_context(NbdServer())
+            deps = build_deps(
+                settings,
+                store,
+                bus.publisher,
+                sites,
+                CloudDataPlane(nbd, sites["cloud"]),
+                self.clock,
+            )
+            scheduler = Scheduler(deps)
+            handlers = build_handlers(settings, deps, scheduler, self.health, sites["onprem"])
+            dispatcher = self._dispatcher(store, bus, handlers)
             heartbeat = HeartbeatPublisher(
                 appliance_id=settings.appliance_id,
                 health=self.health,
                 sink=bus.publisher,
                 clock=self.clock,
-                counts=_no_counts,
+                counts=deps.migrations.counts,
                 in_flight=lambda: dispatcher.in_flight,
             )
             self._write_runtime(sqs_endpoint, bus, embedded_redis=settings.redis_url is None)
@@ -92,6 +98,7 @@ class Appliance:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(heartbeat.run(settings.heartbeat_interval_s, stop))
                 tasks.create_task(self._watch_state_store(store, stop))
+                tasks.create_task(scheduler.run(stop))
                 tasks.create_task(bus.consume(dispatcher.handle, stop, self._intake_gate))
             log.info("appliance stopped")
 
@@ -123,41 +130,10 @@ class Appliance:
                 if down or not self.health.is_ok("state_generation"):
                     await self._check_state(store)
 
-    async def _onprem_site(self) -> LabSite:
-        root = onprem_root(self.settings.data_dir)
-        if (root / "site.json").is_file():
-            site = LabSite.open(root)
-        else:
-            log.info("no lab site yet; starting with an empty one", root=str(root))
-            site = await LabSite.create(root, onprem_site_config())
-        self.health.ok("sites", f"onprem: {root}")
-        return site
-
-    def _dispatcher(self, store: StateStore, bus: SqsBus, site: LabSite) -> Dispatcher:
+    def _dispatcher(
+        self, store: StateStore, bus: SqsBus, handlers: dict[str, CommandHandler]
+    ) -> Dispatcher:
         settings = self.settings
-        inventory = Inventory(site, settings.max_message_bytes)
-
-        async def answer_inventory(command: object) -> list[Event]:
-            assert isinstance(command, SourceInventoryRequest)
-            body = await inventory.page(command.body)
-            return [
-                SourceInventoryResponse(
-                    appliance_id=settings.appliance_id,
-                    correlation_id=command.correlation_id,
-                    body=body,
-                )
-            ]
-
-        admin = Admin(
-            appliance_id=settings.appliance_id,
-            store=store,
-            health=self.health,
-            generation_file=settings.data_dir / GENERATION_FILE,
-        )
-        handlers: dict[str, CommandHandler] = {
-            "SourceInventoryRequest": answer_inventory,
-            **admin.handlers(),
-        }
         return Dispatcher(
             appliance_id=settings.appliance_id,
             decoder=Decoder(settings.token_bytes, max_bytes=settings.max_message_bytes),
@@ -186,7 +162,3 @@ class Appliance:
                 redis_embedded=embedded_redis,
             ),
         )
-
-
-async def _no_counts() -> dict[str, int]:
-    return {}

@@ -38,6 +38,10 @@ class Site(Protocol):
 
     async def set_power(self, vm_id: str, state: PowerState) -> VmConfig: ...
 
+    async def prepare_guest(self, vm_id: str, username: str, password: str) -> None:
+        """Prepare-to-migrate inside the running guest (cloud drivers); never keeps the login."""
+        ...
+
     async def move_to_pool(self, vm_id: str, pool: str) -> VmConfig: ...
 
     async def create_vm(self, vm: VmConfig) -> VmConfig:

@@ -136,6 +136,10 @@ class MigrationStore:
         )
         return text(holder)
 
+    async def lock_holder(self, site: str, vm_id: str) -> str | None:
+        holder = await self._store.run(lambda r: r.get(self._keys.vm_lock(site, vm_id)))
+        return text(holder) if holder is not None else None
+
     async def unlock_vm(self, site: str, vm_id: str, migration_id: str) -> None:
         key = self._keys.vm_lock(site, vm_id)
         await self._store.run(lambda r: self._unlock(keys=[key], args=[migration_id], client=r))

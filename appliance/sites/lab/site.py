@@ -162,6 +162,16 @@ class LabSite:
             await self.save_vm(changed)
         return changed
 
+    async def prepare_guest(self, vm_id: str, username: str, password: str) -> None:
+        """The lab has no guest to log into: it notes who prepared it (never the password)."""
+        vm = await self.get_vm(vm_id)
+        if not password:
+            raise SiteError(self._name, f"empty password for {username!r} on {vm_id}")
+        notes = dict(vm.annotations)
+        if notes.get("ferry.prepared_by") != username:
+            notes["ferry.prepared_by"] = username
+            await self.save_vm(replace(vm, annotations=tuple(sorted(notes.items()))))
+
     async def move_to_pool(self, vm_id: str, pool: str) -> VmConfig:
         vm = await self.get_vm(vm_id)
         await self._ensure_pool(pool)

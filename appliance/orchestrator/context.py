@@ -1,0 +1,61 @@
+"""What the workflows are handed at startup (the orchestrator imports no layer above it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from appliance.clock import Clock
+from appliance.datapath.checkpoint import CheckpointStore
+from appliance.datapath.nbd.channel import NbdAddress
+from appliance.orchestrator.reporting import Reporter
+from appliance.sealing import Sealer
+from appliance.sites.protocol import Site
+from appliance.state.events import EventLog
+from appliance.state.leases import Leases
+from appliance.state.migrations import MigrationStore
+from appliance.state.policy import Policies
+from appliance.state.store import StateStore
+
+
+class CloudExports(Protocol):
+    """The cloud side's NBD server: volumes are exported while data is copied into them."""
+
+    async def export(self, volume_id: str) -> tuple[NbdAddress, str]:
+        """Export a cloud volume; returns where to connect and the export name."""
+        ...
+
+    async def unexport(self, volume_id: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestratorConfig:
+    appliance_id: str
+    default_max_concurrent: int = 8
+    lease_ttl_s: float = 15.0
+    progress_interval_s: float = 2.0
+    cancel_poll_s: float = 1.0
+    scheduler_tick_s: float = 1.0
+    step_delay_s: float = 0.0  # a pause after each persisted step: for crash-safety tests
+    transfer_workers: int = 8
+    migrate_pool: str = "_HDM_MIGRATEPOOL"
+
+
+@dataclass(frozen=True, slots=True)
+class Deps:
+    config: OrchestratorConfig
+    store: StateStore
+    migrations: MigrationStore
+    leases: Leases
+    policies: Policies
+    events: EventLog
+    reporter: Reporter
+    sites: dict[str, Site]
+    cloud: CloudExports
+    checkpoints: Callable[[str], CheckpointStore]
+    sealer: Sealer
+    clock: Clock
+
+    def site(self, name: str) -> Site:
+        return self.sites[name]

@@ -1,0 +1,89 @@
+"""How a migration looks to clients, and telling them: SourceCloneResponse from a record."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from appliance.clock import Clock
+from appliance.errors import BusUnavailable
+from appliance.logs import get_logger
+from appliance.orchestrator.record import MigrationRecord
+from appliance.orchestrator.states import Step, phase_of, public_state
+from appliance.sink import EventSink
+from messages.common import ErrorInfo
+from messages.events import MigrationStatus, SourceCloneResponse
+
+log = get_logger(__name__)
+
+
+def percent(record: MigrationRecord) -> float:
+    if record.step is Step.COMPLETED:
+        return 100.0
+    if record.bytes_total <= 0:
+        return 0.0
+    return round(min(100.0, 100.0 * record.bytes_done / record.bytes_total), 2)
+
+
+def status_of(
+    record: MigrationRecord, cancel_requested: bool, queue_position: int | None = None
+) -> MigrationStatus:
+    error = None
+    if record.error_code is not None:
+        error = ErrorInfo(code=record.error_code, message=(record.error_message or "")[:4096])
+    return MigrationStatus(
+        migration_id=record.migration_id,
+        request_id=record.request_id,
+        vm_id=record.vm_id,
+        vm_name=record.vm_name,
+        migration_type=record.migration_type,
+        state=public_state(record.step, cancel_requested),
+        phase=phase_of(record.step),
+        group_id=record.group_id,
+        queue_position=queue_position if record.step is Step.QUEUED else None,
+        progress_percent=percent(record),
+        bytes_done=record.bytes_done,
+        bytes_total=record.bytes_total,
+        rate_bytes_per_s=record.rate_bytes_per_s if record.step is Step.TRANSFERRING else 0.0,
+        eta_seconds=record.eta_seconds if record.step is Step.TRANSFERRING else None,
+        checks=tuple(check.wire() for check in record.checks),
+        error=error,
+        updated_at=datetime.fromisoformat(record.updated_at),
+    )
+
+
+class Reporter:
+    """Publishes SourceCloneResponses; a bus outage never stops a migration."""
+
+    def __init__(self, appliance_id: str, sink: EventSink, clock: Clock) -> None:
+        self._appliance_id = appliance_id
+        self._sink = sink
+        self._clock = clock
+
+    def response(
+        self,
+        record: MigrationRecord,
+        cancel_requested: bool,
+        *,
+        correlation_id: str | None = None,
+        queue_position: int | None = None,
+    ) -> SourceCloneResponse:
+        return SourceCloneResponse(
+            appliance_id=self._appliance_id,
+            correlation_id=correlation_id or record.correlation_id,
+            body=status_of(record, cancel_requested, queue_position),
+        )
+
+    async def publish(
+        self,
+        record: MigrationRecord,
+        cancel_requested: bool = False,
+        *,
+        queue_position: int | None = None,
+    ) -> None:
+        response = self.response(record, cancel_requested, queue_position=queue_position)
+        try:
+            await self._sink.publish(response)
+        except BusUnavailable as error:
+            log.warning(
+                "progress not published", migration_id=record.migration_id, error=str(error)
+            )

@@ -1,0 +1,231 @@
+"""Turning a SourceCloneRequest into queued migrations, once, whatever the redeliveries.
+
+Migration ids are derived from the request id and the VM, so a handler that
+runs twice (a redelivery after a crash) finds and reuses what the first run
+made: the same VM locks, the same records. Everything is checked before
+anything is created: unknown VMs, VMs already migrating, dependency groups
+that name VMs outside the request all reject the whole request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from appliance.errors import CommandRejected, Conflict
+from appliance.orchestrator.context import Deps
+from appliance.orchestrator.record import DiskPlan, MigrationRecord, TransferOptions, dump, load
+from appliance.orchestrator.states import Step, public_state
+from appliance.sites.model import VmConfig
+from appliance.state.migrations import NewMigration
+from messages.commands import SourceCloneRequest, SourceCloneRequestBody
+from messages.common import BulkTransferMode, MigrationType
+from messages.errors import ErrorCode
+from messages.events import SourceCloneResponse
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def migration_id_for(request_id: str, vm_id: str) -> str:
+    return f"m-{_digest(request_id, vm_id)}"
+
+
+def group_id_for(request_id: str, vm_ids: Sequence[str]) -> str:
+    return f"g-{_digest(request_id, *sorted(vm_ids))}"
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedGroup:
+    group_id: str
+    vms: tuple[VmConfig, ...]
+
+
+class CloneRequests:
+    def __init__(self, deps: Deps, onprem: str = "onprem") -> None:
+        self._deps = deps
+        self._onprem = onprem
+
+    async def handle(self, command: SourceCloneRequest) -> list[SourceCloneResponse]:
+        body = command.body
+        request_id = body.request_id or command.message_id
+        existing = await self._deps.migrations.request(request_id)
+        if existing is None:
+            _check_supported(body)
+            groups = await self._plan(request_id, body)
+            await self._lock([vm for group in groups for vm in group.vms], request_id)
+            await self._create(request_id, command, groups)
+            existing = [
+                migration_id_for(request_id, vm.vm_id) for group in groups for vm in group.vms
+            ]
+            existing = await self._deps.migrations.claim_request(request_id, existing)
+        return await self._responses(existing, command.correlation_id)
+
+    async def _plan(self, request_id: str, body: SourceCloneRequestBody) -> list[PlannedGroup]:
+        site = self._deps.site(self._onprem)
+        by_ref: dict[str, VmConfig] = {}
+        for vm_ref in body.vms:
+            vm = await site.find_vm(vm_ref.ref)
+            if vm.vm_id in {v.vm_id for v in by_ref.values()}:
+                raise CommandRejected(f"VM {vm.name!r} is named twice in the request")
+            by_ref[vm_ref.ref] = vm
+        grouped: set[str] = set()
+        groups = []
+        for members in body.application_dependency:
+            vms = []
+            for ref in members:
+                member = by_ref.get(ref) or next(
+                    (v for v in by_ref.values() if v.vm_id == ref), None
+                )
+                if member is None:
+                    raise CommandRejected(f"dependency group names {ref!r}, not in the request")
+                if member.vm_id in grouped:
+                    raise CommandRejected(f"VM {member.name!r} is in two dependency groups")
+                grouped.add(member.vm_id)
+                vms.append(member)
+            groups.append(
+                PlannedGroup(group_id_for(request_id, [v.vm_id for v in vms]), tuple(vms))
+            )
+        for vm in by_ref.values():
+            if vm.vm_id not in grouped:
+                groups.append(PlannedGroup(group_id_for(request_id, [vm.vm_id]), (vm,)))
+        return groups
+
+    async def _lock(self, vms: list[VmConfig], request_id: str) -> None:
+        """One migration per VM: take every VM's lock, or none."""
+        migrations = self._deps.migrations
+        taken: list[VmConfig] = []
+        for vm in vms:
+            mine = migration_id_for(request_id, vm.vm_id)
+            holder = await migrations.lock_vm(self._onprem, vm.vm_id, mine)
+            if holder != mine:
+                for done in taken:
+                    await migrations.unlock_vm(
+                        self._onprem, done.vm_id, migration_id_for(request_id, done.vm_id)
+                    )
+                raise Conflict(f"VM {vm.name!r} ({vm.vm_id}) is already in migration {holder}")
+            taken.append(vm)
+
+    async def _create(
+        self, request_id: str, command: SourceCloneRequest, groups: list[PlannedGroup]
+    ) -> None:
+        deps = self._deps
+        now = deps.clock.now().isoformat()
+        for group in groups:
+            if await deps.migrations.group(group.group_id) is not None:
+                continue  # made by an earlier delivery of this command
+            admission = await deps.migrations.next_admission()
+            members = []
+            for vm in group.vms:
+                record = self._record(request_id, command, group.group_id, admission, vm, now)
+                members.append(
+                    NewMigration(
+                        record.migration_id,
+                        Step.QUEUED.value,
+                        public_state(Step.QUEUED, False).value,
+                        dump(record),
+                    )
+                )
+                await self._seal_credentials(command, record.migration_id)
+            await deps.migrations.create_group(group.group_id, request_id, admission, members)
+            await deps.events.append(
+                "migration_requested",
+                now,
+                group_id=group.group_id,
+                request_id=request_id,
+                migrations=[m.migration_id for m in members],
+            )
+
+    async def _seal_credentials(self, command: SourceCloneRequest, migration_id: str) -> None:
+        credentials = command.body.guest_credentials
+        if credentials is None:
+            return
+        secret = json.dumps(
+            {"username": credentials.username, "password": credentials.password.get_secret_value()}
+        ).encode()
+        sealed = self._deps.sealer.seal(secret, migration_id)
+        key = self._deps.store.keys.secret(migration_id)
+        await self._deps.store.run(lambda r: r.set(key, sealed, ex=7 * 24 * 3600, nx=True))
+
+    def _record(
+        self,
+        request_id: str,
+        command: SourceCloneRequest,
+        group_id: str,
+        admission: int,
+        vm: VmConfig,
+        now: str,
+    ) -> MigrationRecord:
+        body = command.body
+        migration_id = migration_id_for(request_id, vm.vm_id)
+        options = body.options
+        target_name = next(
+            (r.target_name for r in body.vms if r.ref in (vm.vm_id, vm.name) and r.target_name),
+            vm.name,
+        )
+        return MigrationRecord(
+            migration_id=migration_id,
+            request_id=request_id,
+            correlation_id=command.correlation_id,
+            group_id=group_id,
+            admission=admission,
+            site=self._onprem,
+            vm_id=vm.vm_id,
+            vm_name=vm.name,
+            migration_type=body.migration_type,
+            step=Step.QUEUED,
+            target_site=body.target.site,
+            target_pool=body.target.resource_pool,
+            target_name=target_name,
+            network_map=tuple((m.source, m.target) for m in body.network_map),
+            options=TransferOptions(
+                verify=options.verify,
+                bandwidth_cap_bps=options.bandwidth_cap_mbps * 125_000
+                if options.bandwidth_cap_mbps
+                else None,
+                io_queue_depth=options.io_queue_depth,
+                chunk_size=options.chunk_size_mib * 1024 * 1024,
+                power_on_target=options.power_on_target,
+            ),
+            disks=tuple(
+                DiskPlan(
+                    disk_id=d.disk_id,
+                    label=d.label,
+                    capacity_bytes=d.capacity_bytes,
+                    boot=d.boot,
+                    volume_id=f"{migration_id}-{d.disk_id}",
+                )
+                for d in vm.disks
+            ),
+            has_credentials=body.guest_credentials is not None,
+            created_at=now,
+            updated_at=now,
+        )
+
+    async def _responses(
+        self, migration_ids: list[str], correlation_id: str
+    ) -> list[SourceCloneResponse]:
+        stored = await self._deps.migrations.get_many(migration_ids)
+        return [
+            self._deps.reporter.response(
+                load(s.record), s.cancel_requested, correlation_id=correlation_id
+            )
+            for s in stored
+        ]
+
+
+def _check_supported(body: SourceCloneRequestBody) -> None:
+    if body.migration_type is not MigrationType.COLD:
+        raise CommandRejected(
+            f"{body.migration_type.value} migration is not available yet; use cold",
+            ErrorCode.NOT_IMPLEMENTED,
+        )
+    if body.bulk_transfer_mode is not BulkTransferMode.ONLINE:
+        raise CommandRejected(
+            "offline bulk transfer is not available yet; use online", ErrorCode.NOT_IMPLEMENTED
+        )
+    if body.target.site != "cloud":
+        raise CommandRejected(f"unknown target site {body.target.site!r}")

@@ -1,0 +1,222 @@
+"""Which groups run where: admission in order under the concurrency limit, and takeover.
+
+Every appliance runs a scheduler. On each tick (every ``scheduler_tick_s``, or
+sooner when woken by a new request or a finished group) it walks the active
+groups in admission order:
+
+* a group already admitted (some member past QUEUED) whose lease is free -
+  its owner died or stopped - is taken over and resumed from its records;
+* queued groups are admitted in order while the number of running migrations
+  stays within the limit (policy, else the setting); admission happens under
+  a short "admission" lease so two appliances never admit past the limit, and
+  an admitted group's members are moved to PREPARING before its run starts.
+
+A group's run holds the group's lease (renewed by a LeaseKeeper, which
+cancels the run the moment renewal fails); its writes are fenced by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from appliance.errors import LeaseLost, TransientError
+from appliance.logs import get_logger
+from appliance.orchestrator.context import Deps
+from appliance.orchestrator.group import GroupRun
+from appliance.orchestrator.journal import Journal
+from appliance.orchestrator.record import MigrationRecord, load
+from appliance.orchestrator.states import TERMINAL, Step
+from appliance.state.leases import Lease, LeaseKeeper
+from appliance.state.migrations import GroupInfo, StoredMigration
+
+log = get_logger(__name__)
+ADMISSION = "admission"
+
+
+def group_lease(group_id: str) -> str:
+    return f"group:{group_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class GroupView:
+    info: GroupInfo
+    members: tuple[StoredMigration, ...]
+
+    @property
+    def steps(self) -> list[Step]:
+        return [Step(m.step) for m in self.members]
+
+    @property
+    def finished(self) -> bool:
+        return all(step in TERMINAL for step in self.steps)
+
+    @property
+    def queued(self) -> bool:
+        return all(step is Step.QUEUED for step in self.steps)
+
+    @property
+    def cancel_requested(self) -> bool:
+        return any(m.cancel_requested for m in self.members)
+
+    @property
+    def running_vms(self) -> int:
+        return sum(1 for step in self.steps if step is not Step.QUEUED and step not in TERMINAL)
+
+
+class Scheduler:
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._cancels: dict[str, asyncio.Event] = {}
+        self._wake = asyncio.Event()
+        self._positions: dict[str, int] = {}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def cancel_here(self, group_id: str) -> None:
+        """A cancel command reached this appliance: tell a local run at once."""
+        event = self._cancels.get(group_id)
+        if event is not None:
+            event.set()
+
+    @property
+    def running_groups(self) -> list[str]:
+        return sorted(self._running)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    await self.tick()
+                except TransientError as error:
+                    log.warning("scheduler tick failed; retrying", error=str(error))
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        _first_of(self._wake, stop), timeout=self._deps.config.scheduler_tick_s
+                    )
+        finally:
+            await self.stop_all()
+
+    async def stop_all(self) -> None:
+        """Stop local runs (they resume from their checkpoints, here or elsewhere)."""
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def tick(self) -> None:
+        views = await self._views()
+        running = sum(view.running_vms for view in views)
+        await self._resume_orphans(views)
+        queued = [v for v in views if v.queued and v.info.group_id not in self._running]
+        if queued:
+            await self._admit(queued, running)
+
+    async def _views(self) -> list[GroupView]:
+        migrations = self._deps.migrations
+        views = []
+        for group_id in await migrations.active_groups():
+            info = await migrations.group(group_id)
+            if info is None:
+                await migrations.finish_group(group_id)
+                continue
+            members = await migrations.get_many(list(info.members))
+            view = GroupView(info, tuple(members))
+            if view.finished and group_id not in self._running:
+                await migrations.finish_group(group_id)
+                continue
+            views.append(view)
+        return sorted(views, key=lambda v: v.info.admission)
+
+    async def _resume_orphans(self, views: list[GroupView]) -> None:
+        for view in views:
+            if view.queued or view.info.group_id in self._running:
+                continue
+            lease = await self._deps.leases.acquire(group_lease(view.info.group_id))
+            if lease is not None:
+                log.info("taking over group", group_id=view.info.group_id, token=lease.token)
+                self._start(view.info, lease)
+
+    async def _admit(self, queued: list[GroupView], running: int) -> None:
+        leases = self._deps.leases
+        admission = await leases.acquire(ADMISSION)
+        if admission is None:
+            return  # another appliance is admitting right now
+        try:
+            limit = await self._limit()
+            for view in queued:
+                size = len(view.members)
+                if not view.cancel_requested and running and running + size > limit:
+                    break  # keep the order: later groups wait behind this one
+                lease = await leases.acquire(group_lease(view.info.group_id))
+                if lease is None:
+                    continue
+                if not view.cancel_requested:
+                    await self._mark_admitted(view, lease)
+                    running += size
+                self._start(view.info, lease)
+            await self._announce_positions(
+                [v for v in queued if v.info.group_id not in self._running]
+            )
+        finally:
+            await leases.release(admission)
+
+    async def _limit(self) -> int:
+        policy = await self._deps.policies.get()
+        return policy.max_concurrent_migrations or self._deps.config.default_max_concurrent
+
+    async def _mark_admitted(self, view: GroupView, lease: Lease) -> None:
+        journal = Journal(self._deps, lease)
+        for member in view.members:
+            record = load(member.record)
+            if record.step is Step.QUEUED:
+                await journal.advance(record, Step.PREPARING)
+
+    async def _announce_positions(self, waiting: list[GroupView]) -> None:
+        """Tell queued migrations their place in line when it changes."""
+        position = 0
+        for view in waiting:
+            for member in view.members:
+                position += 1
+                if self._positions.get(member.migration_id) != position:
+                    self._positions[member.migration_id] = position
+                    record: MigrationRecord = load(member.record)
+                    await self._deps.reporter.publish(record, queue_position=position)
+
+    def _start(self, info: GroupInfo, lease: Lease) -> None:
+        cancel = self._cancels.setdefault(info.group_id, asyncio.Event())
+        run = GroupRun(self._deps, lease, info, cancel)
+        keeper = LeaseKeeper(self._deps.leases, lease)
+        task = asyncio.create_task(self._supervise(info.group_id, keeper, run, lease))
+        self._running[info.group_id] = task
+
+    async def _supervise(
+        self, group_id: str, keeper: LeaseKeeper, run: GroupRun, lease: Lease
+    ) -> None:
+        try:
+            await keeper.run(run.run)
+        except LeaseLost:
+            log.warning("lease lost; another appliance carries on", group_id=group_id)
+        except TransientError as error:
+            log.warning("group paused; will resume", group_id=group_id, error=str(error))
+        except Exception:
+            log.exception("group run failed unexpectedly", group_id=group_id)
+        finally:
+            self._running.pop(group_id, None)
+            self._cancels.pop(group_id, None)
+            with contextlib.suppress(TransientError):
+                await self._deps.leases.release(lease)
+            self.wake()
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -1,0 +1,161 @@
+"""The cold workflow's steps. Each runs *in* its step (already persisted) and is idempotent:
+after a crash it is run again from the top and finds what it already did.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from appliance.errors import CertificationFailed, PrecheckFailed
+from appliance.logs import get_logger
+from appliance.orchestrator.context import Deps
+from appliance.orchestrator.journal import Journal
+from appliance.orchestrator.prechecks import (
+    PrecheckFacts,
+    needs_credentials,
+    run_checks,
+    target_network,
+)
+from appliance.orchestrator.record import MigrationRecord
+from appliance.sites.model import DiskConfig, NicConfig, VmConfig
+from appliance.state.store import text
+from messages.common import PowerState, ToolsStatus
+
+log = get_logger(__name__)
+
+
+def snapshot_name(record: MigrationRecord) -> str:
+    return f"ferry-{record.migration_id}"
+
+
+async def prepare(deps: Deps, journal: Journal, record: MigrationRecord) -> MigrationRecord:
+    onprem = deps.site(record.site)
+    cloud = deps.site(record.target_site)
+    vm = await onprem.get_vm(record.vm_id)
+    secret_key = deps.store.keys.secret(record.migration_id)
+    sealed = await deps.store.run(lambda r: r.get(secret_key))
+    facts = PrecheckFacts(
+        vm=vm,
+        lock_holder=await deps.migrations.lock_holder(record.site, record.vm_id),
+        migration_id=record.migration_id,
+        target=await cloud.config(),
+        target_free_bytes=await cloud.free_bytes(),
+        network_map=dict(record.network_map),
+        has_credentials=sealed is not None,
+    )
+    checks = run_checks(facts)
+    # Keep what to restore on rollback, unless an earlier run already did (it saw the truth).
+    prior_power = record.prior_power or vm.power_state
+    prior_pool = record.prior_pool or vm.resource_pool
+    record = await journal.update(
+        record, checks=checks, prior_power=prior_power, prior_pool=prior_pool
+    )
+    failed = [(check.name, check.reason) for check in checks if not check.passed]
+    if failed:
+        raise PrecheckFailed(vm.name, failed)
+    if sealed is not None and needs_credentials(vm):
+        credentials = json.loads(deps.sealer.open(text(sealed), record.migration_id))
+        await onprem.prepare_guest(vm.vm_id, credentials["username"], credentials["password"])
+        del credentials  # used and dropped
+    await deps.store.run(lambda r: r.delete(secret_key))
+    return record
+
+
+async def power_off(deps: Deps, journal: Journal, record: MigrationRecord) -> MigrationRecord:
+    onprem = deps.site(record.site)
+    vm = await onprem.get_vm(record.vm_id)
+    if vm.power_state is not PowerState.OFF:
+        await onprem.set_power(record.vm_id, PowerState.OFF)
+    return record
+
+
+async def snapshot(deps: Deps, journal: Journal, record: MigrationRecord) -> MigrationRecord:
+    taken = await deps.site(record.site).snapshot_vm(record.vm_id, snapshot_name(record))
+    disks = tuple(replace(d, snapshot_id=taken.of(d.disk_id)) for d in record.disks)
+    return await journal.update(record, disks=disks, snapshot_name=taken.name)
+
+
+async def verify(deps: Deps, journal: Journal, record: MigrationRecord) -> MigrationRecord:
+    """Every disk's whole-image digest at the target equals the source snapshot's."""
+    for disk in record.disks:
+        if disk.source_digest is None or disk.source_digest != disk.target_digest:
+            raise CertificationFailed(0, disk.capacity_bytes)
+    return record
+
+
+def cloud_vm(record: MigrationRecord, vm: VmConfig, networks: dict[str, str]) -> VmConfig:
+    return replace(
+        vm,
+        vm_id=record.migration_id,
+        name=record.target_name,
+        disks=tuple(
+            DiskConfig(d.disk_id, d.label, d.capacity_bytes, d.boot, volume_id=d.volume_id)
+            for d in record.disks
+        ),
+        nics=tuple(NicConfig(n.nic_id, n.mac, networks[n.network]) for n in vm.nics),
+        resource_pool=record.target_pool or "migrated",
+        cluster="cloud-cluster",
+        power_state=PowerState.OFF,
+        tools_status=ToolsStatus.NOT_RUNNING,
+        annotations=(("ferry.migration_id", record.migration_id), ("ferry.source_vm", vm.vm_id)),
+    )
+
+
+async def create_target(deps: Deps, journal: Journal, record: MigrationRecord) -> MigrationRecord:
+    cloud = deps.site(record.target_site)
+    vm = await deps.site(record.site).get_vm(record.vm_id)
+    target = await cloud.config()
+    mapping = dict(record.network_map)
+    networks = {
+        nic.network: target_network(nic.network, mapping, target) or "cloud-default"
+        for nic in vm.nics
+    }
+    for disk in record.disks:
+        await deps.cloud.unexport(disk.volume_id)
+    created = await cloud.create_vm(cloud_vm(record, vm, networks))
+    return await journal.update(record, cloud_vm_id=created.vm_id)
+
+
+async def power_on(deps: Deps, journal: Journal, record: MigrationRecord) -> MigrationRecord:
+    if record.options.power_on_target and record.cloud_vm_id is not None:
+        await deps.site(record.target_site).set_power(record.cloud_vm_id, PowerState.ON)
+    return record
+
+
+async def finalize(deps: Deps, journal: Journal, record: MigrationRecord) -> MigrationRecord:
+    """The on-prem VM, powered off, goes to the migrate pool; our snapshot and checkpoints go."""
+    onprem = deps.site(record.site)
+    await onprem.move_to_pool(record.vm_id, deps.config.migrate_pool)
+    if record.snapshot_name is not None:
+        await onprem.delete_vm_snapshot(record.vm_id, record.snapshot_name)
+    for disk in record.disks:
+        await deps.checkpoints(transfer_id(record, disk.disk_id)).delete()
+    return record
+
+
+def transfer_id(record: MigrationRecord, disk_id: str) -> str:
+    return f"{record.migration_id}/{disk_id}"
+
+
+async def rollback(deps: Deps, journal: Journal, record: MigrationRecord) -> MigrationRecord:
+    """Leave the source as it was and nothing half-made in the cloud. Idempotent."""
+    cloud = deps.site(record.target_site)
+    onprem = deps.site(record.site)
+    if record.cloud_vm_id is not None:
+        await cloud.delete_vm(record.cloud_vm_id)
+    for disk in record.disks:
+        await deps.cloud.unexport(disk.volume_id)
+        await cloud.delete_volume(disk.volume_id)
+        await deps.checkpoints(transfer_id(record, disk.disk_id)).delete()
+    await deps.store.run(lambda r: r.delete(deps.store.keys.secret(record.migration_id)))
+    if record.snapshot_name is not None:
+        await onprem.delete_vm_snapshot(record.vm_id, record.snapshot_name)
+    vm = await onprem.get_vm(record.vm_id)
+    if record.prior_pool is not None and vm.resource_pool != record.prior_pool:
+        await onprem.move_to_pool(record.vm_id, record.prior_pool)
+    if record.prior_power is PowerState.ON and vm.power_state is not PowerState.ON:
+        await onprem.set_power(record.vm_id, PowerState.ON)
+    await deps.migrations.unlock_vm(record.site, record.vm_id, record.migration_id)
+    log.info("rolled back", migration_id=record.migration_id)
+    return record

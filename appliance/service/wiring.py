@@ -1,0 +1,148 @@
+"""Building the orchestrator's dependencies and the command handlers from settings."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from appliance.clock import Clock
+from appliance.datapath.checkpoint import CheckpointStore
+from appliance.datapath.nbd.channel import NbdAddress
+from appliance.datapath.nbd.server import NbdServer
+from appliance.dispatch.admin import Admin
+from appliance.dispatch.dispatcher import CommandHandler
+from appliance.dispatch.inventory import Inventory
+from appliance.health import HealthBoard
+from appliance.orchestrator.context import Deps, OrchestratorConfig
+from appliance.orchestrator.control import MigrationControl
+from appliance.orchestrator.reporting import Reporter
+from appliance.orchestrator.requests import CloneRequests
+from appliance.orchestrator.scheduler import Scheduler
+from appliance.sealing import Sealer
+from appliance.settings import Settings
+from appliance.sink import EventSink
+from appliance.sites.lab.sample import cloud_site_config, onprem_site_config
+from appliance.sites.lab.site import LabSite
+from appliance.sites.model import SiteConfig
+from appliance.state.checkpoints import RedisCheckpointStore
+from appliance.state.events import EventLog
+from appliance.state.leases import Leases
+from appliance.state.migrations import MigrationStore
+from appliance.state.policy import Policies
+from appliance.state.store import StateStore
+from messages.commands import CancelRequest, Command, SourceCloneRequest, SourceInventoryRequest
+from messages.events import Event, SourceInventoryResponse
+
+
+class CloudDataPlane:
+    """The cloud site's NBD server: a volume is exported while data is copied into it."""
+
+    def __init__(self, server: NbdServer, cloud: LabSite) -> None:
+        self._server = server
+        self._cloud = cloud
+
+    async def export(self, volume_id: str) -> tuple[NbdAddress, str]:
+        if volume_id not in self._server.exports:
+            self._server.add_export(volume_id, await self._cloud.open_volume(volume_id))
+        return self._server.address, volume_id
+
+    async def unexport(self, volume_id: str) -> None:
+        self._server.remove_export(volume_id)
+
+
+async def open_site(root: Path, default: SiteConfig) -> LabSite:
+    if (root / "site.json").is_file():
+        return await asyncio.to_thread(LabSite.open, root)
+    return await LabSite.create(root, default)
+
+
+async def open_sites(data_dir: Path) -> dict[str, LabSite]:
+    return {
+        "onprem": await open_site(data_dir / "sites" / "onprem", onprem_site_config()),
+        "cloud": await open_site(data_dir / "sites" / "cloud", cloud_site_config()),
+    }
+
+
+def build_deps(
+    settings: Settings,
+    store: StateStore,
+    sink: EventSink,
+    sites: dict[str, LabSite],
+    cloud: CloudDataPlane,
+    clock: Clock,
+) -> Deps:
+    config = OrchestratorConfig(
+        appliance_id=settings.appliance_id,
+        default_max_concurrent=settings.max_concurrent_migrations,
+        lease_ttl_s=settings.lease_ttl_s,
+        progress_interval_s=settings.progress_interval_s,
+        scheduler_tick_s=settings.scheduler_tick_s,
+        step_delay_s=settings.debug_step_delay_s,
+        transfer_workers=settings.transfer_workers,
+    )
+
+    def checkpoints(transfer_id: str) -> CheckpointStore:
+        return RedisCheckpointStore(store.redis, store.keys, transfer_id)
+
+    return Deps(
+        config=config,
+        store=store,
+        migrations=MigrationStore(store),
+        leases=Leases(store, settings.appliance_id, settings.lease_ttl_s),
+        policies=Policies(store),
+        events=EventLog(store),
+        reporter=Reporter(settings.appliance_id, sink, clock),
+        sites=dict(sites),
+        cloud=cloud,
+        checkpoints=checkpoints,
+        sealer=Sealer(settings.token_bytes),
+        clock=clock,
+    )
+
+
+def build_handlers(
+    settings: Settings,
+    deps: Deps,
+    scheduler: Scheduler,
+    health: HealthBoard,
+    onprem: LabSite,
+) -> dict[str, CommandHandler]:
+    inventory = Inventory(onprem, settings.max_message_bytes)
+    clones = CloneRequests(deps)
+    control = MigrationControl(deps, scheduler)
+
+    async def answer_inventory(command: Command) -> list[Event]:
+        assert isinstance(command, SourceInventoryRequest)
+        return [
+            SourceInventoryResponse(
+                appliance_id=settings.appliance_id,
+                correlation_id=command.correlation_id,
+                body=await inventory.page(command.body),
+            )
+        ]
+
+    async def answer_clone(command: Command) -> list[Event]:
+        assert isinstance(command, SourceCloneRequest)
+        responses = await clones.handle(command)
+        scheduler.wake()
+        return list(responses)
+
+    async def answer_cancel(command: Command) -> list[Event]:
+        assert isinstance(command, CancelRequest)
+        return list(await control.cancel(command))
+
+    admin = Admin(
+        appliance_id=settings.appliance_id,
+        store=deps.store,
+        health=health,
+        generation_file=settings.data_dir / "state-generation",
+        status_page=control.status_page,
+        counts=control.counts,
+        on_reset=scheduler.stop_all,
+    )
+    return {
+        "SourceInventoryRequest": answer_inventory,
+        "SourceCloneRequest": answer_clone,
+        "CancelRequest": answer_cancel,
+        **admin.handlers(),
+    }
