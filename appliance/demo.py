@@ -9,6 +9,7 @@ to disk.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -20,6 +21,9 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.rule import Rule
+
+from appliance.sites.lab.site import LabSite
+from messages.common import GuestOsFamily, PowerState, ToolsStatus
 
 console = Console()
 
@@ -44,6 +48,30 @@ def _wait_for(path: Path, process: subprocess.Popen[bytes], within_s: float) -> 
         time.sleep(0.2)
 
 
+NETWORK_MAP = (
+    ("VM Network", "cloud-default"),
+    ("prod-app", "cloud-app"),
+    ("prod-db", "cloud-db"),
+    ("dmz", "cloud-dmz"),
+    ("backup", "cloud-backup"),
+)
+
+
+def _two_dependent_vms(data_dir: Path) -> list[str]:
+    """Two running Linux VMs with guest tools: an app and its database, say."""
+    vms = asyncio.run(LabSite.open(data_dir / "sites" / "onprem").list_vms())
+    fit = [
+        vm.name
+        for vm in vms
+        if vm.guest_os_family is GuestOsFamily.LINUX
+        and vm.tools_status is ToolsStatus.RUNNING
+        and vm.power_state is PowerState.ON
+    ]
+    if len(fit) < 2:
+        raise RuntimeError("the sample site has fewer than two running Linux VMs")
+    return fit[:2]
+
+
 def run_demo(data_dir: Path) -> int:
     if data_dir.exists():
         shutil.rmtree(data_dir)
@@ -55,6 +83,7 @@ def run_demo(data_dir: Path) -> int:
         "FERRY_HEARTBEAT_INTERVAL_S": "2",
         "FERRY_RECEIVE_WAIT_S": "1",
         "FERRY_APPLIANCE_ID": "ferry-demo",
+        "FERRY_GUEST_PASSWORD": secrets.token_urlsafe(12),  # the demo guest's login
     }
     _step(
         "1. a sample on-prem lab site",
@@ -77,10 +106,22 @@ def run_demo(data_dir: Path) -> int:
             [*ferry, "inventory", "--name", "lnx-*", "--power", "poweredOn"],
             env,
         )
-        _step("5. appliance status", [*ferry, "status"], env)
-        _step("6. heartbeats", [*ferry, "watch", "--count", "3", "--interval", "10"], env)
+        _step("5. heartbeats", [*ferry, "watch", "--count", "2", "--interval", "10"], env)
+        pair = _two_dependent_vms(data_dir)
+        migrate = [*ferry, "migrate", *pair, "--together", "--wait", "--guest-user", "demo"]
+        migrate += ["--bandwidth-mbps", "400"]  # slow enough to watch the progress bars
+        for source, target in NETWORK_MAP:
+            migrate += ["--network-map", f"{source}={target}"]
+        _step("6. cold-migrate two dependent VMs (one group: cut over together)", migrate, env)
+        _step("7. migrations", [*ferry, "migrations"], env)
+        _step(
+            "8. the on-prem VMs, now in _HDM_MIGRATEPOOL",
+            [*ferry, "inventory", "--power", "poweredOff"],
+            env,
+        )
+        _step("9. appliance status", [*ferry, "status"], env)
     finally:
-        console.print(Rule("7. stop the appliance (SIGTERM)"))
+        console.print(Rule("10. stop the appliance (SIGTERM)"))
         appliance.send_signal(signal.SIGTERM)
         try:
             code = appliance.wait(timeout=60)

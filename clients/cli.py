@@ -9,27 +9,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
 from clients.client import FerryClient, FerryError, NoAnswer
 from clients.config import ClientSettings
+from clients.migrate import add_commands
 from clients.monitor import HeartbeatMonitor
+from clients.output import console
 from messages.commands import InventoryFilter
 from messages.common import PowerState, VmSummary
 from messages.events import Heartbeat, ReadyStatus, StatusResponse
 
-# Tables are wide; when output is not a terminal, do not squeeze them to 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 160)
 
-
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.1f}"
+def human_size(size: int) -> str:
+    for unit, scale in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.3g}{unit}"
+    return f"{size}B"
 
 
 def inventory_table(vms: Sequence[VmSummary]) -> Table:
     table = Table(title=f"Inventory ({len(vms)} VMs)")
-    for column in ("VM id", "Name", "Guest OS", "FW", "CPU", "Mem MiB", "Disks (GiB)",
+    for column in ("VM id", "Name", "Guest OS", "FW", "CPU", "Mem MiB", "Disks",
                    "Networks", "Pool", "Cluster", "Power", "Tools"):  # fmt: skip
         table.add_column(column, overflow="fold")
     for vm in vms:
@@ -40,7 +41,7 @@ def inventory_table(vms: Sequence[VmSummary]) -> Table:
             vm.firmware.value,
             str(vm.cpus),
             str(vm.memory_mib),
-            " + ".join(_gib(disk.capacity_bytes) for disk in vm.disks),
+            " + ".join(human_size(disk.capacity_bytes) for disk in vm.disks),
             ", ".join(nic.network for nic in vm.nics),
             vm.resource_pool,
             vm.cluster,
@@ -121,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     watch.add_argument("--count", type=int, help="exit 0 after this many heartbeats")
     watch.add_argument("--fail-on-not-ready", action="store_true", help="exit 4 on Not Ready")
     watch.set_defaults(func=cmd_watch)
+    add_commands(commands)
     return root
 
 
@@ -135,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return asyncio.run(_main(args))
-    except (FerryError, NoAnswer, ValueError, ValidationError, OSError) as error:
+    except (FerryError, NoAnswer, ValueError, ValidationError, OSError, RuntimeError) as error:
         console.print(f"[red]ferry: {error}[/red]")
         return 1
     except KeyboardInterrupt:

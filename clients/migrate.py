@@ -1,0 +1,212 @@
+"""``ferry migrate``, ``ferry migrations``, ``ferry cancel``: migrations from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from clients.client import FerryClient
+from clients.output import console
+from messages.commands import (
+    CancelRequest,
+    CancelRequestBody,
+    CloneOptions,
+    CloneVm,
+    GuestCredentials,
+    MigrationSelector,
+    NetworkMapping,
+    SourceCloneRequest,
+    SourceCloneRequestBody,
+    StatusRequestBody,
+)
+from messages.common import MigrationState, MigrationType, VerifyMode
+from messages.events import ErrorResponse, MigrationStatus, SourceCloneResponse
+
+FINISHED = {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELLED}
+
+
+def _vm_ref(ref: str) -> CloneVm:
+    return CloneVm(vm_id=ref) if ref.startswith("vm-") else CloneVm(name=ref)
+
+
+def _network_map(pairs: Sequence[str]) -> tuple[NetworkMapping, ...]:
+    mappings = []
+    for pair in pairs:
+        source, sep, target = pair.partition("=")
+        if not sep or not source or not target:
+            raise ValueError(f"--network-map wants source=target, not {pair!r}")
+        mappings.append(NetworkMapping(source=source, target=target))
+    return tuple(mappings)
+
+
+def _credentials(args: argparse.Namespace) -> GuestCredentials | None:
+    if args.guest_user is None:
+        return None
+    password = os.environ.get("FERRY_GUEST_PASSWORD") or getpass.getpass(
+        f"password for {args.guest_user}: "
+    )
+    return GuestCredentials.model_validate({"username": args.guest_user, "password": password})
+
+
+def clone_request(args: argparse.Namespace) -> SourceCloneRequest:
+    vms = tuple(_vm_ref(ref) for ref in args.vms)
+    return SourceCloneRequest(
+        body=SourceCloneRequestBody(
+            request_id=args.request_id,
+            vms=vms,
+            migration_type=MigrationType(args.type),
+            guest_credentials=_credentials(args),
+            network_map=_network_map(args.network_map),
+            application_dependency=(tuple(args.vms),) if args.together else (),
+            options=CloneOptions(
+                verify=VerifyMode(args.verify), bandwidth_cap_mbps=args.bandwidth_mbps
+            ),
+        )
+    )
+
+
+def migrations_table(statuses: Sequence[MigrationStatus], title: str = "Migrations") -> Table:
+    table = Table(title=title)
+    for column in ("Migration", "VM", "Type", "State", "Phase", "Progress", "Queue", "Error"):
+        table.add_column(column, overflow="fold")
+    for s in statuses:
+        colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(s.state, "")
+        table.add_row(
+            s.migration_id,
+            s.vm_name,
+            s.migration_type.value,
+            f"[{colour}]{s.state.value}[/{colour}]" if colour else s.state.value,
+            s.phase.value,
+            f"{s.progress_percent:.1f}% of {s.bytes_total / 2**20:.0f} MiB",
+            str(s.queue_position or ""),
+            f"{s.error.code}: {s.error.message}" if s.error else "",
+        )
+    return table
+
+
+class ProgressBoard:
+    """One rich progress bar per VM, fed by SourceCloneResponses."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("{task.fields[vm]:<20}"),
+            TextColumn("{task.fields[state]:<10} {task.fields[phase]:<14}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.latest: dict[str, MigrationStatus] = {}
+        self._tasks: dict[str, TaskID] = {}
+
+    def update(self, status: MigrationStatus) -> None:
+        self.latest[status.migration_id] = status
+        task = self._tasks.get(status.migration_id)
+        total = max(status.bytes_total, 1)
+        if task is None:
+            task = self.progress.add_task("", total=total, vm="", state="", phase="")
+            self._tasks[status.migration_id] = task
+        self.progress.update(
+            task,
+            total=total,
+            completed=status.bytes_done,
+            vm=status.vm_name,
+            state=status.state.value,
+            phase=status.phase.value,
+        )
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.latest) and all(s.state in FINISHED for s in self.latest.values())
+
+
+async def follow(client: FerryClient, correlation_id: str, board: ProgressBoard) -> None:
+    async for event in client.answers(correlation_id):
+        if isinstance(event, ErrorResponse):
+            raise RuntimeError(f"{event.body.code.value}: {event.body.message}")
+        if isinstance(event, SourceCloneResponse):
+            board.update(event.body)
+            if board.finished:
+                return
+
+
+async def cmd_migrate(client: FerryClient, args: argparse.Namespace) -> int:
+    request = clone_request(args)
+    await client.send(request)
+    board = ProgressBoard(console)
+    if not args.wait:
+        first = await client.next_answer(request.correlation_id, timeout_s=60)
+        assert isinstance(first, SourceCloneResponse)
+        board.update(first.body)
+        while len(board.latest) < len(request.body.vms):
+            more = await client.next_answer(request.correlation_id, timeout_s=60)
+            if isinstance(more, SourceCloneResponse):
+                board.update(more.body)
+        console.print(migrations_table(list(board.latest.values()), "Requested"))
+        return 0
+    with board.progress:
+        await follow(client, request.correlation_id, board)
+    statuses = list(board.latest.values())
+    console.print(migrations_table(statuses, "Result"))
+    return 0 if all(s.state is MigrationState.COMPLETED for s in statuses) else 1
+
+
+async def cmd_migrations(client: FerryClient, args: argparse.Namespace) -> int:
+    statuses: list[MigrationStatus] = []
+    token: str | None = None
+    while True:
+        answer = await client.status(
+            StatusRequestBody(include_finished=not args.active, page_size=200, page_token=token)
+        )
+        statuses.extend(answer.body.migrations)
+        token = answer.body.next_page_token
+        if token is None:
+            break
+    console.print(migrations_table(statuses))
+    return 0
+
+
+async def cmd_cancel(client: FerryClient, args: argparse.Namespace) -> int:
+    selector = MigrationSelector(
+        migration_ids=tuple(args.migrations), request_id=args.request, vms=tuple(args.vm)
+    )
+    request = CancelRequest(body=CancelRequestBody(select=selector))
+    answer = await client.request(request)
+    statuses = [answer.body] if isinstance(answer, SourceCloneResponse) else []
+    console.print(migrations_table(statuses, "Cancelling"))
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    migrate = commands.add_parser("migrate", help="migrate VMs (ids or names)")
+    migrate.add_argument("vms", nargs="+", metavar="VM")
+    migrate.add_argument("--type", choices=[t.value for t in MigrationType], default="cold")
+    migrate.add_argument("--network-map", action="append", default=[], metavar="SRC=DST")
+    migrate.add_argument("--together", action="store_true", help="one dependency group")
+    migrate.add_argument("--guest-user", help="password from FERRY_GUEST_PASSWORD or a prompt")
+    migrate.add_argument("--verify", choices=[v.value for v in VerifyMode], default="chunk")
+    migrate.add_argument("--bandwidth-mbps", type=float)
+    migrate.add_argument("--request-id", help="idempotency key (resend safely)")
+    migrate.add_argument("--wait", action="store_true", help="follow progress to the end")
+    migrate.set_defaults(func=cmd_migrate)
+    listing = commands.add_parser("migrations", help="list migrations")
+    listing.add_argument("--active", action="store_true", help="hide finished ones")
+    listing.set_defaults(func=cmd_migrations)
+    cancel = commands.add_parser("cancel", help="cancel migrations")
+    cancel.add_argument("migrations", nargs="*", metavar="MIGRATION_ID")
+    cancel.add_argument("--request")
+    cancel.add_argument("--vm", action="append", default=[])
+    cancel.set_defaults(func=cmd_cancel)
