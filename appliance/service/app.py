@@ -26,7 +26,13 @@ from appliance.logs import get_logger
 from appliance.orchestrator.scheduler import Scheduler
 from appliance.service.heartbeat import HeartbeatPublisher
 from appliance.service.runtime import RuntimeInfo, clear_runtime, write_runtime
-from appliance.service.wiring import CloudDataPlane, build_deps, build_handlers, open_sites
+from appliance.service.wiring import (
+    CloudDataPlane,
+    WanLink,
+    build_deps,
+    build_handlers,
+    open_sites,
+)
 from appliance.settings import Settings
 from appliance.state.commands import CommandRecords
 from appliance.state.events import EventLog
@@ -39,8 +45,11 @@ GENERATION_FILE = "state-generation"
 
 
 class Appliance:
-    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+    def __init__(
+        self, settings: Settings, clock: Clock | None = None, wan: WanLink | None = None
+    ) -> None:
         self.settings = settings
+        self.wan = wan
         self.clock = clock or SystemClock()
         self.health = HealthBoard(self.clock)
         self.health.register("state_store")
@@ -77,7 +86,7 @@ class Appliance:
                 store,
                 bus.publisher,
                 sites,
-                CloudDataPlane(nbd, sites["cloud"]),
+                CloudDataPlane(nbd, sites["cloud"], self.wan),
                 self.clock,
             )
             scheduler = Scheduler(deps)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from appliance.clock import Clock
@@ -33,18 +34,23 @@ from appliance.state.store import StateStore
 from messages.commands import CancelRequest, Command, SourceCloneRequest, SourceInventoryRequest
 from messages.events import Event, SourceInventoryResponse
 
+WanLink = Callable[[NbdAddress], Awaitable[NbdAddress]]
+"""Maps the cloud NBD server's address to the one the data path dials (a tunnel, a proxy)."""
+
 
 class CloudDataPlane:
     """The cloud site's NBD server: a volume is exported while data is copied into it."""
 
-    def __init__(self, server: NbdServer, cloud: LabSite) -> None:
+    def __init__(self, server: NbdServer, cloud: LabSite, wan: WanLink | None = None) -> None:
         self._server = server
         self._cloud = cloud
+        self._wan = wan
 
     async def export(self, volume_id: str) -> tuple[NbdAddress, str]:
         if volume_id not in self._server.exports:
             self._server.add_export(volume_id, await self._cloud.open_volume(volume_id))
-        return self._server.address, volume_id
+        address = self._server.address
+        return (await self._wan(address) if self._wan else address), volume_id
 
     async def unexport(self, volume_id: str) -> None:
         self._server.remove_export(volume_id)
