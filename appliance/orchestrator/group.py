@@ -21,6 +21,7 @@ from appliance.errors import (
     LeaseLost,
     MigrationCancelled,
     PermanentError,
+    TransferCancelled,
     TransientError,
 )
 from appliance.logs import get_logger
@@ -123,6 +124,8 @@ class GroupRun:
                 done = await DiskCopy(self._deps, self._journal, record, self._cancel).run()
             else:
                 done = await ACTIONS[record.step](self._deps, self._journal, record)
+        except TransferCancelled:
+            raise MigrationCancelled(record.migration_id) from None
         except PermanentError as error:
             if self._failed is None and not isinstance(error, MigrationCancelled):
                 self._failed = record.migration_id
@@ -154,6 +157,9 @@ class GroupRun:
         outcome = Step.FAILED if error is not None else Step.CANCELLED
         failed = self._failed
         for migration_id, record in list(self._records.items()):
+            # Redis is the truth: a step that failed half-way may have saved more than we hold.
+            record = await self._journal.reload(record)
+            self._records[migration_id] = record
             if record.step in TERMINAL or record.step in NO_ROLLBACK:
                 continue
             if record.step is Step.QUEUED:

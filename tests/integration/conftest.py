@@ -15,6 +15,7 @@ import pytest
 
 from appliance.embedded import RedisServer
 from appliance.service.app import Appliance
+from appliance.service.wiring import WanLink
 from appliance.settings import Settings
 from clients.config import ClientSettings
 
@@ -109,9 +110,9 @@ def harness(localstack: str, redis_server: RedisServer, key_prefix: str, data_di
 class RunningAppliance:
     """An appliance running as a task of the test's event loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, wan: WanLink | None = None) -> None:
         self.settings = settings
-        self.appliance = Appliance(settings)
+        self.appliance = Appliance(settings, wan=wan)
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -135,8 +136,8 @@ class RunningAppliance:
 async def start_appliance() -> AsyncIterator[object]:
     running: list[RunningAppliance] = []
 
-    async def start(settings: Settings) -> RunningAppliance:
-        appliance = await RunningAppliance(settings).start()
+    async def start(settings: Settings, wan: WanLink | None = None) -> RunningAppliance:
+        appliance = await RunningAppliance(settings, wan).start()
         running.append(appliance)
         return appliance
 

@@ -1,0 +1,233 @@
+"""Cold migration end to end over SQS, on LocalStack + a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from appliance.datapath.nbd.server import NbdServer
+from appliance.sites.lab.site import LabSite
+from appliance.state.events import EventLog
+from appliance.state.keys import Keys
+from appliance.state.store import StateStore, connect
+from appliance.storage.layered import LayeredDisk
+from clients.client import FerryClient
+from messages.common import MigrationState, PowerState
+from tests.integration.conftest import Harness, RunningAppliance
+from tests.integration.migration_helpers import clone_request, start_migration
+from tests.support.lab import MIB, build_lab, cloud_volume, disk_digest, lab_vm, onprem_disk
+
+StartAppliance = Callable[..., Awaitable[RunningAppliance]]
+
+
+async def _sites(data_dir: Path) -> tuple[LabSite, LabSite]:
+    return LabSite.open(data_dir / "sites" / "onprem"), LabSite.open(data_dir / "sites" / "cloud")
+
+
+async def _qemu_compare(left: Path, right: Path) -> None:
+    """qemu-img compare over NBD: our server exports both disks, qemu reads them."""
+    async with (
+        await LayeredDisk.open(left) as source,
+        await LayeredDisk.open(right) as target,
+        NbdServer({"source": source.active(), "target": target.active()}) as server,
+    ):
+        result = await asyncio.to_thread(
+            subprocess.run,
+            ["qemu-img", "compare", "-f", "raw", "-F", "raw",
+             server.url("source"), server.url("target")],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def _step_history(harness: Harness, migration_id: str) -> list[str]:
+    store = StateStore(connect(harness.redis_url), Keys(harness.prefix))
+    try:
+        events = await EventLog(store).read(migration_id, count=1000)
+    finally:
+        await store.close()
+    return [e.fields["step"] for e in events if e.kind == "step"]
+
+
+async def test_a_three_disk_vm_arrives_byte_identical(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    vm = lab_vm(1, disks=3, disk_size=24 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    running = await start_appliance(harness.settings())
+    async with FerryClient(harness.client_settings()) as client:
+        follower = await start_migration(client, clone_request([vm.vm_id]))
+        (status,) = (await follower.finished(1)).values()
+    await running.shutdown()
+
+    assert status.state is MigrationState.COMPLETED, status.error
+    assert status.bytes_done == status.bytes_total > 0
+    assert {c.name for c in status.checks if c.passed} >= {
+        "os_supported", "tools_running", "target_networks", "target_capacity", "credentials",
+    }  # fmt: skip
+    phases = [s.phase.value for s in follower.history]
+    assert phases.index("transfer") < phases.index("verify") < phases.index("create_target")
+    for disk in vm.disks:
+        source = onprem_disk(harness.data_dir, vm.vm_id, disk.disk_id)
+        target = cloud_volume(harness.data_dir, f"{status.migration_id}-{disk.disk_id}")
+        assert await disk_digest(source) == await disk_digest(target)
+        await _qemu_compare(source, target)
+    onprem, cloud = await _sites(harness.data_dir)
+    moved = await onprem.get_vm(vm.vm_id)
+    assert moved.power_state is PowerState.OFF and moved.resource_pool == "_HDM_MIGRATEPOOL"
+    created = await cloud.get_vm(status.migration_id)
+    assert created.power_state is PowerState.ON
+    assert [n.network for n in created.nics] == ["cloud-app"]
+    assert [d.capacity_bytes for d in created.disks] == [d.capacity_bytes for d in vm.disks]
+    assert created.cpus == vm.cpus and created.firmware == vm.firmware
+    assert await _step_history(harness, status.migration_id) == [
+        "preparing", "powering_off", "snapshotting", "transferring", "verifying",
+        "creating_target", "powering_on", "finalizing", "completed",
+    ]  # fmt: skip
+
+
+async def _no_cloud_artefacts(data_dir: Path) -> None:
+    _, cloud = await _sites(data_dir)
+    assert await cloud.list_vms() == []
+    volumes = data_dir / "sites" / "cloud" / "volumes"
+    assert not volumes.exists() or list(volumes.iterdir()) == []
+
+
+async def _as_it_was(data_dir: Path, before: object) -> None:
+    onprem, _ = await _sites(data_dir)
+    vm = await onprem.get_vm(before.vm_id)  # type: ignore[attr-defined]
+    assert vm.power_state is before.power_state  # type: ignore[attr-defined]
+    assert vm.resource_pool == before.resource_pool  # type: ignore[attr-defined]
+    for disk in vm.disks:
+        async with await LayeredDisk.open(onprem_disk(data_dir, vm.vm_id, disk.disk_id)) as d:
+            assert d.snapshots() == [], "a failed or cancelled migration leaves no snapshot"
+
+
+async def test_a_dependent_group_fails_together_and_leaves_the_source_as_it_was(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    from messages.common import ToolsStatus
+
+    good = lab_vm(1, disks=1, disk_size=8 * MIB)
+    bad = lab_vm(2, disks=2, disk_size=8 * MIB, tools_status=ToolsStatus.NOT_INSTALLED)
+    await build_lab(harness.data_dir, [good, bad])
+    running = await start_appliance(harness.settings())
+    async with FerryClient(harness.client_settings()) as client:
+        request = clone_request([good.vm_id, bad.vm_id], groups=[[good.vm_id, bad.vm_id]])
+        follower = await start_migration(client, request)
+        final = await follower.finished(2)
+        by_vm = {s.vm_id: s for s in final.values()}
+        assert {s.state for s in final.values()} == {MigrationState.FAILED}
+        assert by_vm[bad.vm_id].error is not None
+        assert by_vm[bad.vm_id].error.code == "precheck_failed"
+        assert "tools_running" in by_vm[bad.vm_id].error.message
+        assert by_vm[good.vm_id].error is not None
+        assert by_vm[good.vm_id].error.code == "dependency_failed"
+        # The VMs are free again: the good one alone migrates now.
+        again = await start_migration(client, clone_request([good.vm_id]))
+        (status,) = (await again.finished(1)).values()
+        assert status.state is MigrationState.COMPLETED
+    await running.shutdown()
+    await _as_it_was(harness.data_dir, bad)
+
+
+async def test_a_dependent_group_cuts_over_together(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    vms = [lab_vm(1, disks=1, disk_size=8 * MIB), lab_vm(2, disks=2, disk_size=8 * MIB)]
+    await build_lab(harness.data_dir, vms)
+    await start_appliance(harness.settings())
+    ids = [vm.vm_id for vm in vms]
+    async with FerryClient(harness.client_settings()) as client:
+        follower = await start_migration(client, clone_request(ids, groups=[ids]))
+        final = await follower.finished(2)
+    assert {s.state for s in final.values()} == {MigrationState.COMPLETED}
+    assert len({s.group_id for s in final.values()}) == 1
+    # No member starts cutting over before every member is verified.
+    history = [s.phase.value for s in follower.history]
+    last_verify = max(i for i, phase in enumerate(history) if phase == "verify")
+    first_create = min(i for i, phase in enumerate(history) if phase == "create_target")
+    assert last_verify < first_create
+
+
+async def test_ten_requests_with_a_limit_of_eight_queue_in_order(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    vms = [lab_vm(i, disks=1, disk_size=8 * MIB) for i in range(1, 11)]
+    await build_lab(harness.data_dir, vms)
+    await start_appliance(harness.settings(max_concurrent_migrations=8))
+    async with FerryClient(harness.client_settings()) as client:
+        followers = []
+        for vm in vms:  # one request each, in this order
+            request = clone_request([vm.vm_id], bandwidth_mbps=12)
+            followers.append(await start_migration(client, request))
+        queued = {}
+        for follower in followers[8:]:
+            status = await follower.until(
+                lambda latest: any(s.queue_position for s in latest.values())
+            )
+            queued.update(status)
+        assert sorted(s.queue_position for s in queued.values()) == [1, 2]  # type: ignore[type-var]
+        for follower in followers:
+            (status,) = (await follower.finished(1, within_s=180)).values()
+            assert status.state is MigrationState.COMPLETED, status.error
+    starts = {}
+    for follower in followers:
+        for status in follower.history:
+            if status.phase.value == "prepare":
+                starts.setdefault(status.vm_id, status.updated_at)
+    order = [vm.vm_id for vm in vms]
+    ninth, tenth = order[8], order[9]
+    assert starts[ninth] <= starts[tenth]
+    assert all(starts[vm_id] < starts[ninth] for vm_id in order[:8])
+
+
+async def test_cancel_mid_transfer_restores_the_source_and_removes_cloud_artefacts(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    from messages.commands import CancelRequest, CancelRequestBody, MigrationSelector
+    from messages.common import Phase
+
+    vm = lab_vm(1, disks=2, disk_size=48 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    running = await start_appliance(harness.settings(progress_interval_s=0.5))
+    async with FerryClient(harness.client_settings()) as client:
+        follower = await start_migration(client, clone_request([vm.vm_id], bandwidth_mbps=40))
+        await follower.until(
+            lambda latest: any(
+                s.phase is Phase.TRANSFER and s.bytes_done > 0 for s in latest.values()
+            )
+        )
+        (migration_id,) = follower.latest
+        cancel = CancelRequest(
+            body=CancelRequestBody(select=MigrationSelector(migration_ids=(migration_id,)))
+        )
+        answer = await client.request(cancel)
+        assert answer.body.state is MigrationState.CANCELLING  # type: ignore[union-attr]
+        (status,) = (await follower.finished(1)).values()
+        assert status.state is MigrationState.CANCELLED
+        assert 0 < max(s.bytes_done for s in follower.history) < status.bytes_total
+        # Cancelling a finished migration is a conflict, with a clear code.
+        from clients.client import FerryError
+
+        try:
+            await client.request(
+                CancelRequest(
+                    body=CancelRequestBody(select=MigrationSelector(migration_ids=(migration_id,)))
+                )
+            )
+        except FerryError as error:
+            assert error.code.value == "conflict"
+        else:  # pragma: no cover
+            raise AssertionError("cancelling a cancelled migration must be refused")
+    await running.shutdown()
+    await _as_it_was(harness.data_dir, vm)
+    await _no_cloud_artefacts(harness.data_dir)
+    store = StateStore(connect(harness.redis_url), Keys(harness.prefix))
+    try:
+        leftovers = [k async for k in store.redis.scan_iter(match=f"{harness.prefix}:checkpoint:*")]
+    finally:
+        await store.close()
+    assert leftovers == []
