@@ -7,16 +7,20 @@ import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from appliance.datapath.nbd.channel import NbdAddress, TcpAddress
 from appliance.datapath.nbd.server import NbdServer
 from appliance.sites.lab.site import LabSite
+from appliance.sites.model import VmConfig
 from appliance.state.events import EventLog
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
 from appliance.storage.layered import LayeredDisk
 from clients.client import FerryClient
 from messages.common import MigrationState, PowerState
+from messages.events import MigrationStatus
 from tests.integration.conftest import Harness, RunningAppliance
-from tests.integration.migration_helpers import clone_request, start_migration
+from tests.integration.migration_helpers import ApplianceProcess, clone_request, start_migration
+from tests.support.faultproxy import FaultProxy
 from tests.support.lab import MIB, build_lab, cloud_volume, disk_digest, lab_vm, onprem_disk
 
 StartAppliance = Callable[..., Awaitable[RunningAppliance]]
@@ -231,3 +235,163 @@ async def test_cancel_mid_transfer_restores_the_source_and_removes_cloud_artefac
     finally:
         await store.close()
     assert leftovers == []
+
+
+class ProxiedWan:
+    """The data path's WAN link through a fault-injecting proxy in front of the cloud NBD server."""
+
+    def __init__(self, arm: Callable[[FaultProxy], None]) -> None:
+        self._arm = arm
+        self.proxy: FaultProxy | None = None
+
+    async def __call__(self, address: NbdAddress) -> NbdAddress:
+        assert isinstance(address, TcpAddress)
+        if self.proxy is None:
+            self.proxy = FaultProxy(address.host, address.port)
+            await self.proxy.start()
+            self._arm(self.proxy)
+        return TcpAddress("127.0.0.1", self.proxy.port)
+
+    async def close(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.stop()
+
+
+async def _migrate_over(
+    harness: Harness, start_appliance: StartAppliance, wan: ProxiedWan, vm: VmConfig
+) -> MigrationStatus:
+    await build_lab(harness.data_dir, [vm])
+    running = await start_appliance(harness.settings(), wan=wan)
+    try:
+        async with FerryClient(harness.client_settings()) as client:
+            follower = await start_migration(client, clone_request([vm.vm_id]))
+            (status,) = (await follower.finished(1)).values()
+    finally:
+        await running.shutdown()
+        await wan.close()
+    return status
+
+
+async def test_dropped_links_are_retried_and_the_copy_is_still_exact(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    vm = lab_vm(1, disks=1, disk_size=32 * MIB)
+    wan = ProxiedWan(lambda proxy: proxy.drop_after(5 * MIB))
+    status = await _migrate_over(harness, start_appliance, wan, vm)
+    assert status.state is MigrationState.COMPLETED, status.error
+    assert wan.proxy is not None and wan.proxy.drops >= 1 and wan.proxy.connections >= 2
+    source = onprem_disk(harness.data_dir, vm.vm_id, "disk-0")
+    target = cloud_volume(harness.data_dir, f"{status.migration_id}-disk-0")
+    assert await disk_digest(source) == await disk_digest(target)
+
+
+async def test_a_link_that_keeps_dropping_fails_the_migration_cleanly(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    vm = lab_vm(1, disks=1, disk_size=16 * MIB)
+    wan = ProxiedWan(lambda proxy: proxy.drop_every(200 * 1024))
+    status = await _migrate_over(harness, start_appliance, wan, vm)
+    assert status.state is MigrationState.FAILED
+    assert status.error is not None and status.error.code == "data_path"
+    assert "attempts" in status.error.message and "offset" in status.error.message
+    await _as_it_was(harness.data_dir, vm)
+    await _no_cloud_artefacts(harness.data_dir)
+
+
+async def test_sigkill_at_five_phases_resumes_each_time_and_runs_nothing_twice(
+    harness: Harness, tmp_path: Path
+) -> None:
+    from messages.common import Phase
+
+    vm = lab_vm(1, disks=2, disk_size=32 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    log = tmp_path / "appliance.log"
+    slow = {"debug_step_delay_s": 1.5, "lease_ttl_s": 2, "progress_interval_s": 0.3}
+    appliance = await ApplianceProcess(harness, log, **slow).start()
+    kills = []
+    try:
+        async with FerryClient(harness.client_settings()) as client:
+            request = clone_request([vm.vm_id], bandwidth_mbps=60)
+            follower = await start_migration(client, request)
+            for phase in (Phase.PREPARE, Phase.SNAPSHOT, Phase.TRANSFER, Phase.CREATE_TARGET,
+                          Phase.FINALIZE):  # fmt: skip
+                if phase is Phase.TRANSFER:
+                    await follower.until(
+                        lambda latest: any(
+                            s.phase is Phase.TRANSFER and s.bytes_done > 0 for s in latest.values()
+                        )
+                    )
+                else:
+                    await follower.phase(phase)
+                appliance.kill()
+                kills.append(phase.value)
+                appliance = await ApplianceProcess(harness, log, **slow).start()
+            (status,) = (await follower.finished(1, within_s=180)).values()
+    finally:
+        await appliance.stop()
+    assert kills == ["prepare", "snapshot", "transfer", "create_target", "finalize"]
+    assert status.state is MigrationState.COMPLETED, status.error
+    assert await _step_history(harness, status.migration_id) == [
+        "preparing", "powering_off", "snapshotting", "transferring", "verifying",
+        "creating_target", "powering_on", "finalizing", "completed",
+    ]  # fmt: skip
+    for disk in vm.disks:
+        source = onprem_disk(harness.data_dir, vm.vm_id, disk.disk_id)
+        target = cloud_volume(harness.data_dir, f"{status.migration_id}-{disk.disk_id}")
+        assert await disk_digest(source) == await disk_digest(target)
+    _, cloud = await _sites(harness.data_dir)
+    assert [v.vm_id for v in await cloud.list_vms()] == [status.migration_id]
+    # Resumed from its checkpoint, not from the beginning: the transfer log says so.
+    assert "resumed=True" in log.read_text()
+
+
+async def test_two_appliances_one_killed_the_other_takes_over(
+    harness: Harness, tmp_path: Path
+) -> None:
+    from messages.common import Phase
+
+    vms = [lab_vm(1, disks=1, disk_size=32 * MIB), lab_vm(2, disks=1, disk_size=32 * MIB)]
+    await build_lab(harness.data_dir, vms)
+    common = {"lease_ttl_s": 2, "progress_interval_s": 0.3}
+    first = await ApplianceProcess(
+        harness, tmp_path / "a.log", appliance_id="ferry-a", **common
+    ).start()
+    second = await ApplianceProcess(
+        harness, tmp_path / "b.log", appliance_id="ferry-b", **common
+    ).start()
+    processes = {"ferry-a": first, "ferry-b": second}
+    store = StateStore(connect(harness.redis_url), Keys(harness.prefix))
+    try:
+        async with FerryClient(harness.client_settings()) as client:
+            request = clone_request([vm.vm_id for vm in vms], bandwidth_mbps=40)
+            follower = await start_migration(client, request)
+            await follower.until(
+                lambda latest: (
+                    len(latest) == 2
+                    and all(s.phase is Phase.TRANSFER and s.bytes_done > 0 for s in latest.values())
+                )
+            )
+            owners = {}
+            for status in follower.latest.values():
+                key = store.keys.lease(f"group:{status.group_id}")
+                owners[status.migration_id] = (await store.redis.hget(key, "owner")).decode()
+            victim = next(iter(owners.values()))
+            processes.pop(victim).kill()
+            final = await follower.finished(2, within_s=180)
+    finally:
+        for process in processes.values():
+            await process.stop()
+        await store.close()
+    assert {s.state for s in final.values()} == {MigrationState.COMPLETED}
+    survivor = next(iter(processes))
+    for migration_id, owner in owners.items():
+        history = await _step_history(harness, migration_id)
+        assert history.count("preparing") == 1 and history[-1] == "completed"
+        if owner == victim:
+            takeover = (tmp_path / ("a.log" if survivor == "ferry-a" else "b.log")).read_text()
+            assert "taking over group" in takeover
+    for vm in vms:
+        status = next(s for s in final.values() if s.vm_id == vm.vm_id)
+        source = onprem_disk(harness.data_dir, vm.vm_id, "disk-0")
+        target = cloud_volume(harness.data_dir, f"{status.migration_id}-disk-0")
+        assert await disk_digest(source) == await disk_digest(target)
