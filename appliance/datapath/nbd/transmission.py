@@ -1,0 +1,304 @@
+"""Server side of the NBD transmission phase: one connection's requests, served concurrently.
+
+One reader loop takes requests off the socket (a WRITE's payload included)
+and starts a task per request, at most ``max_inflight`` at a time; replies
+go out as each finishes, possibly out of order, one whole reply at a time.
+Errors the spec foresees are answered with its error values: EINVAL for
+unknown commands or flags, oversized reads and reads past the end, ENOSPC
+for writes past the end, EPERM on read-only exports. What cannot be answered
+(bad magic, a WRITE payload over the maximum block size) closes the
+connection. Nothing here logs or hashes per request on the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from appliance.datapath.nbd import protocol as p
+from appliance.datapath.nbd.channel import Channel
+from appliance.datapath.nbd.server_handshake import (
+    BASE_ALLOCATION_ID,
+    FERRY_CHECKSUM_ID,
+    Session,
+)
+from appliance.errors import ConnectionDropped, NbdProtocolError
+from appliance.storage.backend import Backend
+from appliance.storage.extents import Extent
+from appliance.storage.hashing import chunk_hash, zero_hash
+
+log = structlog.get_logger(__name__)
+
+MAX_DESCRIPTORS = 64 * 1024  # per BLOCK_STATUS reply; the client asks again for the rest
+DRAIN_TIMEOUT = 10.0
+
+_F = p.CommandFlag
+ALLOWED_FLAGS = {
+    p.Command.READ: _F.FUA | _F.DF,
+    p.Command.WRITE: _F.FUA,
+    p.Command.FLUSH: _F.FUA,
+    p.Command.TRIM: _F.FUA,
+    p.Command.WRITE_ZEROES: _F.FUA | _F.NO_HOLE,
+    p.Command.BLOCK_STATUS: _F.FUA | _F.REQ_ONE,
+    p.Command.FERRY_CHECKSUM: _F.FUA,
+}
+
+_ERRNO_MAP = {
+    errno.EPERM: p.Errno.EPERM,
+    errno.EACCES: p.Errno.EPERM,
+    errno.EROFS: p.Errno.EPERM,
+    errno.ENOSPC: p.Errno.ENOSPC,
+    errno.EDQUOT: p.Errno.ENOSPC,
+    errno.EFBIG: p.Errno.ENOSPC,
+    errno.EINVAL: p.Errno.EINVAL,
+    errno.ENOMEM: p.Errno.ENOMEM,
+}
+
+
+class CommandError(Exception):
+    """A request answered with an NBD error value instead of success."""
+
+    def __init__(self, error: p.Errno, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+        self.message = message
+
+
+def wire_errno(exc: BaseException) -> p.Errno:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _ERRNO_MAP.get(exc.errno, p.Errno.EIO)
+    if isinstance(exc, ValueError):
+        return p.Errno.EINVAL
+    return p.Errno.EIO
+
+
+class ServerConnection:
+    def __init__(
+        self, channel: Channel, session: Session, *, max_block: int, max_inflight: int
+    ) -> None:
+        self._channel = channel
+        self._session = session
+        self._backend = session.export.backend
+        self._size = session.export.backend.size
+        self._max_block = max_block
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._handlers: dict[int, Callable[[p.Request, bytearray | None], Awaitable[None]]] = {
+            p.Command.READ: self._read,
+            p.Command.WRITE: self._write,
+            p.Command.FLUSH: self._flush,
+            p.Command.TRIM: self._trim,
+            p.Command.WRITE_ZEROES: self._write_zeroes,
+            p.Command.BLOCK_STATUS: self._block_status,
+            p.Command.FERRY_CHECKSUM: self._checksum,
+        }
+
+    async def serve(self) -> None:
+        """Serve requests until NBD_CMD_DISC, end of stream, or a protocol violation."""
+        try:
+            while await self._next_request():
+                pass
+        finally:
+            await self._drain()
+
+    async def _next_request(self) -> bool:
+        await self._slots.acquire()
+        try:
+            request = p.parse_request(await self._channel.read_exactly(p.REQUEST.size))
+            payload = await self._payload(request)
+        except BaseException:
+            self._slots.release()
+            raise
+        if request.command == p.Command.DISC:
+            self._slots.release()
+            return False
+        task = asyncio.create_task(self._serve_request(request, payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return True
+
+    async def _payload(self, request: p.Request) -> bytearray | None:
+        if request.command != p.Command.WRITE:
+            return None
+        if request.length > self._max_block:
+            raise NbdProtocolError(
+                f"write of {request.length} bytes exceeds the maximum block {self._max_block}"
+            )
+        payload = bytearray(request.length)
+        await self._channel.read_into(memoryview(payload))
+        return payload
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _drain(self) -> None:
+        """Let requests in flight finish (the spec asks it on DISC and shutdown)."""
+        if not self._tasks:
+            return
+        _, late = await asyncio.wait(set(self._tasks), timeout=DRAIN_TIMEOUT)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
+
+    async def _serve_request(self, request: p.Request, payload: bytearray | None) -> None:
+        try:
+            handler = self._handlers.get(request.command)
+            if handler is None:
+                raise CommandError(p.Errno.EINVAL, f"unknown command {request.command}")
+            if request.flags & ~ALLOWED_FLAGS[p.Command(request.command)]:
+                raise CommandError(p.Errno.EINVAL, f"bad flags {request.flags:#x}")
+            await handler(request, payload)
+        except ConnectionDropped:
+            return
+        except CommandError as exc:
+            await self._reply_error(request, exc.error, exc.message)
+        except Exception as exc:
+            log.warning(
+                "nbd request failed",
+                peer=self._channel.peer,
+                command=request.command,
+                offset=request.offset,
+                length=request.length,
+                error=repr(exc),
+            )
+            await self._reply_error(request, wire_errno(exc), str(exc))
+
+    async def _reply_error(self, request: p.Request, error: p.Errno, message: str) -> None:
+        try:
+            if self._session.structured:
+                await self._channel.send(p.pack_error_chunk(request.handle, error, message))
+            else:
+                await self._channel.send(
+                    p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, error, request.handle)
+                )
+        except ConnectionDropped:
+            pass
+
+    async def _reply_ok(self, request: p.Request) -> None:
+        await self._channel.send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, request.handle))
+
+    def _check_range(self, request: p.Request, past_end: p.Errno) -> None:
+        if p.overflows(request.offset, request.length, self._size):
+            raise CommandError(
+                past_end, f"{request.offset}+{request.length} is past the end ({self._size})"
+            )
+
+    def _check_writable(self) -> None:
+        if self._session.export.readonly:
+            raise CommandError(p.Errno.EPERM, "export is read-only")
+
+    def _check_max(self, request: p.Request) -> None:
+        if request.length > self._max_block:
+            raise CommandError(p.Errno.EINVAL, f"request exceeds {self._max_block} bytes")
+
+    async def _fua(self, request: p.Request) -> None:
+        if request.flags & p.CommandFlag.FUA:
+            await self._backend.flush()
+
+    async def _read(self, request: p.Request, _: bytearray | None) -> None:
+        self._check_max(request)
+        self._check_range(request, p.Errno.EINVAL)
+        data = await self._backend.read(request.offset, request.length)
+        if not self._session.structured:
+            header = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, request.handle)
+            await self._channel.send(header, data)
+        elif request.length == 0:
+            header = p.pack_structured_header(p.ReplyFlag.DONE, p.ReplyType.NONE, request.handle, 0)
+            await self._channel.send(header)
+        else:
+            header = p.pack_structured_header(
+                p.ReplyFlag.DONE, p.ReplyType.OFFSET_DATA, request.handle, 8 + len(data)
+            )
+            await self._channel.send(header + p.U64.pack(request.offset), data)
+
+    async def _write(self, request: p.Request, payload: bytearray | None) -> None:
+        self._check_writable()
+        self._check_range(request, p.Errno.ENOSPC)
+        assert payload is not None
+        await self._backend.write(request.offset, memoryview(payload))
+        await self._fua(request)
+        await self._reply_ok(request)
+
+    async def _flush(self, request: p.Request, _: bytearray | None) -> None:
+        await self._backend.flush()
+        await self._reply_ok(request)
+
+    async def _trim(self, request: p.Request, _: bytearray | None) -> None:
+        self._check_writable()
+        self._check_range(request, p.Errno.EINVAL)
+        await self._backend.zero(request.offset, request.length, punch_hole=True)
+        await self._fua(request)
+        await self._reply_ok(request)
+
+    async def _write_zeroes(self, request: p.Request, _: bytearray | None) -> None:
+        self._check_writable()
+        self._check_range(request, p.Errno.ENOSPC)
+        punch_hole = not request.flags & p.CommandFlag.NO_HOLE
+        await self._backend.zero(request.offset, request.length, punch_hole=punch_hole)
+        await self._fua(request)
+        await self._reply_ok(request)
+
+    async def _block_status(self, request: p.Request, _: bytearray | None) -> None:
+        contexts = self._session.contexts
+        if not contexts:
+            raise CommandError(p.Errno.EINVAL, "no metadata context was negotiated")
+        if request.length == 0:
+            raise CommandError(p.Errno.EINVAL, "empty block status request")
+        self._check_range(request, p.Errno.EINVAL)
+        chunks: list[bytes] = []
+        if BASE_ALLOCATION_ID in contexts:
+            extents = await self._backend.extents(request.offset, request.length)
+            limit = 1 if request.flags & p.CommandFlag.REQ_ONE else MAX_DESCRIPTORS
+            # A backend that cannot tell reports nothing: status 0 (data) is always safe.
+            extents = extents or [Extent(request.offset, request.length)]
+            chunks.append(allocation_payload(extents[:limit]))
+        if FERRY_CHECKSUM_ID in contexts:
+            # The checksum context has no per-block status; the spec wants a chunk anyway.
+            chunks.append(
+                p.U32.pack(FERRY_CHECKSUM_ID) + p.BLOCK_DESCRIPTOR.pack(request.length, 0)
+            )
+        buffers: list[bytes] = []
+        for index, payload in enumerate(chunks):
+            flags = p.ReplyFlag.DONE if index == len(chunks) - 1 else 0
+            buffers.append(
+                p.pack_structured_header(
+                    flags, p.ReplyType.BLOCK_STATUS, request.handle, len(payload)
+                )
+            )
+            buffers.append(payload)
+        await self._channel.send(*buffers)
+
+    async def _checksum(self, request: p.Request, _: bytearray | None) -> None:
+        if FERRY_CHECKSUM_ID not in self._session.contexts:
+            raise CommandError(p.Errno.EINVAL, f"{p.FERRY_CHECKSUM_CONTEXT} was not negotiated")
+        self._check_max(request)
+        self._check_range(request, p.Errno.EINVAL)
+        digest = await range_digest(self._backend, request.offset, request.length)
+        header = p.pack_structured_header(
+            p.ReplyFlag.DONE, p.ReplyType.FERRY_CHECKSUM, request.handle, len(digest)
+        )
+        await self._channel.send(header, digest)
+
+
+def allocation_payload(extents: list[Extent]) -> bytes:
+    """A ``base:allocation`` BLOCK_STATUS payload: context id, then (length, flags) pairs."""
+    descriptors = b"".join(
+        p.BLOCK_DESCRIPTOR.pack(e.length, p.status_flags(e.zero, e.hole))
+        for e in extents
+        if e.length
+    )
+    return p.U32.pack(BASE_ALLOCATION_ID) + descriptors
+
+
+async def range_digest(backend: Backend, offset: int, length: int) -> bytes:
+    """chunk_hash of the range as it reads; a range known to be all zero is not read."""
+    extents = await backend.extents(offset, length)
+    if all(extent.zero for extent in extents):
+        return zero_hash(length)
+    data = await backend.read(offset, length)
+    return await asyncio.get_running_loop().run_in_executor(None, chunk_hash, data)
