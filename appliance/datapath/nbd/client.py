@@ -198,6 +198,12 @@ class NbdClient:
         header = p.pack_request(command, handle, offset, length, flags)
         try:
             await (self._channel.send(header, payload) if payload else self._channel.send(header))
+        except ConnectionDropped as exc:
+            # The link is gone for every request, not just this one: fail fast, reconnect next.
+            self._pending.pop(handle, None)
+            self._fail(exc)
+            self._channel.shutdown()
+            raise
         except BaseException:
             self._pending.pop(handle, None)
             raise
