@@ -219,6 +219,29 @@ async def test_dropped_connection_fails_pending_requests_and_the_next_call_recon
         assert backend.bytes_sent > 0
 
 
+async def test_write_buffers_a_backend_keeps_are_never_reused(server: NbdServer) -> None:
+    kept: list[memoryview] = []
+
+    class Keeping(MemoryBackend):
+        async def write(self, offset: int, data: bytes | memoryview) -> None:
+            kept.append(memoryview(data)[:10])  # holds on to the server's receive buffer
+            await super().write(offset, data)
+
+    server.add_export("keeping", Keeping(MiB))
+    async with await NbdBackend.connect(server.address, "keeping") as backend:
+        for pattern in (b"\x01", b"\x02", b"\x03"):
+            await backend.write(0, pattern * 100_000)
+    assert [bytes(view) for view in kept] == [b"\x01" * 10, b"\x02" * 10, b"\x03" * 10]
+
+
+async def test_closed_backend_does_not_reconnect(server: NbdServer) -> None:
+    backend = await NbdBackend.connect(server.address, "disk")
+    await backend.close()
+    with pytest.raises(ValueError, match="closed"):
+        await backend.read(0, 1)
+    assert backend.reconnects == 0
+
+
 async def test_closed_client_refuses_new_requests(server: NbdServer) -> None:
     client = await NbdClient.connect(server.address, "disk")
     await client.close()

@@ -60,6 +60,7 @@ class NbdBackend:
         self._reconnect_lock = asyncio.Lock()
         self._retired_sent = 0
         self._retired_received = 0
+        self._closed = False
         self.reconnects = 0
 
     @classmethod
@@ -182,6 +183,8 @@ class NbdBackend:
         return await client.checksum(offset, length)
 
     async def close(self) -> None:
+        """Disconnect for good: unlike a dropped link, this never reconnects."""
+        self._closed = True
         await self._client.close()
 
     async def __aenter__(self) -> Self:
@@ -205,6 +208,8 @@ class NbdBackend:
         """The live client, reconnecting first if the last connection dropped."""
         if not self._client.closed:
             return self._client
+        if self._closed:
+            raise ValueError(f"{self._name} is closed")
         async with self._reconnect_lock:
             if self._client.closed:
                 await self._replace(self._client)

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Self
 
 from appliance.datapath.nbd import protocol as p
-from appliance.datapath.nbd.channel import Buffer, Channel, NbdAddress, connect
+from appliance.datapath.nbd.channel import Buffer, BufferPool, Channel, NbdAddress, connect
 from appliance.datapath.nbd.client_handshake import ClientHandshake, ExportInfo
 from appliance.errors import ConnectionDropped, NbdCommandError, NbdProtocolError
 from appliance.storage.extents import Extent
@@ -58,6 +58,7 @@ class NbdClient:
         self._pending: dict[int, _Pending] = {}
         self._handles = itertools.count(1)
         self._failure: ConnectionDropped | NbdProtocolError | None = None
+        self._buffers = BufferPool()
         self._reader = asyncio.create_task(self._read_replies())
 
     @classmethod
@@ -111,9 +112,13 @@ class NbdClient:
         await self._submit(p.Command.READ, offset, len(view), buffer=view)
 
     async def read(self, offset: int, length: int) -> bytes:
-        buffer = bytearray(length)
-        await self.read_into(offset, buffer)
-        return bytes(buffer)
+        buffer = self._buffers.take(length)
+        view = memoryview(buffer)[:length]
+        await self.read_into(offset, view)
+        data = bytes(view)
+        view.release()
+        self._buffers.give(buffer)
+        return data
 
     async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         flags = p.CommandFlag.FUA if fua else 0
@@ -213,7 +218,9 @@ class NbdClient:
     # Receiving (the reader task).
 
     async def _read_replies(self) -> None:
-        failure: ConnectionDropped | NbdProtocolError
+        failure: ConnectionDropped | NbdProtocolError = ConnectionDropped(
+            self.peer, "reader stopped"
+        )
         try:
             while True:
                 (magic,) = p.U32.unpack(await self._channel.read_exactly(4))

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from appliance.datapath.nbd import protocol as p
-from appliance.datapath.nbd.channel import Channel
+from appliance.datapath.nbd.channel import BufferPool, Channel
 from appliance.datapath.nbd.server_handshake import (
     BASE_ALLOCATION_ID,
     FERRY_CHECKSUM_ID,
@@ -86,7 +86,8 @@ class ServerConnection:
         self._max_block = max_block
         self._slots = asyncio.Semaphore(max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._handlers: dict[int, Callable[[p.Request, bytearray | None], Awaitable[None]]] = {
+        self._buffers = BufferPool()
+        self._handlers: dict[int, Callable[[p.Request, memoryview | None], Awaitable[None]]] = {
             p.Command.READ: self._read,
             p.Command.WRITE: self._write,
             p.Command.FLUSH: self._flush,
@@ -127,8 +128,8 @@ class ServerConnection:
             raise NbdProtocolError(
                 f"write of {request.length} bytes exceeds the maximum block {self._max_block}"
             )
-        payload = bytearray(request.length)
-        await self._channel.read_into(memoryview(payload))
+        payload = self._buffers.take(request.length)
+        await self._channel.read_into(memoryview(payload)[: request.length])
         return payload
 
     def _finished(self, task: asyncio.Task[None]) -> None:
@@ -146,6 +147,17 @@ class ServerConnection:
             await asyncio.wait(late)
 
     async def _serve_request(self, request: p.Request, payload: bytearray | None) -> None:
+        view = None if payload is None else memoryview(payload)[: request.length]
+        await self._dispatch(request, view)
+        if payload is not None and view is not None:
+            # Not on cancellation: a backend thread might still be reading the buffer.
+            try:
+                view.release()
+            except BufferError:
+                return  # still in use somewhere: leave it to the garbage collector
+            self._buffers.give(payload)
+
+    async def _dispatch(self, request: p.Request, payload: memoryview | None) -> None:
         try:
             handler = self._handlers.get(request.command)
             if handler is None:
@@ -200,7 +212,7 @@ class ServerConnection:
         if request.flags & p.CommandFlag.FUA:
             await self._backend.flush()
 
-    async def _read(self, request: p.Request, _: bytearray | None) -> None:
+    async def _read(self, request: p.Request, _: memoryview | None) -> None:
         self._check_max(request)
         self._check_range(request, p.Errno.EINVAL)
         data = await self._backend.read(request.offset, request.length)
@@ -216,26 +228,26 @@ class ServerConnection:
             )
             await self._channel.send(header + p.U64.pack(request.offset), data)
 
-    async def _write(self, request: p.Request, payload: bytearray | None) -> None:
+    async def _write(self, request: p.Request, payload: memoryview | None) -> None:
         self._check_writable()
         self._check_range(request, p.Errno.ENOSPC)
         assert payload is not None
-        await self._backend.write(request.offset, memoryview(payload))
+        await self._backend.write(request.offset, payload)
         await self._fua(request)
         await self._reply_ok(request)
 
-    async def _flush(self, request: p.Request, _: bytearray | None) -> None:
+    async def _flush(self, request: p.Request, _: memoryview | None) -> None:
         await self._backend.flush()
         await self._reply_ok(request)
 
-    async def _trim(self, request: p.Request, _: bytearray | None) -> None:
+    async def _trim(self, request: p.Request, _: memoryview | None) -> None:
         self._check_writable()
         self._check_range(request, p.Errno.EINVAL)
         await self._backend.zero(request.offset, request.length, punch_hole=True)
         await self._fua(request)
         await self._reply_ok(request)
 
-    async def _write_zeroes(self, request: p.Request, _: bytearray | None) -> None:
+    async def _write_zeroes(self, request: p.Request, _: memoryview | None) -> None:
         self._check_writable()
         self._check_range(request, p.Errno.ENOSPC)
         punch_hole = not request.flags & p.CommandFlag.NO_HOLE
@@ -243,7 +255,7 @@ class ServerConnection:
         await self._fua(request)
         await self._reply_ok(request)
 
-    async def _block_status(self, request: p.Request, _: bytearray | None) -> None:
+    async def _block_status(self, request: p.Request, _: memoryview | None) -> None:
         contexts = self._session.contexts
         if not contexts:
             raise CommandError(p.Errno.EINVAL, "no metadata context was negotiated")
@@ -273,7 +285,7 @@ class ServerConnection:
             buffers.append(payload)
         await self._channel.send(*buffers)
 
-    async def _checksum(self, request: p.Request, _: bytearray | None) -> None:
+    async def _checksum(self, request: p.Request, _: memoryview | None) -> None:
         if FERRY_CHECKSUM_ID not in self._session.contexts:
             raise CommandError(p.Errno.EINVAL, f"{p.FERRY_CHECKSUM_CONTEXT} was not negotiated")
         self._check_max(request)
