@@ -134,9 +134,9 @@ def init() -> int:
     )
     dlq = os.environ.get("FERRY_DEAD_LETTER_QUEUE", "ferry-commands-dlq")
     dlq_url = sqs.create_queue(QueueName=dlq)["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
-        "Attributes"
-    ]["QueueArn"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
     redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
     sqs.create_queue(
         QueueName=os.environ.get("FERRY_COMMAND_QUEUE", "ferry-commands"),

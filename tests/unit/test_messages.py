@@ -239,7 +239,7 @@ def test_protocol_document_examples_are_current_and_verify() -> None:
     from messages.examples import markdown
 
     readme = (Path(__file__).parents[2] / "messages" / "README.md").read_text()
-    assert readme.endswith(markdown() + "\n") or readme.endswith(markdown()), (
+    assert readme.endswith((markdown() + "\n", markdown())), (
         "messages/README.md examples are stale: regenerate with python -m messages.examples"
     )
     decoder = Decoder(EXAMPLE_TOKEN, accept=(Command, Event))
