@@ -6,8 +6,9 @@ of the plan:
 * a :class:`ChunkWork` is read from the source (only its data segments when
   the chunk is wholly covered; the whole chunk when it is only partly covered,
   so its hash is always the whole chunk's), hashed, written segment by
-  segment (all-zero segments as ``zero()``, i.e. WRITE_ZEROES over NBD, data
-  through the bandwidth cap), then checked at the target (see
+  segment (all-zero segments as ``zero(punch_hole=True)``: WRITE_ZEROES that
+  may deallocate, so the target stays as sparse as the source; data through
+  the bandwidth cap), then checked at the target (see
   :class:`~appliance.datapath.imagecheck.RangeHasher`). A mismatch is retried
   once, writing the whole chunk, then raises ChunkMismatch.
 * a chunk an interrupted run recorded (``expected`` set) is first hashed at the
@@ -115,7 +116,9 @@ class ChunkCopier:
     async def _zero_run(self, run: ZeroRun) -> None:
         if not self._c.target_is_zero:
             await self._retrying(
-                run.start, run.length, lambda: self._c.target.zero(run.start, run.length)
+                run.start,
+                run.length,
+                lambda: self._c.target.zero(run.start, run.length, punch_hole=True),
             )
         for index in run.indices:
             self._c.table.set(index, zero_hash(self._c.table.bounds(index)[1]))
@@ -194,7 +197,7 @@ class ChunkCopier:
             whole_chunk = segment.length == work.length
             if segment.zero or zero or (not whole_chunk and is_zero(piece)):
                 if whole or not self._c.target_is_zero:
-                    await self._c.target.zero(segment.start, segment.length)
+                    await self._c.target.zero(segment.start, segment.length, punch_hole=True)
                 self.counters.zero_bytes += segment.length
             else:
                 await self._c.bandwidth.acquire(segment.length)
