@@ -51,7 +51,8 @@ class RedisServer:
     """A redis-server process on 127.0.0.1 with append-only persistence in ``directory``."""
 
     def __init__(self, directory: Path, port: int | None = None) -> None:
-        self.directory = directory
+        # redis-server changes into --dir; a relative log path would then point elsewhere.
+        self.directory = directory.resolve()
         self.port = port or free_port()
         self._process: subprocess.Popen[bytes] | None = None
 

@@ -38,7 +38,8 @@ class _Progress:
 
 
 async def planned_bytes(source: Backend) -> int:
-    return sum(extent.length for extent in await source.extents())
+    """What the copy will move: allocated runs (data and zeroes), never holes."""
+    return sum(extent.length for extent in await source.extents() if not extent.hole)
 
 
 class DiskCopy:

@@ -80,6 +80,9 @@ class GroupRun:
             await self._rollback_all(None)
         except PermanentError as error:
             await self._rollback_all(error)
+        except Exception as error:  # a defect: roll back rather than retry it forever
+            self._log.exception("unexpected error; rolling the group back")
+            await self._rollback_all(error)
 
     # -- forward ------------------------------------------------------------------
 
@@ -126,8 +129,8 @@ class GroupRun:
                 done = await ACTIONS[record.step](self._deps, self._journal, record)
         except TransferCancelled:
             raise MigrationCancelled(record.migration_id) from None
-        except PermanentError as error:
-            if self._failed is None and not isinstance(error, MigrationCancelled):
+        except Exception as error:
+            if self._failed is None and not isinstance(error, MigrationCancelled | TransientError):
                 self._failed = record.migration_id
             raise
         self._records[record.migration_id] = done

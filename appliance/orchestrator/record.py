@@ -65,6 +65,7 @@ class MigrationRecord:
     options: TransferOptions
     disks: tuple[DiskPlan, ...]
     has_credentials: bool = False
+    guest_prepared: bool = False  # set before the sealed credentials are deleted
     prior_power: PowerState | None = None
     prior_pool: str | None = None
     snapshot_name: str | None = None

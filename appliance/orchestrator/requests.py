@@ -78,7 +78,7 @@ class CloneRequests:
             vms = []
             for ref in members:
                 member = by_ref.get(ref) or next(
-                    (v for v in by_ref.values() if v.vm_id == ref), None
+                    (v for v in by_ref.values() if ref in (v.vm_id, v.name)), None
                 )
                 if member is None:
                     raise CommandRejected(f"dependency group names {ref!r}, not in the request")
@@ -115,8 +115,6 @@ class CloneRequests:
         deps = self._deps
         now = deps.clock.now().isoformat()
         for group in groups:
-            if await deps.migrations.group(group.group_id) is not None:
-                continue  # made by an earlier delivery of this command
             admission = await deps.migrations.next_admission()
             members = []
             for vm in group.vms:
@@ -130,7 +128,11 @@ class CloneRequests:
                     )
                 )
                 await self._seal_credentials(command, record.migration_id)
-            await deps.migrations.create_group(group.group_id, request_id, admission, members)
+            created = await deps.migrations.create_group(
+                group.group_id, request_id, admission, members
+            )
+            if not created:
+                continue  # made by an earlier (or a concurrent) delivery of this command
             await deps.events.append(
                 "migration_requested",
                 now,

@@ -72,6 +72,7 @@ class Scheduler:
         self._cancels: dict[str, asyncio.Event] = {}
         self._wake = asyncio.Event()
         self._positions: dict[str, int] = {}
+        self._not_before: dict[str, tuple[float, float]] = {}  # group -> (retry at, last delay)
 
     def wake(self) -> None:
         self._wake.set()
@@ -132,9 +133,21 @@ class Scheduler:
             views.append(view)
         return sorted(views, key=lambda v: v.info.admission)
 
+    def _backing_off(self, group_id: str) -> bool:
+        retry_at, _ = self._not_before.get(group_id, (0.0, 0.0))
+        return self._deps.clock.monotonic() < retry_at
+
+    def _back_off(self, group_id: str) -> None:
+        """A run that died of a defect is retried, but ever more slowly (up to 5 min)."""
+        _, delay = self._not_before.get(group_id, (0.0, 0.0))
+        delay = min(300.0, max(1.0, delay * 2))
+        self._not_before[group_id] = (self._deps.clock.monotonic() + delay, delay)
+
     async def _resume_orphans(self, views: list[GroupView]) -> None:
         for view in views:
             if view.queued or view.info.group_id in self._running:
+                continue
+            if self._backing_off(view.info.group_id):
                 continue
             lease = await self._deps.leases.acquire(group_lease(view.info.group_id))
             if lease is not None:
@@ -204,7 +217,10 @@ class Scheduler:
         except TransientError as error:
             log.warning("group paused; will resume", group_id=group_id, error=str(error))
         except Exception:
-            log.exception("group run failed unexpectedly", group_id=group_id)
+            log.exception("group run failed unexpectedly; retrying later", group_id=group_id)
+            self._back_off(group_id)
+        else:
+            self._not_before.pop(group_id, None)
         finally:
             self._running.pop(group_id, None)
             self._cancels.pop(group_id, None)

@@ -50,7 +50,8 @@ FORWARD: tuple[Step, ...] = (
 """The happy path, in order."""
 
 CUTOVER: frozenset[Step] = frozenset({Step.CREATING_TARGET, Step.POWERING_ON, Step.FINALIZING})
-"""Steps a dependency group takes together, member by member, after all are verified."""
+"""Steps a dependency group takes together, member by member, after all are verified.
+A cancel is still honoured before FINALIZING; from there on the group completes."""
 
 TERMINAL: frozenset[Step] = frozenset({Step.COMPLETED, Step.FAILED, Step.CANCELLED})
 
@@ -76,7 +77,7 @@ def check_transition(machine: str, current: Step, wanted: Step) -> None:
 
 def next_step(current: Step) -> Step:
     """The next step on the happy path."""
-    index = FORWARD.index(current)
+    index = FORWARD.index(current) if current in FORWARD else len(FORWARD)
     if index + 1 >= len(FORWARD):
         raise IncorrectState("cold migration", current.value, "(next)")
     return FORWARD[index + 1]
@@ -113,6 +114,6 @@ def public_state(step: Step, cancel_requested: bool) -> MigrationState:
         return MigrationState.FAILED
     if step is Step.CANCELLED:
         return MigrationState.CANCELLED
-    if cancel_requested and step not in CUTOVER:
+    if cancel_requested and step is not Step.FINALIZING:
         return MigrationState.CANCELLING
     return MigrationState.RUNNING

@@ -42,7 +42,7 @@ async def prepare(deps: Deps, journal: Journal, record: MigrationRecord) -> Migr
         target=await cloud.config(),
         target_free_bytes=await cloud.free_bytes(),
         network_map=dict(record.network_map),
-        has_credentials=sealed is not None,
+        has_credentials=sealed is not None or record.guest_prepared,
     )
     checks = run_checks(facts)
     # Keep what to restore on rollback, unless an earlier run already did (it saw the truth).
@@ -54,10 +54,11 @@ async def prepare(deps: Deps, journal: Journal, record: MigrationRecord) -> Migr
     failed = [(check.name, check.reason) for check in checks if not check.passed]
     if failed:
         raise PrecheckFailed(vm.name, failed)
-    if sealed is not None and needs_credentials(vm):
+    if sealed is not None and needs_credentials(vm) and not record.guest_prepared:
         credentials = json.loads(deps.sealer.open(text(sealed), record.migration_id))
         await onprem.prepare_guest(vm.vm_id, credentials["username"], credentials["password"])
         del credentials  # used and dropped
+        record = await journal.update(record, guest_prepared=True)
     await deps.store.run(lambda r: r.delete(secret_key))
     return record
 
@@ -142,8 +143,9 @@ async def rollback(deps: Deps, journal: Journal, record: MigrationRecord) -> Mig
     """Leave the source as it was and nothing half-made in the cloud. Idempotent."""
     cloud = deps.site(record.target_site)
     onprem = deps.site(record.site)
-    if record.cloud_vm_id is not None:
-        await cloud.delete_vm(record.cloud_vm_id)
+    # The cloud VM's id is the migration id, so even one created just before a crash
+    # (and never written down) is found.
+    await cloud.delete_vm(record.cloud_vm_id or record.migration_id)
     for disk in record.disks:
         await deps.cloud.unexport(disk.volume_id)
         await cloud.delete_volume(disk.volume_id)

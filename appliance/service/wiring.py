@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -94,7 +95,10 @@ def build_deps(
         config=config,
         store=store,
         migrations=MigrationStore(store),
-        leases=Leases(store, settings.appliance_id, settings.lease_ttl_s),
+        # Unique per process: two processes sharing an appliance id must not share leases.
+        leases=Leases(
+            store, f"{settings.appliance_id}/{uuid.uuid4().hex[:8]}", settings.lease_ttl_s
+        ),
         policies=Policies(store),
         events=EventLog(store),
         reporter=Reporter(settings.appliance_id, sink, clock),

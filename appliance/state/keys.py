@@ -12,11 +12,12 @@ random one)::
     {p}:group:{id}                  hash    a dependency group: members, request, admission order
     {p}:groups:active               zset    groups not yet finished, scored by admission order
     {p}:admission                   string  counter handing out admission order
-    {p}:secret:{request_id}         string  sealed guest credentials (AES-GCM), until prepare ends
+    {p}:secret:{migration_id}       string  sealed guest credentials (AES-GCM), until prepare ends
     {p}:vm-lock:{site}:{vm_id}      string  migration id holding the VM (one migration per VM)
     {p}:lease:{id}                  hash    owner and fencing token of a migration's driver
     {p}:fence:{id}                  string  last fencing token handed out for a resource
-    {p}:checkpoint:{transfer_id}    hash    chunk index -> hash of chunks done; "meta" -> JSON
+    {p}:checkpoint:{transfer_id}    hash    chunk index -> "epoch:hash" of chunks done; "meta",
+                                            "durable" (flushed epoch), "complete" (image digest)
     {p}:events                      stream  global event log
     {p}:events:{migration_id}       stream  one migration's event log
     {p}:component:{name}            hash    component heartbeat: state, detail, last_ok_at
@@ -68,8 +69,8 @@ class Keys:
     def admission(self) -> str:
         return self._key("admission")
 
-    def secret(self, request_id: str) -> str:
-        return self._key("secret", request_id)
+    def secret(self, migration_id: str) -> str:
+        return self._key("secret", migration_id)
 
     def vm_lock(self, site: str, vm_id: str) -> str:
         return self._key("vm-lock", site, vm_id)

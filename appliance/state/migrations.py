@@ -44,6 +44,25 @@ end
 return holder
 """
 
+# KEYS: group, migrations zset, counts, active groups, then one record per member.
+# ARGV: group id, request id, members JSON, admission, then 4 per member.
+_CREATE_GROUP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+local admission = tonumber(ARGV[4])
+for i = 5, #KEYS do
+  local base = 5 + (i - 5) * 4
+  redis.call('HSET', KEYS[i], 'step', ARGV[base + 1], 'public', ARGV[base + 2],
+             'record', ARGV[base + 3])
+  redis.call('ZADD', KEYS[2], admission, ARGV[base])
+  redis.call('HINCRBY', KEYS[3], ARGV[base + 2], 1)
+end
+redis.call('HSET', KEYS[1], 'request_id', ARGV[2], 'members', ARGV[3], 'admission', admission)
+redis.call('ZADD', KEYS[4], admission, ARGV[1])
+return 1
+"""
+
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -84,6 +103,7 @@ class MigrationStore:
         self._transition = store.redis.register_script(_TRANSITION)
         self._lock = store.redis.register_script(_LOCK)
         self._unlock = store.redis.register_script(_UNLOCK)
+        self._create_group = store.redis.register_script(_CREATE_GROUP)
 
     # --- creation ---------------------------------------------------------------
 
@@ -92,32 +112,31 @@ class MigrationStore:
 
     async def create_group(
         self, group_id: str, request_id: str, admission: int, members: list[NewMigration]
-    ) -> None:
-        """Create a group and its migrations at once (MULTI/EXEC)."""
-        keys = self._keys
+    ) -> bool:
+        """Create a group and its migrations in one atomic step, unless the group exists.
 
-        async def write(r: Redis) -> None:
-            async with r.pipeline(transaction=True) as pipe:
-                for member in members:
-                    pipe.hsetnx(keys.migration(member.migration_id), "step", member.step)
-                    pipe.hset(
-                        keys.migration(member.migration_id),
-                        mapping={"public": member.public, "record": member.record},
-                    )
-                    pipe.zadd(keys.migrations, {member.migration_id: admission})
-                    pipe.hincrby(keys.migration_counts, member.public, 1)
-                pipe.hset(
-                    keys.group(group_id),
-                    mapping={
-                        "request_id": request_id,
-                        "members": json.dumps([m.migration_id for m in members]),
-                        "admission": admission,
-                    },
-                )
-                pipe.zadd(keys.active_groups, {group_id: admission})
-                await pipe.execute()
-
-        await self._store.run(write)
+        Returns False (and changes nothing) when an earlier or concurrent delivery of
+        the same request already made it.
+        """
+        keys = [
+            self._keys.group(group_id),
+            self._keys.migrations,
+            self._keys.migration_counts,
+            self._keys.active_groups,
+            *(self._keys.migration(m.migration_id) for m in members),
+        ]
+        args: list[EncodableT] = [
+            group_id,
+            request_id,
+            json.dumps([m.migration_id for m in members]),
+            admission,
+        ]
+        for member in members:
+            args += [member.migration_id, member.step, member.public, member.record]
+        created = await self._store.run(
+            lambda r: self._create_group(keys=keys, args=args, client=r)
+        )
+        return int(created) == 1
 
     async def claim_request(self, request_id: str, migration_ids: list[str]) -> list[str]:
         """Record which migrations a request made; return the ids recorded first (idempotency)."""

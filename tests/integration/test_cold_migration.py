@@ -374,7 +374,8 @@ async def test_two_appliances_one_killed_the_other_takes_over(
             owners = {}
             for status in follower.latest.values():
                 key = store.keys.lease(f"group:{status.group_id}")
-                owners[status.migration_id] = (await store.redis.hget(key, "owner")).decode()
+                owner = (await store.redis.hget(key, "owner")).decode()
+                owners[status.migration_id] = owner.split("/")[0]  # "<appliance id>/<process>"
             victim = next(iter(owners.values()))
             processes.pop(victim).kill()
             final = await follower.finished(2, within_s=180)

@@ -18,7 +18,7 @@ from appliance.clock import FakeClock
 from appliance.datapath.checkpoint import CheckpointStore
 from appliance.datapath.nbd.channel import NbdAddress
 from appliance.embedded import RedisServer
-from appliance.errors import CommandRejected, Conflict, PrecheckFailed, SealBroken, UnknownVm
+from appliance.errors import CommandRejected, Conflict, SealBroken, UnknownVm
 from appliance.orchestrator import steps
 from appliance.orchestrator.context import Deps, OrchestratorConfig
 from appliance.orchestrator.journal import Journal
@@ -259,11 +259,6 @@ async def test_a_dependency_group_becomes_one_group_and_a_lone_vm_another(env: E
     assert {r.admission for r in pair_records} == {pair.admission}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a group member named by name is not found when the request names the VM by id "
-    "(requests.py _plan matches a group ref against request refs and vm_id only; see the report)",
-)
 async def test_a_group_may_name_its_members_by_name_or_by_id(env: Env) -> None:
     answers = await env.clones.handle(
         clone(["vm-0001", "vm-0002"], groups=[["lnx-test-01", "lnx-test-02"]])
@@ -350,11 +345,6 @@ async def test_a_handler_that_died_before_recording_the_request_is_finished_by_t
     assert len(await env.migrations.active_groups()) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two deliveries of one request handled at the same time both create the group: "
-    "create_group is not conditional on the group being new (see the report)",
-)
 async def test_two_deliveries_handled_at_once_make_one_set_of_migrations(env: Env) -> None:
     await asyncio.gather(
         env.clones.handle(clone(["vm-0001", "vm-0002"])),
@@ -425,12 +415,6 @@ async def test_prepare_uses_the_credentials_then_drops_them(env: Env, data_dir: 
     assert written and not [p for p in written if PASSWORD.encode() in p.read_bytes()]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=PrecheckFailed,
-    reason="prepare deletes the sealed credentials before POWERING_OFF is persisted; a crash "
-    "in between makes the re-run fail its credentials check (see the report)",
-)
 async def test_prepare_run_again_after_a_crash_still_passes(env: Env) -> None:
     (answer,) = await env.clones.handle(clone(["vm-0001"]))
     journal, prepared = await prepare_once(env, answer.body.migration_id)

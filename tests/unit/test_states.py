@@ -104,14 +104,15 @@ RUNNING_STEPS = [s for s in Step if s not in TERMINAL and s is not Step.QUEUED]
 @pytest.mark.parametrize("step", RUNNING_STEPS)
 def test_steps_in_progress_are_running_and_cancel_turns_them_cancelling(step: Step) -> None:
     assert public_state(step, False) is MigrationState.RUNNING
-    expected = MigrationState.RUNNING if step in CUTOVER else MigrationState.CANCELLING
+    expected = MigrationState.RUNNING if step is Step.FINALIZING else MigrationState.CANCELLING
     assert public_state(step, True) is expected
 
 
-def test_cutover_steps_stay_running_under_a_cancel() -> None:
-    """A group that has started cutting over finishes: a cancel no longer shows."""
-    for step in CUTOVER:
-        assert public_state(step, True) is MigrationState.RUNNING
+def test_a_cancel_shows_until_finalizing_after_which_the_group_completes() -> None:
+    """A cancel is honoured up to POWERING_ON; from FINALIZING on the group completes."""
+    for step in CUTOVER - {Step.FINALIZING}:
+        assert public_state(step, True) is MigrationState.CANCELLING
+    assert public_state(Step.FINALIZING, True) is MigrationState.RUNNING
 
 
 def test_queued_and_terminal_steps() -> None:
