@@ -121,6 +121,12 @@ class FileBackend:
         check_range(self.name, self._size, offset, length)
         return await self._run(self._read, offset, length)
 
+    async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
+        """Fill ``buffer`` from ``offset`` (``read`` without allocating the result)."""
+        view = memoryview(buffer).cast("B")
+        check_range(self.name, self._size, offset, len(view))
+        await self._run(self._read_into, offset, view)
+
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         if self._readonly:
             raise read_only_error(self.name)
@@ -171,6 +177,15 @@ class FileBackend:
             # Only when the file was truncated under us: past its end reads as zeroes.
             data += bytes(length - len(data))
         return data
+
+    def _read_into(self, offset: int, view: memoryview) -> None:
+        while view:
+            count = os.preadv(self._fd, [view], offset)
+            if count == 0:
+                view[:] = bytes(len(view))  # truncated under us: past the end reads as zeroes
+                return
+            view = view[count:]
+            offset += count
 
     def _write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")

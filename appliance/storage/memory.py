@@ -72,14 +72,20 @@ class MemoryBackend:
         return (len(self._blocks) + len(self._zeroed)) * self._block_size
 
     async def read(self, offset: int, length: int) -> bytes:
-        check_range(self._name, self._size, offset, length)
         out = bytearray(length)
-        for index, lo, hi in self._pieces(offset, length):
-            block = self._blocks.get(index)
-            if block is not None:
-                base = index * self._block_size
-                out[lo - offset : hi - offset] = block[lo - base : hi - base]
+        await self.read_into(offset, out)
         return bytes(out)
+
+    async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
+        out = memoryview(buffer).cast("B")
+        check_range(self._name, self._size, offset, len(out))
+        for index, lo, hi in self._pieces(offset, len(out)):
+            block = self._blocks.get(index)
+            base = index * self._block_size
+            if block is None:
+                out[lo - offset : hi - offset] = bytes(hi - lo)
+            else:
+                out[lo - offset : hi - offset] = block[lo - base : hi - base]
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_writable()

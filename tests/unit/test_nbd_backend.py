@@ -64,6 +64,16 @@ async def test_unaligned_write_then_read(backend: Backend, offset: int) -> None:
     assert await backend.read(max(0, offset - 10), min(10, offset)) == bytes(min(10, offset))
 
 
+async def test_read_into_fills_a_caller_buffer_like_read(backend: Backend) -> None:
+    data = os.urandom(2 * MiB + 5)
+    await backend.write(1000, data)
+    buffer = bytearray(b"\xee" * (2 * MiB + 100))
+    view = memoryview(buffer)
+    await backend.read_into(999, view[10 : 10 + 2 * MiB + 7])  # type: ignore[attr-defined]
+    assert buffer[10 : 10 + 2 * MiB + 7] == b"\0" + data + b"\0"
+    assert buffer[:10] == b"\xee" * 10 and buffer[2 * MiB + 17 :] == b"\xee" * 83
+
+
 async def test_written_ranges_are_data_in_the_map(backend: Backend) -> None:
     await backend.write(MiB + 100, b"x" * 5000)
     extents = await backend.extents()

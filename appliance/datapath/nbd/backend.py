@@ -110,16 +110,16 @@ class NbdBackend:
         if length <= client.info.max_block:
             return await client.read(offset, length)
         buffer = bytearray(length)
-        view = memoryview(buffer)
-
-        pieces = _pieces(offset, length, client.info.max_block)
-        await _all(
-            [
-                client.read_into(pos, view[pos - offset : pos - offset + size])
-                for pos, size in pieces
-            ]
-        )
+        await self.read_into(offset, buffer)
         return bytes(buffer)
+
+    async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
+        """Fill ``buffer`` from ``offset``: ``read`` without its final copy into ``bytes``."""
+        view = memoryview(buffer).cast("B")
+        check_range(self._name, self._size, offset, len(view))
+        client = await self._connected()
+        pieces = _pieces(offset, len(view), client.info.max_block)
+        await _all([client.read_into(pos, view[pos - offset :][:size]) for pos, size in pieces])
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
