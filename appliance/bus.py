@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
@@ -36,6 +36,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from appliance.batching import Batcher
 from appliance.dispatch.delivery import Delivery, Verdict
 from appliance.errors import BusUnavailable
 from appliance.health import HealthBoard
@@ -45,6 +46,8 @@ from messages.codec import encode
 from messages.events import Event
 
 T = TypeVar("T")
+Outgoing = tuple[str, str, dict[str, str]]  # queue url, body, attributes
+BATCH_BYTES = 240 * 1024  # SQS caps a whole batch at 256 KiB
 COMPONENT = "bus"
 Handler = Callable[[Delivery], Awaitable[Verdict]]
 log = get_logger(__name__)
@@ -98,6 +101,13 @@ class SqsBus:
         self._client: Any = None
         self.urls = QueueUrls("", "", "")
         self.publisher = SqsPublisher(self, settings)
+        # Acks and answers are coalesced into batch requests under load.
+        self._deletes: Batcher[str] = Batcher(self._delete_batch)
+        self._responses: Batcher[Outgoing] = Batcher(
+            self._send_batch,
+            weight=lambda message: len(message[1].encode()) + 512,
+            max_weight=BATCH_BYTES,
+        )
 
     async def __aenter__(self) -> Self:
         settings = self._settings
@@ -296,25 +306,50 @@ class SqsBus:
                     },
                 ),
             )
-        await self.call(
+        await self._deletes.submit(delivery.receipt_handle)
+
+    async def _delete_batch(self, receipts: Sequence[str]) -> list[BaseException | None]:
+        entries = [{"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(receipts)]
+        response = await self.call(
             "delete",
-            lambda: self._client.delete_message(
-                QueueUrl=self.urls.commands, ReceiptHandle=delivery.receipt_handle
-            ),
+            lambda: self._client.delete_message_batch(QueueUrl=self.urls.commands, Entries=entries),
         )
+        return _outcomes(response, len(receipts), "delete")
 
     async def send(self, queue_url: str, body: str, attributes: dict[str, str]) -> None:
-        message_attributes = {
-            name: {"DataType": "String", "StringValue": value}
-            for name, value in attributes.items()
-            if value
-        }
-        await self.call(
+        if queue_url != self.urls.responses:
+            await self._send_batch([(queue_url, body, attributes)])
+            return
+        await self._responses.submit((queue_url, body, attributes))
+
+    async def _send_batch(self, messages: Sequence[Outgoing]) -> list[BaseException | None]:
+        entries = [
+            {
+                "Id": str(i),
+                "MessageBody": body,
+                "MessageAttributes": {
+                    name: {"DataType": "String", "StringValue": value}
+                    for name, value in attributes.items()
+                    if value
+                },
+            }
+            for i, (_, body, attributes) in enumerate(messages)
+        ]
+        queue_url = messages[0][0]
+        response = await self.call(
             "send",
-            lambda: self._client.send_message(
-                QueueUrl=queue_url, MessageBody=body, MessageAttributes=message_attributes
-            ),
+            lambda: self._client.send_message_batch(QueueUrl=queue_url, Entries=entries),
         )
+        return _outcomes(response, len(messages), "send")
+
+
+def _outcomes(response: Any, count: int, operation: str) -> list[BaseException | None]:
+    """Per-entry outcomes of a batch call: None, or the error SQS gave for that entry."""
+    outcomes: list[BaseException | None] = [None] * count
+    for failure in response.get("Failed", []):
+        reason = f"{failure.get('Code', '?')}: {failure.get('Message', '')}"
+        outcomes[int(failure["Id"])] = BusUnavailable(operation, RuntimeError(reason))
+    return outcomes
 
 
 class SqsPublisher:
