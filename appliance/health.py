@@ -63,6 +63,9 @@ class HealthBoard:
     def is_ok(self, name: str) -> bool:
         return self._components[name].state is ComponentState.OK
 
+    def is_failed(self, name: str) -> bool:
+        return self._components[name].state is ComponentState.FAILED
+
     async def wait_ok(self, name: str) -> None:
         await self._ok_events[name].wait()
 

@@ -102,7 +102,8 @@ class Admin:
         if self._on_reset is not None:
             await self._on_reset()
         deleted = await self._delete_all_but(command.message_id)
-        await self._store.adopt_new_generation(self._generation_file)
+        generation = await self._store.adopt_new_generation(self._generation_file)
+        self._health.ok("state_generation", generation)
         log.warning("state reset", keys_deleted=deleted)
         detail = f"state reset: {deleted} keys removed, new generation started"
         return [self._ack(command, detail)]

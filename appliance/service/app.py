@@ -120,24 +120,25 @@ class Appliance:
         try:
             generation = await store.check_generation(marker)
         except StateStoreUnavailable as error:
-            log.warning("state store not reachable at startup", error=str(error))
+            log.debug("state store not reachable", error=str(error))
             return
         except StateLost as error:
+            if not self.health.is_failed("state_generation"):
+                log.error("state lost", error=str(error))
             self.health.failed("state_generation", str(error) + "; send ResetRequest")
-            log.error("state lost", error=str(error))
             return
         self.health.ok("state_generation", generation)
 
     async def _watch_state_store(self, store: StateStore, stop: asyncio.Event) -> None:
-        """Probe Redis: often while it is down (to resume quickly), rarely while it is up."""
+        """Probe Redis: often while it is down (to resume quickly), every few seconds while
+        it is up; each probe reads the generation marker, so a Redis that restarted empty
+        between two probes is noticed too."""
         while not stop.is_set():
             down = not self.health.is_ok("state_store")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=0.5 if down else 5.0)
+                await asyncio.wait_for(stop.wait(), timeout=0.5 if down else 2.0)
             with contextlib.suppress(StateStoreUnavailable):
-                await store.ping()
-                if down or not self.health.is_ok("state_generation"):
-                    await self._check_state(store)
+                await self._check_state(store)
 
     def _dispatcher(
         self, store: StateStore, bus: SqsBus, handlers: dict[str, CommandHandler]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from appliance.clock import Clock
@@ -14,6 +14,7 @@ from appliance.datapath.nbd.server import NbdServer
 from appliance.dispatch.admin import Admin
 from appliance.dispatch.dispatcher import CommandHandler
 from appliance.dispatch.inventory import Inventory
+from appliance.errors import CommandRejected
 from appliance.health import HealthBoard
 from appliance.orchestrator.context import Deps, OrchestratorConfig
 from appliance.orchestrator.control import MigrationControl
@@ -33,6 +34,7 @@ from appliance.state.migrations import MigrationStore
 from appliance.state.policy import Policies
 from appliance.state.store import StateStore
 from messages.commands import CancelRequest, Command, SourceCloneRequest, SourceInventoryRequest
+from messages.errors import ErrorCode
 from messages.events import Event, SourceInventoryResponse
 
 WanLink = Callable[[NbdAddress], Awaitable[NbdAddress]]
@@ -152,7 +154,23 @@ def build_handlers(
     )
     return {
         "SourceInventoryRequest": answer_inventory,
-        "SourceCloneRequest": answer_clone,
-        "CancelRequest": answer_cancel,
+        "SourceCloneRequest": guarded(health, answer_clone),
+        "CancelRequest": guarded(health, answer_cancel),
         **admin.handlers(),
     }
+
+
+def guarded(health: HealthBoard, handler: CommandHandler) -> CommandHandler:
+    """Refuse commands that change migrations while the state store has lost its data:
+    acting on an empty store could run finished migrations again."""
+
+    async def checked(command: Command) -> Sequence[Event]:
+        if not health.is_ok("state_generation"):
+            raise CommandRejected(
+                "the state store lost its data (Redis came back empty); send ResetRequest "
+                "to start over",
+                ErrorCode.UNAVAILABLE,
+            )
+        return await handler(command)
+
+    return checked

@@ -129,10 +129,11 @@ class StateStore:
             if not created:  # another appliance initialised it first
                 return await self.check_generation(marker_file)
             found = generation
-        if expected is not None and found != expected:
-            # Someone reset the shared state deliberately (ResetRequest): follow it.
-            log.warning("state store generation changed", expected=expected, found=found)
-        _write_marker(marker_file, found)
+        if found != expected:
+            if expected is not None:
+                # Someone reset the shared state deliberately (ResetRequest): follow it.
+                log.warning("state store generation changed", expected=expected, found=found)
+            _write_marker(marker_file, found)
         return found
 
     async def adopt_new_generation(self, marker_file: Path) -> str:

@@ -23,7 +23,7 @@ from appliance.sites.lab.sample import SampleSpec
 from appliance.state.events import EventLog
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
-from clients.client import FerryClient
+from clients.client import FerryClient, FerryError
 from messages.codec import encode
 from messages.commands import (
     InventoryFilter,
@@ -265,3 +265,49 @@ async def _wait_for(predicate: Callable[[], bool], within_s: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.1)
+
+
+async def test_a_redis_that_comes_back_empty_is_noticed_and_reset_recovers(
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path
+) -> None:
+    import shutil
+
+    from messages.commands import (
+        CloneVm,
+        ResetRequest,
+        ResetRequestBody,
+        SourceCloneRequest,
+        SourceCloneRequestBody,
+    )
+    from messages.common import MigrationType
+
+    redis_dir = tmp_path / "own-redis"
+    redis = RedisServer(redis_dir)
+    await redis.start()
+    try:
+        await start_appliance(harness.settings(redis_url=redis.url))
+        async with FerryClient(harness.client_settings()) as client:
+            beats = client.heartbeats()
+            assert await _beat_until(beats, ReadyStatus.READY)
+            redis.kill()
+            shutil.rmtree(redis_dir)  # it comes back with nothing: a lost or replaced Redis
+            await redis.start()
+            lost = await _beat_until(beats, ReadyStatus.NOT_READY)
+            while not any(d.startswith("state_generation") for d in lost.body.status_details):
+                lost = await _beat_until(beats, ReadyStatus.NOT_READY)
+            clone = SourceCloneRequest(
+                body=SourceCloneRequestBody(
+                    vms=(CloneVm(name="anything"),), migration_type=MigrationType.COLD
+                )
+            )
+            try:
+                await client.request(clone)
+            except FerryError as error:
+                assert error.code is ErrorCode.UNAVAILABLE
+                assert "ResetRequest" in str(error)
+            else:  # pragma: no cover
+                raise AssertionError("migrations must be refused while state is lost")
+            await client.request(ResetRequest(body=ResetRequestBody(confirm=True)))
+            assert await _beat_until(beats, ReadyStatus.READY)
+    finally:
+        await redis.stop()
