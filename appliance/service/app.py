@@ -2,9 +2,11 @@
 
 Startup builds every resource in one AsyncExitStack (embedded moto and
 redis-server when no endpoint is configured, the state store, the bus, the
-sites); the work runs in one TaskGroup (bus intake, heartbeat, state-store
-watchdog). ``stop`` ends intake, drains in-flight commands within the drain
-timeout, publishes a last heartbeat, and unwinds the stack in reverse.
+sites, the cloud side's NBD server); the work runs in one TaskGroup (bus
+intake, heartbeat, state-store watchdog, migration scheduler). ``stop`` ends
+intake, drains in-flight commands within the drain timeout, stops local
+migration runs (they resume from their checkpoints), publishes a last
+heartbeat, and unwinds the stack in reverse.
 """
 
 from __future__ import annotations
@@ -62,19 +64,7 @@ class Appliance:
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         async with AsyncExitStack() as stack:
-            sqs_endpoint = settings.sqs_endpoint
-            if sqs_endpoint is None:
-                moto = await stack.enter_async_context(MotoServer())
-                sqs_endpoint = moto.url
-                log.info("embedded moto server", endpoint=sqs_endpoint)
-            redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
-            if redis_url is None:
-                redis = await stack.enter_async_context(RedisServer(settings.data_dir / "redis"))
-                redis_url = redis.url
-                log.info("embedded redis-server", port=redis.port, pid=redis.pid)
-            store = StateStore(connect(redis_url), Keys(settings.redis_prefix), health=self.health)
-            stack.push_async_callback(store.close)
-            await self._check_state(store)
+            sqs_endpoint, store = await self._outside_systems(stack)
             bus = await stack.enter_async_context(SqsBus(settings, sqs_endpoint, self.health))
             sites = await open_sites(settings.data_dir)
             for site in sites.values():
@@ -110,6 +100,24 @@ class Appliance:
                 tasks.create_task(scheduler.run(stop))
                 tasks.create_task(bus.consume(dispatcher.handle, stop, self._intake_gate))
             log.info("appliance stopped")
+
+    async def _outside_systems(self, stack: AsyncExitStack) -> tuple[str, StateStore]:
+        """The SQS endpoint and the state store: configured ones, or embedded servers."""
+        settings = self.settings
+        sqs_endpoint = settings.sqs_endpoint
+        if sqs_endpoint is None:
+            moto = await stack.enter_async_context(MotoServer())
+            sqs_endpoint = moto.url
+            log.info("embedded moto server", endpoint=sqs_endpoint)
+        redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+        if redis_url is None:
+            redis = await stack.enter_async_context(RedisServer(settings.data_dir / "redis"))
+            redis_url = redis.url
+            log.info("embedded redis-server", port=redis.port, pid=redis.pid)
+        store = StateStore(connect(redis_url), Keys(settings.redis_prefix), health=self.health)
+        stack.push_async_callback(store.close)
+        await self._check_state(store)
+        return sqs_endpoint, store
 
     async def _intake_gate(self) -> None:
         """Commands are only taken from the queue while the state store is reachable."""
