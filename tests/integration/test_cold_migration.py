@@ -15,7 +15,7 @@ from appliance.state.events import EventLog
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
 from appliance.storage.layered import LayeredDisk
-from clients.client import FerryClient
+from clients.client import FerryClient, FerryError
 from messages.common import MigrationState, PowerState
 from messages.events import MigrationStatus
 from tests.integration.conftest import Harness, RunningAppliance
@@ -167,6 +167,13 @@ async def test_ten_requests_with_a_limit_of_eight_queue_in_order(
         for vm in vms:  # one request each, in this order
             request = clone_request([vm.vm_id], bandwidth_mbps=12)
             followers.append(await start_migration(client, request))
+        # A second migration of a VM already in flight is refused with a clear code.
+        try:
+            await client.request(clone_request([vms[0].vm_id]))
+        except FerryError as error:
+            assert error.code.value == "conflict" and vms[0].vm_id in str(error)
+        else:  # pragma: no cover
+            raise AssertionError("a VM in flight must not be migrated twice")
         queued = {}
         for follower in followers[8:]:
             status = await follower.until(
@@ -214,8 +221,6 @@ async def test_cancel_mid_transfer_restores_the_source_and_removes_cloud_artefac
         assert status.state is MigrationState.CANCELLED
         assert 0 < max(s.bytes_done for s in follower.history) < status.bytes_total
         # Cancelling a finished migration is a conflict, with a clear code.
-        from clients.client import FerryError
-
         try:
             await client.request(
                 CancelRequest(
