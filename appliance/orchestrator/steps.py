@@ -132,7 +132,14 @@ async def finalize(deps: Deps, journal: Journal, record: MigrationRecord) -> Mig
         await onprem.delete_vm_snapshot(record.vm_id, record.snapshot_name)
     for disk in record.disks:
         await deps.checkpoints(transfer_id(record, disk.disk_id)).delete()
+    await _release(deps, record)
     return record
+
+
+async def _release(deps: Deps, record: MigrationRecord) -> None:
+    """Close the disks this migration opened, on both sites, before it is reported done."""
+    await deps.site(record.site).release(record.vm_id)
+    await deps.site(record.target_site).release(record.cloud_vm_id or record.migration_id)
 
 
 def transfer_id(record: MigrationRecord, disk_id: str) -> str:
@@ -159,5 +166,6 @@ async def rollback(deps: Deps, journal: Journal, record: MigrationRecord) -> Mig
     if record.prior_power is PowerState.ON and vm.power_state is not PowerState.ON:
         await onprem.set_power(record.vm_id, PowerState.ON)
     await deps.migrations.unlock_vm(record.site, record.vm_id, record.migration_id)
+    await _release(deps, record)
     log.info("rolled back", migration_id=record.migration_id)
     return record

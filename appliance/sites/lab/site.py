@@ -310,6 +310,14 @@ class LabSite:
         await self._forget_disk(path)
         await asyncio.to_thread(shutil.rmtree, path, True)
 
+    async def release(self, vm_id: str) -> None:
+        try:
+            vm = await self.get_vm(vm_id)
+        except UnknownVm:
+            return
+        for disk in vm.disks:
+            await self._forget_disk(self._disk_path(vm.vm_id, disk))
+
     async def close(self) -> None:
         async with self._disk_lock:
             disks, self._disks = list(self._disks.values()), {}
