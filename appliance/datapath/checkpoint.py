@@ -20,6 +20,12 @@ epochs*:
 
 So a run killed with SIGKILL re-sends at most the chunks that had been
 started and whose record Redis had not yet acknowledged.
+
+The two background loops end on :meth:`stop` as well as on cancellation:
+under Python 3.11 a cancellation that lands inside a Redis call can be lost
+(``asyncio.wait_for`` in redis-py swallows it when the reply arrives at the
+same moment), and a loop that then waited for its next wake-up would hang
+the task group that owns it.
 """
 
 from __future__ import annotations
@@ -117,6 +123,7 @@ class CheckpointWriter:
         self._epoch = first_epoch
         self._queue: list[ChunkRecord] = []
         self._wakeup = asyncio.Event()
+        self._stopping = False
         self._record_lock = asyncio.Lock()
         self._sync_lock = asyncio.Lock()
         self.durable_epoch = first_epoch - 1
@@ -142,12 +149,18 @@ class CheckpointWriter:
                 await self._store.record(batch)
                 self.records_written += len(batch)
 
+    def stop(self) -> None:
+        """End ``record_forever`` and ``sync_every`` at their next step; ``sync`` still works."""
+        self._stopping = True
+        self._wakeup.set()
+
     async def record_forever(self) -> None:
         """Group commit: write whatever queued up while the previous batch was in flight."""
-        while True:
+        while not self._stopping:
             await self._wakeup.wait()
             self._wakeup.clear()
-            await self._persist_queued()
+            if not self._stopping:
+                await self._persist_queued()
 
     async def sync(self) -> None:
         """Everything added so far: recorded, flushed at the target, marked durable."""
@@ -160,6 +173,7 @@ class CheckpointWriter:
             self.durable_epoch = epoch
 
     async def sync_every(self, interval_s: float) -> None:
-        while True:
+        while not self._stopping:
             await self._clock.sleep(interval_s)
-            await self.sync()
+            if not self._stopping:
+                await self.sync()

@@ -8,9 +8,15 @@ of the plan:
   so its hash is always the whole chunk's), hashed, written segment by
   segment (all-zero segments as ``zero(punch_hole=True)``: WRITE_ZEROES that
   may deallocate, so the target stays as sparse as the source; data through
-  the bandwidth cap), then checked at the target (see
-  :class:`~appliance.datapath.imagecheck.RangeHasher`). A mismatch is retried
-  once, writing the whole chunk, then raises ChunkMismatch.
+  the bandwidth cap), then checked at the target. The cheapest check first:
+  a target that can hash what it receives (:class:`VerifiedWriter`, Ferry's
+  hashed NBD writes) answers each data write with the digest of the bytes
+  it got, so a chunk written wholly as data is verified with no extra
+  request. Other chunks (zero or unwritten segments, targets without the
+  extension) are hashed at the target after the write (see
+  :class:`~appliance.datapath.imagecheck.RangeHasher`: a checksum request,
+  else a read-back). A mismatch is retried once, writing the whole chunk,
+  then raises ChunkMismatch.
 * a chunk an interrupted run recorded (``expected`` set) is first hashed at the
   target; when it matches it is recorded again without being sent.
 * a :class:`ZeroRun` is one ``zero()`` over many chunks.
@@ -21,14 +27,16 @@ handed to the checkpoint writer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import structlog
 
 from appliance.clock import Clock
+from appliance.datapath.buffers import BufferPool, ReadsInto
 from appliance.datapath.checkpoint import CheckpointWriter
 from appliance.datapath.chunks import ChunkTable, ChunkWork, Work, ZeroRun
 from appliance.datapath.imagecheck import RangeHasher
@@ -46,16 +54,30 @@ Buffer = bytes | bytearray
 T = TypeVar("T")
 
 
+_ZERO_BLOCK = 1 << 20
+
+
 @functools.lru_cache(maxsize=8)
 def _zeroes(length: int) -> bytes:
     return bytes(length)
 
 
+def zeroes(length: int) -> memoryview:
+    """``length`` zero bytes, sliced from a cached block (one serves every shorter length)."""
+    return memoryview(_zeroes(max(length, _ZERO_BLOCK)))[:length]
+
+
 def is_zero(data: Buffer | memoryview) -> bool:
-    # bytes == bytes is a memcmp; comparing a memoryview element-wise is 100x slower.
-    if isinstance(data, memoryview):
-        data = data.tobytes()
-    return data == _zeroes(len(data))
+    # bytes.startswith takes any buffer and is a memcmp, with no copy; comparing a
+    # memoryview with == goes element by element, 100x slower.
+    return _zeroes(max(len(data), _ZERO_BLOCK)).startswith(data)
+
+
+@runtime_checkable
+class VerifiedWriter(Protocol):
+    async def write_verified(self, offset: int, data: bytes | memoryview) -> bytes | None:
+        """Write; the chunk_hash of the bytes the target received, or None if it cannot tell."""
+        ...
 
 
 @dataclass(slots=True)
@@ -73,6 +95,7 @@ class Counters:
     chunks_resent: int = 0
     retries: int = 0
     mismatches: int = 0
+    chunks_verified_on_write: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +114,21 @@ class CopyContext:
     clock: Clock
     verify: bool
     target_is_zero: bool
+    buffer_bytes: int
+    """Idle chunk buffers kept for reuse (a chunk per worker)."""
 
 
 class ChunkCopier:
     def __init__(self, context: CopyContext, counters: Counters) -> None:
         self._c = context
         self.counters = counters
+        source, target = context.source, context.target
+        self._reading_source = source if isinstance(source, ReadsInto) else None
+        self._hashing_target = (
+            target if context.verify and isinstance(target, VerifiedWriter) else None
+        )
+        # At most one chunk per worker is in hand; their buffers are reused.
+        self._buffers = BufferPool(max_bytes=context.buffer_bytes)
 
     async def copy(self, work: Work) -> None:
         if isinstance(work, ZeroRun):
@@ -159,47 +191,88 @@ class ChunkCopier:
         return True
 
     async def _send(self, work: ChunkWork, *, whole: bool = False) -> tuple[bytes, bool]:
-        data = await self._read(work)
+        buffer = self._buffers.take(work.length)
+        data = memoryview(buffer)[: work.length]
+        try:
+            return await self._send_from(work, data, whole)
+        finally:
+            # Reused only if nothing kept a view (a request still sending, say).
+            with contextlib.suppress(BufferError):
+                data.release()
+            self._buffers.give(buffer)
+
+    async def _send_from(
+        self, work: ChunkWork, data: memoryview, whole: bool
+    ) -> tuple[bytes, bool]:
+        await self._read(work, data)
         digest = chunk_hash(data)
         zero = is_zero(data)
-        await self._write(work, data, zero=zero, whole=whole)
-        if self._c.verify:
+        verified = await self._write(work, data, digest, zero=zero, whole=whole)
+        if verified:
+            self.counters.chunks_verified_on_write += 1
+        elif self._c.verify:
             found = await self._c.target_hasher.hash(work.start, work.length)
             if found != digest:
                 raise ChunkMismatch(work.start, work.length, digest.hex(), found.hex())
         return digest, zero
 
-    async def _read(self, work: ChunkWork) -> Buffer:
-        source = self._c.source
+    async def _read(self, work: ChunkWork, data: memoryview) -> None:
+        """Fill ``data`` with the chunk: only its data segments when it is wholly covered."""
         async with self._c.source_io.slot():
             if not work.covered or work.segments == (Extent(work.start, work.length),):
-                data: Buffer = await source.read(work.start, work.length)
+                await self._read_range(work.start, data)
                 self.counters.bytes_read += work.length
-                return data
-            buffer = bytearray(work.length)  # zero segments stay zero without reading them
+                return
             for segment in work.segments:
+                at = segment.start - work.start
+                piece = data[at : at + segment.length]
                 if segment.data:
-                    at = segment.start - work.start
-                    buffer[at : at + segment.length] = await source.read(
-                        segment.start, segment.length
-                    )
+                    await self._read_range(segment.start, piece)
                     self.counters.bytes_read += segment.length
-            return buffer
+                else:
+                    piece[:] = zeroes(segment.length)  # zero without reading it
 
-    async def _write(self, work: ChunkWork, data: Buffer, *, zero: bool, whole: bool) -> None:
-        """Write the covered segments; ``whole`` rewrites the whole chunk, zeroes included."""
+    async def _read_range(self, offset: int, view: memoryview) -> None:
+        if self._reading_source is not None:
+            await self._reading_source.read_into(offset, view)
+        else:
+            view[:] = await self._c.source.read(offset, len(view))
+
+    async def _write(
+        self, work: ChunkWork, data: memoryview, digest: bytes, *, zero: bool, whole: bool
+    ) -> bool:
+        """Write the covered segments; ``whole`` rewrites the whole chunk, zeroes included.
+
+        True when that verified the chunk: all of it went as data writes and the
+        target's digest of what it received matched each (a mismatch raises).
+        """
         segments = (Extent(work.start, work.length),) if whole else work.segments
-        view = memoryview(data)
+        verified = sum(segment.length for segment in segments) == work.length
         for segment in segments:
             at = segment.start - work.start
-            piece = view[at : at + segment.length]
+            piece = data[at : at + segment.length]
             # A segment spanning the whole chunk was tested already (``zero``).
             whole_chunk = segment.length == work.length
             if segment.zero or zero or (not whole_chunk and is_zero(piece)):
                 if whole or not self._c.target_is_zero:
                     await self._c.target.zero(segment.start, segment.length, punch_hole=True)
                 self.counters.zero_bytes += segment.length
-            else:
-                await self._c.bandwidth.acquire(segment.length)
-                await self._c.target.write(segment.start, piece)
-                self.counters.bytes_written += segment.length
+                verified = False
+                continue
+            await self._c.bandwidth.acquire(segment.length)
+            received = await self._write_data(segment.start, piece)
+            self.counters.bytes_written += segment.length
+            if received is None:
+                verified = False
+                continue
+            expected = digest if whole_chunk else chunk_hash(piece)
+            if received != expected:
+                raise ChunkMismatch(work.start, work.length, expected.hex(), received.hex())
+        return verified
+
+    async def _write_data(self, offset: int, piece: memoryview) -> bytes | None:
+        """Write one data segment; the target's digest of it when it can hash writes."""
+        if self._hashing_target is None:
+            await self._c.target.write(offset, piece)
+            return None
+        return await self._hashing_target.write_verified(offset, piece)

@@ -8,8 +8,12 @@ without the extension doubles the traffic of verification.
 
 The whole-image digest is the hash of every chunk's hash in chunk order.
 :func:`hash_image` fills a :class:`ChunkTable` for one side, taking chunks
-the backend reports as zero from its extent map without reading them.
-Comparing two tables names the first chunk that differs.
+the backend maps as zero (holes or zeroes: NBD BLOCK_STATUS over a link)
+from its extent map without reading them; only chunks holding data are
+hashed, by the backend itself when it can. So a chunk the copy never wrote
+shows up as a zero chunk where the source has data, and a chunk that holds
+other bytes than the source's shows up in its hash. Comparing two tables
+names the first chunk that differs.
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ async def hash_image(
             if not needed(index):
                 continue
             length = table.bounds(index)[1]
-            if all(segment.zero for segment in segments) and segments[0].length == length:
+            mapped_zero = sum(segment.length for segment in segments if segment.zero)
+            if mapped_zero == length:  # holes and zeroes, however the map splits them
                 table.set(index, zero_hash(length))
             else:
                 yield index

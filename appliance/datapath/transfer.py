@@ -26,8 +26,10 @@ How it works (modelled on ovirt-imageio's copy loop):
    each target flush (:mod:`~appliance.datapath.checkpoint`: flush epochs).
 4. *Check*. The whole-image digest (hash of per-chunk hashes) of source and
    target must match (:mod:`~appliance.datapath.imagecheck`); the target's
-   side is always hashed afresh, the source's from the hashes seen while
-   copying, or afresh when ``certify`` asks for a full re-read of both sides.
+   side is always hashed afresh (its holes from its extent map, its data by
+   the target), the source's from the hashes seen while copying, or afresh
+   when ``certify`` asks for a full re-read of both sides. The last target
+   flush runs alongside; the checkpoint is marked complete after both.
 """
 
 from __future__ import annotations
@@ -107,8 +109,14 @@ class TransferStats:
     chunks_resent: int
     retries: int
     mismatches: int
+    chunks_verified_on_write: int
+    """Chunks the target's digest of the write verified (no checksum or read-back)."""
     copy_s: float
+    """Writing and verifying every chunk (periodic flushes included)."""
+    sync_s: float
+    """The last target flush and durable mark, alongside the check."""
     check_s: float
+    """The whole-image check or certification; 0.0 when none ran."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +165,7 @@ class Transfer:
         self._source_hasher = RangeHasher(source)
         self._meter: ProgressMeter | None = None
         self._copy_s = 0.0
+        self._sync_s = 0.0
         self._check_s = 0.0
         self._log = log.bind(transfer_id=transfer_id)
 
@@ -178,7 +187,9 @@ class Transfer:
     def stats(self) -> TransferStats:
         read_back = self._target_hasher.bytes_read_back + self._source_hasher.bytes_read_back
         counters = asdict(self._counters) | {"bytes_read_back": read_back}
-        return TransferStats(**counters, copy_s=self._copy_s, check_s=self._check_s)
+        return TransferStats(
+            **counters, copy_s=self._copy_s, sync_s=self._sync_s, check_s=self._check_s
+        )
 
     # -- the run ------------------------------------------------------------
 
@@ -208,15 +219,17 @@ class Transfer:
             skipped=planned.done_chunks,
             resumed=resumed,
         )
+        writer = CheckpointWriter(
+            self._store, self._flush_target, first_epoch=first_epoch, clock=self._clock
+        )
         started = time.monotonic()
-        await self._copy(wanted, first_epoch, meter)
+        await self._copy(writer, wanted, meter)
         self._copy_s = time.monotonic() - started
-        if self._stop.is_set():
+        stopped = self._stop.is_set()
+        meter.phase = TransferPhase.COPYING if stopped else TransferPhase.CHECKING
+        source_digest, target_digest = await self._finish(writer, check=not stopped)
+        if stopped:
             raise TransferCancelled(self.transfer_id, meter.chunks_done, meter.chunks_total)
-        meter.phase = TransferPhase.CHECKING
-        started = time.monotonic()
-        source_digest, target_digest = await self._check_image()
-        self._check_s = time.monotonic() - started
         if target_digest is not None:
             await self._store.mark_complete(target_digest)
         meter.phase = TransferPhase.DONE
@@ -261,11 +274,11 @@ class Transfer:
             self._options.retry, self._clock, 0, self._target.size, self._target.flush
         )
 
-    async def _copy(self, wanted: list[Extent], first_epoch: int, meter: ProgressMeter) -> None:
+    async def _copy(
+        self, writer: CheckpointWriter, wanted: list[Extent], meter: ProgressMeter
+    ) -> None:
+        """Every planned chunk written and verified (or a stop honoured); not yet flushed."""
         options = self._options
-        writer = CheckpointWriter(
-            self._store, self._flush_target, first_epoch=first_epoch, clock=self._clock
-        )
         copier = ChunkCopier(self._context(writer, meter), self._counters)
         work = plan(wanted, self._table, options.max_zero_run)
         try:
@@ -282,13 +295,44 @@ class Transfer:
                     )
                 try:
                     await run_bounded(work, copier.copy, workers=options.workers, stop=self._stop)
-                    await writer.sync()
                 finally:
+                    writer.stop()  # ends its loops even if a cancellation below gets lost
                     for task in background:
                         task.cancel()
         except BaseException:
             await self._last_sync(writer)
             raise
+
+    async def _finish(
+        self, writer: CheckpointWriter, *, check: bool
+    ) -> tuple[bytes | None, bytes | None]:
+        """The last target flush and, unless stopped, the whole-image check, side by side.
+
+        Neither changes what the other sees: the flush only makes the target's
+        bytes durable, the check only reads them. Both end before ``run`` marks
+        the checkpoint complete.
+        """
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._final_sync(writer))
+                digests = group.create_task(self._timed_check()) if check else None
+        except BaseException:
+            await self._last_sync(writer)
+            raise
+        return (None, None) if digests is None else digests.result()
+
+    async def _final_sync(self, writer: CheckpointWriter) -> None:
+        started = time.monotonic()
+        await writer.sync()
+        self._sync_s = time.monotonic() - started
+
+    async def _timed_check(self) -> tuple[bytes | None, bytes | None]:
+        if not (self._options.whole_image_check or self._options.certify):
+            return None, None  # check_s stays 0.0: nothing was checked
+        started = time.monotonic()
+        digests = await self._check_image()
+        self._check_s = time.monotonic() - started
+        return digests
 
     async def _last_sync(self, writer: CheckpointWriter) -> None:
         """Best effort after a failure or cancellation: keep what was verified."""
@@ -312,13 +356,12 @@ class Transfer:
             clock=self._clock,
             verify=self._options.verify_chunks,
             target_is_zero=self._options.target_is_zero,
+            buffer_bytes=self._options.workers * self._options.chunk_size,
         )
 
-    async def _check_image(self) -> tuple[bytes | None, bytes | None]:
+    async def _check_image(self) -> tuple[bytes, bytes]:
         """Whole-image digests of source and target; CertificationFailed names a difference."""
         options = self._options
-        if not (options.whole_image_check or options.certify):
-            return None, None
         size, chunk_size = self._source.size, options.chunk_size
         source_table = ChunkTable(size, chunk_size) if options.certify else self._table
         target_table = ChunkTable(size, chunk_size)

@@ -118,7 +118,10 @@ async def test_copy_with_verification_over_nbd(
 
     assert endpoints.target_path.read_bytes() == endpoints.source_path.read_bytes()
     stats = result.stats
-    assert stats.bytes_read_back == 0  # verified by the target's checksum, not read back
+    assert stats.bytes_read_back == 0  # verified at the target, never read back
+    # Chunks written wholly as data were verified by the digest in the write's reply;
+    # only the others (zero segments, partial chunks) needed a checksum request.
+    assert 0 < stats.chunks_verified_on_write <= stats.chunks_copied
     assert result.source_digest == result.target_digest
     # Only data travels: the wire carries what was written plus small headers.
     assert stats.bytes_written <= sum(
@@ -174,9 +177,12 @@ async def test_a_link_that_keeps_dropping_fails_naming_the_chunk(
     assert f"offset {error.offset}" in str(error)
 
 
-async def test_a_bit_flipped_at_the_target_is_caught_by_certification(
-    endpoints: Endpoints, redis: aioredis.Redis, keys: Keys
+@pytest.mark.parametrize("certify", [True, False], ids=["certify", "image-check"])
+async def test_a_bit_flipped_at_the_target_is_caught(
+    endpoints: Endpoints, redis: aioredis.Redis, keys: Keys, certify: bool
 ) -> None:
+    """Certification re-reads both sides; the plain whole-image check hashes the target
+    afresh (data chunks by checksum, holes from BLOCK_STATUS): both see the flip."""
     checkpoints = store(redis, keys, "flip")
     async with (
         await NbdBackend.connect(endpoints.source_server.address, "src") as source,
@@ -191,12 +197,35 @@ async def test_a_bit_flipped_at_the_target_is_caught_by_certification(
             file.seek(flip_at)
             file.write(bytes([byte ^ 0x10]))
 
-        certify = Transfer(
-            "flip", source, target, checkpoints=checkpoints, options=options(certify=True)
+        check = Transfer(
+            "flip", source, target, checkpoints=checkpoints, options=options(certify=certify)
         )
         with pytest.raises(CertificationFailed) as failure:
-            await certify.run()
-    assert certify.stats.chunks_skipped > 0  # nothing re-sent: the checkpoint said all done
+            await check.run()
+    assert check.stats.chunks_skipped > 0  # nothing re-sent: the checkpoint said all done
     chunk_start = flip_at - flip_at % CHUNK
     assert failure.value.offset == chunk_start
     assert failure.value.offset <= flip_at < failure.value.offset + failure.value.length
+
+
+async def test_a_chunk_missing_at_the_target_is_caught_by_the_image_check(
+    endpoints: Endpoints, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """A chunk the target does not hold (a lost write, a plan that skipped it) maps as a
+    hole at the target: the check counts it as zeroes without reading, and differs."""
+    checkpoints = store(redis, keys, "lost")
+    async with (
+        await NbdBackend.connect(endpoints.source_server.address, "src") as source,
+        await NbdBackend.connect(endpoints.target_server.address, "dst") as target,
+    ):
+        await Transfer("lost", source, target, checkpoints=checkpoints, options=options()).run()
+        content = endpoints.source_path.read_bytes()
+        lost = next(
+            at for at in range(CHUNK, DISK, CHUNK) if content[at : at + CHUNK].count(0) < CHUNK
+        )
+        await target.zero(lost, CHUNK, punch_hole=True)
+
+        check = Transfer("lost", source, target, checkpoints=checkpoints, options=options())
+        with pytest.raises(CertificationFailed) as failure:
+            await check.run()
+    assert (failure.value.offset, failure.value.length) == (lost, CHUNK)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-REQUIRED = ("qemu-img", "qemu-io", "qemu-nbd")
+REQUIRED = ("qemu-img", "qemu-io", "qemu-nbd", "nbdcopy")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -20,7 +20,7 @@ def qemu_tools() -> None:
     missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
     if missing:
         pytest.fail(
-            f"missing {', '.join(missing)}: run 'sudo apt-get install -y qemu-utils' "
+            f"missing {', '.join(missing)}: run 'sudo apt-get install -y qemu-utils libnbd-bin' "
             "(make test installs it when run as root)",
             pytrace=False,
         )

@@ -126,6 +126,30 @@ async def test_qemu_img_convert_copies_our_export_identically(
     assert copy.read_bytes() == source[1]
 
 
+async def test_qemu_img_convert_writes_into_our_export(
+    server: NbdServer, source: tuple[Path, bytes], tmp_path: Path
+) -> None:
+    image = tmp_path / "image.raw"
+    image.write_bytes(os.urandom(SIZE))
+    await run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image), server.url("disk"))
+    assert source[0].read_bytes() == image.read_bytes()
+
+
+async def test_nbdcopy_between_two_of_our_exports_is_identical(
+    source: tuple[Path, bytes], tmp_path: Path
+) -> None:
+    """nbdcopy: structured replies, block status, several connections, many requests in flight."""
+    target = tmp_path / "target.raw"
+    target.write_bytes(os.urandom(SIZE))  # stale content: the copy must overwrite or zero it all
+    async with (
+        FileBackend.open(source[0], readonly=True) as source_file,
+        FileBackend.open(target) as target_file,
+        NbdServer({"src": source_file, "dst": target_file}) as both,
+    ):
+        await run("nbdcopy", "--flush", both.url("src"), both.url("dst"))
+    assert target.read_bytes() == source[1]
+
+
 async def test_qemu_img_map_over_our_server_sees_the_file_allocation(
     server: NbdServer, source: tuple[Path, bytes]
 ) -> None:

@@ -162,6 +162,9 @@ async def test_client_writes_land_in_a_raw_image_served_by_qemu_nbd(tmp_path: Pa
             expected[2 * MiB + 1 : 2 * MiB + 101] = bytes(100)
             await backend.write(SIZE - 10, b"0123456789")
             expected[SIZE - 10 :] = b"0123456789"
+            # No Ferry extension at qemu-nbd: written all the same, not verified.
+            assert await backend.write_verified(2 * MiB + 500, b"verified?") is None
+            expected[2 * MiB + 500 : 2 * MiB + 509] = b"verified?"
             await backend.flush()
             extents = await backend.extents()
             assert sum(extent.length for extent in extents) == SIZE

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from appliance.datapath.buffers import POOL_MIN_BUFFER, BufferPool, exported
 from appliance.datapath.nbd.channel import (
-    POOL_MIN_BUFFER,
-    BufferPool,
     Channel,
     TcpAddress,
     UnixAddress,
     connect,
-    exported,
     nbd_url,
 )
 from appliance.errors import ConnectionDropped

@@ -157,6 +157,26 @@ async def test_checksum_matches_the_hash_of_the_bytes(
         await backend.checksum(0, MAX_BLOCK + 1)
 
 
+async def test_write_verified_returns_the_hash_of_what_the_server_received(
+    backend: NbdBackend, disk: MemoryBackend
+) -> None:
+    data = os.urandom(MAX_BLOCK)
+    assert await backend.write_verified(MiB + 3, data) == chunk_hash(data)
+    assert await disk.read(MiB + 3, len(data)) == data
+    # More than one request: written all the same, but no single digest covers it.
+    bigger = os.urandom(MAX_BLOCK + 1)
+    assert await backend.write_verified(0, bigger) is None
+    assert await disk.read(0, len(bigger)) == bigger
+
+
+async def test_hashed_writes_in_flight_each_get_their_own_digest(
+    backend: NbdBackend, disk: MemoryBackend
+) -> None:
+    pieces = {offset: os.urandom(10_000 + offset % 13) for offset in range(0, SIZE, 128 * 1024)}
+    digests = await asyncio.gather(*(backend.write_verified(o, d) for o, d in pieces.items()))
+    assert digests == [chunk_hash(data) for data in pieces.values()]
+
+
 async def test_errors_from_the_server_raise_nbd_command_error(server: NbdServer) -> None:
     async with await NbdClient.connect(server.address, "disk") as client:
         with pytest.raises(NbdCommandError) as caught:
@@ -318,6 +338,65 @@ async def test_client_works_with_a_server_without_structured_replies() -> None:
         assert await backend.read(10, 300_000) == b"\x5a" * 300_000
         assert await backend.extents() == [Extent(0, MiB)]
         assert await backend.checksum(0, 10) is None
+
+
+async def structured_fake_handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A server that agrees to structured replies and Ferry's context (and then lies)."""
+    writer.write(p.SERVER_GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, 3))
+    await reader.readexactly(4)
+    while True:
+        _, option, length = p.OPTION_HEADER.unpack(await reader.readexactly(16))
+        await reader.readexactly(length)
+        if option == p.Option.SET_META_CONTEXT:
+            context = p.U32.pack(2) + p.FERRY_CHECKSUM_CONTEXT.encode()
+            writer.write(p.pack_option_reply(option, p.Reply.META_CONTEXT, context))
+        elif option == p.Option.GO:
+            info = p.INFO_EXPORT.pack(p.Info.EXPORT, MiB, p.TransmissionFlag.HAS_FLAGS)
+            writer.write(p.pack_option_reply(option, p.Reply.INFO, info))
+            writer.write(p.pack_option_reply(option, p.Reply.ACK))
+            return
+        writer.write(p.pack_option_reply(option, p.Reply.ACK))
+
+
+def digest_chunk(handle: int, kind: int = p.ReplyType.FERRY_WRITE_HASH) -> bytes:
+    return p.pack_structured_header(p.ReplyFlag.DONE, kind, handle, 16) + bytes(16)
+
+
+@pytest.mark.parametrize(
+    ("hashed", "reply"),
+    [
+        (False, digest_chunk(1)),
+        (True, digest_chunk(1, p.ReplyType.FERRY_CHECKSUM)),
+        (True, p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, 1)),
+    ],
+    ids=["digest-nobody-asked-for", "checksum-chunk-to-a-write", "hashed-write-without-digest"],
+)
+async def test_a_write_digest_only_answers_a_hashed_write(hashed: bool, reply: bytes) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = p.parse_request(await reader.readexactly(28))
+        await reader.readexactly(request.length)
+        writer.write(reply)
+        await reader.read()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await structured_fake_handshake(reader, writer)
+            await answer(reader, writer)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    address = TcpAddress("127.0.0.1", server.sockets[0].getsockname()[1])
+    async with server:
+        client = await NbdClient.connect(address)
+        assert client.can_checksum
+        with pytest.raises(NbdProtocolError):
+            if hashed:
+                await client.write_hashed(0, b"data")
+            else:
+                await client.write(0, b"data")
+        await client.close()
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,68 @@ async def test_ferry_checksum_command_hashes_ranges_holes_as_zeroes(wire: Wire) 
     assert not first[0] & p.ReplyFlag.DONE and second[0] & p.ReplyFlag.DONE
 
 
+async def test_hashed_write_replies_with_the_digest_of_the_bytes_received(
+    wire: Wire, disk: MemoryBackend
+) -> None:
+    await wire.greet()
+    await wire.go(contexts=(p.BASE_ALLOCATION, p.FERRY_CHECKSUM_CONTEXT))
+    data = os.urandom(70_000)
+    await wire.request(p.Command.WRITE, 4097, len(data), flags=p.CommandFlag.FERRY_HASH, handle=4)
+    await wire.send(data)
+    flags, kind, handle, digest = await wire.chunk()
+    assert (flags, kind, handle) == (p.ReplyFlag.DONE, p.ReplyType.FERRY_WRITE_HASH, 4)
+    assert digest == chunk_hash(data)
+    assert await disk.read(4097, len(data)) == data
+    flushes = disk.flushes
+    hashed_fua = p.CommandFlag.FERRY_HASH | p.CommandFlag.FUA
+    await wire.request(p.Command.WRITE, 0, 3, flags=hashed_fua, handle=5)
+    await wire.send(b"abc")
+    reply = await wire.chunk()
+    assert reply == (p.ReplyFlag.DONE, p.ReplyType.FERRY_WRITE_HASH, 5, chunk_hash(b"abc"))
+    assert disk.flushes == flushes + 1
+    # A plain write on the same connection still gets a plain reply.
+    await wire.request(p.Command.WRITE, 0, 3, handle=6)
+    await wire.send(b"xyz")
+    assert await wire.simple_reply() == (0, 6)
+
+
+@pytest.mark.parametrize(
+    "contexts", [(), (p.BASE_ALLOCATION,)], ids=["no-structured-replies", "base-only"]
+)
+async def test_hash_flag_without_the_context_is_einval_and_writes_nothing(
+    wire: Wire, disk: MemoryBackend, contexts: tuple[str, ...]
+) -> None:
+    await wire.greet()
+    if contexts:
+        await wire.go(contexts=contexts)
+    else:
+        await wire.send(p.pack_option(p.Option.EXPORT_NAME, b"disk"))
+        await wire.recv(10)
+    await wire.request(p.Command.WRITE, 0, 4, flags=p.CommandFlag.FERRY_HASH, handle=3)
+    await wire.send(b"\xee" * 4)
+    if contexts:
+        assert await wire.error_of() == p.Errno.EINVAL
+    else:
+        assert await wire.simple_reply() == (p.Errno.EINVAL, 3)
+    assert await disk.read(0, 4) == bytes(4)
+    await wire.request(p.Command.FLUSH, 0, 0, handle=7)  # the payload was consumed: in step
+    assert await wire.simple_reply() == (0, 7)
+
+
+@pytest.mark.parametrize(("offset", "error"), [(SIZE - 2, p.Errno.ENOSPC), (0, p.Errno.EPERM)])
+async def test_a_hashed_write_that_fails_gets_an_error_not_a_digest(
+    server: NbdServer, offset: int, error: int
+) -> None:
+    server.add_export("ro", MemoryBackend(SIZE), readonly=True)
+    wire = await Wire.open(server)
+    await wire.greet()
+    await wire.go("ro" if error == p.Errno.EPERM else "disk", (p.FERRY_CHECKSUM_CONTEXT,))
+    await wire.request(p.Command.WRITE, offset, 4, flags=p.CommandFlag.FERRY_HASH)
+    await wire.send(b"\x01" * 4)
+    assert await wire.error_of() == error
+    await wire.close()
+
+
 async def test_checksum_without_the_context_is_einval(wire: Wire) -> None:
     await wire.greet()
     await wire.go(contexts=(p.BASE_ALLOCATION,))

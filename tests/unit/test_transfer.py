@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
-from appliance.datapath.checkpoint import MemoryCheckpointStore
+from appliance.datapath.checkpoint import ChunkRecord, MemoryCheckpointStore
+from appliance.datapath.copier import is_zero
 from appliance.datapath.progress import TransferPhase, TransferProgress
 from appliance.datapath.retry import RetryPolicy
 from appliance.datapath.transfer import Transfer, TransferOptions
@@ -20,7 +21,7 @@ from appliance.errors import (
     TransferCancelled,
     TransferFailed,
 )
-from appliance.storage.extents import Extent
+from appliance.storage.extents import Extent, iter_chunks
 from appliance.storage.hashing import chunk_hash
 from appliance.storage.memory import MemoryBackend
 
@@ -30,29 +31,62 @@ CHUNK = 64 * KIB
 FAST_RETRY = RetryPolicy(attempts=4, initial_s=0.001, max_s=0.005)
 
 WriteHook = Callable[[int, bytes], Awaitable[bytes]]
+AtRest = Callable[[int, bytes], bytes | None]
 
 
 class FaultyBackend(MemoryBackend):
-    """A MemoryBackend whose writes pass through a hook (which may raise or alter data)."""
+    """A MemoryBackend target behind a faulty link, with Ferry's NBD extension or without.
 
-    def __init__(self, size: int, hook: WriteHook | None = None, *, checksums: bool = False):
+    ``hook`` is the link: it may raise or alter what the target receives.
+    ``at_rest`` is the storage: it may alter what is kept of a received write,
+    or drop it (None), after the target hashed what it received.
+    ``checksums`` plays the checksum command (hash a range where it lies),
+    ``hashed_writes`` the hashed write (the digest of the bytes received).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        hook: WriteHook | None = None,
+        *,
+        checksums: bool = False,
+        hashed_writes: bool = False,
+        at_rest: AtRest | None = None,
+    ):
         super().__init__(size, name="faulty")
         self.hook = hook
         self.checksums = checksums
+        self.hashed_writes = hashed_writes
+        self.at_rest = at_rest
         self.writes = 0
+        self.checksum_calls = 0
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
-        self.writes += 1
-        payload = bytes(data)
-        if self.hook is not None:
-            payload = await self.hook(offset, payload)
-        await super().write(offset, payload)
+        await self._store(offset, await self._receive(offset, data))
+
+    async def write_verified(self, offset: int, data: bytes | memoryview) -> bytes | None:
+        received = await self._receive(offset, data)
+        await self._store(offset, received)
+        return chunk_hash(received) if self.hashed_writes else None
 
     async def checksum(self, offset: int, length: int) -> bytes | None:
         """Like the Ferry NBD extension: hashed where the data is, or None when unsupported."""
         if not self.checksums:
             return None
+        self.checksum_calls += 1
         return chunk_hash(await self.read(offset, length))
+
+    async def _receive(self, offset: int, data: bytes | memoryview) -> bytes:
+        self.writes += 1
+        payload = bytes(data)
+        if self.hook is not None:
+            payload = await self.hook(offset, payload)
+        return payload
+
+    async def _store(self, offset: int, payload: bytes) -> None:
+        kept = payload if self.at_rest is None else self.at_rest(offset, payload)
+        if kept is not None:
+            await super().write(offset, kept)
 
 
 def lab_bytes(size: int, seed: int = 7) -> bytes:
@@ -89,10 +123,23 @@ async def image(backend: MemoryBackend) -> bytes:
     return await backend.read(0, backend.size)
 
 
-@pytest.mark.parametrize("checksums", [False, True], ids=["read-back", "checksum"])
-async def test_full_copy_is_byte_identical_and_sparse(checksums: bool) -> None:
+VERIFICATIONS = ["read-back", "checksum", "hashed-writes"]
+
+
+def verified_target(size: int, verification: str, hook: WriteHook | None = None) -> FaultyBackend:
+    """A target that can verify by reading back only, by checksum, or by hashed writes too."""
+    return FaultyBackend(
+        size,
+        hook,
+        checksums=verification != "read-back",
+        hashed_writes=verification == "hashed-writes",
+    )
+
+
+@pytest.mark.parametrize("verification", VERIFICATIONS)
+async def test_full_copy_is_byte_identical_and_sparse(verification: str) -> None:
     source = await source_disk()
-    target = FaultyBackend(source.size, checksums=checksums)
+    target = verified_target(source.size, verification)
     result = await Transfer("t1", source, target, options=options()).run()
 
     assert await image(target) == await image(source)
@@ -106,7 +153,23 @@ async def test_full_copy_is_byte_identical_and_sparse(checksums: bool) -> None:
         if extent.zero:
             assert all(e.zero for e in await target.extents(extent.start, extent.length))
     assert result.source_digest == result.target_digest is not None
-    assert (result.stats.bytes_read_back > 0) == (not checksums)
+    assert (result.stats.bytes_read_back > 0) == (verification == "read-back")
+    assert (result.stats.chunks_verified_on_write > 0) == (verification == "hashed-writes")
+
+
+async def test_hashed_writes_verify_whole_data_chunks_and_checksums_the_rest() -> None:
+    source = await source_disk()
+    target = verified_target(source.size, "hashed-writes")
+    opts = options(whole_image_check=False)
+    stats = (await Transfer("t", source, target, options=opts).run()).stats
+
+    assert await image(target) == await image(source)
+    # Chunks that went wholly as data writes needed nothing more; chunks with zero
+    # segments (or partly covered ones) were hashed at the target, once each.
+    assert 0 < stats.chunks_verified_on_write < stats.chunks_copied
+    assert target.checksum_calls == stats.chunks_copied - stats.chunks_verified_on_write
+    assert stats.bytes_read_back == 0
+    assert stats.check_s == 0.0  # no check ran, so none is reported
 
 
 async def test_zero_chunks_become_zero_requests_not_data() -> None:
@@ -218,7 +281,8 @@ async def test_a_link_that_keeps_dropping_names_the_chunk() -> None:
     assert isinstance(failure.value.cause, ConnectionDropped)
 
 
-async def test_a_corrupted_write_is_detected_and_sent_again() -> None:
+@pytest.mark.parametrize("verification", VERIFICATIONS)
+async def test_a_corrupted_write_is_detected_and_sent_again(verification: str) -> None:
     source = MemoryBackend.from_bytes(random.Random(4).randbytes(4 * CHUNK), name="source")
     corrupted: set[int] = set()
 
@@ -228,22 +292,63 @@ async def test_a_corrupted_write_is_detected_and_sent_again() -> None:
             return bytes([data[0] ^ 1]) + data[1:]
         return data
 
-    target = FaultyBackend(source.size, flip_once)
+    target = verified_target(source.size, verification, flip_once)
     result = await Transfer("t", source, target, options=options()).run()
     assert await image(target) == await image(source)
     assert result.stats.mismatches == 1
 
 
-async def test_a_chunk_that_never_lands_right_fails_with_mismatch() -> None:
+@pytest.mark.parametrize("verification", VERIFICATIONS)
+async def test_a_chunk_that_never_lands_right_fails_with_mismatch(verification: str) -> None:
     source = MemoryBackend.from_bytes(random.Random(5).randbytes(4 * CHUNK), name="source")
 
     async def flip_always(offset: int, data: bytes) -> bytes:
         return bytes([data[0] ^ 1]) + data[1:] if offset == 2 * CHUNK else data
 
-    target = FaultyBackend(source.size, flip_always)
+    target = verified_target(source.size, verification, flip_always)
     with pytest.raises(ChunkMismatch) as mismatch:
         await Transfer("t", source, target, options=options()).run()
-    assert mismatch.value.offset == 2 * CHUNK
+    assert (mismatch.value.offset, mismatch.value.length) == (2 * CHUNK, CHUNK)
+
+
+@pytest.mark.parametrize("fault", ["bit-flip-at-rest", "lost-write"])
+async def test_what_a_write_digest_cannot_see_the_image_check_catches(fault: str) -> None:
+    """The write digest covers the link; storage that keeps other bytes (or none) is the
+    whole-image check's to find, since it hashes the target afresh."""
+    source = MemoryBackend.from_bytes(random.Random(13).randbytes(16 * CHUNK), name="source")
+
+    def storage(offset: int, data: bytes) -> bytes | None:
+        if offset != 9 * CHUNK:
+            return data
+        return None if fault == "lost-write" else data[:77] + bytes([data[77] ^ 8]) + data[78:]
+
+    target = FaultyBackend(source.size, checksums=True, hashed_writes=True, at_rest=storage)
+    transfer = Transfer("t", source, target, options=options())
+    with pytest.raises(CertificationFailed) as failure:
+        await transfer.run()
+    assert (failure.value.offset, failure.value.length) == (9 * CHUNK, CHUNK)
+    assert transfer.stats.chunks_verified_on_write == 16  # the copy itself saw nothing wrong
+    assert transfer.stats.mismatches == 0
+
+
+async def test_image_check_hashes_only_the_chunks_the_target_holds_data_in() -> None:
+    source = await source_disk(size=40 * CHUNK + 123)
+    target = FaultyBackend(source.size, checksums=True, hashed_writes=True)
+    store = MemoryCheckpointStore()
+    opts = options(whole_image_check=False)
+    await Transfer("t", source, target, checkpoints=store, options=opts).run()
+    target.checksum_calls = 0
+
+    result = await Transfer("t", source, target, checkpoints=store, options=options()).run()
+    chunks = -(-source.size // CHUNK)
+    assert result.stats.chunks_skipped == chunks  # nothing copied: only the check ran
+    data_chunks = [
+        index
+        for index, segments in iter_chunks(await target.extents(), CHUNK)
+        if not all(segment.zero for segment in segments)
+    ]
+    assert 0 < target.checksum_calls == len(data_chunks) < chunks
+    assert result.source_digest == result.target_digest
 
 
 async def test_certification_names_a_flipped_bit() -> None:
@@ -317,6 +422,36 @@ async def test_task_cancel_is_not_swallowed_and_keeps_the_checkpoint() -> None:
     assert await image(target) == await image(source)
 
 
+class LosesCancellations(MemoryCheckpointStore):
+    """Like redis-py under Python 3.11: a cancellation landing inside a call may be lost."""
+
+    async def record(self, records: Sequence[ChunkRecord]) -> None:
+        await self._swallow_cancellation()
+        await super().record(records)
+
+    async def mark_durable(self, epoch: int) -> None:
+        await self._swallow_cancellation()
+        await super().mark_durable(epoch)
+
+    @staticmethod
+    async def _swallow_cancellation() -> None:
+        try:
+            await asyncio.sleep(0.001)
+        except asyncio.CancelledError:
+            pass  # the bug being modelled
+
+
+async def test_a_store_that_loses_cancellations_does_not_hang_the_transfer() -> None:
+    source = MemoryBackend.from_bytes(random.Random(14).randbytes(32 * CHUNK), name="source")
+    target = FaultyBackend(source.size, hashed_writes=True)
+    store = LosesCancellations()
+    opts = options(flush_interval_s=0.001)
+    async with asyncio.timeout(10):
+        await Transfer("t", source, target, checkpoints=store, options=opts).run()
+    assert await image(target) == await image(source)
+    assert store.complete_digest is not None
+
+
 async def test_pending_chunks_are_verified_not_resent() -> None:
     source = MemoryBackend.from_bytes(random.Random(10).randbytes(16 * CHUNK), name="source")
     target = FaultyBackend(source.size, checksums=True)
@@ -364,3 +499,12 @@ async def test_bandwidth_cap_can_be_lifted_while_running() -> None:
     transfer.set_source_queue_depth(8)
     await asyncio.wait_for(task, timeout=5)
     assert await image(target) == await image(source)
+
+
+@pytest.mark.parametrize("length", [1, 4097, MIB, 3 * MIB + 1])
+def test_is_zero_reads_any_buffer_without_copying_it(length: int) -> None:
+    buffer = bytearray(length)
+    assert is_zero(buffer) and is_zero(memoryview(buffer)) and is_zero(bytes(buffer))
+    buffer[-1] = 1
+    assert not is_zero(memoryview(buffer)) and not is_zero(buffer)
+    assert is_zero(memoryview(buffer)[:-1])

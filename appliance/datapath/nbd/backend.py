@@ -3,7 +3,8 @@
 Requests larger than the server's maximum block size are split and sent
 concurrently on the one connection. ``extents`` pages BLOCK_STATUS to the
 end of the range and merges the answers. ``checksum`` asks a Ferry server
-for the hash of a range (None from servers without the extension).
+for the hash of a range, ``write_verified`` writes and returns the hash of
+what the server received (both None from servers without the extension).
 
 Reconnects: when the connection drops, the requests in flight raise
 ``ConnectionDropped`` (a ``TransientError``); the next call opens a new
@@ -129,6 +130,20 @@ class NbdBackend:
         await _all(
             [client.write(pos, view[pos - offset : pos - offset + size]) for pos, size in pieces]
         )
+
+    async def write_verified(self, offset: int, data: bytes | memoryview) -> bytes | None:
+        """Write ``data``; the chunk_hash of the bytes the server received and wrote, or None.
+
+        None when the server lacks Ferry's extension or ``data`` needs more than
+        one request: the data is written all the same, only not verified.
+        """
+        view = memoryview(data).cast("B")
+        check_range(self._name, self._size, offset, len(view))
+        client = await self._writable()
+        if client.can_checksum and 0 < len(view) <= client.info.max_block:
+            return await client.write_hashed(offset, view)
+        await self.write(offset, view)
+        return None
 
     async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
         check_range(self._name, self._size, offset, length)

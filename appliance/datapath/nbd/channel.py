@@ -6,9 +6,7 @@ buffer, so a payload is copied once, by the kernel. Writes go out with
 ``sendmsg`` (header and payload in one call, no join), one writer at a time.
 A failure of the socket is raised as ``ConnectionDropped``; a write
 interrupted half-way shuts the socket down, since the stream is then garbage.
-``BufferPool`` recycles payload buffers: on Linux a fresh multi-MiB
-allocation is zero-filled and page-faulted every time, which cost more CPU
-than the protocol itself at 4 MiB requests.
+Payload buffers come from a ``BufferPool`` (:mod:`appliance.datapath.buffers`).
 
 Rule for users: wake every task blocked on the socket (``shutdown``) or
 cancel it before ``close``; asyncio must not wait on a closed descriptor.
@@ -27,8 +25,6 @@ from appliance.errors import ConnectionDropped
 
 READ_AHEAD = 128 * 1024
 UNIX_SOCKET_BUFFER = 4 * 1024 * 1024
-POOL_MIN_BUFFER = 64 * 1024
-POOL_MAX_BYTES = 32 * 1024 * 1024
 
 Buffer = bytes | bytearray | memoryview
 
@@ -58,54 +54,6 @@ def nbd_url(address: NbdAddress, export: str) -> str:
     if isinstance(address, TcpAddress):
         return f"nbd://{address.host}:{address.port}/{quote(export)}"
     return f"nbd+unix:///{quote(export)}?socket={quote(str(address.path))}"
-
-
-def exported(buffer: bytearray) -> bool:
-    """True while some memoryview still refers to ``buffer``.
-
-    A bytearray with live views refuses to resize; shrinking by one byte and
-    growing back costs nothing (no reallocation) when it is free to move.
-    """
-    if not buffer:
-        return False
-    last = buffer[-1]
-    try:
-        del buffer[-1]
-    except BufferError:
-        return True
-    buffer.append(last)
-    return False
-
-
-class BufferPool:
-    """Reusable payload buffers: a fresh multi-MiB bytearray costs page faults every time.
-
-    ``take`` returns a buffer at least ``length`` long (callers slice it);
-    ``give`` takes it back unless someone kept a view on it, keeping at most
-    ``max_bytes`` idle.
-    """
-
-    def __init__(self, max_bytes: int = POOL_MAX_BYTES) -> None:
-        self._free: list[bytearray] = []
-        self._free_bytes = 0
-        self._max_bytes = max_bytes
-
-    def take(self, length: int) -> bytearray:
-        fitting = [buffer for buffer in self._free if len(buffer) >= length]
-        if length < POOL_MIN_BUFFER or not fitting:
-            return bytearray(length)
-        buffer = min(fitting, key=len)
-        self._free.remove(buffer)
-        self._free_bytes -= len(buffer)
-        return buffer
-
-    def give(self, buffer: bytearray) -> None:
-        if len(buffer) < POOL_MIN_BUFFER or exported(buffer):
-            return
-        if self._free_bytes + len(buffer) > self._max_bytes:
-            return
-        self._free.append(buffer)
-        self._free_bytes += len(buffer)
 
 
 def tune_socket(sock: socket.socket) -> None:

@@ -5,6 +5,10 @@ by handle; one reader task owns the receiving side and completes a future
 per request. READ replies are received straight into the request's buffer,
 whether the server sends simple replies or structured chunks (data, holes).
 
+With Ferry's extension negotiated, ``write_hashed`` is a WRITE whose reply
+carries the digest of the payload as the server received it (see
+``protocol``).
+
 Each request here must fit the server's maximum block size; ``NbdBackend``
 splits larger ones. When the connection fails every pending and later
 request raises ``ConnectionDropped`` (or ``NbdProtocolError`` if the server
@@ -20,11 +24,13 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
+from appliance.datapath.buffers import BufferPool
 from appliance.datapath.nbd import protocol as p
-from appliance.datapath.nbd.channel import Buffer, BufferPool, Channel, NbdAddress, connect
+from appliance.datapath.nbd.channel import Buffer, Channel, NbdAddress, connect
 from appliance.datapath.nbd.client_handshake import ClientHandshake, ExportInfo
 from appliance.errors import ConnectionDropped, NbdCommandError, NbdProtocolError
 from appliance.storage.extents import Extent
+from appliance.storage.hashing import DIGEST_SIZE
 
 CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 10.0
@@ -34,6 +40,7 @@ MAX_STATUS_PAYLOAD = 16 * 1024 * 1024
 @dataclass(slots=True, eq=False)
 class _Pending:
     command: p.Command
+    flags: int
     offset: int
     length: int
     future: asyncio.Future[None]
@@ -104,6 +111,7 @@ class NbdClient:
 
     @property
     def can_checksum(self) -> bool:
+        """The server speaks Ferry's extension: checksum requests and hashed writes."""
         return self._info.checksum_context is not None
 
     async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
@@ -123,6 +131,16 @@ class NbdClient:
     async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         flags = p.CommandFlag.FUA if fua else 0
         await self._submit(p.Command.WRITE, offset, len(data), flags=flags, payload=data)
+
+    async def write_hashed(self, offset: int, data: Buffer, *, fua: bool = False) -> bytes:
+        """WRITE, answered with the digest of the bytes the server received and wrote."""
+        if self._info.checksum_context is None:
+            raise NbdProtocolError(f"server did not agree to {p.FERRY_CHECKSUM_CONTEXT}")
+        flags = p.CommandFlag.FERRY_HASH | (p.CommandFlag.FUA if fua else 0)
+        pending = await self._submit(p.Command.WRITE, offset, len(data), flags=flags, payload=data)
+        if pending.digest is None:
+            raise NbdProtocolError("hashed write answered without a digest")
+        return pending.digest
 
     async def flush(self) -> None:
         await self._submit(p.Command.FLUSH, 0, 0)
@@ -197,7 +215,8 @@ class NbdClient:
         if self._failure is not None:
             raise _copy(self._failure, self.peer)
         handle = next(self._handles)
-        pending = _Pending(command, offset, length, asyncio.get_running_loop().create_future())
+        future = asyncio.get_running_loop().create_future()
+        pending = _Pending(command, flags, offset, length, future)
         pending.buffer = buffer
         self._pending[handle] = pending
         header = p.pack_request(command, handle, offset, length, flags)
@@ -280,10 +299,8 @@ class NbdClient:
             await self._offset_hole(pending, length)
         elif kind == p.ReplyType.BLOCK_STATUS:
             await self._block_status_chunk(pending, length)
-        elif kind == p.ReplyType.FERRY_CHECKSUM:
-            if length != 16 or pending.command != p.Command.FERRY_CHECKSUM:
-                raise NbdProtocolError(f"bad checksum chunk of {length} bytes")
-            pending.digest = await self._channel.read_exactly(length)
+        elif kind in (p.ReplyType.FERRY_CHECKSUM, p.ReplyType.FERRY_WRITE_HASH):
+            await self._digest_chunk(pending, kind, length)
         elif kind & p.REPLY_TYPE_ERROR_BIT:
             await self._error_chunk(pending, length)
         elif kind != p.ReplyType.NONE or length:
@@ -333,6 +350,18 @@ class NbdClient:
         (context,) = p.U32.unpack_from(payload)
         if context == self._info.allocation_context:
             pending.extents = _allocation_extents(payload, pending.offset, pending.length)
+
+    async def _digest_chunk(self, pending: _Pending, kind: int, length: int) -> None:
+        """A Ferry digest, only ever in reply to the request that asked for it."""
+        if kind == p.ReplyType.FERRY_CHECKSUM:
+            asked = pending.command == p.Command.FERRY_CHECKSUM
+        else:
+            asked = pending.command == p.Command.WRITE and bool(
+                pending.flags & p.CommandFlag.FERRY_HASH
+            )
+        if length != DIGEST_SIZE or not asked or pending.digest is not None:
+            raise NbdProtocolError(f"unexpected digest chunk {kind:#x} of {length} bytes")
+        pending.digest = await self._channel.read_exactly(length)
 
     async def _error_chunk(self, pending: _Pending, length: int) -> None:
         if length < p.ERROR_HEADER.size:

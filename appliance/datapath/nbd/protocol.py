@@ -15,6 +15,23 @@ Ferry checksum extension (non-standard, negotiated, invisible to other peers):
   range as it reads (holes hash as zeroes); errors come as usual error chunks.
 - BLOCK_STATUS answers for this context with one descriptor of status 0, as
   the spec requires one chunk per selected context.
+
+Ferry hashed writes (same extension, same negotiation):
+
+- With the context selected, ``NBD_CMD_WRITE`` accepts the command flag
+  ``NBD_CMD_FLAG_FERRY_HASH`` (bit 15, the far end from the flags the spec
+  allocates from bit 0). The request is an ordinary WRITE, payload included,
+  so anything that frames NBD requests still frames it.
+- The server writes as usual; once the write returned (and FUA's flush, if
+  asked), it replies with one structured chunk of type
+  ``NBD_REPLY_TYPE_FERRY_WRITE_HASH`` (0x7E02, flag DONE) whose 16-byte
+  payload is the xxh3-128 digest of the payload *as received*: no re-read,
+  no extra round trip. A failed write gets the usual error chunk, no digest.
+- Without the context the bit is an unknown flag: EINVAL, as the spec says.
+  Standard peers never set it, so they never see the new chunk type.
+- What it proves: the bytes reached the server intact and the write
+  succeeded. What it does not: that storage returns them; the whole-image
+  check (a fresh checksum of the target) covers that.
 """
 
 from __future__ import annotations
@@ -124,6 +141,8 @@ class CommandFlag(IntFlag):
     DF = 1 << 2
     REQ_ONE = 1 << 3
     FAST_ZERO = 1 << 4
+    FERRY_HASH = 1 << 15
+    """Ferry extension, WRITE only: reply with the digest of the payload received."""
 
 
 class ReplyFlag(IntFlag):
@@ -136,6 +155,7 @@ class ReplyType(IntEnum):
     OFFSET_HOLE = 2
     BLOCK_STATUS = 5
     FERRY_CHECKSUM = 0x7E01
+    FERRY_WRITE_HASH = 0x7E02
     ERROR = 2**15 + 1
     ERROR_OFFSET = 2**15 + 2
 

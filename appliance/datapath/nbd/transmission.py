@@ -4,22 +4,29 @@ One reader loop takes requests off the socket (a WRITE's payload included)
 and starts a task per request, at most ``max_inflight`` at a time; replies
 go out as each finishes, possibly out of order, one whole reply at a time.
 Errors the spec foresees are answered with its error values: EINVAL for
-unknown commands or flags, oversized reads and reads past the end, ENOSPC
+unknown commands or flags (Ferry's extension flag counts as unknown unless
+its context was negotiated), oversized reads and reads past the end, ENOSPC
 for writes past the end, EPERM on read-only exports. What cannot be answered
 (bad magic, a WRITE payload over the maximum block size) closes the
-connection. Nothing here logs or hashes per request on the hot path.
+connection. Nothing here logs on the hot path, and nothing hashes unless
+asked: a hashed WRITE digests its payload as received, once the backend's
+write returned; a checksum reads the range into a pooled buffer and hashes
+it. Up to a MiB is hashed on the event loop (cheaper than a hand-off to a
+thread), more in a thread (xxh3 releases the GIL).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 from collections.abc import Awaitable, Callable
 
 import structlog
 
+from appliance.datapath.buffers import BufferPool, ReadsInto
 from appliance.datapath.nbd import protocol as p
-from appliance.datapath.nbd.channel import BufferPool, Channel
+from appliance.datapath.nbd.channel import Channel
 from appliance.datapath.nbd.server_handshake import (
     BASE_ALLOCATION_ID,
     FERRY_CHECKSUM_ID,
@@ -32,6 +39,11 @@ from appliance.storage.hashing import chunk_hash, zero_hash
 
 log = structlog.get_logger(__name__)
 
+INLINE_HASH_LIMIT = 1 << 20
+"""Hash up to this many bytes on the event loop: cheaper than a hand-off to a thread."""
+MAP_FIRST_LENGTH = 4 << 20
+"""Checksum ranges this large look at the extent map first, to hash holes unread. A map
+lookup costs about what reading a MiB of hole (zero-filled by the kernel) does."""
 MAX_DESCRIPTORS = 64 * 1024  # per BLOCK_STATUS reply; the client asks again for the rest
 DRAIN_TIMEOUT = 10.0
 
@@ -56,6 +68,19 @@ _ERRNO_MAP = {
     errno.EINVAL: p.Errno.EINVAL,
     errno.ENOMEM: p.Errno.ENOMEM,
 }
+
+
+# Extension flags, allowed only once the Ferry context was negotiated.
+FERRY_FLAGS = {p.Command.WRITE: _F.FERRY_HASH}
+
+
+def allowed_flags(contexts: frozenset[int]) -> dict[int, int]:
+    """Command flags a session may use: the standard ones, plus Ferry's if it opted in."""
+    allowed: dict[int, int] = {command: int(flags) for command, flags in ALLOWED_FLAGS.items()}
+    if FERRY_CHECKSUM_ID in contexts:
+        for command, flags in FERRY_FLAGS.items():
+            allowed[command] |= flags
+    return allowed
 
 
 class CommandError(Exception):
@@ -87,6 +112,7 @@ class ServerConnection:
         self._slots = asyncio.Semaphore(max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._buffers = BufferPool()
+        self._allowed_flags = allowed_flags(session.contexts)
         self._handlers: dict[int, Callable[[p.Request, memoryview | None], Awaitable[None]]] = {
             p.Command.READ: self._read,
             p.Command.WRITE: self._write,
@@ -162,7 +188,7 @@ class ServerConnection:
             handler = self._handlers.get(request.command)
             if handler is None:
                 raise CommandError(p.Errno.EINVAL, f"unknown command {request.command}")
-            if request.flags & ~ALLOWED_FLAGS[p.Command(request.command)]:
+            if request.flags & ~self._allowed_flags[request.command]:
                 raise CommandError(p.Errno.EINVAL, f"bad flags {request.flags:#x}")
             await handler(request, payload)
         except ConnectionDropped:
@@ -233,8 +259,17 @@ class ServerConnection:
         self._check_range(request, p.Errno.ENOSPC)
         assert payload is not None
         await self._backend.write(request.offset, payload)
+        if not request.flags & p.CommandFlag.FERRY_HASH:
+            await self._fua(request)
+            await self._reply_ok(request)
+            return
+        # The bytes as received, hashed only now that the write succeeded.
+        digest = await digest_of(payload)
         await self._fua(request)
-        await self._reply_ok(request)
+        header = p.pack_structured_header(
+            p.ReplyFlag.DONE, p.ReplyType.FERRY_WRITE_HASH, request.handle, len(digest)
+        )
+        await self._channel.send(header + digest)
 
     async def _flush(self, request: p.Request, _: memoryview | None) -> None:
         await self._backend.flush()
@@ -290,7 +325,7 @@ class ServerConnection:
             raise CommandError(p.Errno.EINVAL, f"{p.FERRY_CHECKSUM_CONTEXT} was not negotiated")
         self._check_max(request)
         self._check_range(request, p.Errno.EINVAL)
-        digest = await range_digest(self._backend, request.offset, request.length)
+        digest = await range_digest(self._backend, request.offset, request.length, self._buffers)
         header = p.pack_structured_header(
             p.ReplyFlag.DONE, p.ReplyType.FERRY_CHECKSUM, request.handle, len(digest)
         )
@@ -307,10 +342,27 @@ def allocation_payload(extents: list[Extent]) -> bytes:
     return p.U32.pack(BASE_ALLOCATION_ID) + descriptors
 
 
-async def range_digest(backend: Backend, offset: int, length: int) -> bytes:
-    """chunk_hash of the range as it reads; a range known to be all zero is not read."""
-    extents = await backend.extents(offset, length)
-    if all(extent.zero for extent in extents):
-        return zero_hash(length)
-    data = await backend.read(offset, length)
+async def digest_of(data: memoryview) -> bytes:
+    """chunk_hash of ``data``; large buffers are hashed in a thread (xxh3 drops the GIL)."""
+    if len(data) <= INLINE_HASH_LIMIT:
+        return chunk_hash(data)
     return await asyncio.get_running_loop().run_in_executor(None, chunk_hash, data)
+
+
+async def range_digest(backend: Backend, offset: int, length: int, buffers: BufferPool) -> bytes:
+    """chunk_hash of the range as it reads; a large range known to be all zero is not read."""
+    if length >= MAP_FIRST_LENGTH:
+        extents = await backend.extents(offset, length)
+        if all(extent.zero for extent in extents):
+            return zero_hash(length)
+    if not isinstance(backend, ReadsInto):
+        return await digest_of(memoryview(await backend.read(offset, length)))
+    buffer = buffers.take(length)
+    view = memoryview(buffer)[:length]
+    try:
+        await backend.read_into(offset, view)
+        return await digest_of(view)
+    finally:
+        with contextlib.suppress(BufferError):
+            view.release()
+        buffers.give(buffer)

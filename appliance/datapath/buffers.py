@@ -1,0 +1,72 @@
+"""Reusable byte buffers for payloads and chunks.
+
+On Linux a fresh multi-MiB allocation is zero-filled and page-faulted every
+time, which cost more CPU than the NBD protocol itself at 4 MiB requests, so
+the NBD ends and the transfer engine recycle their buffers. A buffer comes
+back to the pool only when no memoryview of it is alive: a task still
+sending from it (or a worker thread still reading it) keeps it out of reuse.
+Backends that can fill a caller's buffer (:class:`ReadsInto`) are read
+straight into pooled buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+POOL_MIN_BUFFER = 64 * 1024
+POOL_MAX_BYTES = 32 * 1024 * 1024
+
+
+@runtime_checkable
+class ReadsInto(Protocol):
+    """A backend that can read into a caller's buffer (file, memory and NBD backends can)."""
+
+    async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None: ...
+
+
+def exported(buffer: bytearray) -> bool:
+    """True while some memoryview still refers to ``buffer``.
+
+    A bytearray with live views refuses to resize; shrinking by one byte and
+    growing back costs nothing (no reallocation) when it is free to move.
+    """
+    if not buffer:
+        return False
+    last = buffer[-1]
+    try:
+        del buffer[-1]
+    except BufferError:
+        return True
+    buffer.append(last)
+    return False
+
+
+class BufferPool:
+    """Reusable buffers: a fresh multi-MiB bytearray costs page faults every time.
+
+    ``take`` returns a buffer at least ``length`` long (callers slice it);
+    ``give`` takes it back unless someone kept a view on it, keeping at most
+    ``max_bytes`` idle.
+    """
+
+    def __init__(self, max_bytes: int = POOL_MAX_BYTES) -> None:
+        self._free: list[bytearray] = []
+        self._free_bytes = 0
+        self._max_bytes = max_bytes
+
+    def take(self, length: int) -> bytearray:
+        fitting = [buffer for buffer in self._free if len(buffer) >= length]
+        if length < POOL_MIN_BUFFER or not fitting:
+            return bytearray(length)
+        buffer = min(fitting, key=len)
+        self._free.remove(buffer)
+        self._free_bytes -= len(buffer)
+        return buffer
+
+    def give(self, buffer: bytearray) -> None:
+        if len(buffer) < POOL_MIN_BUFFER or exported(buffer):
+            return
+        if self._free_bytes + len(buffer) > self._max_bytes:
+            return
+        self._free.append(buffer)
+        self._free_bytes += len(buffer)
