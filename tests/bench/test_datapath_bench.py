@@ -6,10 +6,12 @@ Every figure comes from one run on this machine, with warm page caches:
   compressible and all-zero chunks, the rest holes) between two NBD endpoints
   on loopback, each our NBD server in its own process exporting a raw file.
   Ferry's engine runs in a subprocess of its own (peak RSS from its
-  ``ru_maxrss``), with Redis checkpoints, per-chunk verification through
-  the target's checksum extension and the whole-image check. Peers:
-  ``qemu-img convert -n`` and ``nbdcopy`` between the same endpoints, and
-  ``cp --sparse=always`` of the file.
+  ``VmHWM``), with Redis checkpoints, per-chunk verification through
+  the target's Ferry extension (hashed writes, checksums for the rest) and
+  the whole-image check. Peers: ``qemu-img convert -n`` and ``nbdcopy``
+  between the same endpoints (``nbdcopy`` both plain, as the issue's target
+  names it, and with ``--flush``, which makes the target durable as Ferry
+  and qemu-img do), and ``cp --sparse=always`` of the file.
 * Incremental: 1% of the chunks changed at random through a LayeredDisk
   snapshot, then only the changes synced (engine reading the snapshot
   locally, writing to the NBD target) vs ``rsync --inplace --no-whole-file``.
@@ -196,8 +198,12 @@ async def copy(args: argparse.Namespace) -> None:
         result = await transfer.run()
         elapsed = time.monotonic() - started
         report = {
-            "elapsed_s": elapsed,
-            "stats": asdict(result.stats),
+            "elapsed_s": round(elapsed, 4),
+            # Rounded, so a phase that did not run reads 0.0, not 5.96e-06 or so.
+            "stats": {
+                name: round(value, 4) if isinstance(value, float) else value
+                for name, value in asdict(result.stats).items()
+            },
             "rss_mb": peak_rss_mb(),
             "target_sent": target.bytes_sent,
             "target_received": target.bytes_received,
@@ -264,6 +270,7 @@ def nbd_server(path: Path, export: str, *, readonly: bool) -> Iterator[tuple[int
 
 
 def run_copier(*args: str) -> dict[str, Any]:
+    started = time.monotonic()
     result = subprocess.run(
         python_module("copy", *args),
         cwd=ROOT,
@@ -275,6 +282,7 @@ def run_copier(*args: str) -> dict[str, Any]:
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
     report: dict[str, Any] = json.loads(line[7:])
+    report["command_s"] = time.monotonic() - started  # interpreter start and imports too
     return report
 
 
@@ -416,7 +424,17 @@ def copy_once(
         if name == "qemu":
             command = ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, dst]
             return run_tool(command).elapsed_s, {}
-        return run_tool(["nbdcopy", src, dst]).elapsed_s, {}
+        flush = ["--flush"] if name == "nbdcopy-flush" else []
+        return run_tool(["nbdcopy", *flush, src, dst]).elapsed_s, {}
+
+
+FULL_COPY_LABELS = {
+    "ferry": "Ferry engine (verified, whole-image check)",
+    "qemu": "qemu-img convert -n (flushes at the end)",
+    "nbdcopy": "nbdcopy (no flush: not durable)",
+    "nbdcopy-flush": "nbdcopy --flush",
+    "cp": "cp --sparse=always (file to file)",
+}
 
 
 def full_copy(
@@ -428,7 +446,7 @@ def full_copy(
     prefix: str,
     table: Table,
 ) -> FullCopyOutcome:
-    names = ("ferry", "qemu", "nbdcopy", "cp")
+    names = tuple(FULL_COPY_LABELS)
     targets = {name: work / f"target-{name}.raw" for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     ferry_runs: list[dict[str, Any]] = []
@@ -439,45 +457,68 @@ def full_copy(
             times[name].append(elapsed)
             if report:
                 ferry_runs.append(report)
-    for name in ("qemu", "nbdcopy"):
+    for name in ("qemu", "nbdcopy", "nbdcopy-flush"):
         targets[name].unlink()
-    results = {name: statistics.median(runs) for name, runs in times.items()}
     ferry = sorted(ferry_runs, key=lambda report: report["elapsed_s"])[len(ferry_runs) // 2]
-    cp_target = targets["cp"]
-    rates = {name: mb_s(allocated, seconds) for name, seconds in results.items()}
-    best_peer = max(rates["qemu"], rates["nbdcopy"])
+    peer_rows(table, allocated, times, ferry)
+    wire_rows(table, allocated, content, ferry)
+    assert ferry["digests_match"]
+    return FullCopyOutcome(targets["ferry"], targets["cp"])
+
+
+def peer_rows(
+    table: Table, allocated: int, times: dict[str, list[float]], ferry: dict[str, Any]
+) -> None:
+    """Each tool's median time and rate, Ferry's ratio to it, and the issue's target."""
     stats = ferry["stats"]
-    wire = ferry["target_sent"] + ferry["target_received"]
-    source_wire = ferry["source_sent"] + ferry["source_received"]
+    results = {name: statistics.median(runs) for name, runs in times.items()}
+    rates = {name: mb_s(allocated, seconds) for name, seconds in results.items()}
     table.title(
         f"Full copy, NBD to NBD on loopback (MB/s of allocated data; median of {ROUNDS} rounds)"
     )
     table.row("tool", "time", "MB/s", "Ferry vs it; all times")
-    labels = {
-        "ferry": "Ferry engine (verified, whole-image check)",
-        "qemu": "qemu-img convert -n",
-        "nbdcopy": "nbdcopy",
-        "cp": "cp --sparse=always (file to file)",
-    }
-    for name, label in labels.items():
+    for name, label in FULL_COPY_LABELS.items():
         ratio = "" if name == "ferry" else f"{rates['ferry'] / rates[name]:.2f}x; "
-        every = ", ".join(f"{t:.1f}" for t in times[name])
-        table.row(label, f"{results[name]:.1f} s", f"{rates[name]:,.0f}", f"{ratio}{every} s")
+        every = ", ".join(f"{t:.2f}" for t in times[name])
+        table.row(label, f"{results[name]:.2f} s", f"{rates[name]:,.0f}", f"{ratio}{every} s")
     table.row(
-        "  of which Ferry copy / image check",
-        f"{stats['copy_s']:.1f} s",
+        "  of which Ferry: copy, then flush | check",
+        f"{stats['copy_s']:.2f} s",
         f"{mb_s(allocated, stats['copy_s']):,.0f}",
-        f"check {stats['check_s']:.1f} s",
+        f"then flush {stats['sync_s']:.2f} s alongside check {stats['check_s']:.2f} s",
     )
-    verdict = "met" if rates["ferry"] >= 0.7 * best_peer else "MISSED"
-    copy_only = mb_s(allocated, stats["copy_s"]) / best_peer
     table.row(
-        "target >= 0.7x the faster peer",
-        "",
-        "",
-        f"{rates['ferry'] / best_peer:.2f}x of {best_peer:,.0f} MB/s: {verdict} "
-        f"(copy phase alone {copy_only:.2f}x)",
+        "  Ferry as a command (interpreter start too)",
+        f"{ferry['command_s']:.2f} s",
+        f"{mb_s(allocated, ferry['command_s']):,.0f}",
+        "above: timed in its process, like the engine runs",
     )
+    # The issue's target: the faster of qemu-img and plain nbdcopy, which skips the flush
+    # that Ferry and qemu-img pay for; the durable comparison is shown beside it.
+    best = max(("qemu", "nbdcopy"), key=lambda name: rates[name])
+    durable = max(("qemu", "nbdcopy-flush"), key=lambda name: rates[name])
+    ratio = rates["ferry"] / rates[best]
+    copy_only = mb_s(allocated, stats["copy_s"]) / rates[best]
+    table.row(
+        "target >= 0.7x the faster of qemu-img / nbdcopy",
+        "",
+        "",
+        f"{ratio:.2f}x of {best} ({rates[best]:,.0f} MB/s): {'met' if ratio >= 0.7 else 'MISSED'}"
+        f" (copy phase alone {copy_only:.2f}x)",
+    )
+    table.row(
+        "  beside it: vs the faster peer that flushes",
+        "",
+        "",
+        f"{rates['ferry'] / rates[durable]:.2f}x of {FULL_COPY_LABELS[durable].split(' (')[0]}"
+        f" ({rates[durable]:,.0f} MB/s)",
+    )
+
+
+def wire_rows(table: Table, allocated: int, content: DiskContent, ferry: dict[str, Any]) -> None:
+    stats = ferry["stats"]
+    wire = ferry["target_sent"] + ferry["target_received"]
+    source_wire = ferry["source_sent"] + ferry["source_received"]
     table.title("Ferry's wire bytes and memory")
     table.row("allocated bytes at the source", f"{allocated / MIB:,.0f} MiB")
     table.row(
@@ -504,14 +545,18 @@ def full_copy(
         f"{stats['zero_bytes'] / MIB:,.0f} MiB",
         f"read back {stats['bytes_read_back']} B (checksum extension)",
     )
+    table.row(
+        "chunks verified by the write's digest",
+        f"{stats['chunks_verified_on_write']:,}",
+        f"of {stats['chunks_copied']:,}",
+        "the rest by a checksum request (hashed writes)",
+    )
     wire_ok = "met" if wire <= allocated * 1.02 else "MISSED"
     table.row("target: wire within 2% of allocated", "", "", wire_ok)
     rss_ok = "met" if ferry["rss_mb"] < 260 else "MISSED"
     table.row(
         "peak RSS of Ferry's copy process", f"{ferry['rss_mb']:.0f} MB", "", f"< 260: {rss_ok}"
     )
-    assert ferry["digests_match"]
-    return FullCopyOutcome(targets["ferry"], cp_target)
 
 
 def change_one_percent(disk_writes: list[tuple[int, bytes]], seed: int = SEED + 1) -> None:

@@ -221,9 +221,9 @@ async def test_dropped_connection_fails_pending_requests_and_the_next_call_recon
     gate = asyncio.Event()
 
     class Stalling(MemoryBackend):
-        async def read(self, offset: int, length: int) -> bytes:
+        async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
             await gate.wait()
-            return await super().read(offset, length)
+            await super().read_into(offset, buffer)
 
     server.add_export("stall", Stalling(MiB))
     async with await NbdBackend.connect(proxy.address, "stall") as backend:
@@ -276,10 +276,10 @@ async def test_caller_cancelling_a_request_leaves_the_connection_usable(
     gate = asyncio.Event()
 
     class Slow(MemoryBackend):
-        async def read(self, offset: int, length: int) -> bytes:
+        async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
             if offset == 0:
                 await gate.wait()
-            return await super().read(offset, length)
+            await super().read_into(offset, buffer)
 
     server.add_export("slow", Slow(MiB))
     async with await NbdClient.connect(server.address, "slow") as client:

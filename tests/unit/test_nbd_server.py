@@ -188,10 +188,10 @@ async def test_replies_come_out_of_order_when_requests_finish_out_of_order(
     gate = asyncio.Event()
 
     class SlowFirstBlock(MemoryBackend):
-        async def read(self, offset: int, length: int) -> bytes:
+        async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
             if offset == 0:
                 await gate.wait()
-            return await super().read(offset, length)
+            await super().read_into(offset, buffer)
 
     server.add_export("slow", SlowFirstBlock(MiB))
     wire = await Wire.open(server)
@@ -307,7 +307,7 @@ async def test_backend_failure_is_an_error_reply_not_a_dead_connection(
     server: NbdServer,
 ) -> None:
     class Broken(MemoryBackend):
-        async def read(self, offset: int, length: int) -> bytes:
+        async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
             raise OSError(5, "disk on fire")
 
     server.add_export("broken", Broken(MiB))

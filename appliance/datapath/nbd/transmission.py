@@ -241,7 +241,18 @@ class ServerConnection:
     async def _read(self, request: p.Request, _: memoryview | None) -> None:
         self._check_max(request)
         self._check_range(request, p.Errno.EINVAL)
-        data = await self._backend.read(request.offset, request.length)
+        buffer = self._buffers.take(request.length)
+        data = memoryview(buffer)[: request.length]
+        try:
+            await read_range(self._backend, request.offset, data)
+            await self._send_data(request, data)
+        finally:
+            # Not reused while a view lives on (a send cut short, say).
+            with contextlib.suppress(BufferError):
+                data.release()
+            self._buffers.give(buffer)
+
+    async def _send_data(self, request: p.Request, data: memoryview) -> None:
         if not self._session.structured:
             header = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, request.handle)
             await self._channel.send(header, data)
@@ -342,6 +353,14 @@ def allocation_payload(extents: list[Extent]) -> bytes:
     return p.U32.pack(BASE_ALLOCATION_ID) + descriptors
 
 
+async def read_range(backend: Backend, offset: int, view: memoryview) -> None:
+    """Fill ``view`` from ``offset``: straight into it when the backend can."""
+    if isinstance(backend, ReadsInto):
+        await backend.read_into(offset, view)
+    else:
+        view[:] = await backend.read(offset, len(view))
+
+
 async def digest_of(data: memoryview) -> bytes:
     """chunk_hash of ``data``; large buffers are hashed in a thread (xxh3 drops the GIL)."""
     if len(data) <= INLINE_HASH_LIMIT:
@@ -355,12 +374,10 @@ async def range_digest(backend: Backend, offset: int, length: int, buffers: Buff
         extents = await backend.extents(offset, length)
         if all(extent.zero for extent in extents):
             return zero_hash(length)
-    if not isinstance(backend, ReadsInto):
-        return await digest_of(memoryview(await backend.read(offset, length)))
     buffer = buffers.take(length)
     view = memoryview(buffer)[:length]
     try:
-        await backend.read_into(offset, view)
+        await read_range(backend, offset, view)
         return await digest_of(view)
     finally:
         with contextlib.suppress(BufferError):
