@@ -209,8 +209,11 @@ def test_killed_transfer_resends_at_most_the_chunks_in_flight(
     assert (tmp_path / "target.raw").read_bytes() == (tmp_path / "source.raw").read_bytes()
     assert resent <= in_flight, f"re-sent {sorted(resent - in_flight)} that were recorded"
     assert len(resent) <= len(in_flight)
-    # Every recorded chunk was either durable (skipped) or pending and re-verified.
-    assert stats["chunks_skipped"] + stats["chunks_reverified"] == len(recorded_before)
+    # Every recorded chunk was either durable (skipped) or pending and re-verified. A chunk
+    # whose record Redis acknowledged just before the kill, with its ``recorded`` line not
+    # yet written, counts as in flight here, yet the restart rightly finds its record.
+    checked = stats["chunks_skipped"] + stats["chunks_reverified"]
+    assert len(recorded_before) <= checked <= len(recorded_before) + len(in_flight)
     assert stats["chunks_skipped"] > 0
     asyncio.run(_clean(redis_server.url, key_prefix))
 
