@@ -25,7 +25,7 @@ import enum
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from appliance.storage.extents import Extent, iter_chunks
+from appliance.storage.extents import Extent, allocated_length, iter_chunks
 from appliance.storage.hashing import DIGEST_SIZE
 
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -56,15 +56,24 @@ class ChunkWork:
     def data_bytes(self) -> int:
         return sum(segment.length for segment in self.segments if not segment.zero)
 
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of the chunk the source has allocated (data and written zeroes)."""
+        return allocated_length(self.segments)
+
 
 @dataclass(frozen=True, slots=True)
 class ZeroRun:
-    """Whole chunks ``first_index`` .. ``last_index`` that are zero at the source."""
+    """Whole chunks ``first_index`` .. ``last_index`` that are zero at the source.
+
+    ``allocated_bytes`` counts the written zeroes among them (holes are not allocated).
+    """
 
     first_index: int
     last_index: int
     start: int
     length: int
+    allocated_bytes: int = 0
 
     @property
     def end(self) -> int:
@@ -156,12 +165,19 @@ def plan(
         start, length = table.bounds(index)
         whole_zero = all(s.zero for s in segments) and segments[0].length == length
         if whole_zero and state == ChunkState.NONE:
+            allocated = allocated_length(segments)
             if run and run.end == start and run.length + length <= max_zero_run:
-                run = ZeroRun(run.first_index, index, run.start, run.length + length)
+                run = ZeroRun(
+                    run.first_index,
+                    index,
+                    run.start,
+                    run.length + length,
+                    run.allocated_bytes + allocated,
+                )
             else:
                 if run:
                     yield run
-                run = ZeroRun(index, index, start, length)
+                run = ZeroRun(index, index, start, length, allocated)
             continue
         if run:
             yield run
@@ -174,7 +190,11 @@ def plan(
 
 @dataclass(frozen=True, slots=True)
 class PlanSize:
-    """How much a plan covers, and how much of it an earlier run already made durable."""
+    """How much a plan covers, and how much of it an earlier run already made durable.
+
+    Bytes are allocated bytes (data and written zeroes), what an operator
+    thinks of as the disk's content; holes cost nothing and count for nothing.
+    """
 
     chunks: int
     bytes: int
@@ -183,10 +203,10 @@ class PlanSize:
 
 
 def measure(extents: list[Extent], table: ChunkTable) -> PlanSize:
-    """Size of the work for ``extents`` (already normalized), counted in whole chunks."""
+    """Size of the work for ``extents`` (already normalized): chunks, allocated bytes."""
     chunks = total = done_chunks = done_bytes = 0
-    for index, _ in iter_chunks(extents, table.chunk_size):
-        length = table.bounds(index)[1]
+    for index, pieces in iter_chunks(extents, table.chunk_size):
+        length = allocated_length(pieces)
         chunks += 1
         total += length
         if table.state(index) == ChunkState.DURABLE:

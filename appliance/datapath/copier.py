@@ -157,7 +157,7 @@ class ChunkCopier:
         self._c.writer.add_many(run.indices, None)
         self.counters.zero_bytes += run.length
         self.counters.chunks_zero += len(run.indices)
-        self._c.meter.add(run.length, len(run.indices), worked=False)
+        self._c.meter.add(run.allocated_bytes, len(run.indices), worked=False)
 
     async def _chunk(self, work: ChunkWork) -> None:
         if work.expected is not None and await self._still_at_target(work, work.expected):
@@ -176,7 +176,7 @@ class ChunkCopier:
     def _done(self, work: ChunkWork, digest: bytes, zero: bool, *, worked: bool) -> None:
         self._c.table.set(work.index, digest)
         self._c.writer.add(work.index, None if zero else digest)
-        self._c.meter.add(work.length, 1, worked=worked)
+        self._c.meter.add(work.allocated_bytes, 1, worked=worked)
 
     async def _still_at_target(self, work: ChunkWork, expected: bytes) -> bool:
         """An earlier run wrote and verified this chunk; is it still there?"""

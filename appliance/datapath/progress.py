@@ -26,7 +26,7 @@ class TransferPhase(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class TransferProgress:
-    """``bytes_*`` count the chunks to copy (data and zero); skipped-by-resume count as done."""
+    """``bytes_*`` count allocated bytes (data, written zeroes); skipped-by-resume are done."""
 
     transfer_id: str
     phase: TransferPhase

@@ -22,6 +22,7 @@ from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.record import DiskPlan, MigrationRecord
 from appliance.orchestrator.steps import transfer_id
 from appliance.storage.backend import Backend
+from appliance.storage.extents import allocated_length
 from messages.common import VerifyMode
 
 
@@ -39,7 +40,7 @@ class _Progress:
 
 async def planned_bytes(source: Backend) -> int:
     """What the copy will move: allocated runs (data and zeroes), never holes."""
-    return sum(extent.length for extent in await source.extents() if not extent.hole)
+    return allocated_length(await source.extents())
 
 
 class DiskCopy:

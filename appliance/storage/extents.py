@@ -174,6 +174,11 @@ def iter_chunks(extents: Iterable[Extent], chunk_size: int) -> Iterator[tuple[in
         yield current, merge(pieces)
 
 
+def allocated_length(extents: Iterable[Extent]) -> int:
+    """Bytes in the extents that are allocated (data and written zeroes, not holes)."""
+    return sum(extent.length for extent in extents if not extent.hole)
+
+
 def data_length(extents: Iterable[Extent]) -> int:
     """Bytes in the extents that must be read and sent (not known to be zero)."""
     return sum(extent.length for extent in extents if extent.data)

@@ -86,9 +86,14 @@ def test_durable_chunks_are_skipped_and_pending_ones_carry_their_hash() -> None:
     assert work[0] == ChunkWork(1, MIB, MIB, (Extent(MIB, MIB),), b"\x07" * 16)
     # A pending zero chunk is verified like a data chunk, not merged into a run.
     assert isinstance(work[1], ChunkWork) and work[1].expected == b"\x08" * 16
-    assert work[2] == ZeroRun(3, 3, 3 * MIB, MIB)
+    assert work[2] == ZeroRun(3, 3, 3 * MIB, MIB, allocated_bytes=MIB)
     size = measure(extents, table)
     assert (size.chunks, size.bytes, size.done_chunks, size.done_bytes) == (4, 4 * MIB, 1, MIB)
+    # Holes are not allocated: they cost a chunk of work and count no bytes.
+    holes = [Extent(0, MIB), Extent(MIB, 3 * MIB, zero=True, hole=True)]
+    size = measure(holes, ChunkTable(4 * MIB, MIB))
+    assert (size.chunks, size.bytes) == (4, MIB)
+    assert list(plan(holes, ChunkTable(4 * MIB, MIB)))[1] == ZeroRun(1, 3, MIB, 3 * MIB)
 
 
 def test_only_given_extents_are_planned() -> None:
