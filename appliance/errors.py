@@ -222,7 +222,7 @@ class TransferFailed(DataPathError):
         self.attempts = attempts
         self.cause = cause
         super().__init__(
-            f"chunk at offset {offset} ({length} bytes) failed after {attempts} attempts: "
+            f"copying {length} bytes at offset {offset} failed after {attempts} attempts: "
             f"{type(cause).__name__}: {cause}"
         )
 

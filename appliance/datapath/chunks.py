@@ -9,7 +9,11 @@ chunk boundaries, and the pieces that fall in one chunk become its
   requested extents, or one an interrupted run recorded and that must be
   verified before it is skipped);
 * :class:`ZeroRun` for consecutive chunks that are wholly covered and all zero,
-  merged so a large hole costs one zero request, not one per chunk.
+  merged so a large hole costs one zero request, not one per chunk;
+* :class:`DataRun` for consecutive chunks that are wholly data (the common
+  case of a full copy), merged up to ``max_data_run`` bytes so they travel as
+  one read and one write: per-request costs (a round trip, a wake-up of each
+  peer) are paid once per run, while hashes and checkpoints stay per chunk.
 
 Chunks already durable at the target are left out. The per-chunk hash is
 always the hash of the whole chunk's bytes, so a hole and written zeroes hash
@@ -31,6 +35,8 @@ from appliance.storage.hashing import DIGEST_SIZE
 DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_ZERO_RUN = 1 << 30
 """Largest zero request the plan makes (NBD lengths are 32-bit; servers cap lower)."""
+MAX_DATA_RUN = 4 << 20
+"""Largest read or write a run of data chunks makes (NBD peers all accept 32 MiB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +67,35 @@ class ChunkWork:
         """Bytes of the chunk the source has allocated (data and written zeroes)."""
         return allocated_length(self.segments)
 
+    @property
+    def plain_data(self) -> bool:
+        """Wholly one data extent, nothing to verify first: it can travel in a DataRun."""
+        return (
+            self.expected is None
+            and len(self.segments) == 1
+            and self.segments[0].data
+            and self.segments[0].length == self.length
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DataRun:
+    """Consecutive whole-data chunks, read and written as one range (``chunks`` in order)."""
+
+    chunks: tuple[ChunkWork, ...]
+
+    @property
+    def start(self) -> int:
+        return self.chunks[0].start
+
+    @property
+    def end(self) -> int:
+        return self.chunks[-1].end
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
 
 @dataclass(frozen=True, slots=True)
 class ZeroRun:
@@ -84,7 +119,7 @@ class ZeroRun:
         return range(self.first_index, self.last_index + 1)
 
 
-Work = ChunkWork | ZeroRun
+Work = ChunkWork | DataRun | ZeroRun
 
 
 class ChunkState(enum.IntEnum):
@@ -153,9 +188,42 @@ def normalized(extents: Iterable[Extent], size: int) -> list[Extent]:
 
 
 def plan(
-    extents: Iterable[Extent], table: ChunkTable, max_zero_run: int = MAX_ZERO_RUN
+    extents: Iterable[Extent],
+    table: ChunkTable,
+    max_zero_run: int = MAX_ZERO_RUN,
+    max_data_run: int = MAX_DATA_RUN,
 ) -> Iterator[Work]:
     """The work left to copy ``extents``, given what ``table`` says is already done."""
+    return _data_runs(_chunk_plan(extents, table, max_zero_run), max_data_run)
+
+
+def _data_runs(work: Iterable[ChunkWork | ZeroRun], max_length: int) -> Iterator[Work]:
+    """Merge adjacent plain-data chunks into DataRuns of at most ``max_length`` bytes."""
+    pending: list[ChunkWork] = []
+
+    def flush() -> Iterator[Work]:
+        if len(pending) == 1:
+            yield pending[0]
+        elif pending:
+            yield DataRun(tuple(pending))
+        pending.clear()
+
+    for item in work:
+        if isinstance(item, ChunkWork) and item.plain_data:
+            if pending and (
+                pending[-1].end != item.start or item.end - pending[0].start > max_length
+            ):
+                yield from flush()
+            pending.append(item)
+            continue
+        yield from flush()
+        yield item
+    yield from flush()
+
+
+def _chunk_plan(
+    extents: Iterable[Extent], table: ChunkTable, max_zero_run: int
+) -> Iterator[ChunkWork | ZeroRun]:
     run: ZeroRun | None = None
     for index, pieces in iter_chunks(normalized(extents, table.size), table.chunk_size):
         segments = tuple(pieces)

@@ -19,6 +19,11 @@ of the plan:
   then raises ChunkMismatch.
 * a chunk an interrupted run recorded (``expected`` set) is first hashed at the
   target; when it matches it is recorded again without being sent.
+* a :class:`DataRun` (adjacent whole-data chunks) is read with one request
+  and written with one request per stretch of non-zero chunks (zero ones are
+  zeroed as above); each chunk is still hashed and recorded on its own, and a
+  hashed write of several chunks is checked against the hash of all its
+  bytes. A mismatch sends the run's chunks again one by one.
 * a :class:`ZeroRun` is one ``zero()`` over many chunks.
 
 Transient errors retry the whole unit with backoff; only verified chunks are
@@ -38,7 +43,7 @@ import structlog
 from appliance.clock import Clock
 from appliance.datapath.buffers import BufferPool, ReadsInto
 from appliance.datapath.checkpoint import CheckpointWriter
-from appliance.datapath.chunks import ChunkTable, ChunkWork, Work, ZeroRun
+from appliance.datapath.chunks import ChunkTable, ChunkWork, DataRun, Work, ZeroRun
 from appliance.datapath.imagecheck import RangeHasher
 from appliance.datapath.progress import ProgressMeter
 from appliance.datapath.retry import RetryPolicy, with_retries
@@ -133,6 +138,8 @@ class ChunkCopier:
     async def copy(self, work: Work) -> None:
         if isinstance(work, ZeroRun):
             await self._zero_run(work)
+        elif isinstance(work, DataRun):
+            await self._data_run(work)
         else:
             await self._chunk(work)
 
@@ -173,6 +180,19 @@ class ChunkCopier:
         self._done(work, digest, zero, worked=True)
         self.counters.chunks_copied += 1
 
+    async def _data_run(self, run: DataRun) -> None:
+        try:
+            sent = await self._retrying(run.start, run.length, lambda: self._send_run(run))
+        except ChunkMismatch as mismatch:
+            self.counters.mismatches += 1
+            log.warning("run mismatch, sending its chunks one by one", error=str(mismatch))
+            for work in run.chunks:
+                await self._chunk(work)
+            return
+        for work, (digest, zero) in zip(run.chunks, sent, strict=True):
+            self._done(work, digest, zero, worked=True)
+        self.counters.chunks_copied += len(run.chunks)
+
     def _done(self, work: ChunkWork, digest: bytes, zero: bool, *, worked: bool) -> None:
         self._c.table.set(work.index, digest)
         self._c.writer.add(work.index, None if zero else digest)
@@ -211,9 +231,7 @@ class ChunkCopier:
         if verified:
             self.counters.chunks_verified_on_write += 1
         elif self._c.verify:
-            found = await self._c.target_hasher.hash(work.start, work.length)
-            if found != digest:
-                raise ChunkMismatch(work.start, work.length, digest.hex(), found.hex())
+            await self._check_at_target(work, digest)
         return digest, zero
 
     async def _read(self, work: ChunkWork, data: memoryview) -> None:
@@ -276,3 +294,72 @@ class ChunkCopier:
             await self._c.target.write(offset, piece)
             return None
         return await self._hashing_target.write_verified(offset, piece)
+
+    async def _send_run(self, run: DataRun) -> list[tuple[bytes, bool]]:
+        """Read the run at once, write it by stretches; each chunk's (hash, all zero)."""
+        buffer = self._buffers.take(run.length)
+        data = memoryview(buffer)[: run.length]
+        try:
+            async with self._c.source_io.slot():
+                await self._read_range(run.start, data)
+            self.counters.bytes_read += run.length
+            hashed = [
+                (chunk_hash(piece), is_zero(piece))
+                for piece in (data[w.start - run.start : w.end - run.start] for w in run.chunks)
+            ]
+            unverified = await self._write_stretches(run, data, hashed)
+            if self._c.verify:
+                for index in unverified:
+                    await self._check_at_target(run.chunks[index], hashed[index][0])
+            self.counters.chunks_verified_on_write += len(run.chunks) - len(unverified)
+            return hashed
+        finally:
+            with contextlib.suppress(BufferError):
+                data.release()
+            self._buffers.give(buffer)
+
+    async def _write_stretches(
+        self, run: DataRun, data: memoryview, hashed: list[tuple[bytes, bool]]
+    ) -> list[int]:
+        """Write each stretch of non-zero chunks with one request, zero chunks as zeroes.
+
+        Returns the indices (in the run) of the chunks no write digest verified.
+        """
+        unverified: list[int] = []
+        first = 0
+        while first < len(hashed):
+            zero = hashed[first][1]
+            last = first
+            while last + 1 < len(hashed) and hashed[last + 1][1] == zero:
+                last += 1
+            start, end = run.chunks[first].start, run.chunks[last].end
+            stretch = data[start - run.start : end - run.start]
+            if zero:
+                if not self._c.target_is_zero:
+                    await self._c.target.zero(start, end - start, punch_hole=True)
+                self.counters.zero_bytes += end - start
+                unverified.extend(range(first, last + 1))
+            else:
+                # One chunk: its hash is known already; several: hash what is sent.
+                expected = hashed[first][0] if first == last else None
+                if not await self._write_checked(start, stretch, expected):
+                    unverified.extend(range(first, last + 1))
+            first = last + 1
+        return unverified
+
+    async def _write_checked(self, start: int, data: memoryview, expected: bytes | None) -> bool:
+        """One data write; True when the target's digest of it matched (a mismatch raises)."""
+        await self._c.bandwidth.acquire(len(data))
+        received = await self._write_data(start, data)
+        self.counters.bytes_written += len(data)
+        if received is None:
+            return False
+        expected = expected or chunk_hash(data)
+        if received != expected:
+            raise ChunkMismatch(start, len(data), expected.hex(), received.hex())
+        return True
+
+    async def _check_at_target(self, work: ChunkWork, digest: bytes) -> None:
+        found = await self._c.target_hasher.hash(work.start, work.length)
+        if found != digest:
+            raise ChunkMismatch(work.start, work.length, digest.hex(), found.hex())

@@ -50,6 +50,7 @@ from appliance.datapath.checkpoint import (
 )
 from appliance.datapath.chunks import (
     DEFAULT_CHUNK_SIZE,
+    MAX_DATA_RUN,
     ChunkState,
     ChunkTable,
     measure,
@@ -76,16 +77,20 @@ DEFAULT_MAX_ZERO_RUN = 64 << 20
 class TransferOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     workers: int = 8
-    """Chunks in flight at once (each holds at most one chunk of memory)."""
+    """Units of work in flight at once (each holds at most one chunk or data run)."""
     verify_chunks: bool = True
     whole_image_check: bool = True
     certify: bool = False
     """Re-read and hash both sides in full at the end, not only the target."""
     target_is_zero: bool = False
     """The target reads as zeroes already (a fresh sparse file): skip zero requests."""
-    flush_interval_s: float = 2.0
+    flush_interval_s: float = 1.0
+    """Target flush and durable checkpoint mark this often; it also spreads the kernel's
+    write-back over the copy instead of leaving all of it to the last flush."""
     progress_interval_s: float = 1.0
     max_zero_run: int = DEFAULT_MAX_ZERO_RUN
+    max_data_run: int = MAX_DATA_RUN
+    """Adjacent data chunks travel as one read and one write of up to this many bytes."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     final_sync_timeout_s: float = 15.0
 
@@ -280,7 +285,7 @@ class Transfer:
         """Every planned chunk written and verified (or a stop honoured); not yet flushed."""
         options = self._options
         copier = ChunkCopier(self._context(writer, meter), self._counters)
-        work = plan(wanted, self._table, options.max_zero_run)
+        work = plan(wanted, self._table, options.max_zero_run, options.max_data_run)
         try:
             async with asyncio.TaskGroup() as group:
                 background = [
@@ -356,7 +361,8 @@ class Transfer:
             clock=self._clock,
             verify=self._options.verify_chunks,
             target_is_zero=self._options.target_is_zero,
-            buffer_bytes=self._options.workers * self._options.chunk_size,
+            buffer_bytes=self._options.workers
+            * max(self._options.chunk_size, self._options.max_data_run),
         )
 
     async def _check_image(self) -> tuple[bytes, bytes]:

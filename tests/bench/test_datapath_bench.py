@@ -65,7 +65,7 @@ CHUNK = MIB
 DISK = int(float(os.environ.get("FERRY_BENCH_DISK_GIB", "4")) * GIB)
 SEED = 20260101
 MODULE = "tests.bench.test_datapath_bench"
-ROUNDS = int(os.environ.get("FERRY_BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("FERRY_BENCH_ROUNDS", "5"))
 
 
 # -- the disk --------------------------------------------------------------------------------
@@ -405,11 +405,17 @@ class FullCopyOutcome:
 def copy_once(
     name: str, source: Path, target: Path, redis_server: RedisServer, prefix: str, round_: int
 ) -> tuple[float, dict[str, Any]]:
-    """One full copy with one tool; returns its time (and Ferry's report)."""
+    """One full copy with one tool; returns its time (and Ferry's report).
+
+    Every tool starts with no dirty pages left by the one before: otherwise the
+    kernel writes the last copy back while the next one runs, on the same cores.
+    """
     if name == "cp":
         target.unlink(missing_ok=True)
+        os.sync()
         return run_tool(["cp", "--sparse=always", str(source), str(target)]).elapsed_s, {}
     fresh_target(target, DISK)
+    os.sync()
     with (
         nbd_server(source, "src", readonly=True) as (src_port, _),
         nbd_server(target, "dst", readonly=False) as (dst_port, _),
@@ -687,7 +693,7 @@ def main() -> None:
     copier.add_argument("--from-snapshot")
     copier.add_argument("--to-snapshot")
     copier.add_argument("--no-image-check", action="store_true")
-    copier.add_argument("--flush-interval", type=float, default=2.0)
+    copier.add_argument("--flush-interval", type=float, default=TransferOptions().flush_interval_s)
     copier.add_argument("--no-verify", action="store_true")
     copier.add_argument("--chunk-mib", type=int, default=CHUNK // MIB)
     copier.add_argument("--workers", type=int, default=8)

@@ -67,7 +67,9 @@ async def test_durable_marks_follow_target_flushes_during_a_transfer() -> None:
     source = MemoryBackend.from_bytes(random.Random(1).randbytes(96 * CHUNK), name="source")
     target = LoggingTarget(source.size, log)
     store = CheckingStore(log)
-    options = TransferOptions(chunk_size=CHUNK, workers=4, flush_interval_s=0.01)
+    options = TransferOptions(
+        chunk_size=CHUNK, workers=4, flush_interval_s=0.01, max_data_run=CHUNK
+    )
     await Transfer("t", source, target, checkpoints=store, options=options).run()
     assert store.marks >= 3
     assert len(store.records) == 96

@@ -114,7 +114,13 @@ async def source_disk(size: int = 2 * MIB + 777, seed: int = 7) -> MemoryBackend
 
 
 def options(**overrides: object) -> TransferOptions:
-    base: dict[str, object] = {"chunk_size": CHUNK, "workers": 4, "retry": FAST_RETRY}
+    """One chunk a request unless a test asks for data runs: faults here aim at chunks."""
+    base: dict[str, object] = {
+        "chunk_size": CHUNK,
+        "workers": 4,
+        "retry": FAST_RETRY,
+        "max_data_run": CHUNK,
+    }
     base.update(overrides)
     return TransferOptions(**base)  # type: ignore[arg-type]
 
@@ -196,6 +202,113 @@ async def test_target_is_zero_skips_zero_requests() -> None:
     assert await image(target) == await image(source)
     assert target.allocated_bytes == CHUNK
     assert result.stats.zero_bytes == 7 * CHUNK
+
+
+RUN = 4 * CHUNK
+
+
+def flip_inside(at: int, data: bytes, offset: int) -> bytes:
+    """``data`` written at ``offset`` with one bit flipped at disk offset ``at``, if covered."""
+    if not offset <= at < offset + len(data):
+        return data
+    i = at - offset
+    return data[:i] + bytes([data[i] ^ 1]) + data[i + 1 :]
+
+
+@pytest.mark.parametrize("verification", VERIFICATIONS)
+async def test_data_runs_travel_as_one_write_and_are_recorded_per_chunk(verification: str) -> None:
+    data = random.Random(21).randbytes(16 * CHUNK)
+    source = MemoryBackend.from_bytes(data, name="source")
+    target = verified_target(source.size, verification)
+    store = MemoryCheckpointStore()
+    opts = options(max_data_run=RUN)
+    result = await Transfer("t", source, target, checkpoints=store, options=opts).run()
+    assert await image(target) == data
+    assert target.writes == 4
+    assert result.stats.chunks_copied == 16
+    assert result.stats.bytes_read == result.stats.bytes_written == 16 * CHUNK
+    hashed = verification == "hashed-writes"
+    assert result.stats.chunks_verified_on_write == (16 if hashed else 0)
+    assert sorted(store.records) == list(range(16))
+    assert all(
+        store.records[i].digest == chunk_hash(data[i * CHUNK : (i + 1) * CHUNK]) for i in range(16)
+    )
+    assert result.source_digest == result.target_digest
+
+
+async def test_an_all_zero_chunk_inside_a_data_run_is_zeroed_not_sent() -> None:
+    source = MemoryBackend.from_bytes(random.Random(22).randbytes(8 * CHUNK), name="source")
+    await source.write(2 * CHUNK, bytes(CHUNK))  # allocated, mapped as data, reads as zero
+    target = verified_target(source.size, "hashed-writes")
+    result = await Transfer("t", source, target, options=options(max_data_run=RUN)).run()
+    assert await image(target) == await image(source)
+    assert target.writes == 3  # chunks 0-1 and 3 around the zero one, then 4-7
+    assert result.stats.zero_bytes == CHUNK
+    assert result.stats.bytes_written == 7 * CHUNK
+    assert result.stats.chunks_verified_on_write == 7
+    assert all(extent.zero for extent in await target.extents(2 * CHUNK, CHUNK))
+
+
+@pytest.mark.parametrize("verification", VERIFICATIONS)
+async def test_a_corrupted_run_is_sent_again_chunk_by_chunk(verification: str) -> None:
+    source = MemoryBackend.from_bytes(random.Random(23).randbytes(8 * CHUNK), name="source")
+    flipped: list[int] = []
+
+    async def flip_once(offset: int, data: bytes) -> bytes:
+        if flipped:
+            return data
+        changed = flip_inside(5 * CHUNK + 10, data, offset)
+        if changed != data:
+            flipped.append(offset)
+        return changed
+
+    target = verified_target(source.size, verification, flip_once)
+    result = await Transfer("t", source, target, options=options(max_data_run=RUN)).run()
+    assert await image(target) == await image(source)
+    assert flipped == [RUN]
+    assert result.stats.mismatches == 1
+    assert target.writes == 2 + 4  # two runs, then the damaged run's chunks one by one
+
+
+@pytest.mark.parametrize("verification", VERIFICATIONS)
+async def test_a_chunk_of_a_run_that_never_lands_right_is_named(verification: str) -> None:
+    source = MemoryBackend.from_bytes(random.Random(24).randbytes(8 * CHUNK), name="source")
+
+    async def flip_always(offset: int, data: bytes) -> bytes:
+        return flip_inside(6 * CHUNK + 3, data, offset)
+
+    target = verified_target(source.size, verification, flip_always)
+    with pytest.raises(ChunkMismatch) as mismatch:
+        await Transfer("t", source, target, options=options(max_data_run=RUN)).run()
+    assert (mismatch.value.offset, mismatch.value.length) == (6 * CHUNK, CHUNK)
+
+
+async def test_a_dropped_link_retries_the_whole_run_and_a_dead_one_names_it() -> None:
+    data = random.Random(25).randbytes(8 * CHUNK)
+    drops = {RUN: 1}
+
+    async def flaky(offset: int, payload: bytes) -> bytes:
+        if drops.get(offset, 0) > 0:
+            drops[offset] -= 1
+            raise ConnectionDropped("faulty", "reset by peer")
+        return payload
+
+    source = MemoryBackend.from_bytes(data, name="source")
+    target = FaultyBackend(source.size, flaky)
+    result = await Transfer("t", source, target, options=options(max_data_run=RUN)).run()
+    assert await image(target) == data
+    assert result.stats.retries == 1
+
+    async def dead(offset: int, payload: bytes) -> bytes:
+        if offset == RUN:
+            raise ConnectionDropped("faulty", "reset by peer")
+        return payload
+
+    target = FaultyBackend(source.size, dead)
+    with pytest.raises(TransferFailed) as failure:
+        await Transfer("t", source, target, options=options(max_data_run=RUN)).run()
+    assert (failure.value.offset, failure.value.length) == (RUN, RUN)
+    assert isinstance(failure.value.cause, ConnectionDropped)
 
 
 async def test_only_changed_extents_are_copied() -> None:

@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.datapath.chunks import ChunkState, ChunkTable, ChunkWork, ZeroRun, measure, plan
+from appliance.datapath.chunks import (
+    ChunkState,
+    ChunkTable,
+    ChunkWork,
+    DataRun,
+    Work,
+    ZeroRun,
+    measure,
+    plan,
+)
 from appliance.storage.extents import Extent
 
 KIB = 1024
 MIB = 1024 * KIB
+
+
+def chunks_of(item: Work) -> tuple[ChunkWork, ...]:
+    assert not isinstance(item, ZeroRun)
+    return item.chunks if isinstance(item, DataRun) else (item,)
 
 
 def test_table_bounds_clip_the_last_chunk() -> None:
@@ -35,8 +49,7 @@ def test_unaligned_data_extent_splits_at_chunk_boundaries(start: int, length: in
     size = 8 * MIB + 123
     table = ChunkTable(size, MIB)
     work = list(plan([Extent(start, length)], table))
-    assert all(isinstance(item, ChunkWork) for item in work)
-    chunks = [item for item in work if isinstance(item, ChunkWork)]
+    chunks = [chunk for item in work for chunk in chunks_of(item)]
     assert [c.index for c in chunks] == list(range(start // MIB, (start + length - 1) // MIB + 1))
     covered = [segment for chunk in chunks for segment in chunk.segments]
     assert covered[0].start == start
@@ -114,3 +127,44 @@ def test_overlapping_or_oversized_extents_are_rejected() -> None:
 def test_empty_disk_and_empty_map_plan_nothing() -> None:
     assert list(plan([], ChunkTable(0, MIB))) == []
     assert list(plan([], ChunkTable(4 * MIB, MIB))) == []
+
+
+def test_adjacent_whole_data_chunks_merge_into_data_runs() -> None:
+    size = 16 * MIB
+    table = ChunkTable(size, MIB)
+    table.set(9, b"\x05" * 16, ChunkState.PENDING)
+    extents = [
+        Extent(0, 6 * MIB),  # chunks 0-5: data, split into runs of at most 4 MiB
+        Extent(6 * MIB, MIB, zero=True),  # chunk 6: a zero run breaks the data run
+        Extent(7 * MIB, 3 * MIB),  # chunks 7-9; 9 is pending: verified alone
+        Extent(10 * MIB, MIB // 2),  # chunk 10: partly covered, alone
+        Extent(12 * MIB, 2 * MIB),  # chunks 12-13: not adjacent to 10
+    ]
+    work = list(plan(extents, table, max_data_run=4 * MIB))
+    shape = [
+        (type(item).__name__, [c.index for c in chunks_of(item)])
+        if not isinstance(item, ZeroRun)
+        else ("ZeroRun", list(item.indices))
+        for item in work
+    ]
+    assert shape == [
+        ("DataRun", [0, 1, 2, 3]),
+        ("DataRun", [4, 5]),
+        ("ZeroRun", [6]),
+        ("DataRun", [7, 8]),
+        ("ChunkWork", [9]),
+        ("ChunkWork", [10]),
+        ("DataRun", [12, 13]),
+    ]
+    first = work[0]
+    assert isinstance(first, DataRun)
+    assert (first.start, first.length, first.end) == (0, 4 * MIB, 4 * MIB)
+
+
+def test_a_data_run_never_exceeds_its_limit_nor_merges_when_chunks_are_larger() -> None:
+    table = ChunkTable(10 * MIB + 5, MIB)
+    runs = list(plan([Extent(0, 10 * MIB + 5)], table, max_data_run=3 * MIB))
+    assert [len(chunks_of(item)) for item in runs] == [3, 3, 3, 2]
+    assert all(chunks_of(item)[-1].end - chunks_of(item)[0].start <= 3 * MIB for item in runs)
+    alone = list(plan([Extent(0, 4 * MIB)], ChunkTable(4 * MIB, MIB), max_data_run=MIB))
+    assert all(isinstance(item, ChunkWork) for item in alone)
