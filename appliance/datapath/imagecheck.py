@@ -25,9 +25,12 @@ from appliance.clock import Clock
 from appliance.datapath.chunks import ChunkTable
 from appliance.datapath.retry import RetryPolicy, with_retries
 from appliance.datapath.workers import run_bounded
-from appliance.storage.backend import Backend
+from appliance.storage.backend import Backend, HashesBlocks
 from appliance.storage.extents import iter_chunks
 from appliance.storage.hashing import chunk_hash, zero_hash
+
+MAX_HASH_RANGE = 8 << 20
+"""The image check asks for the hashes of up to this many bytes of adjacent chunks at once."""
 
 
 @runtime_checkable
@@ -41,6 +44,7 @@ class RangeHasher:
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
         self._remote = backend if isinstance(backend, Checksummer) else None
+        self._blocks = backend if isinstance(backend, HashesBlocks) else None
         self.bytes_read_back = 0
 
     @property
@@ -56,6 +60,22 @@ class RangeHasher:
         data = await self._backend.read(offset, length)
         self.bytes_read_back += len(data)
         return chunk_hash(data)
+
+    async def hash_blocks(self, offset: int, length: int, block: int) -> list[bytes]:
+        """The hash of each ``block`` of a range (the last one clipped), where the data lies
+        when the backend can (a file, a Ferry NBD peer), else by a checksum a block, else
+        by reading the range back."""
+        if self._blocks is not None:
+            digests = await self._blocks.hash_blocks(offset, length, block)
+            if digests is not None:
+                return digests
+            self._blocks = None  # not for this peer or block size: do without
+        if self._remote is not None:
+            return [await self.hash(at, min(block, offset + length - at)) for at in
+                    range(offset, offset + length, block)]  # fmt: skip
+        data = memoryview(await self._backend.read(offset, length))
+        self.bytes_read_back += len(data)
+        return [chunk_hash(data[at : at + block]) for at in range(0, length, block)]
 
 
 def image_digest(table: ChunkTable) -> bytes:
@@ -83,7 +103,10 @@ async def hash_image(
     """Fill ``table`` with the hash of every chunk for which ``needed(index)``."""
     extents = await with_retries(policy, clock, 0, table.size, backend.extents)
 
-    def to_hash() -> Iterator[int]:
+    def to_hash() -> Iterator[range]:
+        """Runs of adjacent chunks with data, up to MAX_HASH_RANGE bytes each."""
+        run: list[int] = []
+        most = max(1, MAX_HASH_RANGE // table.chunk_size)
         for index, segments in iter_chunks(extents, table.chunk_size):
             if not needed(index):
                 continue
@@ -91,14 +114,25 @@ async def hash_image(
             mapped_zero = sum(segment.length for segment in segments if segment.zero)
             if mapped_zero == length:  # holes and zeroes, however the map splits them
                 table.set(index, zero_hash(length))
-            else:
-                yield index
+                continue
+            if run and (run[-1] + 1 != index or len(run) == most):
+                yield range(run[0], run[-1] + 1)
+                run = []
+            run.append(index)
+        if run:
+            yield range(run[0], run[-1] + 1)
 
-    async def hash_chunk(index: int) -> None:
-        start, length = table.bounds(index)
-        digest = await with_retries(
-            policy, clock, start, length, lambda: hasher.hash(start, length)
+    async def hash_chunks(indices: range) -> None:
+        start = table.bounds(indices[0])[0]
+        end = sum(table.bounds(indices[-1]))
+        digests = await with_retries(
+            policy,
+            clock,
+            start,
+            end - start,
+            lambda: hasher.hash_blocks(start, end - start, table.chunk_size),
         )
-        table.set(index, digest)
+        for index, digest in zip(indices, digests, strict=True):
+            table.set(index, digest)
 
-    await run_bounded(to_hash(), hash_chunk, workers=workers)
+    await run_bounded(to_hash(), hash_chunks, workers=workers)

@@ -36,3 +36,16 @@ class Backend(Protocol):
     async def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class HashesBlocks(Protocol):
+    """A backend that hashes its own blocks where the data lies (a file, a Ferry NBD peer)."""
+
+    async def hash_blocks(self, offset: int, length: int, block: int) -> list[bytes] | None:
+        """chunk_hash of each ``block`` of the range, the last one clipped at its end.
+
+        None when this backend cannot for that block size or peer; callers then
+        read the range and hash it themselves.
+        """
+        ...

@@ -65,6 +65,7 @@ CHUNK = MIB
 DISK = int(float(os.environ.get("FERRY_BENCH_DISK_GIB", "4")) * GIB)
 SEED = 20260101
 MODULE = "tests.bench.test_datapath_bench"
+EXTRA = os.environ.get("FERRY_BENCH_EXTRA", "").split()
 ROUNDS = int(os.environ.get("FERRY_BENCH_ROUNDS", "5"))
 
 
@@ -114,15 +115,7 @@ def fill_source(path: Path, size: int, seed: int = SEED) -> DiskContent:
 def allocated_bytes(path: Path) -> int:
     fd = os.open(path, os.O_RDONLY)
     try:
-        size, pos, total = os.fstat(fd).st_size, 0, 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            pos = os.lseek(fd, start, os.SEEK_HOLE)
-            total += pos - start
-        return total
+        return sum(end - start for start, end in data_ranges(fd))
     finally:
         os.close(fd)
 
@@ -142,6 +135,41 @@ def fresh_target(path: Path, size: int) -> Path:
     path.touch()
     os.truncate(path, size)
     return path
+
+
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def settle(source: Path) -> None:
+    """The same start for every tool: nothing dirty, free memory, the source in cache.
+
+    Without it the kernel writes the previous copy back, and reclaims page cache
+    for every page the next copy allocates, on the same two cores while it runs:
+    the same tool then varies by 2x from one round to the next. Dropping the
+    caches needs root; otherwise only the write-back is settled.
+    """
+    os.sync()
+    if os.geteuid() == 0:
+        DROP_CACHES.write_text("1\n")
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        for start, end in data_ranges(fd):
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+            for offset in range(start, end, 8 * MIB):
+                os.pread(fd, min(8 * MIB, end - offset), offset)
+    finally:
+        os.close(fd)
+
+
+def data_ranges(fd: int) -> Iterator[tuple[int, int]]:
+    size, pos = os.fstat(fd).st_size, 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            return
+        pos = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, pos
 
 
 def same_content(a: Path, b: Path) -> bool:
@@ -407,15 +435,14 @@ def copy_once(
 ) -> tuple[float, dict[str, Any]]:
     """One full copy with one tool; returns its time (and Ferry's report).
 
-    Every tool starts with no dirty pages left by the one before: otherwise the
-    kernel writes the last copy back while the next one runs, on the same cores.
+    Every tool starts from the same state (:func:`settle`).
     """
     if name == "cp":
         target.unlink(missing_ok=True)
-        os.sync()
+        settle(source)
         return run_tool(["cp", "--sparse=always", str(source), str(target)]).elapsed_s, {}
     fresh_target(target, DISK)
-    os.sync()
+    settle(source)
     with (
         nbd_server(source, "src", readonly=True) as (src_port, _),
         nbd_server(target, "dst", readonly=False) as (dst_port, _),
@@ -424,7 +451,7 @@ def copy_once(
         if name == "ferry":
             report = run_copier(
                 "--redis", redis_server.url, "--prefix", prefix, "--transfer-id", f"full-{round_}",
-                "--source-port", str(src_port), "--target-port", str(dst_port),
+                "--source-port", str(src_port), "--target-port", str(dst_port), *EXTRA,
             )  # fmt: skip
             return report["elapsed_s"], report
         if name == "qemu":

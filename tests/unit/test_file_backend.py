@@ -13,6 +13,7 @@ from appliance.storage import file as file_module
 from appliance.storage.backend import Backend
 from appliance.storage.extents import Extent, data_length
 from appliance.storage.file import FileBackend
+from appliance.storage.hashing import chunk_hash
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -193,3 +194,25 @@ async def test_concurrent_writes_to_disjoint_ranges_all_land(tmp_path: Path) -> 
         await asyncio.gather(*(backend.write(offset, data) for offset, data in pieces.items()))
         for offset, data in pieces.items():
             assert await backend.read(offset, len(data)) == data
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "block"),
+    [
+        (0, 4 * MiB, MiB),  # whole pieces
+        (4095, 3 * MiB + 7, 64 * KiB),  # unaligned, the last block clipped
+        (MiB - 1, 5 * MiB, 3 * MiB),  # blocks larger than a read piece
+        (0, 0, MiB),  # nothing to hash
+    ],
+)
+async def test_hash_blocks_hashes_each_block_as_it_reads(
+    tmp_path: Path, offset: int, length: int, block: int
+) -> None:
+    data = os.urandom(2 * MiB)
+    async with FileBackend.create(tmp_path / "disk.raw", 8 * MiB) as disk:
+        await disk.write(MiB, data)  # data between holes
+        expected_bytes = await disk.read(offset, length)
+        expected = [chunk_hash(expected_bytes[at : at + block]) for at in range(0, length, block)]
+        assert await disk.hash_blocks(offset, length, block) == expected
+        with pytest.raises(ValueError):
+            await disk.hash_blocks(7 * MiB, 2 * MiB, MiB)

@@ -157,6 +157,18 @@ async def test_checksum_matches_the_hash_of_the_bytes(
         await backend.checksum(0, MAX_BLOCK + 1)
 
 
+async def test_hash_blocks_asks_in_pieces_of_the_maximum_block(
+    backend: NbdBackend, disk: MemoryBackend
+) -> None:
+    start, length, block = MiB - 8192, 3 * MAX_BLOCK + 5000, 64 * 1024  # past max_block
+    data = await disk.read(start, length)
+    expected = [chunk_hash(data[at : at + block]) for at in range(0, length, block)]
+    assert await backend.hash_blocks(start, length, block) == expected
+    # Sizes the extension cannot ask for: the caller hashes by other means.
+    assert await backend.hash_blocks(0, MiB, 48 * 1024) is None
+    assert await backend.hash_blocks(0, MiB, 2 * MAX_BLOCK) is None
+
+
 async def test_write_verified_returns_the_hash_of_what_the_server_received(
     backend: NbdBackend, disk: MemoryBackend
 ) -> None:
@@ -338,6 +350,7 @@ async def test_client_works_with_a_server_without_structured_replies() -> None:
         assert await backend.read(10, 300_000) == b"\x5a" * 300_000
         assert await backend.extents() == [Extent(0, MiB)]
         assert await backend.checksum(0, 10) is None
+        assert await backend.hash_blocks(0, 8192, 4096) is None
 
 
 async def structured_fake_handshake(

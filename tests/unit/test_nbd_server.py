@@ -113,6 +113,41 @@ async def test_ferry_checksum_command_hashes_ranges_holes_as_zeroes(wire: Wire) 
     assert not first[0] & p.ReplyFlag.DONE and second[0] & p.ReplyFlag.DONE
 
 
+async def test_ferry_checksum_per_block_answers_a_digest_per_block(
+    wire: Wire, disk: MemoryBackend
+) -> None:
+    await wire.greet()
+    await wire.go(contexts=(p.FERRY_CHECKSUM_CONTEXT,))
+    start, length, block = MiB - 3 * 4096, 5 * 4096 + 100, 4096  # six blocks, the last clipped
+    await wire.request(
+        p.Command.FERRY_CHECKSUM, start, length, flags=p.ferry_block_flags(block), handle=5
+    )
+    flags, kind, handle, payload = await wire.chunk()
+    assert (flags, kind, handle) == (p.ReplyFlag.DONE, p.ReplyType.FERRY_CHECKSUM, 5)
+    data = await disk.read(start, length)
+    expected = [chunk_hash(data[at : at + block]) for at in range(0, length, block)]
+    assert len(expected) == 6 and len(data[5 * block :]) == 100
+    assert [payload[i : i + 16] for i in range(0, len(payload), 16)] == expected
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        p.CommandFlag.FERRY_BLOCKS | 11 << 8,  # 2 KiB: below the smallest block
+        p.CommandFlag.FERRY_BLOCKS | 26 << 8,  # 64 MiB: above the largest
+        12 << 8,  # block bits without the per-block flag
+    ],
+    ids=["too-small", "too-large", "bits-without-flag"],
+)
+async def test_ferry_checksum_with_a_bad_block_size_is_einval(wire: Wire, flags: int) -> None:
+    await wire.greet()
+    await wire.go(contexts=(p.FERRY_CHECKSUM_CONTEXT,))
+    await wire.request(p.Command.FERRY_CHECKSUM, 0, MiB, flags=flags, handle=6)
+    _, kind, handle, payload = await wire.chunk()
+    assert kind == p.ReplyType.ERROR and handle == 6
+    assert p.ERROR_HEADER.unpack_from(payload)[0] == p.Errno.EINVAL
+
+
 async def test_hashed_write_replies_with_the_digest_of_the_bytes_received(
     wire: Wire, disk: MemoryBackend
 ) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from appliance.datapath.checkpoint import ChunkRecord, MemoryCheckpointStore
 from appliance.datapath.copier import is_zero
+from appliance.datapath.imagecheck import MAX_HASH_RANGE
 from appliance.datapath.progress import TransferPhase, TransferProgress
 from appliance.datapath.retry import RetryPolicy
 from appliance.datapath.transfer import Transfer, TransferOptions
@@ -462,6 +463,46 @@ async def test_image_check_hashes_only_the_chunks_the_target_holds_data_in() -> 
     ]
     assert 0 < target.checksum_calls == len(data_chunks) < chunks
     assert result.source_digest == result.target_digest
+
+
+class BlockHashingTarget(FaultyBackend):
+    """A target that hashes runs of blocks itself, like a Ferry NBD peer (or refuses to)."""
+
+    def __init__(self, size: int, *, can: bool = True) -> None:
+        super().__init__(size, checksums=True, hashed_writes=True)
+        self.can = can
+        self.block_requests: list[tuple[int, int]] = []
+
+    async def hash_blocks(self, offset: int, length: int, block: int) -> list[bytes] | None:
+        self.block_requests.append((offset, length))
+        if not self.can:
+            return None
+        data = await self.read(offset, length)
+        return [chunk_hash(data[at : at + block]) for at in range(0, length, block)]
+
+
+@pytest.mark.parametrize("can", [True, False], ids=["runs", "falls-back-per-chunk"])
+async def test_image_check_hashes_runs_of_chunks_in_one_request_and_names_a_bad_one(
+    can: bool,
+) -> None:
+    size = 200 * CHUNK + 5  # the last chunk clipped
+    source = MemoryBackend.from_bytes(random.Random(31).randbytes(size), name="source")
+    target = BlockHashingTarget(size, can=can)
+    store = MemoryCheckpointStore()
+    result = await Transfer("t", source, target, checkpoints=store, options=options()).run()
+    assert result.source_digest == result.target_digest
+    if can:
+        # Runs of at most MAX_HASH_RANGE bytes, covering every chunk once, in order.
+        assert len(target.block_requests) == -(-size // MAX_HASH_RANGE)
+        assert sum(length for _, length in target.block_requests) == size
+    else:
+        assert target.block_requests == [(0, MAX_HASH_RANGE)]  # asked once, then not again
+        assert target.checksum_calls == 201
+
+    await target.write(123 * CHUNK + 99, b"\x00\x01")
+    with pytest.raises(CertificationFailed) as failure:
+        await Transfer("t", source, target, checkpoints=store, options=options()).run()
+    assert (failure.value.offset, failure.value.length) == (123 * CHUNK, CHUNK)
 
 
 async def test_certification_names_a_flipped_bit() -> None:

@@ -197,6 +197,26 @@ class NbdBackend:
             raise ValueError(f"checksum range of {length} bytes exceeds {client.info.max_block}")
         return await client.checksum(offset, length)
 
+    async def hash_blocks(self, offset: int, length: int, block: int) -> list[bytes] | None:
+        """The server-side chunk_hash of each ``block`` of a range (the last one clipped).
+
+        None when the server lacks Ferry's extension or ``block`` is not a size
+        it can ask for (a power of two, 4 KiB to 32 MiB); ranges over the
+        maximum block size are asked for in pieces.
+        """
+        check_range(self._name, self._size, offset, length)
+        client = await self._connected()
+        if not client.can_checksum or not p.ferry_block_supported(block):
+            return None
+        step = client.info.max_block // block * block
+        if not step:
+            return None
+        pieces = _pieces(offset, length, step)
+        replies = await asyncio.gather(
+            *(client.checksum_blocks(pos, size, block) for pos, size in pieces)
+        )
+        return [digest for reply in replies for digest in reply]
+
     async def close(self) -> None:
         """Disconnect for good: unlike a dropped link, this never reconnects."""
         self._closed = True

@@ -173,6 +173,17 @@ class NbdClient:
             raise NbdProtocolError("checksum reply without a digest")
         return pending.digest
 
+    async def checksum_blocks(self, offset: int, length: int, block: int) -> list[bytes]:
+        """Ferry's checksum of each ``block`` of a range (the last one clipped), in one request."""
+        if self._info.checksum_context is None:
+            raise NbdProtocolError(f"server did not agree to {p.FERRY_CHECKSUM_CONTEXT}")
+        flags = p.ferry_block_flags(block)
+        pending = await self._submit(p.Command.FERRY_CHECKSUM, offset, length, flags=flags)
+        if pending.digest is None:
+            raise NbdProtocolError("checksum reply without digests")
+        digests = pending.digest
+        return [digests[at : at + DIGEST_SIZE] for at in range(0, len(digests), DIGEST_SIZE)]
+
     async def close(self) -> None:
         """Wait for requests in flight (bounded), say NBD_CMD_DISC, close the socket."""
         if self._failure is None:
@@ -352,14 +363,18 @@ class NbdClient:
             pending.extents = _allocation_extents(payload, pending.offset, pending.length)
 
     async def _digest_chunk(self, pending: _Pending, kind: int, length: int) -> None:
-        """A Ferry digest, only ever in reply to the request that asked for it."""
+        """Ferry digests, only ever in reply to the request that asked for them."""
+        expected = DIGEST_SIZE
         if kind == p.ReplyType.FERRY_CHECKSUM:
             asked = pending.command == p.Command.FERRY_CHECKSUM
+            block = p.ferry_block_size(pending.flags)
+            if block is not None:
+                expected = DIGEST_SIZE * p.block_count(pending.length, block)
         else:
             asked = pending.command == p.Command.WRITE and bool(
                 pending.flags & p.CommandFlag.FERRY_HASH
             )
-        if length != DIGEST_SIZE or not asked or pending.digest is not None:
+        if length != expected or not asked or pending.digest is not None:
             raise NbdProtocolError(f"unexpected digest chunk {kind:#x} of {length} bytes")
         pending.digest = await self._channel.read_exactly(length)
 

@@ -33,7 +33,7 @@ from appliance.datapath.nbd.server_handshake import (
     Session,
 )
 from appliance.errors import ConnectionDropped, NbdProtocolError
-from appliance.storage.backend import Backend
+from appliance.storage.backend import Backend, HashesBlocks
 from appliance.storage.extents import Extent
 from appliance.storage.hashing import chunk_hash, zero_hash
 
@@ -71,7 +71,10 @@ _ERRNO_MAP = {
 
 
 # Extension flags, allowed only once the Ferry context was negotiated.
-FERRY_FLAGS = {p.Command.WRITE: _F.FERRY_HASH}
+FERRY_FLAGS = {
+    p.Command.WRITE: _F.FERRY_HASH,
+    p.Command.FERRY_CHECKSUM: _F.FERRY_BLOCKS | p.FERRY_BLOCK_SHIFT,
+}
 
 
 def allowed_flags(contexts: frozenset[int]) -> dict[int, int]:
@@ -336,11 +339,21 @@ class ServerConnection:
             raise CommandError(p.Errno.EINVAL, f"{p.FERRY_CHECKSUM_CONTEXT} was not negotiated")
         self._check_max(request)
         self._check_range(request, p.Errno.EINVAL)
-        digest = await range_digest(self._backend, request.offset, request.length, self._buffers)
+        try:
+            block = p.ferry_block_size(request.flags)
+        except ValueError as exc:
+            raise CommandError(p.Errno.EINVAL, str(exc)) from None
+        offset, length = request.offset, request.length
+        if block is None:
+            digests = await range_digest(self._backend, offset, length, self._buffers)
+        else:
+            digests = b"".join(
+                await range_digests(self._backend, offset, length, block, self._buffers)
+            )
         header = p.pack_structured_header(
-            p.ReplyFlag.DONE, p.ReplyType.FERRY_CHECKSUM, request.handle, len(digest)
+            p.ReplyFlag.DONE, p.ReplyType.FERRY_CHECKSUM, request.handle, len(digests)
         )
-        await self._channel.send(header, digest)
+        await self._channel.send(header, digests)
 
 
 def allocation_payload(extents: list[Extent]) -> bytes:
@@ -366,6 +379,38 @@ async def digest_of(data: memoryview) -> bytes:
     if len(data) <= INLINE_HASH_LIMIT:
         return chunk_hash(data)
     return await asyncio.get_running_loop().run_in_executor(None, chunk_hash, data)
+
+
+def block_digests(data: memoryview, block: int) -> list[bytes]:
+    return [chunk_hash(data[at : at + block]) for at in range(0, len(data), block)]
+
+
+async def range_digests(
+    backend: Backend, offset: int, length: int, block: int, buffers: BufferPool
+) -> list[bytes]:
+    """chunk_hash of each ``block`` of the range: by the backend where it can, else read
+    at once and hashed here (in a thread when large)."""
+    if isinstance(backend, HashesBlocks):
+        digests = await backend.hash_blocks(offset, length, block)
+        if digests is not None:
+            return digests
+    if length >= MAP_FIRST_LENGTH:
+        extents = await backend.extents(offset, length)
+        if all(extent.zero for extent in extents):
+            ends = range(offset + block, offset + length + block, block)
+            return [zero_hash(min(end, offset + length) - end + block) for end in ends]
+    buffer = buffers.take(length)
+    view = memoryview(buffer)[:length]
+    try:
+        await read_range(backend, offset, view)
+        if length <= INLINE_HASH_LIMIT:
+            return block_digests(view, block)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, block_digests, view, block)
+    finally:
+        with contextlib.suppress(BufferError):
+            view.release()
+        buffers.give(buffer)
 
 
 async def range_digest(backend: Backend, offset: int, length: int, buffers: BufferPool) -> bytes:
