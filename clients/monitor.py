@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 from messages.events import Heartbeat, ReadyStatus
@@ -70,6 +71,7 @@ class HeartbeatMonitor:
         self, queue: asyncio.Queue[Heartbeat], on_beat: Callable[[Heartbeat], None]
     ) -> MonitorResult:
         beats, missed, last = 0, 0, None
+        newest: dict[str, datetime] = {}  # per appliance: the latest heartbeat shown
         while True:
             try:
                 beat = await asyncio.wait_for(queue.get(), timeout=self._interval_s)
@@ -78,6 +80,10 @@ class HeartbeatMonitor:
                 if missed >= self._max_missed:
                     return MonitorResult(Outcome.MISSED, beats, last)
                 continue
+            appliance = beat.body.appliance_id
+            if appliance in newest and beat.sent_at < newest[appliance]:
+                continue  # a late delivery (SQS standard queues reorder): older news, not life
+            newest[appliance] = beat.sent_at
             beats, missed, last = beats + 1, 0, beat
             on_beat(beat)
             if self._fail_on_not_ready and beat.body.status is ReadyStatus.NOT_READY:

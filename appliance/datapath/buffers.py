@@ -7,11 +7,19 @@ back to the pool only when no memoryview of it is alive: a task still
 sending from it (or a worker thread still reading it) keeps it out of reuse.
 Backends that can fill a caller's buffer (:class:`ReadsInto`) are read
 straight into pooled buffers.
+
+:class:`BufferBudget` bounds the chunk buffers a transfer engine holds; one
+budget shared by every transfer of a process bounds their memory together,
+however many migrations run at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
+
+from appliance.datapath.throttle import QueueDepthLimiter
 
 POOL_MIN_BUFFER = 64 * 1024
 POOL_MAX_BYTES = 32 * 1024 * 1024
@@ -70,3 +78,35 @@ class BufferPool:
             return
         self._free.append(buffer)
         self._free_bytes += len(buffer)
+
+
+class BufferBudget:
+    """At most ``slots`` buffers held at once by everyone sharing it, idle ones reused.
+
+    Each holder takes one buffer for one unit of work and gives it back, so
+    holders never wait on each other while holding one: no deadlock, and
+    memory stays below ``slots`` times the largest buffer (plus what a
+    cancelled send may pin a moment longer).
+    """
+
+    def __init__(self, slots: int, buffer_bytes: int) -> None:
+        self._slots = QueueDepthLimiter(slots)
+        self._pool = BufferPool(max_bytes=slots * buffer_bytes)
+
+    @property
+    def slots(self) -> int:
+        return self._slots.limit
+
+    @contextlib.asynccontextmanager
+    async def hold(self, length: int) -> AsyncIterator[memoryview]:
+        """A writable view of ``length`` bytes, for as long as the block runs."""
+        async with self._slots.slot():
+            buffer = self._pool.take(length)
+            view = memoryview(buffer)[:length]
+            try:
+                yield view
+            finally:
+                # Reused only if nothing kept a view (a request still sending, say).
+                with contextlib.suppress(BufferError):
+                    view.release()
+                self._pool.give(buffer)

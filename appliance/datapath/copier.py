@@ -32,7 +32,6 @@ handed to the checkpoint writer.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 import structlog
 
 from appliance.clock import Clock
-from appliance.datapath.buffers import BufferPool, ReadsInto
+from appliance.datapath.buffers import BufferBudget, ReadsInto
 from appliance.datapath.checkpoint import CheckpointWriter
 from appliance.datapath.chunks import ChunkTable, ChunkWork, DataRun, Work, ZeroRun
 from appliance.datapath.imagecheck import RangeHasher
@@ -119,8 +118,8 @@ class CopyContext:
     clock: Clock
     verify: bool
     target_is_zero: bool
-    buffer_bytes: int
-    """Idle chunk buffers kept for reuse (a chunk per worker)."""
+    buffers: BufferBudget
+    """Where chunk buffers come from: one per unit of work in hand, maybe shared."""
 
 
 class ChunkCopier:
@@ -132,8 +131,6 @@ class ChunkCopier:
         self._hashing_target = (
             target if context.verify and isinstance(target, VerifiedWriter) else None
         )
-        # At most one chunk per worker is in hand; their buffers are reused.
-        self._buffers = BufferPool(max_bytes=context.buffer_bytes)
 
     async def copy(self, work: Work) -> None:
         if isinstance(work, ZeroRun):
@@ -211,15 +208,8 @@ class ChunkCopier:
         return True
 
     async def _send(self, work: ChunkWork, *, whole: bool = False) -> tuple[bytes, bool]:
-        buffer = self._buffers.take(work.length)
-        data = memoryview(buffer)[: work.length]
-        try:
+        async with self._c.buffers.hold(work.length) as data:
             return await self._send_from(work, data, whole)
-        finally:
-            # Reused only if nothing kept a view (a request still sending, say).
-            with contextlib.suppress(BufferError):
-                data.release()
-            self._buffers.give(buffer)
 
     async def _send_from(
         self, work: ChunkWork, data: memoryview, whole: bool
@@ -297,9 +287,7 @@ class ChunkCopier:
 
     async def _send_run(self, run: DataRun) -> list[tuple[bytes, bool]]:
         """Read the run at once, write it by stretches; each chunk's (hash, all zero)."""
-        buffer = self._buffers.take(run.length)
-        data = memoryview(buffer)[: run.length]
-        try:
+        async with self._c.buffers.hold(run.length) as data:
             async with self._c.source_io.slot():
                 await self._read_range(run.start, data)
             self.counters.bytes_read += run.length
@@ -313,10 +301,6 @@ class ChunkCopier:
                     await self._check_at_target(run.chunks[index], hashed[index][0])
             self.counters.chunks_verified_on_write += len(run.chunks) - len(unverified)
             return hashed
-        finally:
-            with contextlib.suppress(BufferError):
-                data.release()
-            self._buffers.give(buffer)
 
     async def _write_stretches(
         self, run: DataRun, data: memoryview, hashed: list[tuple[bytes, bool]]

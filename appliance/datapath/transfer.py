@@ -10,6 +10,10 @@ One :class:`Transfer` copies from a source Backend to a target Backend
     transfer.set_source_queue_depth(8)
     transfer.stop()                        # or task.cancel(); both leave a usable checkpoint
 
+The bandwidth cap, the source queue depth and the chunk buffers
+(:class:`~appliance.datapath.buffers.BufferBudget`) may each be shared by
+several transfers, to cap a whole WAN link, a whole source, a whole process.
+
 How it works (modelled on ovirt-imageio's copy loop):
 
 1. *Plan*. The extents to copy (the source's whole map by default, or the
@@ -42,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 import structlog
 
 from appliance.clock import Clock, SystemClock
+from appliance.datapath.buffers import BufferBudget
 from appliance.datapath.checkpoint import (
     CheckpointMeta,
     CheckpointStore,
@@ -148,6 +153,7 @@ class Transfer:
         options: TransferOptions | None = None,
         bandwidth: TokenBucket | None = None,
         source_io: QueueDepthLimiter | None = None,
+        buffers: BufferBudget | None = None,
         progress: ProgressCallback | None = None,
         clock: Clock | None = None,
     ) -> None:
@@ -162,6 +168,10 @@ class Transfer:
         self._clock = clock or SystemClock()
         self._bandwidth = bandwidth or TokenBucket(clock=self._clock)
         self._source_io = source_io or QueueDepthLimiter()
+        options = self._options
+        self._buffers = buffers or BufferBudget(
+            options.workers, max(options.chunk_size, options.max_data_run)
+        )
         self._progress = progress
         self._stop = asyncio.Event()
         self._table = ChunkTable(source.size, self._options.chunk_size)
@@ -361,8 +371,7 @@ class Transfer:
             clock=self._clock,
             verify=self._options.verify_chunks,
             target_is_zero=self._options.target_is_zero,
-            buffer_bytes=self._options.workers
-            * max(self._options.chunk_size, self._options.max_data_run),
+            buffers=self._buffers,
         )
 
     async def _check_image(self) -> tuple[bytes, bytes]:

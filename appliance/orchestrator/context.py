@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from appliance.clock import Clock
+from appliance.datapath.buffers import BufferBudget
 from appliance.datapath.checkpoint import CheckpointStore
 from appliance.datapath.nbd.channel import NbdAddress
 from appliance.orchestrator.reporting import Reporter
@@ -56,6 +57,8 @@ class Deps:
     checkpoints: Callable[[str], CheckpointStore]
     sealer: Sealer
     clock: Clock
+    buffers: BufferBudget
+    """Chunk buffers shared by every transfer: the data path's memory, whatever runs."""
 
     def site(self, name: str) -> Site:
         return self.sites[name]

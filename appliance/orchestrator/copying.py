@@ -109,6 +109,7 @@ class DiskCopy:
             ),
             bandwidth=TokenBucket(options.bandwidth_cap_bps, clock=self._deps.clock),
             source_io=QueueDepthLimiter(options.io_queue_depth),
+            buffers=self._deps.buffers,
             progress=self._on_progress,
         )
         stopper = asyncio.create_task(self._stop_on_cancel(transfer))

@@ -8,7 +8,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from appliance.clock import Clock
+from appliance.datapath.buffers import BufferBudget
 from appliance.datapath.checkpoint import CheckpointStore
+from appliance.datapath.chunks import MAX_DATA_RUN
 from appliance.datapath.nbd.channel import NbdAddress
 from appliance.datapath.nbd.server import NbdServer
 from appliance.dispatch.admin import Admin
@@ -109,6 +111,7 @@ def build_deps(
         checkpoints=checkpoints,
         sealer=Sealer(settings.token_bytes),
         clock=clock,
+        buffers=BufferBudget(settings.transfer_buffers, MAX_DATA_RUN),
     )
 
 

@@ -111,6 +111,13 @@ def read_pieces(plan: ReadPlan) -> bytes:
     return b"".join(sparse.read_exact(fd, start, end - start) for fd, start, end in plan)
 
 
+def read_pieces_into(plan: ReadPlan, view: memoryview) -> None:
+    """Fill ``view`` (the bytes from the plan's first offset on) straight from the files."""
+    base = plan[0][1] if plan else 0
+    for fd, start, end in plan:
+        sparse.read_exact_into(fd, start, view[start - base : end - base])
+
+
 @dataclass(frozen=True, slots=True)
 class CopyOnWrite:
     """A partly written block not yet in the top layer: read it from below, patch, write whole."""

@@ -225,6 +225,15 @@ class LayeredDisk:
             return b""
         return await self._read_now(snapshot_id, offset, length)
 
+    async def _read_into(self, snapshot_id: str | None, offset: int, view: memoryview) -> None:
+        _check_range(self.name, self.size, offset, len(view))
+        if len(view):
+            async with self._gate.shared():
+                plan = layer_files.plan_read(
+                    self._view(snapshot_id), self._geometry, offset, offset + len(view)
+                )
+                await asyncio.to_thread(layer_files.read_pieces_into, plan, view)
+
     async def _write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         _check_range(self.name, self.size, offset, len(view))
@@ -526,6 +535,10 @@ class DiskView:
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self._disk._read(self._snapshot_id, offset, length)
+
+    async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
+        """Fill ``buffer`` from ``offset`` (``read`` without allocating the result)."""
+        await self._disk._read_into(self._snapshot_id, offset, memoryview(buffer).cast("B"))
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_writable()

@@ -51,6 +51,16 @@ def read_exact(fd: int, offset: int, length: int) -> bytes:
     return b"".join(parts)
 
 
+def read_exact_into(fd: int, offset: int, view: memoryview) -> None:
+    """Fill ``view`` from ``offset``; the file is never shorter than the disk."""
+    while view:
+        count = os.preadv(fd, [view], offset)
+        if not count:
+            raise OSError(errno.EIO, f"short read at {offset}: the file ends early")
+        view = view[count:]
+        offset += count
+
+
 def write_all(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data).cast("B")
     while view:

@@ -15,7 +15,9 @@ import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from appliance.clock import FakeClock
+from appliance.datapath.buffers import BufferBudget
 from appliance.datapath.checkpoint import CheckpointStore
+from appliance.datapath.chunks import MAX_DATA_RUN
 from appliance.datapath.nbd.channel import NbdAddress
 from appliance.embedded import RedisServer
 from appliance.errors import CommandRejected, Conflict, SealBroken, UnknownVm
@@ -114,6 +116,7 @@ async def env(
         checkpoints=checkpoints,
         sealer=Sealer(TOKEN),
         clock=clock,
+        buffers=BufferBudget(4, MAX_DATA_RUN),
     )
     yield Env(deps, CloneRequests(deps), sink, redis, keys)
     for site in sites.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import structlog
 from pydantic import SecretStr
@@ -90,6 +91,20 @@ async def test_monitor_fails_on_not_ready_when_asked() -> None:
     beats = _stream(_beat(ReadyStatus.READY, 0), _beat(ReadyStatus.NOT_READY, 1))
     result = await HeartbeatMonitor(1.0, fail_on_not_ready=True).watch(beats, lambda b: None)
     assert result.outcome is Outcome.NOT_READY and result.exit_code == 4
+
+
+async def test_monitor_skips_a_heartbeat_delivered_after_a_newer_one() -> None:
+    now = datetime.now(UTC)
+    late, first, second = (
+        _beat(ReadyStatus.READY, n).model_copy(update={"sent_at": now + timedelta(seconds=n)})
+        for n in (0, 1, 2)
+    )
+    seen: list[int] = []
+    result = await HeartbeatMonitor(1.0, count=2).watch(
+        _stream(first, late, second), lambda b: seen.append(b.body.sequence)
+    )
+    assert result.outcome is Outcome.COUNT_REACHED
+    assert seen == [1, 2]
 
 
 def test_log_redaction_masks_secret_keys_and_values() -> None:

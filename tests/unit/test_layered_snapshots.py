@@ -42,6 +42,22 @@ async def test_snapshot_then_overwrite_then_read_at_the_snapshot(disk: LayeredDi
     assert await disk.at(snapshot.id).extents() == [Extent(0, SIZE)]
 
 
+@pytest.mark.parametrize(("offset", "length"), [(0, SIZE), (G - 7, 3 * G + 11), (SIZE - 5, 5)])
+async def test_read_into_matches_read_across_layers(
+    disk: LayeredDisk, offset: int, length: int
+) -> None:
+    view = disk.active()
+    await view.write(0, pattern(3, SIZE))
+    first = await disk.snapshot("first")
+    await view.write(2 * G + 100, pattern(4, 3 * G))  # the top layer owns some blocks
+    await view.zero(6 * G, G)
+    for backend in (view, disk.at(first.id)):
+        buffer = bytearray(length + 2)
+        await backend.read_into(offset, memoryview(buffer)[1:-1])
+        assert bytes(buffer[1:-1]) == await backend.read(offset, length)
+        assert buffer[0] == buffer[-1] == 0
+
+
 async def test_snapshot_info(tmp_path: Path) -> None:
     clock = FakeClock()
     async with await LayeredDisk.create(tmp_path / "d", SIZE, clock=clock) as disk:

@@ -1,4 +1,4 @@
-"""The Backend contract, held by every backend: memory, file, and NBD over each of them."""
+"""The Backend contract, held by every backend: memory, file, layered, and NBD over each."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from appliance.datapath.nbd.server import NbdServer
 from appliance.storage.backend import Backend
 from appliance.storage.extents import Extent, clip, data_length
 from appliance.storage.file import FileBackend
+from appliance.storage.layered import LayeredDisk
 from appliance.storage.memory import MemoryBackend
 
 MiB = 1024 * 1024
 SIZE = 4 * MiB
-KINDS = ["memory", "file", "nbd-memory", "nbd-file"]
+KINDS = ["memory", "file", "layered", "nbd-memory", "nbd-file", "nbd-layered"]
 
 
 @pytest.fixture(params=KINDS)
@@ -29,6 +30,11 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         local: Backend
         if kind.endswith("file"):
             local = await stack.enter_async_context(FileBackend.create(tmp_path / "d.raw", SIZE))
+        elif kind.endswith("layered"):
+            disk = await stack.enter_async_context(
+                await LayeredDisk.create(tmp_path / "layered", SIZE)
+            )
+            local = disk.active()
         else:
             local = MemoryBackend(SIZE)
         if not kind.startswith("nbd"):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 
+from appliance.datapath.buffers import BufferBudget
 from appliance.datapath.checkpoint import ChunkRecord, MemoryCheckpointStore
 from appliance.datapath.copier import is_zero
 from appliance.datapath.imagecheck import MAX_HASH_RANGE
@@ -662,3 +664,37 @@ def test_is_zero_reads_any_buffer_without_copying_it(length: int) -> None:
     buffer[-1] = 1
     assert not is_zero(memoryview(buffer)) and not is_zero(buffer)
     assert is_zero(memoryview(buffer)[:-1])
+
+
+async def test_a_shared_buffer_budget_caps_buffers_across_transfers() -> None:
+    """Two transfers sharing a two-buffer budget never hold more than two chunk buffers."""
+    budget = BufferBudget(2, CHUNK)
+    held, most = 0, 0
+    hold = budget.hold
+
+    @contextlib.asynccontextmanager
+    async def counting(length: int) -> AsyncIterator[memoryview]:
+        nonlocal held, most
+        async with hold(length) as view:
+            held += 1
+            most = max(most, held)
+            try:
+                yield view
+            finally:
+                held -= 1
+
+    budget.hold = counting  # type: ignore[method-assign]
+    sources = [
+        MemoryBackend.from_bytes(random.Random(40 + n).randbytes(32 * CHUNK), name=f"s{n}")
+        for n in range(2)
+    ]
+    targets = [await slow_target(source) for source in sources]
+    opts = options(workers=4)
+    await asyncio.gather(
+        *(
+            Transfer(f"t{n}", sources[n], targets[n], options=opts, buffers=budget).run()
+            for n in range(2)
+        )
+    )
+    assert [await image(t) for t in targets] == [await image(s) for s in sources]
+    assert most == 2

@@ -26,6 +26,7 @@ from typing import Self
 
 import structlog
 
+from appliance.datapath.buffers import BufferPool
 from appliance.datapath.nbd import protocol as p
 from appliance.datapath.nbd.channel import (
     Channel,
@@ -64,6 +65,9 @@ class NbdServer:
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        # One pool for every connection: idle payload buffers stay bounded per server,
+        # not per client.
+        self._buffers = BufferPool()
 
     @property
     def address(self) -> NbdAddress:
@@ -160,7 +164,11 @@ class NbdServer:
             if session is None:
                 return
             connection = ServerConnection(
-                channel, session, max_block=self._max_block, max_inflight=self._max_inflight
+                channel,
+                session,
+                max_block=self._max_block,
+                max_inflight=self._max_inflight,
+                buffers=self._buffers,
             )
             await connection.serve()
         except ConnectionDropped:

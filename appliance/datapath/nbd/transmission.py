@@ -105,7 +105,13 @@ def wire_errno(exc: BaseException) -> p.Errno:
 
 class ServerConnection:
     def __init__(
-        self, channel: Channel, session: Session, *, max_block: int, max_inflight: int
+        self,
+        channel: Channel,
+        session: Session,
+        *,
+        max_block: int,
+        max_inflight: int,
+        buffers: BufferPool | None = None,
     ) -> None:
         self._channel = channel
         self._session = session
@@ -114,7 +120,7 @@ class ServerConnection:
         self._max_block = max_block
         self._slots = asyncio.Semaphore(max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._buffers = BufferPool()
+        self._buffers = buffers or BufferPool()
         self._allowed_flags = allowed_flags(session.contexts)
         self._handlers: dict[int, Callable[[p.Request, memoryview | None], Awaitable[None]]] = {
             p.Command.READ: self._read,
