@@ -27,7 +27,9 @@ of the plan:
 * a :class:`ZeroRun` is one ``zero()`` over many chunks.
 
 Transient errors retry the whole unit with backoff; only verified chunks are
-handed to the checkpoint writer.
+handed to the checkpoint writer. A unit pays the bandwidth cap for the data it
+is about to send *before* it takes a buffer, so a capped transfer waiting for
+its turn holds no memory that other transfers sharing the budget could use.
 """
 
 from __future__ import annotations
@@ -208,6 +210,9 @@ class ChunkCopier:
         return True
 
     async def _send(self, work: ChunkWork, *, whole: bool = False) -> tuple[bytes, bool]:
+        # Data segments found all zero after the read are paid for and not sent: a cap
+        # errs on the slow side.
+        await self._c.bandwidth.acquire(work.length if whole else work.data_bytes)
         async with self._c.buffers.hold(work.length) as data:
             return await self._send_from(work, data, whole)
 
@@ -267,7 +272,6 @@ class ChunkCopier:
                 self.counters.zero_bytes += segment.length
                 verified = False
                 continue
-            await self._c.bandwidth.acquire(segment.length)
             received = await self._write_data(segment.start, piece)
             self.counters.bytes_written += segment.length
             if received is None:
@@ -287,6 +291,7 @@ class ChunkCopier:
 
     async def _send_run(self, run: DataRun) -> list[tuple[bytes, bool]]:
         """Read the run at once, write it by stretches; each chunk's (hash, all zero)."""
+        await self._c.bandwidth.acquire(run.length)
         async with self._c.buffers.hold(run.length) as data:
             async with self._c.source_io.slot():
                 await self._read_range(run.start, data)
@@ -332,8 +337,9 @@ class ChunkCopier:
         return unverified
 
     async def _write_checked(self, start: int, data: memoryview, expected: bytes | None) -> bool:
-        """One data write; True when the target's digest of it matched (a mismatch raises)."""
-        await self._c.bandwidth.acquire(len(data))
+        """One data write; True when the target's digest of it matched (a mismatch raises).
+
+        The bandwidth was paid for before the run took its buffer."""
         received = await self._write_data(start, data)
         self.counters.bytes_written += len(data)
         if received is None:
