@@ -57,6 +57,7 @@ from appliance.state.keys import Keys
 from appliance.storage.disk_manifest import BASE_LAYER, data_file_name
 from appliance.storage.file import FileBackend
 from appliance.storage.layered import LayeredDisk
+from tests.support.pagecache import data_ranges, settle
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
@@ -135,41 +136,6 @@ def fresh_target(path: Path, size: int) -> Path:
     path.touch()
     os.truncate(path, size)
     return path
-
-
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
-
-
-def settle(source: Path) -> None:
-    """The same start for every tool: nothing dirty, free memory, the source in cache.
-
-    Without it the kernel writes the previous copy back, and reclaims page cache
-    for every page the next copy allocates, on the same two cores while it runs:
-    the same tool then varies by 2x from one round to the next. Dropping the
-    caches needs root; otherwise only the write-back is settled.
-    """
-    os.sync()
-    if os.geteuid() == 0:
-        DROP_CACHES.write_text("1\n")
-    fd = os.open(source, os.O_RDONLY)
-    try:
-        for start, end in data_ranges(fd):
-            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
-            for offset in range(start, end, 8 * MIB):
-                os.pread(fd, min(8 * MIB, end - offset), offset)
-    finally:
-        os.close(fd)
-
-
-def data_ranges(fd: int) -> Iterator[tuple[int, int]]:
-    size, pos = os.fstat(fd).st_size, 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            return
-        pos = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start, pos
 
 
 def same_content(a: Path, b: Path) -> bool:
