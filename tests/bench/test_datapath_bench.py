@@ -57,7 +57,8 @@ from appliance.state.keys import Keys
 from appliance.storage.disk_manifest import BASE_LAYER, data_file_name
 from appliance.storage.file import FileBackend
 from appliance.storage.layered import LayeredDisk
-from tests.support.pagecache import data_ranges, settle
+from tests.support.pagecache import settle
+from tests.support.sparse import data_ranges
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20

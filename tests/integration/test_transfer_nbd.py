@@ -19,6 +19,7 @@ from appliance.state.checkpoints import RedisCheckpointStore
 from appliance.state.keys import Keys
 from appliance.storage.file import FileBackend
 from tests.support.faultproxy import FaultProxy
+from tests.support.sparse import file_data_ranges
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -48,26 +49,6 @@ def write_lab_file(path: Path, size: int, seed: int) -> int:
                 written += length
             pos += length
     return written
-
-
-def data_ranges(path: Path) -> list[tuple[int, int]]:
-    """(start, end) of the allocated ranges of a file, from SEEK_DATA/SEEK_HOLE."""
-    ranges: list[tuple[int, int]] = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            ranges.append((start, end))
-            pos = end
-    finally:
-        os.close(fd)
-    return ranges
 
 
 @dataclass
@@ -125,10 +106,10 @@ async def test_copy_with_verification_over_nbd(
     assert result.source_digest == result.target_digest
     # Only data travels: the wire carries what was written plus small headers.
     assert stats.bytes_written <= sum(
-        end - start for start, end in data_ranges(endpoints.source_path)
+        end - start for start, end in file_data_ranges(endpoints.source_path)
     )
     assert stats.bytes_written <= sent_to_target <= stats.bytes_written * 1.02 + 64 * KIB
-    target_data = data_ranges(endpoints.target_path)
+    target_data = file_data_ranges(endpoints.target_path)
     assert sum(end - start for start, end in target_data) <= stats.bytes_written + stats.zero_bytes
     saved = await redis.hgetall(keys.checkpoint("nbd-copy"))
     assert b"complete" in saved and int(saved[b"durable"]) >= 1
@@ -190,7 +171,7 @@ async def test_a_bit_flipped_at_the_target_is_caught(
         await NbdBackend.connect(endpoints.target_server.address, "dst") as target,
     ):
         await Transfer("flip", source, target, checkpoints=checkpoints, options=options()).run()
-        start, end = data_ranges(endpoints.target_path)[-1]
+        start, end = file_data_ranges(endpoints.target_path)[-1]
         flip_at = (start + end) // 2
         with endpoints.target_path.open("r+b") as file:
             file.seek(flip_at)

@@ -9,8 +9,9 @@ Dropping the caches needs root; otherwise only the write-back is settled.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
+
+from tests.support.sparse import data_ranges
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 READ_PIECE = 8 << 20
@@ -30,15 +31,3 @@ def settle(*warm: Path) -> None:
                     os.pread(fd, min(READ_PIECE, end - offset), offset)
         finally:
             os.close(fd)
-
-
-def data_ranges(fd: int) -> Iterator[tuple[int, int]]:
-    """The file's allocated ranges, from SEEK_DATA / SEEK_HOLE."""
-    size, pos = os.fstat(fd).st_size, 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            return
-        pos = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start, pos
