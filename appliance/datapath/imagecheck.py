@@ -10,7 +10,9 @@ The whole-image digest is the hash of every chunk's hash in chunk order.
 :func:`hash_image` fills a :class:`ChunkTable` for one side, taking chunks
 the backend maps as zero (holes or zeroes: NBD BLOCK_STATUS over a link)
 from its extent map without reading them; only chunks holding data are
-hashed, by the backend itself when it can. So a chunk the copy never wrote
+hashed, by the backend itself when it can, and in runs of adjacent chunks
+(``hash_blocks``: one request answers a digest per chunk of up to
+:data:`MAX_HASH_RANGE` bytes). So a chunk the copy never wrote
 shows up as a zero chunk where the source has data, and a chunk that holds
 other bytes than the source's shows up in its hash. Comparing two tables
 names the first chunk that differs.
@@ -71,8 +73,8 @@ class RangeHasher:
                 return digests
             self._blocks = None  # not for this peer or block size: do without
         if self._remote is not None:
-            return [await self.hash(at, min(block, offset + length - at)) for at in
-                    range(offset, offset + length, block)]  # fmt: skip
+            starts = range(offset, offset + length, block)
+            return [await self.hash(at, min(block, offset + length - at)) for at in starts]
         data = memoryview(await self._backend.read(offset, length))
         self.bytes_read_back += len(data)
         return [chunk_hash(data[at : at + block]) for at in range(0, length, block)]
