@@ -93,10 +93,6 @@ class BufferBudget:
         self._slots = QueueDepthLimiter(slots)
         self._pool = BufferPool(max_bytes=slots * buffer_bytes)
 
-    @property
-    def slots(self) -> int:
-        return self._slots.limit
-
     @contextlib.asynccontextmanager
     async def hold(self, length: int) -> AsyncIterator[memoryview]:
         """A writable view of ``length`` bytes, for as long as the block runs."""
