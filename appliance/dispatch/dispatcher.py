@@ -6,7 +6,9 @@ Order of checks for each delivery (each failure is final for that delivery)::
         -> claim the message id in Redis (idempotency; first delivery wins;
            a duplicate arriving while the first is handled waits its turn)
         -> freshness (only for a first delivery: a redelivery of a recorded
-           command is never "stale")
+           command is never "stale"; a stale first delivery is recorded as
+           refused, atomically with its claim, so every later delivery of it is
+           refused too)
         -> route to the handler -> publish the answer -> mark answered -> ack
 
 A message that can never be handled gets an ErrorResponse (when its
@@ -30,7 +32,7 @@ from appliance.dispatch.reply import error_for, error_response
 from appliance.errors import CommandRejected, FerryError, PermanentError, TransientError
 from appliance.logs import get_logger
 from appliance.sink import EventSink
-from appliance.state.commands import ClaimResult, CommandRecords
+from appliance.state.commands import ClaimResult, CommandRecords, Refusal
 from appliance.state.events import EventLog
 from messages.codec import Decoder, body_digest, check_fresh
 from messages.commands import Command
@@ -114,6 +116,7 @@ class Dispatcher:
             command.message_type,
             command.correlation_id,
             self._clock.now().isoformat(),
+            refusal=self._staleness(command),
         )
         match claim.result:
             case ClaimResult.REUSED:
@@ -121,6 +124,12 @@ class Dispatcher:
                     ErrorCode.MESSAGE_ID_REUSED,
                     f"message_id {command.message_id} was already used for a different command",
                     command.correlation_id,
+                )
+            case ClaimResult.REFUSED:
+                # Refused for good when first seen (stale): a resend or a redrive is too.
+                assert claim.refusal is not None
+                raise MessageError(
+                    ErrorCode(claim.refusal.code), claim.refusal.reason, command.correlation_id
                 )
             case ClaimResult.ANSWERED:
                 log.info("duplicate delivery dropped: already answered")
@@ -131,9 +140,7 @@ class Dispatcher:
             case ClaimResult.TAKEOVER:
                 log.info("redelivery of a recorded, unanswered command: handling it")
             case ClaimResult.FIRST:
-                check_fresh(
-                    command.sent_at, self._clock.now(), self._max_skew, command.correlation_id
-                )
+                pass  # fresh: a stale first delivery is recorded as REFUSED
         try:
             await self._act(command)
         except asyncio.CancelledError:
@@ -141,6 +148,15 @@ class Dispatcher:
                 await asyncio.shield(self._records.release(command.message_id, claim))
             raise
         return Verdict.ACK
+
+    def _staleness(self, command: Command) -> Refusal | None:
+        """Why a first delivery may not act (it is stale), or None; only a first delivery is
+        judged: a redelivery of a recorded command is never "stale"."""
+        try:
+            check_fresh(command.sent_at, self._clock.now(), self._max_skew, command.correlation_id)
+        except MessageError as error:
+            return Refusal(error.code.value, error.reason)
+        return None
 
     async def _act(self, command: Command) -> None:
         answer = await self._answer(command)

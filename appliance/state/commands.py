@@ -7,6 +7,11 @@ command's content, so a retry (same digest) is told from a reused message id
 handling lease, so two deliveries of one command that arrive together are
 not both handled, while a delivery whose handler died is taken over once its
 lease runs out.
+
+A command refused before anyone acted on it (stale: sent too long ago or too far
+ahead) is recorded as ``refused``, with the code and reason, in the same atomic
+step that creates the record: every later delivery of those bytes (a resend, a
+dead-letter redrive) gets the same refusal and is never acted on.
 """
 
 from __future__ import annotations
@@ -19,13 +24,21 @@ from redis.typing import EncodableT
 
 from appliance.state.store import Fields, StateStore, text
 
-# KEYS[1] record; ARGV: digest, type, correlation id, received_at, ttl, lease ms, owner
+# KEYS[1] record; ARGV: digest, type, correlation id, received_at, ttl, lease ms, owner,
+# refusal code ('' when the first delivery may act), refusal reason
 _CLAIM = """
 local key = KEYS[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease_until = now + tonumber(ARGV[6])
 if redis.call('EXISTS', key) == 0 then
+  if ARGV[8] ~= '' then
+    redis.call('HSET', key, 'digest', ARGV[1], 'status', 'refused', 'type', ARGV[2],
+               'correlation_id', ARGV[3], 'received_at', ARGV[4],
+               'refusal_code', ARGV[8], 'refusal_reason', ARGV[9], 'lease_until', '0')
+    redis.call('EXPIRE', key, tonumber(ARGV[5]))
+    return {'refused', ARGV[1], ARGV[8], ARGV[9]}
+  end
   redis.call('HSET', key, 'digest', ARGV[1], 'status', 'received', 'type', ARGV[2],
              'correlation_id', ARGV[3], 'received_at', ARGV[4],
              'owner', ARGV[7], 'lease_until', lease_until)
@@ -35,6 +48,10 @@ end
 local digest = redis.call('HGET', key, 'digest')
 if digest ~= ARGV[1] then
   return {'reused', digest}
+end
+if redis.call('HGET', key, 'status') == 'refused' then
+  return {'refused', digest, redis.call('HGET', key, 'refusal_code') or '',
+          redis.call('HGET', key, 'refusal_reason') or ''}
 end
 if redis.call('HGET', key, 'status') == 'answered' then
   return {'answered', digest}
@@ -60,12 +77,22 @@ class ClaimResult(StrEnum):
     BUSY = "busy"  # another delivery is handling it right now: try again later
     ANSWERED = "answered"  # done already: drop this delivery
     REUSED = "reused"  # the message id was used for different content
+    REFUSED = "refused"  # refused before anyone acted on it: refuse this delivery too
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a command was refused before it was acted on (an ErrorCode value, in words)."""
+
+    code: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
     result: ClaimResult
     owner: str
+    refusal: Refusal | None = None  # with REFUSED: the recorded code and reason
 
     @property
     def acts(self) -> bool:
@@ -87,7 +114,10 @@ class CommandRecords:
         message_type: str,
         correlation_id: str,
         received_at: str,
+        refusal: Refusal | None = None,
     ) -> Claim:
+        """Record the command (first delivery) or find its record; ``refusal``: the first
+        delivery may not act, and neither may any later one."""
         key = self._store.keys.command(message_id)
         owner = uuid.uuid4().hex
         args: list[EncodableT] = [
@@ -98,9 +128,14 @@ class CommandRecords:
             self._ttl_s,
             self._lease_ms,
             owner,
+            refusal.code if refusal is not None else "",
+            refusal.reason if refusal is not None else "",
         ]
         result = await self._store.run(lambda r: self._claim(keys=[key], args=args, client=r))
-        return Claim(ClaimResult(text(result[0])), owner)
+        outcome = ClaimResult(text(result[0]))
+        if outcome is ClaimResult.REFUSED:
+            return Claim(outcome, owner, Refusal(text(result[2]), text(result[3])))
+        return Claim(outcome, owner)
 
     async def release(self, message_id: str, claim: Claim) -> None:
         """Give up our handling lease early (we were cancelled): a redelivery may take over."""
