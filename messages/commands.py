@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 from messages.common import (
     BulkTransferMode,
@@ -32,7 +32,7 @@ class InventoryFilter(WireModel):
 
 class SourceInventoryRequestBody(WireModel):
     filters: InventoryFilter = InventoryFilter()
-    page_size: int = Field(default=100, ge=1, le=1000)
+    page_size: StrictInt = Field(default=100, ge=1, le=1000)
     page_token: str | None = Field(default=None, max_length=512)
 
 
@@ -66,11 +66,11 @@ class TargetResources(WireModel):
 
 class CloneOptions(WireModel):
     verify: VerifyMode = VerifyMode.CHUNK
-    bandwidth_cap_mbps: float | None = Field(default=None, gt=0)
-    io_queue_depth: int = Field(default=4, ge=1, le=64)
-    chunk_size_mib: int = Field(default=1, ge=1, le=64)
-    compress: bool = False
-    power_on_target: bool = True
+    bandwidth_cap_mbps: StrictFloat | None = Field(default=None, gt=0)
+    io_queue_depth: StrictInt = Field(default=4, ge=1, le=64)
+    chunk_size_mib: StrictInt = Field(default=1, ge=1, le=64)
+    compress: StrictBool = False
+    power_on_target: StrictBool = True
 
 
 class CloneVm(WireModel):
@@ -142,7 +142,7 @@ class BulkMigrationDoneRequest(Command):
 
 class MigrateBackRequestBody(WireModel):
     select: MigrationSelector
-    planned: bool = True
+    planned: StrictBool = True
 
 
 class MigrateBackRequest(Command):
@@ -179,9 +179,9 @@ class CancelRequest(Command):
 
 class SetPolicyRequestBody(WireModel):
     cluster: str | None = Field(default=None, max_length=255, description="None: the default")
-    rto_rpo_interval_s: int | None = Field(default=None, ge=10, le=86400)
-    max_concurrent_migrations: int | None = Field(default=None, ge=1, le=256)
-    bandwidth_cap_mbps: float | None = Field(default=None, gt=0)
+    rto_rpo_interval_s: StrictInt | None = Field(default=None, ge=10, le=86400)
+    max_concurrent_migrations: StrictInt | None = Field(default=None, ge=1, le=256)
+    bandwidth_cap_mbps: StrictFloat | None = Field(default=None, gt=0)
 
 
 class SetPolicyRequest(Command):
@@ -190,7 +190,7 @@ class SetPolicyRequest(Command):
 
 
 class ResetRequestBody(WireModel):
-    confirm: bool = Field(description="Must be true: a reset forgets every migration record")
+    confirm: StrictBool = Field(description="Must be true: a reset forgets every migration record")
 
 
 class ResetRequest(Command):
@@ -201,8 +201,8 @@ class ResetRequest(Command):
 class StatusRequestBody(WireModel):
     migration_ids: tuple[str, ...] = Field(default=(), max_length=1000)
     request_id: str | None = Field(default=None, max_length=128)
-    include_finished: bool = True
-    page_size: int = Field(default=100, ge=1, le=1000)
+    include_finished: StrictBool = True
+    page_size: StrictInt = Field(default=100, ge=1, le=1000)
     page_token: str | None = Field(default=None, max_length=512)
 
 

@@ -6,6 +6,7 @@ from enum import StrEnum
 from typing import Annotated
 
 from pydantic import Field, PlainSerializer, SecretStr, SerializationInfo
+from pydantic.types import StrictBool, StrictInt
 
 from messages.envelope import WireModel
 
@@ -97,8 +98,8 @@ class Phase(StrEnum):
 class DiskInfo(WireModel):
     disk_id: Name
     label: str = Field(max_length=255)
-    capacity_bytes: int = Field(ge=0)
-    boot: bool = False
+    capacity_bytes: StrictInt = Field(ge=0)
+    boot: StrictBool = False
 
 
 class NicInfo(WireModel):
@@ -115,8 +116,8 @@ class VmSummary(WireModel):
     guest_os: str = Field(max_length=255)
     guest_os_family: GuestOsFamily
     firmware: Firmware
-    cpus: int = Field(ge=1)
-    memory_mib: int = Field(ge=1)
+    cpus: StrictInt = Field(ge=1)
+    memory_mib: StrictInt = Field(ge=1)
     disks: tuple[DiskInfo, ...]
     nics: tuple[NicInfo, ...]
     resource_pool: Name

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, StrictBool, StrictFloat, StrictInt
 
 from messages.common import (
     ErrorInfo,
@@ -39,21 +39,21 @@ class ComponentStatus(WireModel):
     state: ComponentState
     detail: str = Field(default="", max_length=1024)
     last_ok_at: datetime | None = None
-    required: bool = True
+    required: StrictBool = True
 
 
 class HeartbeatBody(WireModel):
     status: ReadyStatus
     status_details: tuple[str, ...] = ()
     appliance_id: str = Field(max_length=128)
-    sequence: int = Field(ge=0)
-    uptime_s: float = Field(ge=0)
+    sequence: StrictInt = Field(ge=0)
+    uptime_s: StrictFloat = Field(ge=0)
     version: str = Field(max_length=64)
     components: tuple[ComponentStatus, ...] = ()
-    migration_counts: dict[str, int] = Field(
+    migration_counts: dict[str, StrictInt] = Field(
         default_factory=dict, description="Migrations by state; empty while state is unreachable"
     )
-    commands_in_flight: int = Field(default=0, ge=0)
+    commands_in_flight: StrictInt = Field(default=0, ge=0)
 
 
 class Heartbeat(Event):
@@ -64,7 +64,7 @@ class Heartbeat(Event):
 class SourceInventoryResponseBody(WireModel):
     vms: tuple[VmSummary, ...]
     next_page_token: str | None = None
-    total_count: int = Field(ge=0, description="Matching VMs across all pages")
+    total_count: StrictInt = Field(ge=0, description="Matching VMs across all pages")
 
 
 class SourceInventoryResponse(Event):
@@ -74,7 +74,7 @@ class SourceInventoryResponse(Event):
 
 class PrepareCheck(WireModel):
     name: str = Field(max_length=64)
-    passed: bool
+    passed: StrictBool
     reason: str = Field(default="", max_length=1024)
 
 
@@ -89,12 +89,12 @@ class MigrationStatus(WireModel):
     state: MigrationState
     phase: Phase
     group_id: str | None = None
-    queue_position: int | None = Field(default=None, ge=1)
-    progress_percent: float = Field(default=0.0, ge=0, le=100)
-    bytes_done: int = Field(default=0, ge=0)
-    bytes_total: int = Field(default=0, ge=0)
-    rate_bytes_per_s: float = Field(default=0.0, ge=0)
-    eta_seconds: float | None = Field(default=None, ge=0)
+    queue_position: StrictInt | None = Field(default=None, ge=1)
+    progress_percent: StrictFloat = Field(default=0.0, ge=0, le=100)
+    bytes_done: StrictInt = Field(default=0, ge=0)
+    bytes_total: StrictInt = Field(default=0, ge=0)
+    rate_bytes_per_s: StrictFloat = Field(default=0.0, ge=0)
+    eta_seconds: StrictFloat | None = Field(default=None, ge=0)
     checks: tuple[PrepareCheck, ...] = ()
     error: ErrorInfo | None = None
     updated_at: datetime
@@ -109,8 +109,8 @@ class StatusResponseBody(WireModel):
     status: ReadyStatus
     migrations: tuple[MigrationStatus, ...] = ()
     next_page_token: str | None = None
-    migration_counts: dict[str, int] = Field(default_factory=dict)
-    policy: dict[str, float | int | str | None] = Field(default_factory=dict)
+    migration_counts: dict[str, StrictInt] = Field(default_factory=dict)
+    policy: dict[str, StrictFloat | StrictInt | str | None] = Field(default_factory=dict)
 
 
 class StatusResponse(Event):
@@ -122,7 +122,7 @@ class CommandResponseBody(WireModel):
     """The answer to a command that has no richer response of its own."""
 
     command_type: str = Field(max_length=64)
-    accepted: bool = True
+    accepted: StrictBool = True
     detail: str = Field(default="", max_length=4096)
     migration_ids: tuple[str, ...] = ()
 
@@ -139,7 +139,7 @@ class ErrorResponseBody(WireModel):
         default=None, max_length=128, description="The offending message's correlation id"
     )
     command_type: str | None = Field(default=None, max_length=64)
-    retryable: bool = False
+    retryable: StrictBool = False
 
 
 class ErrorResponse(Event):
