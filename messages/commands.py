@@ -33,7 +33,8 @@ class InventoryFilter(WireModel):
 class SourceInventoryRequestBody(WireModel):
     filters: InventoryFilter = InventoryFilter()
     page_size: StrictInt = Field(default=100, ge=1, le=1000)
-    page_token: str | None = Field(default=None, max_length=512)
+    # Room for a token that pins a 255 character name of any script (UTF-8, base64).
+    page_token: str | None = Field(default=None, max_length=2048)
 
 
 class SourceInventoryRequest(Command):

@@ -34,6 +34,8 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"
     PRECHECK_FAILED = "precheck_failed"
     NOT_IMPLEMENTED = "not_implemented"
+    AMBIGUOUS_VM_NAME = "ambiguous_vm_name"  # a name that more than one VM has: use the id
+    INVALID_VM = "invalid_vm"  # a VM the site cannot describe (unreadable, unfit name)
     # The appliance could not do it (this time).
     UNAVAILABLE = "unavailable"
     DATA_PATH = "data_path"

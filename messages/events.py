@@ -61,10 +61,23 @@ class Heartbeat(Event):
     body: HeartbeatBody
 
 
+class InventorySkip(WireModel):
+    """A VM left out of an inventory because it cannot be described on the wire."""
+
+    vm_id: str = Field(max_length=255)
+    code: str = Field(max_length=64)
+    message: str = Field(max_length=1024)
+
+
 class SourceInventoryResponseBody(WireModel):
     vms: tuple[VmSummary, ...]
     next_page_token: str | None = None
     total_count: StrictInt = Field(ge=0, description="Matching VMs across all pages")
+    skipped: tuple[InventorySkip, ...] = Field(
+        default=(),
+        description="VMs that could not be listed (unreadable, or a name not fit for the "
+        "wire): given on the first page of a listing",
+    )
 
 
 class SourceInventoryResponse(Event):

@@ -37,7 +37,7 @@ from appliance.state.policy import Policies
 from appliance.state.store import StateStore
 from messages.commands import CancelRequest, Command, SourceCloneRequest, SourceInventoryRequest
 from messages.errors import ErrorCode
-from messages.events import Event, SourceInventoryResponse
+from messages.events import Event, InventorySkip, SourceInventoryResponse
 
 WanLink = Callable[[NbdAddress], Awaitable[NbdAddress]]
 """Maps the cloud NBD server's address to the one the data path dials (a tunnel, a proxy)."""
@@ -122,7 +122,11 @@ def build_handlers(
     health: HealthBoard,
     onprem: LabSite,
 ) -> dict[str, CommandHandler]:
-    inventory = Inventory(onprem, settings.max_message_bytes)
+    async def skipped(skip: InventorySkip) -> None:
+        at = deps.clock.now().isoformat()
+        await deps.events.append("inventory_vm_skipped", at, **skip.model_dump())
+
+    inventory = Inventory(onprem, settings.max_message_bytes, on_skipped=skipped)
     clones = CloneRequests(deps)
     control = MigrationControl(deps, scheduler)
 

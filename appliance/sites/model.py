@@ -68,6 +68,28 @@ class VmConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class VmProblem:
+    """A VM the site cannot describe (its configuration is unreadable): reported, not fatal."""
+
+    vm_id: str  # a safe rendering of the VM's directory or key, never raw bytes
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class VmScan:
+    """Every VM of a site that could be read, and what could not."""
+
+    vms: tuple[VmConfig, ...]
+    problems: tuple[VmProblem, ...] = ()
+
+
+def safe_label(value: str, limit: int = 64) -> str:
+    """A name as printable ASCII of bounded length, fit for a report or a log."""
+    shown = ascii(value)[1:-1]
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+@dataclass(frozen=True, slots=True)
 class Datastore:
     name: str
     capacity_bytes: int

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from appliance.sites.model import SiteConfig, VmConfig, VmSnapshot
+from appliance.sites.model import SiteConfig, VmConfig, VmScan, VmSnapshot
 from appliance.storage.backend import Backend
 from appliance.storage.extents import Extent
 from messages.common import PowerState
@@ -19,7 +19,11 @@ class Site(Protocol):
     # -- inventory ------------------------------------------------------------------
 
     async def list_vms(self) -> list[VmConfig]:
-        """Every VM of the site, whole: never cut at a limit."""
+        """Every readable VM of the site, whole: never cut at a limit."""
+        ...
+
+    async def scan_vms(self) -> VmScan:
+        """Every readable VM, and every VM whose configuration cannot be read."""
         ...
 
     async def get_vm(self, vm_id: str) -> VmConfig:

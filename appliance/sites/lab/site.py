@@ -18,7 +18,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from appliance.errors import SiteError, UnknownVm
 from appliance.sites.lab.files import write_atomically
@@ -26,9 +26,12 @@ from appliance.sites.model import (
     DiskConfig,
     SiteConfig,
     VmConfig,
+    VmProblem,
+    VmScan,
     VmSnapshot,
     check_id,
     child_path,
+    safe_label,
 )
 from appliance.storage.backend import Backend
 from appliance.storage.extents import Extent
@@ -89,17 +92,38 @@ class LabSite:
     # -- inventory ------------------------------------------------------------------
 
     async def list_vms(self) -> list[VmConfig]:
-        return await asyncio.to_thread(self._list_vms)
+        return list((await self.scan_vms()).vms)
+
+    async def scan_vms(self) -> VmScan:
+        return await asyncio.to_thread(self._scan_vms)
 
     def _list_vms(self) -> list[VmConfig]:
+        return list(self._scan_vms().vms)
+
+    def _scan_vms(self) -> VmScan:
+        """One unreadable vm.json (bad JSON, a lone surrogate) never hides the other VMs."""
         if not self.vms_dir.is_dir():
-            return []
-        vms = []
+            return VmScan(())
+        vms: list[VmConfig] = []
+        problems: list[VmProblem] = []
         for entry in sorted(self.vms_dir.iterdir()):
             config = entry / "vm.json"
             if entry.is_dir() and config.is_file():
-                vms.append(_VM.validate_json(config.read_bytes()))
-        return vms
+                try:
+                    vms.append(self._parse_vm(entry.name, config.read_bytes()))
+                except SiteError as error:
+                    problems.append(VmProblem(safe_label(entry.name), error.reason))
+        return VmScan(tuple(vms), tuple(problems))
+
+    def _parse_vm(self, vm_id: str, data: bytes) -> VmConfig:
+        try:
+            return _VM.validate_json(data)
+        except ValidationError as error:
+            first = error.errors(include_input=False, include_url=False)[0]
+            where = ".".join(str(part) for part in first["loc"]) or "vm.json"
+            raise SiteError(
+                self._name, f"vm.json of {safe_label(vm_id)} is unreadable: {where}: {first['msg']}"
+            ) from None
 
     async def get_vm(self, vm_id: str) -> VmConfig:
         try:
@@ -110,7 +134,7 @@ class LabSite:
             data = await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:
             raise UnknownVm(vm_id, self._name) from None
-        return _VM.validate_json(data)
+        return self._parse_vm(vm_id, data)
 
     async def find_vm(self, ref: str) -> VmConfig:
         """By id first, else by exact name (names are data, possibly ambiguous)."""
