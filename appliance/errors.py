@@ -10,6 +10,7 @@
     └── PermanentError                  reject, report, dead-letter; never retried
         ├── CommandRejected             a command that cannot be carried out (has an ErrorCode)
         │   ├── UnknownVm
+        │   ├── AmbiguousVmName         a name that several VMs share: give the vm_id
         │   ├── UnknownMigration
         │   ├── Conflict
         │   └── PrecheckFailed          prepare-to-migrate checks failed (names them)
@@ -105,6 +106,18 @@ class UnknownVm(CommandRejected):
         self.ref = ref
         self.site = site
         super().__init__(f"no VM {ref!r} on site {site!r}", ErrorCode.UNKNOWN_VM)
+
+
+class AmbiguousVmName(CommandRejected):
+    def __init__(self, name: str, site: str, vm_ids: list[str]) -> None:
+        self.name = name
+        self.site = site
+        self.vm_ids = vm_ids
+        super().__init__(
+            f"{len(vm_ids)} VMs on site {site!r} are named {name!r} ({', '.join(vm_ids)}); "
+            "name the one you mean by its vm_id",
+            ErrorCode.AMBIGUOUS_VM_NAME,
+        )
 
 
 class UnknownMigration(CommandRejected):

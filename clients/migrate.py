@@ -31,6 +31,7 @@ from messages.commands import (
     SourceCloneRequest,
     SourceCloneRequestBody,
     StatusRequestBody,
+    VmRef,
 )
 from messages.common import MigrationState, MigrationType, VerifyMode
 from messages.events import ErrorResponse, MigrationStatus, SourceCloneResponse
@@ -38,8 +39,12 @@ from messages.events import ErrorResponse, MigrationStatus, SourceCloneResponse
 FINISHED = {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELLED}
 
 
-def _vm_ref(ref: str) -> CloneVm:
-    return CloneVm(vm_id=ref) if ref.startswith("vm-") else CloneVm(name=ref)
+def _vm_refs(args: argparse.Namespace) -> tuple[CloneVm, ...]:
+    """Names as names, ids (--id) as ids: a reference is never guessed from its look."""
+    refs = [CloneVm(name=name) for name in args.vms] + [CloneVm(vm_id=i) for i in args.ids]
+    if not refs:
+        raise ValueError("name at least one VM (by name, or by id with --id)")
+    return tuple(refs)
 
 
 def _network_map(pairs: Sequence[str]) -> tuple[NetworkMapping, ...]:
@@ -62,7 +67,7 @@ def _credentials(args: argparse.Namespace) -> GuestCredentials | None:
 
 
 def clone_request(args: argparse.Namespace) -> SourceCloneRequest:
-    vms = tuple(_vm_ref(ref) for ref in args.vms)
+    vms = _vm_refs(args)
     return SourceCloneRequest(
         body=SourceCloneRequestBody(
             request_id=args.request_id,
@@ -70,7 +75,9 @@ def clone_request(args: argparse.Namespace) -> SourceCloneRequest:
             migration_type=MigrationType(args.type),
             guest_credentials=_credentials(args),
             network_map=_network_map(args.network_map),
-            application_dependency=(tuple(args.vms),) if args.together else (),
+            application_dependency=(
+                (tuple(VmRef(vm_id=v.vm_id, name=v.name) for v in vms),) if args.together else ()
+            ),
             options=CloneOptions(
                 verify=VerifyMode(args.verify), bandwidth_cap_mbps=args.bandwidth_mbps
             ),
@@ -180,8 +187,9 @@ async def cmd_migrations(client: FerryClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_cancel(client: FerryClient, args: argparse.Namespace) -> int:
+    vms = tuple(VmRef(name=name) for name in args.vm) + tuple(VmRef(vm_id=i) for i in args.vm_id)
     selector = MigrationSelector(
-        migration_ids=tuple(args.migrations), request_id=args.request, vms=tuple(args.vm)
+        migration_ids=tuple(args.migrations), request_id=args.request, vms=vms
     )
     request = CancelRequest(body=CancelRequestBody(select=selector))
     answer = await client.request(request)
@@ -191,8 +199,9 @@ async def cmd_cancel(client: FerryClient, args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    migrate = commands.add_parser("migrate", help="migrate VMs (ids or names)")
-    migrate.add_argument("vms", nargs="+", metavar="VM")
+    migrate = commands.add_parser("migrate", help="migrate VMs (by name, or by id with --id)")
+    migrate.add_argument("vms", nargs="*", metavar="VM_NAME")
+    migrate.add_argument("--id", dest="ids", action="append", default=[], metavar="VM_ID")
     migrate.add_argument("--type", choices=[t.value for t in MigrationType], default="cold")
     migrate.add_argument("--network-map", action="append", default=[], metavar="SRC=DST")
     migrate.add_argument("--together", action="store_true", help="one dependency group")
@@ -208,5 +217,6 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     cancel = commands.add_parser("cancel", help="cancel migrations")
     cancel.add_argument("migrations", nargs="*", metavar="MIGRATION_ID")
     cancel.add_argument("--request")
-    cancel.add_argument("--vm", action="append", default=[])
+    cancel.add_argument("--vm", action="append", default=[], metavar="VM_NAME")
+    cancel.add_argument("--vm-id", action="append", default=[], metavar="VM_ID")
     cancel.set_defaults(func=cmd_cancel)

@@ -74,22 +74,32 @@ class CloneOptions(WireModel):
     power_on_target: StrictBool = True
 
 
-class CloneVm(WireModel):
-    """A VM to migrate, by id or by name (exactly one)."""
+class VmRef(WireModel):
+    """A VM, by id or by name (exactly one): a name is never taken for an id, nor the reverse."""
 
     vm_id: str | None = Field(default=None, min_length=1, max_length=255)
     name: str | None = Field(default=None, min_length=1, max_length=255)
-    target_name: str | None = Field(default=None, min_length=1, max_length=255)
 
     @model_validator(mode="after")
-    def _one_reference(self) -> CloneVm:
+    def _one_reference(self) -> VmRef:
         if (self.vm_id is None) == (self.name is None):
             raise ValueError("give exactly one of vm_id or name")
         return self
 
     @property
-    def ref(self) -> str:
-        return self.vm_id if self.vm_id is not None else str(self.name)
+    def key(self) -> tuple[str, str]:
+        """("vm_id", id) or ("name", name): what the reference says, and of which kind."""
+        return ("vm_id", self.vm_id) if self.vm_id is not None else ("name", str(self.name))
+
+    def __str__(self) -> str:
+        kind, value = self.key
+        return f"{kind} {value!r}"
+
+
+class CloneVm(VmRef):
+    """A VM to migrate, by id or by name (exactly one)."""
+
+    target_name: str | None = Field(default=None, min_length=1, max_length=255)
 
 
 class SourceCloneRequestBody(WireModel):
@@ -105,9 +115,10 @@ class SourceCloneRequestBody(WireModel):
     guest_credentials: GuestCredentials | None = None
     target: TargetResources = TargetResources()
     network_map: tuple[NetworkMapping, ...] = ()
-    application_dependency: tuple[tuple[str, ...], ...] = Field(
+    application_dependency: tuple[tuple[VmRef, ...], ...] = Field(
         default=(),
-        description="Groups of VM references (ids or names) that migrate and cut over together.",
+        description="Groups of VMs that migrate and cut over together; each member names a VM "
+        "of `vms` the same way (by vm_id, or by name) as `vms` does.",
     )
     options: CloneOptions = CloneOptions()
 
@@ -122,7 +133,7 @@ class MigrationSelector(WireModel):
 
     migration_ids: tuple[str, ...] = Field(default=(), max_length=1000)
     request_id: str | None = Field(default=None, max_length=128)
-    vms: tuple[str, ...] = Field(default=(), max_length=1000)
+    vms: tuple[VmRef, ...] = Field(default=(), max_length=1000)
 
     @model_validator(mode="after")
     def _not_empty(self) -> MigrationSelector:

@@ -39,6 +39,7 @@ from messages.commands import (
     SyncRequest,
     SyncRequestBody,
     TargetResources,
+    VmRef,
 )
 from messages.common import (
     DiskInfo,
@@ -119,7 +120,7 @@ def _bodies() -> list[Envelope]:
         guest_credentials=GuestCredentials(username="admin", password=SecretStr("s3cret")),
         target=TargetResources(site="cloud", resource_pool="migrated"),
         network_map=(NetworkMapping(source="prod-app", target="cloud-app"),),
-        application_dependency=(("lnx-web-01", "vm-0002"),),
+        application_dependency=((VmRef(name="lnx-web-01"), VmRef(vm_id="vm-0002")),),
         options=CloneOptions(bandwidth_cap_mbps=300),
     )
     heartbeat = HeartbeatBody(

@@ -9,6 +9,7 @@ from appliance.errors import CommandRejected, Conflict, UnknownMigration, Unknow
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.record import load
 from appliance.orchestrator.reporting import status_of
+from appliance.orchestrator.requests import find_vm
 from appliance.orchestrator.scheduler import Scheduler
 from appliance.orchestrator.states import TERMINAL, Step
 from appliance.state.migrations import StoredMigration
@@ -35,7 +36,7 @@ class MigrationControl:
             ids.extend(found)
         for ref in selector.vms:
             try:
-                vm = await self._deps.site(self._onprem).find_vm(ref)
+                vm = await find_vm(self._deps.site(self._onprem), ref)
             except UnknownVm:
                 raise UnknownMigration(f"VM {ref}") from None
             holder = await migrations.lock_holder(self._onprem, vm.vm_id)

@@ -19,8 +19,9 @@ from appliance.orchestrator.context import Deps
 from appliance.orchestrator.record import DiskPlan, MigrationRecord, TransferOptions, dump, load
 from appliance.orchestrator.states import Step, public_state
 from appliance.sites.model import VmConfig
+from appliance.sites.protocol import Site
 from appliance.state.migrations import NewMigration
-from messages.commands import SourceCloneRequest, SourceCloneRequestBody
+from messages.commands import SourceCloneRequest, SourceCloneRequestBody, VmRef
 from messages.common import BulkTransferMode, MigrationType
 from messages.errors import ErrorCode
 from messages.events import SourceCloneResponse
@@ -36,6 +37,13 @@ def migration_id_for(request_id: str, vm_id: str) -> str:
 
 def group_id_for(request_id: str, vm_ids: Sequence[str]) -> str:
     return f"g-{_digest(request_id, *sorted(vm_ids))}"
+
+
+async def find_vm(site: Site, ref: VmRef) -> VmConfig:
+    """The VM a reference names: by id, or by name, as it says (never one for the other)."""
+    if ref.vm_id is not None:
+        return await site.get_vm(ref.vm_id)
+    return await site.find_vm_by_name(str(ref.name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,22 +74,21 @@ class CloneRequests:
 
     async def _plan(self, request_id: str, body: SourceCloneRequestBody) -> list[PlannedGroup]:
         site = self._deps.site(self._onprem)
-        by_ref: dict[str, VmConfig] = {}
+        by_ref: dict[tuple[str, str], VmConfig] = {}
         for vm_ref in body.vms:
-            vm = await site.find_vm(vm_ref.ref)
+            vm = await find_vm(site, vm_ref)
             if vm.vm_id in {v.vm_id for v in by_ref.values()}:
-                raise CommandRejected(f"VM {vm.name!r} is named twice in the request")
-            by_ref[vm_ref.ref] = vm
+                raise CommandRejected(f"VM {vm.name!r} ({vm.vm_id}) is named twice in the request")
+            by_ref[vm_ref.key] = vm
         grouped: set[str] = set()
         groups = []
         for members in body.application_dependency:
             vms = []
             for ref in members:
-                member = by_ref.get(ref) or next(
-                    (v for v in by_ref.values() if ref in (v.vm_id, v.name)), None
-                )
+                # The same kind of reference as in `vms`: a name is never matched to an id.
+                member = by_ref.get(ref.key)
                 if member is None:
-                    raise CommandRejected(f"dependency group names {ref!r}, not in the request")
+                    raise CommandRejected(f"dependency group names {ref}, not in the request")
                 if member.vm_id in grouped:
                     raise CommandRejected(f"VM {member.name!r} is in two dependency groups")
                 grouped.add(member.vm_id)
@@ -164,9 +171,9 @@ class CloneRequests:
         body = command.body
         migration_id = migration_id_for(request_id, vm.vm_id)
         options = body.options
+        # Each VM is named once in the request (checked), by id or by its (unique) name.
         target_name = next(
-            (r.target_name for r in body.vms if r.ref in (vm.vm_id, vm.name) and r.target_name),
-            vm.name,
+            (r.target_name for r in body.vms if r.key in _keys(vm) and r.target_name), vm.name
         )
         return MigrationRecord(
             migration_id=migration_id,
@@ -217,6 +224,10 @@ class CloneRequests:
             )
             for s in stored
         ]
+
+
+def _keys(vm: VmConfig) -> tuple[tuple[str, str], ...]:
+    return (("vm_id", vm.vm_id), ("name", vm.name))
 
 
 def _check_supported(body: SourceCloneRequestBody) -> None:

@@ -30,8 +30,8 @@ class Site(Protocol):
         """Raises UnknownVm."""
         ...
 
-    async def find_vm(self, ref: str) -> VmConfig:
-        """By id, else by exact name; raises UnknownVm, or SiteError when ambiguous."""
+    async def find_vm_by_name(self, name: str) -> VmConfig:
+        """By exact name, never by id; raises UnknownVm, or AmbiguousVmName when shared."""
         ...
 
     async def free_bytes(self) -> int:

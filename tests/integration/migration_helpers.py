@@ -23,6 +23,7 @@ from messages.commands import (
     NetworkMapping,
     SourceCloneRequest,
     SourceCloneRequestBody,
+    VmRef,
 )
 from messages.common import MigrationState, MigrationType, Phase
 from messages.events import ErrorResponse, MigrationStatus, SourceCloneResponse
@@ -46,7 +47,7 @@ def clone_request(
             migration_type=MigrationType.COLD,
             guest_credentials=GuestCredentials(username="tester", password=SecretStr("pw-123")),
             network_map=tuple(NetworkMapping(source=s, target=t) for s, t in NETWORK_MAP.items()),
-            application_dependency=tuple(tuple(g) for g in groups),
+            application_dependency=tuple(tuple(VmRef(vm_id=i) for i in g) for g in groups),
             options=CloneOptions(bandwidth_cap_mbps=bandwidth_mbps),
         )
     )

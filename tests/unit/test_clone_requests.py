@@ -47,6 +47,7 @@ from messages.commands import (
     SourceCloneRequest,
     SourceCloneRequestBody,
     TargetResources,
+    VmRef,
 )
 from messages.common import BulkTransferMode, MigrationState, MigrationType, Phase
 from messages.errors import ErrorCode
@@ -124,6 +125,11 @@ async def env(
     await store.close()
 
 
+def _ref(ref: str) -> VmRef:
+    """In these tests ids look like vm-NNNN and names never do (the appliance never guesses)."""
+    return VmRef(vm_id=ref) if ref.startswith("vm-") else VmRef(name=ref)
+
+
 def clone(
     refs: Sequence[str],
     *,
@@ -134,15 +140,13 @@ def clone(
 ) -> SourceCloneRequest:
     values: dict[str, object] = {
         "request_id": request_id,
-        "vms": tuple(
-            CloneVm(vm_id=ref) if ref.startswith("vm-") else CloneVm(name=ref) for ref in refs
-        ),
+        "vms": tuple(CloneVm(**_ref(ref).model_dump(exclude_none=True)) for ref in refs),
         "migration_type": MigrationType.COLD,
         "guest_credentials": GuestCredentials(username="admin", password=SecretStr(PASSWORD))
         if credentials
         else None,
         "network_map": (NetworkMapping(source="prod-app", target="cloud-app"),),
-        "application_dependency": tuple(tuple(g) for g in groups),
+        "application_dependency": tuple(tuple(_ref(ref) for ref in g) for g in groups),
         **body,
     }
     return SourceCloneRequest(body=SourceCloneRequestBody(**values))  # type: ignore[arg-type]
@@ -262,11 +266,15 @@ async def test_a_dependency_group_becomes_one_group_and_a_lone_vm_another(env: E
     assert {r.admission for r in pair_records} == {pair.admission}
 
 
-async def test_a_group_may_name_its_members_by_name_or_by_id(env: Env) -> None:
+async def test_a_group_names_its_members_as_the_request_does(env: Env) -> None:
     answers = await env.clones.handle(
-        clone(["vm-0001", "vm-0002"], groups=[["lnx-test-01", "lnx-test-02"]])
+        clone(["lnx-test-01", "vm-0002"], groups=[["lnx-test-01", "vm-0002"]])
     )
     assert len({a.body.group_id for a in answers}) == 1
+    with pytest.raises(CommandRejected, match="not in the request"):
+        await env.clones.handle(
+            clone(["vm-0001", "vm-0002"], groups=[["lnx-test-01", "lnx-test-02"]], request_id="r2")
+        )
 
 
 @pytest.mark.parametrize(

@@ -101,7 +101,7 @@ async def test_pages_shrink_to_fit_the_message_limit_without_losing_vms(site: La
 async def test_names_are_data_never_paths(site: LabSite, tmp_path: Path) -> None:
     vm = replace((await site.list_vms())[0], vm_id="vm-7777", name="../../etc/passwd\x00")
     await site.save_vm(vm)
-    assert (await site.find_vm("../../etc/passwd\x00")).vm_id == "vm-7777"
+    assert (await site.find_vm_by_name("../../etc/passwd\x00")).vm_id == "vm-7777"
     assert not (tmp_path / "etc").exists()
     for bad in ("../x", "vm/../../x", "", "VM-UPPER", "a" * 80, "x\x00y"):
         with pytest.raises(UnsafeName):

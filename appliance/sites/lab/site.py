@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
-from appliance.errors import SiteError, UnknownVm
+from appliance.errors import AmbiguousVmName, SiteError, UnknownVm
 from appliance.sites.lab.files import write_atomically
 from appliance.sites.model import (
     DiskConfig,
@@ -136,18 +136,14 @@ class LabSite:
             raise UnknownVm(vm_id, self._name) from None
         return self._parse_vm(vm_id, data)
 
-    async def find_vm(self, ref: str) -> VmConfig:
-        """By id first, else by exact name (names are data, possibly ambiguous)."""
-        try:
-            return await self.get_vm(ref)
-        except UnknownVm:
-            pass
-        matches = [vm for vm in await self.list_vms() if vm.name == ref]
+    async def find_vm_by_name(self, name: str) -> VmConfig:
+        """By exact name only (names are data, possibly shared); ids go to get_vm."""
+        matches = [vm for vm in await self.list_vms() if vm.name == name]
         if len(matches) == 1:
             return matches[0]
         if matches:
-            raise SiteError(self._name, f"{len(matches)} VMs are named {ref!r}; use the vm_id")
-        raise UnknownVm(ref, self._name)
+            raise AmbiguousVmName(name, self._name, sorted(vm.vm_id for vm in matches))
+        raise UnknownVm(name, self._name)
 
     async def free_bytes(self) -> int:
         config = await self.config()
