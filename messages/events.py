@@ -131,6 +131,15 @@ class StatusResponse(Event):
     body: StatusResponseBody
 
 
+class UndoneMigration(WireModel):
+    """What a reset did about one unfinished migration's leftovers on the sites."""
+
+    migration_id: str = Field(max_length=128)
+    vm_id: str = Field(max_length=255)
+    actions: tuple[str, ...] = ()
+    error: str | None = Field(default=None, max_length=1024)
+
+
 class CommandResponseBody(WireModel):
     """The answer to a command that has no richer response of its own."""
 
@@ -138,6 +147,11 @@ class CommandResponseBody(WireModel):
     accepted: StrictBool = True
     detail: str = Field(default="", max_length=4096)
     migration_ids: tuple[str, ...] = ()
+    undone: tuple[UndoneMigration, ...] = Field(
+        default=(),
+        description="ResetRequest: unfinished migrations found on the sites, and what was "
+        "undone for each (a finished cloud copy is never removed)",
+    )
 
 
 class CommandResponse(Event):

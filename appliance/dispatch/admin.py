@@ -7,9 +7,12 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from appliance.clock import Clock, SystemClock
 from appliance.errors import CommandRejected
 from appliance.health import HealthBoard
 from appliance.logs import get_logger
+from appliance.orchestrator.leftovers import Undone
+from appliance.state.events import EventLog
 from appliance.state.policy import Policies, Policy
 from appliance.state.store import StateStore
 from messages.commands import Command, ResetRequest, SetPolicyRequest, StatusRequest
@@ -21,6 +24,7 @@ from messages.events import (
     ReadyStatus,
     StatusResponse,
     StatusResponseBody,
+    UndoneMigration,
 )
 
 log = get_logger(__name__)
@@ -47,6 +51,8 @@ class Admin:
         status_page: StatusPage = _no_migrations,
         counts: Counts = _no_counts,
         on_reset: Callable[[], Awaitable[None]] | None = None,
+        undo_leftovers: Callable[[], Awaitable[Sequence[Undone]]] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._appliance_id = appliance_id
         self._store = store
@@ -56,6 +62,9 @@ class Admin:
         self._status_page = status_page
         self._counts = counts
         self._on_reset = on_reset
+        self._undo_leftovers = undo_leftovers
+        self._clock = clock or SystemClock()
+        self._events = EventLog(store)
 
     def handlers(self) -> dict[str, Callable[[Command], Awaitable[Sequence[Event]]]]:
         return {
@@ -96,17 +105,46 @@ class Admin:
         return [self._ack(command, detail)]
 
     async def reset(self, command: Command) -> Sequence[Event]:
+        """Stop local runs, forget every record, then undo what unfinished migrations left
+        on the sites (found by their tags, not in Redis) and say what was undone."""
         assert isinstance(command, ResetRequest)
         if not command.body.confirm:
             raise CommandRejected("ResetRequest needs confirm: true")
-        if self._on_reset is not None:
-            await self._on_reset()
+        await self._stop_runs()
         deleted = await self._delete_all_but(command.message_id)
         generation = await self._store.adopt_new_generation(self._generation_file)
         self._health.ok("state_generation", generation)
-        log.warning("state reset", keys_deleted=deleted)
-        detail = f"state reset: {deleted} keys removed, new generation started"
-        return [self._ack(command, detail)]
+        await self._stop_runs()  # a run the scheduler resumed before the records went
+        undone = await self._undo_leftovers() if self._undo_leftovers is not None else ()
+        for item in undone:
+            await self._events.append(
+                "leftovers_undone",
+                self._clock.now().isoformat(),
+                migration_id=item.migration_id,
+                vm_id=item.vm_id,
+                actions=list(item.actions),
+                error=item.error,
+            )
+        log.warning("state reset", keys_deleted=deleted, leftovers=len(undone))
+        detail = (
+            f"state reset: {deleted} keys removed, new generation started; "
+            f"{len(undone)} unfinished migration(s) undone on the sites"
+        )
+        body = CommandResponseBody(
+            command_type=command.message_type,
+            detail=detail,
+            migration_ids=tuple(item.migration_id for item in undone),
+            undone=tuple(_wire(item) for item in undone),
+        )
+        return [
+            CommandResponse(
+                appliance_id=self._appliance_id, correlation_id=command.correlation_id, body=body
+            )
+        ]
+
+    async def _stop_runs(self) -> None:
+        if self._on_reset is not None:
+            await self._on_reset()
 
     async def _delete_all_but(self, message_id: str) -> int:
         """Every key of our prefix, except this command's own record (it is being answered)."""
@@ -127,3 +165,12 @@ class Admin:
         return CommandResponse(
             appliance_id=self._appliance_id, correlation_id=command.correlation_id, body=body
         )
+
+
+def _wire(item: Undone) -> UndoneMigration:
+    return UndoneMigration(
+        migration_id=item.migration_id[:128],
+        vm_id=item.vm_id[:255],
+        actions=item.actions,
+        error=item.error[:1024] if item.error else None,
+    )

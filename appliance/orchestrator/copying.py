@@ -17,6 +17,7 @@ from appliance.datapath.nbd.backend import NbdBackend
 from appliance.datapath.progress import TransferProgress
 from appliance.datapath.throttle import QueueDepthLimiter, TokenBucket
 from appliance.datapath.transfer import Transfer, TransferOptions
+from appliance.orchestrator import tags
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.record import DiskPlan, MigrationRecord
@@ -92,7 +93,11 @@ class DiskCopy:
     async def _copy(self, disk: DiskPlan, source: Backend) -> DiskPlan:
         record = self._record
         cloud = self._deps.site(record.target_site)
-        await cloud.create_volume(disk.volume_id, disk.capacity_bytes)
+        await cloud.create_volume(
+            disk.volume_id,
+            disk.capacity_bytes,
+            tags={tags.MIGRATION: record.migration_id, tags.SOURCE_VM: record.vm_id},
+        )
         address, export = await self._deps.cloud.export(disk.volume_id)
         target = await NbdBackend.connect(address, export, name=f"cloud:{disk.volume_id}")
         options = record.options

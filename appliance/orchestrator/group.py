@@ -25,7 +25,7 @@ from appliance.errors import (
     TransientError,
 )
 from appliance.logs import get_logger
-from appliance.orchestrator import steps
+from appliance.orchestrator import steps, tags
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.copying import DiskCopy
 from appliance.orchestrator.journal import Journal
@@ -108,6 +108,8 @@ class GroupRun:
 
     async def _cut_over(self) -> None:
         for step in CUTOVER_ORDER:
+            if step is Step.FINALIZING:
+                await self._mark_cut_over()
             for migration_id in self._records:
                 record = self._records[migration_id]
                 if FORWARD.index(record.step) > FORWARD.index(step):
@@ -120,6 +122,13 @@ class GroupRun:
         for record in list(self._records.values()):
             if record.step is Step.FINALIZING:
                 await self._advance(record, Step.COMPLETED, bytes_done=record.bytes_total)
+
+    async def _mark_cut_over(self) -> None:
+        """Every member's source says the cloud copy is the finished one, before any of them
+        finalizes: a cleanup without Redis then finishes the whole group, never half of it."""
+        for record in self._records.values():
+            if record.step is not Step.COMPLETED:
+                await self._deps.site(record.site).tag_vm(record.vm_id, {tags.STAGE: tags.CUTOVER})
 
     async def _act(self, record: MigrationRecord) -> None:
         try:

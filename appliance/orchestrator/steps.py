@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from appliance.errors import CertificationFailed, PrecheckFailed
 from appliance.logs import get_logger
+from appliance.orchestrator import tags
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.prechecks import (
@@ -26,7 +27,7 @@ log = get_logger(__name__)
 
 
 def snapshot_name(record: MigrationRecord) -> str:
-    return f"ferry-{record.migration_id}"
+    return tags.snapshot_name(record.migration_id)
 
 
 async def prepare(deps: Deps, journal: Journal, record: MigrationRecord) -> MigrationRecord:
@@ -51,6 +52,17 @@ async def prepare(deps: Deps, journal: Journal, record: MigrationRecord) -> Migr
     record = await journal.update(
         record, checks=checks, prior_power=prior_power, prior_pool=prior_pool
     )
+    # The same facts on the VM itself, before anything changes it: found even if Redis is lost.
+    if tags.pending_migration(vm) != record.migration_id:
+        await onprem.tag_vm(
+            vm.vm_id,
+            {
+                tags.MIGRATION: record.migration_id,
+                tags.PRIOR_POWER: prior_power.value,
+                tags.PRIOR_POOL: prior_pool,
+                tags.STAGE: None,
+            },
+        )
     failed = [(check.name, check.reason) for check in checks if not check.passed]
     if failed:
         raise PrecheckFailed(vm.name, failed)
@@ -127,11 +139,14 @@ async def power_on(deps: Deps, journal: Journal, record: MigrationRecord) -> Mig
 async def finalize(deps: Deps, journal: Journal, record: MigrationRecord) -> MigrationRecord:
     """The on-prem VM, powered off, goes to the migrate pool; our snapshot and checkpoints go."""
     onprem = deps.site(record.site)
+    # First: past this point the cloud copy is the finished one, whatever happens to Redis.
+    await onprem.tag_vm(record.vm_id, {tags.STAGE: tags.CUTOVER})
     await onprem.move_to_pool(record.vm_id, deps.config.migrate_pool)
     if record.snapshot_name is not None:
         await onprem.delete_vm_snapshot(record.vm_id, record.snapshot_name)
     for disk in record.disks:
         await deps.checkpoints(transfer_id(record, disk.disk_id)).delete()
+    await onprem.tag_vm(record.vm_id, tags.cleared())
     await _release(deps, record)
     return record
 
@@ -165,6 +180,8 @@ async def rollback(deps: Deps, journal: Journal, record: MigrationRecord) -> Mig
         await onprem.move_to_pool(record.vm_id, record.prior_pool)
     if record.prior_power is PowerState.ON and vm.power_state is not PowerState.ON:
         await onprem.set_power(record.vm_id, PowerState.ON)
+    if tags.pending_migration(vm) == record.migration_id:
+        await onprem.tag_vm(record.vm_id, tags.cleared())  # last: the source is as it was
     await deps.migrations.unlock_vm(record.site, record.vm_id, record.migration_id)
     await _release(deps, record)
     log.info("rolled back", migration_id=record.migration_id)

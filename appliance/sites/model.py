@@ -66,6 +66,22 @@ class VmConfig:
     def in_pool(self, pool: str) -> VmConfig:
         return replace(self, resource_pool=pool)
 
+    def tag(self, key: str) -> str | None:
+        """An annotation's value (tags are annotations), or None."""
+        return dict(self.annotations).get(key)
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeInfo:
+    """A volume of a site, with the tags it was created with and the VM it is attached to."""
+
+    volume_id: str
+    tags: tuple[tuple[str, str], ...] = ()
+    attached_to: str | None = None
+
+    def tag(self, key: str) -> str | None:
+        return dict(self.tags).get(key)
+
 
 @dataclass(frozen=True, slots=True)
 class VmProblem:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
-from appliance.sites.model import SiteConfig, VmConfig, VmScan, VmSnapshot
+from appliance.sites.model import SiteConfig, VmConfig, VmScan, VmSnapshot, VolumeInfo
 from appliance.storage.backend import Backend
 from appliance.storage.extents import Extent
 from messages.common import PowerState
@@ -48,6 +49,10 @@ class Site(Protocol):
 
     async def move_to_pool(self, vm_id: str, pool: str) -> VmConfig: ...
 
+    async def tag_vm(self, vm_id: str, tags: Mapping[str, str | None]) -> VmConfig:
+        """Set (or, with None, remove) tags on a VM, durably: they survive a lost state store."""
+        ...
+
     async def create_vm(self, vm: VmConfig) -> VmConfig:
         """Create (or, with the same id, return) a VM; its disks' volumes must exist."""
         ...
@@ -68,12 +73,23 @@ class Site(Protocol):
 
     async def delete_vm_snapshot(self, vm_id: str, name: str) -> None: ...
 
+    async def vm_snapshot_names(self, vm_id: str) -> list[str]:
+        """The names of a VM's snapshots (any disk)."""
+        ...
+
     async def changed_extents(
         self, vm_id: str, disk_id: str, from_snapshot_id: str, to_snapshot_id: str | None
     ) -> list[Extent]: ...
 
-    async def create_volume(self, volume_id: str, capacity_bytes: int) -> Backend:
-        """A new, empty volume (idempotent by id), to copy a disk into."""
+    async def create_volume(
+        self, volume_id: str, capacity_bytes: int, tags: Mapping[str, str] | None = None
+    ) -> Backend:
+        """A new, empty volume (idempotent by id), to copy a disk into; its tags are kept with
+        it, so what made it can be found without the state store."""
+        ...
+
+    async def list_volumes(self) -> list[VolumeInfo]:
+        """Every volume, with its tags and the VM it is attached to."""
         ...
 
     async def open_volume(self, volume_id: str) -> Backend: ...

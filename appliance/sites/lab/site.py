@@ -14,7 +14,9 @@ exclusive lock on its directory), so every user in the process shares them.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from appliance.sites.model import (
     VmProblem,
     VmScan,
     VmSnapshot,
+    VolumeInfo,
     check_id,
     child_path,
     safe_label,
@@ -192,6 +195,19 @@ class LabSite:
             notes["ferry.prepared_by"] = username
             await self.save_vm(replace(vm, annotations=tuple(sorted(notes.items()))))
 
+    async def tag_vm(self, vm_id: str, tags: Mapping[str, str | None]) -> VmConfig:
+        vm = await self.get_vm(vm_id)
+        notes = dict(vm.annotations)
+        for key, value in tags.items():
+            if value is None:
+                notes.pop(key, None)
+            else:
+                notes[key] = value
+        changed = replace(vm, annotations=tuple(sorted(notes.items())))
+        if changed != vm:
+            await self.save_vm(changed)
+        return changed
+
     async def move_to_pool(self, vm_id: str, pool: str) -> VmConfig:
         vm = await self.get_vm(vm_id)
         await self._ensure_pool(pool)
@@ -301,6 +317,14 @@ class LabSite:
                 if info.name == name:
                     await layered.delete_snapshot(info.id)
 
+    async def vm_snapshot_names(self, vm_id: str) -> list[str]:
+        vm = await self.get_vm(vm_id)
+        names: dict[str, None] = {}
+        for disk in vm.disks:
+            layered = await self.layered_disk(vm_id, disk.disk_id)
+            names.update(dict.fromkeys(info.name for info in layered.snapshots()))
+        return list(names)
+
     async def changed_extents(
         self, vm_id: str, disk_id: str, from_snapshot_id: str, to_snapshot_id: str | None
     ) -> list[Extent]:
@@ -309,7 +333,9 @@ class LabSite:
 
     # -- volumes --------------------------------------------------------------------
 
-    async def create_volume(self, volume_id: str, capacity_bytes: int) -> Backend:
+    async def create_volume(
+        self, volume_id: str, capacity_bytes: int, tags: Mapping[str, str] | None = None
+    ) -> Backend:
         path = self.volume_dir(volume_id)
         if (path / "manifest.json").is_file():
             return (await self._open(path)).active()
@@ -317,10 +343,31 @@ class LabSite:
         if capacity_bytes > free:
             raise SiteError(self._name, f"no room for {capacity_bytes} bytes ({free} free)")
         async with self._disk_lock:
+            # Tags first: a volume that exists is one that can be traced to what made it.
+            data = json.dumps(dict(tags or {}), sort_keys=True).encode()
+            await asyncio.to_thread(write_atomically, path / ".tags.json", data)
             layered = await LayeredDisk.create(path, capacity_bytes)
             await asyncio.to_thread((path / ".capacity").write_text, str(capacity_bytes))
             self._disks[path] = layered
         return layered.active()
+
+    async def list_volumes(self) -> list[VolumeInfo]:
+        return await asyncio.to_thread(self._list_volumes)
+
+    def _list_volumes(self) -> list[VolumeInfo]:
+        volumes = self.root / "volumes"
+        if not volumes.is_dir():
+            return []
+        attached = {d.volume_id: vm.vm_id for vm in self._list_vms() for d in vm.disks}
+        found = []
+        for entry in sorted(volumes.iterdir()):
+            if entry.is_dir():
+                found.append(
+                    VolumeInfo(
+                        entry.name, _read_tags(entry / ".tags.json"), attached.get(entry.name)
+                    )
+                )
+        return found
 
     async def open_volume(self, volume_id: str) -> Backend:
         return (await self._open(self.volume_dir(volume_id))).active()
@@ -343,3 +390,14 @@ class LabSite:
             disks, self._disks = list(self._disks.values()), {}
         for layered in disks:
             await layered.close()
+
+
+def _read_tags(path: Path) -> tuple[tuple[str, str], ...]:
+    """A volume's tags; an unreadable file (a crash while writing) counts as none."""
+    try:
+        document = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return ()
+    if not isinstance(document, dict):
+        return ()
+    return tuple(sorted((str(k), str(v)) for k, v in document.items()))

@@ -1,0 +1,168 @@
+"""Finding and undoing what unfinished migrations left behind, from the sites themselves.
+
+After a reset or a state store that came back empty, Redis knows nothing of the
+migrations that were in flight; the sites still hold their traces (see
+:mod:`appliance.orchestrator.tags`): a tagged source VM (powered off, perhaps moved),
+its ``ferry-<migration>`` snapshot, tagged cloud volumes, a cloud VM whose id is the
+migration id. Runs must be stopped before this is called.
+
+For each tagged source VM:
+
+* before the cut-over: the cloud VM and every volume of the migration are removed,
+  the snapshot is deleted, the VM goes back to its pool and power state (from its
+  tags), and its tags are removed: the source is as it was;
+* at or past the cut-over (tag ``ferry.stage=cutover``): the cloud copy is the
+  finished one and is never touched; the source is finished as finalize would (the
+  migrate pool, powered off, no snapshot).
+
+Unattached volumes tagged with a migration that no source VM names any more are
+removed too (a finished copy's volumes are attached to its cloud VM, never unattached).
+Everything it does is returned, per migration, to be reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from appliance.errors import PermanentError, UnknownVm
+from appliance.logs import get_logger
+from appliance.orchestrator import tags
+from appliance.orchestrator.context import Deps
+from appliance.sites.model import VmConfig, VolumeInfo
+from appliance.sites.protocol import Site
+from messages.common import PowerState
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Undone:
+    """What was done about one migration's leftovers."""
+
+    migration_id: str
+    vm_id: str
+    actions: tuple[str, ...]
+    error: str | None = None
+
+
+@dataclass
+class _Work:
+    migration_id: str
+    vm_id: str
+    actions: list[str] = field(default_factory=list)
+
+    def done(self, error: str | None = None) -> Undone:
+        return Undone(self.migration_id, self.vm_id, tuple(self.actions), error)
+
+
+class Leftovers:
+    def __init__(self, deps: Deps, onprem: str = "onprem", cloud: str = "cloud") -> None:
+        self._deps = deps
+        self._onprem = onprem
+        self._cloud = cloud
+
+    async def undo_all(self) -> list[Undone]:
+        onprem = self._deps.site(self._onprem)
+        volumes = await self._deps.site(self._cloud).list_volumes()
+        results: list[Undone] = []
+        pending: set[str] = set()
+        for vm in await onprem.list_vms():
+            migration_id = tags.pending_migration(vm)
+            if migration_id is None:
+                continue
+            pending.add(migration_id)
+            results.append(await self._one(vm, migration_id, volumes))
+        results.extend(await self._stray_volumes(volumes, pending))
+        for undone in results:
+            log.warning(
+                "leftovers of an unfinished migration handled",
+                migration_id=undone.migration_id,
+                vm_id=undone.vm_id,
+                actions=list(undone.actions),
+                error=undone.error,
+            )
+        return results
+
+    async def _one(self, vm: VmConfig, migration_id: str, volumes: list[VolumeInfo]) -> Undone:
+        work = _Work(migration_id, vm.vm_id)
+        try:
+            if vm.tag(tags.STAGE) == tags.CUTOVER:
+                await self._finish(vm, work)
+            else:
+                await self._undo_cloud(migration_id, volumes, work)
+                await self._restore_source(vm, work)
+        except PermanentError as error:
+            # The tags stay: a later reset tries again. Redis being down is not caught here.
+            return work.done(f"{type(error).__name__}: {error}")
+        return work.done()
+
+    async def _undo_cloud(self, migration_id: str, volumes: list[VolumeInfo], work: _Work) -> None:
+        cloud = self._deps.site(self._cloud)
+        mine = [v for v in volumes if _belongs(v, migration_id)]
+        for volume in mine:
+            await self._deps.cloud.unexport(volume.volume_id)
+        try:
+            await cloud.get_vm(migration_id)  # the cloud VM's id is the migration id
+        except UnknownVm:
+            pass
+        else:
+            await cloud.delete_vm(migration_id)
+            work.actions.append(f"deleted cloud VM {migration_id}")
+        for volume in mine:
+            await cloud.delete_volume(volume.volume_id)
+            work.actions.append(f"deleted cloud volume {volume.volume_id}")
+
+    async def _restore_source(self, vm: VmConfig, work: _Work) -> None:
+        onprem = self._deps.site(self._onprem)
+        await self._drop_snapshot(onprem, vm, work)
+        prior_pool = vm.tag(tags.PRIOR_POOL)
+        if prior_pool and vm.resource_pool != prior_pool:
+            await onprem.move_to_pool(vm.vm_id, prior_pool)
+            work.actions.append(f"moved source VM back to pool {prior_pool}")
+        if vm.tag(tags.PRIOR_POWER) == PowerState.ON.value and vm.power_state is not PowerState.ON:
+            await onprem.set_power(vm.vm_id, PowerState.ON)
+            work.actions.append("powered source VM back on")
+        await onprem.tag_vm(vm.vm_id, tags.cleared())
+        await onprem.release(vm.vm_id)
+
+    async def _finish(self, vm: VmConfig, work: _Work) -> None:
+        """Past the cut-over: what finalize does, and nothing to the cloud copy."""
+        onprem = self._deps.site(self._onprem)
+        pool = self._deps.config.migrate_pool
+        if vm.resource_pool != pool:
+            await onprem.move_to_pool(vm.vm_id, pool)
+            work.actions.append(f"moved source VM to pool {pool} (migration had cut over)")
+        await self._drop_snapshot(onprem, vm, work)
+        await onprem.tag_vm(vm.vm_id, tags.cleared())
+        await onprem.release(vm.vm_id)
+        work.actions.append("kept the finished cloud copy")
+
+    @staticmethod
+    async def _drop_snapshot(onprem: Site, vm: VmConfig, work: _Work) -> None:
+        name = tags.snapshot_name(work.migration_id)
+        if name in await onprem.vm_snapshot_names(vm.vm_id):
+            await onprem.delete_vm_snapshot(vm.vm_id, name)
+            work.actions.append(f"deleted source snapshot {name}")
+
+    async def _stray_volumes(self, volumes: list[VolumeInfo], pending: set[str]) -> list[Undone]:
+        """Unattached volumes of a migration no source names: never part of a finished copy."""
+        cloud = self._deps.site(self._cloud)
+        strays: dict[str, _Work] = {}
+        for volume in volumes:
+            migration_id = volume.tag(tags.MIGRATION)
+            if migration_id is None or migration_id in pending or volume.attached_to is not None:
+                continue
+            work = strays.setdefault(
+                migration_id, _Work(migration_id, volume.tag(tags.SOURCE_VM) or "")
+            )
+            await self._deps.cloud.unexport(volume.volume_id)
+            await cloud.delete_volume(volume.volume_id)
+            work.actions.append(f"deleted unattached cloud volume {volume.volume_id}")
+        return [work.done() for work in strays.values()]
+
+
+def _belongs(volume: VolumeInfo, migration_id: str) -> bool:
+    """Tagged with the migration, or (a crash between creating and tagging) named after it."""
+    return volume.tag(tags.MIGRATION) == migration_id or volume.volume_id.startswith(
+        f"{migration_id}-"
+    )

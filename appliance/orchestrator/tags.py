@@ -1,0 +1,41 @@
+"""Tags a migration leaves on what it touches, so its leftovers are found without Redis.
+
+On the source VM (set in prepare, before anything changes it; removed last when the
+migration completes or rolls back)::
+
+    ferry.migration     the migration id
+    ferry.prior_power   the VM's power state before the migration
+    ferry.prior_pool    its resource pool before the migration
+    ferry.stage         "cutover" once the cut-over is reached: from then on the cloud
+                        copy is the finished one, never to be undone
+
+On every cloud volume it creates: ``ferry.migration`` and ``ferry.source_vm``. The
+cloud VM's id is the migration id, and the snapshot is ``ferry-<migration id>``.
+"""
+
+from __future__ import annotations
+
+from appliance.sites.model import VmConfig
+
+MIGRATION = "ferry.migration"
+PRIOR_POWER = "ferry.prior_power"
+PRIOR_POOL = "ferry.prior_pool"
+STAGE = "ferry.stage"
+SOURCE_VM = "ferry.source_vm"
+CUTOVER = "cutover"
+
+SOURCE_TAGS = (MIGRATION, PRIOR_POWER, PRIOR_POOL, STAGE)
+
+
+def snapshot_name(migration_id: str) -> str:
+    return f"ferry-{migration_id}"
+
+
+def pending_migration(vm: VmConfig) -> str | None:
+    """The migration a source VM is tagged with (one not finished or undone), if any."""
+    return vm.tag(MIGRATION)
+
+
+def cleared() -> dict[str, str | None]:
+    """What removes every source tag."""
+    return dict.fromkeys(SOURCE_TAGS)
