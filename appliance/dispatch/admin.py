@@ -11,7 +11,7 @@ from appliance.clock import Clock, SystemClock
 from appliance.errors import CommandRejected
 from appliance.health import HealthBoard
 from appliance.logs import get_logger
-from appliance.orchestrator.leftovers import Undone
+from appliance.orchestrator.leftovers import ResetCleanup, Undone
 from appliance.state.events import EventLog
 from appliance.state.policy import Policies, Policy
 from appliance.state.store import StateStore
@@ -50,8 +50,7 @@ class Admin:
         generation_file: Path,
         status_page: StatusPage = _no_migrations,
         counts: Counts = _no_counts,
-        on_reset: Callable[[], Awaitable[None]] | None = None,
-        undo_leftovers: Callable[[], Awaitable[Sequence[Undone]]] | None = None,
+        reset_cleanup: ResetCleanup | None = None,
         clock: Clock | None = None,
     ) -> None:
         self._appliance_id = appliance_id
@@ -61,8 +60,7 @@ class Admin:
         self._generation_file = generation_file
         self._status_page = status_page
         self._counts = counts
-        self._on_reset = on_reset
-        self._undo_leftovers = undo_leftovers
+        self._reset_cleanup = reset_cleanup
         self._clock = clock or SystemClock()
         self._events = EventLog(store)
 
@@ -110,12 +108,12 @@ class Admin:
         assert isinstance(command, ResetRequest)
         if not command.body.confirm:
             raise CommandRejected("ResetRequest needs confirm: true")
-        await self._stop_runs()
+        cleanup = self._reset_cleanup
+        unfinished = await cleanup.stop() if cleanup is not None else []
         deleted = await self._delete_all_but(command.message_id)
         generation = await self._store.adopt_new_generation(self._generation_file)
         self._health.ok("state_generation", generation)
-        await self._stop_runs()  # a run the scheduler resumed before the records went
-        undone = await self._undo_leftovers() if self._undo_leftovers is not None else ()
+        undone = await cleanup.undo(unfinished) if cleanup is not None else []
         for item in undone:
             await self._events.append(
                 "leftovers_undone",
@@ -141,10 +139,6 @@ class Admin:
                 appliance_id=self._appliance_id, correlation_id=command.correlation_id, body=body
             )
         ]
-
-    async def _stop_runs(self) -> None:
-        if self._on_reset is not None:
-            await self._on_reset()
 
     async def _delete_all_but(self, message_id: str) -> int:
         """Every key of our prefix, except this command's own record (it is being answered)."""

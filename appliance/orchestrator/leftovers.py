@@ -18,16 +18,24 @@ For each tagged source VM:
 Unattached volumes tagged with a migration that no source VM names any more are
 removed too (a finished copy's volumes are attached to its cloud VM, never unattached).
 Everything it does is returned, per migration, to be reported.
+
+:class:`ResetCleanup` is what a ResetRequest runs around forgetting the records: stop
+the local runs and note the unfinished migrations Redis still knows, then (records
+gone) stop runs again, undo the leftovers, and report each noted migration failed on
+its request's correlation id.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 from appliance.errors import PermanentError, UnknownVm
 from appliance.logs import get_logger
 from appliance.orchestrator import tags
 from appliance.orchestrator.context import Deps
+from appliance.orchestrator.record import MigrationRecord, load
+from appliance.orchestrator.states import TERMINAL, Step
 from appliance.sites.model import VmConfig, VolumeInfo
 from appliance.sites.protocol import Site
 from messages.common import PowerState
@@ -166,3 +174,48 @@ def _belongs(volume: VolumeInfo, migration_id: str) -> bool:
     return volume.tag(tags.MIGRATION) == migration_id or volume.volume_id.startswith(
         f"{migration_id}-"
     )
+
+
+RESET_CODE = "reset"
+
+
+class ResetCleanup:
+    """The orchestrator's part of a reset, before and after the records are forgotten."""
+
+    def __init__(self, deps: Deps, stop_runs: Callable[[], Awaitable[None]]) -> None:
+        self._deps = deps
+        self._stop_runs = stop_runs
+
+    async def stop(self) -> list[MigrationRecord]:
+        """Stop local runs; the unfinished migrations Redis knows of (none if it lost them)."""
+        await self._stop_runs()
+        migrations = self._deps.migrations
+        unfinished: list[MigrationRecord] = []
+        for group_id in await migrations.active_groups():
+            info = await migrations.group(group_id)
+            if info is None:
+                continue
+            for stored in await migrations.get_many(list(info.members)):
+                record = load(stored.record)
+                if record.step not in TERMINAL:
+                    unfinished.append(record)
+        return unfinished
+
+    async def undo(self, unfinished: Sequence[MigrationRecord]) -> list[Undone]:
+        """Records forgotten: stop what the scheduler resumed meanwhile, undo, report."""
+        await self._stop_runs()
+        undone = await Leftovers(self._deps).undo_all()
+        done = {item.migration_id: item for item in undone}
+        now = self._deps.clock.now().isoformat()
+        for record in unfinished:
+            item = done.get(record.migration_id)
+            what = "; ".join(item.actions) if item and item.actions else "nothing was left"
+            failed = replace(
+                record,
+                step=Step.FAILED,
+                error_code=RESET_CODE,
+                error_message=f"the appliance was reset while this migration ran: {what}",
+                updated_at=now,
+            )
+            await self._deps.reporter.publish(failed)
+        return undone

@@ -20,7 +20,7 @@ from appliance.errors import CommandRejected
 from appliance.health import HealthBoard
 from appliance.orchestrator.context import Deps, OrchestratorConfig
 from appliance.orchestrator.control import MigrationControl
-from appliance.orchestrator.leftovers import Leftovers
+from appliance.orchestrator.leftovers import ResetCleanup
 from appliance.orchestrator.reporting import Reporter
 from appliance.orchestrator.requests import CloneRequests
 from appliance.orchestrator.scheduler import Scheduler
@@ -158,8 +158,7 @@ def build_handlers(
         generation_file=settings.data_dir / "state-generation",
         status_page=control.status_page,
         counts=control.counts,
-        on_reset=scheduler.stop_all,
-        undo_leftovers=Leftovers(deps).undo_all,
+        reset_cleanup=ResetCleanup(deps, scheduler.stop_all),
         clock=deps.clock,
     )
     return {

@@ -26,7 +26,7 @@ from messages.commands import ResetRequest, ResetRequestBody
 from messages.common import MigrationState, Phase, PowerState
 from messages.events import CommandResponse, ReadyStatus
 from tests.integration.conftest import Harness, RunningAppliance
-from tests.integration.migration_helpers import clone_request, start_migration
+from tests.integration.migration_helpers import Follower, clone_request, start_migration
 from tests.support.lab import MIB, build_lab, lab_vm, onprem_disk
 
 StartAppliance = Callable[..., Awaitable[RunningAppliance]]
@@ -76,11 +76,11 @@ async def _snapshots(data_dir: Path, vm: VmConfig) -> list[str]:
     return names
 
 
-async def _hold_a_migration(client: FerryClient, wan: GatedWan, vm: VmConfig) -> str:
+async def _hold_a_migration(client: FerryClient, wan: GatedWan, vm: VmConfig) -> Follower:
     follower = await start_migration(client, clone_request([vm.vm_id]))
     await asyncio.wait_for(wan.reached.wait(), timeout=60)
-    status = await follower.phase(Phase.TRANSFER)
-    return status.migration_id
+    await follower.phase(Phase.TRANSFER)
+    return follower
 
 
 async def _reset(client: FerryClient) -> CommandResponse:
@@ -149,7 +149,8 @@ async def _scenario(harness: Harness, start_appliance: StartAppliance, *, lose_s
     running = await start_appliance(harness.settings(), wan=wan)
     try:
         async with FerryClient(harness.client_settings()) as client:
-            migration_id = await _hold_a_migration(client, wan, vm)
+            follower = await _hold_a_migration(client, wan, vm)
+            (migration_id,) = follower.latest
             held = await _source(harness.data_dir, vm.vm_id)
             assert held.power_state is PowerState.OFF  # the scenario: mid-transfer, VM off
             assert _volumes(harness.data_dir) == [f"{migration_id}-disk-0"]
@@ -160,6 +161,13 @@ async def _scenario(harness: Harness, start_appliance: StartAppliance, *, lose_s
             _check_answer(answer, migration_id, vm)
             await _check_undone(harness, vm)
             assert ("leftovers_undone", migration_id) in await _events(harness)
+            if not lose_state:  # Redis knew the migration: its request hears it failed
+                latest = await follower.until(
+                    lambda latest: latest[migration_id].state is MigrationState.FAILED
+                )
+                error = latest[migration_id].error
+                assert error is not None and error.code == "reset"
+                assert "powered source VM back on" in error.message
             again = await _remigrate(client, vm)
     finally:
         await running.shutdown()

@@ -107,4 +107,3 @@ async def test_an_unattached_tagged_volume_no_source_names_is_removed_others_sta
     ]
     remaining = sorted(v.volume_id for v in await cloud.list_volumes())
     assert remaining == ["m-done-disk-0", "someone-elses"]
-
