@@ -41,6 +41,7 @@ from messages.events import Event
 
 CommandHandler = Callable[[Command], Awaitable[Sequence[Event]]]
 log = get_logger(__name__)
+MAX_KEEP_S = 10 * 366 * 24 * 3600  # how long a refusal of a far-future command is remembered
 
 
 class Dispatcher:
@@ -152,10 +153,13 @@ class Dispatcher:
     def _staleness(self, command: Command) -> Refusal | None:
         """Why a first delivery may not act (it is stale), or None; only a first delivery is
         judged: a redelivery of a recorded command is never "stale"."""
+        now = self._clock.now()
         try:
-            check_fresh(command.sent_at, self._clock.now(), self._max_skew, command.correlation_id)
+            check_fresh(command.sent_at, now, self._max_skew, command.correlation_id)
         except MessageError as error:
-            return Refusal(error.code.value, error.reason)
+            # Sent ahead of time: remember the refusal past the moment it would look fresh.
+            ahead = (command.sent_at - now + self._max_skew).total_seconds() + 60
+            return Refusal(error.code.value, error.reason, int(min(max(ahead, 0), MAX_KEEP_S)))
         return None
 
     async def _act(self, command: Command) -> None:

@@ -86,6 +86,7 @@ class Refusal:
 
     code: str
     reason: str
+    keep_s: int = 0  # remember the refusal at least this long (until the bytes are stale for good)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +126,7 @@ class CommandRecords:
             message_type,
             correlation_id,
             received_at,
-            self._ttl_s,
+            max(self._ttl_s, refusal.keep_s) if refusal is not None else self._ttl_s,
             self._lease_ms,
             owner,
             refusal.code if refusal is not None else "",

@@ -115,3 +115,14 @@ async def test_a_fresh_command_is_still_answered_once(store: StateStore) -> None
     clock.advance(600)
     assert await dispatcher.handle(_delivery(body, 2)) is Verdict.ACK
     assert len(handler.calls) == 1
+
+
+async def test_a_command_sent_far_ahead_is_refused_until_after_its_time(store: StateStore) -> None:
+    """Refused 30 days early: the refusal outlives the record TTL (1 h here) and its date."""
+    clock = FakeClock()
+    handler, sink = Recorder(), MemorySink()
+    dispatcher = _dispatcher(store, clock, handler, sink, 0.0)
+    command = SourceInventoryRequest(sent_at=clock.now() + timedelta(days=30))
+    assert await dispatcher.handle(_delivery(encode(command, TOKEN), 1)) is Verdict.DEAD_LETTER
+    ttl = await store.run(lambda r: r.ttl(store.keys.command(command.message_id)))
+    assert ttl > (timedelta(days=30) + SKEW).total_seconds()
