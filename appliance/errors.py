@@ -19,7 +19,8 @@
         ├── StateLost                   Redis came back without our generation marker
         ├── SealBroken                  a sealed secret cannot be opened (the bus token changed)
         ├── SiteError                   a site driver refused (bad name, missing VM, no capacity)
-        │   └── UnsafeName              a name that would escape the data directory
+        │   ├── UnsafeName              a name that would escape the data directory
+        │   └── UnreadableVm            a VM's configuration cannot be read (invalid_vm)
         └── DataPathError               moving blocks failed for good
             ├── ChunkMismatch           a chunk's hash differs at the target
             ├── CertificationFailed     the whole-image compare found a difference
@@ -181,6 +182,14 @@ class UnsafeName(SiteError):
     def __init__(self, site: str, name: str) -> None:
         self.name = name
         super().__init__(site, f"name {name!r} is not a safe identifier")
+
+
+class UnreadableVm(SiteError):
+    code = ErrorCode.INVALID_VM
+
+    def __init__(self, site: str, vm_id: str, reason: str) -> None:
+        self.vm_id = vm_id
+        super().__init__(site, f"the configuration of VM {vm_id} is unreadable: {reason}")
 
 
 class DataPathError(PermanentError):

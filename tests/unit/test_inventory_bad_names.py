@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from appliance.dispatch.inventory import Inventory
+from appliance.errors import UnreadableVm
 from appliance.sites.lab.sample import SampleSpec, onprem_site_config, sample_vms
 from appliance.sites.lab.site import LabSite
 from messages.commands import InventoryFilter, SourceInventoryRequestBody
+from messages.errors import ErrorCode
 from messages.events import InventorySkip, SourceInventoryResponse
 
 
@@ -125,3 +127,13 @@ async def test_a_long_name_in_any_script_at_a_page_boundary_pages_on(
         if token is None:
             break
     assert names == await _good_names(site)
+
+
+async def test_an_unreadable_vm_asked_for_by_id_is_invalid_vm(site: LabSite) -> None:
+    path = site.vm_dir("vm-junk") / "vm.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b'{"name": "bad-\\ud800"}')
+    with pytest.raises(UnreadableVm) as raised:
+        await site.get_vm("vm-junk")
+    assert raised.value.code is ErrorCode.INVALID_VM
+    assert len(await site.list_vms()) == 6

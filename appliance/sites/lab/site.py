@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
-from appliance.errors import AmbiguousVmName, SiteError, UnknownVm
+from appliance.errors import AmbiguousVmName, SiteError, UnknownVm, UnreadableVm
 from appliance.sites.lab.files import write_atomically
 from appliance.sites.model import (
     DiskConfig,
@@ -124,9 +124,7 @@ class LabSite:
         except ValidationError as error:
             first = error.errors(include_input=False, include_url=False)[0]
             where = ".".join(str(part) for part in first["loc"]) or "vm.json"
-            raise SiteError(
-                self._name, f"vm.json of {safe_label(vm_id)} is unreadable: {where}: {first['msg']}"
-            ) from None
+            raise UnreadableVm(self._name, safe_label(vm_id), f"{where}: {first['msg']}") from None
 
     async def get_vm(self, vm_id: str) -> VmConfig:
         try:
