@@ -22,7 +22,7 @@ Everything it does is returned, per migration, to be reported.
 :class:`ResetCleanup` is what a ResetRequest runs around forgetting the records: stop
 the local runs and note the unfinished migrations Redis still knows, then (records
 gone) stop runs again, undo the leftovers, and report each noted migration failed on
-its request's correlation id.
+its request's correlation id (one Redis had lost is reported from its source's tags).
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from appliance.errors import PermanentError, UnknownVm
 from appliance.logs import get_logger
 from appliance.orchestrator import tags
 from appliance.orchestrator.context import Deps
-from appliance.orchestrator.record import MigrationRecord, load
+from appliance.orchestrator.record import MigrationRecord, TransferOptions, load
 from appliance.orchestrator.states import TERMINAL, Step
 from appliance.sites.model import VmConfig, VolumeInfo
 from appliance.sites.protocol import Site
-from messages.common import PowerState
+from messages.common import MigrationType, PowerState
 
 log = get_logger(__name__)
 
@@ -51,6 +51,8 @@ class Undone:
     vm_id: str
     actions: tuple[str, ...]
     error: str | None = None
+    vm_name: str = ""
+    request: tags.RequestTag | None = None  # from the source's tags: who asked for it
 
 
 @dataclass
@@ -58,9 +60,13 @@ class _Work:
     migration_id: str
     vm_id: str
     actions: list[str] = field(default_factory=list)
+    vm_name: str = ""
+    request: tags.RequestTag | None = None
 
     def done(self, error: str | None = None) -> Undone:
-        return Undone(self.migration_id, self.vm_id, tuple(self.actions), error)
+        return Undone(
+            self.migration_id, self.vm_id, tuple(self.actions), error, self.vm_name, self.request
+        )
 
 
 class Leftovers:
@@ -92,7 +98,7 @@ class Leftovers:
         return results
 
     async def _one(self, vm: VmConfig, migration_id: str, volumes: list[VolumeInfo]) -> Undone:
-        work = _Work(migration_id, vm.vm_id)
+        work = _Work(migration_id, vm.vm_id, vm_name=vm.name, request=tags.RequestTag.of(vm))
         try:
             if vm.tag(tags.STAGE) == tags.CUTOVER:
                 await self._finish(vm, work)
@@ -177,6 +183,7 @@ def _belongs(volume: VolumeInfo, migration_id: str) -> bool:
 
 
 RESET_CODE = "reset"
+STATE_LOST_CODE = "state_lost"
 
 
 class ResetCleanup:
@@ -208,14 +215,51 @@ class ResetCleanup:
         done = {item.migration_id: item for item in undone}
         now = self._deps.clock.now().isoformat()
         for record in unfinished:
-            item = done.get(record.migration_id)
-            what = "; ".join(item.actions) if item and item.actions else "nothing was left"
-            failed = replace(
-                record,
-                step=Step.FAILED,
-                error_code=RESET_CODE,
-                error_message=f"the appliance was reset while this migration ran: {what}",
-                updated_at=now,
-            )
-            await self._deps.reporter.publish(failed)
+            item = done.pop(record.migration_id, None)
+            await self._report(record, item, RESET_CODE, now)
+        for item in done.values():  # Redis had lost it: the source's tags say who asked
+            rebuilt = _record_from_tags(item, now)
+            if rebuilt is not None:
+                await self._report(rebuilt, item, STATE_LOST_CODE, now)
         return undone
+
+    async def _report(
+        self, record: MigrationRecord, item: Undone | None, code: str, now: str
+    ) -> None:
+        what = "; ".join(item.actions) if item and item.actions else "nothing was left"
+        why = "reset" if code == RESET_CODE else "reset after the state store lost its data"
+        failed = replace(
+            record,
+            step=Step.FAILED,
+            error_code=code,
+            error_message=f"the appliance was {why} while this migration ran: {what}",
+            updated_at=now,
+        )
+        await self._deps.reporter.publish(failed)
+
+
+def _record_from_tags(item: Undone, now: str) -> MigrationRecord | None:
+    """What a report needs of a migration Redis forgot, rebuilt from its source's tags."""
+    request = item.request
+    if request is None or request.migration_type not in set(MigrationType):
+        return None
+    return MigrationRecord(
+        migration_id=item.migration_id,
+        request_id=request.request_id,
+        correlation_id=request.correlation_id,
+        group_id=request.group_id,
+        admission=0,
+        site="onprem",
+        vm_id=item.vm_id,
+        vm_name=item.vm_name,
+        migration_type=MigrationType(request.migration_type),
+        step=Step.FAILED,
+        target_site="cloud",
+        target_pool=None,
+        target_name=item.vm_name,
+        network_map=(),
+        options=TransferOptions(),
+        disks=(),
+        created_at=now,
+        updated_at=now,
+    )

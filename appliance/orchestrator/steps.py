@@ -61,6 +61,12 @@ async def prepare(deps: Deps, journal: Journal, record: MigrationRecord) -> Migr
                 tags.PRIOR_POWER: prior_power.value,
                 tags.PRIOR_POOL: prior_pool,
                 tags.STAGE: None,
+                tags.REQUEST: tags.RequestTag(
+                    record.request_id,
+                    record.correlation_id,
+                    record.group_id,
+                    record.migration_type.value,
+                ).value(),
             },
         )
     failed = [(check.name, check.reason) for check in checks if not check.passed]

@@ -8,12 +8,17 @@ migration completes or rolls back)::
     ferry.prior_pool    its resource pool before the migration
     ferry.stage         "cutover" once the cut-over is reached: from then on the cloud
                         copy is the finished one, never to be undone
+    ferry.request       request id, correlation id, group id and migration type: enough
+                        to tell the requester the migration failed when Redis lost it
 
 On every cloud volume it creates: ``ferry.migration`` and ``ferry.source_vm``. The
 cloud VM's id is the migration id, and the snapshot is ``ferry-<migration id>``.
 """
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
 
 from appliance.sites.model import VmConfig
 
@@ -22,9 +27,33 @@ PRIOR_POWER = "ferry.prior_power"
 PRIOR_POOL = "ferry.prior_pool"
 STAGE = "ferry.stage"
 SOURCE_VM = "ferry.source_vm"
+REQUEST = "ferry.request"
 CUTOVER = "cutover"
 
-SOURCE_TAGS = (MIGRATION, PRIOR_POWER, PRIOR_POOL, STAGE)
+SOURCE_TAGS = (MIGRATION, PRIOR_POWER, PRIOR_POOL, STAGE, REQUEST)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTag:
+    """Who asked for a migration, kept on its source VM."""
+
+    request_id: str
+    correlation_id: str
+    group_id: str
+    migration_type: str
+
+    def value(self) -> str:
+        return json.dumps(
+            [self.request_id, self.correlation_id, self.group_id, self.migration_type]
+        )
+
+    @classmethod
+    def of(cls, vm: VmConfig) -> RequestTag | None:
+        try:
+            parts = json.loads(vm.tag(REQUEST) or "null")
+            return cls(*(str(part) for part in parts)) if len(parts) == 4 else None
+        except (ValueError, TypeError):
+            return None
 
 
 def snapshot_name(migration_id: str) -> str:

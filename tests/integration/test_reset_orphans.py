@@ -161,13 +161,14 @@ async def _scenario(harness: Harness, start_appliance: StartAppliance, *, lose_s
             _check_answer(answer, migration_id, vm)
             await _check_undone(harness, vm)
             assert ("leftovers_undone", migration_id) in await _events(harness)
-            if not lose_state:  # Redis knew the migration: its request hears it failed
-                latest = await follower.until(
-                    lambda latest: latest[migration_id].state is MigrationState.FAILED
-                )
-                error = latest[migration_id].error
-                assert error is not None and error.code == "reset"
-                assert "powered source VM back on" in error.message
+            # Its request hears it failed: from Redis, or (Redis lost) from the source's tags.
+            latest = await follower.until(
+                lambda latest: latest[migration_id].state is MigrationState.FAILED
+            )
+            error = latest[migration_id].error
+            assert error is not None
+            assert error.code == ("state_lost" if lose_state else "reset")
+            assert "powered source VM back on" in error.message
             again = await _remigrate(client, vm)
     finally:
         await running.shutdown()
