@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.dispatch.inventory import Inventory
+from appliance.dispatch.inventory import Inventory, wire_summary
 from appliance.errors import UnreadableVm
 from appliance.sites.lab.sample import SampleSpec, onprem_site_config, sample_vms
 from appliance.sites.lab.site import LabSite
@@ -137,3 +137,11 @@ async def test_an_unreadable_vm_asked_for_by_id_is_invalid_vm(site: LabSite) -> 
         await site.get_vm("vm-junk")
     assert raised.value.code is ErrorCode.INVALID_VM
     assert len(await site.list_vms()) == 6
+
+
+@pytest.mark.parametrize("name", ["a\ud800b", "z" * 256, "ok\udfff"])
+async def test_a_described_vm_unfit_for_the_wire_is_refused_by_field(
+    site: LabSite, name: str
+) -> None:
+    vm = replace((await site.list_vms())[0], name=name)
+    assert wire_summary(vm, None) == "not fit for the wire: name"
