@@ -53,6 +53,7 @@ class Undone:
     error: str | None = None
     vm_name: str = ""
     request: tags.RequestTag | None = None  # from the source's tags: who asked for it
+    finished: bool = False  # past the cut-over: the migration is complete, not undone
 
 
 @dataclass
@@ -62,10 +63,17 @@ class _Work:
     actions: list[str] = field(default_factory=list)
     vm_name: str = ""
     request: tags.RequestTag | None = None
+    finished: bool = False
 
     def done(self, error: str | None = None) -> Undone:
         return Undone(
-            self.migration_id, self.vm_id, tuple(self.actions), error, self.vm_name, self.request
+            self.migration_id,
+            self.vm_id,
+            tuple(self.actions),
+            error,
+            self.vm_name,
+            self.request,
+            self.finished,
         )
 
 
@@ -150,6 +158,7 @@ class Leftovers:
         await onprem.tag_vm(vm.vm_id, tags.cleared())
         await onprem.release(vm.vm_id)
         work.actions.append("kept the finished cloud copy")
+        work.finished = True
 
     @staticmethod
     async def _drop_snapshot(onprem: Site, vm: VmConfig, work: _Work) -> None:
@@ -226,6 +235,13 @@ class ResetCleanup:
     async def _report(
         self, record: MigrationRecord, item: Undone | None, code: str, now: str
     ) -> None:
+        if item is not None and item.finished and item.error is None:
+            # It had cut over: the cloud copy is the finished one, the migration completed.
+            done = replace(
+                record, step=Step.COMPLETED, bytes_done=record.bytes_total, updated_at=now
+            )
+            await self._deps.reporter.publish(done)
+            return
         what = "; ".join(item.actions) if item and item.actions else "nothing was left"
         why = "reset" if code == RESET_CODE else "reset after the state store lost its data"
         failed = replace(

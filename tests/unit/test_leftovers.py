@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from appliance.orchestrator import tags
-from appliance.orchestrator.leftovers import Leftovers
+from appliance.orchestrator.leftovers import Leftovers, ResetCleanup
 from appliance.sites.model import DiskConfig
-from messages.common import PowerState
+from messages.common import MigrationState, PowerState
+from messages.events import SourceCloneResponse
 from tests.support.lab import MIB
 from tests.unit import test_clone_requests as cr
 
@@ -107,3 +110,30 @@ async def test_an_unattached_tagged_volume_no_source_names_is_removed_others_sta
     ]
     remaining = sorted(v.volume_id for v in await cloud.list_volumes())
     assert remaining == ["m-done-disk-0", "someone-elses"]
+
+
+async def _no_runs() -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("stage", "state", "code"),
+    [(None, MigrationState.FAILED, "state_lost"), (tags.CUTOVER, MigrationState.COMPLETED, None)],
+)
+async def test_a_migration_redis_lost_is_reported_to_its_requester_from_the_tags(
+    env: cr.Env, stage: str | None, state: MigrationState, code: str | None
+) -> None:
+    deps = replace(env.deps, cloud=Exports())
+    await _tagged_source(env, "m-lost", stage=stage)
+    request = tags.RequestTag("req-9", "corr-9", "g-9", "cold")
+    await env.deps.site("onprem").tag_vm("vm-0001", {tags.REQUEST: request.value()})
+    await _cloud_copy(env, "m-lost")
+
+    await ResetCleanup(deps, _no_runs).undo([])
+
+    (answer,) = env.sink.events
+    assert isinstance(answer, SourceCloneResponse)
+    assert answer.correlation_id == "corr-9"
+    assert (answer.body.migration_id, answer.body.request_id) == ("m-lost", "req-9")
+    assert answer.body.state is state
+    assert (answer.body.error.code if answer.body.error else None) == code
