@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 
-from appliance.errors import SiteError, UnknownVm
+from appliance.errors import InvalidCredentials, SiteError, UnknownVm
 from appliance.sites.lab.files import write_atomically
 from appliance.sites.model import (
     DiskConfig,
@@ -163,13 +163,14 @@ class LabSite:
         return changed
 
     async def prepare_guest(self, vm_id: str, username: str, password: str) -> None:
-        """The lab has no guest to log into: it notes who prepared it (never the password)."""
+        """The lab has no guest to log into: it notes that the guest was prepared, and
+        neither the username nor the password (neither is ever stored or echoed)."""
         vm = await self.get_vm(vm_id)
-        if not password:
-            raise SiteError(self._name, f"empty password for {username!r} on {vm_id}")
+        if not username or not password:
+            raise InvalidCredentials(f"empty guest username or password for {vm_id}")
         notes = dict(vm.annotations)
-        if notes.get("ferry.prepared_by") != username:
-            notes["ferry.prepared_by"] = username
+        if notes.get("ferry.guest_prepared") != "true":
+            notes["ferry.guest_prepared"] = "true"
             await self.save_vm(replace(vm, annotations=tuple(sorted(notes.items()))))
 
     async def move_to_pool(self, vm_id: str, pool: str) -> VmConfig:
