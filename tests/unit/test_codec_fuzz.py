@@ -35,6 +35,7 @@ def _resigned(document: dict[str, Any], kind: str) -> str:
         pass  # no canonical form: the decoder must say so
     return json.dumps(document)
 
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
     lambda children: (
