@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiobotocore.session import get_session
 
+from appliance import logs
 from appliance.keys import load_or_create
 from clients.client import FerryClient, FerryError
 from messages.codec import Decoder, Trust, encode, signature_of
@@ -83,6 +84,7 @@ async def test_events_verify_against_the_key_in_the_data_dir_and_runtime_json(
     harness: Harness, start_appliance: StartAppliance
 ) -> None:
     running = await start_appliance(harness.settings())
+    assert logs.SECRETS.scrub(f"t={TOKEN}") == f"t={logs.MASK}"  # registered at start
     public = load_or_create(harness.data_dir).public
     runtime = json.loads((harness.data_dir / "runtime.json").read_text())
     assert runtime["appliance_key"] == public.text
