@@ -43,6 +43,7 @@ class ClientSettings(BaseSettings):
     @classmethod
     def load(cls, runtime_file: Path | None = None, **overrides: Any) -> ClientSettings:
         """FERRY_* settings, with endpoint, queue URLs and key from a runtime.json when given."""
+        given = {name: value for name, value in overrides.items() if value is not None}
         values: dict[str, Any] = {}
         if runtime_file is not None:
             runtime = json.loads(runtime_file.read_text())
@@ -52,7 +53,7 @@ class ClientSettings(BaseSettings):
                 "command_queue": runtime["command_queue_url"],
                 "response_queue": runtime["response_queue_url"],
             }
-            pinned = overrides.get("appliance_key") or cls(**overrides).appliance_key
+            pinned = cls(**given).appliance_key  # --appliance-key, else FERRY_APPLIANCE_KEY
             published = runtime.get("appliance_key")
             if pinned and published and pinned.strip() != published:
                 raise ValueError(
@@ -60,7 +61,7 @@ class ClientSettings(BaseSettings):
                     "is it the appliance you meant?"
                 )
             values["appliance_key"] = pinned or published
-        return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+        return cls(**{**values, **given})
 
     @property
     def token(self) -> bytes:
