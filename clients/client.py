@@ -206,6 +206,10 @@ class FerryClient:
         self.forget(answer.correlation_id)
         return answer
 
+    def seal_credentials(self, username: str, password: str) -> GuestCredentials:
+        """Guest credentials sealed to the pinned appliance key, for a SourceCloneRequest."""
+        return GuestCredentials(sealed=self.appliance_key.seal_login(username, password))
+
     # --- receiving ---------------------------------------------------------------
 
     async def _receive_forever(self) -> None:
@@ -224,10 +228,6 @@ class FerryClient:
             decoded = [(self._decode(raw), raw) for raw in response.get("Messages", [])]
             for event, raw in sorted(decoded, key=lambda pair: _sent_at(pair[0])):
                 await self._route(event, raw)
-
-    def seal_credentials(self, username: str, password: str) -> GuestCredentials:
-        """Guest credentials sealed to the pinned appliance key, for a SourceCloneRequest."""
-        return GuestCredentials(sealed=self.appliance_key.seal_login(username, password))
 
     def _decode(self, raw: dict[str, Any]) -> Event | None:
         try:

@@ -166,6 +166,10 @@ class Trust:
     bus_token: bytes | None = None
     appliance_key: AppliancePublicKey | None = None
 
+    def __post_init__(self) -> None:
+        if self.bus_token is not None and not self.bus_token:
+            raise ValueError("an empty bus token authenticates nothing")
+
     def check(self, document: dict[str, Any], kind: str, correlation_id: str | None) -> None:
         signature = document.get("signature")
         if signature is None:

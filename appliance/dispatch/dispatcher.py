@@ -10,9 +10,9 @@ Order of checks for each delivery (each failure is final for that delivery)::
         -> route to the handler -> publish the answer -> mark answered -> ack
 
 A message that can never be handled is dead-lettered; it gets an ErrorResponse
-only when its signature checked out and its correlation id can be read. A command whose handler hit
-a transient failure (Redis down) is left on the queue for redelivery; its
-record says "received", so the redelivery handles it.
+only when its signature checked out and its correlation id can be read. A
+command whose handler hit a transient failure (Redis down) is left on the queue
+for redelivery; its record says "received", so the redelivery handles it.
 """
 
 from __future__ import annotations
