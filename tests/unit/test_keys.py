@@ -8,10 +8,12 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import structlog
 
 from appliance import cli
 from appliance.errors import KeyFileError, NotConfigured
@@ -19,6 +21,13 @@ from appliance.keys import KEY_FILE, load, load_or_create
 from appliance.service.app import Appliance
 from appliance.settings import Settings
 from messages.keys import AppliancePublicKey
+
+
+@pytest.fixture(autouse=True)
+def _unconfigured_logging() -> Iterator[None]:
+    """cli.main configures structlog onto this test's captured stderr: undo it after."""
+    yield
+    structlog.reset_defaults()
 
 
 def test_the_key_pair_is_made_once_0600_and_kept(data_dir: Path) -> None:
