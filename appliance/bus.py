@@ -44,6 +44,7 @@ from appliance.logs import get_logger
 from appliance.settings import Settings
 from messages.codec import encode
 from messages.events import Event
+from messages.keys import ApplianceKeyPair
 
 T = TypeVar("T")
 Outgoing = tuple[str, str, dict[str, str]]  # queue url, body, attributes
@@ -92,7 +93,12 @@ class SqsBus:
     """The command and response queues, as one async context manager."""
 
     def __init__(
-        self, settings: Settings, endpoint_url: str | None, health: HealthBoard | None = None
+        self,
+        settings: Settings,
+        endpoint_url: str | None,
+        health: HealthBoard | None = None,
+        *,
+        keys: ApplianceKeyPair,
     ) -> None:
         self._settings = settings
         self._endpoint_url = endpoint_url
@@ -100,7 +106,7 @@ class SqsBus:
         self._stack = AsyncExitStack()
         self._client: Any = None
         self.urls = QueueUrls("", "", "")
-        self.publisher = SqsPublisher(self, settings)
+        self.publisher = SqsPublisher(self, settings, keys)
         # Acks and answers are coalesced into batch requests under load.
         self._deletes: Batcher[str] = Batcher(self._delete_batch)
         self._responses: Batcher[Outgoing] = Batcher(
@@ -353,17 +359,19 @@ def _outcomes(response: Any, count: int, operation: str) -> list[BaseException |
 
 
 class SqsPublisher:
-    """The EventSink the rest of the appliance is handed: signs and sends on the response queue."""
+    """The EventSink the rest of the appliance is handed: signs every event with the
+    appliance's Ed25519 key and sends it on the response queue."""
 
-    def __init__(self, bus: SqsBus, settings: Settings) -> None:
+    def __init__(self, bus: SqsBus, settings: Settings, keys: ApplianceKeyPair) -> None:
         self._bus = bus
         self._settings = settings
+        self._keys = keys
 
     async def publish(self, event: Event) -> None:
         settings = self._settings
         if event.appliance_id is None:
             event = event.model_copy(update={"appliance_id": settings.appliance_id})
-        body = encode(event, settings.token_bytes)
+        body = encode(event, self._keys)
         attributes = {"message_type": event.message_type, "correlation_id": event.correlation_id}
         await self._bus.send(self._bus.urls.responses, body, attributes)
 

@@ -1,9 +1,10 @@
-"""``ferry-appliance``: run the service, build a lab site, or show a demo."""
+"""``ferry-appliance``: run the service, show its public key, build a lab site, or show a demo."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 from collections.abc import Sequence
@@ -12,7 +13,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from appliance import logs
-from appliance.errors import FerryError
+from appliance.errors import FerryError, NotConfigured
+from appliance.keys import key_path, load_or_create
 from appliance.settings import Settings
 
 log = logs.get_logger("appliance")
@@ -36,13 +38,35 @@ async def _run(settings: Settings) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from appliance.service.app import bus_token
+
     settings = _settings(args)
-    if settings.bus_token is None:
-        print(
-            "ferry-appliance: set FERRY_BUS_TOKEN (the shared message bus token)", file=sys.stderr
-        )
+    try:
+        bus_token(settings)
+    except NotConfigured as error:
+        print(f"ferry-appliance: {error}", file=sys.stderr)
         return 2
     asyncio.run(_run(settings))
+    return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    """Print the public key clients pin (making the key pair if this data dir has none yet)."""
+    settings = _settings(args)
+    keys = load_or_create(settings.data_dir)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "appliance_key": keys.public.text,
+                    "ed25519": keys.public.signing.hex(),
+                    "x25519": keys.public.sealing.hex(),
+                    "key_file": str(key_path(settings.data_dir)),
+                }
+            )
+        )
+    else:
+        print(keys.public.text)
     return 0
 
 
@@ -68,6 +92,12 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--data-dir", type=Path, default=None, help="overrides FERRY_DATA_DIR")
     commands = root.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="run the appliance").set_defaults(func=cmd_run)
+    keys = commands.add_parser("keys", help="the appliance's key pair").add_subparsers(
+        dest="keys", required=True
+    )
+    show = keys.add_parser("show", help="print the public key clients pin (FERRY_APPLIANCE_KEY)")
+    show.add_argument("--json", action="store_true", help="both halves and the key file, as JSON")
+    show.set_defaults(func=cmd_keys_show)
     lab = commands.add_parser("lab", help="the lab site").add_subparsers(dest="lab", required=True)
     create = lab.add_parser("create", help="create a sample on-prem site and an empty cloud site")
     create.add_argument("--vms", type=int, default=12)

@@ -4,12 +4,15 @@ Creates a sample lab site, starts ``ferry-appliance run`` (embedded moto and
 redis-server), then uses the ``ferry`` CLI as an operator would, and stops the
 appliance with SIGTERM, checking it shuts down cleanly. The bus token is made
 up for the run and passed through the environment only: it is never written
-to disk.
+to disk. The appliance makes its key pair in the data directory on first start;
+the demo reads the public key from runtime.json and pins it on every ``ferry``
+call (``--appliance-key``), as an operator would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import shutil
@@ -99,7 +102,10 @@ def run_demo(data_dir: Path) -> int:
     try:
         _wait_for(data_dir / "runtime.json", appliance, within_s=60)
         console.print(f"appliance up (pid {appliance.pid}); log: {log_path}")
-        ferry = [_bin("ferry"), "--runtime", str(data_dir / "runtime.json")]
+        runtime = data_dir / "runtime.json"
+        key = json.loads(runtime.read_text())["appliance_key"]
+        console.print(f"appliance key (pinned below): {key}")
+        ferry = [_bin("ferry"), "--runtime", str(runtime), "--appliance-key", key]
         _step("3. inventory through the command queue", [*ferry, "inventory"], env)
         _step(
             "4. only powered-on Linux VMs",

@@ -13,11 +13,13 @@
         │   ├── AmbiguousVmName         a name that several VMs share: give the vm_id
         │   ├── UnknownMigration
         │   ├── Conflict
-        │   └── PrecheckFailed          prepare-to-migrate checks failed (names them)
+        │   ├── PrecheckFailed          prepare-to-migrate checks failed (names them)
+        │   └── InvalidCredentials      sealed guest credentials do not open or are empty
         ├── MigrationCancelled          a cancel request stopped a migration (it rolls back)
         ├── IncorrectState              a state machine was asked for an illegal transition
         ├── StateLost                   Redis came back without our generation marker
-        ├── SealBroken                  a sealed secret cannot be opened (the bus token changed)
+        ├── NotConfigured               a setting the appliance cannot start without is missing
+        ├── KeyFileError                the appliance's key file is unreadable or unsafe
         ├── SiteError                   a site driver refused (bad name, missing VM, no capacity)
         │   ├── UnsafeName              a name that would escape the data directory
         │   └── UnreadableVm            a VM's configuration cannot be read (invalid_vm)
@@ -140,6 +142,13 @@ class PrecheckFailed(CommandRejected):
         super().__init__(f"prepare-to-migrate failed for {vm}: {listed}", ErrorCode.PRECHECK_FAILED)
 
 
+class InvalidCredentials(CommandRejected):
+    """Guest credentials that cannot be used; the reason never holds a username or password."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, ErrorCode.INVALID_CREDENTIALS)
+
+
 class MigrationCancelled(PermanentError):
     code = ErrorCode.CONFLICT
 
@@ -165,10 +174,18 @@ class StateLost(PermanentError):
         )
 
 
-class SealBroken(PermanentError):
-    def __init__(self, context: str) -> None:
-        self.context = context
-        super().__init__(f"sealed secret for {context} cannot be opened (bus token changed?)")
+class NotConfigured(PermanentError):
+    def __init__(self, setting: str, reason: str) -> None:
+        self.setting = setting
+        self.reason = reason
+        super().__init__(f"{setting}: {reason}")
+
+
+class KeyFileError(PermanentError):
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"appliance key file {path}: {reason}")
 
 
 class SiteError(PermanentError):

@@ -1,37 +1,38 @@
-"""Sealing secrets that must survive a restart (guest credentials) so Redis never holds plaintext.
+"""Guest credentials, sealed by the client to this appliance's X25519 key, opened only here.
 
-AES-256-GCM with a key derived (HKDF-SHA256) from the bus token, and the
-owning record's id as associated data, so a sealed value cannot be moved to
-another record. Rotating the bus token makes older sealed values unreadable,
-which is the safe failure: the migration's prepare step reports it.
+The client seals them (a libsodium sealed box, see messages/README.md); they
+cross SQS, sit in the dead-letter queue and rest in Redis as that ciphertext
+only. The appliance opens them twice: once when the request arrives, to refuse
+credentials that do not open or are empty (``invalid_credentials``) and drop
+them, and once when prepare runs, to use and drop them. While open, their
+values are registered with the log redactor, so no log line can carry them.
 """
 
 from __future__ import annotations
 
-import base64
-import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-from appliance.errors import SealBroken
+from appliance import logs
+from appliance.errors import InvalidCredentials
+from messages.keys import ApplianceKeyPair, CannotOpen, GuestLogin
 
 
 class Sealer:
-    def __init__(self, token: bytes, purpose: bytes = b"ferry guest credentials v1") -> None:
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"ferry", info=purpose).derive(token)
-        self._aead = AESGCM(key)
+    def __init__(self, keys: ApplianceKeyPair) -> None:
+        self._keys = keys
 
-    def seal(self, plaintext: bytes, context: str) -> str:
-        nonce = os.urandom(12)
-        sealed = self._aead.encrypt(nonce, plaintext, context.encode())
-        return base64.b64encode(nonce + sealed).decode()
+    def check(self, sealed: str) -> None:
+        """Raise InvalidCredentials unless ``sealed`` opens to usable credentials."""
+        with self.opened(sealed):
+            pass
 
-    def open(self, sealed: str, context: str) -> bytes:
+    @contextmanager
+    def opened(self, sealed: str) -> Iterator[GuestLogin]:
+        """The credentials, for the length of the block; their values are redacted from logs."""
         try:
-            raw = base64.b64decode(sealed.encode(), validate=True)
-            return self._aead.decrypt(raw[:12], raw[12:], context.encode())
-        except (InvalidTag, ValueError):
-            raise SealBroken(context) from None
+            login = self._keys.open_login(sealed)
+        except CannotOpen as error:
+            raise InvalidCredentials(str(error)) from None
+        with logs.secrets_in_flight(login.username, login.password):
+            yield login

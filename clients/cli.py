@@ -107,7 +107,14 @@ async def cmd_watch(client: FerryClient, args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="ferry", description=__doc__)
-    root.add_argument("--runtime", type=Path, help="a running appliance's runtime.json")
+    root.add_argument(
+        "--runtime", type=Path, help="a local appliance's runtime.json (pins its key too)"
+    )
+    root.add_argument(
+        "--appliance-key",
+        help="the appliance's public key to verify its answers with (FERRY_APPLIANCE_KEY; "
+        "`ferry-appliance keys show` prints it)",
+    )
     commands = root.add_subparsers(dest="command", required=True)
     inventory = commands.add_parser("inventory", help="list the source site's VMs")
     inventory.add_argument("--name", help="name glob, e.g. 'lnx-*'")
@@ -127,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    settings = ClientSettings.load(args.runtime)
+    settings = ClientSettings.load(args.runtime, appliance_key=args.appliance_key)
     async with FerryClient(settings) as client:
         code: int = await args.func(client, args)
         return code

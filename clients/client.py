@@ -9,14 +9,17 @@ One background receiver reads the response queue and routes each message:
 * anything else is left for other clients (visible again after a few
   seconds), and deleted once it is older than ``orphan_after_s``.
 
-Answers are verified (signature) and de-duplicated by message id, since SQS
-delivers at least once.
+Every event is verified against the pinned appliance key (Ed25519); one that
+does not verify is dropped with a logged warning, so a client holding the bus
+token cannot forge an appliance's answer. Answers are de-duplicated by message
+id, since SQS delivers at least once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
@@ -28,9 +31,10 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from clients.config import ClientSettings
-from messages.codec import Decoder, encode
+from messages.codec import Decoder, Trust, encode
 from messages.commands import (
     Command,
+    GuestCredentials,
     InventoryFilter,
     SourceInventoryRequest,
     SourceInventoryRequestBody,
@@ -46,6 +50,8 @@ from messages.events import (
     SourceInventoryResponse,
     StatusResponse,
 )
+
+log = logging.getLogger(__name__)
 
 
 class FerryError(Exception):
@@ -72,7 +78,10 @@ class FerryClient:
         stale_heartbeat_s: float = 300.0,
     ) -> None:
         self.settings = settings
-        self._decoder = Decoder(settings.token, accept=(Event,), max_bytes=1024 * 1024)
+        self.appliance_key = settings.public_key  # no pinned key: ValueError, no client
+        self._decoder = Decoder(
+            Trust(appliance_key=self.appliance_key), accept=(Event,), max_bytes=1024 * 1024
+        )
         self._orphan_after_s = orphan_after_s
         self._stale_heartbeat_s = stale_heartbeat_s
         self._stack = AsyncExitStack()
@@ -197,6 +206,10 @@ class FerryClient:
         self.forget(answer.correlation_id)
         return answer
 
+    def seal_credentials(self, username: str, password: str) -> GuestCredentials:
+        """Guest credentials sealed to the pinned appliance key, for a SourceCloneRequest."""
+        return GuestCredentials(sealed=self.appliance_key.seal_login(username, password))
+
     # --- receiving ---------------------------------------------------------------
 
     async def _receive_forever(self) -> None:
@@ -219,7 +232,13 @@ class FerryClient:
     def _decode(self, raw: dict[str, Any]) -> Event | None:
         try:
             event = self._decoder.decode(raw.get("Body", ""))
-        except MessageError:
+        except MessageError as error:
+            log.warning(
+                "dropped a response-queue message that does not verify (%s: %s), SQS id %s",
+                error.code.value,
+                error.reason,
+                raw.get("MessageId", "?"),
+            )
             return None
         assert isinstance(event, Event)
         return event

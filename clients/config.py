@@ -1,4 +1,12 @@
-"""Where the appliance's queues are and the token to sign with, from FERRY_* or runtime.json."""
+"""Where the appliance's queues are, the token to sign with and the appliance key to trust,
+from FERRY_* settings or a local appliance's runtime.json.
+
+No pinned appliance key, no client: every event is verified against it
+(``FERRY_APPLIANCE_KEY`` / ``ferry --appliance-key``; ``ferry-appliance keys show``
+prints it). The one exception is a ``runtime.json`` (``ferry --runtime``): a
+local appliance's own file in its data directory, whose ``appliance_key`` is
+pinned for the session, and refused if it differs from a key pinned explicitly.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,13 @@ from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from messages.keys import AppliancePublicKey
+
+NO_KEY = (
+    "no appliance key pinned: set FERRY_APPLIANCE_KEY or pass --appliance-key "
+    "(`ferry-appliance keys show` prints it), or --runtime for a local appliance"
+)
 
 
 class ClientSettings(BaseSettings):
@@ -20,11 +35,15 @@ class ClientSettings(BaseSettings):
     command_queue: str = "ferry-commands"
     response_queue: str = "ferry-responses"
     bus_token: SecretStr | None = None
+    appliance_key: str | None = Field(
+        default=None, description="the appliance's public key, '<ed25519 hex>:<x25519 hex>'"
+    )
     receive_wait_s: int = Field(default=2, ge=0, le=20)
 
     @classmethod
     def load(cls, runtime_file: Path | None = None, **overrides: Any) -> ClientSettings:
-        """FERRY_* settings, with endpoint and queue URLs from a runtime.json when given."""
+        """FERRY_* settings, with endpoint, queue URLs and key from a runtime.json when given."""
+        given = {name: value for name, value in overrides.items() if value is not None}
         values: dict[str, Any] = {}
         if runtime_file is not None:
             runtime = json.loads(runtime_file.read_text())
@@ -34,10 +53,25 @@ class ClientSettings(BaseSettings):
                 "command_queue": runtime["command_queue_url"],
                 "response_queue": runtime["response_queue_url"],
             }
-        return cls(**{**values, **overrides})
+            pinned = cls(**given).appliance_key  # --appliance-key, else FERRY_APPLIANCE_KEY
+            published = runtime.get("appliance_key")
+            if pinned and published and pinned.strip() != published:
+                raise ValueError(
+                    f"{runtime_file} names another appliance key than the one pinned: "
+                    "is it the appliance you meant?"
+                )
+            values["appliance_key"] = pinned or published
+        return cls(**{**values, **given})
 
     @property
     def token(self) -> bytes:
         if self.bus_token is None:
             raise ValueError("set FERRY_BUS_TOKEN (the shared message bus token)")
         return self.bus_token.get_secret_value().encode("utf-8")
+
+    @property
+    def public_key(self) -> AppliancePublicKey:
+        """The pinned appliance key; ValueError if none is pinned or it is malformed."""
+        if not self.appliance_key:
+            raise ValueError(NO_KEY)
+        return AppliancePublicKey.parse(self.appliance_key)

@@ -6,6 +6,7 @@ import argparse
 import getpass
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -35,6 +36,7 @@ from messages.commands import (
 )
 from messages.common import MigrationState, MigrationType, VerifyMode
 from messages.events import ErrorResponse, MigrationStatus, SourceCloneResponse
+from messages.keys import AppliancePublicKey, CannotOpen
 
 FINISHED = {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELLED}
 
@@ -57,23 +59,32 @@ def _network_map(pairs: Sequence[str]) -> tuple[NetworkMapping, ...]:
     return tuple(mappings)
 
 
-def _credentials(args: argparse.Namespace) -> GuestCredentials | None:
+def _guest_password(args: argparse.Namespace) -> str:
+    if args.guest_password_file is not None:
+        lines = Path(args.guest_password_file).read_text().splitlines()
+        return lines[0] if lines else ""
+    return os.environ.get("FERRY_GUEST_PASSWORD") or getpass.getpass("guest password: ")
+
+
+def _credentials(args: argparse.Namespace, key: AppliancePublicKey) -> GuestCredentials | None:
+    """Sealed to the appliance's key here: nothing on the way can read them."""
     if args.guest_user is None:
         return None
-    password = os.environ.get("FERRY_GUEST_PASSWORD") or getpass.getpass(
-        f"password for {args.guest_user}: "
-    )
-    return GuestCredentials.model_validate({"username": args.guest_user, "password": password})
+    try:
+        sealed = key.seal_login(args.guest_user, _guest_password(args))
+    except CannotOpen:
+        raise ValueError("--guest-user and the guest password must both be non-empty") from None
+    return GuestCredentials(sealed=sealed)
 
 
-def clone_request(args: argparse.Namespace) -> SourceCloneRequest:
+def clone_request(args: argparse.Namespace, key: AppliancePublicKey) -> SourceCloneRequest:
     vms = _vm_refs(args)
     return SourceCloneRequest(
         body=SourceCloneRequestBody(
             request_id=args.request_id,
             vms=vms,
             migration_type=MigrationType(args.type),
-            guest_credentials=_credentials(args),
+            guest_credentials=_credentials(args, key),
             network_map=_network_map(args.network_map),
             application_dependency=(
                 (tuple(VmRef(vm_id=v.vm_id, name=v.name) for v in vms),) if args.together else ()
@@ -151,7 +162,7 @@ async def follow(client: FerryClient, correlation_id: str, board: ProgressBoard)
 
 
 async def cmd_migrate(client: FerryClient, args: argparse.Namespace) -> int:
-    request = clone_request(args)
+    request = clone_request(args, client.appliance_key)
     await client.send(request)
     board = ProgressBoard(console)
     if not args.wait:
@@ -205,7 +216,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     migrate.add_argument("--type", choices=[t.value for t in MigrationType], default="cold")
     migrate.add_argument("--network-map", action="append", default=[], metavar="SRC=DST")
     migrate.add_argument("--together", action="store_true", help="one dependency group")
-    migrate.add_argument("--guest-user", help="password from FERRY_GUEST_PASSWORD or a prompt")
+    migrate.add_argument(
+        "--guest-user",
+        help="guest login for prepare; the password comes from --guest-password-file, "
+        "FERRY_GUEST_PASSWORD or a prompt; both are sealed to the appliance key",
+    )
+    migrate.add_argument("--guest-password-file", help="a file whose first line is the password")
     migrate.add_argument("--verify", choices=[v.value for v in VerifyMode], default="chunk")
     migrate.add_argument("--bandwidth-mbps", type=float)
     migrate.add_argument("--request-id", help="idempotency key (resend safely)")

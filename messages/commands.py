@@ -11,7 +11,6 @@ from messages.common import (
     MigrationType,
     Name,
     PowerState,
-    Secret,
     VerifyMode,
 )
 from messages.envelope import Envelope, WireModel
@@ -46,10 +45,18 @@ class SourceInventoryRequest(Command):
 
 
 class GuestCredentials(WireModel):
-    """Used by prepare-to-migrate inside the guest; never logged, echoed or stored."""
+    """Used by prepare-to-migrate inside the guest; never logged, echoed or stored in clear.
 
-    username: str = Field(min_length=1, max_length=255)
-    password: Secret
+    The client seals ``{"username": ..., "password": ...}`` (UTF-8 JSON) to the
+    appliance's X25519 key with a libsodium sealed box; only the appliance can open it.
+    """
+
+    sealed: str = Field(
+        min_length=64,
+        max_length=4096,
+        pattern=r"^[A-Za-z0-9+/]+={0,2}$",
+        description="base64 of crypto_box_seal(JSON {username, password}, appliance X25519 key)",
+    )
 
 
 class NetworkMapping(WireModel):

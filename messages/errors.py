@@ -2,10 +2,13 @@
 
     MessageError            a raw message is rejected before anyone acts on it
     ├── carries ErrorCode   machine-readable, also sent in ErrorResponse.code
-    └── correlation_id      read from the raw body when it can be, else None
+    ├── correlation_id      read from the raw body when it can be, else None
+    └── authenticated       whether its signature had checked out before it failed
 
-The appliance maps a MessageError to an ``ErrorResponse``; a client that gets
-one of its own back can match it by ``correlation_id``.
+The appliance maps an *authenticated* MessageError to an ``ErrorResponse``; a
+client that gets one of its own back can match it by ``correlation_id``. An
+unauthenticated one is only logged and dead-lettered: answering it would let a
+forger fail someone else's pending request.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class ErrorCode(StrEnum):
     CONFLICT = "conflict"
     INVALID_REQUEST = "invalid_request"
     PRECHECK_FAILED = "precheck_failed"
+    INVALID_CREDENTIALS = "invalid_credentials"
     NOT_IMPLEMENTED = "not_implemented"
     AMBIGUOUS_VM_NAME = "ambiguous_vm_name"  # a name that more than one VM has: use the id
     INVALID_VM = "invalid_vm"  # a VM the site cannot describe (unreadable, unfit name)
@@ -45,8 +49,16 @@ class ErrorCode(StrEnum):
 class MessageError(Exception):
     """A raw message was rejected; ``code`` says why, ``reason`` in words."""
 
-    def __init__(self, code: ErrorCode, reason: str, correlation_id: str | None = None) -> None:
+    def __init__(
+        self,
+        code: ErrorCode,
+        reason: str,
+        correlation_id: str | None = None,
+        *,
+        authenticated: bool = False,
+    ) -> None:
         self.code = code
         self.reason = reason
         self.correlation_id = correlation_id
+        self.authenticated = authenticated
         super().__init__(f"{code.value}: {reason}")

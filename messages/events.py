@@ -22,6 +22,12 @@ from messages.errors import ErrorCode
 class Event(Envelope):
     KIND: ClassVar[str] = "event"
 
+    signature: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{128}$",
+        description="Ed25519 (lowercase hex) by the appliance's key over the JCS of the rest",
+    )
+
 
 class ReadyStatus(StrEnum):
     READY = "Ready"
@@ -54,6 +60,11 @@ class HeartbeatBody(WireModel):
         default_factory=dict, description="Migrations by state; empty while state is unreachable"
     )
     commands_in_flight: StrictInt = Field(default=0, ge=0)
+    appliance_key: str = Field(
+        pattern=r"^[0-9a-f]{64}:[0-9a-f]{64}$",
+        description="The appliance's public key, '<ed25519 hex>:<x25519 hex>': events are "
+        "signed with the first, guest credentials are sealed to the second",
+    )
 
 
 class Heartbeat(Event):

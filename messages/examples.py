@@ -1,14 +1,17 @@
 """One example of every message, for the protocol document and the tests.
 
-python -m messages.examples    print them as Markdown (signed with the token "example-token")
+python -m messages.examples            print them as Markdown: commands signed with the
+                                       token "example-token", events with the example key
+python -m messages.examples --vectors  print the RFC 8785 (JCS) test vectors
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import sys
 from datetime import UTC, datetime
-
-from pydantic import SecretStr
 
 from messages.codec import MESSAGE_TYPES, sign
 from messages.commands import (
@@ -53,7 +56,7 @@ from messages.common import (
     ToolsStatus,
     VmSummary,
 )
-from messages.envelope import Envelope
+from messages.envelope import Envelope, canonical_json
 from messages.errors import ErrorCode
 from messages.events import (
     CommandResponse,
@@ -73,8 +76,19 @@ from messages.events import (
     StatusResponse,
     StatusResponseBody,
 )
+from messages.keys import ApplianceKeyPair
 
 EXAMPLE_TOKEN = "example-token"
+EXAMPLE_SIGNING_SEED = hashlib.sha256(b"ferry example ed25519 seed").digest()
+EXAMPLE_SEALING_SECRET = hashlib.sha256(b"ferry example x25519 secret").digest()
+EXAMPLE_KEYS = ApplianceKeyPair(EXAMPLE_SIGNING_SEED, EXAMPLE_SEALING_SECRET)
+"""The example appliance's key pair: its private halves are public knowledge, never use it."""
+EXAMPLE_LOGIN = ("admin", "s3cret")
+EXAMPLE_SEALED = (
+    "wtzXCvTTWAe8+IOthMVyjZCvuFJg27QpaRRGnJseqG3t8WHnANApAa0+0y9AWcoDS8TF4RWbilRKCAa6ESuGk71YSHNv"
+    "D/5xfFY6MLULWCITF7FA+C1TnvEIGA=="
+)
+"""EXAMPLE_LOGIN sealed to EXAMPLE_KEYS (a sealed box is randomised, so it is fixed here)."""
 AT = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
 SELECT = MigrationSelector(migration_ids=("mig-5b1e0c2a",))
 
@@ -117,7 +131,7 @@ def _bodies() -> list[Envelope]:
         request_id="req-42",
         vms=(CloneVm(name="lnx-web-01"), CloneVm(vm_id="vm-0002")),
         migration_type=MigrationType.COLD,
-        guest_credentials=GuestCredentials(username="admin", password=SecretStr("s3cret")),
+        guest_credentials=GuestCredentials(sealed=EXAMPLE_SEALED),
         target=TargetResources(site="cloud", resource_pool="migrated"),
         network_map=(NetworkMapping(source="prod-app", target="cloud-app"),),
         application_dependency=((VmRef(name="lnx-web-01"), VmRef(vm_id="vm-0002")),),
@@ -131,6 +145,7 @@ def _bodies() -> list[Envelope]:
         version="0.1.0",
         components=(ComponentStatus(name="state_store", state=ComponentState.OK, last_ok_at=AT),),
         migration_counts={"running": 1, "completed": 3},
+        appliance_key=EXAMPLE_KEYS.public.text,
     )
     return [
         SourceInventoryRequest(
@@ -176,7 +191,8 @@ def _bodies() -> list[Envelope]:
 
 
 def examples() -> list[Envelope]:
-    """Every message type once, with fixed ids and times, signed with EXAMPLE_TOKEN."""
+    """Every message type once, with fixed ids and times, signed: commands with
+    EXAMPLE_TOKEN, events with EXAMPLE_KEYS (Ed25519 signatures are deterministic)."""
     out = []
     for index, message in enumerate(_bodies()):
         fixed = message.model_copy(
@@ -187,9 +203,44 @@ def examples() -> list[Envelope]:
                 "appliance_id": "ferry-1" if message.KIND == "event" else None,
             }
         )
-        out.append(sign(fixed, EXAMPLE_TOKEN))
+        out.append(sign(fixed, EXAMPLE_KEYS if message.KIND == "event" else EXAMPLE_TOKEN))
     assert {m.message_type for m in out} == set(MESSAGE_TYPES), "an example is missing"
     return out
+
+
+JCS_VECTORS = (
+    r'{"b": 2, "a": 1, "c": {"z": [3, {"y": null, "x": true}], "w": false}}',
+    r'{"numbers": [1.0, 1e2, 0.1, 1e-7, 1e21, 1.2345678901234568e20, -0.0, 3.14159, 5e-324]}',
+    r'{"big": 9007199254740991, "negative": -9007199254740991, "zero": 0}',
+    r'{"name": "caf\u00e9 \u2615 \ud834\udd1e", "\u20ac": "\u20ac", '
+    r'"\ud83d\ude00": "emoji key", "\ufb01": "ligature key"}',
+    r'{"s": "line\nbreak \"quoted\" \\ tab\t \u0001 \u001f /"}',
+)
+"""Inputs whose canonical form a client in another language checks itself against."""
+
+JCS_REJECTED = ('{"too_big": 9007199254740993}',)
+"""Inputs with no canonical form: integers beyond 2**53 - 1 (send those as strings)."""
+
+
+def vectors() -> list[dict[str, str]]:
+    """Each JCS vector: its input, canonical text, HMAC with EXAMPLE_TOKEN, Ed25519 with
+    EXAMPLE_KEYS (hex)."""
+    out = []
+    for text in JCS_VECTORS:
+        canonical = canonical_json(json.loads(text))
+        out.append(
+            {
+                "input": text,
+                "canonical": canonical.decode("utf-8"),
+                "hmac_sha256": hmac.new(EXAMPLE_TOKEN.encode(), canonical, "sha256").hexdigest(),
+                "ed25519": EXAMPLE_KEYS.sign(canonical).hex(),
+            }
+        )
+    return out
+
+
+def vectors_markdown() -> str:
+    return "```json\n" + json.dumps(vectors(), indent=2, ensure_ascii=False) + "\n```\n"
 
 
 def markdown() -> str:
@@ -201,4 +252,4 @@ def markdown() -> str:
 
 
 if __name__ == "__main__":
-    print(markdown())
+    print(vectors_markdown() if sys.argv[1:] == ["--vectors"] else markdown())

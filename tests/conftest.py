@@ -9,9 +9,21 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, settings
 
 from appliance.embedded import RedisServer
 from appliance.state.keys import Keys
+
+# Property tests are about correctness, not speed: on a loaded 2-core CI machine a
+# per-example deadline only measures the neighbours. Derandomized so that every run
+# of the suite tries the same examples (a failure reproduces; nothing flakes).
+settings.register_profile(
+    "ferry",
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("ferry")
 
 
 @pytest.fixture(scope="session")

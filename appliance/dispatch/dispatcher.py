@@ -11,10 +11,10 @@ Order of checks for each delivery (each failure is final for that delivery)::
            refused too)
         -> route to the handler -> publish the answer -> mark answered -> ack
 
-A message that can never be handled gets an ErrorResponse (when its
-correlation id can be read) and is dead-lettered. A command whose handler hit
-a transient failure (Redis down) is left on the queue for redelivery; its
-record says "received", so the redelivery handles it.
+A message that can never be handled is dead-lettered; it gets an ErrorResponse
+only when its signature checked out and its correlation id can be read. A
+command whose handler hit a transient failure (Redis down) is left on the queue
+for redelivery; its record says "received", so the redelivery handles it.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Dispatcher:
             document = self._decoder.document(delivery.body)
             message = self._decoder.validate(document)
         except MessageError as error:
-            return await self._reject(error)
+            return await self._reject(error, authenticated=error.authenticated)
         assert isinstance(message, Command)
         structlog.contextvars.bind_contextvars(
             message_id=message.message_id,
@@ -93,7 +93,7 @@ class Dispatcher:
         try:
             return await self._claimed(message, body_digest(document))
         except MessageError as error:
-            return await self._reject(error)
+            return await self._reject(error, authenticated=True)
         except TransientError as error:
             log.warning("command left for redelivery", reason=str(error))
             return Verdict.RETRY
@@ -201,10 +201,20 @@ class Dispatcher:
         except FerryError as error:  # pragma: no cover - every FerryError is one of the two
             raise AssertionError(f"unclassified error {type(error).__name__}") from error
 
-    async def _reject(self, error: MessageError) -> Verdict:
-        """Answer a message that can never be handled, then dead-letter it."""
-        log.warning("message rejected", code=error.code.value, reason=error.reason)
-        if error.correlation_id is not None:
+    async def _reject(self, error: MessageError, *, authenticated: bool) -> Verdict:
+        """Answer a message that can never be handled, then dead-letter it.
+
+        Only an authenticated one is answered: a signed ErrorResponse carrying the
+        correlation id of a message anyone could have written would let a forger fail
+        another client's pending request. The rest are logged and dead-lettered."""
+        log.warning(
+            "message rejected",
+            code=error.code.value,
+            reason=error.reason,
+            authenticated=authenticated,
+            correlation_id=error.correlation_id,
+        )
+        if authenticated and error.correlation_id is not None:
             await self._sink.publish(
                 error_response(self._appliance_id, error.code, error.reason, error.correlation_id)
             )

@@ -10,7 +10,6 @@ that name VMs outside the request all reject the whole request.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,6 +62,8 @@ class CloneRequests:
         existing = await self._deps.migrations.request(request_id)
         if existing is None:
             _check_supported(body)
+            if body.guest_credentials is not None:  # refuse now what prepare could not use
+                self._deps.sealer.check(body.guest_credentials.sealed)
             groups = await self._plan(request_id, body)
             await self._lock([vm for group in groups for vm in group.vms], request_id)
             await self._create(request_id, command, groups)
@@ -149,13 +150,12 @@ class CloneRequests:
             )
 
     async def _seal_credentials(self, command: SourceCloneRequest, migration_id: str) -> None:
+        """Keep the client's sealed box as it came: Redis holds ciphertext only, which only
+        this appliance's key opens (at prepare)."""
         credentials = command.body.guest_credentials
         if credentials is None:
             return
-        secret = json.dumps(
-            {"username": credentials.username, "password": credentials.password.get_secret_value()}
-        ).encode()
-        sealed = self._deps.sealer.seal(secret, migration_id)
+        sealed = credentials.sealed
         key = self._deps.store.keys.secret(migration_id)
         await self._deps.store.run(lambda r: r.set(key, sealed, ex=7 * 24 * 3600, nx=True))
 

@@ -4,7 +4,6 @@ after a crash it is run again from the top and finds what it already did.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 from appliance.errors import CertificationFailed, PrecheckFailed
@@ -73,9 +72,8 @@ async def prepare(deps: Deps, journal: Journal, record: MigrationRecord) -> Migr
     if failed:
         raise PrecheckFailed(vm.name, failed)
     if sealed is not None and needs_credentials(vm) and not record.guest_prepared:
-        credentials = json.loads(deps.sealer.open(text(sealed), record.migration_id))
-        await onprem.prepare_guest(vm.vm_id, credentials["username"], credentials["password"])
-        del credentials  # used and dropped
+        with deps.sealer.opened(text(sealed)) as login:  # used and dropped
+            await onprem.prepare_guest(vm.vm_id, login.username, login.password)
         record = await journal.update(record, guest_prepared=True)
     await deps.store.run(lambda r: r.delete(secret_key))
     return record

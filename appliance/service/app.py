@@ -17,13 +17,15 @@ import os
 from contextlib import AsyncExitStack
 from datetime import timedelta
 
+from appliance import logs
 from appliance.bus import SqsBus
 from appliance.clock import Clock, SystemClock
 from appliance.datapath.nbd.server import NbdServer
 from appliance.dispatch.dispatcher import CommandHandler, Dispatcher
 from appliance.embedded import MotoServer, RedisServer
-from appliance.errors import StateLost, StateStoreUnavailable
+from appliance.errors import NotConfigured, StateLost, StateStoreUnavailable
 from appliance.health import HealthBoard
+from appliance.keys import load_or_create
 from appliance.logs import get_logger
 from appliance.orchestrator.scheduler import Scheduler
 from appliance.service.heartbeat import HeartbeatPublisher
@@ -46,6 +48,16 @@ log = get_logger(__name__)
 GENERATION_FILE = "state-generation"
 
 
+def bus_token(settings: Settings) -> str:
+    """The bus token, or NotConfigured: commands are never accepted unverified."""
+    token = settings.bus_token.get_secret_value() if settings.bus_token is not None else ""
+    if not token:
+        raise NotConfigured(
+            "FERRY_BUS_TOKEN", "not set; the appliance verifies every command with it"
+        )
+    return token
+
+
 class Appliance:
     def __init__(
         self, settings: Settings, clock: Clock | None = None, wan: WanLink | None = None
@@ -62,10 +74,15 @@ class Appliance:
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
+        token = bus_token(settings)
+        logs.register_secret(token)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        keys = await asyncio.to_thread(load_or_create, settings.data_dir)
         async with AsyncExitStack() as stack:
             sqs_endpoint, store = await self._outside_systems(stack)
-            bus = await stack.enter_async_context(SqsBus(settings, sqs_endpoint, self.health))
+            bus = await stack.enter_async_context(
+                SqsBus(settings, sqs_endpoint, self.health, keys=keys)
+            )
             sites = await open_sites(settings.data_dir)
             for site in sites.values():
                 stack.push_async_callback(site.close)
@@ -78,6 +95,7 @@ class Appliance:
                 sites,
                 CloudDataPlane(nbd, sites["cloud"], self.wan),
                 self.clock,
+                keys,
             )
             scheduler = Scheduler(deps)
             handlers = build_handlers(settings, deps, scheduler, self.health, sites["onprem"])
@@ -89,10 +107,11 @@ class Appliance:
                 clock=self.clock,
                 counts=deps.migrations.counts,
                 in_flight=lambda: dispatcher.in_flight,
+                appliance_key=keys.public.text,
             )
-            self._write_runtime(sqs_endpoint, bus, embedded_redis=settings.redis_url is None)
+            self._write_runtime(sqs_endpoint, bus, keys.public.text)
             stack.callback(clear_runtime, settings.data_dir, os.getpid())
-            log.info("appliance started", appliance_id=settings.appliance_id)
+            log.info("appliance started", appliance_id=settings.appliance_id, key=keys.public.text)
             self.started.set()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(heartbeat.run(settings.heartbeat_interval_s, stop))
@@ -165,7 +184,7 @@ class Appliance:
             max_skew=timedelta(seconds=settings.max_clock_skew_s),
         )
 
-    def _write_runtime(self, sqs_endpoint: str, bus: SqsBus, *, embedded_redis: bool) -> None:
+    def _write_runtime(self, sqs_endpoint: str, bus: SqsBus, appliance_key: str) -> None:
         write_runtime(
             self.settings.data_dir,
             RuntimeInfo(
@@ -177,6 +196,7 @@ class Appliance:
                 command_queue_url=bus.urls.commands,
                 response_queue_url=bus.urls.responses,
                 dead_letter_queue_url=bus.urls.dead_letters,
-                redis_embedded=embedded_redis,
+                redis_embedded=self.settings.redis_url is None,
+                appliance_key=appliance_key,
             ),
         )

@@ -35,6 +35,7 @@ class HeartbeatPublisher:
         clock: Clock,
         counts: Counts,
         in_flight: Callable[[], int],
+        appliance_key: str,
     ) -> None:
         self._appliance_id = appliance_id
         self._health = health
@@ -42,6 +43,7 @@ class HeartbeatPublisher:
         self._clock = clock
         self._counts = counts
         self._in_flight = in_flight
+        self._appliance_key = appliance_key
         self._started = clock.monotonic()
         self._sequence = 0
 
@@ -62,6 +64,7 @@ class HeartbeatPublisher:
             components=self._health.statuses(),
             migration_counts=counts,
             commands_in_flight=self._in_flight(),
+            appliance_key=self._appliance_key,
         )
         self._sequence += 1
         return Heartbeat(appliance_id=self._appliance_id, body=body)

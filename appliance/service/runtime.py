@@ -1,4 +1,8 @@
-"""runtime.json: where a running appliance can be reached (never any secret)."""
+"""runtime.json: where a running appliance can be reached, and its public key (never a secret).
+
+A ``ferry --runtime`` on the same machine pins ``appliance_key`` from here: the
+file is the appliance's own, in its data directory.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ class RuntimeInfo:
     response_queue_url: str
     dead_letter_queue_url: str
     redis_embedded: bool
+    appliance_key: str
 
 
 def write_runtime(data_dir: Path, info: RuntimeInfo) -> Path:

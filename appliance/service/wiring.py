@@ -39,6 +39,7 @@ from appliance.state.store import StateStore
 from messages.commands import CancelRequest, Command, SourceCloneRequest, SourceInventoryRequest
 from messages.errors import ErrorCode
 from messages.events import Event, InventorySkip, SourceInventoryResponse
+from messages.keys import ApplianceKeyPair
 
 WanLink = Callable[[NbdAddress], Awaitable[NbdAddress]]
 """Maps the cloud NBD server's address to the one the data path dials (a tunnel, a proxy)."""
@@ -82,6 +83,7 @@ def build_deps(
     sites: dict[str, LabSite],
     cloud: CloudDataPlane,
     clock: Clock,
+    keys: ApplianceKeyPair,
 ) -> Deps:
     config = OrchestratorConfig(
         appliance_id=settings.appliance_id,
@@ -110,7 +112,7 @@ def build_deps(
         sites=dict(sites),
         cloud=cloud,
         checkpoints=checkpoints,
-        sealer=Sealer(settings.token_bytes),
+        sealer=Sealer(keys),
         clock=clock,
         buffers=BufferBudget(settings.transfer_buffers, MAX_DATA_RUN),
     )

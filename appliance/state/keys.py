@@ -12,7 +12,7 @@ random one)::
     {p}:group:{id}                  hash    a dependency group: members, request, admission order
     {p}:groups:active               zset    groups not yet finished, scored by admission order
     {p}:admission                   string  counter handing out admission order
-    {p}:secret:{migration_id}       string  sealed guest credentials (AES-GCM), until prepare ends
+    {p}:secret:{migration_id}       string  guest credentials, sealed by the client, until prepare
     {p}:vm-lock:{site}:{vm_id}      string  migration id holding the VM (one migration per VM)
     {p}:lease:{id}                  hash    owner and fencing token of a migration's driver
     {p}:fence:{id}                  string  last fencing token handed out for a resource

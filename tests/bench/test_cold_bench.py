@@ -37,7 +37,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 
 from appliance.embedded import RedisServer
 from appliance.orchestrator.record import load
@@ -51,7 +50,6 @@ from clients.client import FerryClient
 from clients.config import ClientSettings
 from messages.commands import (
     CloneVm,
-    GuestCredentials,
     NetworkMapping,
     SourceCloneRequest,
     SourceCloneRequestBody,
@@ -156,13 +154,13 @@ async def _stop(process: subprocess.Popen[bytes]) -> None:
 # --- driving a migration ------------------------------------------------------------------
 
 
-def _request(vms: Sequence[VmConfig]) -> SourceCloneRequest:
+def _request(client: FerryClient, vms: Sequence[VmConfig]) -> SourceCloneRequest:
     return SourceCloneRequest(
         body=SourceCloneRequestBody(
             request_id=f"bench-{uuid.uuid4().hex[:8]}",
             vms=tuple(CloneVm(vm_id=vm.vm_id) for vm in vms),
             migration_type=MigrationType.COLD,
-            guest_credentials=GuestCredentials(username="bench", password=SecretStr("b3nch-pw")),
+            guest_credentials=client.seal_credentials("bench", "b3nch-pw"),
             network_map=(NetworkMapping(source="prod-app", target="cloud-app"),),
         )
     )
@@ -320,7 +318,7 @@ async def _scenario(
     try:
         settings = ClientSettings.load(data_dir / "runtime.json", bus_token=TOKEN)
         async with FerryClient(settings) as client:
-            request = _request(vms)
+            request = _request(client, vms)
             sent_at, started = time.time(), time.perf_counter()
             latest, seen_final = await _migrate(client, request, within_s=1500)
             outcome.wall_s = time.perf_counter() - started

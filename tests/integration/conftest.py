@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance.embedded import RedisServer
+from appliance.keys import load_or_create
 from appliance.service.app import Appliance
 from appliance.service.wiring import WanLink
 from appliance.settings import Settings
@@ -92,12 +93,19 @@ class Harness:
         env["FERRY_REDIS_URL"] = self.redis_url
         return env
 
+    @property
+    def appliance_key(self) -> str:
+        """The public key of this test's appliance: its key pair is made here, before the
+        appliance starts (it uses the one it finds in its data dir), so clients can pin it."""
+        return load_or_create(self.data_dir).public.text
+
     def client_settings(self) -> ClientSettings:
         return ClientSettings(
             sqs_endpoint=self.endpoint,
             command_queue=f"cmd-{self.suffix}",
             response_queue=f"rsp-{self.suffix}",
             bus_token=TOKEN,  # type: ignore[arg-type]
+            appliance_key=self.appliance_key,
             receive_wait_s=1,
         )
 

@@ -13,13 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import SecretStr
-
 from clients.client import FerryClient
 from messages.commands import (
     CloneOptions,
     CloneVm,
-    GuestCredentials,
     NetworkMapping,
     SourceCloneRequest,
     SourceCloneRequestBody,
@@ -34,6 +31,7 @@ FINAL = {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELL
 
 
 def clone_request(
+    client: FerryClient,
     vm_ids: Sequence[str],
     *,
     groups: Sequence[Sequence[str]] = (),
@@ -45,7 +43,7 @@ def clone_request(
             request_id=request_id,
             vms=tuple(CloneVm(vm_id=vm_id) for vm_id in vm_ids),
             migration_type=MigrationType.COLD,
-            guest_credentials=GuestCredentials(username="tester", password=SecretStr("pw-123")),
+            guest_credentials=client.seal_credentials("tester", "pw-123"),
             network_map=tuple(NetworkMapping(source=s, target=t) for s, t in NETWORK_MAP.items()),
             application_dependency=tuple(tuple(VmRef(vm_id=i) for i in g) for g in groups),
             options=CloneOptions(bandwidth_cap_mbps=bandwidth_mbps),

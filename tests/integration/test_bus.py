@@ -24,7 +24,7 @@ from appliance.state.events import EventLog
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
 from clients.client import FerryClient, FerryError
-from messages.codec import encode
+from messages.codec import encode, signature_of
 from messages.commands import (
     InventoryFilter,
     SourceInventoryRequest,
@@ -103,28 +103,23 @@ async def test_the_same_command_delivered_five_times_has_one_effect(
 
 
 def _bad_bodies(count: int) -> list[tuple[str, str | None, ErrorCode | None]]:
-    """(body, correlation id if readable, expected code) for a mix of bad input."""
+    """(body, correlation id if readable, expected code or None for "never answered") for a
+    mix of bad input. Only what is signed with the bus token gets an answer."""
     bodies: list[tuple[str, str | None, ErrorCode | None]] = []
     for n in range(count):
         cid = f"bad-{n}-{uuid.uuid4().hex[:6]}"
-        kind = n % 8
+        kind = n % 10
         good = json.loads(encode(SourceInventoryRequest(correlation_id=cid), TOKEN))
         if kind == 0:
             bodies.append((f"garbage {n} {{", None, None))
         elif kind == 1:
-            bodies.append(
-                (
-                    json.dumps({"message_type": "Nope", "correlation_id": cid}),
-                    cid,
-                    ErrorCode.UNKNOWN_MESSAGE_TYPE,
-                )
-            )
+            bodies.append((json.dumps({"message_type": "Nope", "correlation_id": cid}), cid, None))
         elif kind == 2:
             del good["signature"]
-            bodies.append((json.dumps(good), cid, ErrorCode.MISSING_SIGNATURE))
+            bodies.append((json.dumps(good), cid, None))
         elif kind == 3:
             good["body"]["page_size"] = 5
-            bodies.append((json.dumps(good), cid, ErrorCode.BAD_SIGNATURE))
+            bodies.append((json.dumps(good), cid, None))  # tampered: bad signature
         elif kind == 4:
             stale = SourceInventoryRequest(
                 correlation_id=cid, sent_at=utcnow() - timedelta(hours=1)
@@ -132,36 +127,46 @@ def _bad_bodies(count: int) -> list[tuple[str, str | None, ErrorCode | None]]:
             bodies.append((encode(stale, TOKEN), cid, ErrorCode.STALE_MESSAGE))
         elif kind == 5:
             good["body"]["page_size"] = -1
-            bodies.append(
-                (json.dumps({**good, "signature": None}), cid, ErrorCode.MISSING_SIGNATURE)
-            )
+            good["signature"] = signature_of(good, TOKEN)
+            bodies.append((json.dumps(good), cid, ErrorCode.SCHEMA_VIOLATION))
         elif kind == 6:
             good["padding"] = "x" * 20_000
-            bodies.append((json.dumps(good), cid, ErrorCode.TOO_LARGE))
+            bodies.append((json.dumps(good), cid, None))  # too large
+        elif kind == 7:
+            good["message_type"] = "Nope"
+            good["signature"] = signature_of(good, TOKEN)
+            bodies.append((json.dumps(good), cid, ErrorCode.UNKNOWN_MESSAGE_TYPE))
+        elif kind == 8:
+            deep = '{"correlation_id": "' + cid + '", "body": ' + "[" * 980 + "]" * 980 + "}"
+            bodies.append((deep, cid, None))
         else:
             bodies.append(("[]", None, None))
     return bodies
 
 
-async def test_two_hundred_malformed_bodies_are_answered_dead_lettered_and_survived(
+async def test_two_hundred_malformed_bodies_are_dead_lettered_answered_only_if_signed(
     harness: Harness, start_appliance: StartAppliance
 ) -> None:
     running = await start_appliance(harness.settings(max_message_bytes=16 * 1024, max_in_flight=32))
     bodies = _bad_bodies(200)
     async with FerryClient(harness.client_settings()) as client:
+        silent = [cid for _, cid, code in bodies if cid is not None and code is None]
+        for cid in silent:
+            client.expect(cid)
         await asyncio.gather(*(client.send_raw(body) for body, _, _ in bodies))
-        expected = {cid: code for _, cid, code in bodies if cid is not None}
+        expected = {cid: code for _, cid, code in bodies if cid is not None and code is not None}
         answers = await _collect(client, list(expected), within_s=20)
         for cid, code in expected.items():
             got = answers[cid]
             assert len(got) == 1, f"{cid}: {len(got)} answers"
             assert isinstance(got[0], ErrorResponse)
             assert got[0].body.code is code
-        # Still serving.
+        dead = await _drain_queue(harness, running.settings.dead_letter_queue, expect=200)
+        assert sorted(dead) == sorted(body for body, _, _ in bodies)
+        # Still serving; and by the time this round trip is done, nothing answered the rest.
         vms = await client.inventory()
         assert vms == []
-    dead = await _drain_queue(harness, running.settings.dead_letter_queue, expect=200)
-    assert sorted(dead) == sorted(body for body, _, _ in bodies)
+        assert all(client._waiters[cid].empty() for cid in silent)
 
 
 async def _drain_queue(

@@ -62,7 +62,7 @@ async def test_a_three_disk_vm_arrives_byte_identical(
     await build_lab(harness.data_dir, [vm])
     running = await start_appliance(harness.settings())
     async with FerryClient(harness.client_settings()) as client:
-        follower = await start_migration(client, clone_request([vm.vm_id]))
+        follower = await start_migration(client, clone_request(client, [vm.vm_id]))
         (status,) = (await follower.finished(1)).values()
     await running.shutdown()
 
@@ -119,7 +119,7 @@ async def test_a_dependent_group_fails_together_and_leaves_the_source_as_it_was(
     await build_lab(harness.data_dir, [good, bad])
     running = await start_appliance(harness.settings())
     async with FerryClient(harness.client_settings()) as client:
-        request = clone_request([good.vm_id, bad.vm_id], groups=[[good.vm_id, bad.vm_id]])
+        request = clone_request(client, [good.vm_id, bad.vm_id], groups=[[good.vm_id, bad.vm_id]])
         follower = await start_migration(client, request)
         final = await follower.finished(2)
         by_vm = {s.vm_id: s for s in final.values()}
@@ -130,7 +130,7 @@ async def test_a_dependent_group_fails_together_and_leaves_the_source_as_it_was(
         assert by_vm[good.vm_id].error is not None
         assert by_vm[good.vm_id].error.code == "dependency_failed"
         # The VMs are free again: the good one alone migrates now.
-        again = await start_migration(client, clone_request([good.vm_id]))
+        again = await start_migration(client, clone_request(client, [good.vm_id]))
         (status,) = (await again.finished(1)).values()
         assert status.state is MigrationState.COMPLETED
     await running.shutdown()
@@ -145,7 +145,7 @@ async def test_a_dependent_group_cuts_over_together(
     await start_appliance(harness.settings())
     ids = [vm.vm_id for vm in vms]
     async with FerryClient(harness.client_settings()) as client:
-        follower = await start_migration(client, clone_request(ids, groups=[ids]))
+        follower = await start_migration(client, clone_request(client, ids, groups=[ids]))
         final = await follower.finished(2)
     assert {s.state for s in final.values()} == {MigrationState.COMPLETED}
     assert len({s.group_id for s in final.values()}) == 1
@@ -169,11 +169,11 @@ async def test_ten_requests_with_a_limit_of_eight_queue_in_order(
     async with FerryClient(harness.client_settings()) as client:
         followers = []
         for vm in vms:  # one request each, in this order
-            request = clone_request([vm.vm_id], bandwidth_mbps=12)
+            request = clone_request(client, [vm.vm_id], bandwidth_mbps=12)
             followers.append(await start_migration(client, request))
         # A second migration of a VM already in flight is refused with a clear code.
         try:
-            await client.request(clone_request([vms[0].vm_id]))
+            await client.request(clone_request(client, [vms[0].vm_id]))
         except FerryError as error:
             assert error.code.value == "conflict" and vms[0].vm_id in str(error)
         else:  # pragma: no cover
@@ -209,7 +209,9 @@ async def test_cancel_mid_transfer_restores_the_source_and_removes_cloud_artefac
     await build_lab(harness.data_dir, [vm])
     running = await start_appliance(harness.settings(progress_interval_s=0.5))
     async with FerryClient(harness.client_settings()) as client:
-        follower = await start_migration(client, clone_request([vm.vm_id], bandwidth_mbps=40))
+        follower = await start_migration(
+            client, clone_request(client, [vm.vm_id], bandwidth_mbps=40)
+        )
         await follower.until(
             lambda latest: any(
                 s.phase is Phase.TRANSFER and s.bytes_done > 0 for s in latest.values()
@@ -273,7 +275,7 @@ async def _migrate_over(
     running = await start_appliance(harness.settings(), wan=wan)
     try:
         async with FerryClient(harness.client_settings()) as client:
-            follower = await start_migration(client, clone_request([vm.vm_id]))
+            follower = await start_migration(client, clone_request(client, [vm.vm_id]))
             (status,) = (await follower.finished(1)).values()
     finally:
         await running.shutdown()
@@ -320,7 +322,7 @@ async def test_sigkill_at_five_phases_resumes_each_time_and_runs_nothing_twice(
     kills = []
     try:
         async with FerryClient(harness.client_settings()) as client:
-            request = clone_request([vm.vm_id], bandwidth_mbps=60)
+            request = clone_request(client, [vm.vm_id], bandwidth_mbps=60)
             follower = await start_migration(client, request)
             for phase in (Phase.PREPARE, Phase.SNAPSHOT, Phase.TRANSFER, Phase.CREATE_TARGET,
                           Phase.FINALIZE):  # fmt: skip
@@ -372,7 +374,7 @@ async def test_two_appliances_one_killed_the_other_takes_over(
     store = StateStore(connect(harness.redis_url), Keys(harness.prefix))
     try:
         async with FerryClient(harness.client_settings()) as client:
-            request = clone_request([vm.vm_id for vm in vms], bandwidth_mbps=40)
+            request = clone_request(client, [vm.vm_id for vm in vms], bandwidth_mbps=40)
             follower = await start_migration(client, request)
             await follower.until(
                 lambda latest: (

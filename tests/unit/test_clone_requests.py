@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from pydantic import SecretStr
 
 from appliance.clock import FakeClock
 from appliance.datapath.buffers import BufferBudget
@@ -20,7 +19,7 @@ from appliance.datapath.checkpoint import CheckpointStore
 from appliance.datapath.chunks import MAX_DATA_RUN
 from appliance.datapath.nbd.channel import NbdAddress
 from appliance.embedded import RedisServer
-from appliance.errors import CommandRejected, Conflict, SealBroken, UnknownVm
+from appliance.errors import CommandRejected, Conflict, InvalidCredentials, UnknownVm
 from appliance.orchestrator import steps
 from appliance.orchestrator.context import Deps, OrchestratorConfig
 from appliance.orchestrator.journal import Journal
@@ -52,9 +51,11 @@ from messages.commands import (
 from messages.common import BulkTransferMode, MigrationState, MigrationType, Phase
 from messages.errors import ErrorCode
 from messages.events import SourceCloneResponse
+from messages.keys import ApplianceKeyPair
 from tests.support.lab import MIB, build_lab, lab_vm
 
-TOKEN = b"clone-requests-token"
+KEYS = ApplianceKeyPair.generate()
+USERNAME = "admin-never-stored-or-echoed"
 PASSWORD = "Hunter2-never-stored-in-clear"
 VMS = [lab_vm(n, disks=2 if n == 1 else 1, disk_size=4 * MIB) for n in range(1, 5)]
 
@@ -115,7 +116,7 @@ async def env(
         sites=dict(sites),
         cloud=NoCloud(),
         checkpoints=checkpoints,
-        sealer=Sealer(TOKEN),
+        sealer=Sealer(KEYS),
         clock=clock,
         buffers=BufferBudget(4, MAX_DATA_RUN),
     )
@@ -142,7 +143,7 @@ def clone(
         "request_id": request_id,
         "vms": tuple(CloneVm(**_ref(ref).model_dump(exclude_none=True)) for ref in refs),
         "migration_type": MigrationType.COLD,
-        "guest_credentials": GuestCredentials(username="admin", password=SecretStr(PASSWORD))
+        "guest_credentials": GuestCredentials(sealed=KEYS.public.seal_login(USERNAME, PASSWORD))
         if credentials
         else None,
         "network_map": (NetworkMapping(source="prod-app", target="cloud-app"),),
@@ -386,23 +387,55 @@ async def dump_everything(env: Env) -> dict[str, bytes]:
 
 
 async def test_guest_credentials_are_sealed_never_stored_in_clear(env: Env) -> None:
-    answers = await env.clones.handle(clone(["vm-0001", "vm-0002"]))
+    command = clone(["vm-0001", "vm-0002"])
+    answers = await env.clones.handle(command)
 
     stored = await dump_everything(env)
     assert stored  # the scan saw the request's keys
     for key, content in stored.items():
         assert PASSWORD.encode() not in content, key
+        assert USERNAME.encode() not in content, key
     for answer in [*answers, *env.sink.events]:
         assert PASSWORD not in answer.model_dump_json(context={"wire": True})
-    # Sealed per migration, bound to it: it opens for its own migration only.
-    one, two = (a.body.migration_id for a in answers)
-    sealed = await env.redis.get(env.keys.secret(one))
-    assert sealed is not None
-    opened = json.loads(env.deps.sealer.open(text(sealed), one))
-    assert opened == {"username": "admin", "password": PASSWORD}
-    with pytest.raises(SealBroken):
-        env.deps.sealer.open(text(sealed), two)
-    assert await env.redis.ttl(env.keys.secret(one)) > 0  # never kept for ever
+        assert USERNAME not in answer.model_dump_json(context={"wire": True})
+    # Kept exactly as the client sealed it: ciphertext only this appliance's key opens.
+    assert command.body.guest_credentials is not None
+    for answer in answers:
+        sealed = await env.redis.get(env.keys.secret(answer.body.migration_id))
+        assert sealed is not None and text(sealed) == command.body.guest_credentials.sealed
+        with env.deps.sealer.opened(text(sealed)) as login:
+            assert (login.username, login.password) == (USERNAME, PASSWORD)
+        with pytest.raises(InvalidCredentials):
+            Sealer(ApplianceKeyPair.generate()).check(text(sealed))
+        assert await env.redis.ttl(env.keys.secret(answer.body.migration_id)) > 0
+
+
+@pytest.mark.parametrize(
+    ("sealed", "why"),
+    [
+        (ApplianceKeyPair.generate().public.seal_login(USERNAME, PASSWORD), "another key"),
+        (KEYS.public.seal(json.dumps({"username": USERNAME, "password": ""}).encode()), "empty"),
+        (KEYS.public.seal(json.dumps({"username": "", "password": PASSWORD}).encode()), "empty"),
+        (KEYS.public.seal(b"not json at all, but long enough to be a box"), "not JSON"),
+        (KEYS.public.seal(json.dumps({"user": USERNAME, "pw": PASSWORD}).encode()), "fields"),
+    ],
+)
+async def test_credentials_that_cannot_be_used_are_refused_at_request_time(
+    env: Env, sealed: str, why: str
+) -> None:
+    command = clone(["vm-0001"])
+    command = command.model_copy(
+        update={
+            "body": command.body.model_copy(
+                update={"guest_credentials": GuestCredentials(sealed=sealed)}
+            )
+        }
+    )
+    with pytest.raises(InvalidCredentials) as raised:
+        await env.clones.handle(command)
+    assert raised.value.code is ErrorCode.INVALID_CREDENTIALS, why
+    assert USERNAME not in str(raised.value) and PASSWORD not in str(raised.value)
+    assert not await env.every_key(), "nothing is made for a refused request"
 
 
 async def prepare_once(env: Env, migration_id: str) -> tuple[Journal, MigrationRecord]:
@@ -421,9 +454,11 @@ async def test_prepare_uses_the_credentials_then_drops_them(env: Env, data_dir: 
     assert prepared.checks and all(c.passed for c in prepared.checks)
     assert await env.redis.get(env.keys.secret(prepared.migration_id)) is None
     vm = await env.deps.site("onprem").get_vm("vm-0001")
-    assert ("ferry.prepared_by", "admin") in vm.annotations
+    assert ("ferry.guest_prepared", "true") in vm.annotations
     written = [path for path in data_dir.rglob("*") if path.is_file()]
-    assert written and not [p for p in written if PASSWORD.encode() in p.read_bytes()]
+    assert written
+    assert not [p for p in written if PASSWORD.encode() in p.read_bytes()]
+    assert not [p for p in written if USERNAME.encode() in p.read_bytes()]
 
 
 async def test_prepare_run_again_after_a_crash_still_passes(env: Env) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 import structlog
-from pydantic import SecretStr
 
 from appliance.clock import FakeClock
 from appliance.dispatch.delivery import Delivery, Verdict
@@ -23,7 +22,7 @@ from appliance.state.commands import CommandRecords
 from appliance.state.events import EventLog
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
-from messages.codec import Decoder, encode
+from messages.codec import Decoder, encode, signature_of
 from messages.commands import (
     CloneVm,
     Command,
@@ -36,6 +35,7 @@ from messages.commands import (
 from messages.common import MigrationType
 from messages.errors import ErrorCode
 from messages.events import CommandResponse, CommandResponseBody, ErrorResponse, Event
+from messages.keys import ApplianceKeyPair
 
 TOKEN = b"dispatch-token"
 
@@ -172,29 +172,99 @@ async def test_stale_commands_are_rejected_and_dead_lettered(
     assert sink.events[0].body.code is ErrorCode.STALE_MESSAGE
 
 
+def _signed_document(document: dict[str, object]) -> str:
+    """A body signed with the bus token as it is, whatever it holds."""
+    document = {"message_id": "m-signed", "sent_at": "2026-11-21T09:30:00Z", **document}
+    document["signature"] = signature_of(document, TOKEN)
+    return json.dumps(document)
+
+
+DEEP = '{"message_type": "SourceInventoryRequest", "correlation_id": "c-deep", "body": ' + (
+    "[" * 980 + "]" * 980 + "}"
+)
+
+
 @pytest.mark.parametrize(
     ("body", "code"),
     [
         ("not json", None),
-        ('{"message_type": "Nope", "correlation_id": "c-1"}', ErrorCode.UNKNOWN_MESSAGE_TYPE),
-        (SourceInventoryRequest(correlation_id="c-2").to_wire(), ErrorCode.MISSING_SIGNATURE),
-        (encode(SourceInventoryRequest(correlation_id="c-3"), b"wrong"), ErrorCode.BAD_SIGNATURE),
+        ('{"message_type": "Nope", "correlation_id": "c-1"}', None),
+        (SourceInventoryRequest(correlation_id="c-2").to_wire(), None),
+        (encode(SourceInventoryRequest(correlation_id="c-3"), b"wrong"), None),
+        (DEEP, None),
+        (
+            _signed_document({"message_type": "Nope", "correlation_id": "c-4"}),
+            "unknown_message_type",
+        ),
+        (
+            _signed_document(
+                {"message_type": "SourceInventoryRequest", "correlation_id": "c-5", "body": 7}
+            ),
+            "schema_violation",
+        ),
+    ],
+    ids=[
+        "not-json",
+        "unsigned-type",
+        "unsigned",
+        "bad-signature",
+        "deep",
+        "signed-type",
+        "signed-schema",
     ],
 )
-async def test_poison_messages_are_answered_when_possible_and_dead_lettered(
+async def test_poison_is_dead_lettered_and_answered_only_when_authenticated(
     dispatcher: Dispatcher,
     handler: CountingHandler,
     sink: MemorySink,
     body: str,
-    code: ErrorCode | None,
+    code: str | None,
 ) -> None:
     assert await dispatcher.handle(_delivery(body)) is Verdict.DEAD_LETTER
     assert handler.calls == []
     if code is None:
-        assert sink.events == []  # no correlation id to answer to: logged only
+        assert sink.events == []  # logged and dead-lettered, never answered
     else:
-        assert isinstance(sink.events[0], ErrorResponse)
-        assert sink.events[0].body.code is code
+        (answer,) = sink.events
+        assert isinstance(answer, ErrorResponse)
+        assert answer.body.code.value == code
+
+
+async def test_a_forger_cannot_fail_another_clients_pending_request(
+    dispatcher: Dispatcher, handler: CountingHandler, sink: MemorySink, clock: FakeClock
+) -> None:
+    """Whoever can write to the queue but has no token gets no signed ErrorResponse with a
+    correlation id they chose; the genuine request is then answered normally."""
+    pending = SourceInventoryRequest(correlation_id="victim-correlation-id")
+    forged = [
+        json.dumps({"correlation_id": pending.correlation_id, "message_type": 1}),
+        encode(SourceInventoryRequest(correlation_id=pending.correlation_id), b"guess"),
+        SourceInventoryRequest(correlation_id=pending.correlation_id).to_wire(),
+        '{"correlation_id": "victim-correlation-id", "x": ' + "[" * 100 + "]" * 100 + "}",
+    ]
+    for n, body in enumerate(forged):
+        assert await dispatcher.handle(_delivery(body, n)) is Verdict.DEAD_LETTER
+    assert sink.events == []
+    assert await dispatcher.handle(_delivery(_signed(pending, clock), 99)) is Verdict.ACK
+    (answer,) = sink.events
+    assert isinstance(answer, CommandResponse)
+    assert answer.correlation_id == pending.correlation_id
+
+
+async def test_a_signed_command_without_ids_is_refused_not_given_fresh_ones(
+    dispatcher: Dispatcher, handler: CountingHandler, sink: MemorySink
+) -> None:
+    """Defaults for message_id and sent_at would make this replayable forever."""
+    for n, missing in enumerate((("message_id",), ("sent_at",), ("message_id", "sent_at"))):
+        document = json.loads(SourceInventoryRequest(correlation_id=f"c-ids-{n}").to_wire())
+        for name in missing:
+            del document[name]
+        document["signature"] = signature_of(document, TOKEN)
+        assert await dispatcher.handle(_delivery(json.dumps(document), n)) is Verdict.DEAD_LETTER
+        assert isinstance(sink.events[-1], ErrorResponse)
+        assert sink.events[-1].body.code is ErrorCode.SCHEMA_VIOLATION
+        assert all(name in sink.events[-1].body.message for name in missing)
+    assert handler.calls == []
 
 
 async def test_a_rejected_command_gets_its_code_and_is_not_retried(
@@ -231,7 +301,9 @@ async def test_secrets_never_reach_logs_redis_or_answers(
         body=SourceCloneRequestBody(
             vms=(CloneVm(name="lnx-web-01"),),
             migration_type=MigrationType.COLD,
-            guest_credentials=GuestCredentials(username="root", password=SecretStr(secret)),
+            guest_credentials=GuestCredentials(
+                sealed=ApplianceKeyPair.generate().public.seal_login("root", secret)
+            ),
         )
     )
     with structlog.testing.capture_logs() as logs:

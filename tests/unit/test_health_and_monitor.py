@@ -58,7 +58,12 @@ async def test_waiters_wake_when_a_component_recovers() -> None:
 def _beat(status: ReadyStatus, sequence: int) -> Heartbeat:
     return Heartbeat(
         body=HeartbeatBody(
-            status=status, appliance_id="a", sequence=sequence, uptime_s=1, version="0"
+            status=status,
+            appliance_id="a",
+            sequence=sequence,
+            uptime_s=1,
+            version="0",
+            appliance_key=f"{'a' * 64}:{'b' * 64}",
         )
     )
 

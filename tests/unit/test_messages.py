@@ -7,10 +7,20 @@ from datetime import timedelta
 
 import jsonschema
 import pytest
-from pydantic import SecretStr, ValidationError
+import rfc8785
+from pydantic import ValidationError
 
 from messages import schema
-from messages.codec import MESSAGE_TYPES, Decoder, body_digest, check_fresh, encode, sign
+from messages.codec import (
+    MESSAGE_TYPES,
+    Decoder,
+    Trust,
+    body_digest,
+    check_fresh,
+    encode,
+    sign,
+    signature_of,
+)
 from messages.commands import (
     CloneVm,
     Command,
@@ -24,13 +34,20 @@ from messages.common import MigrationType
 from messages.envelope import Envelope, utcnow
 from messages.errors import ErrorCode, MessageError
 from messages.events import Event, Heartbeat
-from messages.examples import EXAMPLE_TOKEN, examples
+from messages.examples import EXAMPLE_KEYS, EXAMPLE_SEALED, EXAMPLE_TOKEN, examples
+from messages.keys import ApplianceKeyPair
 
 TOKEN = b"unit-test-token"
+KEYS = ApplianceKeyPair.generate()
+TRUST = Trust(bus_token=TOKEN, appliance_key=KEYS.public)
+
+
+def _key(message: Envelope) -> bytes | ApplianceKeyPair:
+    return KEYS if message.KIND == "event" else TOKEN
 
 
 def _decode(raw: str | bytes, **kwargs: object) -> Envelope:
-    return Decoder(TOKEN, accept=(Command, Event), **kwargs).decode(raw)  # type: ignore[arg-type]
+    return Decoder(TRUST, accept=(Command, Event), **kwargs).decode(raw)  # type: ignore[arg-type]
 
 
 def _code(raw: str | bytes, **kwargs: object) -> ErrorCode:
@@ -41,10 +58,10 @@ def _code(raw: str | bytes, **kwargs: object) -> ErrorCode:
 
 @pytest.mark.parametrize("message", examples(), ids=lambda m: m.message_type)
 def test_every_message_round_trips_through_the_wire(message: Envelope) -> None:
-    raw = encode(message, TOKEN)
+    raw = encode(message, _key(message))
     decoded = _decode(raw)
     assert type(decoded) is type(message)
-    assert decoded.wire_dict() == sign(message, TOKEN).wire_dict()
+    assert decoded.wire_dict() == sign(message, _key(message)).wire_dict()
 
 
 def test_examples_cover_every_message_type() -> None:
@@ -66,22 +83,25 @@ def _clone(password: str = "hunter2") -> SourceCloneRequest:
         body=SourceCloneRequestBody(
             vms=(CloneVm(name="a"),),
             migration_type=MigrationType.COLD,
-            guest_credentials=GuestCredentials(username="root", password=SecretStr(password)),
+            guest_credentials=GuestCredentials(sealed=KEYS.public.seal_login("root", password)),
         )
     )
 
 
-def test_secrets_are_masked_everywhere_but_on_the_wire() -> None:
+def test_guest_credentials_travel_sealed_only() -> None:
     message = _clone()
-    assert "hunter2" not in repr(message)
-    assert "hunter2" not in message.model_dump_json()
-    assert "hunter2" not in str(message.model_dump())
     wire = encode(message, TOKEN)
-    assert json.loads(wire)["body"]["guest_credentials"]["password"] == "hunter2"
+    assert "hunter2" not in wire and "root" not in json.loads(wire)["body"]["guest_credentials"]
     decoded = _decode(wire)
     assert isinstance(decoded, SourceCloneRequest)
     assert decoded.body.guest_credentials is not None
-    assert decoded.body.guest_credentials.password.get_secret_value() == "hunter2"
+    login = KEYS.open_login(decoded.body.guest_credentials.sealed)
+    assert (login.username, login.password) == ("root", "hunter2")
+
+
+def test_the_example_sealed_credentials_open_with_the_example_key() -> None:
+    login = EXAMPLE_KEYS.open_login(EXAMPLE_SEALED)
+    assert (login.username, login.password) == ("admin", "s3cret")
 
 
 def test_a_good_signature_verifies_with_any_key_order_and_spacing() -> None:
@@ -97,8 +117,7 @@ def test_signatures_follow_the_documented_canonical_form() -> None:
 
     document = json.loads(encode(SourceInventoryRequest(), TOKEN))
     unsigned = {k: v for k, v in document.items() if k != "signature"}
-    canonical = json.dumps(unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    expected = hmac.new(TOKEN, canonical.encode(), hashlib.sha256).hexdigest()
+    expected = hmac.new(TOKEN, rfc8785.dumps(unsigned), hashlib.sha256).hexdigest()
     assert document["signature"] == expected
 
 
@@ -194,11 +213,13 @@ def test_unusable_bodies_get_a_precise_code(raw: str | bytes, code: ErrorCode) -
 def test_schema_violations_name_the_field_without_echoing_its_value() -> None:
     document = json.loads(encode(_clone("topsecret"), TOKEN))
     document["body"]["migration_type"] = "teleport"
-    document["signature"] = None
-    unsigned = Decoder(None)
+    document["body"]["vms"][0]["name"] = "topsecret"
+    document["body"]["vms"][0]["vm_id"] = "topsecret"
+    document["signature"] = signature_of(document, TOKEN)
     with pytest.raises(MessageError) as caught:
-        unsigned.decode(json.dumps(document))
+        Decoder(TOKEN).decode(json.dumps(document))
     assert caught.value.code is ErrorCode.SCHEMA_VIOLATION
+    assert caught.value.authenticated
     assert "migration_type" in caught.value.reason
     assert "topsecret" not in caught.value.reason
 
@@ -207,13 +228,21 @@ def test_an_event_on_the_command_queue_is_not_a_command() -> None:
     heartbeat = next(m for m in examples() if isinstance(m, Heartbeat))
     decoder = Decoder(EXAMPLE_TOKEN)
     with pytest.raises(MessageError) as caught:
-        decoder.decode(heartbeat.to_wire())
+        decoder.decode(heartbeat.to_wire())  # Ed25519-signed: no command signature
+    assert caught.value.code is ErrorCode.BAD_SIGNATURE
+    assert not caught.value.authenticated
+    document = heartbeat.wire_dict()
+    document["signature"] = signature_of(document, EXAMPLE_TOKEN)  # a token holder's event
+    with pytest.raises(MessageError) as caught:
+        decoder.decode(json.dumps(document))
     assert caught.value.code is ErrorCode.NOT_A_COMMAND
+    assert caught.value.authenticated
 
 
 def test_another_major_schema_version_is_refused() -> None:
     document = json.loads(encode(SourceInventoryRequest(), TOKEN))
     document["schema_version"] = "2.0"
+    document["signature"] = signature_of(document, TOKEN)
     assert _code(json.dumps(document)) is ErrorCode.UNSUPPORTED_SCHEMA_VERSION
 
 
@@ -228,8 +257,9 @@ def test_wire_models_are_frozen_and_forbid_unknown_fields() -> None:
         message.message_id = "x"  # type: ignore[misc]
     document = json.loads(message.to_wire())
     document["body"]["surprise"] = 1
+    document["signature"] = signature_of(document, TOKEN)
     with pytest.raises(MessageError) as caught:
-        Decoder(None).decode(json.dumps(document))
+        Decoder(TOKEN).decode(json.dumps(document))
     assert caught.value.code is ErrorCode.SCHEMA_VIOLATION
 
 
@@ -242,6 +272,9 @@ def test_protocol_document_examples_are_current_and_verify() -> None:
     assert readme.endswith((markdown() + "\n", markdown())), (
         "messages/README.md examples are stale: regenerate with python -m messages.examples"
     )
-    decoder = Decoder(EXAMPLE_TOKEN, accept=(Command, Event))
+    decoder = Decoder(
+        Trust(bus_token=EXAMPLE_TOKEN.encode(), appliance_key=EXAMPLE_KEYS.public),
+        accept=(Command, Event),
+    )
     for message in examples():
         assert decoder.decode(message.to_wire()).message_type == message.message_type

@@ -1,73 +1,91 @@
-"""Sealer: secrets round-trip under the same token and context, and nowhere else."""
+"""Sealed guest credentials: a client seals to the appliance's public key; only its key pair
+opens them, and what opens must be usable credentials."""
 
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 
-from appliance.errors import PermanentError, SealBroken
+from appliance import logs
+from appliance.errors import CommandRejected, InvalidCredentials
 from appliance.sealing import Sealer
+from messages.errors import ErrorCode
+from messages.keys import ApplianceKeyPair, AppliancePublicKey, KeyFormatError
 
-TOKEN = b"bus-token-for-sealing"
-SECRET = b'{"username": "admin", "password": "pa55-w0rd!"}'
-
-
-def test_a_sealed_value_opens_with_the_same_token_and_context() -> None:
-    sealed = Sealer(TOKEN).seal(SECRET, "m-1")
-    assert Sealer(TOKEN).open(sealed, "m-1") == SECRET  # a new Sealer: the key is derived
-    assert Sealer(TOKEN).open(Sealer(TOKEN).seal(b"", "m-1"), "m-1") == b""
+KEYS = ApplianceKeyPair.generate()
+USERNAME = "svc-migrate"
+PASSWORD = "pa55-w0rd!-\u00e9\u2615"
 
 
-def test_the_plaintext_is_not_visible_in_the_sealed_text() -> None:
-    sealed = Sealer(TOKEN).seal(SECRET, "m-1")
-    raw = base64.b64decode(sealed)
-    assert b"pa55-w0rd!" not in raw and "pa55-w0rd!" not in sealed
+def test_a_box_sealed_to_the_public_key_opens_with_the_key_pair_only() -> None:
+    sealed = KEYS.public.seal_login(USERNAME, PASSWORD)
+    with Sealer(KEYS).opened(sealed) as login:
+        assert (login.username, login.password) == (USERNAME, PASSWORD)
+        assert PASSWORD not in repr(login) and USERNAME not in repr(login)
+    with pytest.raises(InvalidCredentials) as raised:
+        Sealer(ApplianceKeyPair.generate()).check(sealed)
+    assert raised.value.code is ErrorCode.INVALID_CREDENTIALS
+    assert isinstance(raised.value, CommandRejected)  # a request error, never "internal"
+
+
+def test_the_public_key_text_round_trips_and_the_parser_is_strict() -> None:
+    text = KEYS.public.text
+    assert AppliancePublicKey.parse(text) == KEYS.public
+    assert len(text) == 129 and text[64] == ":"
+    for bad in ("", text[:-1], text.upper(), text.replace(":", "."), text + "00"):
+        with pytest.raises(KeyFormatError):
+            AppliancePublicKey.parse(bad)
+
+
+def test_the_key_file_round_trips_and_refuses_a_mismatched_public_half() -> None:
+    again = ApplianceKeyPair.from_json(KEYS.to_json())
+    assert again.public == KEYS.public
+    document = json.loads(KEYS.to_json())
+    document["public"] = ApplianceKeyPair.generate().public.text
+    with pytest.raises(KeyFormatError):
+        ApplianceKeyPair.from_json(json.dumps(document))
 
 
 def test_sealing_twice_gives_different_texts() -> None:
-    sealer = Sealer(TOKEN)
-    first, second = sealer.seal(SECRET, "m-1"), sealer.seal(SECRET, "m-1")
-    assert first != second  # a fresh nonce each time
-    assert sealer.open(first, "m-1") == sealer.open(second, "m-1") == SECRET
+    first = KEYS.public.seal_login(USERNAME, PASSWORD)
+    second = KEYS.public.seal_login(USERNAME, PASSWORD)
+    assert first != second
+    assert PASSWORD.encode() not in base64.b64decode(first)
 
 
-def test_another_context_cannot_open_it() -> None:
-    """A sealed value moved to another migration's record does not open there."""
-    sealed = Sealer(TOKEN).seal(SECRET, "m-1")
-    with pytest.raises(SealBroken) as raised:
-        Sealer(TOKEN).open(sealed, "m-2")
-    assert raised.value.context == "m-2"
-    assert "m-2" in str(raised.value)
-    assert b"pa55" not in str(raised.value).encode()
+@pytest.mark.parametrize(
+    "sealed",
+    [
+        "not base64 at all!",
+        base64.b64encode(b"\x00" * 80).decode(),
+        "",
+    ],
+)
+def test_garbage_is_invalid_credentials(sealed: str) -> None:
+    with pytest.raises(InvalidCredentials):
+        Sealer(KEYS).check(sealed)
 
 
-def test_another_token_cannot_open_it() -> None:
-    sealed = Sealer(TOKEN).seal(SECRET, "m-1")
-    with pytest.raises(SealBroken):
-        Sealer(b"a-rotated-bus-token").open(sealed, "m-1")
+def test_a_flipped_bit_is_invalid_credentials() -> None:
+    raw = bytearray(base64.b64decode(KEYS.public.seal_login(USERNAME, PASSWORD)))
+    raw[-1] ^= 1
+    with pytest.raises(InvalidCredentials):
+        Sealer(KEYS).check(base64.b64encode(bytes(raw)).decode())
 
 
-def test_another_purpose_cannot_open_it() -> None:
-    sealed = Sealer(TOKEN).seal(SECRET, "m-1")
-    with pytest.raises(SealBroken):
-        Sealer(TOKEN, purpose=b"something else").open(sealed, "m-1")
+def test_open_credentials_are_registered_for_redaction_then_forgotten() -> None:
+    sealed = KEYS.public.seal_login(USERNAME, PASSWORD)
+    with Sealer(KEYS).opened(sealed):
+        assert logs.SECRETS.scrub(f"x {PASSWORD} y") == f"x {logs.MASK} y"
+        assert logs.SECRETS.scrub(f"user {USERNAME}") == f"user {logs.MASK}"
+    assert logs.SECRETS.scrub(f"x {PASSWORD} y") == f"x {PASSWORD} y"
 
 
-@pytest.mark.parametrize("position", [0, 11, 12, -1])
-def test_a_flipped_bit_anywhere_is_detected(position: int) -> None:
-    raw = bytearray(base64.b64decode(Sealer(TOKEN).seal(SECRET, "m-1")))
-    raw[position] ^= 0x01
-    with pytest.raises(SealBroken):
-        Sealer(TOKEN).open(base64.b64encode(bytes(raw)).decode(), "m-1")
+def test_the_client_refuses_to_seal_empty_credentials() -> None:
+    from messages.keys import CannotOpen
 
-
-@pytest.mark.parametrize("garbage", ["", "not base64 at all!", "AAAA", "QUJD" * 3])
-def test_garbage_is_a_broken_seal_not_a_crash(garbage: str) -> None:
-    with pytest.raises(SealBroken):
-        Sealer(TOKEN).open(garbage, "m-1")
-
-
-def test_a_broken_seal_is_permanent() -> None:
-    """Retrying cannot help: the migration's prepare step reports it instead."""
-    assert issubclass(SealBroken, PermanentError)
+    for username, password in ((USERNAME, ""), ("", PASSWORD)):
+        with pytest.raises(CannotOpen):
+            KEYS.public.seal_login(username, password)

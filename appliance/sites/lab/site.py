@@ -22,7 +22,13 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
-from appliance.errors import AmbiguousVmName, SiteError, UnknownVm, UnreadableVm
+from appliance.errors import (
+    AmbiguousVmName,
+    InvalidCredentials,
+    SiteError,
+    UnknownVm,
+    UnreadableVm,
+)
 from appliance.sites.lab.files import write_atomically
 from appliance.sites.model import (
     DiskConfig,
@@ -184,13 +190,14 @@ class LabSite:
         return changed
 
     async def prepare_guest(self, vm_id: str, username: str, password: str) -> None:
-        """The lab has no guest to log into: it notes who prepared it (never the password)."""
+        """The lab has no guest to log into: it notes that the guest was prepared, and
+        neither the username nor the password (neither is ever stored or echoed)."""
         vm = await self.get_vm(vm_id)
-        if not password:
-            raise SiteError(self._name, f"empty password for {username!r} on {vm_id}")
+        if not username or not password:
+            raise InvalidCredentials(f"empty guest username or password for {vm_id}")
         notes = dict(vm.annotations)
-        if notes.get("ferry.prepared_by") != username:
-            notes["ferry.prepared_by"] = username
+        if notes.get("ferry.guest_prepared") != "true":
+            notes["ferry.guest_prepared"] = "true"
             await self.save_vm(replace(vm, annotations=tuple(sorted(notes.items()))))
 
     async def tag_vm(self, vm_id: str, tags: Mapping[str, str | None]) -> VmConfig:
