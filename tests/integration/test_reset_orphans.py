@@ -77,7 +77,7 @@ async def _snapshots(data_dir: Path, vm: VmConfig) -> list[str]:
 
 
 async def _hold_a_migration(client: FerryClient, wan: GatedWan, vm: VmConfig) -> Follower:
-    follower = await start_migration(client, clone_request([vm.vm_id]))
+    follower = await start_migration(client, clone_request(client, [vm.vm_id]))
     await asyncio.wait_for(wan.reached.wait(), timeout=60)
     await follower.phase(Phase.TRANSFER)
     return follower
@@ -136,7 +136,7 @@ async def _check_undone(harness: Harness, vm: VmConfig) -> None:
 
 
 async def _remigrate(client: FerryClient, vm: VmConfig) -> str:
-    follower = await start_migration(client, clone_request([vm.vm_id], request_id="again"))
+    follower = await start_migration(client, clone_request(client, [vm.vm_id], request_id="again"))
     (status,) = (await follower.finished(1)).values()
     assert status.state is MigrationState.COMPLETED, status.error
     return status.migration_id
@@ -198,7 +198,7 @@ async def test_a_reset_never_removes_a_finished_copy(
     running = await start_appliance(harness.settings())
     try:
         async with FerryClient(harness.client_settings()) as client:
-            follower = await start_migration(client, clone_request([vm.vm_id]))
+            follower = await start_migration(client, clone_request(client, [vm.vm_id]))
             (status,) = (await follower.finished(1)).values()
             assert status.state is MigrationState.COMPLETED, status.error
             answer = await _reset(client)
