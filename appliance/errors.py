@@ -5,6 +5,7 @@
     │   ├── StateStoreUnavailable       Redis is unreachable
     │   ├── BusUnavailable              SQS/S3 is unreachable
     │   ├── LeaseLost                   another process owns the job now
+    │   │   └── FencedOut               a write carried a stale fencing token and was refused
     │   └── TransientDataPathError      a link dropped, a peer timed out
     │       └── ConnectionDropped
     └── PermanentError                  reject, report, dead-letter; never retried
@@ -74,7 +75,17 @@ class LeaseLost(TransientError):
     def __init__(self, resource: str, token: int) -> None:
         self.resource = resource
         self.token = token
-        super().__init__(f"lease on {resource} (fencing token {token}) is no longer ours")
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        return f"lease on {self.resource} (fencing token {self.token}) is no longer ours"
+
+
+class FencedOut(LeaseLost):
+    """A write made for ``resource`` with a token that is no longer current was refused."""
+
+    def _describe(self) -> str:
+        return f"write for {self.resource} refused: fencing token {self.token} is stale"
 
 
 class TransientDataPathError(TransientError):

@@ -12,7 +12,9 @@ groups in admission order:
   an admitted group's members are moved to PREPARING before its run starts.
 
 A group's run holds the group's lease (renewed by a LeaseKeeper, which
-cancels the run the moment renewal fails); its writes are fenced by it.
+cancels the run the moment renewal fails or a fenced write is refused); its
+writes are fenced by it. A run leaves the running set only after its lease
+is released, so no tick can start a second run under the same token.
 """
 
 from __future__ import annotations
@@ -222,11 +224,15 @@ class Scheduler:
         else:
             self._not_before.pop(group_id, None)
         finally:
-            self._running.pop(group_id, None)
-            self._cancels.pop(group_id, None)
-            with contextlib.suppress(TransientError):
-                await self._deps.leases.release(lease)
-            self.wake()
+            # Release before leaving the running set: a tick in between would take the
+            # lease again with the same token, and this late release would delete it.
+            try:
+                with contextlib.suppress(TransientError):
+                    await self._deps.leases.release(lease)
+            finally:
+                self._running.pop(group_id, None)
+                self._cancels.pop(group_id, None)
+                self.wake()
 
 
 async def _first_of(*events: asyncio.Event) -> None:
