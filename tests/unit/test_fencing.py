@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -201,6 +202,18 @@ async def test_a_stale_owner_can_neither_unlock_the_vm_nor_drop_the_secret(
 # --- a transfer under a keeper -------------------------------------------------------------
 
 
+class WatchedCheckpoint(RedisCheckpointStore):
+    """Says when a durable mark has landed in Redis."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.durable = asyncio.Event()
+
+    async def mark_durable(self, epoch: int) -> None:
+        await super().mark_durable(epoch)
+        self.durable.set()
+
+
 async def test_a_transfer_stops_at_once_when_its_lease_moves_on_and_writes_nothing_after(
     store: StateStore, redis: aioredis.Redis, keys: Keys
 ) -> None:
@@ -225,7 +238,7 @@ async def test_a_transfer_stops_at_once_when_its_lease_moves_on_and_writes_nothi
 
     source = await source_disk(size=64 * 64 * 1024)
     target = FaultyBackend(source.size, link)
-    checkpoints = RedisCheckpointStore(redis, keys, "t-1", lease=lease)
+    checkpoints = WatchedCheckpoint(redis, keys, "t-1", lease=lease)
     transfer = Transfer(
         "t-1", source, target, checkpoints=checkpoints, options=options(flush_interval_s=0.05)
     )
@@ -235,8 +248,7 @@ async def test_a_transfer_stops_at_once_when_its_lease_moves_on_and_writes_nothi
 
     keeper = asyncio.create_task(LeaseKeeper(leases, lease).run(work))
     await stalled.wait()
-    while int(await redis.hget(keys.checkpoint("t-1"), "durable") or 0) < 1:
-        await asyncio.sleep(0.01)  # a durable checkpoint exists (flushes every 50 ms)
+    await checkpoints.durable.wait()  # the flush loop runs every 50 ms, stalled link or not
     await take_over(store, redis, keys)
     taken_over = await redis.hgetall(keys.checkpoint("t-1"))
     accepted, _ = await fence_counts(redis, keys, lease.token)

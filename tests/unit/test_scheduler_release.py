@@ -9,7 +9,7 @@ deleted. Here a gate holds the release while the test ticks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,12 +52,16 @@ class GatedLeases(Leases):
         super().__init__(store, owner, ttl_s)
         self.releasing = asyncio.Event()
         self.gate = asyncio.Event()
+        self.released = asyncio.Event()
 
     async def release(self, lease: Lease) -> None:
-        if lease.resource.startswith("group:"):
-            self.releasing.set()
-            await self.gate.wait()
+        if not lease.resource.startswith("group:"):
+            await super().release(lease)
+            return
+        self.releasing.set()
+        await self.gate.wait()
         await super().release(lease)
+        self.released.set()  # the caller carries on without a pause: before any waiter wakes
 
 
 class StallingSite(LabSite):
@@ -123,12 +127,6 @@ async def env(
     await store.close()
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(30):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
 async def test_a_tick_while_a_run_releases_its_lease_starts_nothing(env: Env) -> None:
     (answer,) = await CloneRequests(env.deps).handle(clone(["vm-0001"]))
     stored = await env.deps.migrations.get(answer.body.migration_id)
@@ -149,7 +147,8 @@ async def test_a_tick_while_a_run_releases_its_lease_starts_nothing(env: Env) ->
         assert int(await env.redis.hget(key, "token")) == first_token
 
         env.leases.gate.set()
-        await until(lambda: not scheduler.running_groups)
+        await asyncio.wait_for(env.leases.released.wait(), timeout=30)
+        assert scheduler.running_groups == []
         assert await env.redis.exists(key) == 0  # released, and nobody took it yet
 
         await scheduler.tick()  # now the group is taken up again, under a new token
