@@ -6,6 +6,7 @@
     │   ├── BusUnavailable              SQS/S3 is unreachable
     │   ├── LeaseLost                   another process owns the job now
     │   │   └── FencedOut               a write carried a stale fencing token and was refused
+    │   ├── DiskInUse                   another process has the disk open (a previous owner)
     │   └── TransientDataPathError      a link dropped, a peer timed out
     │       └── ConnectionDropped
     └── PermanentError                  reject, report, dead-letter; never retried
@@ -28,7 +29,6 @@
             ├── OutOfSpace              the target has no room
             ├── TransferFailed          retries exhausted; names the chunk and the cause
             ├── UnknownSnapshot         a layered disk has no snapshot with that id
-            ├── DiskInUse               another process (or object) has the disk open
             └── DiskCorrupt             a disk's manifest or bitmap is unreadable or inconsistent
 
 Errors carry typed fields and build their message from them. Catch by type,
@@ -245,7 +245,9 @@ class UnknownSnapshot(DataPathError):
         super().__init__(f"disk {disk}: no snapshot {snapshot_id!r}")
 
 
-class DiskInUse(DataPathError):
+class DiskInUse(TransientError):
+    """Worth waiting for: the holder is typically a migration's previous owner letting go."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         super().__init__(f"disk {path} is already open elsewhere")

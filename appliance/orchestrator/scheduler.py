@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-from appliance.errors import LeaseLost, TransientError
+from appliance.errors import FerryError, LeaseLost, TransientError
 from appliance.logs import get_logger
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.group import GroupRun
@@ -35,6 +35,7 @@ from appliance.state.migrations import GroupInfo, StoredMigration
 
 log = get_logger(__name__)
 ADMISSION = "admission"
+PAUSED_RETRY_S = 10.0
 
 
 def group_lease(group_id: str) -> str:
@@ -139,10 +140,11 @@ class Scheduler:
         retry_at, _ = self._not_before.get(group_id, (0.0, 0.0))
         return self._deps.clock.monotonic() < retry_at
 
-    def _back_off(self, group_id: str) -> None:
-        """A run that died of a defect is retried, but ever more slowly (up to 5 min)."""
+    def _back_off(self, group_id: str, longest: float = 300.0) -> None:
+        """A run that died of a defect is retried, but ever more slowly (up to 5 min); one
+        that paused (Redis away, a disk still held by its previous owner) up to ``longest``."""
         _, delay = self._not_before.get(group_id, (0.0, 0.0))
-        delay = min(300.0, max(1.0, delay * 2))
+        delay = min(longest, max(1.0, delay * 2))
         self._not_before[group_id] = (self._deps.clock.monotonic() + delay, delay)
 
     async def _resume_orphans(self, views: list[GroupView]) -> None:
@@ -206,18 +208,35 @@ class Scheduler:
         cancel = self._cancels.setdefault(info.group_id, asyncio.Event())
         run = GroupRun(self._deps, lease, info, cancel)
         keeper = LeaseKeeper(self._deps.leases, lease)
-        task = asyncio.create_task(self._supervise(info.group_id, keeper, run, lease))
+        task = asyncio.create_task(self._supervise(info, keeper, run, lease))
         self._running[info.group_id] = task
 
+    async def _let_go(self, group: GroupInfo) -> None:
+        """Close what this process holds open for a group it lost (disks, exports), so the
+        new owner can open them. Touches neither Redis nor the data: it only lets go."""
+        deps = self._deps
+        try:
+            for stored in await deps.migrations.get_many(list(group.members)):
+                record = load(stored.record)
+                await deps.site(record.site).release(record.vm_id)
+                for disk in record.disks:
+                    await deps.cloud.unexport(disk.volume_id)
+                    await deps.site(record.target_site).release_volume(disk.volume_id)
+        except FerryError as error:
+            log.warning("lost group not let go", group_id=group.group_id, error=str(error))
+
     async def _supervise(
-        self, group_id: str, keeper: LeaseKeeper, run: GroupRun, lease: Lease
+        self, info: GroupInfo, keeper: LeaseKeeper, run: GroupRun, lease: Lease
     ) -> None:
+        group_id = info.group_id
         try:
             await keeper.run(run.run)
         except LeaseLost:
             log.warning("lease lost; another appliance carries on", group_id=group_id)
+            await self._let_go(info)
         except TransientError as error:
             log.warning("group paused; will resume", group_id=group_id, error=str(error))
+            self._back_off(group_id, longest=PAUSED_RETRY_S)
         except Exception:
             log.exception("group run failed unexpectedly; retrying later", group_id=group_id)
             self._back_off(group_id)

@@ -27,7 +27,7 @@ from appliance.orchestrator.context import Deps, OrchestratorConfig
 from appliance.orchestrator.record import load
 from appliance.orchestrator.reporting import Reporter
 from appliance.orchestrator.requests import CloneRequests
-from appliance.orchestrator.scheduler import Scheduler, group_lease
+from appliance.orchestrator.scheduler import PAUSED_RETRY_S, Scheduler, group_lease
 from appliance.sealing import Sealer
 from appliance.sink import MemorySink
 from appliance.sites.lab.site import LabSite
@@ -134,6 +134,8 @@ async def test_a_tick_while_a_run_releases_its_lease_starts_nothing(env: Env) ->
     record = load(stored.record)
     key = env.keys.lease(group_lease(record.group_id))
     scheduler = Scheduler(env.deps)
+    clock = env.deps.clock
+    assert isinstance(clock, FakeClock)
     env.onprem.armed = True
     try:
         await scheduler.tick()  # admits the group; its run pauses on the injected error
@@ -151,7 +153,10 @@ async def test_a_tick_while_a_run_releases_its_lease_starts_nothing(env: Env) ->
         assert scheduler.running_groups == []
         assert await env.redis.exists(key) == 0  # released, and nobody took it yet
 
-        await scheduler.tick()  # now the group is taken up again, under a new token
+        await scheduler.tick()  # a paused group waits a moment before it is retried...
+        assert scheduler.running_groups == []
+        clock.advance(PAUSED_RETRY_S)
+        await scheduler.tick()  # ...then it is taken up again, under a new token
         await asyncio.wait_for(env.onprem.stalled.wait(), timeout=30)
         token = int(await env.redis.hget(key, "token"))
         assert token == first_token + 1
