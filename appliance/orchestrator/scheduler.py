@@ -36,6 +36,9 @@ from appliance.state.migrations import GroupInfo, StoredMigration
 log = get_logger(__name__)
 ADMISSION = "admission"
 PAUSED_RETRY_S = 10.0
+"""Longest wait before a paused run (Redis away, a disk still held elsewhere) is retried."""
+LOST_HOLD_S = 2 * PAUSED_RETRY_S
+"""How long a process leaves alone a group it lost: longer than the new owner's retries."""
 
 
 def group_lease(group_id: str) -> str:
@@ -147,6 +150,11 @@ class Scheduler:
         delay = min(longest, max(1.0, delay * 2))
         self._not_before[group_id] = (self._deps.clock.monotonic() + delay, delay)
 
+    def _hold_off(self, group_id: str, seconds: float) -> None:
+        """Leave a group alone for a while (after losing it: the new owner needs the time
+        to open what this process just let go of; it is the likelier healthy one)."""
+        self._not_before[group_id] = (self._deps.clock.monotonic() + seconds, 0.0)
+
     async def _resume_orphans(self, views: list[GroupView]) -> None:
         for view in views:
             if view.queued or view.info.group_id in self._running:
@@ -234,6 +242,7 @@ class Scheduler:
         except LeaseLost:
             log.warning("lease lost; another appliance carries on", group_id=group_id)
             await self._let_go(info)
+            self._hold_off(group_id, LOST_HOLD_S)
         except TransientError as error:
             log.warning("group paused; will resume", group_id=group_id, error=str(error))
             self._back_off(group_id, longest=PAUSED_RETRY_S)
