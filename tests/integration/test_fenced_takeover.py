@@ -54,7 +54,7 @@ async def test_an_owner_paused_past_its_lease_writes_nothing_after_the_takeover(
     store = StateStore(connect(harness.redis_url), Keys(harness.prefix))
     try:
         async with FerryClient(harness.client_settings()) as client:
-            follower = await start_migration(client, clone_request([vm.vm_id], bandwidth_mbps=40))
+            follower = await start_migration(client, clone_request([vm.vm_id], bandwidth_mbps=24))
             (started,) = (
                 await follower.until(
                     lambda latest: any(
@@ -76,6 +76,7 @@ async def test_an_owner_paused_past_its_lease_writes_nothing_after_the_takeover(
             paused = owner.split("/")[0]  # "<appliance id>/<process>"
             other = next(name for name in processes if name != paused)
             processes[paused].pause()
+            assert await store.redis.hget(checkpoint_key, "complete") is None  # mid-copy
 
             async def taken_over() -> bool:
                 # A newer token was handed out: only the other appliance can have asked.
