@@ -10,8 +10,9 @@ One hash per transfer at ``Keys.checkpoint(transfer_id)``::
 The transfer engine (appliance.datapath.transfer) decides what the epochs
 mean: a chunk recorded with an epoch at or below ``durable`` was flushed at
 the target before ``durable`` was written; a higher epoch means "written and
-verified, flush pending". Records are written with HSET in batches; loading
-pages through the hash with HSCAN to the end, never cut at a limit.
+verified, flush pending". Records are written in batches of at most 1000
+fields by one Lua script (which checks the fence first); loading pages through
+the hash with HSCAN to the end, never cut at a limit.
 Redis errors are retried with jittered backoff, then raise StateStoreUnavailable.
 
 A store made with the migration owner's :class:`~appliance.state.leases.Lease`

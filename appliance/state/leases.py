@@ -71,6 +71,11 @@ local expires = tonumber(redis.call('HGET', KEYS[1], 'expires') or '0')
 if holder and holder ~= ARGV[1] and expires > now then
   return {0, holder}
 end
+if redis.call('TYPE', KEYS[2]).ok == 'string' then  -- a counter left by an older version
+  local last = redis.call('GET', KEYS[2])
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], 'token', last)
+end
 local token
 if holder == ARGV[1] and expires > now then
   token = redis.call('HGET', KEYS[1], 'token')

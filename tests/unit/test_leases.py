@@ -83,6 +83,14 @@ async def test_the_lease_key_expires_in_redis_but_the_fence_never_does(
     assert taken is not None and taken.token == lease.token + 1
 
 
+async def test_a_fence_counter_left_by_an_older_version_keeps_counting(
+    store: StateStore, redis: aioredis.Redis, keys: Keys
+) -> None:
+    await redis.set(keys.fence(RESOURCE), 41)  # it used to be a plain INCR counter
+    lease = await leases_of(store, "ferry-a").acquire(RESOURCE)
+    assert lease is not None and lease.token == 42
+
+
 async def test_renewal_gives_the_lease_a_whole_ttl_again(
     store: StateStore, redis: aioredis.Redis, keys: Keys
 ) -> None:
