@@ -5,6 +5,10 @@ runs twice (a redelivery after a crash) finds and reuses what the first run
 made: the same VM locks, the same records. Everything is checked before
 anything is created: unknown VMs, VMs already migrating, dependency groups
 that name VMs outside the request all reject the whole request.
+
+A VM lock is taken *pending* (it lapses by itself) and becomes permanent with
+its migration's record; a request that fails after locking (rejected, or a
+defect the dispatcher dead-letters) drops its pending locks at once.
 """
 
 from __future__ import annotations
