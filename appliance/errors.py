@@ -5,6 +5,8 @@
     │   ├── StateStoreUnavailable       Redis is unreachable
     │   ├── BusUnavailable              SQS/S3 is unreachable
     │   ├── LeaseLost                   another process owns the job now
+    │   │   └── FencedOut               a write carried a stale fencing token and was refused
+    │   ├── DiskInUse                   another process has the disk open (a previous owner)
     │   └── TransientDataPathError      a link dropped, a peer timed out
     │       └── ConnectionDropped
     └── PermanentError                  reject, report, dead-letter; never retried
@@ -31,7 +33,6 @@
             ├── OutOfSpace              the target has no room
             ├── TransferFailed          retries exhausted; names the chunk and the cause
             ├── UnknownSnapshot         a layered disk has no snapshot with that id
-            ├── DiskInUse               another process (or object) has the disk open
             └── DiskCorrupt             a disk's manifest or bitmap is unreadable or inconsistent
 
 Errors carry typed fields and build their message from them. Catch by type,
@@ -78,7 +79,17 @@ class LeaseLost(TransientError):
     def __init__(self, resource: str, token: int) -> None:
         self.resource = resource
         self.token = token
-        super().__init__(f"lease on {resource} (fencing token {token}) is no longer ours")
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        return f"lease on {self.resource} (fencing token {self.token}) is no longer ours"
+
+
+class FencedOut(LeaseLost):
+    """A write made for ``resource`` with a token that is no longer current was refused."""
+
+    def _describe(self) -> str:
+        return f"write for {self.resource} refused: fencing token {self.token} is stale"
 
 
 class TransientDataPathError(TransientError):
@@ -273,7 +284,9 @@ class UnknownSnapshot(DataPathError):
         super().__init__(f"disk {disk}: no snapshot {snapshot_id!r}")
 
 
-class DiskInUse(DataPathError):
+class DiskInUse(TransientError):
+    """Worth waiting for: the holder is typically a migration's previous owner letting go."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         super().__init__(f"disk {path} is already open elsewhere")

@@ -14,7 +14,7 @@ from appliance.orchestrator.reporting import Reporter
 from appliance.sealing import Sealer
 from appliance.sites.protocol import Site
 from appliance.state.events import EventLog
-from appliance.state.leases import Leases
+from appliance.state.leases import Lease, Leases
 from appliance.state.migrations import MigrationStore
 from appliance.state.policy import Policies
 from appliance.state.store import StateStore
@@ -41,6 +41,8 @@ class OrchestratorConfig:
     step_delay_s: float = 0.0  # a pause after each persisted step: for crash-safety tests
     transfer_workers: int = 8
     migrate_pool: str = "_HDM_MIGRATEPOOL"
+    vm_lock_pending_s: float = 600.0
+    """A VM lock lapses after this long unless its migration's record was created."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +56,8 @@ class Deps:
     reporter: Reporter
     sites: dict[str, Site]
     cloud: CloudExports
-    checkpoints: Callable[[str], CheckpointStore]
+    checkpoints: Callable[[str, Lease | None], CheckpointStore]
+    """A transfer's checkpoint store, fenced by the lease when one is given."""
     sealer: Sealer
     clock: Clock
     buffers: BufferBudget

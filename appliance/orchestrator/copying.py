@@ -105,7 +105,7 @@ class DiskCopy:
             transfer_id(record, disk.disk_id),
             source,
             target,
-            checkpoints=self._deps.checkpoints(transfer_id(record, disk.disk_id)),
+            checkpoints=self._journal.checkpoints(transfer_id(record, disk.disk_id)),
             options=TransferOptions(
                 chunk_size=options.chunk_size,
                 workers=self._deps.config.transfer_workers,

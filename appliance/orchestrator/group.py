@@ -176,7 +176,7 @@ class GroupRun:
                 continue
             if record.step is Step.QUEUED:
                 await self._advance(record, Step.CANCELLED)
-                await self._deps.migrations.unlock_vm(record.site, record.vm_id, migration_id)
+                await self._journal.unlock_vm(record)
                 continue
             if record.step is not Step.ROLLING_BACK:
                 code, message = _error_fields(error, migration_id == failed, failed)

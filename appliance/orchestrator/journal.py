@@ -1,4 +1,11 @@
-"""Writing down a group's progress: every step persisted, fenced by the lease, then announced."""
+"""Writing down a group's progress: every step persisted, fenced by the lease, then announced.
+
+Every Redis write a group's run makes goes through its journal (or a store it
+hands out), fenced by the group's lease: the records and their step events,
+the transfer checkpoints, the VM unlock and the removal of sealed credentials.
+A write refused because the lease moved on raises FencedOut and marks the
+lease lost, which stops the whole run.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,11 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
+from appliance.datapath.checkpoint import CheckpointStore
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.record import MigrationRecord, dump, load
 from appliance.orchestrator.states import Step, check_transition, public_state
+from appliance.state.events import encode_entry
 from appliance.state.leases import Lease
 
 
@@ -27,18 +36,16 @@ class Journal:
         return self._deps.clock.now().isoformat()
 
     async def advance(self, record: MigrationRecord, step: Step, **changes: Any) -> MigrationRecord:
-        """Persist ``record`` at ``step`` (compare-and-set on its step), then announce it."""
+        """Persist ``record`` at ``step`` with its event (compare-and-set), then announce it."""
         check_transition(f"migration {record.migration_id}", record.step, step)
         updated = replace(record, step=step, updated_at=self._now(), **changes)
-        await self._write(record, updated)
-        await self._deps.events.append(
+        event = encode_entry(
             "step",
             updated.updated_at,
-            migration_id=record.migration_id,
-            step=step.value,
-            previous=record.step.value,
-            error=updated.error_code,
+            record.migration_id,
+            {"step": step.value, "previous": record.step.value, "error": updated.error_code},
         )
+        await self._write(record, updated, event)
         await self._deps.reporter.publish(updated, await self.cancel_requested(record))
         if self._deps.config.step_delay_s:
             await asyncio.sleep(self._deps.config.step_delay_s)
@@ -50,7 +57,9 @@ class Journal:
         await self._write(record, updated)
         return updated
 
-    async def _write(self, old: MigrationRecord, new: MigrationRecord) -> None:
+    async def _write(
+        self, old: MigrationRecord, new: MigrationRecord, event: dict[str, str] | None = None
+    ) -> None:
         await self._deps.migrations.transition(
             old.migration_id,
             expected=old.step.value,
@@ -58,9 +67,21 @@ class Journal:
             old_public=public_state(old.step, False).value,
             public=public_state(new.step, False).value,
             record=dump(new),
-            lease_resource=self._lease.resource,
-            token=self._lease.token,
+            lease=self._lease,
+            event=event,
         )
+
+    def checkpoints(self, transfer_id: str) -> CheckpointStore:
+        """A transfer's checkpoint, fenced by this journal's lease."""
+        return self._deps.checkpoints(transfer_id, self._lease)
+
+    async def unlock_vm(self, record: MigrationRecord) -> None:
+        await self._deps.migrations.unlock_vm(
+            record.site, record.vm_id, record.migration_id, self._lease
+        )
+
+    async def delete_secret(self, record: MigrationRecord) -> None:
+        await self._deps.migrations.delete_secret(record.migration_id, self._lease)
 
     async def cancel_requested(self, record: MigrationRecord) -> bool:
         stored = await self._deps.migrations.get(record.migration_id)

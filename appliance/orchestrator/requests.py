@@ -5,6 +5,10 @@ runs twice (a redelivery after a crash) finds and reuses what the first run
 made: the same VM locks, the same records. Everything is checked before
 anything is created: unknown VMs, VMs already migrating, dependency groups
 that name VMs outside the request all reject the whole request.
+
+A VM lock is taken *pending* (it lapses by itself) and becomes permanent with
+its migration's record; a request that fails after locking (rejected, or a
+defect the dispatcher dead-letters) drops its pending locks at once.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from appliance.errors import CommandRejected, Conflict
+from appliance.errors import CommandRejected, Conflict, TransientError
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.record import DiskPlan, MigrationRecord, TransferOptions, dump, load
-from appliance.orchestrator.states import Step, public_state
+from appliance.orchestrator.states import TERMINAL, Step, public_state
 from appliance.sites.model import VmConfig
 from appliance.sites.protocol import Site
 from appliance.state.migrations import NewMigration
@@ -65,11 +69,18 @@ class CloneRequests:
             if body.guest_credentials is not None:  # refuse now what prepare could not use
                 self._deps.sealer.check(body.guest_credentials.sealed)
             groups = await self._plan(request_id, body)
-            await self._lock([vm for group in groups for vm in group.vms], request_id)
-            await self._create(request_id, command, groups)
-            existing = [
-                migration_id_for(request_id, vm.vm_id) for group in groups for vm in group.vms
-            ]
+            vms = [vm for group in groups for vm in group.vms]
+            await self._lock(vms, request_id)
+            try:
+                await self._create(request_id, command, groups)
+            except TransientError:
+                raise  # redelivered: the same locks are taken again (or lapse by themselves)
+            except BaseException:
+                # Rejected, a defect (dead-lettered) or cancelled: no VM stays locked for a
+                # migration that was never created.
+                await self._release_pending(vms, request_id)
+                raise
+            existing = [migration_id_for(request_id, vm.vm_id) for vm in vms]
             existing = await self._deps.migrations.claim_request(request_id, existing)
         return await self._responses(existing, command.correlation_id)
 
@@ -108,14 +119,24 @@ class CloneRequests:
         taken: list[VmConfig] = []
         for vm in vms:
             mine = migration_id_for(request_id, vm.vm_id)
-            holder = await migrations.lock_vm(self._onprem, vm.vm_id, mine)
+            holder = await migrations.lock_vm(
+                self._onprem,
+                vm.vm_id,
+                mine,
+                pending_s=self._deps.config.vm_lock_pending_s,
+                finished=[step.value for step in TERMINAL],
+            )
             if holder != mine:
-                for done in taken:
-                    await migrations.unlock_vm(
-                        self._onprem, done.vm_id, migration_id_for(request_id, done.vm_id)
-                    )
+                await self._release_pending(taken, request_id)
                 raise Conflict(f"VM {vm.name!r} ({vm.vm_id}) is already in migration {holder}")
             taken.append(vm)
+
+    async def _release_pending(self, vms: list[VmConfig], request_id: str) -> None:
+        """Drop this request's locks on VMs whose migration was not created (others stay)."""
+        for vm in vms:
+            await self._deps.migrations.release_pending_lock(
+                self._onprem, vm.vm_id, migration_id_for(request_id, vm.vm_id)
+            )
 
     async def _create(
         self, request_id: str, command: SourceCloneRequest, groups: list[PlannedGroup]
@@ -133,6 +154,7 @@ class CloneRequests:
                         Step.QUEUED.value,
                         public_state(Step.QUEUED, False).value,
                         dump(record),
+                        vm_lock=(self._onprem, vm.vm_id),
                     )
                 )
                 await self._seal_credentials(command, record.migration_id)

@@ -12,7 +12,9 @@ groups in admission order:
   an admitted group's members are moved to PREPARING before its run starts.
 
 A group's run holds the group's lease (renewed by a LeaseKeeper, which
-cancels the run the moment renewal fails); its writes are fenced by it.
+cancels the run the moment renewal fails or a fenced write is refused); its
+writes are fenced by it. A run leaves the running set only after its lease
+is released, so no tick can start a second run under the same token.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-from appliance.errors import LeaseLost, TransientError
+from appliance.errors import FerryError, LeaseLost, TransientError
 from appliance.logs import get_logger
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.group import GroupRun
@@ -33,6 +35,10 @@ from appliance.state.migrations import GroupInfo, StoredMigration
 
 log = get_logger(__name__)
 ADMISSION = "admission"
+PAUSED_RETRY_S = 10.0
+"""Longest wait before a paused run (Redis away, a disk still held elsewhere) is retried."""
+LOST_HOLD_S = 2 * PAUSED_RETRY_S
+"""How long a process leaves alone a group it lost: longer than the new owner's retries."""
 
 
 def group_lease(group_id: str) -> str:
@@ -137,11 +143,17 @@ class Scheduler:
         retry_at, _ = self._not_before.get(group_id, (0.0, 0.0))
         return self._deps.clock.monotonic() < retry_at
 
-    def _back_off(self, group_id: str) -> None:
-        """A run that died of a defect is retried, but ever more slowly (up to 5 min)."""
+    def _back_off(self, group_id: str, longest: float = 300.0) -> None:
+        """A run that died of a defect is retried, but ever more slowly (up to 5 min); one
+        that paused (Redis away, a disk still held by its previous owner) up to ``longest``."""
         _, delay = self._not_before.get(group_id, (0.0, 0.0))
-        delay = min(300.0, max(1.0, delay * 2))
+        delay = min(longest, max(1.0, delay * 2))
         self._not_before[group_id] = (self._deps.clock.monotonic() + delay, delay)
+
+    def _hold_off(self, group_id: str, seconds: float) -> None:
+        """Leave a group alone for a while (after losing it: the new owner needs the time
+        to open what this process just let go of; it is the likelier healthy one)."""
+        self._not_before[group_id] = (self._deps.clock.monotonic() + seconds, 0.0)
 
     async def _resume_orphans(self, views: list[GroupView]) -> None:
         for view in views:
@@ -204,29 +216,51 @@ class Scheduler:
         cancel = self._cancels.setdefault(info.group_id, asyncio.Event())
         run = GroupRun(self._deps, lease, info, cancel)
         keeper = LeaseKeeper(self._deps.leases, lease)
-        task = asyncio.create_task(self._supervise(info.group_id, keeper, run, lease))
+        task = asyncio.create_task(self._supervise(info, keeper, run, lease))
         self._running[info.group_id] = task
 
+    async def _let_go(self, group: GroupInfo) -> None:
+        """Close what this process holds open for a group it lost (disks, exports), so the
+        new owner can open them. Touches neither Redis nor the data: it only lets go."""
+        deps = self._deps
+        try:
+            for stored in await deps.migrations.get_many(list(group.members)):
+                record = load(stored.record)
+                await deps.site(record.site).release(record.vm_id)
+                for disk in record.disks:
+                    await deps.cloud.unexport(disk.volume_id)
+                    await deps.site(record.target_site).release_volume(disk.volume_id)
+        except FerryError as error:
+            log.warning("lost group not let go", group_id=group.group_id, error=str(error))
+
     async def _supervise(
-        self, group_id: str, keeper: LeaseKeeper, run: GroupRun, lease: Lease
+        self, info: GroupInfo, keeper: LeaseKeeper, run: GroupRun, lease: Lease
     ) -> None:
+        group_id = info.group_id
         try:
             await keeper.run(run.run)
         except LeaseLost:
             log.warning("lease lost; another appliance carries on", group_id=group_id)
+            await self._let_go(info)
+            self._hold_off(group_id, LOST_HOLD_S)
         except TransientError as error:
             log.warning("group paused; will resume", group_id=group_id, error=str(error))
+            self._back_off(group_id, longest=PAUSED_RETRY_S)
         except Exception:
             log.exception("group run failed unexpectedly; retrying later", group_id=group_id)
             self._back_off(group_id)
         else:
             self._not_before.pop(group_id, None)
         finally:
-            self._running.pop(group_id, None)
-            self._cancels.pop(group_id, None)
-            with contextlib.suppress(TransientError):
-                await self._deps.leases.release(lease)
-            self.wake()
+            # Release before leaving the running set: a tick in between would take the
+            # lease again with the same token, and this late release would delete it.
+            try:
+                with contextlib.suppress(TransientError):
+                    await self._deps.leases.release(lease)
+            finally:
+                self._running.pop(group_id, None)
+                self._cancels.pop(group_id, None)
+                self.wake()
 
 
 async def _first_of(*events: asyncio.Event) -> None:

@@ -75,7 +75,7 @@ async def prepare(deps: Deps, journal: Journal, record: MigrationRecord) -> Migr
         with deps.sealer.opened(text(sealed)) as login:  # used and dropped
             await onprem.prepare_guest(vm.vm_id, login.username, login.password)
         record = await journal.update(record, guest_prepared=True)
-    await deps.store.run(lambda r: r.delete(secret_key))
+    await journal.delete_secret(record)
     return record
 
 
@@ -149,7 +149,7 @@ async def finalize(deps: Deps, journal: Journal, record: MigrationRecord) -> Mig
     if record.snapshot_name is not None:
         await onprem.delete_vm_snapshot(record.vm_id, record.snapshot_name)
     for disk in record.disks:
-        await deps.checkpoints(transfer_id(record, disk.disk_id)).delete()
+        await journal.checkpoints(transfer_id(record, disk.disk_id)).delete()
     await onprem.tag_vm(record.vm_id, tags.cleared())
     await _release(deps, record)
     return record
@@ -175,8 +175,8 @@ async def rollback(deps: Deps, journal: Journal, record: MigrationRecord) -> Mig
     for disk in record.disks:
         await deps.cloud.unexport(disk.volume_id)
         await cloud.delete_volume(disk.volume_id)
-        await deps.checkpoints(transfer_id(record, disk.disk_id)).delete()
-    await deps.store.run(lambda r: r.delete(deps.store.keys.secret(record.migration_id)))
+        await journal.checkpoints(transfer_id(record, disk.disk_id)).delete()
+    await journal.delete_secret(record)
     if record.snapshot_name is not None:
         await onprem.delete_vm_snapshot(record.vm_id, record.snapshot_name)
     vm = await onprem.get_vm(record.vm_id)
@@ -186,7 +186,7 @@ async def rollback(deps: Deps, journal: Journal, record: MigrationRecord) -> Mig
         await onprem.set_power(record.vm_id, PowerState.ON)
     if tags.pending_migration(vm) == record.migration_id:
         await onprem.tag_vm(record.vm_id, tags.cleared())  # last: the source is as it was
-    await deps.migrations.unlock_vm(record.site, record.vm_id, record.migration_id)
+    await journal.unlock_vm(record)
     await _release(deps, record)
     log.info("rolled back", migration_id=record.migration_id)
     return record

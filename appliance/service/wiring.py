@@ -32,7 +32,7 @@ from appliance.sites.lab.site import LabSite
 from appliance.sites.model import SiteConfig
 from appliance.state.checkpoints import RedisCheckpointStore
 from appliance.state.events import EventLog
-from appliance.state.leases import Leases
+from appliance.state.leases import Lease, Leases
 from appliance.state.migrations import MigrationStore
 from appliance.state.policy import Policies
 from appliance.state.store import StateStore
@@ -95,8 +95,8 @@ def build_deps(
         transfer_workers=settings.transfer_workers,
     )
 
-    def checkpoints(transfer_id: str) -> CheckpointStore:
-        return RedisCheckpointStore(store.redis, store.keys, transfer_id)
+    def checkpoints(transfer_id: str, lease: Lease | None) -> CheckpointStore:
+        return RedisCheckpointStore(store.redis, store.keys, transfer_id, lease=lease)
 
     return Deps(
         config=config,

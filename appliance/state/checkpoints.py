@@ -10,9 +10,16 @@ One hash per transfer at ``Keys.checkpoint(transfer_id)``::
 The transfer engine (appliance.datapath.transfer) decides what the epochs
 mean: a chunk recorded with an epoch at or below ``durable`` was flushed at
 the target before ``durable`` was written; a higher epoch means "written and
-verified, flush pending". Records are written with HSET in batches; loading
-pages through the hash with HSCAN to the end, never cut at a limit.
+verified, flush pending". Records are written in batches of at most 1000
+fields by one Lua script (which checks the fence first); loading pages through
+the hash with HSCAN to the end, never cut at a limit.
 Redis errors are retried with jittered backoff, then raise StateStoreUnavailable.
+
+A store made with the migration owner's :class:`~appliance.state.leases.Lease`
+is *fenced*: every write is a script that first checks the token
+(:data:`~appliance.state.leases.FENCE_CHECK`), so once another process owns
+the migration (or the lease expired, or is known lost here) no write of this
+store lands; it raises :class:`~appliance.errors.FencedOut` instead.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import EncodableT, FieldT
+from redis.typing import EncodableT
 from tenacity import (
     AsyncRetrying,
     RetryError,
@@ -36,11 +43,36 @@ from tenacity import (
 
 from appliance.errors import StateStoreUnavailable
 from appliance.state.keys import Keys
+from appliance.state.leases import FENCE_CHECK, Lease, check_fenced, fence_keys, fence_token
 
 _META = "meta"
 _DURABLE = "durable"
 _COMPLETE = "complete"
 _ZERO = "z"
+
+_BATCH = 1000  # fields per script call: bounded arguments, never a long-blocking script
+
+# KEYS: lease, fence, checkpoint. ARGV: token, op, then fields (del) or field/value pairs.
+# op "begin" replaces the hash, "set" sets fields, "del" removes fields, "drop" deletes it.
+_WRITE = (
+    FENCE_CHECK
+    + """
+local op = ARGV[2]
+if op == 'begin' or op == 'drop' then
+  redis.call('DEL', KEYS[3])
+end
+if op == 'del' then
+  for i = 3, #ARGV do
+    redis.call('HDEL', KEYS[3], ARGV[i])
+  end
+elseif op ~= 'drop' then
+  for i = 3, #ARGV, 2 do
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
+"""
+)
 
 T = TypeVar("T")
 
@@ -96,7 +128,7 @@ class Checkpoint:
 
 
 class RedisCheckpointStore:
-    """The checkpoint of one transfer, kept in one Redis hash."""
+    """The checkpoint of one transfer, kept in one Redis hash; fenced when given a lease."""
 
     def __init__(
         self,
@@ -104,11 +136,15 @@ class RedisCheckpointStore:
         keys: Keys,
         transfer_id: str,
         *,
+        lease: Lease | None = None,
         attempts: int = 6,
         max_backoff_s: float = 5.0,
     ) -> None:
         self._redis = redis
         self._key = keys.checkpoint(transfer_id)
+        self._lease = lease
+        self._script_keys = [*fence_keys(keys, lease), self._key]
+        self._script = redis.register_script(_WRITE)
         self._attempts = attempts
         self._max_backoff_s = max_backoff_s
 
@@ -130,6 +166,16 @@ class RedisCheckpointStore:
             cause = exhausted.last_attempt.exception()
             raise StateStoreUnavailable(cause or exhausted) from cause
         raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _write(self, op: str, *items: EncodableT) -> None:
+        """One fenced script call (retried on connection errors; a refusal is never retried)."""
+
+        async def write() -> None:
+            args: list[EncodableT] = [fence_token(self._lease), op, *items]
+            result = await self._script(keys=self._script_keys, args=args, client=self._redis)
+            check_fenced(result, self._lease)
+
+        await self._call(write)
 
     async def load(self) -> Checkpoint | None:
         return await self._call(self._load)
@@ -157,54 +203,27 @@ class RedisCheckpointStore:
 
     async def begin(self, meta: CheckpointMeta) -> None:
         """Start a fresh checkpoint, replacing whatever was there."""
-
-        async def replace() -> None:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self._key)
-                pipe.hset(self._key, mapping={_META: meta.to_json(), _DURABLE: 0})
-                await pipe.execute()
-
-        await self._call(replace)
+        await self._write("begin", _META, meta.to_json(), _DURABLE, 0)
 
     async def record(self, records: Sequence[ChunkRecord]) -> None:
-        if not records:
-            return
-        mapping: dict[FieldT, EncodableT] = {
-            str(record.index): record.encode() for record in records
-        }
-
-        async def write() -> None:
-            await self._redis.hset(self._key, mapping=mapping)
-
-        await self._call(write)
+        for first in range(0, len(records), _BATCH):
+            pairs: list[EncodableT] = []
+            for record in records[first : first + _BATCH]:
+                pairs += [str(record.index), record.encode()]
+            await self._write("set", *pairs)
 
     async def forget(self, indices: Sequence[int]) -> None:
-        fields = [str(index) for index in indices]
-        for first in range(0, len(fields), 1000):
-            batch = fields[first : first + 1000]
-
-            async def remove(batch: list[str] = batch) -> None:
-                await self._redis.hdel(self._key, *batch)
-
-            await self._call(remove)
+        for first in range(0, len(indices), _BATCH):
+            await self._write("del", *(str(index) for index in indices[first : first + _BATCH]))
 
     async def mark_durable(self, epoch: int) -> None:
-        async def write() -> None:
-            await self._redis.hset(self._key, _DURABLE, epoch)
-
-        await self._call(write)
+        await self._write("set", _DURABLE, epoch)
 
     async def mark_complete(self, digest: bytes) -> None:
-        async def write() -> None:
-            await self._redis.hset(self._key, _COMPLETE, digest.hex())
-
-        await self._call(write)
+        await self._write("set", _COMPLETE, digest.hex())
 
     async def delete(self) -> None:
-        async def remove() -> None:
-            await self._redis.delete(self._key)
-
-        await self._call(remove)
+        await self._write("drop")
 
 
 def _text(value: str | bytes) -> str:

@@ -21,6 +21,18 @@ class EventRecord:
     fields: dict[str, Any]
 
 
+def encode_entry(
+    kind: str, at: str, migration_id: str | None, fields: dict[str, Any]
+) -> dict[str, str]:
+    """An event as its stream entry (also written by fenced scripts, with a state change)."""
+    return {
+        "kind": kind,
+        "at": at,
+        "migration_id": migration_id or "",
+        "fields": json.dumps(fields, default=str),
+    }
+
+
 class EventLog:
     def __init__(self, store: StateStore) -> None:
         self._store = store
@@ -29,12 +41,7 @@ class EventLog:
         self, kind: str, at: str, migration_id: str | None = None, **fields: Any
     ) -> None:
         """Append to the global stream and, if given, the migration's own stream."""
-        entry = {
-            "kind": kind,
-            "at": at,
-            "migration_id": migration_id or "",
-            "fields": json.dumps(fields, default=str),
-        }
+        entry = encode_entry(kind, at, migration_id, fields)
         keys = self._store.keys
 
         async def write(r: Any) -> None:

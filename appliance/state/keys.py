@@ -13,9 +13,13 @@ random one)::
     {p}:groups:active               zset    groups not yet finished, scored by admission order
     {p}:admission                   string  counter handing out admission order
     {p}:secret:{migration_id}       string  guest credentials, sealed by the client, until prepare
-    {p}:vm-lock:{site}:{vm_id}      string  migration id holding the VM (one migration per VM)
-    {p}:lease:{id}                  hash    owner and fencing token of a migration's driver
-    {p}:fence:{id}                  string  last fencing token handed out for a resource
+    {p}:vm-lock:{site}:{vm_id}      string  migration id holding the VM (one migration per VM);
+                                            expires until its migration record exists
+    {p}:lease:{id}                  hash    owner, fencing token, expiry of a migration's driver
+                                            (the key itself expires with the lease)
+    {p}:fence:{id}                  hash    "token": last fencing token handed out (never
+                                            expires); "accepted:<t>"/"refused:<t>": fenced
+                                            writes made with token t
     {p}:checkpoint:{transfer_id}    hash    chunk index -> "epoch:hash" of chunks done; "meta",
                                             "durable" (flushed epoch), "complete" (image digest)
     {p}:events                      stream  global event log

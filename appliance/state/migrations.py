@@ -4,71 +4,146 @@ The state layer does not know the orchestrator's states: a record is stored
 as its ``step`` (the state-machine state, compared and set atomically), its
 ``public`` state (what clients see; counted in ``{p}:migration-counts``), a
 JSON ``record`` the orchestrator owns, and a ``cancel`` flag any process may
-raise. Every write of a step or record is fenced by the writer's lease token.
+raise. Every write made for a running migration (its step and record with the
+step's event, a VM unlock, a secret's removal) is fenced by the writer's lease:
+a stale token raises :class:`~appliance.errors.FencedOut` and nothing is written.
+
+VM locks: one migration per VM. A lock is taken with an expiry and made
+permanent, atomically, when its migration's record is created; so a request
+that died in between leaves a lock that lapses by itself. A lock whose
+migration is finished, or a permanent one naming no record, counts as free.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Collection, Mapping
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.typing import EncodableT
 
-from appliance.errors import IncorrectState, LeaseLost
+from appliance.errors import Conflict, IncorrectState
+from appliance.state.events import GLOBAL_MAXLEN, MIGRATION_MAXLEN
+from appliance.state.leases import FENCE_CHECK, Lease, check_fenced, fence_keys, fence_token
 from appliance.state.store import StateStore, text
 
-# KEYS: record, lease, counts. ARGV: expected step, new step, old public, new public, json, token
-_TRANSITION = """
-if ARGV[6] ~= '' and redis.call('HGET', KEYS[2], 'token') ~= ARGV[6] then
-  return -1
-end
-if redis.call('HGET', KEYS[1], 'step') ~= ARGV[1] then
+# KEYS: lease, fence, record, counts, events, migration events.
+# ARGV: token, expected step, new step, old public, new public, json, then (optional) the
+# event: global maxlen, migration maxlen, field/value pairs. 0: wrong step, -1: fenced out.
+_TRANSITION = (
+    FENCE_CHECK
+    + """
+if redis.call('HGET', KEYS[3], 'step') ~= ARGV[2] then
   return 0
 end
-redis.call('HSET', KEYS[1], 'step', ARGV[2], 'public', ARGV[4], 'record', ARGV[5])
-if ARGV[3] ~= ARGV[4] then
-  redis.call('HINCRBY', KEYS[3], ARGV[3], -1)
-  redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+redis.call('HSET', KEYS[3], 'step', ARGV[3], 'public', ARGV[5], 'record', ARGV[6])
+if ARGV[4] ~= ARGV[5] then
+  redis.call('HINCRBY', KEYS[4], ARGV[4], -1)
+  redis.call('HINCRBY', KEYS[4], ARGV[5], 1)
+end
+if #ARGV > 8 then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', unpack(ARGV, 9))
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 9))
 end
 return 1
 """
+)
 
-# KEYS: vm lock. ARGV: migration id. Returns the holder (ours when we got it).
+# A VM lock names the migration holding the VM. It is taken with an expiry ("pending")
+# and made permanent only when the migration's record is created (``_CREATE_GROUP``), so a
+# request that dies between the two leaves no lock behind for longer than the expiry.
+# A lock whose migration is finished, or that is permanent but names no record, is free.
+# KEYS: vm lock. ARGV: migration id, pending ms, record key prefix, finished steps...
+# Returns the holder (ours when we got it).
 _LOCK = """
 local holder = redis.call('GET', KEYS[1])
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1])
-  return ARGV[1]
+if holder == ARGV[1] then
+  if redis.call('PTTL', KEYS[1]) > 0 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  end
+  return holder
 end
-return holder
+if holder then
+  local record = ARGV[3] .. holder
+  local step = redis.call('HGET', record, 'step')
+  local free = false
+  if step then
+    for i = 4, #ARGV do
+      if step == ARGV[i] then
+        free = true
+      end
+    end
+  else
+    free = redis.call('PTTL', KEYS[1]) == -1
+  end
+  if not free then
+    return holder
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ARGV[1]
 """
 
-# KEYS: group, migrations zset, counts, active groups, then one record per member.
-# ARGV: group id, request id, members JSON, admission, then 4 per member.
+# KEYS: vm lock. ARGV: migration id. Drops the lock only while it is still pending.
+_RELEASE_PENDING = """
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('PTTL', KEYS[1]) > 0 then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS: group, migrations zset, counts, active groups, then one record per member, then
+# (when ARGV[5] is not 0) one VM lock per member, made permanent here. ARGV: group id,
+# request id, members JSON, admission, number of locks, then 4 per member.
+# Returns 1 (created), 0 (the group exists), -1 (a member's lock is another migration's).
 _CREATE_GROUP = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
+local members = (#ARGV - 5) / 4
+local locks = tonumber(ARGV[5])
+for i = 1, locks do
+  local holder = redis.call('GET', KEYS[4 + members + i])
+  if holder and holder ~= ARGV[6 + (i - 1) * 4] then
+    return -1
+  end
+end
 local admission = tonumber(ARGV[4])
-for i = 5, #KEYS do
-  local base = 5 + (i - 5) * 4
-  redis.call('HSET', KEYS[i], 'step', ARGV[base + 1], 'public', ARGV[base + 2],
+for i = 1, members do
+  local base = 6 + (i - 1) * 4
+  redis.call('HSET', KEYS[4 + i], 'step', ARGV[base + 1], 'public', ARGV[base + 2],
              'record', ARGV[base + 3])
   redis.call('ZADD', KEYS[2], admission, ARGV[base])
   redis.call('HINCRBY', KEYS[3], ARGV[base + 2], 1)
+  if i <= locks then
+    redis.call('SET', KEYS[4 + members + i], ARGV[base])
+  end
 end
 redis.call('HSET', KEYS[1], 'request_id', ARGV[2], 'members', ARGV[3], 'admission', admission)
 redis.call('ZADD', KEYS[4], admission, ARGV[1])
 return 1
 """
 
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+# KEYS: lease, fence, vm lock. ARGV: token, migration id.
+_UNLOCK = (
+    FENCE_CHECK
+    + """
+if redis.call('GET', KEYS[3]) == ARGV[2] then
+  return redis.call('DEL', KEYS[3])
 end
 return 0
 """
+)
+
+# KEYS: lease, fence, key. ARGV: token.
+_DELETE = (
+    FENCE_CHECK
+    + """
+return redis.call('DEL', KEYS[3])
+"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +161,8 @@ class NewMigration:
     step: str
     public: str
     record: str
+    vm_lock: tuple[str, str] | None = None
+    """(site, vm id) of the lock this migration took: made permanent with the record."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +179,9 @@ class MigrationStore:
         self._keys = store.keys
         self._transition = store.redis.register_script(_TRANSITION)
         self._lock = store.redis.register_script(_LOCK)
+        self._release_pending = store.redis.register_script(_RELEASE_PENDING)
         self._unlock = store.redis.register_script(_UNLOCK)
+        self._delete = store.redis.register_script(_DELETE)
         self._create_group = store.redis.register_script(_CREATE_GROUP)
 
     # --- creation ---------------------------------------------------------------
@@ -116,27 +195,35 @@ class MigrationStore:
         """Create a group and its migrations in one atomic step, unless the group exists.
 
         Returns False (and changes nothing) when an earlier or concurrent delivery of
-        the same request already made it.
+        the same request already made it. The members' VM locks (all or none of them
+        carry one) become permanent with the records; Conflict if one is no longer theirs.
         """
+        locks = [m.vm_lock for m in members if m.vm_lock is not None]
+        if locks and len(locks) != len(members):
+            raise ValueError("either every member of a group names its VM lock or none does")
         keys = [
             self._keys.group(group_id),
             self._keys.migrations,
             self._keys.migration_counts,
             self._keys.active_groups,
             *(self._keys.migration(m.migration_id) for m in members),
+            *(self._keys.vm_lock(site, vm_id) for site, vm_id in locks),
         ]
         args: list[EncodableT] = [
             group_id,
             request_id,
             json.dumps([m.migration_id for m in members]),
             admission,
+            len(locks),
         ]
         for member in members:
             args += [member.migration_id, member.step, member.public, member.record]
-        created = await self._store.run(
-            lambda r: self._create_group(keys=keys, args=args, client=r)
+        created = int(
+            await self._store.run(lambda r: self._create_group(keys=keys, args=args, client=r))
         )
-        return int(created) == 1
+        if created == -1:
+            raise Conflict(f"a VM lock of group {group_id} lapsed and another migration took it")
+        return created == 1
 
     async def claim_request(self, request_id: str, migration_ids: list[str]) -> list[str]:
         """Record which migrations a request made; return the ids recorded first (idempotency)."""
@@ -148,20 +235,62 @@ class MigrationStore:
         raw = await self._store.run(lambda r: r.get(self._keys.request(request_id)))
         return list(json.loads(text(raw))) if raw is not None else None
 
-    async def lock_vm(self, site: str, vm_id: str, migration_id: str) -> str:
+    async def lock_vm(
+        self,
+        site: str,
+        vm_id: str,
+        migration_id: str,
+        *,
+        pending_s: float,
+        finished: Collection[str],
+    ) -> str:
+        """Take the VM for ``migration_id``; returns the holder (ours when we got it).
+
+        The lock lapses after ``pending_s`` unless the migration's record is created
+        first. A lock held by a migration whose step is in ``finished`` is taken over.
+        """
         key = self._keys.vm_lock(site, vm_id)
-        holder = await self._store.run(
-            lambda r: self._lock(keys=[key], args=[migration_id], client=r)
-        )
+        args: list[EncodableT] = [
+            migration_id,
+            max(1, int(pending_s * 1000)),
+            self._keys.migration(""),
+            *finished,
+        ]
+        holder = await self._store.run(lambda r: self._lock(keys=[key], args=args, client=r))
         return text(holder)
+
+    async def release_pending_lock(self, site: str, vm_id: str, migration_id: str) -> None:
+        """Drop our lock if its migration was never created (a lock made permanent stays)."""
+        key = self._keys.vm_lock(site, vm_id)
+        await self._store.run(
+            lambda r: self._release_pending(keys=[key], args=[migration_id], client=r)
+        )
 
     async def lock_holder(self, site: str, vm_id: str) -> str | None:
         holder = await self._store.run(lambda r: r.get(self._keys.vm_lock(site, vm_id)))
         return text(holder) if holder is not None else None
 
-    async def unlock_vm(self, site: str, vm_id: str, migration_id: str) -> None:
-        key = self._keys.vm_lock(site, vm_id)
-        await self._store.run(lambda r: self._unlock(keys=[key], args=[migration_id], client=r))
+    async def unlock_vm(
+        self, site: str, vm_id: str, migration_id: str, lease: Lease | None = None
+    ) -> None:
+        """Release the VM if ``migration_id`` holds it; fenced by the owner's ``lease``."""
+        keys = [*fence_keys(self._keys, lease), self._keys.vm_lock(site, vm_id)]
+        await self._fenced(self._unlock, keys, lease, migration_id)
+
+    async def delete_secret(self, migration_id: str, lease: Lease | None = None) -> None:
+        """Drop a migration's sealed credentials; fenced by the owner's ``lease``."""
+        keys = [*fence_keys(self._keys, lease), self._keys.secret(migration_id)]
+        await self._fenced(self._delete, keys, lease)
+
+    async def _fenced(
+        self, script: AsyncScript, keys: list[str], lease: Lease | None, *args: EncodableT
+    ) -> object:
+        def call(r: Redis) -> Awaitable[object]:
+            return script(keys=keys, args=[fence_token(lease), *args], client=r)
+
+        result = await self._store.run(call)
+        check_fenced(result, lease)
+        return result
 
     # --- reading ----------------------------------------------------------------
 
@@ -223,28 +352,27 @@ class MigrationStore:
         old_public: str,
         public: str,
         record: str,
-        lease_resource: str,
-        token: int | None,
+        lease: Lease | None,
+        event: Mapping[str, str] | None = None,
     ) -> None:
-        """Set ``step`` if the record is still at ``expected`` and our lease is current."""
+        """Set ``step`` if the record is still at ``expected`` and ``lease`` is current.
+
+        ``event`` (a stream entry) is appended to the global and the migration's event
+        log in the same atomic step, so a step is logged exactly when it is stored.
+        """
         keys = [
+            *fence_keys(self._keys, lease),
             self._keys.migration(migration_id),
-            self._keys.lease(lease_resource),
             self._keys.migration_counts,
+            self._keys.events,
+            self._keys.migration_events(migration_id),
         ]
-        args: list[EncodableT] = [
-            expected,
-            step,
-            old_public,
-            public,
-            record,
-            "" if token is None else str(token),
-        ]
-        result = int(
-            await self._store.run(lambda r: self._transition(keys=keys, args=args, client=r))
-        )
-        if result == -1:
-            raise LeaseLost(lease_resource, token or 0)
+        args: list[EncodableT] = [expected, step, old_public, public, record]
+        if event is not None:
+            args += [GLOBAL_MAXLEN, MIGRATION_MAXLEN]
+            for name, value in event.items():
+                args += [name, value]
+        result = await self._fenced(self._transition, keys, lease, *args)
         if result == 0:
             current = await self.get(migration_id)
             raise IncorrectState(

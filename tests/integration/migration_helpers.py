@@ -141,8 +141,18 @@ class ApplianceProcess:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP: the process keeps everything it holds and does nothing until resumed."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
     async def stop(self) -> int:
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0
+        self.resume()  # a paused process would not hear the SIGTERM
         self.process.send_signal(signal.SIGTERM)
         return await asyncio.to_thread(self.process.wait, 60)

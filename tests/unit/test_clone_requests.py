@@ -34,7 +34,7 @@ from appliance.sites.lab.site import LabSite
 from appliance.state.checkpoints import RedisCheckpointStore
 from appliance.state.events import EventLog
 from appliance.state.keys import Keys
-from appliance.state.leases import Leases
+from appliance.state.leases import Lease, Leases
 from appliance.state.migrations import MigrationStore
 from appliance.state.policy import Policies
 from appliance.state.store import StateStore, connect, text
@@ -102,8 +102,8 @@ async def env(
     clock = FakeClock()
     sink = MemorySink()
 
-    def checkpoints(transfer_id: str) -> CheckpointStore:
-        return RedisCheckpointStore(store.redis, store.keys, transfer_id)
+    def checkpoints(transfer_id: str, lease: Lease | None) -> CheckpointStore:
+        return RedisCheckpointStore(store.redis, store.keys, transfer_id, lease=lease)
 
     deps = Deps(  # as appliance/service/wiring.py build_deps makes them
         config=OrchestratorConfig(appliance_id="ferry-unit"),

@@ -71,8 +71,7 @@ async def move(
         old_public=old_public,
         public=public,
         record=json.dumps({"id": migration_id, "step": step}),
-        lease_resource=LEASE,
-        token=lease.token if lease else None,
+        lease=lease,
     )
 
 
@@ -178,12 +177,13 @@ async def test_a_transition_of_an_unknown_migration_names_none(
 
 
 async def test_a_stale_lease_token_cannot_write(
-    store: StateStore, migrations: MigrationStore
+    store: StateStore, migrations: MigrationStore, redis: aioredis.Redis, keys: Keys
 ) -> None:
     await make_group(migrations, GROUP, "m-1")
-    old = await lease_for(store, "ferry-a", ttl_s=0.2)
+    old = await lease_for(store, "ferry-a")
     await move(migrations, "m-1", old, "queued", "preparing", "queued", "running")
-    await asyncio.sleep(0.3)
+    # The lease runs out, as if its owner stalled (Redis's clock is real: expire it by hand).
+    await redis.hset(keys.lease(LEASE), "expires", 0)
     new_owner = await lease_for(store, "ferry-b")
     assert new_owner.token > old.token
 
@@ -225,21 +225,27 @@ async def test_a_cancel_request_is_a_flag_on_the_record(
 # --- VM locks and request idempotency ----------------------------------------------
 
 
+async def lock(migrations: MigrationStore, site: str, vm_id: str, migration_id: str) -> str:
+    return await migrations.lock_vm(
+        site, vm_id, migration_id, pending_s=60, finished=("completed", "failed", "cancelled")
+    )
+
+
 async def test_one_migration_per_vm(migrations: MigrationStore) -> None:
     assert await migrations.lock_holder("onprem", "vm-1") is None
-    assert await migrations.lock_vm("onprem", "vm-1", "m-1") == "m-1"
-    assert await migrations.lock_vm("onprem", "vm-1", "m-1") == "m-1"  # again: still ours
-    assert await migrations.lock_vm("onprem", "vm-1", "m-2") == "m-1"  # someone else's
+    assert await lock(migrations, "onprem", "vm-1", "m-1") == "m-1"
+    assert await lock(migrations, "onprem", "vm-1", "m-1") == "m-1"  # again: still ours
+    assert await lock(migrations, "onprem", "vm-1", "m-2") == "m-1"  # someone else's
     assert await migrations.lock_holder("onprem", "vm-1") == "m-1"
     # Locks are per site and per VM.
-    assert await migrations.lock_vm("cloud", "vm-1", "m-2") == "m-2"
-    assert await migrations.lock_vm("onprem", "vm-2", "m-2") == "m-2"
+    assert await lock(migrations, "cloud", "vm-1", "m-2") == "m-2"
+    assert await lock(migrations, "onprem", "vm-2", "m-2") == "m-2"
 
     await migrations.unlock_vm("onprem", "vm-1", "m-2")  # not the holder: nothing happens
     assert await migrations.lock_holder("onprem", "vm-1") == "m-1"
     await migrations.unlock_vm("onprem", "vm-1", "m-1")
     assert await migrations.lock_holder("onprem", "vm-1") is None
-    assert await migrations.lock_vm("onprem", "vm-1", "m-2") == "m-2"
+    assert await lock(migrations, "onprem", "vm-1", "m-2") == "m-2"
 
 
 async def test_a_request_is_claimed_once(migrations: MigrationStore) -> None:
@@ -266,7 +272,7 @@ async def test_everything_lives_under_the_prefix(
     migrations: MigrationStore, redis: aioredis.Redis, keys: Keys
 ) -> None:
     await make_group(migrations, GROUP, "m-1")
-    await migrations.lock_vm("onprem", "vm-1", "m-1")
+    await lock(migrations, "onprem", "vm-1", "m-1")
     await migrations.claim_request("req-1", ["m-1"])
     found = {key.decode() async for key in redis.scan_iter(match=keys.pattern)}
     assert found == {

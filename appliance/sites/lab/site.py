@@ -382,6 +382,9 @@ class LabSite:
         await self._forget_disk(path)
         await asyncio.to_thread(shutil.rmtree, path, True)
 
+    async def release_volume(self, volume_id: str) -> None:
+        await self._forget_disk(self.volume_dir(volume_id))
+
     async def release(self, vm_id: str) -> None:
         try:
             vm = await self.get_vm(vm_id)
