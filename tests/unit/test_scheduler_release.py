@@ -40,7 +40,7 @@ from appliance.state.migrations import MigrationStore
 from appliance.state.policy import Policies
 from appliance.state.store import StateStore, connect
 from tests.support.lab import build_lab
-from tests.unit.test_clone_requests import TOKEN, VMS, NoCloud, clone
+from tests.unit.test_clone_requests import KEYS, VMS, NoCloud, clone
 
 OWNER = "ferry-unit/1"
 
@@ -117,7 +117,7 @@ async def env(
         sites={"onprem": onprem, "cloud": cloud},
         cloud=NoCloud(),
         checkpoints=checkpoints,
-        sealer=Sealer(TOKEN),
+        sealer=Sealer(KEYS),
         clock=clock,
         buffers=BufferBudget(4, MAX_DATA_RUN),
     )

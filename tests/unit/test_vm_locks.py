@@ -9,6 +9,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -17,27 +18,27 @@ from appliance.dispatch.dispatcher import Dispatcher
 from appliance.errors import Conflict
 from appliance.orchestrator.requests import CloneRequests, migration_id_for
 from appliance.orchestrator.states import Step
-from appliance.sealing import Sealer
 from appliance.state.commands import CommandRecords
 from appliance.state.events import EventLog
-from appliance.state.migrations import NewMigration
+from appliance.state.migrations import MigrationStore, NewMigration
 from messages.codec import Decoder, encode
 from messages.commands import Command
 from messages.common import MigrationState
 from messages.events import ErrorResponse, Event
 from tests.unit import test_clone_requests as clone_env
-from tests.unit.test_clone_requests import TOKEN, Env, clone
+from tests.unit.test_clone_requests import Env, clone
+from tests.unit.test_dispatcher import TOKEN
 
 env = clone_env.env  # the same fixture: a real Redis, a real lab site, the real handler
 
 VM_IDS = ["vm-0001", "vm-0002"]
 
 
-class BrokenSealer(Sealer):
-    """Sealing credentials fails with a defect: after the VMs were locked, before any record."""
+class BrokenStore(MigrationStore):
+    """Creating the records fails with a defect: after the VMs were locked, before any record."""
 
-    def seal(self, secret: bytes, context: str) -> str:
-        raise RuntimeError("injected defect while sealing")
+    async def create_group(self, *args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("injected defect while creating the records")
 
 
 def dispatcher_for(env: Env, clones: CloneRequests) -> Dispatcher:
@@ -58,7 +59,7 @@ def dispatcher_for(env: Env, clones: CloneRequests) -> Dispatcher:
 
 
 async def test_a_dead_lettered_request_releases_the_locks_it_took(env: Env) -> None:
-    broken = CloneRequests(dataclasses.replace(env.deps, sealer=BrokenSealer(TOKEN)))
+    broken = CloneRequests(dataclasses.replace(env.deps, migrations=BrokenStore(env.deps.store)))
     command = clone(VM_IDS, request_id="req-dies")
     body = encode(command.model_copy(update={"sent_at": env.deps.clock.now()}), TOKEN)
 
