@@ -54,7 +54,8 @@ async def test_an_owner_paused_past_its_lease_writes_nothing_after_the_takeover(
     store = StateStore(connect(harness.redis_url), Keys(harness.prefix))
     try:
         async with FerryClient(harness.client_settings()) as client:
-            follower = await start_migration(client, clone_request([vm.vm_id], bandwidth_mbps=24))
+            request = clone_request(client, [vm.vm_id], bandwidth_mbps=24)
+            follower = await start_migration(client, request)
             (started,) = (
                 await follower.until(
                     lambda latest: any(
