@@ -13,7 +13,7 @@ import binascii
 import fnmatch
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from appliance.errors import CommandRejected
 from appliance.sites.model import VmConfig
@@ -23,7 +23,12 @@ from messages.common import DiskInfo, MigrationState, NicInfo, VmSummary
 from messages.events import SourceInventoryResponseBody
 
 ENVELOPE_ALLOWANCE = 2048  # bytes of envelope around the body, with room to spare
-MigrationStateOf = Callable[[str], MigrationState | None]
+MigrationStatesOf = Callable[[Sequence[str]], Awaitable[dict[str, MigrationState]]]
+"""The state of each VM's latest migration, by VM id (VMs never migrated are left out)."""
+
+
+async def _never_migrated(_vm_ids: Sequence[str]) -> dict[str, MigrationState]:
+    return {}
 
 
 def summary(vm: VmConfig, migration_state: MigrationState | None = None) -> VmSummary:
@@ -83,11 +88,11 @@ class Inventory:
         self,
         site: Site,
         max_message_bytes: int,
-        migration_state_of: MigrationStateOf | None = None,
+        migration_states_of: MigrationStatesOf = _never_migrated,
     ) -> None:
         self._site = site
         self._budget = max_message_bytes - ENVELOPE_ALLOWANCE
-        self._state_of = migration_state_of or (lambda _vm_id: None)
+        self._states_of = migration_states_of
 
     async def page(self, request: SourceInventoryRequestBody) -> SourceInventoryResponseBody:
         vms = sorted(
@@ -98,10 +103,16 @@ class Inventory:
         if request.page_token is not None:
             after = decode_token(request.page_token, request.filters)
             start = next((i for i, vm in enumerate(vms) if (vm.name, vm.vm_id) > after), len(vms))
-        return self._fit(vms, start, request)
+        page = vms[start : start + request.page_size]
+        states = await self._states_of([vm.vm_id for vm in page])
+        return self._fit(vms, start, request, states)
 
     def _fit(
-        self, vms: Sequence[VmConfig], start: int, request: SourceInventoryRequestBody
+        self,
+        vms: Sequence[VmConfig],
+        start: int,
+        request: SourceInventoryRequestBody,
+        states: dict[str, MigrationState],
     ) -> SourceInventoryResponseBody:
         count = min(request.page_size, len(vms) - start)
         while True:
@@ -113,7 +124,7 @@ class Inventory:
                 else None
             )
             body = SourceInventoryResponseBody(
-                vms=tuple(summary(vm, self._state_of(vm.vm_id)) for vm in chosen),
+                vms=tuple(summary(vm, states.get(vm.vm_id)) for vm in chosen),
                 next_page_token=token,
                 total_count=len(vms),
             )

@@ -36,6 +36,7 @@ from appliance.state.migrations import MigrationStore
 from appliance.state.policy import Policies
 from appliance.state.store import StateStore
 from messages.commands import CancelRequest, Command, SourceCloneRequest, SourceInventoryRequest
+from messages.common import MigrationState
 from messages.errors import ErrorCode
 from messages.events import Event, SourceInventoryResponse
 
@@ -122,7 +123,11 @@ def build_handlers(
     health: HealthBoard,
     onprem: LabSite,
 ) -> dict[str, CommandHandler]:
-    inventory = Inventory(onprem, settings.max_message_bytes)
+    async def migration_states(vm_ids: Sequence[str]) -> dict[str, MigrationState]:
+        found = await deps.migrations.latest_states(onprem.name, list(vm_ids))
+        return {vm_id: MigrationState(state) for vm_id, state in found.items()}
+
+    inventory = Inventory(onprem, settings.max_message_bytes, migration_states)
     clones = CloneRequests(deps)
     control = MigrationControl(deps, scheduler)
 

@@ -14,6 +14,7 @@ random one)::
     {p}:admission                   string  counter handing out admission order
     {p}:secret:{migration_id}       string  sealed guest credentials (AES-GCM), until prepare ends
     {p}:vm-lock:{site}:{vm_id}      string  migration id holding the VM (one migration per VM)
+    {p}:vm-latest:{site}:{vm_id}    string  the VM's latest migration id (inventory shows its state)
     {p}:lease:{id}                  hash    owner and fencing token of a migration's driver
     {p}:fence:{id}                  string  last fencing token handed out for a resource
     {p}:checkpoint:{transfer_id}    hash    chunk index -> "epoch:hash" of chunks done; "meta",
@@ -74,6 +75,9 @@ class Keys:
 
     def vm_lock(self, site: str, vm_id: str) -> str:
         return self._key("vm-lock", site, vm_id)
+
+    def vm_latest(self, site: str, vm_id: str) -> str:
+        return self._key("vm-latest", site, vm_id)
 
     def lease(self, resource: str) -> str:
         return self._key("lease", resource)

@@ -150,10 +150,13 @@ class MigrationStore:
 
     async def lock_vm(self, site: str, vm_id: str, migration_id: str) -> str:
         key = self._keys.vm_lock(site, vm_id)
-        holder = await self._store.run(
-            lambda r: self._lock(keys=[key], args=[migration_id], client=r)
+        holder = text(
+            await self._store.run(lambda r: self._lock(keys=[key], args=[migration_id], client=r))
         )
-        return text(holder)
+        if holder == migration_id:
+            latest = self._keys.vm_latest(site, vm_id)
+            await self._store.run(lambda r: r.set(latest, migration_id))
+        return holder
 
     async def lock_holder(self, site: str, vm_id: str) -> str | None:
         holder = await self._store.run(lambda r: r.get(self._keys.vm_lock(site, vm_id)))
@@ -185,6 +188,26 @@ class MigrationStore:
             for migration_id, raw in zip(migration_ids, rows, strict=True)
             if raw and b"record" in raw
         ]
+
+    async def latest_states(self, site: str, vm_ids: list[str]) -> dict[str, str]:
+        """The public state of each VM's latest migration, by VM id; VMs never migrated omitted."""
+        keys = self._keys
+
+        async def read(r: Redis) -> dict[str, str]:
+            async with r.pipeline(transaction=False) as pipe:
+                for vm_id in vm_ids:
+                    pipe.get(keys.vm_latest(site, vm_id))
+                latest: list[bytes | None] = await pipe.execute()
+            found = {v: text(m) for v, m in zip(vm_ids, latest, strict=True) if m is not None}
+            async with r.pipeline(transaction=False) as pipe:
+                for migration_id in found.values():
+                    pipe.hget(keys.migration(migration_id), "public")
+                public: list[bytes | None] = await pipe.execute()
+            return {v: text(p) for v, p in zip(found, public, strict=True) if p is not None}
+
+        if not vm_ids:
+            return {}
+        return await self._store.run(read)
 
     async def page(self, offset: int, count: int) -> list[str]:
         """Migration ids in admission order."""
