@@ -72,10 +72,47 @@ def _two_dependent_vms(data_dir: Path) -> list[str]:
     return fit[:2]
 
 
+DEMO_MARKER = ".ferry-demo"
+"""Marks a data directory the demo made: only such a directory is emptied by the next run."""
+
+
+class DataDirRefused(Exception):
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        super().__init__(
+            f"{data_dir} is not empty and was not made by the demo (no {DEMO_MARKER} in it): "
+            "the demo does not touch it; give a new or empty directory"
+        )
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """A data directory the demo may fill: new, empty, or one an earlier demo made.
+
+    A directory the demo made earlier (it holds :data:`DEMO_MARKER`) is emptied;
+    the directory itself is never removed. Anything else that is not empty is
+    refused with :class:`DataDirRefused`, untouched.
+    """
+    marker = data_dir / DEMO_MARKER
+    if data_dir.exists() and not marker.is_file():
+        if not data_dir.is_dir() or any(data_dir.iterdir()):
+            raise DataDirRefused(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for entry in data_dir.iterdir():
+        if entry.name == DEMO_MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    marker.write_text("made by 'ferry-appliance demo'; emptied by its next run\n")
+
+
 def run_demo(data_dir: Path) -> int:
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    data_dir.mkdir(parents=True)
+    try:
+        prepare_data_dir(data_dir)
+    except DataDirRefused as refused:
+        console.print(f"[red]{refused}[/red]")
+        return 2
     env = {
         **os.environ,
         "FERRY_DATA_DIR": str(data_dir),
