@@ -95,6 +95,12 @@ class MigrationStatus(WireModel):
     bytes_total: int = Field(default=0, ge=0)
     rate_bytes_per_s: float = Field(default=0.0, ge=0)
     eta_seconds: float | None = Field(default=None, ge=0)
+    bandwidth_cap_bps: float | None = Field(
+        default=None,
+        gt=0,
+        description="While data moves: the cap in force now, bytes per second (the lower of "
+        "the request's and the policy's); null when uncapped",
+    )
     checks: tuple[PrepareCheck, ...] = ()
     error: ErrorInfo | None = None
     updated_at: datetime

@@ -5,6 +5,10 @@ workers; running them side by side would multiply memory, not speed). The
 engine checkpoints each disk in Redis, so a restarted step skips what is
 durable. Progress is written to the record and published every
 ``progress_interval_s``; a cancel stops the engine at the next chunk.
+
+The bandwidth cap is live: one token bucket serves the migration's disks, and
+every progress interval its rate is set again from the request's cap and the
+policy's (the lower wins), so a SetPolicyRequest reaches running transfers.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from appliance.orchestrator.context import Deps
 from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.record import DiskPlan, MigrationRecord
 from appliance.orchestrator.steps import transfer_id
+from appliance.state.policy import MBPS, lower_cap
 from appliance.storage.backend import Backend
 from appliance.storage.extents import allocated_length
 from messages.common import VerifyMode
@@ -55,6 +60,7 @@ class DiskCopy:
         self._cancelled = cancelled
         self._progress = _Progress()
         self._writing = asyncio.Lock()  # one writer of the record at a time
+        self._bandwidth = TokenBucket(clock=deps.clock)  # every disk's, adjusted live
 
     async def _save(self, record: MigrationRecord | None = None, **changes: object) -> None:
         async with self._writing:
@@ -74,6 +80,7 @@ class DiskCopy:
                 for d in record.disks
             ]
             await self._save(disks=tuple(disks), bytes_total=sum(d.bytes_to_copy for d in disks))
+        await self._apply_cap()
         reporter = asyncio.create_task(self._report())
         try:
             for disk in self._record.disks:
@@ -107,7 +114,7 @@ class DiskCopy:
                 certify=options.verify is VerifyMode.CERTIFY,
                 target_is_zero=True,  # a fresh volume; resumed chunks are skipped or re-sent
             ),
-            bandwidth=TokenBucket(options.bandwidth_cap_bps, clock=self._deps.clock),
+            bandwidth=self._bandwidth,
             source_io=QueueDepthLimiter(options.io_queue_depth),
             buffers=self._deps.buffers,
             progress=self._on_progress,
@@ -123,6 +130,21 @@ class DiskCopy:
             source_digest=result.source_digest.hex() if result.source_digest else None,
             target_digest=result.target_digest.hex() if result.target_digest else None,
         )
+
+    async def _apply_cap(self) -> float | None:
+        """Set the bucket's rate from the request and the policy in force now; the rate."""
+        record = self._record
+        policy = await self._deps.policies.for_clusters(
+            record.source_cluster, record.target_cluster
+        )
+        from_policy = policy.bandwidth_cap_mbps * MBPS if policy.bandwidth_cap_mbps else None
+        cap = lower_cap(record.options.bandwidth_cap_bps, from_policy)
+        if cap != self._bandwidth.rate:
+            self._bandwidth.set_rate(cap)
+        if self._bandwidth.rate != record.bandwidth_cap_bps:
+            # What clients see is the bucket's own rate: the cap the throttle applies.
+            await self._save(bandwidth_cap_bps=self._bandwidth.rate)
+        return cap
 
     def _on_progress(self, progress: TransferProgress) -> None:
         self._progress.current = progress
@@ -141,5 +163,6 @@ class DiskCopy:
             done = min(self._progress.bytes_done, total)
             rate = current.rate_bytes_per_s if current else 0.0
             eta = (total - done) / rate if rate > 0 else None
+            await self._apply_cap()
             await self._save(bytes_done=done, rate_bytes_per_s=rate, eta_seconds=eta)
             await self._deps.reporter.publish(self._record, self._cancelled.is_set())

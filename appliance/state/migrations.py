@@ -150,13 +150,15 @@ class MigrationStore:
 
     async def lock_vm(self, site: str, vm_id: str, migration_id: str) -> str:
         key = self._keys.vm_lock(site, vm_id)
-        holder = text(
-            await self._store.run(lambda r: self._lock(keys=[key], args=[migration_id], client=r))
+        holder = await self._store.run(
+            lambda r: self._lock(keys=[key], args=[migration_id], client=r)
         )
-        if holder == migration_id:
-            latest = self._keys.vm_latest(site, vm_id)
-            await self._store.run(lambda r: r.set(latest, migration_id))
-        return holder
+        return text(holder)
+
+    async def note_latest(self, site: str, vm_id: str, migration_id: str) -> None:
+        """Remember ``migration_id`` as the VM's latest migration (inventory shows its state)."""
+        latest = self._keys.vm_latest(site, vm_id)
+        await self._store.run(lambda r: r.set(latest, migration_id))
 
     async def lock_holder(self, site: str, vm_id: str) -> str | None:
         holder = await self._store.run(lambda r: r.get(self._keys.vm_lock(site, vm_id)))
