@@ -112,7 +112,9 @@ class DiskCopy:
                 chunk_size=options.chunk_size,
                 workers=self._deps.config.transfer_workers,
                 certify=options.verify is VerifyMode.CERTIFY,
-                target_is_zero=True,  # a fresh volume; resumed chunks are skipped or re-sent
+                # A fresh volume; resumed chunks are skipped or re-sent. A volume kept from an
+                # earlier attempt holds data where the new snapshot may have zeroes.
+                target_is_zero=record.attempt == 0,
             ),
             bandwidth=self._bandwidth,
             source_io=QueueDepthLimiter(options.io_queue_depth),

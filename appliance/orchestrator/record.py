@@ -82,6 +82,8 @@ class MigrationRecord:
     created_at: str = ""
     updated_at: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    keep_for_resume: bool = False  # a rollback keeps the copied data and its checkpoints
+    attempt: int = 0  # resumes after a failure that kept the data (SyncRequest)
     source_cluster: str | None = None  # per-cluster policies apply by these
     target_cluster: str | None = None
 

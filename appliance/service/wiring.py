@@ -20,9 +20,10 @@ from appliance.errors import CommandRejected
 from appliance.health import HealthBoard
 from appliance.orchestrator.context import Deps, OrchestratorConfig
 from appliance.orchestrator.control import MigrationControl
-from appliance.orchestrator.reporting import Reporter
+from appliance.orchestrator.reporting import Reporter, status_of
 from appliance.orchestrator.requests import CloneRequests
-from appliance.orchestrator.scheduler import Scheduler
+from appliance.orchestrator.resume import Resumes
+from appliance.orchestrator.scheduler import Scheduler, group_lease
 from appliance.sealing import Sealer
 from appliance.settings import Settings
 from appliance.sink import EventSink
@@ -35,10 +36,16 @@ from appliance.state.leases import Leases
 from appliance.state.migrations import MigrationStore
 from appliance.state.policy import Policies
 from appliance.state.store import StateStore
-from messages.commands import CancelRequest, Command, SourceCloneRequest, SourceInventoryRequest
+from messages.commands import (
+    CancelRequest,
+    Command,
+    SourceCloneRequest,
+    SourceInventoryRequest,
+    SyncRequest,
+)
 from messages.common import MigrationState
 from messages.errors import ErrorCode
-from messages.events import Event, SourceInventoryResponse
+from messages.events import Event, SourceCloneResponse, SourceInventoryResponse
 
 WanLink = Callable[[NbdAddress], Awaitable[NbdAddress]]
 """Maps the cloud NBD server's address to the one the data path dials (a tunnel, a proxy)."""
@@ -151,6 +158,21 @@ def build_handlers(
         assert isinstance(command, CancelRequest)
         return list(await control.cancel(command))
 
+    resumes = Resumes(deps, group_lease)
+
+    async def answer_sync(command: Command) -> list[Event]:
+        assert isinstance(command, SyncRequest)
+        records = await resumes.requeue(await control.select(command.body.select))
+        scheduler.wake()
+        return [
+            SourceCloneResponse(
+                appliance_id=settings.appliance_id,
+                correlation_id=command.correlation_id,
+                body=status_of(record, False),
+            )
+            for record in records
+        ]
+
     admin = Admin(
         appliance_id=settings.appliance_id,
         store=deps.store,
@@ -164,6 +186,7 @@ def build_handlers(
         "SourceInventoryRequest": answer_inventory,
         "SourceCloneRequest": guarded(health, answer_clone),
         "CancelRequest": guarded(health, answer_cancel),
+        "SyncRequest": guarded(health, answer_sync),
         **admin.handlers(),
     }
 

@@ -280,6 +280,18 @@ class MigrationStore:
         key = self._keys.migration(migration_id)
         await self._store.run(lambda r: r.hset(key, "cancel", "1"))
 
+    async def requeue_group(self, group_id: str, admission: int) -> None:
+        """Make a finished group active again, at the back of the line (a resume)."""
+        group_key, active = self._keys.group(group_id), self._keys.active_groups
+
+        async def write(r: Redis) -> None:
+            async with r.pipeline(transaction=True) as pipe:
+                pipe.hset(group_key, "admission", admission)
+                pipe.zadd(active, {group_id: admission})
+                await pipe.execute()
+
+        await self._store.run(write)
+
     async def finish_group(self, group_id: str) -> None:
         await self._store.run(lambda r: r.zrem(self._keys.active_groups, group_id))
 
