@@ -127,6 +127,19 @@ class DiskCopy:
         finally:
             stopper.cancel()
             await target.close()
+        stats = result.stats
+        await self._deps.events.append(
+            "disk_copied",
+            self._deps.clock.now().isoformat(),
+            migration_id=record.migration_id,
+            disk_id=disk.disk_id,
+            attempt=record.attempt,
+            chunks_copied=stats.chunks_copied,
+            chunks_zero=stats.chunks_zero,
+            chunks_skipped=stats.chunks_skipped,
+            chunks_reverified=stats.chunks_reverified,
+            bytes_written=stats.bytes_written,
+        )
         return replace(
             disk,
             source_digest=result.source_digest.hex() if result.source_digest else None,
