@@ -60,9 +60,7 @@ async def test_a_transfer_into_a_full_target_stops_at_once_without_retries() -> 
         NbdServer({"vol": disk}) as server,
         await NbdBackend.connect(server.address, "vol") as target,
     ):
-        transfer = Transfer(
-            "t", source, target, options=TransferOptions(chunk_size=MIB, workers=2)
-        )
+        transfer = Transfer("t", source, target, options=TransferOptions(chunk_size=MIB, workers=2))
         with pytest.raises(OutOfSpace):
             await transfer.run()
     assert transfer.stats.retries == 0
