@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from dataclasses import dataclass, replace
 
 from appliance.datapath.nbd.backend import NbdBackend
 from appliance.datapath.progress import TransferProgress
 from appliance.datapath.throttle import QueueDepthLimiter, TokenBucket
 from appliance.datapath.transfer import Transfer, TransferOptions
+from appliance.errors import OutOfSpace
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.record import DiskPlan, MigrationRecord
@@ -99,7 +101,12 @@ class DiskCopy:
     async def _copy(self, disk: DiskPlan, source: Backend) -> DiskPlan:
         record = self._record
         cloud = self._deps.site(record.target_site)
-        await cloud.create_volume(disk.volume_id, disk.capacity_bytes)
+        try:
+            await cloud.create_volume(disk.volume_id, disk.capacity_bytes)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise OutOfSpace(f"volume {disk.volume_id!r}", disk.capacity_bytes) from error
         address, export = await self._deps.cloud.export(disk.volume_id)
         target = await NbdBackend.connect(address, export, name=f"cloud:{disk.volume_id}")
         options = record.options
