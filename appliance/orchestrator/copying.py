@@ -63,6 +63,7 @@ class DiskCopy:
         self._progress = _Progress()
         self._writing = asyncio.Lock()  # one writer of the record at a time
         self._bandwidth = TokenBucket(clock=deps.clock)  # every disk's, adjusted live
+        self._copied = asyncio.Event()  # tells the reporter to stop (it is never cancelled)
 
     async def _save(self, record: MigrationRecord | None = None, **changes: object) -> None:
         async with self._writing:
@@ -92,9 +93,10 @@ class DiskCopy:
                 self._progress.done_before += disk.bytes_to_copy
                 self._progress.current = None
         finally:
-            reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter
+            # Not cancelled: a task cancelled in the middle of a Redis command can hang or
+            # carry on (redis-py on Python 3.11); it ends after its current report instead.
+            self._copied.set()
+            await reporter
         await self._save(bytes_done=self._record.bytes_total, eta_seconds=0.0)
         return self._record
 
@@ -179,7 +181,11 @@ class DiskCopy:
         """Persist and publish progress every interval while the copy runs."""
         interval = self._deps.config.progress_interval_s
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._copied.wait()
+            if self._copied.is_set():
+                return
             current = self._progress.current
             total = self._record.bytes_total
             done = min(self._progress.bytes_done, total)
