@@ -15,7 +15,9 @@ QUEUED, ``attempt`` + 1); the run then goes through the cold steps again:
 
 SyncRequest on anything else answers ``not_implemented`` (the incremental
 sync of warm migrations is not built) or ``conflict`` (a failure that kept
-nothing: start a new migration).
+nothing: start a new migration). A CancelRequest on such a failed migration
+discards what it kept instead (volumes, checkpoints, snapshot): then nothing of
+it is left anywhere.
 """
 
 from __future__ import annotations
@@ -134,6 +136,41 @@ class Resumes:
             await deps.leases.release(lease)
         log.info("group re-queued", group_id=group_id, attempt=records[0].attempt)
         return records
+
+    async def discard(self, migration_ids: list[str]) -> list[MigrationRecord]:
+        """Drop what failed migrations kept for a resume, whole groups at once."""
+        migrations = self._deps.migrations
+        chosen = [load(s.record) for s in await migrations.get_many(migration_ids)]
+        discarded: list[MigrationRecord] = []
+        for group_id in dict.fromkeys(r.group_id for r in chosen):
+            info = await migrations.group(group_id)
+            members = list(info.members) if info is not None else []
+            lease = await self._deps.leases.acquire(self._group_lease(group_id))
+            if lease is None:
+                raise Conflict(f"group {group_id} is being worked on; try again")
+            try:
+                for stored in await migrations.get_many(members):
+                    record = load(stored.record)
+                    if resumable(record):
+                        discarded.append(await self._discard(Journal(self._deps, lease), record))
+            finally:
+                await self._deps.leases.release(lease)
+        return discarded
+
+    async def _discard(self, journal: Journal, record: MigrationRecord) -> MigrationRecord:
+        deps = self._deps
+        cloud = deps.site(record.target_site)
+        for disk in record.disks:
+            await deps.cloud.unexport(disk.volume_id)
+            await cloud.delete_volume(disk.volume_id)
+            await deps.checkpoints(steps.transfer_id(record, disk.disk_id)).delete()
+        if record.snapshot_name is not None:
+            onprem = deps.site(record.site)
+            await onprem.delete_vm_snapshot(record.vm_id, record.snapshot_name)
+            if await deps.migrations.lock_holder(record.site, record.vm_id) is None:
+                await onprem.release(record.vm_id)  # no other migration uses its disks
+        log.info("kept data discarded", migration_id=record.migration_id)
+        return await journal.update(record, keep_for_resume=False)
 
     async def _lock_all(self, members: list[MigrationRecord]) -> None:
         """Each VM back to its migration, or none: another may have taken one meanwhile."""

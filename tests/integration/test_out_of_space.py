@@ -23,8 +23,14 @@ from appliance.state.events import EventLog
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
 from appliance.storage.layered import LayeredDisk
-from clients.client import FerryClient
-from messages.commands import MigrationSelector, SyncRequest, SyncRequestBody
+from clients.client import FerryClient, FerryError
+from messages.commands import (
+    CancelRequest,
+    CancelRequestBody,
+    MigrationSelector,
+    SyncRequest,
+    SyncRequestBody,
+)
 from messages.common import MigrationState, PowerState
 from messages.events import SourceCloneResponse
 from tests.integration.conftest import Harness, RunningAppliance
@@ -142,3 +148,34 @@ async def test_out_of_space_fails_cleanly_keeps_the_data_and_resumes_once_space_
     assert moved.power_state is PowerState.OFF and moved.resource_pool == "_HDM_MIGRATEPOOL"
     async with await LayeredDisk.open(source) as disk:
         assert disk.snapshots() == []  # the kept snapshot and the resume's are both gone
+
+
+async def test_cancelling_a_failed_migration_drops_what_it_kept(
+    harness: Harness, small_cloud: Path, start_appliance: StartAppliance
+) -> None:
+    vm = lab_vm(1, disks=1, disk_size=24 * MIB)
+    await build_lab(harness.data_dir, [vm], fill=False)
+    source = onprem_disk(harness.data_dir, vm.vm_id, "disk-0")
+    await _write(source, DATA_CHUNKS, seed=1)
+    (small_cloud / "ballast").write_bytes(random.Random(2).randbytes(BALLAST))
+    running = await start_appliance(harness.settings(progress_interval_s=0.2))
+    async with FerryClient(harness.client_settings()) as client:
+        follower = await start_migration(client, clone_request([vm.vm_id], bandwidth_mbps=8))
+        (failed,) = (await follower.finished(1)).values()
+        assert failed.error is not None and failed.error.code == "out_of_space"
+        migration_id = failed.migration_id
+        volume = cloud_volume(harness.data_dir, f"{migration_id}-disk-0")
+        assert volume.is_dir()
+        select = MigrationSelector(migration_ids=(migration_id,))
+        answer = await client.request(CancelRequest(body=CancelRequestBody(select=select)))
+        assert isinstance(answer, SourceCloneResponse)
+        assert answer.body.state is MigrationState.FAILED
+        assert not volume.exists()
+        assert await _checkpoint_fields(harness, f"{migration_id}/disk-0") == 0
+        with pytest.raises(FerryError) as refused:
+            await client.request(SyncRequest(body=SyncRequestBody(select=select)))
+        assert refused.value.code.value == "conflict"
+    await running.shutdown()
+    async with await LayeredDisk.open(source) as disk:
+        assert disk.snapshots() == []
+    assert await LabSite.open(small_cloud).list_vms() == []
