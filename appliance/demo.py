@@ -5,6 +5,10 @@ redis-server), then uses the ``ferry`` CLI as an operator would, and stops the
 appliance with SIGTERM, checking it shuts down cleanly. The bus token is made
 up for the run and passed through the environment only: it is never written
 to disk.
+
+The data directory (``--data-dir``, default ``.demo``) must be new, empty, or
+one an earlier demo made (it holds ``.ferry-demo``); only the latter is
+emptied first. The demo never removes a directory, nor anything it did not make.
 """
 
 from __future__ import annotations
