@@ -57,7 +57,7 @@ class ClusterRoom:
             ):
                 full.add(cluster)
         if full:
-            self._waiting.update(wanted)
+            self._waiting.update(full)
             return False
         return True
 
