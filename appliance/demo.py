@@ -7,6 +7,10 @@ up for the run and passed through the environment only: it is never written
 to disk. The appliance makes its key pair in the data directory on first start;
 the demo reads the public key from runtime.json and pins it on every ``ferry``
 call (``--appliance-key``), as an operator would.
+
+The data directory (``--data-dir``, default ``.demo``) must be new, empty, or
+one an earlier demo made (it holds ``.ferry-demo``); only the latter is
+emptied first. The demo never removes a directory, nor anything it did not make.
 """
 
 from __future__ import annotations
@@ -75,10 +79,47 @@ def _two_dependent_vms(data_dir: Path) -> list[str]:
     return fit[:2]
 
 
+DEMO_MARKER = ".ferry-demo"
+"""Marks a data directory the demo made: only such a directory is emptied by the next run."""
+
+
+class DataDirRefused(Exception):
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        super().__init__(
+            f"{data_dir} is not empty and was not made by the demo (no {DEMO_MARKER} in it): "
+            "the demo does not touch it; give a new or empty directory"
+        )
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """A data directory the demo may fill: new, empty, or one an earlier demo made.
+
+    A directory the demo made earlier (it holds :data:`DEMO_MARKER`) is emptied;
+    the directory itself is never removed. Anything else that is not empty is
+    refused with :class:`DataDirRefused`, untouched.
+    """
+    marker = data_dir / DEMO_MARKER
+    if data_dir.exists() and not marker.is_file():
+        if not data_dir.is_dir() or any(data_dir.iterdir()):
+            raise DataDirRefused(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for entry in data_dir.iterdir():
+        if entry.name == DEMO_MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    marker.write_text("made by 'ferry-appliance demo'; emptied by its next run\n")
+
+
 def run_demo(data_dir: Path) -> int:
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    data_dir.mkdir(parents=True)
+    try:
+        prepare_data_dir(data_dir)
+    except DataDirRefused as refused:
+        console.print(f"[red]{refused}[/red]")
+        return 2
     env = {
         **os.environ,
         "FERRY_DATA_DIR": str(data_dir),

@@ -258,11 +258,16 @@ class NbdCommandError(DataPathError):
 
 
 class OutOfSpace(DataPathError):
-    def __init__(self, target: str, needed: int, available: int) -> None:
+    """ENOSPC (or a quota) at a target: what was written stays, for a resume once freed."""
+
+    code = ErrorCode.OUT_OF_SPACE
+
+    def __init__(self, target: str, needed: int, available: int | None = None) -> None:
         self.target = target
         self.needed = needed
         self.available = available
-        super().__init__(f"{target}: needs {needed} bytes, {available} available")
+        room = f"{available} bytes available" if available is not None else "the target is full"
+        super().__init__(f"no space left on {target}: writing {needed} bytes failed ({room})")
 
 
 class TransferFailed(DataPathError):

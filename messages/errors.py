@@ -43,6 +43,7 @@ class ErrorCode(StrEnum):
     # The appliance could not do it (this time).
     UNAVAILABLE = "unavailable"
     DATA_PATH = "data_path"
+    OUT_OF_SPACE = "out_of_space"
     INTERNAL = "internal"
 
 

@@ -119,6 +119,12 @@ class MigrationStatus(WireModel):
     bytes_total: StrictInt = Field(default=0, ge=0)
     rate_bytes_per_s: StrictFloat = Field(default=0.0, ge=0)
     eta_seconds: StrictFloat | None = Field(default=None, ge=0)
+    bandwidth_cap_bps: StrictFloat | None = Field(
+        default=None,
+        gt=0,
+        description="While data moves: the cap in force now, bytes per second (the lower of "
+        "the request's and the policy's); null when uncapped",
+    )
     checks: tuple[PrepareCheck, ...] = ()
     error: ErrorInfo | None = None
     updated_at: datetime

@@ -161,7 +161,11 @@ def _bodies() -> list[Envelope]:
         CommitRequest(body=CommitRequestBody(select=SELECT)),
         SyncRequest(body=SyncRequestBody(select=SELECT)),
         CancelRequest(body=CancelRequestBody(select=MigrationSelector(request_id="req-42"))),
-        SetPolicyRequest(body=SetPolicyRequestBody(cluster="cluster-a", rto_rpo_interval_s=1200)),
+        SetPolicyRequest(
+            body=SetPolicyRequestBody(
+                cluster="cluster-a", max_concurrent_migrations=4, bandwidth_cap_mbps=300
+            )
+        ),
         ResetRequest(body=ResetRequestBody(confirm=True)),
         StatusRequest(body=StatusRequestBody(request_id="req-42")),
         Heartbeat(body=heartbeat),

@@ -32,9 +32,14 @@ from messages.errors import ErrorCode
 from messages.events import InventorySkip, SourceInventoryResponseBody
 
 ENVELOPE_ALLOWANCE = 2048  # bytes of envelope around the body, with room to spare
-MigrationStateOf = Callable[[str], MigrationState | None]
+MigrationStatesOf = Callable[[Sequence[str]], Awaitable[dict[str, MigrationState]]]
+"""The state of each VM's latest migration, by VM id (VMs never migrated are left out)."""
 SkipReport = Callable[[InventorySkip], Awaitable[None]]
 log = get_logger(__name__)
+
+
+async def _never_migrated(_vm_ids: Sequence[str]) -> dict[str, MigrationState]:
+    return {}
 
 
 def summary(vm: VmConfig, migration_state: MigrationState | None = None) -> VmSummary:
@@ -115,12 +120,12 @@ class Inventory:
         self,
         site: Site,
         max_message_bytes: int,
-        migration_state_of: MigrationStateOf | None = None,
+        migration_states_of: MigrationStatesOf = _never_migrated,
         on_skipped: SkipReport | None = None,
     ) -> None:
         self._site = site
         self._budget = max_message_bytes - ENVELOPE_ALLOWANCE
-        self._state_of = migration_state_of or (lambda _vm_id: None)
+        self._states_of = migration_states_of
         self._on_skipped = on_skipped
 
     async def page(self, request: SourceInventoryRequestBody) -> SourceInventoryResponseBody:
@@ -130,7 +135,7 @@ class Inventory:
         for vm in scan.vms:
             if not matches(vm, request.filters):
                 continue
-            outcome = wire_summary(vm, self._state_of(vm.vm_id))
+            outcome = wire_summary(vm, None)
             if isinstance(outcome, str):
                 skipped.append(_skip(vm.vm_id, f"VM {safe_label(vm.vm_id)}: {outcome}"))
             else:
@@ -144,7 +149,20 @@ class Inventory:
                 len(described),
             )
         await self._report(skipped)
+        await self._add_states(described, start, request.page_size)
         return self._fit(described, start, request, tuple(skipped) if start == 0 else ())
+
+    async def _add_states(
+        self, described: list[tuple[VmConfig, VmSummary]], start: int, page_size: int
+    ) -> None:
+        """Fill migration_state for the VMs this page can hold (one batched lookup)."""
+        window = range(start, min(start + page_size, len(described)))
+        states = await self._states_of([described[i][0].vm_id for i in window])
+        for i in window:
+            vm, vm_summary = described[i]
+            state = states.get(vm.vm_id)
+            if state is not None:
+                described[i] = (vm, vm_summary.model_copy(update={"migration_state": state}))
 
     async def _report(self, skipped: list[InventorySkip]) -> None:
         for skip in skipped:

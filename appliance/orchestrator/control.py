@@ -10,7 +10,8 @@ from appliance.orchestrator.context import Deps
 from appliance.orchestrator.record import load
 from appliance.orchestrator.reporting import status_of
 from appliance.orchestrator.requests import find_vm
-from appliance.orchestrator.scheduler import Scheduler
+from appliance.orchestrator.resume import Resumes, resumable
+from appliance.orchestrator.scheduler import Scheduler, group_lease
 from appliance.orchestrator.states import TERMINAL, Step
 from appliance.state.migrations import StoredMigration
 from messages.commands import CancelRequest, MigrationSelector, StatusRequest
@@ -24,6 +25,7 @@ class MigrationControl:
         self._deps = deps
         self._scheduler = scheduler
         self._onprem = onprem
+        self._resumes = Resumes(deps, group_lease)
 
     async def select(self, selector: MigrationSelector) -> list[str]:
         """Migration ids a selector names; unknown references are an error, not ignored."""
@@ -53,6 +55,13 @@ class MigrationControl:
     async def cancel(self, command: CancelRequest) -> list[SourceCloneResponse]:
         migrations = self._deps.migrations
         chosen = await migrations.get_many(await self.select(command.body.select))
+        if chosen and all(resumable(load(s.record)) for s in chosen):
+            # Failed, data kept for a resume: cancelling drops what was kept.
+            dropped = await self._resumes.discard([s.migration_id for s in chosen])
+            return [
+                self._deps.reporter.response(r, False, correlation_id=command.correlation_id)
+                for r in dropped
+            ]
         steps = {s.migration_id: Step(s.step) for s in chosen}
         refused = [i for i, step in steps.items() if step in NOT_CANCELLABLE]
         if refused:

@@ -20,6 +20,7 @@ from appliance.errors import (
     FerryError,
     LeaseLost,
     MigrationCancelled,
+    OutOfSpace,
     PermanentError,
     TransferCancelled,
     TransientError,
@@ -30,6 +31,7 @@ from appliance.orchestrator.context import Deps
 from appliance.orchestrator.copying import DiskCopy
 from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.record import MigrationRecord, load
+from appliance.orchestrator.resume import snapshot_step
 from appliance.orchestrator.states import CUTOVER, FORWARD, TERMINAL, Step, next_step
 from appliance.state.leases import Lease
 from appliance.state.migrations import GroupInfo
@@ -168,6 +170,8 @@ class GroupRun:
     async def _rollback_all(self, error: FerryError | BaseException | None) -> None:
         outcome = Step.FAILED if error is not None else Step.CANCELLED
         failed = self._failed
+        # Out of space: keep what was copied, and its checkpoints, for a resume once freed.
+        keep = isinstance(error, OutOfSpace)
         for migration_id, record in list(self._records.items()):
             # Redis is the truth: a step that failed half-way may have saved more than we hold.
             record = await self._journal.reload(record)
@@ -186,6 +190,7 @@ class GroupRun:
                     rollback_to=outcome,
                     error_code=code,
                     error_message=message,
+                    keep_for_resume=keep,
                 )
             await steps.rollback(self._deps, self._journal, record)
             await self._advance(record, record.rollback_to or outcome)
@@ -223,7 +228,7 @@ def _error_fields(
 ACTIONS: dict[Step, Action] = {
     Step.PREPARING: steps.prepare,
     Step.POWERING_OFF: steps.power_off,
-    Step.SNAPSHOTTING: steps.snapshot,
+    Step.SNAPSHOTTING: snapshot_step,
     Step.VERIFYING: steps.verify,
     Step.CREATING_TARGET: steps.create_target,
     Step.POWERING_ON: steps.power_on,

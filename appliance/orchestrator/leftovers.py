@@ -162,10 +162,10 @@ class Leftovers:
 
     @staticmethod
     async def _drop_snapshot(onprem: Site, vm: VmConfig, work: _Work) -> None:
-        name = tags.snapshot_name(work.migration_id)
-        if name in await onprem.vm_snapshot_names(vm.vm_id):
-            await onprem.delete_vm_snapshot(vm.vm_id, name)
-            work.actions.append(f"deleted source snapshot {name}")
+        for name in await onprem.vm_snapshot_names(vm.vm_id):
+            if tags.is_snapshot_of(name, work.migration_id):
+                await onprem.delete_vm_snapshot(vm.vm_id, name)
+                work.actions.append(f"deleted source snapshot {name}")
 
     async def _stray_volumes(self, volumes: list[VolumeInfo], pending: set[str]) -> list[Undone]:
         """Unattached volumes of a migration no source names: never part of a finished copy."""

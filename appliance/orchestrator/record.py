@@ -75,12 +75,17 @@ class MigrationRecord:
     bytes_done: int = 0
     rate_bytes_per_s: float = 0.0
     eta_seconds: float | None = None
+    bandwidth_cap_bps: float | None = None  # in force on the transfer (request's and policy's)
     rollback_to: Step | None = None  # FAILED or CANCELLED while rolling back
     error_code: str | None = None
     error_message: str | None = None
     created_at: str = ""
     updated_at: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    keep_for_resume: bool = False  # a rollback keeps the copied data and its checkpoints
+    attempt: int = 0  # resumes after a failure that kept the data (SyncRequest)
+    source_cluster: str | None = None  # per-cluster policies apply by these
+    target_cluster: str | None = None
 
     def with_step(self, step: Step, at: str) -> MigrationRecord:
         return replace(self, step=step, updated_at=at)

@@ -45,6 +45,7 @@ def status_of(
         bytes_total=record.bytes_total,
         rate_bytes_per_s=record.rate_bytes_per_s if record.step is Step.TRANSFERRING else 0.0,
         eta_seconds=record.eta_seconds if record.step is Step.TRANSFERRING else None,
+        bandwidth_cap_bps=record.bandwidth_cap_bps if record.step is Step.TRANSFERRING else None,
         checks=tuple(check.wire() for check in record.checks),
         error=error,
         updated_at=datetime.fromisoformat(record.updated_at),

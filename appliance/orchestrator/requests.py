@@ -161,6 +161,10 @@ class CloneRequests:
             created = await deps.migrations.create_group(
                 group.group_id, request_id, admission, members
             )
+            for vm in group.vms:  # again on a redelivery: harmless
+                await deps.migrations.note_latest(
+                    self._onprem, vm.vm_id, migration_id_for(request_id, vm.vm_id)
+                )
             if not created:
                 continue  # made by an earlier (or a concurrent) delivery of this command
             await deps.events.append(
@@ -232,6 +236,8 @@ class CloneRequests:
                 for d in vm.disks
             ),
             has_credentials=body.guest_credentials is not None,
+            source_cluster=vm.cluster,
+            target_cluster=body.target.cluster,
             created_at=now,
             updated_at=now,
         )

@@ -7,7 +7,9 @@ groups in admission order:
 * a group already admitted (some member past QUEUED) whose lease is free -
   its owner died or stopped - is taken over and resumed from its records;
 * queued groups are admitted in order while the number of running migrations
-  stays within the limit (policy, else the setting); admission happens under
+  stays within the limit (policy, else the setting) and within the limit of
+  each cluster they touch that has a policy of its own (read on every tick,
+  see ``limits``); admission happens under
   a short "admission" lease so two appliances never admit past the limit, and
   an admitted group's members are moved to PREPARING before its run starts.
 
@@ -28,6 +30,7 @@ from appliance.logs import get_logger
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.group import GroupRun
 from appliance.orchestrator.journal import Journal
+from appliance.orchestrator.limits import ClusterRoom
 from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.states import TERMINAL, Step
 from appliance.state.leases import Lease, LeaseKeeper
@@ -121,7 +124,7 @@ class Scheduler:
         await self._resume_orphans(views)
         queued = [v for v in views if v.queued and v.info.group_id not in self._running]
         if queued:
-            await self._admit(queued, running)
+            await self._admit(queued, running, views)
 
     async def _views(self) -> list[GroupView]:
         migrations = self._deps.migrations
@@ -166,23 +169,28 @@ class Scheduler:
                 log.info("taking over group", group_id=view.info.group_id, token=lease.token)
                 self._start(view.info, lease)
 
-    async def _admit(self, queued: list[GroupView], running: int) -> None:
+    async def _admit(self, queued: list[GroupView], running: int, views: list[GroupView]) -> None:
         leases = self._deps.leases
         admission = await leases.acquire(ADMISSION)
         if admission is None:
             return  # another appliance is admitting right now
         try:
             limit = await self._limit()
+            clusters = ClusterRoom(self._deps.policies, _running_records(views))
             for view in queued:
                 size = len(view.members)
                 if not view.cancel_requested and running and running + size > limit:
                     break  # keep the order: later groups wait behind this one
+                members = [load(m.record) for m in view.members]
+                if not view.cancel_requested and not await clusters.fits(members):
+                    continue  # its cluster is full; other clusters' groups may go
                 lease = await leases.acquire(group_lease(view.info.group_id))
                 if lease is None:
                     continue
                 if not view.cancel_requested:
                     await self._mark_admitted(view, lease)
                     running += size
+                    clusters.take(members)
                 self._start(view.info, lease)
             await self._announce_positions(
                 [v for v in queued if v.info.group_id not in self._running]
@@ -261,6 +269,15 @@ class Scheduler:
                 self._running.pop(group_id, None)
                 self._cancels.pop(group_id, None)
                 self.wake()
+
+
+def _running_records(views: list[GroupView]) -> list[MigrationRecord]:
+    return [
+        load(member.record)
+        for view in views
+        for member in view.members
+        if Step(member.step) is not Step.QUEUED and Step(member.step) not in TERMINAL
+    ]
 
 
 async def _first_of(*events: asyncio.Event) -> None:

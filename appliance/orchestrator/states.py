@@ -5,6 +5,7 @@
       COMPLETED ◀─ FINALIZING ◀─ POWERING_ON ◀─ CREATING_TARGET ◀────────────┘
     any step before FINALIZING ─▶ ROLLING_BACK ─▶ FAILED | CANCELLED
     QUEUED ─▶ CANCELLED
+    FAILED ─▶ QUEUED        a resume (SyncRequest), only when the failure kept the data
 
 Pure functions only: what comes next, what clients see. The runner persists
 every transition (compare-and-set on the expected step) before acting on it.
@@ -65,7 +66,7 @@ TRANSITIONS: dict[Step, frozenset[Step]] = {
     Step.QUEUED: frozenset({Step.PREPARING, Step.CANCELLED}),
     Step.ROLLING_BACK: frozenset({Step.FAILED, Step.CANCELLED}),
     Step.COMPLETED: frozenset(),
-    Step.FAILED: frozenset(),
+    Step.FAILED: frozenset({Step.QUEUED}),
     Step.CANCELLED: frozenset(),
 }
 

@@ -26,7 +26,7 @@ log = get_logger(__name__)
 
 
 def snapshot_name(record: MigrationRecord) -> str:
-    return tags.snapshot_name(record.migration_id)
+    return tags.snapshot_name(record.migration_id, record.attempt)
 
 
 async def prepare(deps: Deps, journal: Journal, record: MigrationRecord) -> MigrationRecord:
@@ -166,7 +166,12 @@ def transfer_id(record: MigrationRecord, disk_id: str) -> str:
 
 
 async def rollback(deps: Deps, journal: Journal, record: MigrationRecord) -> MigrationRecord:
-    """Leave the source as it was and nothing half-made in the cloud. Idempotent."""
+    """Leave the source as it was and nothing half-made in the cloud. Idempotent.
+
+    A rollback that keeps for a resume (``keep_for_resume``: out of space) keeps
+    the copied volumes (detached, unexported), their checkpoints and the source
+    snapshot they were copied from: a SyncRequest resumes from them.
+    """
     cloud = deps.site(record.target_site)
     onprem = deps.site(record.site)
     # The cloud VM's id is the migration id, so even one created just before a crash
@@ -174,10 +179,11 @@ async def rollback(deps: Deps, journal: Journal, record: MigrationRecord) -> Mig
     await cloud.delete_vm(record.cloud_vm_id or record.migration_id)
     for disk in record.disks:
         await deps.cloud.unexport(disk.volume_id)
-        await cloud.delete_volume(disk.volume_id)
-        await journal.checkpoints(transfer_id(record, disk.disk_id)).delete()
+        if not record.keep_for_resume:
+            await cloud.delete_volume(disk.volume_id)
+            await journal.checkpoints(transfer_id(record, disk.disk_id)).delete()
     await journal.delete_secret(record)
-    if record.snapshot_name is not None:
+    if record.snapshot_name is not None and not record.keep_for_resume:
         await onprem.delete_vm_snapshot(record.vm_id, record.snapshot_name)
     vm = await onprem.get_vm(record.vm_id)
     if record.prior_pool is not None and vm.resource_pool != record.prior_pool:

@@ -56,8 +56,16 @@ class RequestTag:
             return None
 
 
-def snapshot_name(migration_id: str) -> str:
-    return f"ferry-{migration_id}"
+def snapshot_name(migration_id: str, attempt: int = 0) -> str:
+    """One per attempt: a resumed migration takes a new snapshot (see ``resume``)."""
+    base = f"ferry-{migration_id}"
+    return f"{base}-r{attempt}" if attempt else base
+
+
+def is_snapshot_of(name: str, migration_id: str) -> bool:
+    """Whether a snapshot was taken by any attempt of ``migration_id``."""
+    base = snapshot_name(migration_id)
+    return name == base or (name.startswith(f"{base}-r") and name[len(base) + 2 :].isdigit())
 
 
 def pending_migration(vm: VmConfig) -> str | None:

@@ -21,9 +21,10 @@ from appliance.health import HealthBoard
 from appliance.orchestrator.context import Deps, OrchestratorConfig
 from appliance.orchestrator.control import MigrationControl
 from appliance.orchestrator.leftovers import ResetCleanup
-from appliance.orchestrator.reporting import Reporter
+from appliance.orchestrator.reporting import Reporter, status_of
 from appliance.orchestrator.requests import CloneRequests
-from appliance.orchestrator.scheduler import Scheduler
+from appliance.orchestrator.resume import Resumes
+from appliance.orchestrator.scheduler import Scheduler, group_lease
 from appliance.sealing import Sealer
 from appliance.settings import Settings
 from appliance.sink import EventSink
@@ -36,9 +37,16 @@ from appliance.state.leases import Lease, Leases
 from appliance.state.migrations import MigrationStore
 from appliance.state.policy import Policies
 from appliance.state.store import StateStore
-from messages.commands import CancelRequest, Command, SourceCloneRequest, SourceInventoryRequest
+from messages.commands import (
+    CancelRequest,
+    Command,
+    SourceCloneRequest,
+    SourceInventoryRequest,
+    SyncRequest,
+)
+from messages.common import MigrationState
 from messages.errors import ErrorCode
-from messages.events import Event, InventorySkip, SourceInventoryResponse
+from messages.events import Event, InventorySkip, SourceCloneResponse, SourceInventoryResponse
 from messages.keys import ApplianceKeyPair
 
 WanLink = Callable[[NbdAddress], Awaitable[NbdAddress]]
@@ -129,7 +137,11 @@ def build_handlers(
         at = deps.clock.now().isoformat()
         await deps.events.append("inventory_vm_skipped", at, **skip.model_dump())
 
-    inventory = Inventory(onprem, settings.max_message_bytes, on_skipped=skipped)
+    async def migration_states(vm_ids: Sequence[str]) -> dict[str, MigrationState]:
+        found = await deps.migrations.latest_states(onprem.name, list(vm_ids))
+        return {vm_id: MigrationState(state) for vm_id, state in found.items()}
+
+    inventory = Inventory(onprem, settings.max_message_bytes, migration_states, skipped)
     clones = CloneRequests(deps)
     control = MigrationControl(deps, scheduler)
 
@@ -153,6 +165,21 @@ def build_handlers(
         assert isinstance(command, CancelRequest)
         return list(await control.cancel(command))
 
+    resumes = Resumes(deps, group_lease)
+
+    async def answer_sync(command: Command) -> list[Event]:
+        assert isinstance(command, SyncRequest)
+        records = await resumes.requeue(await control.select(command.body.select))
+        scheduler.wake()
+        return [
+            SourceCloneResponse(
+                appliance_id=settings.appliance_id,
+                correlation_id=command.correlation_id,
+                body=status_of(record, False),
+            )
+            for record in records
+        ]
+
     admin = Admin(
         appliance_id=settings.appliance_id,
         store=deps.store,
@@ -167,6 +194,7 @@ def build_handlers(
         "SourceInventoryRequest": answer_inventory,
         "SourceCloneRequest": guarded(health, answer_clone),
         "CancelRequest": guarded(health, answer_cancel),
+        "SyncRequest": guarded(health, answer_sync),
         **admin.handlers(),
     }
 

@@ -15,6 +15,7 @@ random one)::
     {p}:secret:{migration_id}       string  guest credentials, sealed by the client, until prepare
     {p}:vm-lock:{site}:{vm_id}      string  migration id holding the VM (one migration per VM);
                                             expires until its migration record exists
+    {p}:vm-latest:{site}:{vm_id}    string  the VM's latest migration id (inventory shows its state)
     {p}:lease:{id}                  hash    owner, fencing token, expiry of a migration's driver
                                             (the key itself expires with the lease)
     {p}:fence:{id}                  hash    "token": last fencing token handed out (never
@@ -78,6 +79,9 @@ class Keys:
 
     def vm_lock(self, site: str, vm_id: str) -> str:
         return self._key("vm-lock", site, vm_id)
+
+    def vm_latest(self, site: str, vm_id: str) -> str:
+        return self._key("vm-latest", site, vm_id)
 
     def lease(self, resource: str) -> str:
         return self._key("lease", resource)

@@ -60,7 +60,9 @@ return 1
 _LOCK = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
-  if redis.call('PTTL', KEYS[1]) > 0 then
+  if ARGV[2] == '0' then
+    redis.call('PERSIST', KEYS[1])
+  elseif redis.call('PTTL', KEYS[1]) > 0 then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
   end
   return holder
@@ -82,7 +84,11 @@ if holder then
     return holder
   end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[2] == '0' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
 return ARGV[1]
 """
 
@@ -241,18 +247,19 @@ class MigrationStore:
         vm_id: str,
         migration_id: str,
         *,
-        pending_s: float,
+        pending_s: float | None,
         finished: Collection[str],
     ) -> str:
         """Take the VM for ``migration_id``; returns the holder (ours when we got it).
 
         The lock lapses after ``pending_s`` unless the migration's record is created
-        first. A lock held by a migration whose step is in ``finished`` is taken over.
+        first; ``None`` takes it for good (the record exists already: a resume). A lock
+        held by a migration whose step is in ``finished`` is taken over.
         """
         key = self._keys.vm_lock(site, vm_id)
         args: list[EncodableT] = [
             migration_id,
-            max(1, int(pending_s * 1000)),
+            0 if pending_s is None else max(1, int(pending_s * 1000)),
             self._keys.migration(""),
             *finished,
         ]
@@ -265,6 +272,11 @@ class MigrationStore:
         await self._store.run(
             lambda r: self._release_pending(keys=[key], args=[migration_id], client=r)
         )
+
+    async def note_latest(self, site: str, vm_id: str, migration_id: str) -> None:
+        """Remember ``migration_id`` as the VM's latest migration (inventory shows its state)."""
+        latest = self._keys.vm_latest(site, vm_id)
+        await self._store.run(lambda r: r.set(latest, migration_id))
 
     async def lock_holder(self, site: str, vm_id: str) -> str | None:
         holder = await self._store.run(lambda r: r.get(self._keys.vm_lock(site, vm_id)))
@@ -314,6 +326,26 @@ class MigrationStore:
             for migration_id, raw in zip(migration_ids, rows, strict=True)
             if raw and b"record" in raw
         ]
+
+    async def latest_states(self, site: str, vm_ids: list[str]) -> dict[str, str]:
+        """The public state of each VM's latest migration, by VM id; VMs never migrated omitted."""
+        keys = self._keys
+
+        async def read(r: Redis) -> dict[str, str]:
+            async with r.pipeline(transaction=False) as pipe:
+                for vm_id in vm_ids:
+                    pipe.get(keys.vm_latest(site, vm_id))
+                latest: list[bytes | None] = await pipe.execute()
+            found = {v: text(m) for v, m in zip(vm_ids, latest, strict=True) if m is not None}
+            async with r.pipeline(transaction=False) as pipe:
+                for migration_id in found.values():
+                    pipe.hget(keys.migration(migration_id), "public")
+                public: list[bytes | None] = await pipe.execute()
+            return {v: text(p) for v, p in zip(found, public, strict=True) if p is not None}
+
+        if not vm_ids:
+            return {}
+        return await self._store.run(read)
 
     async def page(self, offset: int, count: int) -> list[str]:
         """Migration ids in admission order."""
@@ -382,6 +414,18 @@ class MigrationStore:
     async def request_cancel(self, migration_id: str) -> None:
         key = self._keys.migration(migration_id)
         await self._store.run(lambda r: r.hset(key, "cancel", "1"))
+
+    async def requeue_group(self, group_id: str, admission: int) -> None:
+        """Make a finished group active again, at the back of the line (a resume)."""
+        group_key, active = self._keys.group(group_id), self._keys.active_groups
+
+        async def write(r: Redis) -> None:
+            async with r.pipeline(transaction=True) as pipe:
+                pipe.hset(group_key, "admission", admission)
+                pipe.zadd(active, {group_id: admission})
+                await pipe.execute()
+
+        await self._store.run(write)
 
     async def finish_group(self, group_id: str) -> None:
         await self._store.run(lambda r: r.zrem(self._keys.active_groups, group_id))

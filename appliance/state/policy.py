@@ -1,4 +1,11 @@
-"""Policies set by SetPolicyRequest: per cluster, with a default."""
+"""Policies set by SetPolicyRequest: per cluster, with a default.
+
+A migration's policy is the default overlaid with its source cluster's own
+policy, then its target cluster's (the more specific wins); see
+:meth:`Policies.for_clusters`. The bandwidth cap is read by running
+transfers every progress interval, the concurrency limit by the scheduler on
+every tick, so a policy set is a policy used.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +33,16 @@ class Policy:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+MBPS = 125_000
+"""Bytes per second in one megabit per second."""
+
+
+def lower_cap(*caps: float | None) -> float | None:
+    """The strictest of several bandwidth caps; None (uncapped) when none is set."""
+    given = [cap for cap in caps if cap is not None]
+    return min(given) if given else None
+
+
 _CASTS = {"rto_rpo_interval_s": int, "max_concurrent_migrations": int, "bandwidth_cap_mbps": float}
 
 
@@ -37,6 +54,18 @@ class Policies:
         """The default policy, overlaid with the cluster's own when asked for one."""
         policy = await self._read(None)
         return policy.overlaid(await self._read(cluster)) if cluster else policy
+
+    async def own(self, cluster: str) -> Policy:
+        """Only what was set for this cluster (not overlaid with the default)."""
+        return await self._read(cluster)
+
+    async def for_clusters(self, *clusters: str | None) -> Policy:
+        """The default, overlaid with each named cluster's own policy in turn (later wins)."""
+        policy = await self._read(None)
+        for cluster in clusters:
+            if cluster:
+                policy = policy.overlaid(await self._read(cluster))
+        return policy
 
     async def _read(self, cluster: str | None) -> Policy:
         key = self._store.keys.policy(cluster)

@@ -28,13 +28,15 @@ from appliance.datapath.buffers import BufferPool
 from appliance.datapath.nbd import protocol as p
 from appliance.datapath.nbd.channel import Buffer, Channel, NbdAddress, connect
 from appliance.datapath.nbd.client_handshake import ClientHandshake, ExportInfo
-from appliance.errors import ConnectionDropped, NbdCommandError, NbdProtocolError
+from appliance.errors import ConnectionDropped, NbdCommandError, NbdProtocolError, OutOfSpace
 from appliance.storage.extents import Extent
 from appliance.storage.hashing import DIGEST_SIZE
 
 CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 10.0
 MAX_STATUS_PAYLOAD = 16 * 1024 * 1024
+_WRITING = frozenset({p.Command.WRITE, p.Command.WRITE_ZEROES, p.Command.FLUSH, p.Command.TRIM})
+"""Requests whose ENOSPC means the export's storage is full (see ``OutOfSpace``)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -392,7 +394,11 @@ class NbdClient:
         del self._pending[handle]
         if pending.future.done():
             return  # the caller gave up (cancelled); the reply was consumed all the same
-        if pending.error:
+        if pending.error == p.Errno.ENOSPC and pending.command in _WRITING:
+            # The server's disk is full: say so, by name; never worth retrying as such.
+            volume = f"volume {self._info.name!r}" if self._info.name else self.peer
+            pending.future.set_exception(OutOfSpace(volume, pending.length))
+        elif pending.error:
             pending.future.set_exception(
                 NbdCommandError(
                     _command_name(pending.command), pending.offset, pending.length, pending.error
