@@ -23,7 +23,7 @@ async def test_inventory_carries_the_latest_migration_state(
     async with FerryClient(harness.client_settings()) as client:
         before = {vm.vm_id: vm.migration_state for vm in await client.inventory()}
         assert before == {migrated.vm_id: None, untouched.vm_id: None}
-        follower = await start_migration(client, clone_request([migrated.vm_id]))
+        follower = await start_migration(client, clone_request(client, [migrated.vm_id]))
         (status,) = (await follower.finished(1)).values()
         assert status.state is MigrationState.COMPLETED, status.error
         after = {vm.vm_id: vm.migration_state for vm in await client.inventory()}

@@ -104,7 +104,7 @@ async def test_out_of_space_fails_cleanly_keeps_the_data_and_resumes_once_space_
     running = await start_appliance(harness.settings(progress_interval_s=0.2))
     async with FerryClient(harness.client_settings()) as client:
         # 1 MB/s: the target's flushes make chunks durable before the disk fills up.
-        request = clone_request([vm.vm_id], bandwidth_mbps=8)
+        request = clone_request(client, [vm.vm_id], bandwidth_mbps=8)
         follower = await start_migration(client, request)
         (failed,) = (await follower.finished(1)).values()
         migration_id = failed.migration_id
@@ -160,7 +160,8 @@ async def test_cancelling_a_failed_migration_drops_what_it_kept(
     (small_cloud / "ballast").write_bytes(random.Random(2).randbytes(BALLAST))
     running = await start_appliance(harness.settings(progress_interval_s=0.2))
     async with FerryClient(harness.client_settings()) as client:
-        follower = await start_migration(client, clone_request([vm.vm_id], bandwidth_mbps=8))
+        request = clone_request(client, [vm.vm_id], bandwidth_mbps=8)
+        follower = await start_migration(client, request)
         (failed,) = (await follower.finished(1)).values()
         assert failed.error is not None and failed.error.code == "out_of_space"
         migration_id = failed.migration_id

@@ -46,7 +46,8 @@ async def test_a_bandwidth_cap_set_by_policy_reaches_a_running_transfer(
     async with FerryClient(harness.client_settings()) as client:
         # The default policy is lower than the request's cap: the lower one holds.
         await set_policy(client, bandwidth_cap_mbps=0.8)
-        follower = await start_migration(client, clone_request([vm.vm_id], bandwidth_mbps=40))
+        request = clone_request(client, [vm.vm_id], bandwidth_mbps=40)
+        follower = await start_migration(client, request)
         await follower.until(transferring_at(0.8 * MBPS))
         # Another cluster's policy does not apply; the VM's own cluster's overrides the default.
         await set_policy(client, cluster="cluster-b", bandwidth_cap_mbps=0.4)
@@ -83,13 +84,13 @@ async def test_a_cluster_limit_of_one_queues_the_second_migration_until_the_firs
         await set_policy(
             client, cluster="cluster-a", max_concurrent_migrations=1, bandwidth_cap_mbps=GATE_MBPS
         )
-        one = await start_migration(client, clone_request([first.vm_id]))
+        one = await start_migration(client, clone_request(client, [first.vm_id]))
         await one.until(transferring_at(GATE_MBPS * MBPS))
-        two = await start_migration(client, clone_request([second.vm_id]))
+        two = await start_migration(client, clone_request(client, [second.vm_id]))
         (two_id,) = two.latest
         assert two.latest[two_id].state is MigrationState.QUEUED
         # Another cluster is not held by cluster-a's limit.
-        three = await start_migration(client, clone_request([elsewhere.vm_id]))
+        three = await start_migration(client, clone_request(client, [elsewhere.vm_id]))
         (done,) = (await three.finished(1)).values()
         assert done.state is MigrationState.COMPLETED, done.error
         assert await _state_of(client, two_id) is MigrationState.QUEUED
