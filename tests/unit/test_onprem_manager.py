@@ -186,6 +186,12 @@ async def test_bytes_changed_in_staging_without_a_resend_refuse_the_commit(
         with pytest.raises(EpochRejected):
             await manager.commit_epoch(DISK, 1, order.token, manifest)
         assert await read_export(manager, current_export(DISK)) == snapshot
+        # Refused, not lost: the sender sends the chunk again and the commit goes through.
+        async with await NbdBackend.connect(address, export) as staged:
+            await staged.write(4 * CHUNK, epoch[4])
+            await staged.flush()
+        await manager.commit_epoch(DISK, 1, order.token, manifest)
+        assert await read_export(manager, current_export(DISK)) == apply_to(snapshot, epoch)
 
 
 async def test_a_stale_token_is_refused_everywhere_and_changes_nothing(

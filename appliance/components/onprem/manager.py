@@ -246,12 +246,17 @@ class OnpremIoManager:
             problem = manifest.problem(opened.disk.size)
             if problem is not None:
                 raise EpochRejected(disk_id, epoch, problem)
-            await self._verify(opened, epoch, manifest)
-            backend = opened.staged.get(epoch)
-            if backend is not None:
-                await backend.durable()
-            await self._step(disk_id, epoch, CommitStep.STAGING_DURABLE)
-            await asyncio.to_thread(opened.journal.append_commit, epoch, token, manifest)
+            try:
+                await self._verify(opened, epoch, manifest)
+                backend = opened.staged.get(epoch)
+                if backend is not None:
+                    await backend.durable()
+                await self._step(disk_id, epoch, CommitStep.STAGING_DURABLE)
+                await asyncio.to_thread(opened.journal.append_commit, epoch, token, manifest)
+            except BaseException:
+                if opened.journal.state.committed_epoch < epoch:
+                    self._reopen_staging(opened, epoch)  # not committed: the sender may retry
+                raise
             await self._step(disk_id, epoch, CommitStep.COMMIT_RECORDED)
             await self._apply(opened, epoch, token, manifest)
 
@@ -265,7 +270,8 @@ class OnpremIoManager:
 
     async def close_disk(self, disk_id: str, token: int) -> None:
         """Stop serving the disk: exports removed, journal kept; closing twice is a no-op."""
-        if not (self.disk_root(disk_id) / "token").exists() and disk_id not in self._disks:
+        known = await asyncio.to_thread((self.disk_root(disk_id) / "token").exists)
+        if not known and disk_id not in self._disks:
             return
         async with self._ordered(disk_id, token):
             opened = self._disks.pop(disk_id, None)
@@ -355,10 +361,14 @@ class OnpremIoManager:
             if wrong is not None:
                 problem = f"staged bytes at {wrong.offset}+{wrong.length} do not match their hash"
         if problem is not None:
-            backend.unseal()
-            self._server.add_export(name, backend)
             raise EpochRejected(disk_id, epoch, problem)
         await self._step(disk_id, epoch, CommitStep.VERIFIED)
+
+    def _reopen_staging(self, opened: _OpenDisk, epoch: int) -> None:
+        backend = opened.staged.get(epoch)
+        if backend is not None and backend.sealed:
+            backend.unseal()
+            self._server.add_export(staging_export(opened.order.disk_id, epoch), backend)
 
     async def _apply(
         self, opened: _OpenDisk, epoch: int, token: int, manifest: EpochManifest
@@ -367,7 +377,12 @@ class OnpremIoManager:
         disk_id = opened.order.disk_id
         backend = opened.staged.get(epoch)
         if backend is None and manifest.entries:
-            backend = await StagingBackend.open(opened.root, epoch)
+            try:
+                backend = await StagingBackend.open(opened.root, epoch)
+            except FileNotFoundError as missing:
+                raise EpochRejected(
+                    disk_id, epoch, "committed, but its staging is gone"
+                ) from missing
             opened.staged[epoch] = backend
 
         async def checkpoint(step: CommitStep) -> None:
