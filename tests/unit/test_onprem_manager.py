@@ -288,8 +288,12 @@ async def test_orders_are_idempotent_and_checked(
     async with OnpremIoManager(tmp_path / "onprem") as manager:
         await manager.open_disk(order)
         await manager.open_disk(order)
-        with pytest.raises(OrderConflict):
-            await manager.open_disk(replace(order, snapshot_id="another"))
+        for other in (replace(order, snapshot_id="another"), replace(order, migration_id="m2")):
+            with pytest.raises(OrderConflict):
+                await manager.open_disk(other)
+        await manager.open_disk(replace(order, token=order.token + 1))  # a new owner: no-op
+        assert manager.status().disks[0].token == order.token + 1
+        order = replace(order, token=order.token + 1)
         first = await manager.stage_export(DISK, 1, order.token)
         assert await manager.stage_export(DISK, 1, order.token) == first
         with pytest.raises(UnsafeName):

@@ -39,7 +39,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -193,11 +193,10 @@ class OnpremIoManager:
         async with self._ordered(order.disk_id, order.token):
             opened = self._disks.get(order.disk_id)
             if opened is not None:
-                if (opened.order.disk_dir, opened.order.snapshot_id) != (
-                    order.disk_dir,
-                    order.snapshot_id,
-                ):
-                    raise OrderConflict(order.disk_id, "already open on another disk or snapshot")
+                if replace(opened.order, token=order.token) != order:
+                    raise OrderConflict(
+                        order.disk_id, "already open for another migration, disk or snapshot"
+                    )
                 return
             root = self.disk_root(order.disk_id)
             await asyncio.to_thread(_save_order, root, order)

@@ -52,6 +52,7 @@ _LANDED = struct.Struct(">BQQ16s")
 _LANDED_CHECK = struct.Struct(">Q")
 INLINE_HASH = 1 << 20
 HASH_PIECE = 4 << 20
+VERIFY_CONCURRENCY = 4
 
 
 class LandingKind(enum.IntEnum):
@@ -257,12 +258,26 @@ class StagingBackend:
             return f"{stray.length} bytes at {stray.start} landed outside the manifest"
         return None
 
-    async def mismatch(self, manifest: EpochManifest) -> ManifestEntry | None:
-        """The first entry whose staged bytes do not hash to its hash, or None."""
-        for entry in manifest.entries:
-            if await self.entry_hash(entry) != entry.hash:
-                return entry
-        return None
+    async def mismatch(
+        self, manifest: EpochManifest, concurrency: int = VERIFY_CONCURRENCY
+    ) -> ManifestEntry | None:
+        """The first entry whose staged bytes do not hash to its hash, or None.
+
+        Entries are hashed ``concurrency`` at a time (each holds one buffer of
+        at most ``HASH_PIECE`` bytes).
+        """
+        slots = asyncio.Semaphore(concurrency)
+        wrong: list[ManifestEntry] = []
+
+        async def check(entry: ManifestEntry) -> None:
+            async with slots:
+                if await self.entry_hash(entry) != entry.hash:
+                    wrong.append(entry)
+
+        async with asyncio.TaskGroup() as group:
+            for entry in manifest.entries:
+                group.create_task(check(entry))
+        return min(wrong, key=lambda entry: entry.offset) if wrong else None
 
     async def entry_hash(self, entry: ManifestEntry) -> bytes:
         """chunk_hash of the staged bytes of one entry, hashed in the file's thread pool."""
