@@ -197,3 +197,28 @@ async def test_a_manager_killed_after_any_step_of_a_commit_recovers_whole(
             torn = await disk.active().read(0, SIZE)
         assert torn not in (before, after)
     await check_recovered(order, data_dir, step, before, after)
+
+
+async def test_a_cancelled_caller_does_not_stop_a_commit_half_way(tmp_path: Path) -> None:
+    order, _, after = await lab(tmp_path)
+    reached, gate = asyncio.Event(), asyncio.Event()
+
+    async def hook(disk_id: str, epoch: int, at: CommitStep) -> None:
+        if epoch == 2 and at == CommitStep.PARTLY_APPLIED:
+            reached.set()
+            await gate.wait()
+
+    async with OnpremIoManager(tmp_path / "onprem", commit_hook=hook) as manager:
+        await manager.open_disk(order)
+        first, _ = await ship(manager, DISK, 1, TOKEN, SIZE, FIRST)
+        await manager.commit_epoch(DISK, 1, TOKEN, first)
+        manifest, _ = await ship(manager, DISK, 2, TOKEN, SIZE, SECOND)
+        caller = asyncio.create_task(manager.commit_epoch(DISK, 2, TOKEN, manifest))
+        await reached.wait()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        gate.set()
+        await manager.commit_epoch(DISK, 2, TOKEN, manifest)  # waits for the lock: a no-op
+        assert manager.committed_epoch(DISK) == 2
+        assert await read_current(manager) == after

@@ -153,6 +153,7 @@ class OnpremIoManager:
         self._disks: dict[str, _OpenDisk] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tokens: dict[str, int] = {}
+        self._work: set[asyncio.Task[None]] = set()
 
     @property
     def address(self) -> NbdAddress:
@@ -182,6 +183,8 @@ class OnpremIoManager:
     ) -> None:
         try:
             await self._server.stop()
+            if self._work:  # commits whose callers stopped waiting
+                await asyncio.gather(*self._work, return_exceptions=True)
         finally:
             for disk_id in list(self._disks):
                 await self._close(self._disks.pop(disk_id))
@@ -229,7 +232,17 @@ class OnpremIoManager:
     async def commit_epoch(
         self, disk_id: str, epoch: int, token: int, manifest: EpochManifest
     ) -> None:
-        """Check, record and apply ``epoch`` (see ``commit``); a replay is a no-op."""
+        """Check, record and apply ``epoch`` (see ``commit``); a replay is a no-op.
+
+        The commit runs in a task of its own: a cancelled caller stops waiting,
+        the commit goes on to its end (the manager waits for it when it closes).
+        """
+        task = asyncio.ensure_future(self._commit(disk_id, epoch, token, manifest))
+        self._work.add(task)
+        task.add_done_callback(self._work_done)
+        await asyncio.shield(task)
+
+    async def _commit(self, disk_id: str, epoch: int, token: int, manifest: EpochManifest) -> None:
         async with self._ordered(disk_id, token):
             opened = self._open_disk(disk_id)
             state = opened.journal.state
@@ -310,6 +323,11 @@ class OnpremIoManager:
                 await asyncio.to_thread(_save_token, root, token)
                 self._tokens[disk_id] = token
             yield
+
+    def _work_done(self, task: asyncio.Task[None]) -> None:
+        self._work.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved here in case the caller stopped waiting
 
     def _open_disk(self, disk_id: str) -> _OpenDisk:
         opened = self._disks.get(_checked_id(disk_id))
