@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance.components.onprem import EpochManifest, ManifestEntry, OnpremIoManager
-from appliance.datapath.nbd import NbdBackend
+from appliance.datapath.nbd import NbdAddress, NbdBackend
 from appliance.datapath.retry import RetryPolicy
 from appliance.datapath.transfer import Transfer, TransferOptions, TransferResult
 from appliance.storage.backend import Backend
@@ -106,9 +106,14 @@ async def ship(
     *,
     chunk: int = CHUNK,
     wrap: Callable[[NbdBackend], Backend] | None = None,
+    via: NbdAddress | None = None,
 ) -> tuple[EpochManifest, TransferResult]:
-    """Land ``epoch`` in its staging export as the cache would; its manifest and the result."""
+    """Land ``epoch`` in its staging export as the cache would; its manifest and the result.
+
+    ``via`` is where to connect instead of the manager's own address (a proxy).
+    """
     address, export = await manager.stage_export(disk_id, number, token)
+    address = via or address
     source, extents = await epoch_source(size, epoch, chunk)
     async with await NbdBackend.connect(address, export) as staged:
         target: Backend = staged if wrap is None else wrap(staged)

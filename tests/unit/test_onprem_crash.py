@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from appliance.components.onprem import CommitStep, OnpremDiskOrder, OnpremIoManager, read_journal
+from appliance.datapath.nbd import NbdBackend
 from appliance.storage.layered import LayeredDisk
 from tests.support.onprem import CHUNK, MIB, Epoch, apply_to, make_lab_disk, manifest_of, ship
 
@@ -43,8 +44,6 @@ class Crash(Exception):
 
 
 async def read_current(manager: OnpremIoManager) -> bytes:
-    from appliance.datapath.nbd import NbdBackend
-
     async with await NbdBackend.connect(manager.address, f"cur/{DISK}") as backend:
         return await backend.read(0, backend.size)
 

@@ -17,7 +17,7 @@ from appliance.components.onprem import (
     read_journal,
     snapshot_export,
 )
-from appliance.datapath.nbd import NbdBackend, NbdClient
+from appliance.datapath.nbd import NbdBackend, NbdClient, TcpAddress
 from appliance.errors import (
     DiskNotOpen,
     EpochOutOfOrder,
@@ -30,6 +30,7 @@ from appliance.errors import (
 from appliance.storage.backend import Backend
 from appliance.storage.hashing import chunk_hash
 from appliance.storage.layered import LayeredDisk
+from tests.support.faultproxy import FaultProxy
 from tests.support.onprem import (
     CHUNK,
     MIB,
@@ -142,6 +143,24 @@ async def test_a_chunk_corrupted_on_the_link_is_caught_as_it_lands_and_sent_agai
         manifest, result = await ship(manager, DISK, 1, order.token, SIZE, epoch, wrap=wrap)
         assert links[0].corrupted == 1
         assert result.stats.mismatches == 1
+        await manager.commit_epoch(DISK, 1, order.token, manifest)
+        assert await read_export(manager, current_export(DISK)) == apply_to(snapshot, epoch)
+
+
+async def test_a_link_dropped_mid_epoch_resumes_into_the_same_staging(
+    tmp_path: Path, lab: tuple[OnpremDiskOrder, bytes]
+) -> None:
+    order, snapshot = lab
+    rng = random.Random(8)
+    epoch = {index: rng.randbytes(CHUNK) for index in range(0, SIZE // CHUNK, 2)}
+    async with OnpremIoManager(tmp_path / "onprem") as manager:
+        await manager.open_disk(order)
+        assert isinstance(manager.address, TcpAddress)
+        async with FaultProxy(manager.address.host, manager.address.port) as proxy:
+            proxy.drop_after(len(epoch) * CHUNK // 2)
+            via = TcpAddress("127.0.0.1", proxy.port)
+            manifest, result = await ship(manager, DISK, 1, order.token, SIZE, epoch, via=via)
+        assert proxy.drops >= 1 and result.stats.retries >= 1
         await manager.commit_epoch(DISK, 1, order.token, manifest)
         assert await read_export(manager, current_export(DISK)) == apply_to(snapshot, epoch)
 
