@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,16 @@ async def test_staging_records_what_landed_and_finds_strays(tmp_path: Path) -> N
         covering = manifest((0, b"a" * 4096), (4096, bytes(4096)), (8192, bytes(4096)))
         assert staging.problem(covering) is None
         assert (await staging.mismatch(covering)).offset == 8192  # type: ignore[union-attr]
-        staging.seal()
+        await staging.seal()
         with pytest.raises(PermissionError):
             await staging.write(0, b"b")
+
+
+async def test_sealing_waits_for_a_write_in_flight(tmp_path: Path) -> None:
+    async with await StagingBackend.create(tmp_path, 1, 64 * KIB) as staging:
+        writing = asyncio.ensure_future(staging.write(4096, b"w" * 4096))
+        sealing = asyncio.ensure_future(staging.seal())  # runs after the write started
+        await sealing
+        assert writing.done()
+        assert staging.landed_bytes == 4096
+        assert await staging.read(4096, 4096) == b"w" * 4096

@@ -371,7 +371,7 @@ class OnpremIoManager:
             return
         name = staging_export(disk_id, epoch)
         self._server.remove_export(name)
-        backend.seal()
+        await backend.seal()
         problem = backend.problem(manifest)
         if problem is None:
             wrong = await backend.mismatch(manifest)

@@ -17,7 +17,8 @@ answers with the digest of the bytes it wrote; a mismatch is sent again).
 ``flush`` fdatasyncs the file, then appends the landing records written
 since and fsyncs them: data before the record that names it.
 
-At commit the area is sealed (later writes fail with EPERM) and checked
+At commit the area is sealed (writes in flight are waited for, later ones
+fail with EPERM) and checked
 against the manifest: nothing may have landed outside the manifest's
 ranges, and every entry's staged bytes, read back from the file, must hash
 to the entry's hash (so a staging file damaged after landing is caught
@@ -28,11 +29,13 @@ epoch that was never committed is discarded when the disk is opened again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import os
 import shutil
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -121,6 +124,9 @@ class StagingBackend:
         self._flush_lock = asyncio.Lock()
         self._sealed = False
         self._closed = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @classmethod
     async def create(cls, disk_root: Path, epoch: int, size: int) -> StagingBackend:
@@ -155,7 +161,7 @@ class StagingBackend:
 
         file, landed = await asyncio.to_thread(reopen)
         backend = cls(directory, epoch, file, landed)
-        backend.seal()
+        await backend.seal()
         return backend
 
     # -- the block backend protocol ---------------------------------------------------------
@@ -191,20 +197,20 @@ class StagingBackend:
         await self._file.read_into(offset, buffer)
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
-        self._check_open()
-        await self._file.write(offset, data)
-        view = memoryview(data).cast("B")
-        if len(view) > INLINE_HASH:
-            digest = await asyncio.to_thread(chunk_hash, view)
-        else:
-            digest = chunk_hash(view)
-        self._landing(Landing(LandingKind.DATA, offset, len(view), digest))
+        with self._landing_write():
+            await self._file.write(offset, data)
+            view = memoryview(data).cast("B")
+            if len(view) > INLINE_HASH:
+                digest = await asyncio.to_thread(chunk_hash, view)
+            else:
+                digest = chunk_hash(view)
+            self._landing(Landing(LandingKind.DATA, offset, len(view), digest))
 
     async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
-        self._check_open()
-        # Always a hole: the staging file only has to read back right, never keep space.
-        await self._file.zero(offset, length, punch_hole=True)
-        self._landing(Landing(LandingKind.ZERO, offset, length, zero_hash(length)))
+        with self._landing_write():
+            # Always a hole: the staging file only has to read back right, never keep space.
+            await self._file.zero(offset, length, punch_hole=True)
+            self._landing(Landing(LandingKind.ZERO, offset, length, zero_hash(length)))
 
     async def flush(self) -> None:
         """Make what landed durable: the data first, then the records naming it."""
@@ -240,9 +246,11 @@ class StagingBackend:
 
     # -- commit ------------------------------------------------------------------------------
 
-    def seal(self) -> None:
-        """Refuse every later write: what the commit checks is what it applies."""
+    async def seal(self) -> None:
+        """Refuse every later write and wait for those in flight: what the commit checks is
+        what it applies."""
         self._sealed = True
+        await self._idle.wait()
 
     def unseal(self) -> None:
         self._sealed = False
@@ -302,6 +310,19 @@ class StagingBackend:
         await self.flush()
 
     # -- internals ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _landing_write(self) -> Iterator[None]:
+        """Count a write in flight, so that ``seal`` can wait for it to land."""
+        self._check_open()
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
 
     def _check_open(self) -> None:
         if self._closed:
