@@ -18,12 +18,12 @@ answers with the digest of the bytes it wrote; a mismatch is sent again).
 since and fsyncs them: data before the record that names it.
 
 At commit the area is sealed (writes in flight are waited for, later ones
-fail with EPERM) and checked
-against the manifest: nothing may have landed outside the manifest's
-ranges, and every entry's staged bytes, read back from the file, must hash
-to the entry's hash (so a staging file damaged after landing is caught
-too). The commit then applies entries from the file. A staging area of an
-epoch that was never committed is discarded when the disk is opened again.
+fail with EPERM) and checked against the manifest: nothing may have landed
+outside the manifest's ranges, and every entry's staged bytes, read back
+from the file, must hash to the entry's hash (so a staging file damaged
+after landing is caught too). The commit then applies entries from the
+file. A staging area of an epoch that was never committed is discarded
+when the disk is opened again.
 """
 
 from __future__ import annotations
