@@ -274,26 +274,29 @@ async def test_epochs_commit_strictly_in_order_and_a_replay_is_a_no_op(
         )
 
 
-async def test_twenty_epochs_in_a_row_match_a_reference_model(
-    tmp_path: Path, lab: tuple[OnpremDiskOrder, bytes]
-) -> None:
-    order, snapshot = lab
+@pytest.mark.parametrize("size", [SIZE, SIZE + 12345])  # the last chunk clipped too
+async def test_twenty_epochs_in_a_row_match_a_reference_model(tmp_path: Path, size: int) -> None:
+    snapshot_id, snapshot = await make_lab_disk(tmp_path / "lab-disk", size, seed=size)
+    order = OnpremDiskOrder("mig-20", DISK, 1, tmp_path / "lab-disk", snapshot_id)
     rng = random.Random(20)
     model = snapshot
+    touched: set[int] = set()
     async with OnpremIoManager(tmp_path / "onprem") as manager:
         await manager.open_disk(order)
         for number in range(1, 21):
-            epoch = random_epoch(rng, SIZE)
-            manifest, _ = await ship(manager, DISK, number, order.token, SIZE, epoch)
+            epoch = random_epoch(rng, size)
+            touched |= set(epoch)
+            manifest, _ = await ship(manager, DISK, number, order.token, size, epoch)
             await manager.commit_epoch(DISK, number, order.token, manifest)
             model = apply_to(model, epoch)
             assert await read_export(manager, current_export(DISK)) == model, number
+        assert (size - 1) // CHUNK in touched  # the last (maybe clipped) chunk was shipped
         assert await read_export(manager, snapshot_export(DISK)) == snapshot
         await manager.close_disk(DISK, order.token)
         assert manager.status().exports == ()
     async with await LayeredDisk.open(order.disk_dir) as disk:
-        assert await disk.active().read(0, SIZE) == model
-        assert await disk.at(order.snapshot_id).read(0, SIZE) == snapshot
+        assert await disk.active().read(0, size) == model
+        assert await disk.at(order.snapshot_id).read(0, size) == snapshot
     async with OnpremIoManager(tmp_path / "onprem") as manager:
         await manager.open_disk(order)
         assert manager.committed_epoch(DISK) == 20
