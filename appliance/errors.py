@@ -22,6 +22,7 @@
         ├── StateLost                   Redis came back without our generation marker
         ├── NotConfigured               a setting the appliance cannot start without is missing
         ├── KeyFileError                the appliance's key file is unreadable or unsafe
+        ├── StaleToken                  an order or epoch commit with a superseded fencing token
         ├── SiteError                   a site driver refused (bad name, missing VM, no capacity)
         │   ├── UnsafeName              a name that would escape the data directory
         │   └── UnreadableVm            a VM's configuration cannot be read (invalid_vm)
@@ -33,7 +34,13 @@
             ├── OutOfSpace              the target has no room
             ├── TransferFailed          retries exhausted; names the chunk and the cause
             ├── UnknownSnapshot         a layered disk has no snapshot with that id
-            └── DiskCorrupt             a disk's manifest or bitmap is unreadable or inconsistent
+            ├── DiskCorrupt             a disk's manifest or bitmap is unreadable or inconsistent
+            └── ComponentError          a data-plane component (cache, I/O manager) refused
+                ├── DiskNotOpen         an order for a disk the component does not serve
+                ├── OrderConflict       an order that contradicts the one the disk was opened with
+                ├── EpochOutOfOrder     an epoch staged or committed out of sequence
+                ├── EpochRejected       an epoch's manifest disagrees with what was staged
+                └── JournalCorrupt      an epoch journal is unreadable before its tail
 
 Errors carry typed fields and build their message from them. Catch by type,
 never by message text.
@@ -304,6 +311,51 @@ class DiskCorrupt(DataPathError):
         super().__init__(f"{path}: {reason}")
 
 
+class ComponentError(DataPathError):
+    """A data-plane component (the cloud cache, the on-prem I/O manager) refused an order."""
+
+
+class DiskNotOpen(ComponentError):
+    def __init__(self, disk_id: str) -> None:
+        self.disk_id = disk_id
+        super().__init__(f"disk {disk_id} is not open here")
+
+
+class OrderConflict(ComponentError):
+    code = ErrorCode.CONFLICT
+
+    def __init__(self, disk_id: str, reason: str) -> None:
+        self.disk_id = disk_id
+        self.reason = reason
+        super().__init__(f"disk {disk_id}: {reason}")
+
+
+class EpochOutOfOrder(ComponentError):
+    code = ErrorCode.CONFLICT
+
+    def __init__(self, disk_id: str, epoch: int, expected: int) -> None:
+        self.disk_id = disk_id
+        self.epoch = epoch
+        self.expected = expected
+        super().__init__(f"disk {disk_id}: epoch {epoch} is out of order (expected {expected})")
+
+
+class EpochRejected(ComponentError):
+    def __init__(self, disk_id: str, epoch: int, reason: str) -> None:
+        self.disk_id = disk_id
+        self.epoch = epoch
+        self.reason = reason
+        super().__init__(f"disk {disk_id}: epoch {epoch} rejected: {reason}")
+
+
+class JournalCorrupt(ComponentError):
+    def __init__(self, path: Path, offset: int, reason: str) -> None:
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+        super().__init__(f"epoch journal {path} at byte {offset}: {reason}")
+
+
 class TransferCancelled(DataPathError):
     def __init__(self, transfer_id: str, chunks_done: int, chunks_total: int) -> None:
         self.transfer_id = transfer_id
@@ -313,3 +365,13 @@ class TransferCancelled(DataPathError):
             f"transfer {transfer_id} cancelled with {chunks_done} of {chunks_total} chunks done; "
             "its checkpoint resumes it"
         )
+
+
+class StaleToken(PermanentError):
+    """An order or epoch commit carried a fencing token older than one already accepted."""
+
+    def __init__(self, disk_id: str, token: int, highest: int) -> None:
+        self.disk_id = disk_id
+        self.token = token
+        self.highest = highest
+        super().__init__(f"disk {disk_id}: token {token} is stale (highest accepted {highest})")

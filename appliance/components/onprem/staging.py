@@ -1,0 +1,353 @@
+"""Where a flush epoch lands before it is committed: a sparse file and a landing record.
+
+A staging area is a directory ``stage-<epoch>`` under the disk's directory in
+the I/O manager's data dir, holding
+
+* ``data.raw``: a sparse file of the disk's size; the sender's writes land
+  at their disk offsets, so a range reads back exactly as the epoch holds it;
+* ``landed.log``: what landed, one fixed record per write or zero request,
+  ``kind:u8 offset:u64 length:u64 hash:16 check:8`` (kind 1 data, 2 zero;
+  ``hash`` the xxh3-128 of the bytes as they landed, of zeroes for a zero
+  request; ``check`` the xxh3-64 of the record's first 33 bytes).
+
+:class:`StagingBackend` is that area through the block backend protocol,
+exported writable over NBD: the sender writes with Ferry's hashed writes,
+so each chunk is checked against the sender's hash as it lands (the server
+answers with the digest of the bytes it wrote; a mismatch is sent again).
+``flush`` fdatasyncs the file, then appends the landing records written
+since and fsyncs them: data before the record that names it.
+
+At commit the area is sealed (writes in flight are waited for, later ones
+fail with EPERM) and checked against the manifest: nothing may have landed
+outside the manifest's ranges, and every entry's staged bytes, read back
+from the file, must hash to the entry's hash (so a staging file damaged
+after landing is caught too). The commit then applies entries from the
+file. A staging area of an epoch that was never committed is discarded
+when the disk is opened again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import os
+import shutil
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import xxhash
+
+from appliance.components.onprem import durable
+from appliance.components.onprem.manifest import EpochManifest, ManifestEntry
+from appliance.storage.extents import Extent
+from appliance.storage.file import FileBackend
+from appliance.storage.hashing import chunk_hash, zero_hash
+
+DATA_FILE = "data.raw"
+LANDED_FILE = "landed.log"
+_LANDED = struct.Struct(">BQQ16s")
+_LANDED_CHECK = struct.Struct(">Q")
+INLINE_HASH = 1 << 20
+HASH_PIECE = 4 << 20
+VERIFY_CONCURRENCY = 4
+
+
+class LandingKind(enum.IntEnum):
+    DATA = 1
+    ZERO = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Landing:
+    kind: LandingKind
+    offset: int
+    length: int
+    hash: bytes
+
+    def pack(self) -> bytes:
+        head = _LANDED.pack(self.kind, self.offset, self.length, self.hash)
+        return head + _LANDED_CHECK.pack(xxhash.xxh3_64_intdigest(head))
+
+
+def staging_name(epoch: int) -> str:
+    return f"stage-{epoch}"
+
+
+def staged_epochs(disk_root: Path) -> list[int]:
+    """The epochs with a staging area under ``disk_root`` (blocking)."""
+    epochs: list[int] = []
+    for entry in disk_root.glob("stage-*"):
+        suffix = entry.name.removeprefix("stage-")
+        if suffix.isdigit() and entry.is_dir():
+            epochs.append(int(suffix))
+    return sorted(epochs)
+
+
+def discard(disk_root: Path, epoch: int) -> None:
+    """Remove a staging area (blocking); absent is fine."""
+    directory = disk_root / staging_name(epoch)
+    if directory.exists():
+        shutil.rmtree(directory)
+        durable.fsync_dir(disk_root)
+
+
+def _outside(landed: list[Extent], wanted: list[Extent]) -> Extent | None:
+    """The first landed extent not inside ``wanted`` (both merged, sorted), or None."""
+    index = 0
+    for extent in landed:
+        while index < len(wanted) and wanted[index].end <= extent.start:
+            index += 1
+        if index == len(wanted):
+            return extent
+        covering = wanted[index]
+        if covering.start > extent.start or covering.end < extent.end:
+            return extent
+    return None
+
+
+class StagingBackend:
+    """One epoch's staging area as a writable block backend; build with create or open."""
+
+    def __init__(self, directory: Path, epoch: int, file: FileBackend, landed_fd: int) -> None:
+        self._directory = directory
+        self._epoch = epoch
+        self._file = file
+        self._landed_fd = landed_fd
+        self._landed: list[Landing] = []
+        self._unsaved: list[Landing] = []
+        self._flush_lock = asyncio.Lock()
+        self._sealed = False
+        self._closed = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @classmethod
+    async def create(cls, disk_root: Path, epoch: int, size: int) -> StagingBackend:
+        """A new, empty staging area for ``epoch`` (an old one is replaced)."""
+        directory = disk_root / staging_name(epoch)
+
+        def build() -> tuple[FileBackend, int]:
+            if directory.exists():
+                shutil.rmtree(directory)
+            durable.make_dirs(directory)
+            file = FileBackend.create(directory / DATA_FILE, size)
+            landed = os.open(
+                directory / LANDED_FILE,
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                0o600,
+            )
+            durable.fsync_dir(directory)
+            return file, landed
+
+        file, landed = await asyncio.to_thread(build)
+        return cls(directory, epoch, file, landed)
+
+    @classmethod
+    async def open(cls, disk_root: Path, epoch: int) -> StagingBackend:
+        """An existing staging area, to apply it again (sealed: read-only)."""
+        directory = disk_root / staging_name(epoch)
+
+        def reopen() -> tuple[FileBackend, int]:
+            file = FileBackend.open(directory / DATA_FILE)
+            landed = os.open(directory / LANDED_FILE, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            return file, landed
+
+        file, landed = await asyncio.to_thread(reopen)
+        backend = cls(directory, epoch, file, landed)
+        await backend.seal()
+        return backend
+
+    # -- the block backend protocol ---------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return f"staging:{self._directory}"
+
+    @property
+    def size(self) -> int:
+        return self._file.size
+
+    @property
+    def readonly(self) -> bool:
+        return False
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def sealed(self) -> bool:
+        return self._sealed
+
+    @property
+    def landed_bytes(self) -> int:
+        return sum(landing.length for landing in self._landed)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self._file.read(offset, length)
+
+    async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
+        await self._file.read_into(offset, buffer)
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        with self._landing_write():
+            await self._file.write(offset, data)
+            view = memoryview(data).cast("B")
+            if len(view) > INLINE_HASH:
+                digest = await asyncio.to_thread(chunk_hash, view)
+            else:
+                digest = chunk_hash(view)
+            self._landing(Landing(LandingKind.DATA, offset, len(view), digest))
+
+    async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
+        with self._landing_write():
+            # Always a hole: the staging file only has to read back right, never keep space.
+            await self._file.zero(offset, length, punch_hole=True)
+            self._landing(Landing(LandingKind.ZERO, offset, length, zero_hash(length)))
+
+    async def flush(self) -> None:
+        """Make what landed durable: the data first, then the records naming it."""
+        async with self._flush_lock:
+            records, self._unsaved = self._unsaved, []
+            await self._file.flush()
+            if records:
+                await asyncio.to_thread(self._append, b"".join(r.pack() for r in records))
+
+    async def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        return await self._file.extents(offset, length)
+
+    async def hash_blocks(self, offset: int, length: int, block: int) -> list[bytes] | None:
+        return await self._file.hash_blocks(offset, length, block)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._file.close()
+        os.close(self._landed_fd)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- commit ------------------------------------------------------------------------------
+
+    async def seal(self) -> None:
+        """Refuse every later write and wait for those in flight: what the commit checks is
+        what it applies."""
+        self._sealed = True
+        await self._idle.wait()
+
+    def unseal(self) -> None:
+        self._sealed = False
+
+    def problem(self, manifest: EpochManifest) -> str | None:
+        """Why what landed cannot be this manifest's epoch (ranges only), or None."""
+        landed = _union(
+            sorted((Extent(x.offset, x.length) for x in self._landed), key=lambda e: e.start)
+        )
+        wanted = _union([Extent(e.offset, e.length) for e in manifest.entries])
+        stray = _outside(landed, wanted)
+        if stray is not None:
+            return f"{stray.length} bytes at {stray.start} landed outside the manifest"
+        return None
+
+    async def mismatch(
+        self, manifest: EpochManifest, concurrency: int = VERIFY_CONCURRENCY
+    ) -> ManifestEntry | None:
+        """The first entry whose staged bytes do not hash to its hash, or None.
+
+        Entries are hashed ``concurrency`` at a time (each holds one buffer of
+        at most ``HASH_PIECE`` bytes).
+        """
+        slots = asyncio.Semaphore(concurrency)
+        wrong: list[ManifestEntry] = []
+
+        async def check(entry: ManifestEntry) -> None:
+            async with slots:
+                if await self.entry_hash(entry) != entry.hash:
+                    wrong.append(entry)
+
+        async with asyncio.TaskGroup() as group:
+            for entry in manifest.entries:
+                group.create_task(check(entry))
+        return min(wrong, key=lambda entry: entry.offset) if wrong else None
+
+    async def entry_hash(self, entry: ManifestEntry) -> bytes:
+        """chunk_hash of the staged bytes of one entry, hashed in the file's thread pool."""
+        if entry.hash == zero_hash(entry.length):
+            extents = await self._file.extents(entry.offset, entry.length)
+            if all(extent.zero for extent in extents):
+                return entry.hash
+        hasher = xxhash.xxh3_128()
+        buffer = bytearray(min(entry.length, HASH_PIECE))
+        for pos in range(entry.offset, entry.end, len(buffer)):
+            view = memoryview(buffer)[: min(len(buffer), entry.end - pos)]
+            await self._file.read_into(pos, view)
+            if len(view) > INLINE_HASH:
+                await asyncio.to_thread(hasher.update, view)
+            else:
+                hasher.update(view)
+        digest: bytes = hasher.digest()
+        return digest
+
+    async def durable(self) -> None:
+        """fdatasync the staged data and fsync its landing records."""
+        await self.flush()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _landing_write(self) -> Iterator[None]:
+        """Count a write in flight, so that ``seal`` can wait for it to land."""
+        self._check_open()
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self.name} is closed")
+        if self._sealed:
+            raise PermissionError(errno.EPERM, f"epoch {self._epoch} is being committed")
+
+    def _landing(self, landing: Landing) -> None:
+        self._landed.append(landing)
+        self._unsaved.append(landing)
+
+    def _append(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._landed_fd, view) :]
+        os.fsync(self._landed_fd)
+
+
+def _union(extents: list[Extent]) -> list[Extent]:
+    """Adjacent extents joined whatever their state: plain ranges."""
+    joined: list[Extent] = []
+    for extent in extents:
+        if joined and joined[-1].end >= extent.start:
+            last = joined[-1]
+            joined[-1] = Extent(last.start, max(last.end, extent.end) - last.start)
+        else:
+            joined.append(Extent(extent.start, extent.length))
+    return joined
