@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
+from typing import Any
 
 import structlog
 
@@ -78,9 +79,12 @@ class Dispatcher:
     async def _handle(self, delivery: Delivery) -> Verdict:
         try:
             document = self._decoder.document(delivery.body)
-            message = self._decoder.validate(document)
         except MessageError as error:
             return await self._reject(error)
+        try:
+            message = self._decoder.validate(document)
+        except MessageError as error:
+            return await self._reject(error, _authentic_reply_to(error, document))
         assert isinstance(message, Command)
         structlog.contextvars.bind_contextvars(
             message_id=message.message_id,
@@ -90,7 +94,7 @@ class Dispatcher:
         try:
             return await self._claimed(message, body_digest(document))
         except MessageError as error:
-            return await self._reject(error)
+            return await self._reject(error, message.reply_to)
         except TransientError as error:
             log.warning("command left for redelivery", reason=str(error))
             return Verdict.RETRY
@@ -103,7 +107,8 @@ class Dispatcher:
                     message,
                     ErrorCode.INTERNAL,
                     f"internal error while handling {message.message_type}: {type(error).__name__}",
-                )
+                ),
+                message.reply_to,
             )
             return Verdict.DEAD_LETTER
 
@@ -153,7 +158,7 @@ class Dispatcher:
             answers=[event.message_type for event in answer],
         )
         for event in answer:
-            await self._sink.publish(event)
+            await self._sink.publish(event, command.reply_to)
         await self._records.answered(command.message_id, self._clock.now().isoformat())
         log.info("command answered", answers=[event.message_type for event in answer])
 
@@ -181,11 +186,22 @@ class Dispatcher:
         except FerryError as error:  # pragma: no cover - every FerryError is one of the two
             raise AssertionError(f"unclassified error {type(error).__name__}") from error
 
-    async def _reject(self, error: MessageError) -> Verdict:
+    async def _reject(self, error: MessageError, reply_to: str | None = None) -> Verdict:
         """Answer a message that can never be handled, then dead-letter it."""
         log.warning("message rejected", code=error.code.value, reason=error.reason)
         if error.correlation_id is not None:
             await self._sink.publish(
-                error_response(self._appliance_id, error.code, error.reason, error.correlation_id)
+                error_response(self._appliance_id, error.code, error.reason, error.correlation_id),
+                reply_to,
             )
         return Verdict.DEAD_LETTER
+
+
+def _authentic_reply_to(error: MessageError, document: dict[str, Any]) -> str | None:
+    """The reply_to of a message that failed schema validation: the decoder validates the
+    schema only after the signature held, so its sender is known. None for anything
+    unauthenticated. The publisher checks the destination itself."""
+    reply_to = document.get("reply_to")
+    if error.code is ErrorCode.SCHEMA_VIOLATION and isinstance(reply_to, str):
+        return reply_to
+    return None

@@ -81,6 +81,7 @@ class MigrationRecord:
     created_at: str = ""
     updated_at: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    reply_to: str | None = None  # of the SourceCloneRequest: where progress answers go
 
     def with_step(self, step: Step, at: str) -> MigrationRecord:
         return replace(self, step=step, updated_at=at)

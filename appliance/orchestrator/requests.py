@@ -205,6 +205,7 @@ class CloneRequests:
             has_credentials=body.guest_credentials is not None,
             created_at=now,
             updated_at=now,
+            reply_to=command.reply_to,
         )
 
     async def _responses(
