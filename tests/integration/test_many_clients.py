@@ -1,0 +1,152 @@
+"""Many clients, one appliance: nobody takes anybody else's answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
+from pydantic import SecretStr
+
+from clients.client import FerryClient
+from clients.config import ClientSettings
+from clients.monitor import HeartbeatMonitor, Outcome
+from messages.commands import (
+    SourceInventoryRequest,
+    SourceInventoryRequestBody,
+    StatusRequest,
+)
+from messages.common import MigrationState
+from messages.events import Event, StatusResponse
+from tests.integration.conftest import Harness, RunningAppliance
+from tests.integration.migration_helpers import clone_request, start_migration
+from tests.support.lab import MIB, build_lab, lab_vm
+
+StartAppliance = Callable[..., Awaitable[RunningAppliance]]
+COMMANDS_EACH = 12
+
+
+@contextlib.asynccontextmanager
+async def _sqs(harness: Harness) -> AsyncIterator[Any]:
+    async with get_session().create_client(
+        "sqs", endpoint_url=harness.endpoint, region_name="us-east-1",
+        aws_access_key_id="test", aws_secret_access_key="test",
+    ) as sqs:  # fmt: skip
+        yield sqs
+
+
+async def _answers_to(client: FerryClient, count: int, within_s: float) -> dict[str, list[Event]]:
+    """Send ``count`` inventory requests at once; collect every answer to each until each
+    has one, then keep listening a little (a duplicate or a stray answer would show)."""
+    commands = [
+        SourceInventoryRequest(body=SourceInventoryRequestBody(page_size=5)) for _ in range(count)
+    ]
+    sent = await asyncio.gather(*(client.send(command) for command in commands))
+    answers: dict[str, list[Event]] = {command.correlation_id: [] for command in sent}
+
+    async def first(correlation_id: str) -> None:
+        answers[correlation_id].append(await client.next_answer(correlation_id, within_s))
+
+    await asyncio.gather(*(first(cid) for cid in answers))
+    return answers
+
+
+async def test_three_clients_a_monitor_and_a_stale_token_share_one_appliance(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    await start_appliance(harness.settings(heartbeat_interval_s=0.5))
+    settings = harness.client_settings()
+    stale = ClientSettings(**{**settings.model_dump(), "bus_token": SecretStr("an-old-token")})
+    async with (
+        FerryClient(settings) as first,
+        FerryClient(settings) as second,
+        FerryClient(settings, private_queue=False) as shared,  # may not create queues
+        FerryClient(stale, private_queue=False) as outdated,
+        FerryClient(settings, private_queue=False) as watcher,
+    ):
+        assert first.reply_queue and second.reply_queue and first.reply_queue != second.reply_queue
+        assert shared.reply_queue is None
+        # The outdated client verifies nothing, and waits for an answer: it reads the shared
+        # queue the whole time. It must not delete what it cannot read.
+        outdated.expect("never-answered")
+        monitor = HeartbeatMonitor(interval_s=5, count=10)
+        watching = asyncio.create_task(monitor.watch(watcher.heartbeats(), lambda _beat: None))
+        results = await asyncio.gather(
+            _answers_to(first, COMMANDS_EACH, 60),
+            _answers_to(second, COMMANDS_EACH, 60),
+            _answers_to(shared, COMMANDS_EACH, 60),
+        )
+        watched = await asyncio.wait_for(watching, 60)
+    for answers in results:
+        assert len(answers) == COMMANDS_EACH
+        for correlation_id, got in answers.items():
+            assert [a.message_type for a in got] == ["SourceInventoryResponse"], correlation_id
+            assert got[0].correlation_id == correlation_id
+    assert watched.outcome is Outcome.COUNT_REACHED
+    async with _sqs(harness) as sqs:
+        for name in (first.reply_queue, second.reply_queue):
+            with pytest.raises(ClientError):  # removed on exit
+                await sqs.get_queue_url(QueueName=name)
+
+
+async def test_an_unusable_reply_to_falls_back_to_the_shared_response_queue(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    running = await start_appliance(harness.settings())
+    settings = running.settings
+    async with _sqs(harness) as sqs:
+        commands_url = (await sqs.get_queue_url(QueueName=settings.command_queue))["QueueUrl"]
+        foreign = commands_url.replace("000000000000", "123456789012")
+        elsewhere = (await sqs.create_queue(QueueName=f"elsewhere-{uuid.uuid4().hex[:8]}"))[
+            "QueueUrl"
+        ]
+        refused = [
+            "no-such-queue-" + uuid.uuid4().hex[:8],  # does not exist
+            settings.command_queue,  # would feed answers back in as commands
+            settings.dead_letter_queue,
+            foreign,  # another account
+        ]
+        async with FerryClient(harness.client_settings(), private_queue=False) as client:
+            for reply_to in refused:
+                answer = await client.request(StatusRequest(reply_to=reply_to))
+                assert isinstance(answer, StatusResponse), reply_to
+            # A usable one: the answer lands there, not on the shared queue.
+            command = await client.send(StatusRequest(reply_to=elsewhere))
+            received = await sqs.receive_message(QueueUrl=elsewhere, WaitTimeSeconds=20)
+            (message,) = received["Messages"]
+            assert command.correlation_id in message["Body"]
+            assert client._waiters[command.correlation_id].empty()
+        await sqs.delete_queue(QueueUrl=elsewhere)
+        # No answer went to the dead-letter queue, nor into the command queue (where the
+        # appliance would have rejected it, and dead-lettered it).
+        dlq = (await sqs.get_queue_url(QueueName=settings.dead_letter_queue))["QueueUrl"]
+        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        attributes = await sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=names)
+        assert set(attributes["Attributes"].values()) == {"0"}
+
+
+async def test_a_migrations_progress_goes_to_the_reply_queue_of_the_command_that_started_it(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    vm = lab_vm(1, disks=1, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    await start_appliance(harness.settings())
+    async with (
+        FerryClient(harness.client_settings()) as owner,
+        FerryClient(harness.client_settings(), private_queue=False) as bystander,
+    ):
+        request = clone_request([vm.vm_id])
+        bystander.expect(request.correlation_id)  # would catch anything on the shared queue
+        follower = await start_migration(owner, request)
+        (status,) = (await follower.finished(1)).values()
+        assert status.state is MigrationState.COMPLETED, status.error
+        assert len(follower.history) >= 3
+        # Nothing of it went to the shared queue: the bystander, reading it, got none.
+        probe = await bystander.request(StatusRequest())
+        assert isinstance(probe, StatusResponse)
+        assert bystander._waiters[request.correlation_id].empty()
