@@ -342,6 +342,9 @@ class SqsBus:
             backoff = min(2 ** min(delivery.receive_count, 10), self._settings.visibility_timeout_s)
             await self._set_visibility(delivery, backoff)
             return
+        if verdict is Verdict.BUSY:  # back when the other handler's lease may have lapsed
+            await self._set_visibility(delivery, self._settings.initial_visibility_s)
+            return
         if verdict is Verdict.DEAD_LETTER:
             await self._dead_letter(delivery)
         await self._deletes.submit(delivery.receipt_handle)

@@ -31,7 +31,7 @@ from appliance.dispatch.reply import error_for, error_response
 from appliance.errors import CommandRejected, FerryError, PermanentError, TransientError
 from appliance.logs import get_logger
 from appliance.sink import EventSink
-from appliance.state.commands import ClaimResult, CommandRecords
+from appliance.state.commands import Claim, ClaimResult, CommandRecords
 from appliance.state.events import EventLog
 from messages.codec import Decoder, body_digest, check_fresh
 from messages.commands import Command
@@ -132,20 +132,33 @@ class Dispatcher:
                 return Verdict.ACK
             case ClaimResult.BUSY:
                 log.info("duplicate delivery while the command is being handled: later")
-                return Verdict.RETRY
+                return Verdict.BUSY
             case ClaimResult.TAKEOVER:
                 log.info("redelivery of a recorded, unanswered command: handling it")
             case ClaimResult.FIRST:
                 check_fresh(
                     command.sent_at, self._clock.now(), self._max_skew, command.correlation_id
                 )
+        keeper = asyncio.create_task(self._keep_claim(command.message_id, claim))
         try:
             await self._act(command)
         except asyncio.CancelledError:
             with contextlib.suppress(TransientError):
                 await asyncio.shield(self._records.release(command.message_id, claim))
             raise
+        finally:
+            keeper.cancel()
         return Verdict.ACK
+
+    async def _keep_claim(self, message_id: str, claim: Claim) -> None:
+        """Renew the (short) handling lease while the command is acted on."""
+        while True:
+            await asyncio.sleep(max(self._records.lease_s / 3, 0.05))
+            try:
+                if not await self._records.renew(message_id, claim):
+                    return
+            except TransientError as error:
+                log.warning("could not renew the command's handling lease", error=str(error))
 
     async def _act(self, command: Command) -> None:
         answer = await self._answer(command)
