@@ -14,8 +14,9 @@ never takes what is not addressed to it:
   ids, a heartbeat handed to a subscriber here (heartbeat followers share the
   stream), or a verified heartbeat too old to matter to anyone. Anything else,
   including whatever it cannot verify (another appliance's, or a stale
-  token here), is made visible to the others again within a second; answers
-  nobody collects expire from the queue by its retention period.
+  token here), is made visible to the others again within a second, and this
+  client stands back from the queue a little longer so that their owner's read
+  gets them; answers nobody collects expire by the queue's retention period.
 
 Answers are verified (signature) and de-duplicated by message id, since SQS
 delivers at least once.
@@ -60,6 +61,9 @@ from messages.events import (
 
 log = logging.getLogger(__name__)
 RELEASE_S = 1  # a message for someone else is visible to them again after this long
+# After letting others' messages go, wait this long before reading again, so that when they
+# are visible again their owner's read gets them rather than ours.
+STAND_BACK_S = 2.0
 REPLY_QUEUE_RETENTION_S = 3600
 
 
@@ -273,8 +277,11 @@ class FerryClient:
                 await asyncio.sleep(1.0)
                 continue
             decoded = [(self._decode(raw), raw) for raw in response.get("Messages", [])]
+            released = 0
             for event, raw in sorted(decoded, key=lambda pair: _sent_at(pair[0])):
-                await self._route(event, raw, queue_url, private=private)
+                released += not await self._route(event, raw, queue_url, private=private)
+            if released:
+                await asyncio.sleep(STAND_BACK_S)
 
     def _decode(self, raw: dict[str, Any]) -> Event | None:
         try:
@@ -286,7 +293,8 @@ class FerryClient:
 
     async def _route(
         self, event: Event | None, raw: dict[str, Any], queue_url: str, *, private: bool
-    ) -> None:
+    ) -> bool:
+        """Deliver what is ours and delete it (True); let anything else go (False)."""
         if event is not None and event.message_id in self._seen:
             mine = True  # a duplicate of something delivered here
         elif event is not None and self._deliver(event):
@@ -296,11 +304,12 @@ class FerryClient:
             mine = private or (event is not None and self._expired_heartbeat(event))
         if mine:
             await self._delete(raw, queue_url)
-            return
+            return True
         with contextlib.suppress(Exception):  # someone else's: let them have it now
             await self._sqs.change_message_visibility(
                 QueueUrl=queue_url, ReceiptHandle=raw["ReceiptHandle"], VisibilityTimeout=RELEASE_S
             )
+        return False
 
     def _deliver(self, event: Event) -> bool:
         if isinstance(event, Heartbeat):
