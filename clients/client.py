@@ -12,7 +12,8 @@ never takes what is not addressed to it:
   but only while someone here waits for an answer or a heartbeat. There it
   deletes only what it delivered: an answer to one of its own correlation
   ids, a heartbeat handed to a subscriber here (heartbeat followers share the
-  stream), or a verified heartbeat too old to matter to anyone. Anything else,
+  stream), or a verified heartbeat that tells nobody anything any more (too
+  old, or seconds older than a later one from the same appliance). Anything else,
   including whatever it cannot verify (another appliance's, or a stale
   token here), is made visible to the others again within a second, and this
   client stands back from the queue a little longer so that their owner's read
@@ -64,6 +65,7 @@ RELEASE_S = 1  # a message for someone else is visible to them again after this 
 # After letting others' messages go, wait this long before reading again, so that when they
 # are visible again their owner's read gets them rather than ours.
 STAND_BACK_S = 2.0
+SUPERSEDED_S = 2.0  # a heartbeat this much older than one seen since tells nobody anything
 REPLY_QUEUE_RETENTION_S = 3600
 
 
@@ -104,6 +106,7 @@ class FerryClient:
         self._heartbeat_queues: list[asyncio.Queue[Heartbeat]] = []
         self._interest = asyncio.Event()  # someone here waits for something: read the shared queue
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._newest_beat: dict[str, datetime] = {}  # per appliance: latest heartbeat sent_at
         self._receivers: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Self:
@@ -280,7 +283,7 @@ class FerryClient:
             released = 0
             for event, raw in sorted(decoded, key=lambda pair: _sent_at(pair[0])):
                 released += not await self._route(event, raw, queue_url, private=private)
-            if released:
+            if released and len(decoded) < 10:  # a full batch: there may be more to look at
                 await asyncio.sleep(STAND_BACK_S)
 
     def _decode(self, raw: dict[str, Any]) -> Event | None:
@@ -301,7 +304,7 @@ class FerryClient:
             self._remember(event.message_id)
             mine = True
         else:
-            mine = private or (event is not None and self._expired_heartbeat(event))
+            mine = private or (event is not None and self._outdated_heartbeat(event))
         if mine:
             await self._delete(raw, queue_url)
             return True
@@ -322,11 +325,18 @@ class FerryClient:
         waiter.put_nowait(event)
         return True
 
-    def _expired_heartbeat(self, event: Event) -> bool:
-        """A verified heartbeat too old to tell anyone anything: nobody's answer, so any
-        client may drop it."""
+    def _outdated_heartbeat(self, event: Event) -> bool:
+        """A verified heartbeat that tells nobody anything any more: too old, or superseded
+        by a later one from the same appliance. Nobody's answer, so any client may drop it
+        (else heartbeats nobody follows would pile up in front of the answers)."""
+        if not isinstance(event, Heartbeat):
+            return False
+        appliance = event.body.appliance_id
+        newest = max(self._newest_beat.get(appliance, event.sent_at), event.sent_at)
+        self._newest_beat[appliance] = newest
         age_s = (datetime.now(UTC) - event.sent_at).total_seconds()
-        return isinstance(event, Heartbeat) and age_s > self._stale_heartbeat_s
+        superseded_s = (newest - event.sent_at).total_seconds()
+        return age_s > self._stale_heartbeat_s or superseded_s >= SUPERSEDED_S
 
     def _remember(self, message_id: str) -> None:
         self._seen[message_id] = None
