@@ -159,6 +159,9 @@ class Dispatcher:
                     return
             except TransientError as error:
                 log.warning("could not renew the command's handling lease", error=str(error))
+            except Exception:  # a defect: say so here, never as an unretrieved task error
+                log.exception("renewing the command's handling lease failed")
+                return
 
     async def _act(self, command: Command) -> None:
         answer = await self._answer(command)
