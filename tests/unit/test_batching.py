@@ -16,11 +16,13 @@ class Sender:
         self.batches: list[list[int]] = []
         self.gate = asyncio.Event()
         self.gate.set()
+        self.called = asyncio.Event()
         self._fail = fail or set()
         self._boom = boom
 
     async def __call__(self, items: Sequence[int]) -> list[BaseException | None]:
         self.batches.append(list(items))
+        self.called.set()
         await self.gate.wait()
         if self._boom:
             raise ConnectionError("queue service down")
@@ -75,9 +77,7 @@ async def test_a_caller_cancelled_while_its_batch_fails_leaves_no_unretrieved_er
     sender.gate.clear()
     batcher = Batcher(sender)
     caller = asyncio.create_task(batcher.submit(1))
-    async with asyncio.timeout(5):
-        while not sender.batches:  # the batch is in flight
-            await asyncio.sleep(0)
+    await asyncio.wait_for(sender.called.wait(), 5)  # the batch is in flight
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
