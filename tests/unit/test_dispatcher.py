@@ -23,7 +23,7 @@ from appliance.state.commands import CommandRecords
 from appliance.state.events import EventLog
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
-from messages.codec import Decoder, encode
+from messages.codec import Decoder, encode, signature_of
 from messages.commands import (
     CloneVm,
     Command,
@@ -348,3 +348,24 @@ async def test_a_handler_that_outlives_its_short_lease_keeps_its_claim(
     release.set()
     assert await first is Verdict.ACK
     assert len(calls) == 1 and len(sink.events) == 1
+
+
+async def test_answers_go_to_the_commands_reply_to_and_rejections_only_when_signed(
+    dispatcher: Dispatcher, sink: MemorySink, clock: FakeClock
+) -> None:
+    """The sink is told where each answer goes; the publisher checks the destination. A
+    reply_to is only taken from a message whose signature held."""
+    answered = SourceInventoryRequest(reply_to="client-a")
+    assert await dispatcher.handle(_delivery(_signed(answered, clock), 1)) is Verdict.ACK
+    stale = SourceInventoryRequest(reply_to="client-b", sent_at=clock.now() - timedelta(hours=1))
+    assert await dispatcher.handle(_delivery(encode(stale, TOKEN), 2)) is Verdict.DEAD_LETTER
+    invalid = json.loads(_signed(SourceInventoryRequest(reply_to="client-c"), clock))
+    invalid["body"]["page_size"] = -1
+    del invalid["signature"]
+    resigned = json.dumps({**invalid, "signature": signature_of(invalid, TOKEN)})
+    assert await dispatcher.handle(_delivery(resigned, 3)) is Verdict.DEAD_LETTER
+    forged = json.loads(_signed(SourceInventoryRequest(reply_to="client-d"), clock))
+    forged["body"]["page_size"] = 7  # the signature no longer holds
+    assert await dispatcher.handle(_delivery(json.dumps(forged), 4)) is Verdict.DEAD_LETTER
+    assert [e.message_type for e in sink.events] == ["CommandResponse"] + ["ErrorResponse"] * 3
+    assert sink.reply_to == ["client-a", "client-b", "client-c", None]
