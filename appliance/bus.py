@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -47,6 +46,7 @@ from tenacity import (
 )
 
 from appliance.batching import Batcher
+from appliance.dead_letters import SQS_MAX_BYTES, TRUNCATED_BYTES, dead_letter_copy
 from appliance.dispatch.delivery import Delivery, Verdict
 from appliance.errors import BusUnavailable
 from appliance.health import HealthBoard
@@ -59,8 +59,6 @@ from messages.events import Event
 T = TypeVar("T")
 Outgoing = tuple[str, str, dict[str, str]]  # queue url, body, attributes
 BATCH_BYTES = 240 * 1024  # SQS caps a whole batch at 256 KiB
-SQS_MAX_BYTES = 1024 * 1024  # body and attributes of one message
-TRUNCATED_BYTES = 200 * 1024  # fits any queue's MaximumMessageSize (256 KiB on older queues)
 COMPONENT = "bus"
 Handler = Callable[[Delivery], Awaitable[Verdict]]
 log = get_logger(__name__)
@@ -270,7 +268,7 @@ class SqsBus:
                     QueueUrl=self.urls.commands,
                     MaxNumberOfMessages=count,
                     WaitTimeSeconds=self._settings.receive_wait_s,
-                    VisibilityTimeout=self._settings.initial_visibility_s,
+                    VisibilityTimeout=self._settings.receive_visibility_s,
                     MessageSystemAttributeNames=["ApproximateReceiveCount"],
                 ),
             )
@@ -315,7 +313,7 @@ class SqsBus:
     async def _keep_invisible(self, delivery: Delivery) -> None:
         """Extend the short visibility of a receive while the delivery is being handled."""
         settings = self._settings
-        period = settings.initial_visibility_s / 2
+        period = settings.receive_visibility_s / 2
         while True:
             await asyncio.sleep(period)
             try:
@@ -343,7 +341,7 @@ class SqsBus:
             await self._set_visibility(delivery, backoff)
             return
         if verdict is Verdict.BUSY:  # back when the other handler's lease may have lapsed
-            await self._set_visibility(delivery, self._settings.initial_visibility_s)
+            await self._set_visibility(delivery, self._settings.receive_visibility_s)
             return
         if verdict is Verdict.DEAD_LETTER:
             await self._dead_letter(delivery)
@@ -433,32 +431,6 @@ def _attributes(attributes: dict[str, str]) -> dict[str, Any]:
         for name, value in attributes.items()
         if value
     }
-
-
-def _sqs_size(body: str, attributes: dict[str, str]) -> int:
-    """What SQS counts against its message size limit: body, and attribute names, types, values."""
-    size = len(body.encode("utf-8", "surrogatepass"))
-    return size + sum(len(n) + len("String") + len(v.encode()) for n, v in attributes.items())
-
-
-def dead_letter_copy(delivery: Delivery, limit: int) -> tuple[str, dict[str, str]]:
-    """The dead-letter copy of ``delivery`` within ``limit`` bytes: whole, or a truncated
-    prefix whose attributes name the original's size and SHA-256."""
-    body = delivery.body or "(empty)"
-    attributes = {
-        "ferry_source_message_id": delivery.queue_message_id,
-        "ferry_receive_count": str(delivery.receive_count),
-    }
-    if _sqs_size(body, attributes) <= limit:
-        return body, attributes
-    raw = body.encode("utf-8", "surrogatepass")
-    attributes |= {
-        "ferry_truncated": "true",
-        "ferry_original_bytes": str(len(raw)),
-        "ferry_original_sha256": hashlib.sha256(raw).hexdigest(),
-    }
-    room = min(limit, TRUNCATED_BYTES) - _sqs_size("", attributes)
-    return raw[:room].decode("utf-8", "ignore") or "(empty)", attributes
 
 
 def _retrieved(task: asyncio.Task[Any]) -> None:

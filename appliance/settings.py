@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
     @property
+    def receive_visibility_s(self) -> int:
+        """How long a receive hides a command: short, and never past the visibility timeout."""
+        return min(self.initial_visibility_s, self.visibility_timeout_s)
+
+    @property
     def embedded_bus(self) -> bool:
         return self.sqs_endpoint is None
 

@@ -158,7 +158,7 @@ class Appliance:
             # The handling lease is as short as a receive's visibility: the command of a
             # handler that died is taken over when its message is back.
             records=CommandRecords(
-                store, settings.command_record_ttl_s, lease_s=settings.initial_visibility_s
+                store, settings.command_record_ttl_s, lease_s=settings.receive_visibility_s
             ),
             events=EventLog(store),
             sink=bus.publisher,
