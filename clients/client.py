@@ -11,13 +11,14 @@ never takes what is not addressed to it:
   the reply queue, e.g. a rejection of a message it could not authenticate),
   but only while someone here waits for an answer or a heartbeat. There it
   deletes only what it delivered: an answer to one of its own correlation
-  ids, a heartbeat handed to a subscriber here (heartbeat followers share the
-  stream), or a verified heartbeat that tells nobody anything any more (too
-  old, or seconds older than a later one from the same appliance). Anything else,
+  ids, or a verified heartbeat that tells nobody anything any more (too old,
+  or seconds older than a later one from the same appliance). A heartbeat is
+  everyone's: each follower here gets it once, and it is left for the
+  followers elsewhere (several ``ferry watch`` each see every heartbeat). Anything else,
   including whatever it cannot verify (another appliance's, or a stale
-  token here), is made visible to the others again within a second, and this
-  client stands back from the queue a little longer so that their owner's read
-  gets them; answers nobody collects expire by the queue's retention period.
+  token here), is made visible to the others again at once, and this client
+  stands back from the queue for a moment so that their owner's read gets
+  them; answers nobody collects expire by the queue's retention period.
 
 Answers are verified (signature) and de-duplicated by message id, since SQS
 delivers at least once.
@@ -61,11 +62,9 @@ from messages.events import (
 )
 
 log = logging.getLogger(__name__)
-RELEASE_S = 1  # a message for someone else is visible to them again after this long
-# After letting others' messages go, wait this long before reading again, so that when they
-# are visible again their owner's read gets them rather than ours.
-STAND_BACK_S = 2.0
-SUPERSEDED_S = 2.0  # a heartbeat this much older than one seen since tells nobody anything
+RELEASE_S = 1  # others' messages from a full batch: hidden this long while we look past them
+STAND_BACK_S = 2.0  # after letting others' messages go: their owners read next, not us
+SUPERSEDED_S = 3.0  # a heartbeat this much older than one seen since tells nobody anything
 REPLY_QUEUE_RETENTION_S = 3600
 
 
@@ -280,11 +279,29 @@ class FerryClient:
                 await asyncio.sleep(1.0)
                 continue
             decoded = [(self._decode(raw), raw) for raw in response.get("Messages", [])]
-            released = 0
+            others = []
             for event, raw in sorted(decoded, key=lambda pair: _sent_at(pair[0])):
-                released += not await self._route(event, raw, queue_url, private=private)
-            if released and len(decoded) < 10:  # a full batch: there may be more to look at
-                await asyncio.sleep(STAND_BACK_S)
+                if not await self._route(event, raw, queue_url, private=private):
+                    others.append(raw)
+            await self._let_go(queue_url, others, full=len(decoded) == 10)
+
+    async def _let_go(self, queue_url: str, others: list[dict[str, Any]], *, full: bool) -> None:
+        """Make others' messages visible again. After a full batch there may be more behind
+        them: hide these a moment and look again at once. Otherwise show them at once and
+        stand back, so that their owners' reads get them rather than ours."""
+        if not others:
+            return
+        entries = [
+            {"Id": str(i), "ReceiptHandle": raw["ReceiptHandle"], "VisibilityTimeout": 0}
+            for i, raw in enumerate(others)
+        ]
+        if full:
+            for entry in entries:
+                entry["VisibilityTimeout"] = RELEASE_S
+        with contextlib.suppress(Exception):
+            await self._sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
+        if not full:
+            await asyncio.sleep(STAND_BACK_S)
 
     def _decode(self, raw: dict[str, Any]) -> Event | None:
         try:
@@ -297,22 +314,22 @@ class FerryClient:
     async def _route(
         self, event: Event | None, raw: dict[str, Any], queue_url: str, *, private: bool
     ) -> bool:
-        """Deliver what is ours and delete it (True); let anything else go (False)."""
-        if event is not None and event.message_id in self._seen:
-            mine = True  # a duplicate of something delivered here
-        elif event is not None and self._deliver(event):
-            self._remember(event.message_id)
+        """Deliver what is ours and delete it (True); anything else is let go (False).
+
+        A heartbeat is everyone's: delivered here once, and left for the other followers
+        until it is outdated (then whoever sees it drops it)."""
+        if isinstance(event, Heartbeat):
+            if event.message_id not in self._seen and self._deliver(event):
+                self._remember(event.message_id)
+            mine = private or self._outdated_heartbeat(event)
+        elif event is not None and (event.message_id in self._seen or self._deliver(event)):
+            self._remember(event.message_id)  # delivered here now, or a duplicate of that
             mine = True
         else:
-            mine = private or (event is not None and self._outdated_heartbeat(event))
+            mine = private
         if mine:
             await self._delete(raw, queue_url)
-            return True
-        with contextlib.suppress(Exception):  # someone else's: let them have it now
-            await self._sqs.change_message_visibility(
-                QueueUrl=queue_url, ReceiptHandle=raw["ReceiptHandle"], VisibilityTimeout=RELEASE_S
-            )
-        return False
+        return mine
 
     def _deliver(self, event: Event) -> bool:
         if isinstance(event, Heartbeat):

@@ -22,7 +22,7 @@ from messages.commands import (
     StatusRequest,
 )
 from messages.common import MigrationState
-from messages.events import Event, StatusResponse
+from messages.events import Event, Heartbeat, StatusResponse
 from tests.integration.conftest import Harness, RunningAppliance
 from tests.integration.migration_helpers import clone_request, start_migration
 from tests.support.lab import MIB, build_lab, lab_vm
@@ -150,3 +150,35 @@ async def test_a_migrations_progress_goes_to_the_reply_queue_of_the_command_that
         probe = await bystander.request(StatusRequest())
         assert isinstance(probe, StatusResponse)
         assert bystander._waiters[request.correlation_id].empty()
+
+
+async def test_two_watchers_each_follow_the_whole_heartbeat_stream(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    await start_appliance(harness.settings(heartbeat_interval_s=1.0))
+    settings = harness.client_settings()
+    seen: dict[str, set[int]] = {"one": set(), "two": set()}
+
+    async def recorded(name: str, beats: AsyncIterator[Heartbeat]) -> AsyncIterator[Heartbeat]:
+        async for beat in beats:
+            seen[name].add(beat.body.sequence)
+            yield beat
+
+    async with (
+        FerryClient(settings, private_queue=False) as one,
+        FerryClient(settings, private_queue=False) as two,
+    ):
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                HeartbeatMonitor(interval_s=10, count=8).watch(
+                    recorded("one", one.heartbeats()), lambda _beat: None
+                ),
+                HeartbeatMonitor(interval_s=10, count=8).watch(
+                    recorded("two", two.heartbeats()), lambda _beat: None
+                ),
+            ),
+            60,
+        )
+    assert [r.outcome for r in results] == [Outcome.COUNT_REACHED] * 2
+    # Each got the heartbeats, not half of them each: a watcher does not take them away.
+    assert len(seen["one"] & seen["two"]) >= 6, seen
