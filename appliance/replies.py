@@ -5,10 +5,13 @@ appliance without reading each other's answers. The name comes from a signed
 command, but the appliance still only sends to a queue it can find in its own
 account on its own endpoint: a name is looked up there (``GetQueueUrl``); a URL
 must share the response queue's endpoint and account path, and its name is
-looked up the same way. The command and dead-letter queues are never reply
-queues. An unusable ``reply_to`` falls back to the shared response queue and
-is logged; lookups are cached (failures for a minute, so a deleted reply queue
-is noticed again later without a lookup per progress message).
+looked up the same way. A reply queue's name starts with the response queue's
+name and a dash (``ferry-responses-reply-1f2e``), so answers never land in
+another application's queue, and permissions can be granted by prefix; the
+command and dead-letter queues are never reply queues. An unusable
+``reply_to`` falls back to the shared response queue and is logged; lookups
+are cached (failures for a minute, so a deleted reply queue is noticed again
+later without a lookup per progress message).
 """
 
 from __future__ import annotations
@@ -91,4 +94,7 @@ class ReplyQueues:
             return "not a queue name or URL"
         if "/" in reply_to and _prefix(reply_to) != _prefix(self._own.responses):
             return "not a queue of this appliance's account and endpoint"
+        shared = self._own.responses.rsplit("/", 1)[-1]
+        if not reply_to.rsplit("/", 1)[-1].startswith(f"{shared}-"):
+            return f"a reply queue's name starts with {shared}-"
         return None

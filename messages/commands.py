@@ -32,8 +32,9 @@ class Command(Envelope):
         pattern=REPLY_TO_PATTERN,
         description=(
             "The queue this command's answers (and a migration's progress) go to, in the "
-            "appliance's own account and endpoint; absent or unusable: the shared response "
-            "queue. Heartbeats always go to the shared response queue."
+            "appliance's own account and endpoint, named after the response queue and a dash "
+            "(ferry-responses-reply-1f2e); absent or unusable: the shared response queue. "
+            "Heartbeats always go to the shared response queue."
         ),
     )
 

@@ -102,11 +102,14 @@ async def test_an_unusable_reply_to_falls_back_to_the_shared_response_queue(
     async with _sqs(harness) as sqs:
         commands_url = (await sqs.get_queue_url(QueueName=settings.command_queue))["QueueUrl"]
         foreign = commands_url.replace("000000000000", "123456789012")
-        elsewhere = (await sqs.create_queue(QueueName=f"elsewhere-{uuid.uuid4().hex[:8]}"))[
-            "QueueUrl"
-        ]
+        suffix = uuid.uuid4().hex[:8]
+        elsewhere = (
+            await sqs.create_queue(QueueName=f"{settings.response_queue}-elsewhere-{suffix}")
+        )["QueueUrl"]
+        other_app = (await sqs.create_queue(QueueName=f"other-app-{suffix}"))["QueueUrl"]
         refused = [
-            "no-such-queue-" + uuid.uuid4().hex[:8],  # does not exist
+            f"{settings.response_queue}-no-such-queue-{suffix}",  # does not exist
+            other_app,  # exists, but is no reply queue of this appliance's
             settings.command_queue,  # would feed answers back in as commands
             settings.dead_letter_queue,
             foreign,  # another account
@@ -122,6 +125,11 @@ async def test_an_unusable_reply_to_falls_back_to_the_shared_response_queue(
             assert command.correlation_id in message["Body"]
             assert client._waiters[command.correlation_id].empty()
         await sqs.delete_queue(QueueUrl=elsewhere)
+        other_app_counts = await sqs.get_queue_attributes(
+            QueueUrl=other_app, AttributeNames=["ApproximateNumberOfMessages"]
+        )
+        assert other_app_counts["Attributes"]["ApproximateNumberOfMessages"] == "0"
+        await sqs.delete_queue(QueueUrl=other_app)
         # No answer went to the dead-letter queue, nor into the command queue (where the
         # appliance would have rejected it, and dead-lettered it).
         dlq = (await sqs.get_queue_url(QueueName=settings.dead_letter_queue))["QueueUrl"]

@@ -29,7 +29,7 @@ class Account:
 
 @pytest.fixture
 def account() -> Account:
-    return Account("cmd", "dlq", "rsp", "client-reply")
+    return Account("cmd", "dlq", "rsp", "rsp-client-reply", "other-app-queue")
 
 
 @pytest.fixture
@@ -42,26 +42,27 @@ async def test_no_reply_to_is_the_shared_queue(replies: ReplyQueues, account: Ac
     assert account.lookups == []
 
 
-@pytest.mark.parametrize("reply_to", ["client-reply", f"{BASE}/client-reply"])
+@pytest.mark.parametrize("reply_to", ["rsp-client-reply", f"{BASE}/rsp-client-reply"])
 async def test_a_queue_of_our_own_account_by_name_or_url(
     replies: ReplyQueues, account: Account, reply_to: str
 ) -> None:
-    assert await replies.destination(reply_to) == f"{BASE}/client-reply"
-    assert await replies.destination(reply_to) == f"{BASE}/client-reply"
-    assert account.lookups == ["client-reply"]  # looked up once, then remembered
+    assert await replies.destination(reply_to) == f"{BASE}/rsp-client-reply"
+    assert await replies.destination(reply_to) == f"{BASE}/rsp-client-reply"
+    assert account.lookups == ["rsp-client-reply"]  # looked up once, then remembered
 
 
 @pytest.mark.parametrize(
     "reply_to",
     [
-        "no-such-queue",  # not in our account
+        "rsp-no-such-queue",  # not in our account
+        "other-app-queue",  # in our account, but not a reply queue of ours
         "cmd",  # answers would come back in as commands
         "dlq",
         f"{BASE}/cmd",
-        "http://127.0.0.1:4566/queue/us-east-1/123456789012/client-reply",  # another account
-        "https://sqs.us-east-1.amazonaws.com/000000000000/client-reply",  # another endpoint
+        "http://127.0.0.1:4566/queue/us-east-1/123456789012/rsp-client-reply",  # another account
+        "https://sqs.us-east-1.amazonaws.com/000000000000/rsp-client-reply",  # another endpoint
         "x.fifo",  # not a pattern a command may carry
-        "http://127.0.0.1:4566/../client-reply",
+        "http://127.0.0.1:4566/../rsp-client-reply",
     ],
 )
 async def test_an_unusable_reply_to_falls_back_and_is_logged(
@@ -74,11 +75,11 @@ async def test_an_unusable_reply_to_falls_back_and_is_logged(
 async def test_a_queue_found_unusable_later_is_left_alone_for_a_while(
     replies: ReplyQueues, account: Account
 ) -> None:
-    assert await replies.destination("client-reply") == f"{BASE}/client-reply"
-    del account.queues["client-reply"]  # the client went away with its queue
-    replies.unusable("client-reply", "queue does not exist")
-    assert await replies.destination("client-reply") == SHARED
-    assert account.lookups == ["client-reply"]  # no lookup per progress message
-    account.queues["client-reply"] = f"{BASE}/client-reply"
+    assert await replies.destination("rsp-client-reply") == f"{BASE}/rsp-client-reply"
+    del account.queues["rsp-client-reply"]  # the client went away with its queue
+    replies.unusable("rsp-client-reply", "queue does not exist")
+    assert await replies.destination("rsp-client-reply") == SHARED
+    assert account.lookups == ["rsp-client-reply"]  # no lookup per progress message
+    account.queues["rsp-client-reply"] = f"{BASE}/rsp-client-reply"
     account.now += UNUSABLE_FOR_S + 1
-    assert await replies.destination("client-reply") == f"{BASE}/client-reply"
+    assert await replies.destination("rsp-client-reply") == f"{BASE}/rsp-client-reply"
