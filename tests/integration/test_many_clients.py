@@ -190,3 +190,21 @@ async def test_two_watchers_each_follow_the_whole_heartbeat_stream(
     assert [r.outcome for r in results] == [Outcome.COUNT_REACHED] * 2
     # Each got the heartbeats, not half of them each: a watcher does not take them away.
     assert len(seen["one"] & seen["two"]) >= 6, seen
+
+
+async def test_answers_for_a_reply_queue_deleted_since_go_to_the_shared_queue(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    running = await start_appliance(harness.settings())
+    name = f"{running.settings.response_queue}-reply-gone"
+    async with _sqs(harness) as sqs:
+        url = (await sqs.create_queue(QueueName=name))["QueueUrl"]
+        async with FerryClient(harness.client_settings(), private_queue=False) as client:
+            first = await client.send(StatusRequest(reply_to=name))
+            received = await sqs.receive_message(QueueUrl=url, WaitTimeSeconds=20)
+            assert first.correlation_id in received["Messages"][0]["Body"]
+            await sqs.delete_queue(QueueUrl=url)  # its client went away
+            # The appliance knows the queue's URL from before; the send now fails, and the
+            # answer goes to the shared queue instead of being lost.
+            answer = await client.request(StatusRequest(reply_to=name))
+            assert isinstance(answer, StatusResponse)
