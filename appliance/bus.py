@@ -5,9 +5,18 @@
 * A delivery stays invisible while it is handled (its visibility is extended
   in the background), and is deleted only after the dispatcher says ACK, which
   it does only once the command is durably recorded.
-* DEAD_LETTER copies the body to the dead-letter queue before deleting it;
-  RETRY makes the message visible again after a short backoff. Messages whose
-  handling keeps failing reach the dead-letter queue through the redrive policy.
+* A delivery is received with a short visibility (``initial_visibility_s``)
+  that its handler extends while it works: a message taken by a receive whose
+  process died (a SIGKILLed appliance's long poll still in flight) is back
+  within seconds, not after the full visibility timeout.
+* DEAD_LETTER copies the body to the dead-letter queue before deleting it; a
+  copy SQS refuses (a body at SQS's own size limit leaves no room for our
+  attributes) goes as a truncated copy with the original's size and SHA-256,
+  and the delivery is deleted exactly once whatever the copy met. RETRY makes
+  the message visible again after a short backoff. Poison is dead-lettered by
+  the dispatcher itself, so the redrive policy (``max_receive_count``, large on
+  purpose) only catches messages whose handler keeps dying: receives lost to
+  crashes must not dead-letter a valid command.
 * Stopping stops intake, lets in-flight deliveries finish within the drain
   timeout, then cancels the rest, which SQS redelivers.
 
@@ -37,10 +46,12 @@ from tenacity import (
 )
 
 from appliance.batching import Batcher
+from appliance.dead_letters import SQS_MAX_BYTES, TRUNCATED_BYTES, dead_letter_copy
 from appliance.dispatch.delivery import Delivery, Verdict
 from appliance.errors import BusUnavailable
 from appliance.health import HealthBoard
 from appliance.logs import get_logger
+from appliance.replies import OwnQueues, ReplyQueues
 from appliance.settings import Settings
 from messages.codec import encode
 from messages.events import Event
@@ -106,6 +117,7 @@ class SqsBus:
         self._stack = AsyncExitStack()
         self._client: Any = None
         self.urls = QueueUrls("", "", "")
+        self.replies = ReplyQueues(OwnQueues("", frozenset()), self._queue_url)
         self.publisher = SqsPublisher(self, settings, keys)
         # Acks and answers are coalesced into batch requests under load.
         self._deletes: Batcher[str] = Batcher(self._delete_batch)
@@ -135,6 +147,8 @@ class SqsBus:
             )
         )
         self.urls = await self.call("resolve queues", self._resolve_queues)
+        forbidden = frozenset({self.urls.commands, self.urls.dead_letters})
+        self.replies = ReplyQueues(OwnQueues(self.urls.responses, forbidden), self._queue_url)
         return self
 
     async def __aexit__(
@@ -185,17 +199,38 @@ class SqsBus:
             "deadLetterTargetArn": attributes["Attributes"]["QueueArn"],
             "maxReceiveCount": str(settings.max_receive_count),
         }
-        commands = (
-            await self._client.create_queue(
-                QueueName=settings.command_queue,
-                Attributes={
-                    "RedrivePolicy": json.dumps(redrive),
-                    "VisibilityTimeout": str(settings.visibility_timeout_s),
-                },
-            )
-        )["QueueUrl"]
+        commands = (await self._client.create_queue(QueueName=settings.command_queue))["QueueUrl"]
+        # Set apart from creation: SQS refuses to "create" an existing queue with other
+        # attributes, and a queue made by an older version must get today's settings.
+        await self._client.set_queue_attributes(
+            QueueUrl=commands,
+            Attributes={
+                "RedrivePolicy": json.dumps(redrive),
+                "VisibilityTimeout": str(settings.visibility_timeout_s),
+            },
+        )
         responses = (await self._client.create_queue(QueueName=settings.response_queue))["QueueUrl"]
+        # Nobody deletes an answer that is not addressed to them: unclaimed ones expire.
+        await self._client.set_queue_attributes(
+            QueueUrl=responses,
+            Attributes={"MessageRetentionPeriod": str(settings.response_retention_s)},
+        )
         return QueueUrls(commands, responses, dlq)
+
+    async def _queue_url(self, name: str) -> str | None:
+        """A queue of our own account by name, or None when there is none."""
+
+        async def lookup() -> str | None:
+            try:
+                url: str = (await self._client.get_queue_url(QueueName=name))["QueueUrl"]
+            except ClientError as error:
+                if _transient(error):
+                    raise
+                return None
+            return url
+
+        result: str | None = await self.call("look up reply queue", lookup)
+        return result
 
     async def consume(
         self, handler: Handler, stop: asyncio.Event, gate: Callable[[], Awaitable[None]]
@@ -216,6 +251,7 @@ class SqsBus:
             for delivery in deliveries:
                 task = asyncio.create_task(self._process(delivery, handler, slots))
                 in_flight.add(task)
+                task.add_done_callback(_retrieved)
                 task.add_done_callback(in_flight.discard)
         await self._drain(in_flight)
 
@@ -238,7 +274,7 @@ class SqsBus:
                     QueueUrl=self.urls.commands,
                     MaxNumberOfMessages=count,
                     WaitTimeSeconds=self._settings.receive_wait_s,
-                    VisibilityTimeout=self._settings.visibility_timeout_s,
+                    VisibilityTimeout=self._settings.receive_visibility_s,
                     MessageSystemAttributeNames=["ApproximateReceiveCount"],
                 ),
             )
@@ -258,6 +294,7 @@ class SqsBus:
 
     async def _process(self, delivery: Delivery, handler: Handler, slots: Slots) -> None:
         keeper = asyncio.create_task(self._keep_invisible(delivery))
+        keeper.add_done_callback(_retrieved)
         try:
             try:
                 verdict = await handler(delivery)
@@ -274,15 +311,25 @@ class SqsBus:
             raise
         except BusUnavailable as error:
             log.warning("could not settle delivery; SQS will redeliver", error=str(error))
+        except Exception:
+            log.exception("could not settle delivery", queue_message_id=delivery.queue_message_id)
         finally:
             await slots.give_back()
 
     async def _keep_invisible(self, delivery: Delivery) -> None:
-        period = max(1.0, self._settings.visibility_timeout_s / 3)
+        """Extend the short visibility of a receive while the delivery is being handled."""
+        settings = self._settings
+        period = settings.receive_visibility_s / 2
         while True:
             await asyncio.sleep(period)
-            with contextlib.suppress(BusUnavailable):
-                await self._set_visibility(delivery, self._settings.visibility_timeout_s)
+            try:
+                await self._set_visibility(delivery, settings.visibility_timeout_s)
+            except BusUnavailable as error:
+                log.warning("could not extend visibility", error=str(error))
+            except ClientError as error:  # e.g. the receipt is no longer valid: nothing to keep
+                log.warning("could not extend visibility", error=str(error))
+                return
+            period = max(1.0, settings.visibility_timeout_s / 3)
 
     async def _set_visibility(self, delivery: Delivery, seconds: int) -> None:
         await self.call(
@@ -296,23 +343,50 @@ class SqsBus:
 
     async def _settle(self, delivery: Delivery, verdict: Verdict) -> None:
         if verdict is Verdict.RETRY:
-            await self._set_visibility(delivery, min(2**delivery.receive_count, 60))
+            backoff = min(2 ** min(delivery.receive_count, 10), self._settings.visibility_timeout_s)
+            await self._set_visibility(delivery, backoff)
+            return
+        if verdict is Verdict.BUSY:  # back when the other handler's lease may have lapsed
+            await self._set_visibility(delivery, self._settings.receive_visibility_s)
             return
         if verdict is Verdict.DEAD_LETTER:
-            await self.call(
-                "dead-letter",
-                lambda: self._client.send_message(
-                    QueueUrl=self.urls.dead_letters,
-                    MessageBody=delivery.body or "(empty)",
-                    MessageAttributes={
-                        "ferry_source_message_id": {
-                            "DataType": "String",
-                            "StringValue": delivery.queue_message_id,
-                        }
-                    },
-                ),
-            )
+            await self._dead_letter(delivery)
         await self._deletes.submit(delivery.receipt_handle)
+
+    async def _dead_letter(self, delivery: Delivery) -> None:
+        """Copy ``delivery`` to the dead-letter queue; whole if SQS takes it, else truncated.
+
+        Raises only BusUnavailable (SQS unreachable: the delivery is left for redelivery);
+        a copy refused for good is logged, and the delivery is then deleted all the same.
+        """
+        body, attributes = dead_letter_copy(delivery, SQS_MAX_BYTES)
+        for attempt in range(2):
+            try:
+                await self._send_one(self.urls.dead_letters, body, attributes)
+                return
+            except ClientError as error:
+                log.warning(
+                    "dead-letter queue refused the copy",
+                    queue_message_id=delivery.queue_message_id,
+                    error=str(error),
+                    truncated="ferry_truncated" in attributes,
+                )
+                if attempt == 0:
+                    body, attributes = dead_letter_copy(delivery, TRUNCATED_BYTES)
+        log.error(
+            "message could not be dead-lettered; deleted all the same",
+            queue_message_id=delivery.queue_message_id,
+            **{name.removeprefix("ferry_"): value for name, value in attributes.items()},
+        )
+
+    async def _send_one(self, queue_url: str, body: str, attributes: dict[str, str]) -> None:
+        """One SendMessage; a refusal for good raises ClientError, an outage BusUnavailable."""
+        await self.call(
+            "send",
+            lambda: self._client.send_message(
+                QueueUrl=queue_url, MessageBody=body, MessageAttributes=_attributes(attributes)
+            ),
+        )
 
     async def _delete_batch(self, receipts: Sequence[str]) -> list[BaseException | None]:
         entries = [{"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(receipts)]
@@ -324,20 +398,28 @@ class SqsBus:
 
     async def send(self, queue_url: str, body: str, attributes: dict[str, str]) -> None:
         if queue_url != self.urls.responses:
-            await self._send_batch([(queue_url, body, attributes)])
+            await self._send_one(queue_url, body, attributes)
             return
         await self._responses.submit((queue_url, body, attributes))
+
+    async def answer(self, body: str, attributes: dict[str, str], reply_to: str | None) -> None:
+        """Send an answer to ``reply_to``'s queue when it is usable, else the shared one."""
+        destination = await self.replies.destination(reply_to)
+        if destination != self.urls.responses:
+            try:
+                await self._send_one(destination, body, attributes)
+                return
+            except ClientError as error:  # the queue is gone, or refuses us
+                assert reply_to is not None
+                self.replies.unusable(reply_to, str(error))
+        await self._responses.submit((self.urls.responses, body, attributes))
 
     async def _send_batch(self, messages: Sequence[Outgoing]) -> list[BaseException | None]:
         entries = [
             {
                 "Id": str(i),
                 "MessageBody": body,
-                "MessageAttributes": {
-                    name: {"DataType": "String", "StringValue": value}
-                    for name, value in attributes.items()
-                    if value
-                },
+                "MessageAttributes": _attributes(attributes),
             }
             for i, (_, body, attributes) in enumerate(messages)
         ]
@@ -347,6 +429,20 @@ class SqsBus:
             lambda: self._client.send_message_batch(QueueUrl=queue_url, Entries=entries),
         )
         return _outcomes(response, len(messages), "send")
+
+
+def _attributes(attributes: dict[str, str]) -> dict[str, Any]:
+    return {
+        name: {"DataType": "String", "StringValue": value}
+        for name, value in attributes.items()
+        if value
+    }
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """Done callback: log what a background task raised, so no exception goes unretrieved."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("background task failed", task=task.get_name(), error=repr(error))
 
 
 def _outcomes(response: Any, count: int, operation: str) -> list[BaseException | None]:
@@ -367,13 +463,13 @@ class SqsPublisher:
         self._settings = settings
         self._keys = keys
 
-    async def publish(self, event: Event) -> None:
+    async def publish(self, event: Event, reply_to: str | None = None) -> None:
         settings = self._settings
         if event.appliance_id is None:
             event = event.model_copy(update={"appliance_id": settings.appliance_id})
         body = encode(event, self._keys)
         attributes = {"message_type": event.message_type, "correlation_id": event.correlation_id}
-        await self._bus.send(self._bus.urls.responses, body, attributes)
+        await self._bus.answer(body, attributes, reply_to)
 
 
 async def _until(awaitable: Awaitable[T], stop: asyncio.Event) -> T | None:

@@ -26,7 +26,10 @@ class Settings(BaseSettings):
     command_queue: str = "ferry-commands"
     response_queue: str = "ferry-responses"
     dead_letter_queue: str = "ferry-commands-dlq"
-    max_receive_count: int = Field(default=5, ge=1, le=1000)
+    # The redrive bound is for true crash loops only: poison is dead-lettered by the
+    # dispatcher itself, and a receive lost to a crash (a dead process's long poll
+    # still in flight) counts too, so a small bound dead-letters valid commands.
+    max_receive_count: int = Field(default=100, ge=1, le=1000)
     create_queues: bool = True
     bus_token: SecretStr | None = None
     max_message_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
@@ -34,6 +37,13 @@ class Settings(BaseSettings):
     receive_wait_s: int = Field(default=20, ge=0, le=20)
     receive_batch: int = Field(default=10, ge=1, le=10)
     visibility_timeout_s: int = Field(default=60, ge=5, le=43200)
+    # A receive hides a message this long; its handler extends that to
+    # visibility_timeout_s while it works. Short, so a message taken by a process
+    # that died is back within seconds.
+    initial_visibility_s: int = Field(default=10, ge=2, le=43200)
+    # Answers nobody collects expire from the shared response queue (clients never
+    # delete an answer that is not theirs).
+    response_retention_s: int = Field(default=3600, ge=60, le=1209600)
     max_in_flight: int = Field(default=16, ge=1, le=1000)
     drain_timeout_s: float = Field(default=20.0, ge=0)
 
@@ -60,6 +70,11 @@ class Settings(BaseSettings):
     )
     log_format: str = Field(default="console", pattern=r"^(console|json)$")
     log_level: str = "info"
+
+    @property
+    def receive_visibility_s(self) -> int:
+        """How long a receive hides a command: short, and never past the visibility timeout."""
+        return min(self.initial_visibility_s, self.visibility_timeout_s)
 
     @property
     def embedded_bus(self) -> bool:

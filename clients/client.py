@@ -1,13 +1,24 @@
 """FerryClient: send signed commands, await answers by correlation id, follow heartbeats.
 
-One background receiver reads the response queue and routes each message:
+Several clients (CLIs, scripts, monitors) share one appliance, so a client
+never takes what is not addressed to it:
 
-* an answer whose correlation id someone here awaits goes to that waiter and
-  is deleted;
-* a heartbeat goes to heartbeat subscribers and is deleted; with no
-  subscriber it is left for others, unless stale;
-* anything else is left for other clients (visible again after a few
-  seconds), and deleted once it is older than ``orphan_after_s``.
+* Where it may create queues, a client makes a private reply queue, names it
+  in every command's ``reply_to``, and deletes it on exit. Everything on it
+  is this client's: delivered to a waiter, or dropped.
+* It reads the shared response queue too (always without a private queue;
+  with one, for heartbeats and for answers the appliance could not send to
+  the reply queue, e.g. a rejection of a message it could not authenticate),
+  but only while someone here waits for an answer or a heartbeat. There it
+  deletes only what it delivered: an answer to one of its own correlation
+  ids, or a verified heartbeat that tells nobody anything any more (too old,
+  or seconds older than a later one from the same appliance). A heartbeat is
+  everyone's: each follower here gets it once, and it is left for the
+  followers elsewhere (several ``ferry watch`` each see every heartbeat). Anything else,
+  including whatever it cannot verify (another appliance's, or a stale
+  token here), is made visible to the others again at once, and this client
+  stands back from the queue for a moment so that their owner's read gets
+  them; answers nobody collects expire by the queue's retention period.
 
 Every event is verified against the pinned appliance key (Ed25519); one that
 does not verify is dropped with a logged warning, so a client holding the bus
@@ -20,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
@@ -29,6 +41,7 @@ from typing import Any, Self
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
 
 from clients.config import ClientSettings
 from messages.codec import Decoder, Trust, encode
@@ -52,6 +65,10 @@ from messages.events import (
 )
 
 log = logging.getLogger(__name__)
+RELEASE_S = 1  # others' messages from a full batch: hidden this long while we look past them
+STAND_BACK_S = 2.0  # after letting others' messages go: their owners read next, not us
+SUPERSEDED_S = 3.0  # a heartbeat this much older than one seen since tells nobody anything
+REPLY_QUEUE_RETENTION_S = 3600
 
 
 class FerryError(Exception):
@@ -74,7 +91,7 @@ class FerryClient:
         self,
         settings: ClientSettings,
         *,
-        orphan_after_s: float = 900.0,
+        private_queue: bool = True,
         stale_heartbeat_s: float = 300.0,
     ) -> None:
         self.settings = settings
@@ -82,16 +99,20 @@ class FerryClient:
         self._decoder = Decoder(
             Trust(appliance_key=self.appliance_key), accept=(Event,), max_bytes=1024 * 1024
         )
-        self._orphan_after_s = orphan_after_s
+        self._want_private = private_queue
         self._stale_heartbeat_s = stale_heartbeat_s
         self._stack = AsyncExitStack()
         self._sqs: Any = None
         self._command_url = ""
         self._response_url = ""
+        self.reply_queue: str | None = None  # the private reply queue's name, when there is one
+        self._reply_url: str | None = None
         self._waiters: dict[str, asyncio.Queue[Event]] = {}
         self._heartbeat_queues: list[asyncio.Queue[Heartbeat]] = []
+        self._interest = asyncio.Event()  # someone here waits for something: read the shared queue
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._receiver: asyncio.Task[None] | None = None
+        self._newest_beat: dict[str, datetime] = {}  # per appliance: latest heartbeat sent_at
+        self._receivers: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Self:
         s = self.settings
@@ -107,7 +128,11 @@ class FerryClient:
         )
         self._command_url = await self._queue_url(s.command_queue)
         self._response_url = await self._queue_url(s.response_queue)
-        self._receiver = asyncio.create_task(self._receive_forever())
+        if self._want_private:
+            await self._make_reply_queue()
+        if self._reply_url is not None:
+            self._receivers.append(asyncio.create_task(self._receive_forever(self._reply_url)))
+        self._receivers.append(asyncio.create_task(self._receive_forever(self._response_url)))
         return self
 
     async def __aexit__(
@@ -116,11 +141,29 @@ class FerryClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._receiver is not None:
-            self._receiver.cancel()
+        for receiver in self._receivers:
+            receiver.cancel()
+        for receiver in self._receivers:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._receiver
+                await receiver
+        if self._reply_url is not None:
+            with contextlib.suppress(Exception):
+                await self._sqs.delete_queue(QueueUrl=self._reply_url)
         await self._stack.aclose()
+
+    async def _make_reply_queue(self) -> None:
+        """A private reply queue, if this client may create queues; else the shared one only."""
+        shared = self._response_url.rsplit("/", 1)[-1]
+        name = f"{shared[:60]}-reply-{uuid.uuid4().hex[:12]}"
+        try:
+            response = await self._sqs.create_queue(
+                QueueName=name,
+                Attributes={"MessageRetentionPeriod": str(REPLY_QUEUE_RETENTION_S)},
+            )
+        except ClientError as error:
+            log.info("no private reply queue (%s); reading the shared response queue", error)
+            return
+        self.reply_queue, self._reply_url = name, response["QueueUrl"]
 
     async def _queue_url(self, name_or_url: str) -> str:
         if name_or_url.startswith(("http://", "https://")):
@@ -132,8 +175,11 @@ class FerryClient:
     # --- sending ---------------------------------------------------------------
 
     async def send(self, command: Command) -> Command:
-        """Sign and send ``command``; register for its answers first so none is missed."""
-        self._waiters.setdefault(command.correlation_id, asyncio.Queue())
+        """Sign and send ``command`` (its answers to our reply queue, unless it names one);
+        register for its answers first so none is missed. Returns what was sent."""
+        if command.reply_to is None and self.reply_queue is not None:
+            command = command.model_copy(update={"reply_to": self.reply_queue})
+        self._waiter(command.correlation_id)
         await self._sqs.send_message(
             QueueUrl=self._command_url, MessageBody=encode(command, self.settings.token)
         )
@@ -145,7 +191,18 @@ class FerryClient:
 
     def expect(self, correlation_id: str) -> None:
         """Register interest in answers for a correlation id sent some other way."""
-        self._waiters.setdefault(correlation_id, asyncio.Queue())
+        self._waiter(correlation_id)
+
+    def _waiter(self, correlation_id: str) -> asyncio.Queue[Event]:
+        queue = self._waiters.setdefault(correlation_id, asyncio.Queue())
+        self._interest.set()
+        return queue
+
+    def _update_interest(self) -> None:
+        if self._waiters or self._heartbeat_queues:
+            self._interest.set()
+        else:
+            self._interest.clear()
 
     async def request(self, command: Command, timeout_s: float = 30.0) -> Event:
         """Send ``command`` and return its first answer; ErrorResponse raises FerryError."""
@@ -156,7 +213,7 @@ class FerryClient:
             raise NoAnswer(command, timeout_s) from None
 
     async def next_answer(self, correlation_id: str, timeout_s: float = 30.0) -> Event:
-        queue = self._waiters.setdefault(correlation_id, asyncio.Queue())
+        queue = self._waiter(correlation_id)
         event = await asyncio.wait_for(queue.get(), timeout=timeout_s)
         if isinstance(event, ErrorResponse):
             raise FerryError(event)
@@ -164,21 +221,24 @@ class FerryClient:
 
     async def answers(self, correlation_id: str) -> AsyncIterator[Event]:
         """Every answer for ``correlation_id`` as it arrives (progress responses, ...)."""
-        queue = self._waiters.setdefault(correlation_id, asyncio.Queue())
+        queue = self._waiter(correlation_id)
         while True:
             yield await queue.get()
 
     def forget(self, correlation_id: str) -> None:
         self._waiters.pop(correlation_id, None)
+        self._update_interest()
 
     async def heartbeats(self) -> AsyncIterator[Heartbeat]:
         queue: asyncio.Queue[Heartbeat] = asyncio.Queue()
         self._heartbeat_queues.append(queue)
+        self._interest.set()
         try:
             while True:
                 yield await queue.get()
         finally:
             self._heartbeat_queues.remove(queue)
+            self._update_interest()
 
     # --- conveniences ------------------------------------------------------------
 
@@ -212,11 +272,14 @@ class FerryClient:
 
     # --- receiving ---------------------------------------------------------------
 
-    async def _receive_forever(self) -> None:
+    async def _receive_forever(self, queue_url: str) -> None:
+        private = queue_url == self._reply_url
         while True:
+            if not private:
+                await self._interest.wait()
             try:
                 response = await self._sqs.receive_message(
-                    QueueUrl=self._response_url,
+                    QueueUrl=queue_url,
                     MaxNumberOfMessages=10,
                     WaitTimeSeconds=self.settings.receive_wait_s,
                 )
@@ -226,8 +289,29 @@ class FerryClient:
                 await asyncio.sleep(1.0)
                 continue
             decoded = [(self._decode(raw), raw) for raw in response.get("Messages", [])]
+            others = []
             for event, raw in sorted(decoded, key=lambda pair: _sent_at(pair[0])):
-                await self._route(event, raw)
+                if not await self._route(event, raw, queue_url, private=private):
+                    others.append(raw)
+            await self._let_go(queue_url, others, full=len(decoded) == 10)
+
+    async def _let_go(self, queue_url: str, others: list[dict[str, Any]], *, full: bool) -> None:
+        """Make others' messages visible again. After a full batch there may be more behind
+        them: hide these a moment and look again at once. Otherwise show them at once and
+        stand back, so that their owners' reads get them rather than ours."""
+        if not others:
+            return
+        entries = [
+            {"Id": str(i), "ReceiptHandle": raw["ReceiptHandle"], "VisibilityTimeout": 0}
+            for i, raw in enumerate(others)
+        ]
+        if full:
+            for entry in entries:
+                entry["VisibilityTimeout"] = RELEASE_S
+        with contextlib.suppress(Exception):
+            await self._sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
+        if not full:
+            await asyncio.sleep(STAND_BACK_S)
 
     def _decode(self, raw: dict[str, Any]) -> Event | None:
         try:
@@ -243,25 +327,25 @@ class FerryClient:
         assert isinstance(event, Event)
         return event
 
-    async def _route(self, event: Event | None, raw: dict[str, Any]) -> None:
-        if event is None:
-            await self._delete(raw)  # unsigned or forged: nobody should act on it
-            return
-        if event.message_id in self._seen:
-            await self._delete(raw)
-            return
-        if self._deliver(event):
-            self._remember(event.message_id)
-            await self._delete(raw)
-        elif self._age_s(event) > self._limit_for(event):
-            await self._delete(raw)
+    async def _route(
+        self, event: Event | None, raw: dict[str, Any], queue_url: str, *, private: bool
+    ) -> bool:
+        """Deliver what is ours and delete it (True); anything else is let go (False).
+
+        A heartbeat is everyone's: delivered here once, and left for the other followers
+        until it is outdated (then whoever sees it drops it)."""
+        if isinstance(event, Heartbeat):
+            if event.message_id not in self._seen and self._deliver(event):
+                self._remember(event.message_id)
+            mine = private or self._outdated_heartbeat(event)
+        elif event is not None and (event.message_id in self._seen or self._deliver(event)):
+            self._remember(event.message_id)  # delivered here now, or a duplicate of that
+            mine = True
         else:
-            with contextlib.suppress(Exception):
-                await self._sqs.change_message_visibility(
-                    QueueUrl=self._response_url,
-                    ReceiptHandle=raw["ReceiptHandle"],
-                    VisibilityTimeout=3,
-                )
+            mine = private
+        if mine:
+            await self._delete(raw, queue_url)
+        return mine
 
     def _deliver(self, event: Event) -> bool:
         if isinstance(event, Heartbeat):
@@ -274,23 +358,27 @@ class FerryClient:
         waiter.put_nowait(event)
         return True
 
-    def _limit_for(self, event: Event) -> float:
-        return self._stale_heartbeat_s if isinstance(event, Heartbeat) else self._orphan_after_s
-
-    @staticmethod
-    def _age_s(event: Event) -> float:
-        return (datetime.now(UTC) - event.sent_at).total_seconds()
+    def _outdated_heartbeat(self, event: Event) -> bool:
+        """A verified heartbeat that tells nobody anything any more: too old, or superseded
+        by a later one from the same appliance. Nobody's answer, so any client may drop it
+        (else heartbeats nobody follows would pile up in front of the answers)."""
+        if not isinstance(event, Heartbeat):
+            return False
+        appliance = event.body.appliance_id
+        newest = max(self._newest_beat.get(appliance, event.sent_at), event.sent_at)
+        self._newest_beat[appliance] = newest
+        age_s = (datetime.now(UTC) - event.sent_at).total_seconds()
+        superseded_s = (newest - event.sent_at).total_seconds()
+        return age_s > self._stale_heartbeat_s or superseded_s >= SUPERSEDED_S
 
     def _remember(self, message_id: str) -> None:
         self._seen[message_id] = None
         while len(self._seen) > 10_000:
             self._seen.popitem(last=False)
 
-    async def _delete(self, raw: dict[str, Any]) -> None:
+    async def _delete(self, raw: dict[str, Any], queue_url: str) -> None:
         with contextlib.suppress(Exception):
-            await self._sqs.delete_message(
-                QueueUrl=self._response_url, ReceiptHandle=raw["ReceiptHandle"]
-            )
+            await self._sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=raw["ReceiptHandle"])
 
 
 def _sent_at(event: Event | None) -> datetime:

@@ -137,12 +137,20 @@ def init() -> int:
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
         "QueueArn"
     ]
-    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
-    sqs.create_queue(
-        QueueName=os.environ.get("FERRY_COMMAND_QUEUE", "ferry-commands"),
-        Attributes={"RedrivePolicy": redrive},
+    # Large on purpose (the appliance's default): poison is dead-lettered by the appliance
+    # itself, and receives lost to crashes must not dead-letter a valid command.
+    max_receives = os.environ.get("FERRY_MAX_RECEIVE_COUNT", "100")
+    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": max_receives})
+    commands = sqs.create_queue(QueueName=os.environ.get("FERRY_COMMAND_QUEUE", "ferry-commands"))
+    # Set apart from creation, so queues made by an earlier run get today's attributes.
+    sqs.set_queue_attributes(QueueUrl=commands["QueueUrl"], Attributes={"RedrivePolicy": redrive})
+    responses = sqs.create_queue(
+        QueueName=os.environ.get("FERRY_RESPONSE_QUEUE", "ferry-responses")
     )
-    sqs.create_queue(QueueName=os.environ.get("FERRY_RESPONSE_QUEUE", "ferry-responses"))
+    retention = os.environ.get("FERRY_RESPONSE_RETENTION_S", "3600")
+    sqs.set_queue_attributes(
+        QueueUrl=responses["QueueUrl"], Attributes={"MessageRetentionPeriod": retention}
+    )
     print("queues ready")
     return 0
 

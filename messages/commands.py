@@ -15,9 +15,27 @@ from messages.common import (
 )
 from messages.envelope import Envelope, WireModel
 
+REPLY_TO_PATTERN = (
+    r"^(?:[A-Za-z0-9_-]{1,80}"
+    r"|https?://[A-Za-z0-9.-]{1,253}(?::[0-9]{1,5})?(?:/queue/[a-z0-9-]{1,32})?"
+    r"/[0-9]{12}/[A-Za-z0-9_-]{1,80})$"
+)
+"""A standard (not FIFO) SQS queue: its name, or its URL (``/queue/<region>`` for LocalStack)."""
+
 
 class Command(Envelope):
     KIND: ClassVar[str] = "command"
+
+    reply_to: str | None = Field(
+        default=None,
+        pattern=REPLY_TO_PATTERN,
+        description=(
+            "The queue this command's answers (and a migration's progress) go to, in the "
+            "appliance's own account and endpoint, named after the response queue and a dash "
+            "(ferry-responses-reply-1f2e); absent or unusable: the shared response queue. "
+            "Heartbeats always go to the shared response queue."
+        ),
+    )
 
 
 # --- inventory ---------------------------------------------------------------

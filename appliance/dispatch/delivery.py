@@ -20,5 +20,6 @@ class Verdict(StrEnum):
     """The explicit ack/reject signal for one delivery."""
 
     ACK = "ack"  # done (or safely recorded): delete it
-    RETRY = "retry"  # could not be handled now: leave it for redelivery
+    RETRY = "retry"  # could not be handled now: leave it for redelivery (backing off)
+    BUSY = "busy"  # another delivery is handling it: look again soon, when it may be done
     DEAD_LETTER = "dead_letter"  # can never be handled: copy to the dead-letter queue, delete

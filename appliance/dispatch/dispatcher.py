@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
+from typing import Any
 
 import structlog
 
@@ -32,7 +33,7 @@ from appliance.dispatch.reply import error_for, error_response
 from appliance.errors import CommandRejected, FerryError, PermanentError, TransientError
 from appliance.logs import get_logger
 from appliance.sink import EventSink
-from appliance.state.commands import ClaimResult, CommandRecords, Refusal
+from appliance.state.commands import Claim, ClaimResult, CommandRecords, Refusal
 from appliance.state.events import EventLog
 from messages.codec import Decoder, body_digest, check_fresh
 from messages.commands import Command
@@ -81,9 +82,16 @@ class Dispatcher:
     async def _handle(self, delivery: Delivery) -> Verdict:
         try:
             document = self._decoder.document(delivery.body)
-            message = self._decoder.validate(document)
         except MessageError as error:
             return await self._reject(error, authenticated=error.authenticated)
+        try:
+            message = self._decoder.validate(document)
+        except MessageError as error:
+            return await self._reject(
+                error,
+                authenticated=error.authenticated,
+                reply_to=_authentic_reply_to(error, document),
+            )
         assert isinstance(message, Command)
         structlog.contextvars.bind_contextvars(
             message_id=message.message_id,
@@ -93,7 +101,7 @@ class Dispatcher:
         try:
             return await self._claimed(message, body_digest(document))
         except MessageError as error:
-            return await self._reject(error, authenticated=True)
+            return await self._reject(error, authenticated=True, reply_to=message.reply_to)
         except TransientError as error:
             log.warning("command left for redelivery", reason=str(error))
             return Verdict.RETRY
@@ -106,7 +114,8 @@ class Dispatcher:
                     message,
                     ErrorCode.INTERNAL,
                     f"internal error while handling {message.message_type}: {type(error).__name__}",
-                )
+                ),
+                message.reply_to,
             )
             return Verdict.DEAD_LETTER
 
@@ -137,17 +146,20 @@ class Dispatcher:
                 return Verdict.ACK
             case ClaimResult.BUSY:
                 log.info("duplicate delivery while the command is being handled: later")
-                return Verdict.RETRY
+                return Verdict.BUSY
             case ClaimResult.TAKEOVER:
                 log.info("redelivery of a recorded, unanswered command: handling it")
             case ClaimResult.FIRST:
                 pass  # fresh: a stale first delivery is recorded as REFUSED
+        keeper = asyncio.create_task(self._keep_claim(command.message_id, claim))
         try:
             await self._act(command)
         except asyncio.CancelledError:
             with contextlib.suppress(TransientError):
                 await asyncio.shield(self._records.release(command.message_id, claim))
             raise
+        finally:
+            keeper.cancel()
         return Verdict.ACK
 
     def _staleness(self, command: Command) -> Refusal | None:
@@ -162,6 +174,19 @@ class Dispatcher:
             return Refusal(error.code.value, error.reason, int(min(max(ahead, 0), MAX_KEEP_S)))
         return None
 
+    async def _keep_claim(self, message_id: str, claim: Claim) -> None:
+        """Renew the (short) handling lease while the command is acted on."""
+        while True:
+            await asyncio.sleep(max(self._records.lease_s / 3, 0.05))
+            try:
+                if not await self._records.renew(message_id, claim):
+                    return
+            except TransientError as error:
+                log.warning("could not renew the command's handling lease", error=str(error))
+            except Exception:  # a defect: say so here, never as an unretrieved task error
+                log.exception("renewing the command's handling lease failed")
+                return
+
     async def _act(self, command: Command) -> None:
         answer = await self._answer(command)
         await self._events.append(
@@ -173,7 +198,7 @@ class Dispatcher:
             answers=[event.message_type for event in answer],
         )
         for event in answer:
-            await self._sink.publish(event)
+            await self._sink.publish(event, command.reply_to)
         await self._records.answered(command.message_id, self._clock.now().isoformat())
         log.info("command answered", answers=[event.message_type for event in answer])
 
@@ -201,7 +226,9 @@ class Dispatcher:
         except FerryError as error:  # pragma: no cover - every FerryError is one of the two
             raise AssertionError(f"unclassified error {type(error).__name__}") from error
 
-    async def _reject(self, error: MessageError, *, authenticated: bool) -> Verdict:
+    async def _reject(
+        self, error: MessageError, *, authenticated: bool, reply_to: str | None = None
+    ) -> Verdict:
         """Answer a message that can never be handled, then dead-letter it.
 
         Only an authenticated one is answered: a signed ErrorResponse carrying the
@@ -216,6 +243,17 @@ class Dispatcher:
         )
         if authenticated and error.correlation_id is not None:
             await self._sink.publish(
-                error_response(self._appliance_id, error.code, error.reason, error.correlation_id)
+                error_response(self._appliance_id, error.code, error.reason, error.correlation_id),
+                reply_to,
             )
         return Verdict.DEAD_LETTER
+
+
+def _authentic_reply_to(error: MessageError, document: dict[str, Any]) -> str | None:
+    """The reply_to of a message that failed schema validation: the decoder validates the
+    schema only after the signature held, so its sender is known. None for anything
+    unauthenticated. The publisher checks the destination itself."""
+    reply_to = document.get("reply_to")
+    if error.authenticated and isinstance(reply_to, str):
+        return reply_to
+    return None

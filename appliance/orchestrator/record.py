@@ -86,6 +86,7 @@ class MigrationRecord:
     attempt: int = 0  # resumes after a failure that kept the data (SyncRequest)
     source_cluster: str | None = None  # per-cluster policies apply by these
     target_cluster: str | None = None
+    reply_to: str | None = None  # of the SourceCloneRequest: where progress answers go
 
     def with_step(self, step: Step, at: str) -> MigrationRecord:
         return replace(self, step=step, updated_at=at)

@@ -83,7 +83,7 @@ class Reporter:
     ) -> None:
         response = self.response(record, cancel_requested, queue_position=queue_position)
         try:
-            await self._sink.publish(response)
+            await self._sink.publish(response, record.reply_to)
         except BusUnavailable as error:
             log.warning(
                 "progress not published", migration_id=record.migration_id, error=str(error)

@@ -240,6 +240,7 @@ class CloneRequests:
             target_cluster=body.target.cluster,
             created_at=now,
             updated_at=now,
+            reply_to=command.reply_to,
         )
 
     async def _responses(

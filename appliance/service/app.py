@@ -174,8 +174,10 @@ class Appliance:
         return Dispatcher(
             appliance_id=settings.appliance_id,
             decoder=Decoder(settings.token_bytes, max_bytes=settings.max_message_bytes),
+            # The handling lease is as short as a receive's visibility: the command of a
+            # handler that died is taken over when its message is back.
             records=CommandRecords(
-                store, settings.command_record_ttl_s, lease_s=settings.visibility_timeout_s
+                store, settings.command_record_ttl_s, lease_s=settings.receive_visibility_s
             ),
             events=EventLog(store),
             sink=bus.publisher,

@@ -6,7 +6,8 @@ command's content, so a retry (same digest) is told from a reused message id
 (different digest); whether the command has been answered; and a short
 handling lease, so two deliveries of one command that arrive together are
 not both handled, while a delivery whose handler died is taken over once its
-lease runs out.
+lease runs out. The lease is short (a crashed handler's command is taken over
+within seconds) and renewed by the handler while it works.
 
 A command refused before anyone acted on it (stale: sent too long ago or too far
 ahead) is recorded as ``refused``, with the code and reason, in the same atomic
@@ -63,6 +64,18 @@ redis.call('HSET', key, 'owner', ARGV[7], 'lease_until', lease_until)
 return {'takeover', digest}
 """
 
+# KEYS[1] record; ARGV: owner, lease ms
+_RENEW = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
+   or redis.call('HGET', KEYS[1], 'status') ~= 'received' then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]))
+return 1
+"""
+
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'lease_until', '0')
@@ -104,8 +117,10 @@ class CommandRecords:
     def __init__(self, store: StateStore, ttl_s: int, lease_s: float = 60.0) -> None:
         self._store = store
         self._ttl_s = ttl_s
+        self.lease_s = lease_s
         self._lease_ms = int(lease_s * 1000)
         self._claim = store.redis.register_script(_CLAIM)
+        self._renew = store.redis.register_script(_RENEW)
         self._release = store.redis.register_script(_RELEASE)
 
     async def claim(
@@ -137,6 +152,13 @@ class CommandRecords:
         if outcome is ClaimResult.REFUSED:
             return Claim(outcome, owner, Refusal(text(result[2]), text(result[3])))
         return Claim(outcome, owner)
+
+    async def renew(self, message_id: str, claim: Claim) -> bool:
+        """Extend our handling lease; False when it is no longer ours (or already answered)."""
+        key = self._store.keys.command(message_id)
+        args: list[EncodableT] = [claim.owner, self._lease_ms]
+        result = await self._store.run(lambda r: self._renew(keys=[key], args=args, client=r))
+        return bool(result)
 
     async def release(self, message_id: str, claim: Claim) -> None:
         """Give up our handling lease early (we were cancelled): a redelivery may take over."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Sequence
 
 import pytest
@@ -15,11 +16,13 @@ class Sender:
         self.batches: list[list[int]] = []
         self.gate = asyncio.Event()
         self.gate.set()
+        self.called = asyncio.Event()
         self._fail = fail or set()
         self._boom = boom
 
     async def __call__(self, items: Sequence[int]) -> list[BaseException | None]:
         self.batches.append(list(items))
+        self.called.set()
         await self.gate.wait()
         if self._boom:
             raise ConnectionError("queue service down")
@@ -64,3 +67,23 @@ async def test_batches_respect_a_weight_budget() -> None:
     sender.gate.set()
     await asyncio.gather(*tasks)
     assert sender.batches == [[1, 6], [5, 4], [9]]
+
+
+async def test_a_caller_cancelled_while_its_batch_fails_leaves_no_unretrieved_error() -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    sender = Sender(boom=True)
+    sender.gate.clear()
+    batcher = Batcher(sender)
+    caller = asyncio.create_task(batcher.submit(1))
+    await asyncio.wait_for(sender.called.wait(), 5)  # the batch is in flight
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    sender.gate.set()
+    with pytest.raises(ConnectionError):  # the batcher still works, and fails the next item
+        await batcher.submit(2)
+    del caller
+    gc.collect()
+    assert reported == []

@@ -214,6 +214,18 @@ async def test_without_a_request_id_the_message_id_is_the_key(env: Env) -> None:
     assert answer.body.migration_id == migration_id_for(command.message_id, "vm-0001")
 
 
+async def test_progress_goes_to_the_reply_queue_of_the_request_that_started_it(
+    env: Env,
+) -> None:
+    command = clone(["vm-0001"]).model_copy(update={"reply_to": "client-7-reply"})
+    (answer,) = await env.clones.handle(command)
+    (record,) = await records(env, [answer.body.migration_id])
+    assert record.reply_to == "client-7-reply"  # stored, so every later progress goes there
+    await env.deps.reporter.publish(record)
+    assert env.sink.reply_to == ["client-7-reply"]
+    assert env.sink.events[0].correlation_id == command.correlation_id
+
+
 # --- rejected before anything is made -----------------------------------------------------
 
 

@@ -372,8 +372,73 @@ async def test_a_duplicate_arriving_while_the_first_is_handled_waits_its_turn(
     body = _signed(SourceInventoryRequest(), clock)
     first = asyncio.create_task(dispatcher.handle(_delivery(body, 1)))
     await started.wait()
-    assert await dispatcher.handle(_delivery(body, 2)) is Verdict.RETRY
+    assert await dispatcher.handle(_delivery(body, 2)) is Verdict.BUSY
     release.set()
     assert await first is Verdict.ACK
     assert await dispatcher.handle(_delivery(body, 3)) is Verdict.ACK
     assert len(calls) == 1 and len(sink.events) == 1
+
+
+async def test_a_handler_that_outlives_its_short_lease_keeps_its_claim(
+    store: StateStore, clock: FakeClock, sink: MemorySink, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """The handling lease is short (a crashed handler's command is taken over quickly), so
+    a live handler renews it: a duplicate meanwhile is told BUSY, never handled twice."""
+    release = asyncio.Event()
+    started = asyncio.Event()
+    calls: list[Command] = []
+
+    async def slow(command: Command) -> Sequence[Event]:
+        calls.append(command)
+        started.set()
+        await release.wait()
+        body = CommandResponseBody(command_type=command.message_type)
+        return [CommandResponse(correlation_id=command.correlation_id, body=body)]
+
+    dispatcher = Dispatcher(
+        appliance_id="ferry-test",
+        decoder=Decoder(TOKEN),
+        records=CommandRecords(store, 3600, lease_s=0.3),
+        events=EventLog(store),
+        sink=sink,
+        handlers={"SourceInventoryRequest": slow},
+        clock=clock,
+        max_skew=timedelta(minutes=5),
+    )
+    command = SourceInventoryRequest()
+    body = _signed(command, clock)
+    first = asyncio.create_task(dispatcher.handle(_delivery(body, 1)))
+    await started.wait()
+    key = keys.command(command.message_id)
+    claimed_until = int(await redis.hget(key, "lease_until"))
+    async with asyncio.timeout(10):  # renewed past the first lease's end
+        while True:
+            if int(await redis.hget(key, "lease_until")) > claimed_until + 300:
+                break
+            await asyncio.sleep(0.05)
+    assert await dispatcher.handle(_delivery(body, 2)) is Verdict.BUSY
+    release.set()
+    assert await first is Verdict.ACK
+    assert len(calls) == 1 and len(sink.events) == 1
+
+
+async def test_answers_go_to_the_commands_reply_to_and_rejections_only_when_signed(
+    dispatcher: Dispatcher, sink: MemorySink, clock: FakeClock
+) -> None:
+    """The sink is told where each answer goes; the publisher checks the destination. A
+    reply_to is only taken from a message whose signature held."""
+    answered = SourceInventoryRequest(reply_to="client-a")
+    assert await dispatcher.handle(_delivery(_signed(answered, clock), 1)) is Verdict.ACK
+    stale = SourceInventoryRequest(reply_to="client-b", sent_at=clock.now() - timedelta(hours=1))
+    assert await dispatcher.handle(_delivery(encode(stale, TOKEN), 2)) is Verdict.DEAD_LETTER
+    invalid = json.loads(_signed(SourceInventoryRequest(reply_to="client-c"), clock))
+    invalid["body"]["page_size"] = -1
+    del invalid["signature"]
+    resigned = json.dumps({**invalid, "signature": signature_of(invalid, TOKEN)})
+    assert await dispatcher.handle(_delivery(resigned, 3)) is Verdict.DEAD_LETTER
+    forged = json.loads(_signed(SourceInventoryRequest(reply_to="client-d"), clock))
+    forged["body"]["page_size"] = 7  # the signature no longer holds
+    assert await dispatcher.handle(_delivery(json.dumps(forged), 4)) is Verdict.DEAD_LETTER
+    # The forged one is not answered at all (nobody may fail a request by forging).
+    assert [e.message_type for e in sink.events] == ["CommandResponse"] + ["ErrorResponse"] * 2
+    assert sink.reply_to == ["client-a", "client-b", "client-c"]
