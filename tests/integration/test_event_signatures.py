@@ -4,6 +4,7 @@ credentials cross SQS and rest in the dead-letter queue only sealed. LocalStack 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -121,10 +122,12 @@ async def test_a_forged_answer_is_dropped_and_the_genuine_one_arrives(
         url = (await sqs.get_queue_url(QueueName=running.settings.response_queue))["QueueUrl"]
         for body in bodies:
             await sqs.send_message(QueueUrl=url, MessageBody=body)
-    async with FerryClient(harness.client_settings()) as client:
-        await dropped.until(len(bodies))
+    # On the shared response queue (no private reply queue), where the forgeries wait.
+    async with FerryClient(harness.client_settings(), private_queue=False) as client:
+        pending = asyncio.create_task(client.request(command, timeout_s=30))
+        await dropped.until(len(bodies))  # read (and disbelieved) while the answer is awaited
         try:
-            answer = await client.request(command, timeout_s=30)
+            answer = await pending
         except FerryError as error:  # pragma: no cover - what the forger wanted
             raise AssertionError(f"a forged answer was believed: {error}") from error
         assert isinstance(answer, StatusResponse)
@@ -147,8 +150,15 @@ async def test_a_client_pinned_to_another_key_believes_nothing(
     await start_appliance(harness.settings())
     other = ApplianceKeyPair.generate().public.text
     settings = harness.client_settings().model_copy(update={"appliance_key": other})
-    async with FerryClient(settings):
-        await dropped.until(1)  # the appliance's heartbeats, dropped
+    async with FerryClient(settings) as client:
+        follow = asyncio.ensure_future(anext(aiter(client.heartbeats())))
+        try:
+            await dropped.until(1)  # the appliance's heartbeats, dropped
+            assert not follow.done(), "a heartbeat signed by another key was believed"
+        finally:
+            follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follow
     assert "bad_signature" in dropped.records[0].getMessage()
 
 

@@ -148,7 +148,7 @@ async def test_a_migrations_progress_goes_to_the_reply_queue_of_the_command_that
         FerryClient(harness.client_settings()) as owner,
         FerryClient(harness.client_settings(), private_queue=False) as bystander,
     ):
-        request = clone_request([vm.vm_id])
+        request = clone_request(owner, [vm.vm_id])
         bystander.expect(request.correlation_id)  # would catch anything on the shared queue
         follower = await start_migration(owner, request)
         (status,) = (await follower.finished(1)).values()
