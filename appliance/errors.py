@@ -5,6 +5,7 @@
     │   ├── StateStoreUnavailable       Redis is unreachable
     │   ├── BusUnavailable              SQS/S3 is unreachable
     │   ├── LeaseLost                   another process owns the job now
+    │   ├── ComponentSilent             a component did not answer an order in time
     │   └── TransientDataPathError      a link dropped, a peer timed out
     │       └── ConnectionDropped
     └── PermanentError                  reject, report, dead-letter; never retried
@@ -17,6 +18,7 @@
         │   └── InvalidCredentials      sealed guest credentials do not open or are empty
         ├── MigrationCancelled          a cancel request stopped a migration (it rolls back)
         ├── IncorrectState              a state machine was asked for an illegal transition
+        ├── OrderRefused                a component order the control channel will not carry out
         ├── StateLost                   Redis came back without our generation marker
         ├── NotConfigured               a setting the appliance cannot start without is missing
         ├── KeyFileError                the appliance's key file is unreadable or unsafe
@@ -79,6 +81,18 @@ class LeaseLost(TransientError):
         self.resource = resource
         self.token = token
         super().__init__(f"lease on {resource} (fencing token {token}) is no longer ours")
+
+
+class ComponentSilent(TransientError):
+    def __init__(self, instance: str, disk_id: str, order_id: str, timeout_s: float) -> None:
+        self.instance = instance
+        self.disk_id = disk_id
+        self.order_id = order_id
+        self.timeout_s = timeout_s
+        super().__init__(
+            f"component {instance} recorded no outcome for order {order_id} (disk {disk_id}) "
+            f"within {timeout_s:g}s"
+        )
 
 
 class TransientDataPathError(TransientError):
@@ -163,6 +177,16 @@ class IncorrectState(PermanentError):
         self.current = current
         self.wanted = wanted
         super().__init__(f"{machine}: no transition from {current!r} to {wanted!r}")
+
+
+class OrderRefused(PermanentError):
+    """A component order refused before it was carried out (fenced out, unparseable, stale)."""
+
+    def __init__(self, instance: str, disk_id: str, reason: str) -> None:
+        self.instance = instance
+        self.disk_id = disk_id
+        self.reason = reason
+        super().__init__(f"order for {instance} disk {disk_id} refused: {reason}")
 
 
 class StateLost(PermanentError):
@@ -295,3 +319,13 @@ class TransferCancelled(DataPathError):
             f"transfer {transfer_id} cancelled with {chunks_done} of {chunks_total} chunks done; "
             "its checkpoint resumes it"
         )
+
+
+class StaleToken(PermanentError):
+    """An order or epoch commit carried a fencing token older than one already accepted."""
+
+    def __init__(self, disk_id: str, token: int, highest: int) -> None:
+        self.disk_id = disk_id
+        self.token = token
+        self.highest = highest
+        super().__init__(f"disk {disk_id}: token {token} is stale (highest accepted {highest})")
