@@ -168,7 +168,7 @@ async def test_the_script_refuses_an_order_with_a_lower_token_than_the_disk_hold
 ) -> None:
     orders = ComponentOrders(store, CACHE)
     for owner in ("ferry-a", "ferry-b"):  # the fence moves to 2
-        lease = await lease_for(store, owner)
+        await lease_for(store, owner)
         await expire_lease(redis, keys)
     newer = await lease_for(store, "ferry-c")
     assert newer.token == 3
