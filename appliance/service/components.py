@@ -1,0 +1,196 @@
+"""The embedded default's supervisor: component processes as children, restarted when they exit.
+
+In production each component (cloud cache, on-prem I/O manager) runs as a
+service on its own host (a systemd unit; see appliance/components/README.md).
+In the embedded default the appliance runs them itself: :class:`Supervisor`
+starts each as an asyncio subprocess in its own session (so a terminal's Ctrl-C
+reaches the appliance only, which then stops them in order), restarts one that
+exits after a backoff that doubles while it keeps failing quickly (counted and
+logged), and at shutdown stops each by its PID: SIGTERM, then SIGKILL after a
+grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.components.orders import ComponentId
+from appliance.logs import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentCommand:
+    """How to start one component process."""
+
+    instance: ComponentId
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    log_file: Path
+    cwd: Path | None = None
+
+
+def component_command(
+    instance: ComponentId,
+    *,
+    data_dir: Path,
+    nbd_bind: str,
+    env: Mapping[str, str],
+    log_file: Path,
+    extra: Sequence[str] = (),
+    cwd: Path | None = None,
+) -> ComponentCommand:
+    """``python -m appliance.cli component KIND --name NAME ...`` with this interpreter."""
+    argv = (
+        sys.executable, "-m", "appliance.cli", "component", instance.kind,
+        "--name", instance.name,
+        "--data-dir", str(data_dir),
+        "--nbd-bind", nbd_bind,
+        *extra,
+    )  # fmt: skip
+    return ComponentCommand(instance, argv, dict(env), log_file, cwd)
+
+
+@dataclass(slots=True)
+class _Child:
+    command: ComponentCommand
+    process: asyncio.subprocess.Process | None = None
+    starts: int = 0
+    restarts: int = 0
+    exit_codes: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        commands: Sequence[ComponentCommand],
+        *,
+        backoff_s: float,
+        backoff_max_s: float,
+        stop_grace_s: float = 10.0,
+        stable_after_s: float = 30.0,
+    ) -> None:
+        self._children = {str(c.instance): _Child(c) for c in commands}
+        self._backoff_s = backoff_s
+        self._backoff_max_s = max(backoff_s, backoff_max_s)
+        self._grace_s = stop_grace_s
+        self._stable_after_s = stable_after_s
+        self._changed = asyncio.Condition()
+
+    def pid(self, instance: ComponentId) -> int | None:
+        process = self._children[str(instance)].process
+        return process.pid if process is not None and process.returncode is None else None
+
+    def restarts(self, instance: ComponentId) -> int:
+        return self._children[str(instance)].restarts
+
+    def exit_codes(self, instance: ComponentId) -> list[int]:
+        return list(self._children[str(instance)].exit_codes)
+
+    async def wait_running(
+        self, instance: ComponentId, *, not_pid: int | None = None, timeout_s: float
+    ) -> int:
+        """The PID of the running process (one other than ``not_pid``), once there is one."""
+
+        def running() -> bool:
+            pid = self.pid(instance)
+            return pid is not None and pid != not_pid
+
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(running)
+        pid = self.pid(instance)
+        assert pid is not None
+        return pid
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep every component running until ``stop``; then stop them all by PID."""
+        async with asyncio.TaskGroup() as tasks:
+            for child in self._children.values():
+                tasks.create_task(self._keep(child, stop))
+
+    async def _keep(self, child: _Child, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = self._backoff_s
+        bound = log.bind(component=str(child.command.instance))
+        while not stop.is_set():
+            process = await self._start(child)
+            started_at = loop.time()
+            try:
+                stopped = await _first(process.wait(), stop.wait())
+            except BaseException:
+                await self._stop(process, grace_s=0.0)
+                raise
+            if stopped:
+                await self._stop(process, grace_s=self._grace_s)
+                await self._notify()
+                return
+            code = process.returncode
+            child.exit_codes.append(code if code is not None else 0)
+            await self._notify()
+            if loop.time() - started_at >= self._stable_after_s:
+                backoff = self._backoff_s
+            child.restarts += 1
+            bound.warning("component exited; restarting", code=code, restarts=child.restarts,
+                          backoff_s=backoff)  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=backoff)
+            backoff = min(backoff * 2, self._backoff_max_s)
+
+    async def _start(self, child: _Child) -> asyncio.subprocess.Process:
+        command = child.command
+        command.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with command.log_file.open("ab") as output:
+            process = await asyncio.create_subprocess_exec(
+                *command.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+                env=dict(command.env),
+                cwd=command.cwd,
+                start_new_session=True,
+            )
+        child.process = process
+        child.starts += 1
+        log.info("component started", component=str(command.instance), pid=process.pid)
+        await self._notify()
+        return process
+
+    async def _stop(self, process: asyncio.subprocess.Process, *, grace_s: float) -> None:
+        """SIGTERM (and SIGCONT, should it be stopped), SIGKILL after the grace; reaped."""
+        if process.returncode is None and grace_s > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+                os.kill(process.pid, signal.SIGCONT)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(process.wait()), timeout=grace_s)
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+        await process.wait()
+        log.info("component stopped", pid=process.pid, code=process.returncode)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+
+async def _first(exited: Coroutine[Any, Any, int], stopping: Coroutine[Any, Any, bool]) -> bool:
+    """Wait for the process to exit or for stop; True when stop came first."""
+    waiting = asyncio.ensure_future(exited)
+    stop = asyncio.ensure_future(stopping)
+    try:
+        await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        return not waiting.done()
+    finally:
+        for task in (waiting, stop):
+            if not task.done():
+                task.cancel()
