@@ -115,8 +115,9 @@ def cmd_component(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     config = _component_config(args, settings)
-    if args.runtime:
-        factory = runtime_by_name(args.runtime, test_mode=settings.test_mode)
+    named = args.runtime or settings.component_runtime
+    if named:
+        factory = runtime_by_name(named, test_mode=settings.test_mode)
     else:
         factory = runtime_for_kind(args.kind)
     logs.register_secret(config.redis_url)

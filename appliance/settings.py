@@ -8,6 +8,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+_INSTANCE = r"(cache|onprem)/[a-z][a-z0-9_.-]{0,63}"
+"""A component instance, ``kind/name`` (appliance/components/orders.py checks the same)."""
+
 
 class Settings(BaseSettings):
     """Built once at startup and passed down; nothing reads the environment later."""
@@ -68,6 +71,14 @@ class Settings(BaseSettings):
     component_order_timeout_s: float = Field(default=60.0, gt=0)
     component_restart_backoff_s: float = Field(default=1.0, gt=0)
     component_restart_backoff_max_s: float = Field(default=30.0, gt=0)
+    embedded_components: str = Field(
+        default="",
+        pattern=rf"^({_INSTANCE}(,{_INSTANCE})*)?$",
+        description="components the appliance runs as children: cache/cache-1,onprem/onprem-1",
+    )
+    component_runtime: str = Field(
+        default="", description="tests only (needs test_mode): module:Class every component runs"
+    )
     test_mode: bool = Field(
         default=False, description="tests only: lets a component run a runtime named by --runtime"
     )

@@ -180,8 +180,10 @@ class ComponentOrders:
             if remaining <= 0:
                 raise ComponentSilent(str(self.instance), order.disk_id, order.order_id, timeout_s)
             entries = await read_after(self._store, self._keys.outcome_events, after, remaining)
-            if entries:
-                after = text(entries[-1][0])
+            for entry_id, fields in entries:
+                after = text(entry_id)
+                if text(fields.get(b"order_id", b"")) == order.order_id and b"outcome" in fields:
+                    return OrderOutcome.from_json(fields[b"outcome"])  # even if since replaced
 
     async def give_and_wait(self, order: Order, timeout_s: float) -> OrderOutcome:
         await self.give(order)
@@ -339,7 +341,11 @@ class OrderDesk:
             pipe.hset(self._keys.outcomes, outcome.disk_id, outcome.to_json())
             pipe.xadd(
                 self._keys.outcome_events,
-                {"disk": outcome.disk_id, "order_id": outcome.order_id},
+                {
+                    "disk": outcome.disk_id,
+                    "order_id": outcome.order_id,
+                    "outcome": outcome.to_json(),
+                },
                 maxlen=STREAM_MAXLEN,
                 approximate=True,
             )

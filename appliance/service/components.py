@@ -22,8 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.components.heartbeat import ComponentHealth, ComponentReport, Liveness
 from appliance.components.orders import ComponentId
+from appliance.errors import StateStoreUnavailable
+from appliance.health import HealthBoard
 from appliance.logs import get_logger
+from appliance.settings import Settings
+from appliance.state.store import StateStore
 
 log = get_logger(__name__)
 
@@ -194,3 +199,100 @@ async def _first(exited: Coroutine[Any, Any, int], stopping: Coroutine[Any, Any,
         for task in (waiting, stop):
             if not task.done():
                 task.cancel()
+
+
+WATCH_STEP_S = 2.0
+"""How often a component watch looks up from its blocking reads to see if it should stop."""
+
+
+class ComponentWatch:
+    """Feeds the appliance's health board from component heartbeats: each component is a
+    required part of the appliance, ok while it beats, failed when silent for the timeout."""
+
+    def __init__(
+        self, reader: ComponentHealth, board: HealthBoard, instances: Sequence[ComponentId]
+    ) -> None:
+        self._reader = reader
+        self._board = board
+        self.instances = tuple(instances)
+        for instance in self.instances:
+            board.register(str(instance), timeout_s=reader.timeout_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            for instance in self.instances:
+                tasks.create_task(self._follow(instance, stop))
+
+    async def _follow(self, instance: ComponentId, stop: asyncio.Event) -> None:
+        last: tuple[object, ...] | None = None
+
+        def changed(report: ComponentReport) -> bool:
+            return (report.pid, report.sequence, report.liveness) != last
+
+        while not stop.is_set():
+            try:
+                report = await self._reader.wait_until(instance, changed, WATCH_STEP_S)
+            except TimeoutError:
+                continue
+            except StateStoreUnavailable:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=WATCH_STEP_S)
+                continue
+            last = (report.pid, report.sequence, report.liveness)
+            if report.liveness is Liveness.OK:
+                self._board.ok(str(instance), f"pid {report.pid} on {report.host}")
+            else:
+                self._board.failed(str(instance), report.detail)
+
+
+def component_env(settings: Settings, redis_url: str) -> dict[str, str]:
+    """A child's environment: ours without the bus token (components never need it), and
+    the settings a component reads, from this appliance's settings."""
+    env = {k: v for k, v in os.environ.items() if k != "FERRY_BUS_TOKEN"}
+    return env | {
+        "FERRY_REDIS_URL": redis_url,
+        "FERRY_REDIS_PREFIX": settings.redis_prefix,
+        "FERRY_DATA_DIR": str(settings.data_dir),
+        "FERRY_COMPONENT_HEARTBEAT_INTERVAL_S": str(settings.component_heartbeat_interval_s),
+        "FERRY_COMPONENT_TIMEOUT_S": str(settings.component_timeout_s),
+        "FERRY_COMPONENT_RECONCILE_INTERVAL_S": str(settings.component_reconcile_interval_s),
+        "FERRY_COMPONENT_RUNTIME": settings.component_runtime,
+        "FERRY_TEST_MODE": "1" if settings.test_mode else "0",
+        "FERRY_LOG_LEVEL": settings.log_level,
+        "FERRY_LOG_FORMAT": settings.log_format,
+    }
+
+
+class EmbeddedComponents:
+    """The components named by ``FERRY_EMBEDDED_COMPONENTS``, supervised and watched."""
+
+    def __init__(
+        self, settings: Settings, redis_url: str, store: StateStore, board: HealthBoard
+    ) -> None:
+        names = [n for n in settings.embedded_components.split(",") if n]
+        instances = [ComponentId.parse(name) for name in names]
+        env = component_env(settings, redis_url)
+        data_dir = settings.data_dir.resolve()
+        commands = [
+            component_command(
+                instance,
+                data_dir=data_dir / "components" / instance.kind / instance.name,
+                nbd_bind=settings.component_nbd_bind,
+                env=env,
+                log_file=data_dir / "logs" / f"{instance.kind}-{instance.name}.log",
+            )
+            for instance in instances
+        ]
+        self.supervisor = Supervisor(
+            commands,
+            backoff_s=settings.component_restart_backoff_s,
+            backoff_max_s=settings.component_restart_backoff_max_s,
+        )
+        self.watch = ComponentWatch(
+            ComponentHealth(store, settings.component_timeout_s), board, instances
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.supervisor.run(stop))
+            tasks.create_task(self.watch.run(stop))

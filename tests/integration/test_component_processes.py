@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from appliance.service.components import Supervisor, component_command
 from appliance.state.keys import Keys
 from appliance.state.leases import Lease, Leases
 from appliance.state.store import StateStore, connect
+from tests.integration.conftest import Harness, RunningAppliance
 from tests.support.echo import applied_orders
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -206,3 +207,42 @@ def test_a_runtime_named_outside_test_mode_is_refused(plain_env: dict[str, str])
     done = subprocess.run(argv, env=plain_env, cwd=ROOT, capture_output=True, timeout=60)
     assert done.returncode == 1
     assert b"FERRY_TEST_MODE" in done.stderr
+
+
+async def test_the_appliance_runs_its_embedded_components(
+    harness: Harness,
+    start_appliance: Callable[..., Awaitable[RunningAppliance]],
+    redis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the children import tests.support.echo
+    settings = harness.settings(
+        embedded_components="cache/cache-1",
+        component_runtime="tests.support.echo:EchoRuntime",
+        test_mode=True,
+        component_heartbeat_interval_s=0.2,
+        component_timeout_s=TIMEOUT_S,
+        component_restart_backoff_s=0.1,
+    )
+    running = await start_appliance(settings)
+    board = running.appliance.health
+    store = StateStore(connect(harness.redis_url), Keys(harness.prefix))
+    try:
+        health = ComponentHealth(store, timeout_s=TIMEOUT_S)
+        first = await health.wait_until(CACHE, alive, WAIT_S)
+        await asyncio.wait_for(board.wait_ok("cache/cache-1"), WAIT_S)
+        assert first.pid is not None and first.figures["runtime"] == "echo"
+        lease = await lease_for(store)
+        outcome = await ComponentOrders(store, CACHE).give_and_wait(
+            order(lease, OrderAction.OPEN), WAIT_S
+        )
+        assert outcome.kind is OutcomeKind.APPLIED
+        os.kill(first.pid, signal.SIGKILL)
+        again = await health.wait_until(CACHE, lambda r: alive(r) and r.pid != first.pid, WAIT_S)
+        assert again.figures["exports"] == ["disk-1"]  # the echo core's journal survived
+        await running.shutdown()
+        assert again.pid is not None
+        with pytest.raises(ProcessLookupError):
+            os.kill(again.pid, 0)
+    finally:
+        await store.close()
