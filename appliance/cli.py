@@ -91,7 +91,10 @@ def _component_config(args: argparse.Namespace, settings: Settings) -> Component
 
     if settings.redis_url is None:
         raise NotConfigured("FERRY_REDIS_URL", "a component needs the control plane's Redis")
-    host, _, port = (args.nbd_bind or settings.component_nbd_bind).rpartition(":")
+    bind = args.nbd_bind or settings.component_nbd_bind
+    host, _, port = bind.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise NotConfigured("--nbd-bind", f"expected HOST:PORT, got {bind!r}")
     instance = ComponentId(args.kind, args.name)
     data_dir = args.component_data_dir or settings.data_dir / "components" / args.kind / args.name
     return ComponentConfig(

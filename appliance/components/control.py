@@ -76,7 +76,8 @@ if fence ~= ARGV[3] or redis.call('HGET', KEYS[3], 'token') ~= ARGV[3] or expire
 end
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current then
-  local held = tonumber(cjson.decode(current)['token'])
+  local ok, decoded = pcall(cjson.decode, current)
+  local held = ok and type(decoded) == 'table' and tonumber(decoded['token']) or 0
   if held > tonumber(ARGV[3]) then
     return {-2, tostring(held)}
   end
@@ -214,7 +215,7 @@ class OrderDesk:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile everything, then every notified disk, and everything again each interval."""
-        after = await self._start()
+        after = await self._start(stop)
         loop = asyncio.get_running_loop()
         next_full = loop.time() + self._interval
         while not stop.is_set():
@@ -234,16 +235,20 @@ class OrderDesk:
                     await asyncio.wait_for(stop.wait(), timeout=1.0)
                 next_full = loop.time()
 
-    async def _start(self) -> str:
-        while True:
+    async def _start(self, stop: asyncio.Event) -> str:
+        """The stream position to read on from, after a first full reconcile."""
+        while not stop.is_set():
             try:
                 after = await last_stream_id(self._store, self._keys.order_events)
                 await self.reconcile_all()
             except StateStoreUnavailable as error:
                 log.warning("state store unreachable at start; retrying", error=str(error))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
                 continue
             self.ready.set()
             return after
+        return "$"
 
     async def _next_events(self, after: str, stop: asyncio.Event, until: float) -> Entries | None:
         """Notifications after ``after``; None when the full reconcile is due; [] on stop."""

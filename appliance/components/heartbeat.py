@@ -75,7 +75,7 @@ class HeartbeatWriter:
         self.sequence = 0
 
     async def beat(self, state: BeatState = BeatState.OK) -> None:
-        figures = json.dumps(dict(self._figures()), sort_keys=True, default=str)
+        figures = json.dumps(self._safe_figures(), sort_keys=True, default=str)
         fields: dict[str, EncodableT] = {
             "kind": self.instance.kind,
             "name": self.instance.name,
@@ -93,6 +93,14 @@ class HeartbeatWriter:
         keys = [self._keys.heartbeat, self._keys.beats]
         await self._store.run(lambda r: self._script(keys=keys, args=args, client=r))
         self.sequence += 1
+
+    def _safe_figures(self) -> dict[str, object]:
+        try:
+            return dict(self._figures())
+        except Exception as error:
+            # A core that cannot count is still alive: say so rather than go silent.
+            log.exception("component figures unavailable")
+            return {"figures_error": f"{type(error).__name__}: {error}"}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Beat every interval until ``stop``; a last beat says the component is stopping."""

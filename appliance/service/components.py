@@ -72,6 +72,7 @@ class _Child:
     starts: int = 0
     restarts: int = 0
     exit_codes: list[int] = field(default_factory=list)
+    backoffs: list[float] = field(default_factory=list)
 
 
 class Supervisor:
@@ -100,6 +101,16 @@ class Supervisor:
 
     def exit_codes(self, instance: ComponentId) -> list[int]:
         return list(self._children[str(instance)].exit_codes)
+
+    def backoffs(self, instance: ComponentId) -> list[float]:
+        """The backoff waited before each restart so far."""
+        return list(self._children[str(instance)].backoffs)
+
+    async def wait_exits(self, instance: ComponentId, count: int, *, timeout_s: float) -> None:
+        """Until the component has exited ``count`` times."""
+        child = self._children[str(instance)]
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(lambda: len(child.exit_codes) >= count)
 
     async def wait_running(
         self, instance: ComponentId, *, not_pid: int | None = None, timeout_s: float
@@ -139,11 +150,12 @@ class Supervisor:
                 await self._notify()
                 return
             code = process.returncode
-            child.exit_codes.append(code if code is not None else 0)
-            await self._notify()
             if loop.time() - started_at >= self._stable_after_s:
                 backoff = self._backoff_s
+            child.exit_codes.append(code if code is not None else 0)
             child.restarts += 1
+            child.backoffs.append(backoff)
+            await self._notify()
             bound.warning("component exited; restarting", code=code, restarts=child.restarts,
                           backoff_s=backoff)  # fmt: skip
             with contextlib.suppress(TimeoutError):

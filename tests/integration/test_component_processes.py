@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+import structlog.testing
 
 from appliance.components.control import ComponentOrders
 from appliance.components.heartbeat import ComponentHealth, ComponentReport, Liveness
@@ -246,3 +247,29 @@ async def test_the_appliance_runs_its_embedded_components(
             os.kill(again.pid, 0)
     finally:
         await store.close()
+
+
+async def test_a_component_that_keeps_exiting_is_restarted_with_growing_backoff(
+    plain_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = plain_env.copy()
+    del env["FERRY_REDIS_URL"]  # it cannot run: it says so and exits 1
+    log_file = tmp_path / "broken.log"
+    command = component_command(
+        CACHE, data_dir=tmp_path / "b", nbd_bind="127.0.0.1:0", env=env, log_file=log_file
+    )
+    supervisor = Supervisor([command], backoff_s=0.05, backoff_max_s=0.15)
+    stop = asyncio.Event()
+    with structlog.testing.capture_logs() as captured:
+        task = asyncio.create_task(supervisor.run(stop))
+        try:
+            await supervisor.wait_exits(CACHE, 4, timeout_s=WAIT_S)
+        finally:
+            stop.set()
+            await task
+    assert supervisor.exit_codes(CACHE)[:4] == [1, 1, 1, 1]
+    assert supervisor.backoffs(CACHE)[:4] == [0.05, 0.1, 0.15, 0.15]
+    restarts = [e for e in captured if e["event"] == "component exited; restarting"]
+    assert [e["restarts"] for e in restarts][:4] == [1, 2, 3, 4]
+    assert restarts[0]["code"] == 1 and restarts[0]["component"] == "cache/cache-1"
+    assert b"FERRY_REDIS_URL" in log_file.read_bytes()
