@@ -279,3 +279,25 @@ async def test_heartbeat_carries_figures_and_silence_means_failed(
     waiting = asyncio.create_task(health.wait_until(CACHE, lambda r: not r.failed, WAIT_S))
     await writer.beat()
     assert (await waiting).sequence == 1
+
+
+async def test_a_component_rides_out_a_redis_restart(tmp_path: Path, data_dir: Path) -> None:
+    """Redis goes away under a running desk and comes back: orders given afterwards are
+    applied (the desk retries at its edge, then re-reads everything)."""
+    keys = Keys("outage")
+    server = RedisServer(tmp_path / "redis")
+    await server.start()
+    store = StateStore(connect(server.url), keys, retry_seconds=0.3, retry_attempts=2)
+    runtime = EchoRuntime(config_for(data_dir, server.url, keys))
+    try:
+        async with running_desk(store, data_dir, runtime):
+            server.kill()
+            server = RedisServer(tmp_path / "redis", port=server.port)
+            await server.start()
+            lease = await lease_for(store, "ferry-a")
+            outcome = await ComponentOrders(store, CACHE).give_and_wait(open_order(lease), WAIT_S)
+        assert outcome.kind is OutcomeKind.APPLIED
+        assert [line["action"] for line in applied_orders(data_dir)] == ["open"]
+    finally:
+        await store.close()
+        await server.stop()
