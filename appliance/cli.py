@@ -95,7 +95,10 @@ def _component_config(args: argparse.Namespace, settings: Settings) -> Component
     host, _, port = bind.rpartition(":")
     if not port.isdigit() or int(port) > 65535:
         raise NotConfigured("--nbd-bind", f"expected HOST:PORT, got {bind!r}")
-    instance = ComponentId(args.kind, args.name)
+    try:
+        instance = ComponentId(args.kind, args.name)
+    except ValueError as error:
+        raise NotConfigured("--name", str(error)) from None
     data_dir = args.component_data_dir or settings.data_dir / "components" / args.kind / args.name
     return ComponentConfig(
         instance=instance,
@@ -163,10 +166,12 @@ def parser() -> argparse.ArgumentParser:
     component = commands.add_parser(
         "component", help="run a data-plane component (see appliance/components/README.md)"
     )
-    component.add_argument("kind", choices=["cache", "onprem"])
+    component.add_argument(
+        "kind", choices=["cache", "onprem"], help="cloud cache or on-prem I/O manager"
+    )
     component.add_argument("--name", required=True, help="unique per kind, e.g. cache-1")
     component.add_argument(
-        "--data-dir", dest="component_data_dir", type=Path, default=None,
+        "--data-dir", dest="component_data_dir", type=Path, default=None, metavar="DIR",
         help="the component's own data directory (default: FERRY_DATA_DIR/components/KIND/NAME)",
     )  # fmt: skip
     component.add_argument(
