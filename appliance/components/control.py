@@ -42,6 +42,7 @@ from appliance.errors import (
     ComponentSilent,
     FerryError,
     LeaseLost,
+    OrderRefused,
     StaleToken,
     StateStoreUnavailable,
     TransientError,
@@ -169,7 +170,8 @@ class ComponentOrders:
 
     async def wait(self, order: Order, timeout_s: float) -> OrderOutcome:
         """The outcome of ``order`` once the component recorded it; ComponentSilent after
-        ``timeout_s``. Waits on the outcome stream, so an outcome is seen as it lands."""
+        ``timeout_s``; OrderRefused when the disk's desired order is no longer this one
+        (and no outcome of it was seen). Waits on the outcome stream, never polls."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         after = await last_stream_id(self._store, self._keys.outcome_events)
@@ -177,6 +179,11 @@ class ComponentOrders:
             found = await self.outcome(order.disk_id)
             if found is not None and found.order_id == order.order_id:
                 return found
+            desired = await self.desired(order.disk_id)
+            if desired is None or desired.order_id != order.order_id:
+                # Desired state, not a queue: a replaced order may never be carried out.
+                replaced = desired.order_id if desired is not None else "nothing"
+                raise OrderRefused(str(self.instance), order.disk_id, f"replaced by {replaced}")
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise ComponentSilent(str(self.instance), order.disk_id, order.order_id, timeout_s)

@@ -34,7 +34,7 @@ from appliance.components.runtimes import (
     runtime_for_kind,
 )
 from appliance.embedded import RedisServer
-from appliance.errors import ComponentSilent, LeaseLost, NotConfigured, StaleToken
+from appliance.errors import ComponentSilent, LeaseLost, NotConfigured, OrderRefused, StaleToken
 from appliance.settings import Settings
 from appliance.state.keys import Keys
 from appliance.state.leases import Lease, Leases
@@ -301,3 +301,16 @@ async def test_a_component_rides_out_a_redis_restart(tmp_path: Path, data_dir: P
     finally:
         await store.close()
         await server.stop()
+
+
+async def test_waiting_for_an_order_replaced_before_it_was_carried_out_says_so(
+    store: StateStore,
+) -> None:
+    lease = await lease_for(store, "ferry-a")
+    orders = ComponentOrders(store, CACHE)
+    first, second = cut_order(lease, 1), cut_order(lease, 2)
+    await orders.give(first)
+    await orders.give(second)  # no component ran in between: the first is never carried out
+    with pytest.raises(OrderRefused) as replaced:
+        await orders.wait(first, WAIT_S)
+    assert second.order_id in replaced.value.reason
