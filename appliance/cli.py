@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -16,6 +17,9 @@ from appliance import logs
 from appliance.errors import FerryError, NotConfigured
 from appliance.keys import key_path, load_or_create
 from appliance.settings import Settings
+
+if TYPE_CHECKING:
+    from appliance.components.runtimes import ComponentConfig
 
 log = logs.get_logger("appliance")
 
@@ -81,6 +85,60 @@ def cmd_lab_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _component_config(args: argparse.Namespace, settings: Settings) -> ComponentConfig:
+    from appliance.components.orders import ComponentId
+    from appliance.components.runtimes import ComponentConfig
+
+    if settings.redis_url is None:
+        raise NotConfigured("FERRY_REDIS_URL", "a component needs the control plane's Redis")
+    bind = args.nbd_bind or settings.component_nbd_bind
+    host, _, port = bind.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise NotConfigured("--nbd-bind", f"expected HOST:PORT, got {bind!r}")
+    try:
+        instance = ComponentId(args.kind, args.name)
+    except ValueError as error:
+        raise NotConfigured("--name", str(error)) from None
+    data_dir = args.component_data_dir or settings.data_dir / "components" / args.kind / args.name
+    return ComponentConfig(
+        instance=instance,
+        data_dir=data_dir.resolve(),
+        nbd_host=host or "127.0.0.1",
+        nbd_port=int(port),
+        redis_url=settings.redis_url.get_secret_value(),
+        redis_prefix=settings.redis_prefix,
+        heartbeat_interval_s=settings.component_heartbeat_interval_s,
+        heartbeat_ttl_s=settings.component_timeout_s * 3,
+        reconcile_interval_s=settings.component_reconcile_interval_s,
+        settings=settings,
+    )
+
+
+def cmd_component(args: argparse.Namespace) -> int:
+    """Run one component (cloud cache or on-prem I/O manager) until SIGTERM/SIGINT."""
+    from appliance.components.process import run_component
+    from appliance.components.runtimes import runtime_by_name, runtime_for_kind
+
+    settings = _settings(args)
+    config = _component_config(args, settings)
+    named = args.runtime or settings.component_runtime
+    if named:
+        factory = runtime_by_name(named, test_mode=settings.test_mode)
+    else:
+        factory = runtime_for_kind(args.kind)
+    logs.register_secret(config.redis_url)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await run_component(config, factory, stop)
+
+    asyncio.run(run())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.demo import run_demo
 
@@ -105,6 +163,24 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--disk-size-mib", type=int, default=64, help="boot disk size")
     create.add_argument("--empty-disks", action="store_true", help="leave disks unwritten")
     create.set_defaults(func=cmd_lab_create)
+    component = commands.add_parser(
+        "component", help="run a data-plane component (see appliance/components/README.md)"
+    )
+    component.add_argument(
+        "kind", choices=["cache", "onprem"], help="cloud cache or on-prem I/O manager"
+    )
+    component.add_argument("--name", required=True, help="unique per kind, e.g. cache-1")
+    component.add_argument(
+        "--data-dir", dest="component_data_dir", type=Path, default=None, metavar="DIR",
+        help="the component's own data directory (default: FERRY_DATA_DIR/components/KIND/NAME)",
+    )  # fmt: skip
+    component.add_argument(
+        "--nbd-bind", default=None, help="HOST:PORT for its NBD server (FERRY_COMPONENT_NBD_BIND)"
+    )
+    component.add_argument(
+        "--runtime", default=None, help="module:Class; tests only (needs FERRY_TEST_MODE=1)"
+    )
+    component.set_defaults(func=cmd_component)
     demo = commands.add_parser("demo", help="run an end-to-end demo on the embedded default")
     demo.set_defaults(func=cmd_demo)
     return root

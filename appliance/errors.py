@@ -6,6 +6,7 @@
     │   ├── BusUnavailable              SQS/S3 is unreachable
     │   ├── LeaseLost                   another process owns the job now
     │   │   └── FencedOut               a write carried a stale fencing token and was refused
+    │   ├── ComponentSilent             a component did not answer an order in time
     │   ├── DiskInUse                   another process has the disk open (a previous owner)
     │   └── TransientDataPathError      a link dropped, a peer timed out
     │       └── ConnectionDropped
@@ -19,6 +20,7 @@
         │   └── InvalidCredentials      sealed guest credentials do not open or are empty
         ├── MigrationCancelled          a cancel request stopped a migration (it rolls back)
         ├── IncorrectState              a state machine was asked for an illegal transition
+        ├── OrderRefused                a component order the control channel will not carry out
         ├── StateLost                   Redis came back without our generation marker
         ├── NotConfigured               a setting the appliance cannot start without is missing
         ├── KeyFileError                the appliance's key file is unreadable or unsafe
@@ -97,6 +99,18 @@ class FencedOut(LeaseLost):
 
     def _describe(self) -> str:
         return f"write for {self.resource} refused: fencing token {self.token} is stale"
+
+
+class ComponentSilent(TransientError):
+    def __init__(self, instance: str, disk_id: str, order_id: str, timeout_s: float) -> None:
+        self.instance = instance
+        self.disk_id = disk_id
+        self.order_id = order_id
+        self.timeout_s = timeout_s
+        super().__init__(
+            f"component {instance} recorded no outcome for order {order_id} (disk {disk_id}) "
+            f"within {timeout_s:g}s"
+        )
 
 
 class TransientDataPathError(TransientError):
@@ -181,6 +195,16 @@ class IncorrectState(PermanentError):
         self.current = current
         self.wanted = wanted
         super().__init__(f"{machine}: no transition from {current!r} to {wanted!r}")
+
+
+class OrderRefused(PermanentError):
+    """A component order refused before it was carried out (fenced out, unparseable, stale)."""
+
+    def __init__(self, instance: str, disk_id: str, reason: str) -> None:
+        self.instance = instance
+        self.disk_id = disk_id
+        self.reason = reason
+        super().__init__(f"order for {instance} disk {disk_id} refused: {reason}")
 
 
 class StateLost(PermanentError):

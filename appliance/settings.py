@@ -8,6 +8,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+_INSTANCE = r"(cache|onprem)/[a-z][a-z0-9_.-]{0,63}"
+"""A component instance, ``kind/name`` (appliance/components/orders.py checks the same)."""
+
 
 class Settings(BaseSettings):
     """Built once at startup and passed down; nothing reads the environment later."""
@@ -67,6 +70,27 @@ class Settings(BaseSettings):
     )
     debug_step_delay_s: float = Field(
         default=0.0, ge=0, description="pause after each persisted step (crash-safety tests)"
+    )
+    # Components (cloud cache, on-prem I/O manager): each its own process; see
+    # appliance/components/README.md, "Control channel and heartbeats".
+    component_heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    component_reconcile_interval_s: float = Field(
+        default=30.0, gt=0, description="full re-read of a component's desired orders"
+    )
+    component_nbd_bind: str = Field(default="127.0.0.1:0", pattern=r"^[^\s:]*:\d{1,5}$")
+    component_order_timeout_s: float = Field(default=60.0, gt=0)
+    component_restart_backoff_s: float = Field(default=1.0, gt=0)
+    component_restart_backoff_max_s: float = Field(default=30.0, gt=0)
+    embedded_components: str = Field(
+        default="",
+        pattern=rf"^({_INSTANCE}(,{_INSTANCE})*)?$",
+        description="components the appliance runs as children: cache/cache-1,onprem/onprem-1",
+    )
+    component_runtime: str = Field(
+        default="", description="tests only (needs test_mode): module:Class every component runs"
+    )
+    test_mode: bool = Field(
+        default=False, description="tests only: lets a component run a runtime named by --runtime"
     )
     log_format: str = Field(default="console", pattern=r"^(console|json)$")
     log_level: str = "info"

@@ -28,6 +28,7 @@ from appliance.health import HealthBoard
 from appliance.keys import load_or_create
 from appliance.logs import get_logger
 from appliance.orchestrator.scheduler import Scheduler
+from appliance.service.components import EmbeddedComponents
 from appliance.service.heartbeat import HeartbeatPublisher
 from appliance.service.runtime import RuntimeInfo, clear_runtime, write_runtime
 from appliance.service.wiring import (
@@ -71,6 +72,7 @@ class Appliance:
         self.health.register("bus")
         self.health.register("sites")
         self.started = asyncio.Event()
+        self._redis_url = ""
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
@@ -109,6 +111,11 @@ class Appliance:
                 in_flight=lambda: dispatcher.in_flight,
                 appliance_key=keys.public.text,
             )
+            components = (
+                EmbeddedComponents(settings, self._redis_url, store, self.health)
+                if settings.embedded_components
+                else None
+            )
             self._write_runtime(sqs_endpoint, bus, keys.public.text)
             stack.callback(clear_runtime, settings.data_dir, os.getpid())
             log.info("appliance started", appliance_id=settings.appliance_id, key=keys.public.text)
@@ -118,6 +125,8 @@ class Appliance:
                 tasks.create_task(self._watch_state_store(store, stop))
                 tasks.create_task(scheduler.run(stop))
                 tasks.create_task(bus.consume(dispatcher.handle, stop, self._intake_gate))
+                if components is not None:
+                    tasks.create_task(components.run(stop))
             log.info("appliance stopped")
 
     async def _outside_systems(self, stack: AsyncExitStack) -> tuple[str, StateStore]:
@@ -133,6 +142,7 @@ class Appliance:
             redis = await stack.enter_async_context(RedisServer(settings.data_dir / "redis"))
             redis_url = redis.url
             log.info("embedded redis-server", port=redis.port, pid=redis.pid)
+        self._redis_url = redis_url
         store = StateStore(connect(redis_url), Keys(settings.redis_prefix), health=self.health)
         stack.push_async_callback(store.close)
         await self._check_state(store)

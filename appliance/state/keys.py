@@ -25,7 +25,8 @@ random one)::
                                             "durable" (flushed epoch), "complete" (image digest)
     {p}:events                      stream  global event log
     {p}:events:{migration_id}       stream  one migration's event log
-    {p}:component:{name}            hash    component heartbeat: state, detail, last_ok_at
+    {p}:component:{kind}/{name}     hash    component heartbeat (its orders, outcomes and streams:
+                                            appliance/components/orders.py)
     {p}:policy:{cluster|default}    hash    RTO/RPO interval, limits
     {p}:seen:{message_id}           string  replay guard, kept for twice the clock skew
 """

@@ -1,0 +1,83 @@
+"""One component process: its runtime, its order desk and its heartbeat, until told to stop.
+
+``ferry-appliance component {cache|onprem} ...`` ends here. The data directory is
+locked (``flock``) for the life of the process, so two processes never share one;
+the runtime is entered first (it may open its NBD server and recover its disks),
+then the desk reconciles the desired orders and the heartbeat starts, both in one
+TaskGroup; ``stop`` ends both, a last heartbeat says ``stopping``, and the
+runtime is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import AsyncExitStack, contextmanager
+
+from appliance.components.control import OrderDesk
+from appliance.components.heartbeat import HeartbeatWriter
+from appliance.components.ledger import Ledger
+from appliance.components.orders import ComponentRuntime
+from appliance.components.runtimes import ComponentConfig, RuntimeFactory
+from appliance.errors import DiskInUse
+from appliance.logs import get_logger
+from appliance.state.keys import Keys
+from appliance.state.store import StateStore, connect
+
+log = get_logger(__name__)
+LOCK_FILE = "component.lock"
+
+
+@contextmanager
+def locked_data_dir(config: ComponentConfig) -> Iterator[None]:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    path = config.data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DiskInUse(config.data_dir) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def figures(runtime: ComponentRuntime, desk: OrderDesk) -> Mapping[str, object]:
+    return {**runtime.status(), "orders": dict(desk.counts)}
+
+
+async def run_component(
+    config: ComponentConfig, factory: RuntimeFactory, stop: asyncio.Event
+) -> None:
+    bound = log.bind(component=str(config.instance))
+    with locked_data_dir(config):
+        async with AsyncExitStack() as stack:
+            store = StateStore(connect(config.redis_url), Keys(config.redis_prefix))
+            stack.push_async_callback(store.close)
+            ledger = Ledger(config.data_dir)
+            await ledger.load()
+            runtime = await stack.enter_async_context(factory(config))
+            desk = OrderDesk(
+                store,
+                config.instance,
+                runtime,
+                ledger,
+                reconcile_interval_s=config.reconcile_interval_s,
+            )
+            heartbeat = HeartbeatWriter(
+                store,
+                config.instance,
+                lambda: figures(runtime, desk),
+                interval_s=config.heartbeat_interval_s,
+                ttl_s=config.heartbeat_ttl_s,
+            )
+            bound.info("component started", pid=os.getpid(), data_dir=str(config.data_dir))
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(desk.run(stop))
+                tasks.create_task(heartbeat.run(stop))
+            bound.info("component stopped")

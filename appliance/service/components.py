@@ -1,0 +1,310 @@
+"""The embedded default's supervisor: component processes as children, restarted when they exit.
+
+In production each component (cloud cache, on-prem I/O manager) runs as a
+service on its own host (a systemd unit; see appliance/components/README.md).
+In the embedded default the appliance runs them itself: :class:`Supervisor`
+starts each as an asyncio subprocess in its own session (so a terminal's Ctrl-C
+reaches the appliance only, which then stops them in order), restarts one that
+exits after a backoff that doubles while it keeps failing quickly (counted and
+logged), and at shutdown stops each by its PID: SIGTERM, then SIGKILL after a
+grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.components.heartbeat import ComponentHealth, ComponentReport, Liveness
+from appliance.components.orders import ComponentId
+from appliance.errors import StateStoreUnavailable
+from appliance.health import HealthBoard
+from appliance.logs import get_logger
+from appliance.settings import Settings
+from appliance.state.store import StateStore
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentCommand:
+    """How to start one component process."""
+
+    instance: ComponentId
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    log_file: Path
+    cwd: Path | None = None
+
+
+def component_command(
+    instance: ComponentId,
+    *,
+    data_dir: Path,
+    nbd_bind: str,
+    env: Mapping[str, str],
+    log_file: Path,
+    extra: Sequence[str] = (),
+    cwd: Path | None = None,
+) -> ComponentCommand:
+    """``python -m appliance.cli component KIND --name NAME ...`` with this interpreter."""
+    argv = (
+        sys.executable, "-m", "appliance.cli", "component", instance.kind,
+        "--name", instance.name,
+        "--data-dir", str(data_dir),
+        "--nbd-bind", nbd_bind,
+        *extra,
+    )  # fmt: skip
+    return ComponentCommand(instance, argv, dict(env), log_file, cwd)
+
+
+@dataclass(slots=True)
+class _Child:
+    command: ComponentCommand
+    process: asyncio.subprocess.Process | None = None
+    starts: int = 0
+    restarts: int = 0
+    exit_codes: list[int] = field(default_factory=list)
+    backoffs: list[float] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        commands: Sequence[ComponentCommand],
+        *,
+        backoff_s: float,
+        backoff_max_s: float,
+        stop_grace_s: float = 10.0,
+        stable_after_s: float = 30.0,
+    ) -> None:
+        self._children = {str(c.instance): _Child(c) for c in commands}
+        self._backoff_s = backoff_s
+        self._backoff_max_s = max(backoff_s, backoff_max_s)
+        self._grace_s = stop_grace_s
+        self._stable_after_s = stable_after_s
+        self._changed = asyncio.Condition()
+
+    def pid(self, instance: ComponentId) -> int | None:
+        process = self._children[str(instance)].process
+        return process.pid if process is not None and process.returncode is None else None
+
+    def restarts(self, instance: ComponentId) -> int:
+        return self._children[str(instance)].restarts
+
+    def exit_codes(self, instance: ComponentId) -> list[int]:
+        return list(self._children[str(instance)].exit_codes)
+
+    def backoffs(self, instance: ComponentId) -> list[float]:
+        """The backoff waited before each restart so far."""
+        return list(self._children[str(instance)].backoffs)
+
+    async def wait_exits(self, instance: ComponentId, count: int, *, timeout_s: float) -> None:
+        """Until the component has exited ``count`` times."""
+        child = self._children[str(instance)]
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(lambda: len(child.exit_codes) >= count)
+
+    async def wait_running(
+        self, instance: ComponentId, *, not_pid: int | None = None, timeout_s: float
+    ) -> int:
+        """The PID of the running process (one other than ``not_pid``), once there is one."""
+
+        def running() -> bool:
+            pid = self.pid(instance)
+            return pid is not None and pid != not_pid
+
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(running)
+        pid = self.pid(instance)
+        assert pid is not None
+        return pid
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep every component running until ``stop``; then stop them all by PID."""
+        async with asyncio.TaskGroup() as tasks:
+            for child in self._children.values():
+                tasks.create_task(self._keep(child, stop))
+
+    async def _keep(self, child: _Child, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = self._backoff_s
+        bound = log.bind(component=str(child.command.instance))
+        while not stop.is_set():
+            process = await self._start(child)
+            started_at = loop.time()
+            try:
+                stopped = await _first(process.wait(), stop.wait())
+            except BaseException:
+                await self._stop(process, grace_s=0.0)
+                raise
+            if stopped:
+                await self._stop(process, grace_s=self._grace_s)
+                await self._notify()
+                return
+            code = process.returncode
+            if loop.time() - started_at >= self._stable_after_s:
+                backoff = self._backoff_s
+            child.exit_codes.append(code if code is not None else 0)
+            child.restarts += 1
+            child.backoffs.append(backoff)
+            await self._notify()
+            bound.warning("component exited; restarting", code=code, restarts=child.restarts,
+                          backoff_s=backoff)  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=backoff)
+            backoff = min(backoff * 2, self._backoff_max_s)
+
+    async def _start(self, child: _Child) -> asyncio.subprocess.Process:
+        command = child.command
+        command.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with command.log_file.open("ab") as output:
+            process = await asyncio.create_subprocess_exec(
+                *command.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+                env=dict(command.env),
+                cwd=command.cwd,
+                start_new_session=True,
+            )
+        child.process = process
+        child.starts += 1
+        log.info("component started", component=str(command.instance), pid=process.pid)
+        await self._notify()
+        return process
+
+    async def _stop(self, process: asyncio.subprocess.Process, *, grace_s: float) -> None:
+        """SIGTERM (and SIGCONT, should it be stopped), SIGKILL after the grace; reaped."""
+        if process.returncode is None and grace_s > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+                os.kill(process.pid, signal.SIGCONT)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(process.wait()), timeout=grace_s)
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+        await process.wait()
+        log.info("component stopped", pid=process.pid, code=process.returncode)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+
+async def _first(exited: Coroutine[Any, Any, int], stopping: Coroutine[Any, Any, bool]) -> bool:
+    """Wait for the process to exit or for stop; True when stop came first."""
+    waiting = asyncio.ensure_future(exited)
+    stop = asyncio.ensure_future(stopping)
+    try:
+        await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        return not waiting.done()
+    finally:
+        for task in (waiting, stop):
+            if not task.done():
+                task.cancel()
+
+
+WATCH_STEP_S = 2.0
+"""How often a component watch looks up from its blocking reads to see if it should stop."""
+
+
+class ComponentWatch:
+    """Feeds the appliance's health board from component heartbeats: each component is a
+    required part of the appliance, ok while it beats, failed when silent for the timeout."""
+
+    def __init__(
+        self, reader: ComponentHealth, board: HealthBoard, instances: Sequence[ComponentId]
+    ) -> None:
+        self._reader = reader
+        self._board = board
+        self.instances = tuple(instances)
+        for instance in self.instances:
+            board.register(str(instance), timeout_s=reader.timeout_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            for instance in self.instances:
+                tasks.create_task(self._follow(instance, stop))
+
+    async def _follow(self, instance: ComponentId, stop: asyncio.Event) -> None:
+        last: tuple[object, ...] | None = None
+
+        def changed(report: ComponentReport) -> bool:
+            return (report.pid, report.sequence, report.liveness) != last
+
+        while not stop.is_set():
+            try:
+                report = await self._reader.wait_until(instance, changed, WATCH_STEP_S)
+            except TimeoutError:
+                continue
+            except StateStoreUnavailable:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=WATCH_STEP_S)
+                continue
+            last = (report.pid, report.sequence, report.liveness)
+            if report.liveness is Liveness.OK:
+                self._board.ok(str(instance), f"pid {report.pid} on {report.host}")
+            else:
+                self._board.failed(str(instance), report.detail)
+
+
+def component_env(settings: Settings, redis_url: str) -> dict[str, str]:
+    """A child's environment: ours without the bus token (components never need it), and
+    the settings a component reads, from this appliance's settings."""
+    env = {k: v for k, v in os.environ.items() if k != "FERRY_BUS_TOKEN"}
+    return env | {
+        "FERRY_REDIS_URL": redis_url,
+        "FERRY_REDIS_PREFIX": settings.redis_prefix,
+        "FERRY_DATA_DIR": str(settings.data_dir),
+        "FERRY_COMPONENT_HEARTBEAT_INTERVAL_S": str(settings.component_heartbeat_interval_s),
+        "FERRY_COMPONENT_TIMEOUT_S": str(settings.component_timeout_s),
+        "FERRY_COMPONENT_RECONCILE_INTERVAL_S": str(settings.component_reconcile_interval_s),
+        "FERRY_COMPONENT_RUNTIME": settings.component_runtime,
+        "FERRY_TEST_MODE": "1" if settings.test_mode else "0",
+        "FERRY_LOG_LEVEL": settings.log_level,
+        "FERRY_LOG_FORMAT": settings.log_format,
+    }
+
+
+class EmbeddedComponents:
+    """The components named by ``FERRY_EMBEDDED_COMPONENTS``, supervised and watched."""
+
+    def __init__(
+        self, settings: Settings, redis_url: str, store: StateStore, board: HealthBoard
+    ) -> None:
+        names = [n for n in settings.embedded_components.split(",") if n]
+        instances = [ComponentId.parse(name) for name in names]
+        env = component_env(settings, redis_url)
+        data_dir = settings.data_dir.resolve()
+        commands = [
+            component_command(
+                instance,
+                data_dir=data_dir / "components" / instance.kind / instance.name,
+                nbd_bind=settings.component_nbd_bind,
+                env=env,
+                log_file=data_dir / "logs" / f"{instance.kind}-{instance.name}.log",
+            )
+            for instance in instances
+        ]
+        self.supervisor = Supervisor(
+            commands,
+            backoff_s=settings.component_restart_backoff_s,
+            backoff_max_s=settings.component_restart_backoff_max_s,
+        )
+        self.watch = ComponentWatch(
+            ComponentHealth(store, settings.component_timeout_s), board, instances
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.supervisor.run(stop))
+            tasks.create_task(self.watch.run(stop))
