@@ -175,11 +175,15 @@ async def test_snapshot_of_running_guest_is_that_point_in_time(
             async with GuestVm(
                 guest_image, server.url("disk"), workload, console=tmp_path / "console.log"
             ) as vm:
-                for batch in range(1, 5):
-                    await vm.wait_synced(batch, RUN_TIMEOUT)
-                    if batch == 2:  # the guest waits for us, batch 3 not begun
-                        during = await disk.snapshot("during")
+                await vm.wait_synced(1, RUN_TIMEOUT)
+                await vm.proceed()
+                await vm.wait_synced(2, RUN_TIMEOUT)
+                # The guest waits for us after batch 2: batch 3 has not begun.
+                during = await disk.snapshot("during")
+                for batch in (3, 4):
                     await vm.proceed()
+                    await vm.wait_synced(batch, RUN_TIMEOUT)
+                await vm.proceed()
                 await vm.wait_exit(RUN_TIMEOUT)
         at_mkfs = await copy_out(disk.at(mkfs.id), tmp_path / "mkfs.raw")
         at_during = await copy_out(disk.at(during.id), tmp_path / "during.raw")
