@@ -22,17 +22,8 @@ import pytest
 from appliance.datapath.nbd.server import NbdServer
 from appliance.storage.file import FileBackend
 from appliance.storage.layered import DiskView, LayeredDisk
-from tests.support.guest import (
-    GuestImage,
-    GuestVm,
-    Workload,
-    build_guest,
-    check_disk,
-    make_ext4,
-    qemu_nbd_export,
-    read_tree,
-    replay_journal,
-)
+from tests.support.ext4 import check_disk, make_ext4, read_tree, replay_journal
+from tests.support.guest import GuestImage, GuestVm, Workload, build_guest, qemu_nbd_export
 from tests.support.sparse import file_data_ranges
 
 MiB = 1024 * 1024

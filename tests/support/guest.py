@@ -5,9 +5,8 @@ and a busybox-static initramfs; cached under ``build/guest/``). ``GuestVm``
 boots it with one virtio disk at an NBD URL, reads the serial console as a
 stream and wakes its waiters on the markers ``/init`` prints (never on a
 sleep), and stops QEMU by PID. The guest writes the files of a ``Workload``
-on the ext4 the host made with ``make_ext4``; ``check_disk`` then proves
-the image: ``e2fsck -fn`` clean and every file synced present with the
-right bytes, read without mounting (``debugfs rdump``).
+on the ext4 the host made; ``tests.support.ext4.check_disk`` then proves the
+image (``e2fsck -fn`` clean, every synced file there with its exact bytes).
 
 KVM is used when ``/dev/kvm`` works; some machines fail with it ("failed to
 set MSR", or a vCPU that never runs), so a KVM guest that has not reached
@@ -36,7 +35,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -433,94 +431,10 @@ async def qemu_nbd_export(image: Path, export: str = "disk") -> AsyncIterator[st
     try:
         yield f"nbd://127.0.0.1:{port}/{export}"
     finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGTERM)
-        await process.wait()
-
-
-# -- the disk, before and after -------------------------------------------------------------------
-
-
-async def _run(*args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await process.communicate()
-    return await process.wait(), out.decode(errors="replace")
-
-
-async def _check(*args: str) -> str:
-    status, out = await _run(*args)
-    if status != 0:
-        raise AssertionError(f"{' '.join(args)} exited with {status}:\n{out}")
-    return out
-
-
-async def make_ext4(path: Path, size: int) -> None:
-    """A sparse raw image of ``size`` bytes holding a fresh ext4 (inode tables written now)."""
-    with path.open("wb") as image:
-        image.truncate(size)
-    lazy = "lazy_itable_init=0,lazy_journal_init=0"
-    await _check("mkfs.ext4", "-q", "-F", "-L", "ferry-guest", "-E", lazy, str(path))
-
-
-async def fsck(image: Path) -> str:
-    """``e2fsck -fn``: a forced, read-only check that must find nothing to fix."""
-    return await _check("e2fsck", "-fn", str(image))
-
-
-async def replay_journal(image: Path, copy: Path) -> None:
-    """``copy`` = ``image`` with its ext4 journal replayed, as the next mount would do.
-
-    A guest that stops without unmounting (power cut, crash, a snapshot of a
-    running VM) leaves committed transactions in the journal; ``e2fsck -fn``
-    does not replay it, so it checks the copy.
-    """
-    await _check("cp", "--sparse=always", str(image), str(copy))
-    status, out = await _run("e2fsck", "-y", "-E", "journal_only", str(copy))
-    if status not in (0, 1):
-        raise AssertionError(f"replaying the journal of {image} failed ({status}):\n{out}")
-
-
-async def read_tree(image: Path, directory: str) -> dict[str, bytes]:
-    """Every file under ``directory`` of the ext4 in ``image``, read by debugfs (no mount)."""
-    with tempfile.TemporaryDirectory() as dump:
-        out = await _check("debugfs", "-R", f"rdump /{directory} {dump}", str(image))
-        # debugfs exits 0 whatever happens; a complaint other than not being
-        # allowed to chown the copies (not root) is a failure.
-        complaints = [
-            line
-            for line in out.splitlines()
-            if line.startswith(("rdump:", "dump_file:")) and "changing ownership" not in line
-        ]
-        root = Path(dump)
-        if complaints or not (root / Path(directory).name).is_dir():
-            raise AssertionError(f"debugfs rdump /{directory} failed:\n{out}")
-        return {
-            str(path.relative_to(root)): path.read_bytes()
-            for path in sorted(root.rglob("*"))
-            if path.is_file()
-        }
-
-
-async def check_disk(image: Path, expected: dict[str, bytes], *, replay: bool = False) -> None:
-    """``image`` passes ``e2fsck -fn`` and holds every expected file with its exact bytes.
-
-    ``replay`` checks a copy with the journal replayed (the guest did not unmount).
-    """
-    if replay:
-        with tempfile.TemporaryDirectory() as work:
-            copy = Path(work) / "replayed.raw"
-            await replay_journal(image, copy)
-            await check_disk(copy, expected)
-        return
-    await fsck(image)
-    found = await read_tree(image, "ferry") if expected else {}
-    missing = sorted(set(expected) - set(found))
-    wrong = sorted(name for name in set(expected) & set(found) if found[name] != expected[name])
-    assert not missing, f"{len(missing)} synced files missing, e.g. {missing[:5]}"
-    assert not wrong, f"{len(wrong)} synced files with wrong bytes, e.g. {wrong[:5]}"
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signum)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STOP_TIMEOUT):
+                    await process.wait()
