@@ -49,6 +49,7 @@ DEFAULT_BUILD_DIR = REPO / "build" / "guest"
 QEMU = "qemu-system-x86_64"
 KVM_BOOT_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
+KVM_FAILURE = re.compile(r"kvm|KVM|MSR")
 MARKER = re.compile(r"FERRY-(BOOT|MOUNTED|SYNCED|DONE|ERROR)\b ?(.*)")
 CONSOLE_TAIL = 40
 CONSOLE_LINE_LIMIT = 1 << 20
@@ -240,6 +241,7 @@ class GuestVm:
         try:
             await self._launch()
             if self.accel == "kvm" and not self._forced and not await self._boots_in_time():
+                self._blame_kvm()
                 self._note(f"(no /init under KVM within {KVM_BOOT_TIMEOUT:.0f} s: using TCG)")
                 await self.kill()
                 remember_accel(self.image.build_dir, "tcg")
@@ -265,6 +267,13 @@ class GuestVm:
         with contextlib.suppress(GuestError):
             await self._wait(lambda: self.booted, KVM_BOOT_TIMEOUT, "boot")
         return self.booted
+
+    def _blame_kvm(self) -> None:
+        """Raise unless KVM is what failed: it hung, or QEMU's last words name it."""
+        said = [line for line in self.console if not line.startswith(("$ ", "("))]
+        if self.returncode is None or any(KVM_FAILURE.search(line) for line in said):
+            return
+        raise GuestError(f"qemu exited ({self.returncode}) before FERRY-BOOT", self.console)
 
     def _reset(self) -> None:
         self.booted = self.mounted = self.done = False
