@@ -25,7 +25,10 @@ $(LS_STAMP): localstack/requirements.txt
 localstack-venv: $(LS_STAMP)
 
 # qemu-utils (qemu-img, qemu-io, qemu-nbd), libnbd-bin (nbdcopy) and rsync
-# are the independent peers of the interop tests and benchmarks.
+# are the independent peers of the interop tests and benchmarks; the real
+# guest needs qemu-system-x86, linux-image-cloud-amd64, busybox-static, cpio
+# and e2fsprogs; fio (its nbd engine) loads the benchmarks. Installed when
+# root, else it fails with the apt-get command: never a silent skip.
 system-packages:
 	@./.ci/system-packages
 
