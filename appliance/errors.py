@@ -295,3 +295,13 @@ class TransferCancelled(DataPathError):
             f"transfer {transfer_id} cancelled with {chunks_done} of {chunks_total} chunks done; "
             "its checkpoint resumes it"
         )
+
+
+class StaleToken(PermanentError):
+    """An order or epoch commit carried a fencing token older than one already accepted."""
+
+    def __init__(self, disk_id: str, token: int, highest: int) -> None:
+        self.disk_id = disk_id
+        self.token = token
+        self.highest = highest
+        super().__init__(f"disk {disk_id}: token {token} is stale (highest accepted {highest})")
