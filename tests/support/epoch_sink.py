@@ -23,11 +23,56 @@ from appliance.components.cache.shipping import EpochManifest, manifest_digest
 from appliance.datapath.nbd.channel import NbdAddress, TcpAddress
 from appliance.datapath.nbd.server import NbdServer
 from appliance.errors import ChunkMismatch, StaleToken
+from appliance.storage.extents import Extent
 from appliance.storage.file import FileBackend
 from appliance.storage.hashing import chunk_hash
 from tests.support.faultproxy import FaultProxy
 
 CURRENT = "current"
+
+
+class CountedBackend:
+    """The current image as served: counts reads, and holds them at ``gate`` when set."""
+
+    def __init__(self, inner: FileBackend) -> None:
+        self._inner = inner
+        self.reads = 0
+        self.read_started = asyncio.Event()
+        self.gate: asyncio.Event | None = None
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    @property
+    def readonly(self) -> bool:
+        return True
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.reads += 1
+        self.read_started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        return await self._inner.read(offset, length)
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        await self._inner.write(offset, data)
+
+    async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
+        await self._inner.zero(offset, length, punch_hole=punch_hole)
+
+    async def flush(self) -> None:
+        await self._inner.flush()
+
+    async def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        return await self._inner.extents(offset, length)
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 class LocalEpochSink:
@@ -58,7 +103,8 @@ class LocalEpochSink:
         self._dir.mkdir(parents=True, exist_ok=True)
         current = FileBackend.open(self.image, readonly=True)
         self._backends.append(current)
-        self.server.add_export(CURRENT, current)
+        self.current = CountedBackend(current)
+        self.server.add_export(CURRENT, self.current)
         await self.server.start()
         return self
 

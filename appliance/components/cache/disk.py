@@ -82,6 +82,8 @@ class CacheDisk:
         self.on_cut: Callable[[int], None] = lambda epoch: None
         self.epochs_in_flight: Callable[[], int] = lambda: len(store.held)
         self.writers_waiting = 0
+        self.writer_blocked = asyncio.Event()
+        """Set when a writer starts waiting for room (tests and figures)."""
         self.waited_for_room = 0
         """Writes that had to wait for an epoch commit (back-pressure), in all."""
 
@@ -309,6 +311,7 @@ class CacheDisk:
                 # let the others run, then try again.
                 await asyncio.sleep(0)
                 return
+            self.writer_blocked.set()
             await room.wait()
         finally:
             self.writers_waiting -= 1
