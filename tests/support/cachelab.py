@@ -18,6 +18,7 @@ from pathlib import Path
 from appliance.components.cache.cache import CacheDiskOrder, CloudCache
 from appliance.components.cache.sizing import CacheSettings
 from appliance.datapath.nbd.backend import NbdBackend
+from tests.support.corrupting_proxy import CorruptingProxy
 from tests.support.epoch_sink import LocalEpochSink
 from tests.support.faultproxy import FaultProxy
 
@@ -76,12 +77,14 @@ async def cache_lab(
     *,
     token: int = 1,
     cache_dir: Path | None = None,
+    corrupting: bool = False,
 ) -> AsyncIterator[CacheLab]:
     image = tmp_path / "onprem.raw"
     if not image.exists():
         write_sparse(image, content)
     async with LocalEpochSink(tmp_path / "staging", image) as sink:
-        async with FaultProxy("127.0.0.1", sink.server.port) as proxy:
+        kind = CorruptingProxy if corrupting else FaultProxy
+        async with kind("127.0.0.1", sink.server.port) as proxy:
             sink.proxy = proxy
             cache = CloudCache(cache_dir or tmp_path / "cache", settings or small_settings())
             async with cache:

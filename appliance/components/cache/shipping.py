@@ -187,6 +187,10 @@ class EpochShipper:
         self.attempts = 0
         self.failures = 0
         self.stale = False
+        self.mismatches = 0
+        """Chunks a hashed write found damaged on the way (and sent again), in all."""
+        self.failed = asyncio.Event()
+        """Set at each failed attempt (tests clear it)."""
         self.committed_event = asyncio.Event()
         disk.on_cut = lambda epoch: self._wake.set()
 
@@ -221,6 +225,7 @@ class EpochShipper:
                     return
                 except Exception as exc:
                     self.failures += 1
+                    self.failed.set()
                     log.info("epoch not shipped; retrying", epoch=epoch, error=repr(exc))
                     await asyncio.sleep(self._settings.retry_delay_s)
                     continue
@@ -253,7 +258,10 @@ class EpochShipper:
                     ),
                     bandwidth=self._bandwidth,
                 )
-                await transfer.run()
+                try:
+                    await transfer.run()
+                finally:
+                    self.mismatches += transfer.stats.mismatches
             finally:
                 await target.close()
         await self.sink.commit(self._disk_id, epoch, token, view.manifest())

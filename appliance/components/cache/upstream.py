@@ -34,6 +34,8 @@ class Upstream:
         self._timeout_s = timeout_s
         self._backend: NbdBackend | None = None
         self._connect_lock = asyncio.Lock()
+        self.retrying = asyncio.Event()
+        """Set at each failed attempt to reach on-prem (tests clear it)."""
         self.reads = 0
         """Read requests sent upstream (each miss is one)."""
 
@@ -49,6 +51,7 @@ class Upstream:
             try:
                 return await call(await self._connected())
             except (TransientError, OSError) as exc:
+                self.retrying.set()
                 if time.monotonic() >= deadline:
                     raise
                 log.info("upstream unreachable; retrying", export=self.export, error=repr(exc))
