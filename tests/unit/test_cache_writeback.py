@@ -153,3 +153,22 @@ async def test_stale_token_is_refused_and_orders_are_idempotent(tmp_path: Path) 
         with pytest.raises(StaleToken):
             await cache.close_disk("disk-0", 5)
         assert cache.token("disk-0") == 6
+
+
+async def test_epoch_cut_before_a_restart_ships_after_it(tmp_path: Path) -> None:
+    content = image_bytes(SIZE, seed=6)
+    model = bytearray(content)
+    async with cache_lab(tmp_path, content) as lab:
+        lab.sink.commit_gate = asyncio.Event()  # never released: the commit cannot happen
+        data = random.Random(6).randbytes(300 * KiB)
+        await lab.vm.write(123457, data)
+        apply(model, 123457, data)
+        epoch = await lab.cache.cut_epoch("disk-0", 1)
+        assert lab.cache.status().disks[0].epochs_in_flight == (epoch,)
+    assert (tmp_path / "onprem.raw").read_bytes() == content
+    # A new cache process on the same data directory ships the held epoch by itself.
+    async with cache_lab(tmp_path, content) as lab:
+        await lab.cache.wait_committed("disk-0", epoch)
+        assert lab.sink.read_image() == model
+        assert await lab.vm.read(0, SIZE) == model
+        assert await lab.cache.cut_epoch("disk-0", 1) == epoch + 1
