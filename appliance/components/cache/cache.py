@@ -37,7 +37,7 @@ from appliance.components.cache.upstream import Upstream
 from appliance.datapath.nbd.channel import NbdAddress
 from appliance.datapath.nbd.server import NbdServer
 from appliance.datapath.throttle import TokenBucket
-from appliance.errors import StaleToken, UnsafeName
+from appliance.errors import Conflict, StaleToken, UnsafeName
 
 log = structlog.get_logger(__name__)
 
@@ -136,6 +136,11 @@ class CloudCache:
             await self._accept(order.disk_id, order.token)
             current = self._disks.get(order.disk_id)
             if current is not None:
+                if (current.order.size, current.order.migration_id) != (
+                    order.size,
+                    order.migration_id,
+                ):
+                    raise Conflict(f"disk {order.disk_id} is open for another migration or size")
                 current.order = order  # a takeover's token and sink; the same order: no-op
                 current.shipper.sink = order.sink
                 return order.disk_id
@@ -189,6 +194,10 @@ class CloudCache:
     async def wait_committed(self, disk_id: str, epoch: int) -> None:
         await self._opened(disk_id).shipper.wait_committed(epoch)
 
+    def set_bandwidth(self, bytes_per_s: float | None) -> None:
+        """Cap the bytes per second all epoch shipping sends (None: unlimited), at once."""
+        self._bandwidth.set_rate(bytes_per_s)
+
     def disk(self, disk_id: str) -> CacheDisk:
         return self._opened(disk_id).disk
 
@@ -214,7 +223,7 @@ class CloudCache:
             capacity_bytes=store.geometry.slots * chunk,
             cache_bytes=store.used_slots * chunk,
             dirty_bytes=store.dirty_slots * chunk,
-            written_chunks=sum(bin(byte).count("1") for byte in store.written),
+            written_chunks=int.from_bytes(store.written, "big").bit_count(),
             open_epoch=store.open_epoch,
             epochs_in_flight=tuple(sorted(store.held)),
             committed_epoch=store.committed,

@@ -16,6 +16,12 @@ State (all in memory, rebuilt from the journal on open):
 - ``written``: a bitmap of every chunk written since the migration began.
 - an LRU of clean chunks, the only ones ever evicted.
 
+Slot I/O is synchronous in the event loop's thread: each call moves at most
+one chunk (64 KiB by default) through the page cache, and doing it without
+an await between the map lookup and the ``pread`` is what keeps a read from
+racing an eviction. Everything that waits on the device (fsync, journal
+writes) runs in a thread.
+
 Durability: data goes to the slot file first; the records that point at it
 are queued and reach the journal only in :meth:`CacheStore.sync`, after the
 slot file was fsynced. A slot freed by a queued record (eviction, a rewrite,
