@@ -212,3 +212,32 @@ async def test_concurrent_writers_readers_and_epochs_under_pressure(tmp_path: Pa
         assert lab.sink.read_image() == model
         assert await lab.vm.read(0, SIZE) == model
         assert lab.cache.status().dirty_bytes == 0
+
+
+async def test_rpo_dirty_threshold_cuts_an_epoch_by_itself(tmp_path: Path) -> None:
+    content = image_bytes(SIZE, seed=14)
+    model = bytearray(content)
+    settings = small_settings(scale=1 / 256, rpo_dirty_bytes=4 * CHUNK)
+    async with cache_lab(tmp_path, content, settings) as lab:
+        data = random.Random(7).randbytes(5 * CHUNK)
+        await lab.vm.write(2 * CHUNK, data)  # five dirty chunks: over the RPO threshold
+        apply(model, 2 * CHUNK, data)
+        await lab.cache.wait_committed("disk-0", 1)  # nobody asked for epoch 1
+        assert lab.sink.read_image()[2 * CHUNK : 6 * CHUNK] == model[2 * CHUNK : 6 * CHUNK]
+        epoch = await lab.cache.cut_epoch("disk-0", 1)
+        await lab.cache.wait_committed("disk-0", epoch)
+        assert lab.sink.read_image() == model
+
+
+async def test_a_closed_disk_refuses_io_and_reopens_with_its_data(tmp_path: Path) -> None:
+    content = image_bytes(SIZE, seed=15)
+    async with cache_lab(tmp_path, content) as lab:
+        disk = lab.cache.disk("disk-0")
+        await lab.vm.write(777, b"kept")
+        await lab.cache.close_disk("disk-0", 1)
+        assert lab.cache.status().exports == ()
+        with pytest.raises(ValueError, match="closed"):
+            await disk.write(0, b"x")
+        await lab.cache.open_disk(lab.order)
+        await lab.reconnect_vm()
+        assert await lab.vm.read(777, 4) == b"kept"

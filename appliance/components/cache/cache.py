@@ -248,7 +248,7 @@ class CloudCache:
         opened = self._disks.pop(disk_id)
         self.server.remove_export(disk_id)
         await opened.shipper.stop()
-        await opened.disk.flush()
+        await opened.disk.shutdown()
         await opened.disk.upstream.close()
         opened.disk.store.close()
 

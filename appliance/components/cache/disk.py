@@ -79,6 +79,8 @@ class CacheDisk:
         self._cut_done.set()
         self._cut_lock = asyncio.Lock()
         self._room = asyncio.Event()
+        self._background: set[asyncio.Task[int]] = set()
+        self._closed = False
         self.on_cut: Callable[[int], None] = lambda epoch: None
         self.epochs_in_flight: Callable[[], int] = lambda: len(store.held)
         self.writers_waiting = 0
@@ -102,6 +104,7 @@ class CacheDisk:
         return False
 
     async def read(self, offset: int, length: int) -> bytes:
+        self._check_open()
         check_range(self._name, self._size, offset, length)
         out = bytearray(length)
         pieces = self._pieces(offset, length)
@@ -111,6 +114,7 @@ class CacheDisk:
         return bytes(out)
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._check_open()
         view = memoryview(data).cast("B")
         check_range(self._name, self._size, offset, len(view))
         await asyncio.gather(
@@ -121,6 +125,7 @@ class CacheDisk:
         )
 
     async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
+        self._check_open()
         check_range(self._name, self._size, offset, length)
         zeroes = bytes(self._chunk)
         await asyncio.gather(
@@ -131,6 +136,7 @@ class CacheDisk:
         )
 
     async def flush(self) -> None:
+        self._check_open()
         await self.store.sync()
 
     async def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
@@ -148,7 +154,18 @@ class CacheDisk:
         return merge(found)
 
     async def close(self) -> None:
-        """Connections come and go; the disk stays open until the cache closes it."""
+        """Connections come and go; the disk stays open until the cache shuts it."""
+
+    async def shutdown(self) -> None:
+        """Refuse further I/O, let an early cut under way finish, make everything durable."""
+        self._closed = True
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.store.sync()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self._name} is closed")
 
     def check_writable(self) -> None:
         if self.readonly:
@@ -347,10 +364,10 @@ class CacheDisk:
     # -- epochs ----------------------------------------------------------------
 
     def _cut_soon(self) -> None:
-        if not self._cut_lock.locked():
+        if not self._cut_lock.locked() and not self._closed:
             task = asyncio.get_running_loop().create_task(self.cut_epoch())
-            _background.add(task)
-            task.add_done_callback(_background.discard)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def cut_epoch(self) -> int:
         """Cut the open epoch at this point in time; its number (shipping follows)."""
@@ -370,9 +387,6 @@ class CacheDisk:
         self.store.commit(epoch)
         await self.store.sync()
         self.room_freed()
-
-
-_background: set[asyncio.Task[int]] = set()
 
 
 def _hole_chunks(upstream_map: list[Extent], geometry: Geometry) -> bytearray:

@@ -264,4 +264,6 @@ class EpochShipper:
                     self.mismatches += transfer.stats.mismatches
             finally:
                 await target.close()
-        await self.sink.commit(self._disk_id, epoch, token, view.manifest())
+        # Held slots never change, so a thread may read them while writes go on.
+        manifest = await asyncio.to_thread(view.manifest)
+        await self.sink.commit(self._disk_id, epoch, token, manifest)
