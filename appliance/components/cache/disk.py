@@ -1,0 +1,404 @@
+"""``CacheDisk``: one cached disk as a read-write ``Backend``, served to the cloud VM over NBD.
+
+Reads: a chunk in the cache is read from its slot; a miss fetches the whole
+chunk from the on-prem current image (once, however many readers wait for
+it), keeps it clean when a slot can be had, and answers. A chunk that the
+on-prem map showed as a hole when the disk was opened, and that was never
+written since, reads as zeroes without a fetch.
+
+Writes: a chunk dirty in the open epoch is written in place; any other chunk
+(clean, held by a cut epoch, or absent) gets a fresh slot holding its old
+content with the write applied (copy on write). A partial write to an absent
+chunk first fetches the chunk from on-prem (read-modify-write). A write
+that needs a slot while dirty data is at its limit, or when no slot can be
+had, waits until an epoch commit frees room (an epoch is cut early if none
+is in flight), and never fails for want of space.
+
+Epoch cut: new writes wait while writes in flight finish, then the store
+records the cut (writes acknowledged before it belong to epoch N, later ones
+to N + 1), then the cut and every write before it are made durable, and the
+shipper is told.
+
+``flush`` (NBD FLUSH, and FUA through the server) makes every acknowledged
+write durable: :meth:`CacheStore.sync`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from appliance.components.cache.sizing import CacheSettings
+from appliance.components.cache.store import CacheStore, Geometry
+from appliance.components.cache.upstream import Upstream
+from appliance.storage.extents import Extent, clip, merge
+from appliance.storage.file import check_range, read_only_error
+
+EVICT_BATCH = 16
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    chunk: int
+    start: int
+    """Offset inside the chunk."""
+    length: int
+    at: int
+    """Offset inside the request."""
+
+
+class CacheDisk:
+    def __init__(
+        self,
+        name: str,
+        store: CacheStore,
+        upstream: Upstream,
+        settings: CacheSettings,
+        *,
+        upstream_map: list[Extent],
+    ) -> None:
+        self._name = name
+        self.store = store
+        self.upstream = upstream
+        self._settings = settings
+        geometry = store.geometry
+        self._size = geometry.disk_size
+        self._chunk = geometry.chunk_size
+        self._upstream_map = upstream_map
+        self._holes = _hole_chunks(upstream_map, geometry)
+        self._dirty_limit = settings.dirty_limit_slots(geometry.slots)
+        self._early_cut = settings.early_cut_slots(geometry.slots)
+        self._fetches: dict[int, asyncio.Future[bytes]] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._cut_done = asyncio.Event()
+        self._cut_done.set()
+        self._cut_lock = asyncio.Lock()
+        self._room = asyncio.Event()
+        self._background: set[asyncio.Task[int]] = set()
+        self._closed = False
+        self.on_cut: Callable[[int], None] = lambda epoch: None
+        self.epochs_in_flight: Callable[[], int] = lambda: len(store.held)
+        self.writers_waiting = 0
+        self.writer_blocked = asyncio.Event()
+        """Set when a writer starts waiting for room (tests and figures)."""
+        self.waited_for_room = 0
+        """Writes that had to wait for an epoch commit (back-pressure), in all."""
+
+    # -- Backend ---------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def readonly(self) -> bool:
+        return False
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check_open()
+        check_range(self._name, self._size, offset, length)
+        out = bytearray(length)
+        pieces = self._pieces(offset, length)
+        hits = [piece for piece in pieces if not self._read_local(piece, out)]
+        if hits:
+            await asyncio.gather(*(self._read_miss(piece, out) for piece in hits))
+        return bytes(out)
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._check_open()
+        view = memoryview(data).cast("B")
+        check_range(self._name, self._size, offset, len(view))
+        await asyncio.gather(
+            *(
+                self._write_piece(piece, view[piece.at : piece.at + piece.length])
+                for piece in self._pieces(offset, len(view))
+            )
+        )
+
+    async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
+        self._check_open()
+        check_range(self._name, self._size, offset, length)
+        zeroes = bytes(self._chunk)
+        await asyncio.gather(
+            *(
+                self._write_piece(piece, memoryview(zeroes)[: piece.length])
+                for piece in self._pieces(offset, length)
+            )
+        )
+
+    async def flush(self) -> None:
+        self._check_open()
+        await self.store.sync()
+
+    async def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        if length is None:
+            length = self._size - offset
+        check_range(self._name, self._size, offset, length)
+        found: list[Extent] = []
+        for piece in self._pieces(offset, length):
+            start = offset + piece.at
+            end = start + piece.length
+            if piece.chunk in self.store.live or self.store.is_written(piece.chunk):
+                found.append(Extent(start, piece.length))
+            else:
+                found.extend(clip(self._upstream_map, start, end) or [Extent(start, piece.length)])
+        return merge(found)
+
+    async def close(self) -> None:
+        """Connections come and go; the disk stays open until the cache shuts it."""
+
+    async def shutdown(self) -> None:
+        """Refuse further I/O, let an early cut under way finish, make everything durable."""
+        self._closed = True
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.store.sync()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self._name} is closed")
+
+    def check_writable(self) -> None:
+        if self.readonly:
+            raise read_only_error(self._name)
+
+    # -- reads -----------------------------------------------------------------
+
+    def _pieces(self, offset: int, length: int) -> list[_Piece]:
+        pieces: list[_Piece] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            chunk, start = divmod(pos, self._chunk)
+            size = min(self._chunk - start, end - pos)
+            pieces.append(_Piece(chunk, start, size, pos - offset))
+            pos += size
+        return pieces
+
+    def _chunk_length(self, chunk: int) -> int:
+        return min(self._chunk, self._size - chunk * self._chunk)
+
+    def _known_hole(self, chunk: int) -> bool:
+        return bool(self._holes[chunk >> 3] & (1 << (chunk & 7))) and not self.store.is_written(
+            chunk
+        )
+
+    def _read_local(self, piece: _Piece, out: bytearray) -> bool:
+        """Serve a piece from the cache if it can be (no await: nothing moves meanwhile)."""
+        entry = self.store.live.get(piece.chunk)
+        if entry is not None:
+            self.store.touch(piece.chunk)
+            data = self.store.read_slot(entry.slot, piece.start, piece.length)
+        elif self._known_hole(piece.chunk):
+            data = bytes(piece.length)
+        else:
+            return False
+        out[piece.at : piece.at + piece.length] = data
+        return True
+
+    async def _read_miss(self, piece: _Piece, out: bytearray) -> None:
+        fetched = await self._fetch(piece.chunk)
+        if not self._read_local(piece, out):
+            out[piece.at : piece.at + piece.length] = fetched[
+                piece.start : piece.start + piece.length
+            ]
+
+    async def _fetch(self, chunk: int) -> bytes:
+        """The chunk's on-prem content (padded to a whole chunk); one fetch per chunk at once."""
+        future = self._fetches.get(chunk)
+        if future is not None:
+            return await asyncio.shield(future)
+        future = asyncio.get_running_loop().create_future()
+        self._fetches[chunk] = future
+        try:
+            data = await self.upstream.read(chunk * self._chunk, self._chunk_length(chunk))
+            data = data.ljust(self._chunk, b"\0")
+            await self._keep_clean(chunk, data)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters that left need not see it logged
+            raise
+        finally:
+            del self._fetches[chunk]
+        future.set_result(data)
+        return data
+
+    async def _keep_clean(self, chunk: int, data: bytes) -> None:
+        if chunk in self.store.live:
+            return
+        slot = self.store.allocate()
+        if slot is None and await self._reclaim():
+            slot = self.store.allocate()
+        if slot is None:
+            return  # served without keeping it: reads never wait for room
+        if chunk in self.store.live:  # a write landed while we reclaimed
+            self.store.unused(slot)
+            return
+        self.store.write_slot(slot, 0, data)
+        self.store.map(chunk, slot, 0)
+
+    async def _reclaim(self) -> bool:
+        """Evict clean chunks (LRU) and make that durable, so their slots can be reused."""
+        busy = self._busy
+        evicted = 0
+        while evicted < EVICT_BATCH and self.store.evict(busy):
+            evicted += 1
+        if not evicted and not self.store.has_pending_free:
+            return False
+        await self.store.sync()
+        return self.store.free_slots > 0
+
+    def _busy(self, chunk: int) -> bool:
+        lock = self._locks.get(chunk)
+        return lock is not None and lock.locked()
+
+    # -- writes ----------------------------------------------------------------
+
+    async def _write_piece(self, piece: _Piece, data: memoryview) -> None:
+        whole = piece.start == 0 and piece.length == self._chunk_length(piece.chunk)
+        while True:
+            base: bytes | None = None
+            if not whole and piece.chunk not in self.store.live:
+                base = bytes(self._chunk) if self._known_hole(piece.chunk) else None
+                if base is None:
+                    base = await self._fetch(piece.chunk)
+            room = self._room
+            async with self._writing(), self._chunk_lock(piece.chunk):
+                if await self._apply_write(piece, data, base, whole=whole):
+                    break
+            await self._wait_for_room(room)
+        if self.store.open_dirty >= self._early_cut:
+            self._cut_soon()
+
+    async def _apply_write(
+        self, piece: _Piece, data: memoryview, base: bytes | None, *, whole: bool
+    ) -> bool:
+        """Write one piece; False when it must wait for room."""
+        store = self.store
+        entry = store.live.get(piece.chunk)
+        if entry is not None and entry.epoch == store.open_epoch:
+            store.write_slot(entry.slot, piece.start, data)
+            return True
+        if store.dirty_slots >= self._dirty_limit:
+            return False
+        slot = store.allocate()
+        if slot is None and await self._reclaim():
+            slot = store.allocate()
+        if slot is None:
+            return False
+        entry = store.live.get(piece.chunk)  # the reclaim awaited: look again
+        if entry is not None and entry.epoch == store.open_epoch:
+            store.unused(slot)
+            store.write_slot(entry.slot, piece.start, data)
+            return True
+        if entry is not None:
+            content = bytearray(store.read_slot(entry.slot, 0, self._chunk))
+        elif whole:
+            content = bytearray(self._chunk)
+        elif base is not None:
+            content = bytearray(base)
+        else:  # evicted between the fetch and now: fetch again
+            store.unused(slot)
+            return False
+        content[piece.start : piece.start + piece.length] = data
+        store.write_slot(slot, 0, content)
+        store.map(piece.chunk, slot, store.open_epoch)
+        return True
+
+    async def _wait_for_room(self, room: asyncio.Event) -> None:
+        """Back-pressure: wait for a commit (cutting an epoch if none is on its way)."""
+        self.waited_for_room += 1
+        if not self.epochs_in_flight() and self.store.open_dirty:
+            self._cut_soon()
+        self.writers_waiting += 1
+        try:
+            if self.store.reclaimable and self.store.dirty_slots < self._dirty_limit:
+                # Room may be had now (a fetch to redo, clean chunks busy a moment):
+                # let the others run, then try again.
+                await asyncio.sleep(0)
+                return
+            self.writer_blocked.set()
+            await room.wait()
+        finally:
+            self.writers_waiting -= 1
+
+    def room_freed(self) -> None:
+        """An epoch committed: wake every writer waiting for room."""
+        self._room.set()
+        self._room = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def _chunk_lock(self, chunk: int) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(chunk, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and self._locks.get(chunk) is lock:
+                del self._locks[chunk]
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        while not self._cut_done.is_set():
+            await self._cut_done.wait()
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+
+    # -- epochs ----------------------------------------------------------------
+
+    def _cut_soon(self) -> None:
+        if not self._cut_lock.locked() and not self._closed:
+            task = asyncio.get_running_loop().create_task(self.cut_epoch())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def cut_epoch(self) -> int:
+        """Cut the open epoch at this point in time; its number (shipping follows)."""
+        async with self._cut_lock:
+            self._cut_done.clear()
+            try:
+                await self._idle.wait()
+                epoch = self.store.cut()
+            finally:
+                self._cut_done.set()
+            await self.store.sync()
+        self.on_cut(epoch)
+        return epoch
+
+    async def committed(self, epoch: int) -> None:
+        """On-prem committed ``epoch``: its chunks are clean now (durably), room is freed."""
+        self.store.commit(epoch)
+        await self.store.sync()
+        self.room_freed()
+
+
+def _hole_chunks(upstream_map: list[Extent], geometry: Geometry) -> bytearray:
+    """Bitmap of the chunks that read wholly as zeroes on-prem (at open)."""
+    chunk_size, chunks = geometry.chunk_size, geometry.chunks
+    bits = bytearray((chunks + 7) // 8)
+    for extent in upstream_map:
+        if not extent.zero:
+            continue
+        first = -(-extent.start // chunk_size)
+        # Exclusive; a clipped last chunk counts when the extent runs to the disk's end.
+        last = chunks if extent.end >= geometry.disk_size else extent.end // chunk_size
+        for chunk in range(first, last):
+            bits[chunk >> 3] |= 1 << (chunk & 7)
+    return bits

@@ -1,0 +1,269 @@
+"""Shipping epochs on-prem: the ``EpochSink`` protocol and the per-disk ``EpochShipper``.
+
+For each cut epoch N, in order, the shipper:
+
+1. asks the sink to ``stage(disk_id, N, token)``: an NBD address and export
+   of the staging area for N (disk-sized; only N's chunks are written);
+2. copies N's chunks there with the data path's ``Transfer`` over N's explicit
+   extent list: hashed writes verified as they land (a chunk corrupted on the
+   link is re-sent), bounded concurrency, the shared bandwidth cap; a resumed
+   attempt skips what an earlier one made durable (its checkpoint is kept);
+3. ``commit(disk_id, N, token, manifest)``: the manifest lists each chunk's
+   (offset, length, xxh3-128) and the digest of the whole list;
+4. only then marks N's chunks clean in the cache (durably).
+
+A failed attempt (a dropped link, an unreachable I/O manager) is retried
+every ``retry_delay_s``, forever, until the disk is closed; epochs after N
+wait. A stale token stops the shipper: another owner has the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from appliance.components.cache.disk import CacheDisk
+from appliance.components.cache.sizing import CacheSettings
+from appliance.components.cache.store import CacheStore
+from appliance.datapath.checkpoint import MemoryCheckpointStore
+from appliance.datapath.nbd.backend import NbdBackend
+from appliance.datapath.nbd.channel import NbdAddress
+from appliance.datapath.throttle import TokenBucket
+from appliance.datapath.transfer import Transfer, TransferOptions
+from appliance.errors import StaleToken
+from appliance.storage.extents import Extent, merge
+from appliance.storage.file import check_range, read_only_error
+from appliance.storage.hashing import chunk_hash
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestEntry:
+    offset: int
+    length: int
+    digest: bytes
+    """xxh3-128 of the chunk's content as of the epoch's cut."""
+
+
+@dataclass(frozen=True, slots=True)
+class EpochManifest:
+    entries: tuple[ManifestEntry, ...]
+    digest: bytes
+    """xxh3-128 of every entry's (offset, length, digest), in order."""
+
+    @classmethod
+    def of(cls, entries: tuple[ManifestEntry, ...]) -> EpochManifest:
+        return cls(entries, manifest_digest(entries))
+
+
+def manifest_digest(entries: tuple[ManifestEntry, ...]) -> bytes:
+    packed = b"".join(
+        e.offset.to_bytes(8, "big") + e.length.to_bytes(8, "big") + e.digest for e in entries
+    )
+    return chunk_hash(packed)
+
+
+class EpochSink(Protocol):
+    """Where epochs go: the on-prem I/O manager (or a local stand-in in tests)."""
+
+    async def stage(self, disk_id: str, epoch: int, token: int) -> tuple[NbdAddress, str]:
+        """The staging area of ``epoch`` (the same one if asked again): address, export."""
+        ...
+
+    async def commit(self, disk_id: str, epoch: int, token: int, manifest: EpochManifest) -> None:
+        """Verify the staged epoch against ``manifest``, make it durable, apply it; idempotent."""
+        ...
+
+
+class EpochView:
+    """Read-only Backend: the disk as of an epoch's cut where the epoch wrote; holes elsewhere."""
+
+    def __init__(self, store: CacheStore, epoch: int) -> None:
+        self._store = store
+        self._held = dict(store.held.get(epoch, {}))
+        self._chunk = store.geometry.chunk_size
+        self._size = store.geometry.disk_size
+        self._name = f"epoch-{epoch}"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def readonly(self) -> bool:
+        return True
+
+    def chunk_extents(self) -> list[Extent]:
+        return merge(
+            Extent(c * self._chunk, min(self._chunk, self._size - c * self._chunk))
+            for c in sorted(self._held)
+        )
+
+    def manifest(self) -> EpochManifest:
+        entries = []
+        for chunk in sorted(self._held):
+            offset = chunk * self._chunk
+            length = min(self._chunk, self._size - offset)
+            data = self._store.read_slot(self._held[chunk], 0, length)
+            entries.append(ManifestEntry(offset, length, chunk_hash(data)))
+        return EpochManifest.of(tuple(entries))
+
+    async def read(self, offset: int, length: int) -> bytes:
+        check_range(self._name, self._size, offset, length)
+        out = bytearray(length)
+        pos = offset
+        while pos < offset + length:
+            chunk, start = divmod(pos, self._chunk)
+            size = min(self._chunk - start, offset + length - pos)
+            slot = self._held.get(chunk)
+            if slot is not None:
+                out[pos - offset : pos - offset + size] = self._store.read_slot(slot, start, size)
+            pos += size
+        return bytes(out)
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        raise read_only_error(self._name)
+
+    async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
+        raise read_only_error(self._name)
+
+    async def flush(self) -> None:
+        return None
+
+    async def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        if length is None:
+            length = self._size - offset
+        end = offset + length
+        found: list[Extent] = []
+        pos = offset
+        for extent in self.chunk_extents():
+            start, stop = max(extent.start, offset), min(extent.end, end)
+            if start >= stop:
+                continue
+            if pos < start:
+                found.append(Extent(pos, start - pos, zero=True, hole=True))
+            found.append(Extent(start, stop - start))
+            pos = stop
+        if pos < end:
+            found.append(Extent(pos, end - pos, zero=True, hole=True))
+        return found
+
+    async def close(self) -> None:
+        return None
+
+
+class EpochShipper:
+    """Ships one disk's cut epochs, in order, one at a time, until stopped."""
+
+    def __init__(
+        self,
+        disk_id: str,
+        disk: CacheDisk,
+        sink: EpochSink,
+        token: Callable[[], int],
+        settings: CacheSettings,
+        bandwidth: TokenBucket,
+    ) -> None:
+        self._disk_id = disk_id
+        self._disk = disk
+        self.sink = sink
+        self._token = token
+        self._settings = settings
+        self._bandwidth = bandwidth
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._checkpoints: dict[int, MemoryCheckpointStore] = {}
+        self.shipping: int | None = None
+        self.attempts = 0
+        self.failures = 0
+        self.stale = False
+        self.mismatches = 0
+        """Chunks a hashed write found damaged on the way (and sent again), in all."""
+        self.failed = asyncio.Event()
+        """Set at each failed attempt (tests clear it)."""
+        self.committed_event = asyncio.Event()
+        disk.on_cut = lambda epoch: self._wake.set()
+
+    def start(self) -> None:
+        self._wake.set()  # epochs cut before a restart ship at once
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def wait_committed(self, epoch: int) -> None:
+        while self._disk.store.committed < epoch:
+            event = self.committed_event
+            await event.wait()
+
+    async def _run(self) -> None:
+        store = self._disk.store
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while store.held:
+                epoch = min(store.held)
+                try:
+                    await self._ship(epoch)
+                except StaleToken as exc:
+                    self.stale = True
+                    log.warning("epoch refused: stale token; shipping stops", error=str(exc))
+                    return
+                except Exception as exc:
+                    self.failures += 1
+                    self.failed.set()
+                    log.info("epoch not shipped; retrying", epoch=epoch, error=repr(exc))
+                    await asyncio.sleep(self._settings.retry_delay_s)
+                    continue
+                await self._disk.committed(epoch)
+                self._checkpoints.pop(epoch, None)
+                self.shipping = None
+                event, self.committed_event = self.committed_event, asyncio.Event()
+                event.set()
+
+    async def _ship(self, epoch: int) -> None:
+        self.attempts += 1
+        self.shipping = epoch
+        view = EpochView(self._disk.store, epoch)
+        token = self._token()
+        address, export = await self.sink.stage(self._disk_id, epoch, token)
+        extents = view.chunk_extents()
+        if extents:
+            target = await NbdBackend.connect(address, export)
+            try:
+                transfer = Transfer(
+                    f"{self._disk_id}/epoch-{epoch}",
+                    view,
+                    target,
+                    checkpoints=self._checkpoints.setdefault(epoch, MemoryCheckpointStore()),
+                    extents=extents,
+                    options=TransferOptions(
+                        chunk_size=self._disk.store.geometry.chunk_size,
+                        workers=self._settings.ship_workers,
+                        whole_image_check=False,
+                    ),
+                    bandwidth=self._bandwidth,
+                )
+                try:
+                    await transfer.run()
+                finally:
+                    self.mismatches += transfer.stats.mismatches
+            finally:
+                await target.close()
+        # Held slots never change, so a thread may read them while writes go on.
+        manifest = await asyncio.to_thread(view.manifest)
+        await self.sink.commit(self._disk_id, epoch, token, manifest)

@@ -1,0 +1,80 @@
+"""Reads through the cloud cache equal the on-prem image: misses fetched once, hits local."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+from appliance.components.cache.sizing import CacheSettings, GiB, Profile, cache_bytes
+from appliance.storage.extents import Extent
+from tests.support.cachelab import KiB, MiB, cache_lab, image_bytes, small_settings
+
+SIZE = 4 * MiB + 12345  # an unaligned tail chunk
+
+
+async def test_random_reads_equal_onprem_with_misses_and_hits(tmp_path: Path) -> None:
+    content = image_bytes(SIZE)
+    rng = random.Random(3)
+    async with cache_lab(tmp_path, content, small_settings(scale=1 / 256)) as lab:
+        for _ in range(300):
+            offset = rng.randrange(0, SIZE)
+            length = rng.randrange(0, min(300 * KiB, SIZE - offset) + 1)
+            assert await lab.vm.read(offset, length) == content[offset : offset + length]
+        reads_before = lab.cache.disk("disk-0").upstream.reads
+        assert reads_before > 0
+        # Everything read so far is cached (16 MiB scaled cache > disk): re-reads are hits.
+        assert await lab.vm.read(0, SIZE) == content
+        whole_read = lab.cache.disk("disk-0").upstream.reads - reads_before
+        assert await lab.vm.read(0, SIZE) == content
+        assert lab.cache.disk("disk-0").upstream.reads - reads_before == whole_read
+
+
+async def test_concurrent_misses_on_one_chunk_fetch_once(tmp_path: Path) -> None:
+    content = random.Random(11).randbytes(SIZE)  # no holes: every chunk is fetched
+    async with cache_lab(tmp_path, content) as lab:
+        disk = lab.cache.disk("disk-0")
+        served = lab.sink.current
+        served.gate = asyncio.Event()
+        # Every reader runs to its first wait before the server even sees the one request.
+        readers = [asyncio.create_task(disk.read(MiB + 7 + i * 100, 4000 + i)) for i in range(20)]
+        await served.read_started.wait()
+        served.gate.set()
+        results = await asyncio.gather(*readers)
+        for i, data in enumerate(results):
+            start = MiB + 7 + i * 100
+            assert data == content[start : start + 4000 + i]
+        assert served.reads == 1
+        assert disk.upstream.reads == 1
+        assert disk.store.live.keys() == {MiB // (64 * KiB)}
+
+
+async def test_block_status_reports_onprem_holes(tmp_path: Path) -> None:
+    content = bytes(SIZE // 2) + b"\1" * (SIZE - SIZE // 2)
+    async with cache_lab(tmp_path, content) as lab:
+        extents = await lab.vm.extents(0, SIZE)
+        holes = [e for e in extents if e.hole]
+        assert holes and holes[0].start == 0
+        assert sum(e.length for e in extents) == SIZE
+        # A write into the hole shows as data, the rest of the hole stays a hole.
+        await lab.vm.write(64 * KiB, b"x" * 512)
+        extents = await lab.vm.extents(0, SIZE)
+        assert Extent(64 * KiB, 64 * KiB) in extents
+        assert extents[0] == Extent(0, 64 * KiB, zero=True, hole=True)
+        assert await lab.vm.read(0, 128 * KiB) == bytes(64 * KiB) + b"x" * 512 + bytes(
+            64 * KiB - 512
+        )
+
+
+def test_sizing_rule() -> None:
+    tib = 1 << 40
+    assert cache_bytes(tib) == int(tib * 0.15)
+    assert cache_bytes(tib, profile=Profile.LITE) == int(tib * 0.25)
+    assert cache_bytes(tib, working_set=200 * GiB) == 200 * GiB
+    assert cache_bytes(10 * GiB) == 3 * GiB
+    assert cache_bytes(10 * GiB, profile=Profile.LITE) == 5 * GiB
+    assert cache_bytes(10 * GiB, profile=Profile.PERFORMANCE) == 5 * GiB
+    assert cache_bytes(10 * GiB, working_set=GiB) == 3 * GiB
+    assert cache_bytes(10 * GiB, scale=1 / 1024) == max(int(10 * GiB * 0.15), 3 * 1024 * 1024)
+    assert cache_bytes(MiB, scale=1 / 1024) == 3 * MiB
+    assert CacheSettings(scale=1 / 1024).slots(MiB) == 48
