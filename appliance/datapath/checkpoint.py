@@ -2,17 +2,17 @@
 
 Write ordering (DESIGN.md §9): a chunk may only be recorded as durable once
 the target has flushed it. :class:`CheckpointWriter` does that with *flush
-epochs*:
+rounds*:
 
 1. A worker that has written and verified a chunk calls :meth:`add`; the record
-   carries the current epoch E. A recorder task group-commits records to the
+   carries the current round E. A recorder task group-commits records to the
    store as soon as the previous batch is acknowledged, so a record is at most
    one Redis round trip behind its chunk.
-2. Every ``flush_interval_s`` (and at the end) :meth:`sync` switches to epoch
+2. Every ``flush_interval_s`` (and at the end) :meth:`sync` switches to round
    E+1, writes out the records still queued, flushes the target, and only
-   then stores ``durable = E``. Every record of epoch E was added after its
+   then stores ``durable = E``. Every record of round E was added after its
    write completed and before the switch, so the flush covers it.
-3. On resume, records with ``epoch <= durable`` are skipped. Higher epochs
+3. On resume, records with ``round <= durable`` are skipped. Higher rounds
    are *pending*: written and verified but maybe not flushed. The engine
    forgets them in the store first (so a later ``durable`` cannot bless them
    unchecked), re-verifies each against the target's hash, and re-sends only
@@ -20,6 +20,9 @@ epochs*:
 
 So a run killed with SIGKILL re-sends at most the chunks that had been
 started and whose record Redis had not yet acknowledged.
+
+(These are "flush rounds", not "epochs": in Ferry an epoch is only ever a
+point-in-time flush of the cloud cache to on-prem; see appliance/components.)
 
 The two background loops end on :meth:`stop` as well as on cancellation:
 under Python 3.11 a cancellation that lands inside a Redis call can be lost
@@ -58,7 +61,7 @@ class CheckpointStore(Protocol):
 
     async def forget(self, indices: Sequence[int]) -> None: ...
 
-    async def mark_durable(self, epoch: int) -> None: ...
+    async def mark_durable(self, flush_round: int) -> None: ...
 
     async def mark_complete(self, digest: bytes) -> None: ...
 
@@ -70,7 +73,7 @@ class MemoryCheckpointStore:
 
     def __init__(self) -> None:
         self.meta: CheckpointMeta | None = None
-        self.durable_epoch = 0
+        self.durable_round = 0
         self.records: dict[int, ChunkRecord] = {}
         self.complete_digest: bytes | None = None
 
@@ -78,11 +81,11 @@ class MemoryCheckpointStore:
         if self.meta is None:
             return None
         records = tuple(self.records[index] for index in sorted(self.records))
-        return Checkpoint(self.meta, self.durable_epoch, records, self.complete_digest)
+        return Checkpoint(self.meta, self.durable_round, records, self.complete_digest)
 
     async def begin(self, meta: CheckpointMeta) -> None:
         self.meta = meta
-        self.durable_epoch = 0
+        self.durable_round = 0
         self.records = {}
         self.complete_digest = None
 
@@ -93,8 +96,8 @@ class MemoryCheckpointStore:
         for index in indices:
             self.records.pop(index, None)
 
-    async def mark_durable(self, epoch: int) -> None:
-        self.durable_epoch = epoch
+    async def mark_durable(self, flush_round: int) -> None:
+        self.durable_round = flush_round
 
     async def mark_complete(self, digest: bytes) -> None:
         self.complete_digest = digest
@@ -102,7 +105,7 @@ class MemoryCheckpointStore:
     async def delete(self) -> None:
         self.meta = None
         self.records = {}
-        self.durable_epoch = 0
+        self.durable_round = 0
         self.complete_digest = None
 
 
@@ -114,32 +117,32 @@ class CheckpointWriter:
         store: CheckpointStore,
         flush_target: Callable[[], Awaitable[None]],
         *,
-        first_epoch: int = 1,
+        first_round: int = 1,
         clock: Clock | None = None,
     ) -> None:
         self._store = store
         self._flush_target = flush_target
         self._clock = clock or SystemClock()
-        self._epoch = first_epoch
+        self._round = first_round
         self._queue: list[ChunkRecord] = []
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._record_lock = asyncio.Lock()
         self._sync_lock = asyncio.Lock()
-        self.durable_epoch = first_epoch - 1
+        self.durable_round = first_round - 1
         self.records_written = 0
 
     @property
-    def epoch(self) -> int:
-        return self._epoch
+    def round(self) -> int:
+        return self._round
 
     def add(self, index: int, digest: bytes | None) -> None:
         """Chunk ``index`` is written and verified (``digest`` None: all zero)."""
-        self._queue.append(ChunkRecord(index, self._epoch, digest))
+        self._queue.append(ChunkRecord(index, self._round, digest))
         self._wakeup.set()
 
     def add_many(self, indices: Iterable[int], digest: bytes | None) -> None:
-        self._queue.extend(ChunkRecord(index, self._epoch, digest) for index in indices)
+        self._queue.extend(ChunkRecord(index, self._round, digest) for index in indices)
         self._wakeup.set()
 
     async def _persist_queued(self) -> None:
@@ -165,12 +168,12 @@ class CheckpointWriter:
     async def sync(self) -> None:
         """Everything added so far: recorded, flushed at the target, marked durable."""
         async with self._sync_lock:
-            epoch = self._epoch
-            self._epoch += 1
+            flush_round = self._round
+            self._round += 1
             await self._persist_queued()
             await self._flush_target()
-            await self._store.mark_durable(epoch)
-            self.durable_epoch = epoch
+            await self._store.mark_durable(flush_round)
+            self.durable_round = flush_round
 
     async def sync_every(self, interval_s: float) -> None:
         while not self._stopping:

@@ -27,7 +27,7 @@ How it works (modelled on ovirt-imageio's copy loop):
    (:mod:`~appliance.datapath.throttle`). The first error cancels every
    worker; a stop request is honoured between chunks.
 3. *Checkpoint*. Verified chunks are recorded at once and made durable after
-   each target flush (:mod:`~appliance.datapath.checkpoint`: flush epochs).
+   each target flush (:mod:`~appliance.datapath.checkpoint`: flush rounds).
 4. *Check*. The whole-image digest (hash of per-chunk hashes) of source and
    target must match (:mod:`~appliance.datapath.imagecheck`); the target's
    side is always hashed afresh (its holes from its extent map, its data by
@@ -221,7 +221,7 @@ class Transfer:
         if extents is None:
             extents = await with_retries(policy, self._clock, 0, size, self._source.extents)
         wanted = normalized(extents, size)
-        first_epoch, resumed = await self._load_checkpoint()
+        first_round, resumed = await self._load_checkpoint()
         planned = measure(wanted, self._table)
         self._counters.chunks_skipped = planned.done_chunks
         self._meter = meter = ProgressMeter(
@@ -235,7 +235,7 @@ class Transfer:
             resumed=resumed,
         )
         writer = CheckpointWriter(
-            self._store, self._flush_target, first_epoch=first_epoch, clock=self._clock
+            self._store, self._flush_target, first_round=first_round, clock=self._clock
         )
         started = time.monotonic()
         await self._copy(writer, wanted, meter)
@@ -261,7 +261,7 @@ class Transfer:
         )
 
     async def _load_checkpoint(self) -> tuple[int, bool]:
-        """Fill the chunk table from an earlier run; returns (first epoch, resumed)."""
+        """Fill the chunk table from an earlier run; returns (first round, resumed)."""
         meta = CheckpointMeta(self._source.size, self._options.chunk_size, HASH_NAME)
         checkpoint = await self._store.load()
         if checkpoint is None or checkpoint.meta != meta:
@@ -275,14 +275,14 @@ class Transfer:
                 continue
             length = self._table.bounds(record.index)[1]
             digest = record.digest if record.digest is not None else zero_hash(length)
-            if record.epoch <= checkpoint.durable_epoch:
+            if record.round <= checkpoint.durable_round:
                 self._table.set(record.index, digest, ChunkState.DURABLE)
             else:
                 self._table.set(record.index, digest, ChunkState.PENDING)
                 pending.append(record.index)
         # Until re-verified, pending chunks must not be blessed by the next durable mark.
         await self._store.forget(pending)
-        return checkpoint.durable_epoch + 1, True
+        return checkpoint.durable_round + 1, True
 
     async def _flush_target(self) -> None:
         await with_retries(

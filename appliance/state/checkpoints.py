@@ -3,13 +3,13 @@
 One hash per transfer at ``Keys.checkpoint(transfer_id)``::
 
     meta        JSON of CheckpointMeta (disk size, chunk size, hash algorithm)
-    durable     highest flush epoch the target has made durable (int)
+    durable     highest flush round the target has made durable (int)
     complete    hex whole-image digest, once the transfer finished and checked
-    <index>     "<epoch>:<hex chunk hash>", or "<epoch>:z" for an all-zero chunk
+    <index>     "<round>:<hex chunk hash>", or "<round>:z" for an all-zero chunk
 
-The transfer engine (appliance.datapath.transfer) decides what the epochs
-mean: a chunk recorded with an epoch at or below ``durable`` was flushed at
-the target before ``durable`` was written; a higher epoch means "written and
+The transfer engine (appliance.datapath.transfer) decides what the rounds
+mean: a chunk recorded with a round at or below ``durable`` was flushed at
+the target before ``durable`` was written; a higher round means "written and
 verified, flush pending". Records are written in batches of at most 1000
 fields by one Lua script (which checks the fence first); loading pages through
 the hash with HSCAN to the end, never cut at a limit.
@@ -100,29 +100,29 @@ class CheckpointMeta:
 
 @dataclass(frozen=True, slots=True)
 class ChunkRecord:
-    """Chunk ``index`` written and verified in flush epoch ``epoch``.
+    """Chunk ``index`` written and verified in flush round ``round``.
 
     ``digest`` is the chunk's hash at the source, or None for an all-zero chunk
     (its hash depends only on its length, so it is not stored).
     """
 
     index: int
-    epoch: int
+    round: int
     digest: bytes | None
 
     def encode(self) -> str:
-        return f"{self.epoch}:{_ZERO if self.digest is None else self.digest.hex()}"
+        return f"{self.round}:{_ZERO if self.digest is None else self.digest.hex()}"
 
     @classmethod
     def decode(cls, index: int, value: str) -> ChunkRecord:
-        epoch, _, digest = value.partition(":")
-        return cls(index, int(epoch), None if digest == _ZERO else bytes.fromhex(digest))
+        flush_round, _, digest = value.partition(":")
+        return cls(index, int(flush_round), None if digest == _ZERO else bytes.fromhex(digest))
 
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     meta: CheckpointMeta
-    durable_epoch: int
+    durable_round: int
     records: tuple[ChunkRecord, ...]
     complete_digest: bytes | None = None
 
@@ -216,8 +216,8 @@ class RedisCheckpointStore:
         for first in range(0, len(indices), _BATCH):
             await self._write("del", *(str(index) for index in indices[first : first + _BATCH]))
 
-    async def mark_durable(self, epoch: int) -> None:
-        await self._write("set", _DURABLE, epoch)
+    async def mark_durable(self, flush_round: int) -> None:
+        await self._write("set", _DURABLE, flush_round)
 
     async def mark_complete(self, digest: bytes) -> None:
         await self._write("set", _COMPLETE, digest.hex())

@@ -50,16 +50,16 @@ class CheckingStore(MemoryCheckpointStore):
         self.log = log
         self.marks = 0
 
-    async def mark_durable(self, epoch: int) -> None:
+    async def mark_durable(self, flush_round: int) -> None:
         last_flush = max(i for i, event in enumerate(self.log.events) if event[0] == "flush")
         written_before = {
             index for kind, index in self.log.events[:last_flush] if kind == "written"
         }
         for record in self.records.values():
-            if record.epoch <= epoch:
+            if record.round <= flush_round:
                 assert record.index in written_before, f"chunk {record.index} blessed unflushed"
         self.marks += 1
-        await super().mark_durable(epoch)
+        await super().mark_durable(flush_round)
 
 
 async def test_durable_marks_follow_target_flushes_during_a_transfer() -> None:
@@ -73,7 +73,7 @@ async def test_durable_marks_follow_target_flushes_during_a_transfer() -> None:
     await Transfer("t", source, target, checkpoints=store, options=options).run()
     assert store.marks >= 3
     assert len(store.records) == 96
-    assert all(record.epoch <= store.durable_epoch for record in store.records.values())
+    assert all(record.round <= store.durable_round for record in store.records.values())
 
 
 async def test_writer_assigns_epochs_and_marks_them_after_the_flush() -> None:
@@ -84,22 +84,22 @@ async def test_writer_assigns_epochs_and_marks_them_after_the_flush() -> None:
     async def flush() -> None:
         flushed.append(len(store.records))
 
-    writer = CheckpointWriter(store, flush, first_epoch=5)
+    writer = CheckpointWriter(store, flush, first_round=5)
     writer.add(0, b"a" * 16)
     writer.add_many([1, 2], None)
     await writer.sync()
     writer.add(3, b"b" * 16)
-    assert flushed == [3]  # the records of epoch 5 were written before the flush
-    assert store.durable_epoch == 5
+    assert flushed == [3]  # the records of round 5 were written before the flush
+    assert store.durable_round == 5
     assert store.records[3 - 1] == ChunkRecord(2, 5, None)
     recorder = asyncio.create_task(writer.record_forever())
     for _ in range(5):
         await asyncio.sleep(0)
     assert store.records[3] == ChunkRecord(3, 6, b"b" * 16)
-    assert store.durable_epoch == 5  # recorded promptly, durable only after the next flush
+    assert store.durable_round == 5  # recorded promptly, durable only after the next flush
     recorder.cancel()
     await writer.sync()
-    assert store.durable_epoch == 6
+    assert store.durable_round == 6
 
 
 class ForgetLog(MemoryCheckpointStore):
@@ -118,13 +118,13 @@ async def test_a_resumed_run_forgets_pending_records_until_verified() -> None:
     store = ForgetLog()
     options = TransferOptions(chunk_size=CHUNK, retry=RetryPolicy(attempts=2))
     await Transfer("t", source, target, checkpoints=store, options=options).run()
-    store.durable_epoch = 0  # every record pending, as after a kill before the first flush
+    store.durable_round = 0  # every record pending, as after a kill before the first flush
 
     result = await Transfer("t", source, target, checkpoints=store, options=options).run()
     assert store.forgotten == [list(range(8))]
     assert result.stats.chunks_reverified == 8
     assert len(store.records) == 8
-    assert all(record.epoch <= store.durable_epoch for record in store.records.values())
+    assert all(record.round <= store.durable_round for record in store.records.values())
 
 
 def test_record_encoding_round_trips() -> None:

@@ -96,7 +96,7 @@ async def test_a_stale_owner_s_checkpoint_writes_are_all_refused(
     # The new owner carries on from the same checkpoint.
     theirs = RedisCheckpointStore(redis, keys, "t-1", lease=new)
     checkpoint = await theirs.load()
-    assert checkpoint is not None and checkpoint.durable_epoch == 1
+    assert checkpoint is not None and checkpoint.durable_round == 1
     await theirs.mark_durable(2)
     assert await redis.hget(keys.checkpoint("t-1"), "durable") == b"2"
 
@@ -133,7 +133,7 @@ async def test_a_checkpoint_without_a_lease_is_not_fenced(
     await free.mark_durable(1)
     checkpoint = await free.load()
     assert checkpoint is not None and len(checkpoint.records) == 1000
-    assert checkpoint.durable_epoch == 1
+    assert checkpoint.durable_round == 1
 
 
 # --- records, events, locks, secrets -----------------------------------------------------
@@ -209,8 +209,8 @@ class WatchedCheckpoint(RedisCheckpointStore):
         super().__init__(*args, **kwargs)
         self.durable = asyncio.Event()
 
-    async def mark_durable(self, epoch: int) -> None:
-        await super().mark_durable(epoch)
+    async def mark_durable(self, flush_round: int) -> None:
+        await super().mark_durable(flush_round)
         self.durable.set()
 
 

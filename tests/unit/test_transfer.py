@@ -551,7 +551,7 @@ async def test_stop_between_chunks_leaves_a_checkpoint_that_resumes() -> None:
         await task
     done = len(store.records)
     assert 16 <= done < 64
-    assert all(record.epoch <= store.durable_epoch for record in store.records.values())
+    assert all(record.round <= store.durable_round for record in store.records.values())
 
     resumed = await Transfer("t", source, target, checkpoints=store, options=options()).run()
     assert resumed.resumed
@@ -573,7 +573,7 @@ async def test_task_cancel_is_not_swallowed_and_keeps_the_checkpoint() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert len(store.records) >= 10
-    assert all(record.epoch <= store.durable_epoch for record in store.records.values())
+    assert all(record.round <= store.durable_round for record in store.records.values())
     await Transfer("t", source, target, checkpoints=store, options=options()).run()
     assert await image(target) == await image(source)
 
@@ -585,9 +585,9 @@ class LosesCancellations(MemoryCheckpointStore):
         await self._swallow_cancellation()
         await super().record(records)
 
-    async def mark_durable(self, epoch: int) -> None:
+    async def mark_durable(self, flush_round: int) -> None:
         await self._swallow_cancellation()
-        await super().mark_durable(epoch)
+        await super().mark_durable(flush_round)
 
     @staticmethod
     async def _swallow_cancellation() -> None:
@@ -615,7 +615,7 @@ async def test_pending_chunks_are_verified_not_resent() -> None:
     await Transfer("t", source, target, checkpoints=store, options=options()).run()
     # As if the run had been killed before its last flush: every record still pending,
     # and chunk 5 never made it to the target.
-    store.durable_epoch = 0
+    store.durable_round = 0
     store.complete_digest = None
     await target.zero(5 * CHUNK, CHUNK)
     writes_before = target.writes
