@@ -31,7 +31,7 @@ def human_size(size: int) -> str:
 def inventory_table(vms: Sequence[VmSummary]) -> Table:
     table = Table(title=f"Inventory ({len(vms)} VMs)")
     for column in ("VM id", "Name", "Guest OS", "FW", "CPU", "Mem MiB", "Disks",
-                   "Networks", "Pool", "Cluster", "Power", "Tools"):  # fmt: skip
+                   "Networks", "Pool", "Cluster", "Power", "Tools", "Migration"):  # fmt: skip
         table.add_column(column, overflow="fold")
     for vm in vms:
         table.add_row(
@@ -47,6 +47,7 @@ def inventory_table(vms: Sequence[VmSummary]) -> Table:
             vm.cluster,
             vm.power_state.value,
             vm.tools_status.value,
+            vm.migration_state.value if vm.migration_state is not None else "-",
         )
     return table
 
