@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,12 @@ from appliance.storage.extents import Extent, clip, merge
 from appliance.storage.file import check_range, read_only_error
 
 EVICT_BATCH = 16
+
+
+class _Outcome(enum.Enum):
+    DONE = enum.auto()
+    NO_ROOM = enum.auto()
+    AGAIN = enum.auto()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +79,9 @@ class CacheDisk:
         self._early_cut = settings.early_cut_slots(geometry.slots)
         self._fetches: dict[int, asyncio.Future[bytes]] = {}
         self._locks: dict[int, asyncio.Lock] = {}
+        self._versions: dict[int, int] = {}
+        """Per chunk, how many times a write gave it a new slot (a fetch that a write
+        overtook is stale)."""
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -108,9 +118,9 @@ class CacheDisk:
         check_range(self._name, self._size, offset, length)
         out = bytearray(length)
         pieces = self._pieces(offset, length)
-        hits = [piece for piece in pieces if not self._read_local(piece, out)]
-        if hits:
-            await asyncio.gather(*(self._read_miss(piece, out) for piece in hits))
+        misses = [piece for piece in pieces if not self._read_local(piece, out)]
+        if misses:
+            await asyncio.gather(*(self._read_miss(piece, out) for piece in misses))
         return bytes(out)
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
@@ -219,9 +229,7 @@ class CacheDisk:
         future = asyncio.get_running_loop().create_future()
         self._fetches[chunk] = future
         try:
-            data = await self.upstream.read(chunk * self._chunk, self._chunk_length(chunk))
-            data = data.ljust(self._chunk, b"\0")
-            await self._keep_clean(chunk, data)
+            data = await self._fetch_current(chunk)
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -234,7 +242,18 @@ class CacheDisk:
         future.set_result(data)
         return data
 
-    async def _keep_clean(self, chunk: int, data: bytes) -> None:
+    async def _fetch_current(self, chunk: int) -> bytes:
+        """Fetch until no write to the chunk overtook the fetch, then keep it clean."""
+        while True:
+            version = self._versions.get(chunk, 0)
+            data = await self.upstream.read(chunk * self._chunk, self._chunk_length(chunk))
+            if self._versions.get(chunk, 0) != version:
+                continue  # written (and maybe committed and evicted) meanwhile: stale
+            data = data.ljust(self._chunk, b"\0")
+            await self._keep_clean(chunk, data, version)
+            return data
+
+    async def _keep_clean(self, chunk: int, data: bytes, version: int) -> None:
         if chunk in self.store.live:
             return
         slot = self.store.allocate()
@@ -242,8 +261,8 @@ class CacheDisk:
             slot = self.store.allocate()
         if slot is None:
             return  # served without keeping it: reads never wait for room
-        if chunk in self.store.live:  # a write landed while we reclaimed
-            self.store.unused(slot)
+        if chunk in self.store.live or self._versions.get(chunk, 0) != version:
+            self.store.unused(slot)  # a write landed while we reclaimed
             return
         self.store.write_slot(slot, 0, data)
         self.store.map(chunk, slot, 0)
@@ -268,6 +287,7 @@ class CacheDisk:
     async def _write_piece(self, piece: _Piece, data: memoryview) -> None:
         whole = piece.start == 0 and piece.length == self._chunk_length(piece.chunk)
         while True:
+            version = self._versions.get(piece.chunk, 0)
             base: bytes | None = None
             if not whole and piece.chunk not in self.store.live:
                 base = bytes(self._chunk) if self._known_hole(piece.chunk) else None
@@ -275,46 +295,49 @@ class CacheDisk:
                     base = await self._fetch(piece.chunk)
             room = self._room
             async with self._writing(), self._chunk_lock(piece.chunk):
-                if await self._apply_write(piece, data, base, whole=whole):
-                    break
-            await self._wait_for_room(room)
+                outcome = await self._apply_write(piece, data, base, version, whole=whole)
+            if outcome is _Outcome.DONE:
+                break
+            if outcome is _Outcome.NO_ROOM:
+                await self._wait_for_room(room)
         if self.store.open_dirty >= self._early_cut:
             self._cut_soon()
 
     async def _apply_write(
-        self, piece: _Piece, data: memoryview, base: bytes | None, *, whole: bool
-    ) -> bool:
-        """Write one piece; False when it must wait for room."""
+        self, piece: _Piece, data: memoryview, base: bytes | None, version: int, *, whole: bool
+    ) -> _Outcome:
+        """Write one piece, unless it must wait for room or start over."""
         store = self.store
         entry = store.live.get(piece.chunk)
         if entry is not None and entry.epoch == store.open_epoch:
             store.write_slot(entry.slot, piece.start, data)
-            return True
+            return _Outcome.DONE
         if store.dirty_slots >= self._dirty_limit:
-            return False
+            return _Outcome.NO_ROOM
         slot = store.allocate()
         if slot is None and await self._reclaim():
             slot = store.allocate()
         if slot is None:
-            return False
+            return _Outcome.NO_ROOM
         entry = store.live.get(piece.chunk)  # the reclaim awaited: look again
         if entry is not None and entry.epoch == store.open_epoch:
             store.unused(slot)
             store.write_slot(entry.slot, piece.start, data)
-            return True
+            return _Outcome.DONE
         if entry is not None:
             content = bytearray(store.read_slot(entry.slot, 0, self._chunk))
         elif whole:
             content = bytearray(self._chunk)
-        elif base is not None:
+        elif base is not None and self._versions.get(piece.chunk, 0) == version:
             content = bytearray(base)
-        else:  # evicted between the fetch and now: fetch again
+        else:  # evicted, or rewritten and evicted, since the fetch: fetch again
             store.unused(slot)
-            return False
+            return _Outcome.AGAIN
         content[piece.start : piece.start + piece.length] = data
         store.write_slot(slot, 0, content)
         store.map(piece.chunk, slot, store.open_epoch)
-        return True
+        self._versions[piece.chunk] = self._versions.get(piece.chunk, 0) + 1
+        return _Outcome.DONE
 
     async def _wait_for_room(self, room: asyncio.Event) -> None:
         """Back-pressure: wait for a commit (cutting an epoch if none is on its way)."""

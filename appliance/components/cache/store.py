@@ -288,7 +288,13 @@ class CacheStore:
             freed, self._pending_free = self._pending_free, []
             compact = self._journal.records_since_rewrite + len(batch) > self.compact_after
             image = self._image() if compact else None
-            await asyncio.to_thread(self._sync_blocking, batch, image)
+            try:
+                await asyncio.to_thread(self._sync_blocking, batch, image)
+            except BaseException:
+                # Not durable: keep the records queued and the slots unusable.
+                self._pending[:0] = batch
+                self._pending_free[:0] = freed
+                raise
             self._free.extend(freed)
 
     def _sync_blocking(self, batch: list[Record], image: list[Record] | None) -> None:
