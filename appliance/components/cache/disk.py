@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from appliance.components.cache.sizing import CacheSettings
@@ -79,9 +79,8 @@ class CacheDisk:
         self._early_cut = settings.early_cut_slots(geometry.slots)
         self._fetches: dict[int, asyncio.Future[bytes]] = {}
         self._locks: dict[int, asyncio.Lock] = {}
-        self._versions: dict[int, int] = {}
-        """Per chunk, how many times a write gave it a new slot (a fetch that a write
-        overtook is stale)."""
+        self._watch: dict[int, list[int]] = {}
+        """Chunks being fetched: [writes that gave it a new slot, watchers]."""
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -245,15 +244,15 @@ class CacheDisk:
     async def _fetch_current(self, chunk: int) -> bytes:
         """Fetch until no write to the chunk overtook the fetch, then keep it clean."""
         while True:
-            version = self._versions.get(chunk, 0)
-            data = await self.upstream.read(chunk * self._chunk, self._chunk_length(chunk))
-            if self._versions.get(chunk, 0) != version:
-                continue  # written (and maybe committed and evicted) meanwhile: stale
-            data = data.ljust(self._chunk, b"\0")
-            await self._keep_clean(chunk, data, version)
-            return data
+            with self._watching(chunk) as overtaken:
+                data = await self.upstream.read(chunk * self._chunk, self._chunk_length(chunk))
+                if overtaken():
+                    continue  # written (and maybe committed and evicted) meanwhile: stale
+                data = data.ljust(self._chunk, b"\0")
+                await self._keep_clean(chunk, data, overtaken)
+                return data
 
-    async def _keep_clean(self, chunk: int, data: bytes, version: int) -> None:
+    async def _keep_clean(self, chunk: int, data: bytes, overtaken: Callable[[], bool]) -> None:
         if chunk in self.store.live:
             return
         slot = self.store.allocate()
@@ -261,11 +260,28 @@ class CacheDisk:
             slot = self.store.allocate()
         if slot is None:
             return  # served without keeping it: reads never wait for room
-        if chunk in self.store.live or self._versions.get(chunk, 0) != version:
+        if chunk in self.store.live or overtaken():
             self.store.unused(slot)  # a write landed while we reclaimed
             return
         self.store.write_slot(slot, 0, data)
         self.store.map(chunk, slot, 0)
+
+    @contextlib.contextmanager
+    def _watching(self, chunk: int) -> Iterator[Callable[[], bool]]:
+        """While inside, the callable tells whether a write gave the chunk a new slot.
+
+        Only chunks someone is fetching are watched, so this costs nothing per
+        chunk otherwise.
+        """
+        watch = self._watch.setdefault(chunk, [0, 0])  # [writes seen, watchers]
+        watch[1] += 1
+        seen = watch[0]
+        try:
+            yield lambda: watch[0] != seen
+        finally:
+            watch[1] -= 1
+            if not watch[1]:
+                del self._watch[chunk]
 
     async def _reclaim(self) -> bool:
         """Evict clean chunks (LRU) and make that durable, so their slots can be reused."""
@@ -287,15 +303,15 @@ class CacheDisk:
     async def _write_piece(self, piece: _Piece, data: memoryview) -> None:
         whole = piece.start == 0 and piece.length == self._chunk_length(piece.chunk)
         while True:
-            version = self._versions.get(piece.chunk, 0)
-            base: bytes | None = None
-            if not whole and piece.chunk not in self.store.live:
-                base = bytes(self._chunk) if self._known_hole(piece.chunk) else None
-                if base is None:
-                    base = await self._fetch(piece.chunk)
-            room = self._room
-            async with self._writing(), self._chunk_lock(piece.chunk):
-                outcome = await self._apply_write(piece, data, base, version, whole=whole)
+            with self._watching(piece.chunk) as overtaken:
+                base: bytes | None = None
+                if not whole and piece.chunk not in self.store.live:
+                    base = bytes(self._chunk) if self._known_hole(piece.chunk) else None
+                    if base is None:
+                        base = await self._fetch(piece.chunk)
+                room = self._room
+                async with self._writing(), self._chunk_lock(piece.chunk):
+                    outcome = await self._apply_write(piece, data, base, overtaken, whole=whole)
             if outcome is _Outcome.DONE:
                 break
             if outcome is _Outcome.NO_ROOM:
@@ -304,7 +320,13 @@ class CacheDisk:
             self._cut_soon()
 
     async def _apply_write(
-        self, piece: _Piece, data: memoryview, base: bytes | None, version: int, *, whole: bool
+        self,
+        piece: _Piece,
+        data: memoryview,
+        base: bytes | None,
+        overtaken: Callable[[], bool],
+        *,
+        whole: bool,
     ) -> _Outcome:
         """Write one piece, unless it must wait for room or start over."""
         store = self.store
@@ -328,7 +350,7 @@ class CacheDisk:
             content = bytearray(store.read_slot(entry.slot, 0, self._chunk))
         elif whole:
             content = bytearray(self._chunk)
-        elif base is not None and self._versions.get(piece.chunk, 0) == version:
+        elif base is not None and not overtaken():
             content = bytearray(base)
         else:  # evicted, or rewritten and evicted, since the fetch: fetch again
             store.unused(slot)
@@ -336,7 +358,9 @@ class CacheDisk:
         content[piece.start : piece.start + piece.length] = data
         store.write_slot(slot, 0, content)
         store.map(piece.chunk, slot, store.open_epoch)
-        self._versions[piece.chunk] = self._versions.get(piece.chunk, 0) + 1
+        watch = self._watch.get(piece.chunk)
+        if watch is not None:
+            watch[0] += 1
         return _Outcome.DONE
 
     async def _wait_for_room(self, room: asyncio.Event) -> None:
