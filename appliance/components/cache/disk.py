@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from appliance.components.cache.sizing import CacheSettings
 from appliance.components.cache.store import CacheStore, Geometry
@@ -38,6 +39,7 @@ from appliance.storage.extents import Extent, clip, merge
 from appliance.storage.file import check_range, read_only_error
 
 EVICT_BATCH = 16
+PIECES_AT_ONCE = 64
 
 
 class _Outcome(enum.Enum):
@@ -126,22 +128,20 @@ class CacheDisk:
         self._check_open()
         view = memoryview(data).cast("B")
         check_range(self._name, self._size, offset, len(view))
-        await asyncio.gather(
-            *(
-                self._write_piece(piece, view[piece.at : piece.at + piece.length])
-                for piece in self._pieces(offset, len(view))
-            )
+        await _in_batches(
+            self._write_piece(piece, view[piece.at : piece.at + piece.length])
+            for piece in self._pieces(offset, len(view))
         )
 
     async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
         self._check_open()
         check_range(self._name, self._size, offset, length)
-        zeroes = bytes(self._chunk)
-        await asyncio.gather(
-            *(
-                self._write_piece(piece, memoryview(zeroes)[: piece.length])
-                for piece in self._pieces(offset, length)
-            )
+        zeroes = memoryview(bytes(self._chunk))
+        # A chunk that reads as zeroes on-prem and was never written stays as it is.
+        await _in_batches(
+            self._write_piece(piece, zeroes[: piece.length])
+            for piece in self._pieces(offset, length)
+            if piece.chunk in self.store.live or not self._known_hole(piece.chunk)
         )
 
     async def flush(self) -> None:
@@ -434,6 +434,18 @@ class CacheDisk:
         self.store.commit(epoch)
         await self.store.sync()
         self.room_freed()
+
+
+async def _in_batches(calls: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run the calls, ``PIECES_AT_ONCE`` at a time (a 32 MiB request is 512 pieces)."""
+    batch: list[Coroutine[Any, Any, None]] = []
+    for call in calls:
+        batch.append(call)
+        if len(batch) == PIECES_AT_ONCE:
+            await asyncio.gather(*batch)
+            batch = []
+    if batch:
+        await asyncio.gather(*batch)
 
 
 def _hole_chunks(upstream_map: list[Extent], geometry: Geometry) -> bytearray:
