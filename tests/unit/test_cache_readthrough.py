@@ -64,6 +64,10 @@ async def test_block_status_reports_onprem_holes(tmp_path: Path) -> None:
         assert await lab.vm.read(0, 128 * KiB) == bytes(64 * KiB) + b"x" * 512 + bytes(
             64 * KiB - 512
         )
+        # Zeroing what is still a hole on-prem costs nothing: no slot, not "written".
+        await lab.vm.zero(2 * 64 * KiB, 3 * 64 * KiB)
+        assert lab.cache.written_chunks("disk-0") == [1]
+        assert lab.cache.disk("disk-0").store.live.keys() == {1}
 
 
 def test_sizing_rule() -> None:
