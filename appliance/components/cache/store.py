@@ -159,10 +159,11 @@ class CacheStore:
 
     def written_chunks(self) -> list[int]:
         """Every chunk written since the migration began, ascending."""
-        return [c for c in range(self.geometry.chunks) if self.is_written(c)]
-
-    def chunks_dirty_in(self, epoch: int) -> int:
-        return sum(1 for entry in self.live.values() if entry.epoch == epoch)
+        found: list[int] = []
+        for index, byte in enumerate(self.written):
+            if byte:
+                found.extend(index * 8 + bit for bit in range(8) if byte >> bit & 1)
+        return found
 
     # -- slot data (synchronous: page-cache sized pieces) ---------------------
 
