@@ -89,7 +89,7 @@ async def test_flushed_writes_survive_sigkill_and_restart(tmp_path: Path) -> Non
         after = bytearray(await vm.read(0, SIZE))
         assert after[5000:] == model[5000:]
         assert after[:5000] in (model[:5000], b"\xee" * 5000)
-    store = CacheStore.open(tmp_path / "cache" / "disks" / DISK, SIZE, CHUNK, 1)
+    store = CacheStore.open(tmp_path / "cache" / "disks" / "mig-1" / DISK, SIZE, CHUNK, 1)
     try:
         assert set(store.written_chunks()) >= written
         assert set(store.written_chunks()) <= written | {0}

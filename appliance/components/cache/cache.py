@@ -9,7 +9,8 @@
 Data directory::
 
     tokens.json              {disk_id: highest fencing token accepted} (atomic replace)
-    disks/<disk_id>/         one CacheStore (geometry.json, slots, journal)
+    disks/<migration_id>/<disk_id>/   one CacheStore (geometry.json, slots, journal);
+                                      a new migration of a disk starts from an empty cache
 
 Orders carry the owner's fencing token: a lower token than the highest one
 accepted for that disk raises ``StaleToken``; the same order twice is a
@@ -159,6 +160,7 @@ class CloudCache:
     async def open_disk(self, order: CacheDiskOrder) -> str:
         """Open (or reopen after a restart) a disk's cache and export it; its export name."""
         _check_id(order.disk_id)
+        _check_id(order.migration_id)
         async with self._lock:
             await self._accept(order.disk_id, order.token)
             current = self._disks.get(order.disk_id)
@@ -181,7 +183,7 @@ class CloudCache:
             slots = self._settings.slots(order.size, order.working_set)
             store = await asyncio.to_thread(
                 CacheStore.open,
-                self._dir / "disks" / order.disk_id,
+                self._dir / "disks" / order.migration_id / order.disk_id,
                 order.size,
                 self._settings.chunk_size,
                 slots,
