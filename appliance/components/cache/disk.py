@@ -36,7 +36,7 @@ from appliance.components.cache.sizing import CacheSettings
 from appliance.components.cache.store import CacheStore, Geometry
 from appliance.components.cache.upstream import Upstream
 from appliance.storage.extents import Extent, clip, merge
-from appliance.storage.file import check_range, read_only_error
+from appliance.storage.file import check_range
 
 EVICT_BATCH = 16
 PIECES_AT_ONCE = 64
@@ -175,10 +175,6 @@ class CacheDisk:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"{self._name} is closed")
-
-    def check_writable(self) -> None:
-        if self.readonly:
-            raise read_only_error(self._name)
 
     # -- reads -----------------------------------------------------------------
 
