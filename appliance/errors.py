@@ -394,6 +394,8 @@ class TransferCancelled(DataPathError):
 class StaleToken(PermanentError):
     """An order or epoch commit carried a fencing token older than one already accepted."""
 
+    code = ErrorCode.CONFLICT
+
     def __init__(self, disk_id: str, token: int, highest: int) -> None:
         self.disk_id = disk_id
         self.token = token

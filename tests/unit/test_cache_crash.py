@@ -1,6 +1,6 @@
 """Crash durability: a cache process SIGKILLed after a FLUSH keeps every write acknowledged
-before it, and its record of the chunks written since the migration began; and the journal
-cuts a torn tail and compacts without losing state."""
+before it (and every FUA write), and its record of the chunks written since the migration
+began; and the journal cuts a torn tail and compacts without losing state."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from appliance.components.cache.journal import MAGIC, Journal, Kind, Record, enc
 from appliance.components.cache.store import CacheStore
 from appliance.datapath.nbd.backend import NbdBackend
 from appliance.datapath.nbd.channel import TcpAddress
+from appliance.datapath.nbd.client import NbdClient
 from tests.support.cachelab import DISK, KiB, MiB, image_bytes, write_sparse
 
 SIZE = 4 * MiB + 4096
@@ -54,6 +55,12 @@ async def cache_process(directory: Path) -> AsyncIterator[NbdBackend]:
             await process.wait()
 
 
+def vm_address(vm: NbdBackend) -> TcpAddress:
+    address = vm._address
+    assert isinstance(address, TcpAddress)
+    return address
+
+
 async def test_flushed_writes_survive_sigkill_and_restart(tmp_path: Path) -> None:
     content = image_bytes(SIZE, seed=21)
     write_sparse(tmp_path / "onprem.raw", content)
@@ -70,12 +77,19 @@ async def test_flushed_writes_survive_sigkill_and_restart(tmp_path: Path) -> Non
         await vm.flush()
         # Acknowledged after the flush, never flushed: may or may not survive.
         await vm.write(0, b"\xee" * 5000)
+        # A FUA write is durable when acknowledged, flush or not: into a chunk not yet
+        # written, so only a durable journal record can bring it back.
+        fresh = min(set(range(1, SIZE // CHUNK)) - written)
+        async with await NbdClient.connect(vm_address(vm), DISK) as client:
+            await client.write(fresh * CHUNK + 3, b"F" * 3000, fua=True)
+        model[fresh * CHUNK + 3 : fresh * CHUNK + 3003] = b"F" * 3000
+        written.add(fresh)
     # SIGKILLed. Every write acknowledged before the flush reads back after a restart.
     async with cache_process(tmp_path) as vm:
         after = bytearray(await vm.read(0, SIZE))
         assert after[5000:] == model[5000:]
         assert after[:5000] in (model[:5000], b"\xee" * 5000)
-    store = CacheStore.open(tmp_path / "cache" / "disks" / DISK, SIZE, CHUNK, 1)
+    store = CacheStore.open(tmp_path / "cache" / "disks" / "mig-1" / DISK, SIZE, CHUNK, 1)
     try:
         assert set(store.written_chunks()) >= written
         assert set(store.written_chunks()) <= written | {0}

@@ -64,6 +64,10 @@ async def test_block_status_reports_onprem_holes(tmp_path: Path) -> None:
         assert await lab.vm.read(0, 128 * KiB) == bytes(64 * KiB) + b"x" * 512 + bytes(
             64 * KiB - 512
         )
+        # Zeroing what is still a hole on-prem costs nothing: no slot, not "written".
+        await lab.vm.zero(2 * 64 * KiB, 3 * 64 * KiB)
+        assert lab.cache.written_chunks("disk-0") == [1]
+        assert lab.cache.disk("disk-0").store.live.keys() == {1}
 
 
 def test_sizing_rule() -> None:
@@ -78,3 +82,27 @@ def test_sizing_rule() -> None:
     assert cache_bytes(10 * GiB, scale=1 / 1024) == max(int(10 * GiB * 0.15), 3 * 1024 * 1024)
     assert cache_bytes(MiB, scale=1 / 1024) == 3 * MiB
     assert CacheSettings(scale=1 / 1024).slots(MiB) == 48
+
+
+async def test_a_fetch_overtaken_by_a_write_commit_and_eviction_is_not_kept(
+    tmp_path: Path,
+) -> None:
+    content = random.Random(17).randbytes(SIZE)
+    chunk = 64 * KiB
+    async with cache_lab(tmp_path, content) as lab:
+        disk = lab.cache.disk("disk-0")
+        served = lab.sink.current
+        served.gate = asyncio.Event()
+        reader = asyncio.create_task(disk.read(5 * chunk, 100))  # its fetch is held
+        await served.read_started.wait()
+        new = b"\x42" * chunk
+        await disk.write(5 * chunk, new)  # a whole chunk: no fetch needed
+        epoch = await lab.cache.cut_epoch("disk-0", 1)
+        await lab.cache.wait_committed("disk-0", epoch)
+        assert disk.store.evict(lambda c: False)  # clean now: the only cached chunk goes
+        await disk.store.sync()
+        assert 5 not in disk.store.live
+        served.gate.set()  # the old content arrives late
+        assert await reader in (content[5 * chunk : 5 * chunk + 100], new[:100])
+        assert await disk.read(5 * chunk, chunk) == new
+        assert served.reads == 2  # the stale answer was fetched again

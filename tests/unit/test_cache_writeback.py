@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from appliance.components.cache.cache import CloudCache
-from appliance.errors import StaleToken
+from appliance.errors import Conflict, StaleToken
 from tests.support.cachelab import KiB, MiB, cache_lab, image_bytes, small_settings
 
 SIZE = 4 * MiB + 12345
@@ -241,3 +242,23 @@ async def test_a_closed_disk_refuses_io_and_reopens_with_its_data(tmp_path: Path
         await lab.cache.open_disk(lab.order)
         await lab.reconnect_vm()
         assert await lab.vm.read(777, 4) == b"kept"
+        with pytest.raises(Conflict):
+            await lab.cache.open_disk(replace(lab.order, migration_id="mig-2", token=2))
+        await lab.cache.close_disk("disk-0", 2)
+        # Another migration of the same disk starts from an empty cache.
+        await lab.cache.open_disk(replace(lab.order, migration_id="mig-2", token=2))
+        await lab.reconnect_vm()
+        assert await lab.vm.read(777, 4) == content[777:781]
+
+
+async def test_epochs_are_cut_at_the_interval_set_live(tmp_path: Path) -> None:
+    content = image_bytes(SIZE, seed=16)
+    model = bytearray(content)
+    async with cache_lab(tmp_path, content, small_settings(epoch_interval_s=None)) as lab:
+        await lab.vm.write(4321, b"timed")
+        apply(model, 4321, b"timed")
+        assert lab.cache.status().disks[0].open_epoch == 1  # no interval: no cut
+        lab.cache.set_epoch_interval(0.01)
+        await lab.cache.wait_committed("disk-0", 1)
+        lab.cache.set_epoch_interval(None)
+        assert lab.sink.read_image() == model

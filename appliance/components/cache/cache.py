@@ -9,7 +9,8 @@
 Data directory::
 
     tokens.json              {disk_id: highest fencing token accepted} (atomic replace)
-    disks/<disk_id>/         one CacheStore (geometry.json, slots, journal)
+    disks/<migration_id>/<disk_id>/   one CacheStore (geometry.json, slots, journal);
+                                      a new migration of a disk starts from an empty cache
 
 Orders carry the owner's fencing token: a lower token than the highest one
 accepted for that disk raises ``StaleToken``; the same order twice is a
@@ -19,9 +20,11 @@ no-op; a higher token takes the disk over (shipping then uses it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -93,6 +96,29 @@ class _Open:
     order: CacheDiskOrder
     disk: CacheDisk
     shipper: EpochShipper
+    timer: asyncio.Task[None]
+
+
+async def _cut_every(
+    disk: CacheDisk, interval: Callable[[], float | None], changed: Callable[[], asyncio.Event]
+) -> None:
+    """Cut an epoch each interval in which the disk was written; re-read the interval
+    at once when it changes."""
+    while True:
+        event = changed()
+        seconds = interval()
+        if seconds is None:
+            await event.wait()
+            continue
+        try:
+            async with asyncio.timeout(seconds):
+                await event.wait()
+        except TimeoutError:
+            if disk.store.open_dirty:
+                try:
+                    await disk.cut_epoch()
+                except Exception as exc:
+                    log.warning("timed epoch cut failed", disk=disk.name, error=repr(exc))
 
 
 class CloudCache:
@@ -110,6 +136,8 @@ class CloudCache:
         self._tokens: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self._bandwidth = TokenBucket(self._settings.bandwidth_bytes_per_s)
+        self._interval = self._settings.epoch_interval_s
+        self._interval_changed = asyncio.Event()
 
     async def __aenter__(self) -> Self:
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +160,7 @@ class CloudCache:
     async def open_disk(self, order: CacheDiskOrder) -> str:
         """Open (or reopen after a restart) a disk's cache and export it; its export name."""
         _check_id(order.disk_id)
+        _check_id(order.migration_id)
         async with self._lock:
             await self._accept(order.disk_id, order.token)
             current = self._disks.get(order.disk_id)
@@ -154,7 +183,7 @@ class CloudCache:
             slots = self._settings.slots(order.size, order.working_set)
             store = await asyncio.to_thread(
                 CacheStore.open,
-                self._dir / "disks" / order.disk_id,
+                self._dir / "disks" / order.migration_id / order.disk_id,
                 order.size,
                 self._settings.chunk_size,
                 slots,
@@ -170,7 +199,10 @@ class CloudCache:
                 self._settings,
                 self._bandwidth,
             )
-            opened = _Open(order, disk, shipper)
+            timer = asyncio.create_task(
+                _cut_every(disk, lambda: self._interval, lambda: self._interval_changed)
+            )
+            opened = _Open(order, disk, shipper, timer)
             self._disks[order.disk_id] = opened
             opened.shipper.start()
             self.server.add_export(order.disk_id, disk)
@@ -197,6 +229,12 @@ class CloudCache:
     def set_bandwidth(self, bytes_per_s: float | None) -> None:
         """Cap the bytes per second all epoch shipping sends (None: unlimited), at once."""
         self._bandwidth.set_rate(bytes_per_s)
+
+    def set_epoch_interval(self, seconds: float | None) -> None:
+        """Cut epochs this often from now on (None: only on order or at the thresholds)."""
+        self._interval = seconds
+        event, self._interval_changed = self._interval_changed, asyncio.Event()
+        event.set()
 
     def disk(self, disk_id: str) -> CacheDisk:
         return self._opened(disk_id).disk
@@ -247,6 +285,9 @@ class CloudCache:
     async def _shut(self, disk_id: str) -> None:
         opened = self._disks.pop(disk_id)
         self.server.remove_export(disk_id)
+        opened.timer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await opened.timer
         await opened.shipper.stop()
         await opened.disk.shutdown()
         await opened.disk.upstream.close()

@@ -27,16 +27,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import enum
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from appliance.components.cache.sizing import CacheSettings
 from appliance.components.cache.store import CacheStore, Geometry
 from appliance.components.cache.upstream import Upstream
 from appliance.storage.extents import Extent, clip, merge
-from appliance.storage.file import check_range, read_only_error
+from appliance.storage.file import check_range
 
 EVICT_BATCH = 16
+PIECES_AT_ONCE = 64
+
+
+class _Outcome(enum.Enum):
+    DONE = enum.auto()
+    NO_ROOM = enum.auto()
+    AGAIN = enum.auto()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +81,8 @@ class CacheDisk:
         self._early_cut = settings.early_cut_slots(geometry.slots)
         self._fetches: dict[int, asyncio.Future[bytes]] = {}
         self._locks: dict[int, asyncio.Lock] = {}
+        self._watch: dict[int, list[int]] = {}
+        """Chunks being fetched: [writes that gave it a new slot, watchers]."""
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -108,31 +119,29 @@ class CacheDisk:
         check_range(self._name, self._size, offset, length)
         out = bytearray(length)
         pieces = self._pieces(offset, length)
-        hits = [piece for piece in pieces if not self._read_local(piece, out)]
-        if hits:
-            await asyncio.gather(*(self._read_miss(piece, out) for piece in hits))
+        misses = [piece for piece in pieces if not self._read_local(piece, out)]
+        if misses:
+            await asyncio.gather(*(self._read_miss(piece, out) for piece in misses))
         return bytes(out)
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_open()
         view = memoryview(data).cast("B")
         check_range(self._name, self._size, offset, len(view))
-        await asyncio.gather(
-            *(
-                self._write_piece(piece, view[piece.at : piece.at + piece.length])
-                for piece in self._pieces(offset, len(view))
-            )
+        await _in_batches(
+            self._write_piece(piece, view[piece.at : piece.at + piece.length])
+            for piece in self._pieces(offset, len(view))
         )
 
     async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
         self._check_open()
         check_range(self._name, self._size, offset, length)
-        zeroes = bytes(self._chunk)
-        await asyncio.gather(
-            *(
-                self._write_piece(piece, memoryview(zeroes)[: piece.length])
-                for piece in self._pieces(offset, length)
-            )
+        zeroes = memoryview(bytes(self._chunk))
+        # A chunk that reads as zeroes on-prem and was never written stays as it is.
+        await _in_batches(
+            self._write_piece(piece, zeroes[: piece.length])
+            for piece in self._pieces(offset, length)
+            if piece.chunk in self.store.live or not self._known_hole(piece.chunk)
         )
 
     async def flush(self) -> None:
@@ -166,10 +175,6 @@ class CacheDisk:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"{self._name} is closed")
-
-    def check_writable(self) -> None:
-        if self.readonly:
-            raise read_only_error(self._name)
 
     # -- reads -----------------------------------------------------------------
 
@@ -219,9 +224,7 @@ class CacheDisk:
         future = asyncio.get_running_loop().create_future()
         self._fetches[chunk] = future
         try:
-            data = await self.upstream.read(chunk * self._chunk, self._chunk_length(chunk))
-            data = data.ljust(self._chunk, b"\0")
-            await self._keep_clean(chunk, data)
+            data = await self._fetch_current(chunk)
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -234,7 +237,18 @@ class CacheDisk:
         future.set_result(data)
         return data
 
-    async def _keep_clean(self, chunk: int, data: bytes) -> None:
+    async def _fetch_current(self, chunk: int) -> bytes:
+        """Fetch until no write to the chunk overtook the fetch, then keep it clean."""
+        while True:
+            with self._watching(chunk) as overtaken:
+                data = await self.upstream.read(chunk * self._chunk, self._chunk_length(chunk))
+                if overtaken():
+                    continue  # written (and maybe committed and evicted) meanwhile: stale
+                data = data.ljust(self._chunk, b"\0")
+                await self._keep_clean(chunk, data, overtaken)
+                return data
+
+    async def _keep_clean(self, chunk: int, data: bytes, overtaken: Callable[[], bool]) -> None:
         if chunk in self.store.live:
             return
         slot = self.store.allocate()
@@ -242,11 +256,28 @@ class CacheDisk:
             slot = self.store.allocate()
         if slot is None:
             return  # served without keeping it: reads never wait for room
-        if chunk in self.store.live:  # a write landed while we reclaimed
-            self.store.unused(slot)
+        if chunk in self.store.live or overtaken():
+            self.store.unused(slot)  # a write landed while we reclaimed
             return
         self.store.write_slot(slot, 0, data)
         self.store.map(chunk, slot, 0)
+
+    @contextlib.contextmanager
+    def _watching(self, chunk: int) -> Iterator[Callable[[], bool]]:
+        """While inside, the callable tells whether a write gave the chunk a new slot.
+
+        Only chunks someone is fetching are watched, so this costs nothing per
+        chunk otherwise.
+        """
+        watch = self._watch.setdefault(chunk, [0, 0])  # [writes seen, watchers]
+        watch[1] += 1
+        seen = watch[0]
+        try:
+            yield lambda: watch[0] != seen
+        finally:
+            watch[1] -= 1
+            if not watch[1]:
+                del self._watch[chunk]
 
     async def _reclaim(self) -> bool:
         """Evict clean chunks (LRU) and make that durable, so their slots can be reused."""
@@ -268,53 +299,65 @@ class CacheDisk:
     async def _write_piece(self, piece: _Piece, data: memoryview) -> None:
         whole = piece.start == 0 and piece.length == self._chunk_length(piece.chunk)
         while True:
-            base: bytes | None = None
-            if not whole and piece.chunk not in self.store.live:
-                base = bytes(self._chunk) if self._known_hole(piece.chunk) else None
-                if base is None:
-                    base = await self._fetch(piece.chunk)
-            room = self._room
-            async with self._writing(), self._chunk_lock(piece.chunk):
-                if await self._apply_write(piece, data, base, whole=whole):
-                    break
-            await self._wait_for_room(room)
+            with self._watching(piece.chunk) as overtaken:
+                base: bytes | None = None
+                if not whole and piece.chunk not in self.store.live:
+                    base = bytes(self._chunk) if self._known_hole(piece.chunk) else None
+                    if base is None:
+                        base = await self._fetch(piece.chunk)
+                room = self._room
+                async with self._writing(), self._chunk_lock(piece.chunk):
+                    outcome = await self._apply_write(piece, data, base, overtaken, whole=whole)
+            if outcome is _Outcome.DONE:
+                break
+            if outcome is _Outcome.NO_ROOM:
+                await self._wait_for_room(room)
         if self.store.open_dirty >= self._early_cut:
             self._cut_soon()
 
     async def _apply_write(
-        self, piece: _Piece, data: memoryview, base: bytes | None, *, whole: bool
-    ) -> bool:
-        """Write one piece; False when it must wait for room."""
+        self,
+        piece: _Piece,
+        data: memoryview,
+        base: bytes | None,
+        overtaken: Callable[[], bool],
+        *,
+        whole: bool,
+    ) -> _Outcome:
+        """Write one piece, unless it must wait for room or start over."""
         store = self.store
         entry = store.live.get(piece.chunk)
         if entry is not None and entry.epoch == store.open_epoch:
             store.write_slot(entry.slot, piece.start, data)
-            return True
+            return _Outcome.DONE
         if store.dirty_slots >= self._dirty_limit:
-            return False
+            return _Outcome.NO_ROOM
         slot = store.allocate()
         if slot is None and await self._reclaim():
             slot = store.allocate()
         if slot is None:
-            return False
+            return _Outcome.NO_ROOM
         entry = store.live.get(piece.chunk)  # the reclaim awaited: look again
         if entry is not None and entry.epoch == store.open_epoch:
             store.unused(slot)
             store.write_slot(entry.slot, piece.start, data)
-            return True
+            return _Outcome.DONE
         if entry is not None:
             content = bytearray(store.read_slot(entry.slot, 0, self._chunk))
         elif whole:
             content = bytearray(self._chunk)
-        elif base is not None:
+        elif base is not None and not overtaken():
             content = bytearray(base)
-        else:  # evicted between the fetch and now: fetch again
+        else:  # evicted, or rewritten and evicted, since the fetch: fetch again
             store.unused(slot)
-            return False
+            return _Outcome.AGAIN
         content[piece.start : piece.start + piece.length] = data
         store.write_slot(slot, 0, content)
         store.map(piece.chunk, slot, store.open_epoch)
-        return True
+        watch = self._watch.get(piece.chunk)
+        if watch is not None:
+            watch[0] += 1
+        return _Outcome.DONE
 
     async def _wait_for_room(self, room: asyncio.Event) -> None:
         """Back-pressure: wait for a commit (cutting an epoch if none is on its way)."""
@@ -387,6 +430,18 @@ class CacheDisk:
         self.store.commit(epoch)
         await self.store.sync()
         self.room_freed()
+
+
+async def _in_batches(calls: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run the calls, ``PIECES_AT_ONCE`` at a time (a 32 MiB request is 512 pieces)."""
+    batch: list[Coroutine[Any, Any, None]] = []
+    for call in calls:
+        batch.append(call)
+        if len(batch) == PIECES_AT_ONCE:
+            await asyncio.gather(*batch)
+            batch = []
+    if batch:
+        await asyncio.gather(*batch)
 
 
 def _hole_chunks(upstream_map: list[Extent], geometry: Geometry) -> bytearray:

@@ -55,6 +55,9 @@ class CacheSettings:
     """... or once dirty data fills this fraction of the cache."""
     dirty_limit_fraction: float = 0.9
     """Writers wait (never fail) while dirty data fills this fraction of the cache."""
+    epoch_interval_s: float | None = 1200.0
+    """An epoch is cut this often when the open one has dirty data (None: only on order
+    or at the dirty thresholds); ``CloudCache.set_epoch_interval`` changes it live."""
     ship_workers: int = 4
     bandwidth_bytes_per_s: float | None = None
     retry_delay_s: float = 1.0

@@ -159,10 +159,11 @@ class CacheStore:
 
     def written_chunks(self) -> list[int]:
         """Every chunk written since the migration began, ascending."""
-        return [c for c in range(self.geometry.chunks) if self.is_written(c)]
-
-    def chunks_dirty_in(self, epoch: int) -> int:
-        return sum(1 for entry in self.live.values() if entry.epoch == epoch)
+        found: list[int] = []
+        for index, byte in enumerate(self.written):
+            if byte:
+                found.extend(index * 8 + bit for bit in range(8) if byte >> bit & 1)
+        return found
 
     # -- slot data (synchronous: page-cache sized pieces) ---------------------
 
@@ -288,7 +289,13 @@ class CacheStore:
             freed, self._pending_free = self._pending_free, []
             compact = self._journal.records_since_rewrite + len(batch) > self.compact_after
             image = self._image() if compact else None
-            await asyncio.to_thread(self._sync_blocking, batch, image)
+            try:
+                await asyncio.to_thread(self._sync_blocking, batch, image)
+            except BaseException:
+                # Not durable: keep the records queued and the slots unusable.
+                self._pending[:0] = batch
+                self._pending_free[:0] = freed
+                raise
             self._free.extend(freed)
 
     def _sync_blocking(self, batch: list[Record], image: list[Record] | None) -> None:
