@@ -181,12 +181,13 @@ class LabSite:
         return changed
 
     async def _ensure_pool(self, pool: str) -> None:
-        config = await self.config()
-        if pool not in config.resource_pools:
-            updated = replace(config, resource_pools=(*config.resource_pools, pool))
-            await asyncio.to_thread(
-                write_atomically, self.root / "site.json", _SITE.dump_json(updated, indent=2)
-            )
+        async with self._lock:  # read-modify-write: concurrent finalizes add the pool once
+            config = await self.config()
+            if pool not in config.resource_pools:
+                updated = replace(config, resource_pools=(*config.resource_pools, pool))
+                await asyncio.to_thread(
+                    write_atomically, self.root / "site.json", _SITE.dump_json(updated, indent=2)
+                )
 
     async def create_vm(self, vm: VmConfig) -> VmConfig:
         try:
@@ -298,7 +299,8 @@ class LabSite:
             raise SiteError(self._name, f"no room for {capacity_bytes} bytes ({free} free)")
         async with self._disk_lock:
             layered = await LayeredDisk.create(path, capacity_bytes)
-            await asyncio.to_thread((path / ".capacity").write_text, str(capacity_bytes))
+            # Atomically: free_bytes() of a concurrent migration reads it any time.
+            await asyncio.to_thread(write_atomically, path / ".capacity", b"%d" % capacity_bytes)
             self._disks[path] = layered
         return layered.active()
 
