@@ -30,6 +30,7 @@ from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.states import TERMINAL, Step
 from appliance.state.leases import Lease, LeaseKeeper
 from appliance.state.migrations import GroupInfo, StoredMigration
+from appliance.waiting import first_of
 
 log = get_logger(__name__)
 ADMISSION = "admission"
@@ -97,7 +98,8 @@ class Scheduler:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
-                        _first_of(self._wake, stop), timeout=self._deps.config.scheduler_tick_s
+                        first_of(self._wake.wait(), stop=stop),
+                        timeout=self._deps.config.scheduler_tick_s,
                     )
         finally:
             await self.stop_all()
@@ -227,12 +229,3 @@ class Scheduler:
             with contextlib.suppress(TransientError):
                 await self._deps.leases.release(lease)
             self.wake()
-
-
-async def _first_of(*events: asyncio.Event) -> None:
-    waiters = [asyncio.create_task(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
