@@ -13,11 +13,11 @@ from appliance.sites.lab.site import LabSite
 from appliance.sites.model import VmConfig
 from appliance.state.events import EventLog
 from appliance.state.keys import Keys
-from appliance.state.store import StateStore, connect
+from appliance.state.store import StateStore, connect, text
 from appliance.storage.layered import LayeredDisk
 from clients.client import FerryClient, FerryError
 from messages.common import MigrationState, PowerState
-from messages.events import MigrationStatus
+from messages.events import MigrationStatus, SourceCloneResponse
 from tests.integration.conftest import Harness, RunningAppliance
 from tests.integration.migration_helpers import ApplianceProcess, clone_request, start_migration
 from tests.support.faultproxy import FaultProxy
@@ -125,11 +125,11 @@ async def test_a_dependent_group_fails_together_and_leaves_the_source_as_it_was(
         final = await follower.finished(2)
         by_vm = {s.vm_id: s for s in final.values()}
         assert {s.state for s in final.values()} == {MigrationState.FAILED}
-        assert by_vm[bad.vm_id].error is not None
-        assert by_vm[bad.vm_id].error.code == "precheck_failed"
-        assert "tools_running" in by_vm[bad.vm_id].error.message
-        assert by_vm[good.vm_id].error is not None
-        assert by_vm[good.vm_id].error.code == "dependency_failed"
+        bad_error, good_error = by_vm[bad.vm_id].error, by_vm[good.vm_id].error
+        assert bad_error is not None and good_error is not None
+        assert bad_error.code == "precheck_failed"
+        assert "tools_running" in bad_error.message
+        assert good_error.code == "dependency_failed"
         # The VMs are free again: the good one alone migrates now.
         again = await start_migration(client, clone_request([good.vm_id]))
         (status,) = (await again.finished(1)).values()
@@ -207,13 +207,12 @@ async def test_ten_requests_with_a_limit_of_eight_queue_in_order(
         else:  # pragma: no cover
             raise AssertionError("a VM in flight must not be migrated twice")
         await wan.gate.reached(8)  # the first eight run, held at their transfer
-        queued = {}
+        queued: dict[str, MigrationStatus] = {}
         for follower in followers[8:]:
-            status = await follower.until(
-                lambda latest: any(s.queue_position for s in latest.values())
+            queued.update(
+                await follower.until(lambda latest: any(s.queue_position for s in latest.values()))
             )
-            queued.update(status)
-        assert sorted(s.queue_position for s in queued.values()) == [1, 2]  # type: ignore[type-var]
+        assert sorted(s.queue_position or 0 for s in queued.values()) == [1, 2]
         assert wan.gate.arrived == 8, "the limit holds: the ninth and tenth wait in line"
         wan.gate.open()
         finals = []
@@ -247,7 +246,8 @@ async def test_cancel_mid_transfer_restores_the_source_and_removes_cloud_artefac
             body=CancelRequestBody(select=MigrationSelector(migration_ids=(migration_id,)))
         )
         answer = await client.request(cancel)
-        assert answer.body.state is MigrationState.CANCELLING  # type: ignore[union-attr]
+        assert isinstance(answer, SourceCloneResponse)
+        assert answer.body.state is MigrationState.CANCELLING
         (status,) = (await follower.finished(1)).values()
         assert status.state is MigrationState.CANCELLED
         assert 0 < max(s.bytes_done for s in follower.history) < status.bytes_total
@@ -410,7 +410,7 @@ async def test_two_appliances_one_killed_the_other_takes_over(
             owners = {}
             for status in follower.latest.values():
                 key = store.keys.lease(f"group:{status.group_id}")
-                owner = (await store.redis.hget(key, "owner")).decode()
+                owner = text(await store.redis.hget(key, "owner") or b"")
                 owners[status.migration_id] = owner.split("/")[0]  # "<appliance id>/<process>"
             victim = next(iter(owners.values()))
             processes.pop(victim).kill()
