@@ -13,7 +13,7 @@ from appliance.sites.lab.site import LabSite
 from appliance.sites.model import VmConfig
 from appliance.state.events import EventLog
 from appliance.state.keys import Keys
-from appliance.state.store import StateStore, connect, text
+from appliance.state.store import StateStore, connect
 from appliance.storage.layered import LayeredDisk
 from clients.client import FerryClient, FerryError
 from messages.common import MigrationState, PowerState
@@ -23,6 +23,7 @@ from tests.integration.migration_helpers import ApplianceProcess, clone_request,
 from tests.support.faultproxy import FaultProxy
 from tests.support.gate import Gate
 from tests.support.lab import MIB, build_lab, cloud_volume, disk_digest, lab_vm, onprem_disk
+from tests.support.redisfields import field_text
 
 StartAppliance = Callable[..., Awaitable[RunningAppliance]]
 
@@ -410,7 +411,7 @@ async def test_two_appliances_one_killed_the_other_takes_over(
             owners = {}
             for status in follower.latest.values():
                 key = store.keys.lease(f"group:{status.group_id}")
-                owner = text(await store.redis.hget(key, "owner") or b"")
+                owner = await field_text(store.redis, key, "owner")
                 owners[status.migration_id] = owner.split("/")[0]  # "<appliance id>/<process>"
             victim = next(iter(owners.values()))
             processes.pop(victim).kill()

@@ -17,6 +17,7 @@ import asyncio
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Self
 
 from pydantic import TypeAdapter
 
@@ -67,7 +68,7 @@ class LabSite:
         return child_path(self._name, self.root / "volumes", volume_id)
 
     @classmethod
-    async def create(cls, root: Path, config: SiteConfig) -> LabSite:
+    async def create(cls, root: Path, config: SiteConfig) -> Self:
         site = cls(root, config.name)
         data = _SITE.dump_json(config, indent=2)
         await asyncio.to_thread(write_atomically, root / "site.json", data)
@@ -75,7 +76,7 @@ class LabSite:
         return site
 
     @classmethod
-    def open(cls, root: Path) -> LabSite:
+    def open(cls, root: Path) -> Self:
         path = root / "site.json"
         if not path.is_file():
             raise SiteError(root.name, f"no lab site at {root} (run 'ferry-appliance lab create')")
