@@ -138,6 +138,8 @@ async def _start(data_dir: Path, env: dict[str, str], log: Path) -> subprocess.P
     deadline = time.monotonic() + 60
     while not (data_dir / "runtime.json").exists():
         if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()  # never leave one running behind a failed bench
+            await asyncio.to_thread(process.wait)
             raise AssertionError(f"appliance did not start: {log.read_text()[-3000:]}")
         await asyncio.sleep(0.1)
     return process
