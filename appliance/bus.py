@@ -20,7 +20,7 @@
 * Stopping stops intake, lets in-flight deliveries finish within the drain
   timeout, then cancels the rest, which SQS redelivers.
 
-Every SQS call is retried at this edge (tenacity, jittered, bounded).
+Every SQS call is retried at this edge (appliance.retrying: jittered, bounded).
 """
 
 from __future__ import annotations
@@ -32,18 +32,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
-from tenacity import (
-    AsyncRetrying,
-    RetryError,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_random_exponential,
-)
 
 from appliance.batching import Batcher
 from appliance.dead_letters import SQS_MAX_BYTES, TRUNCATED_BYTES, dead_letter_copy
@@ -52,14 +45,16 @@ from appliance.errors import BusUnavailable
 from appliance.health import HealthBoard
 from appliance.logs import get_logger
 from appliance.replies import OwnQueues, ReplyQueues
+from appliance.retrying import RetryPolicy, retry
 from appliance.settings import Settings
+from appliance.waiting import first_of
 from messages.codec import encode
 from messages.events import Event
 from messages.keys import ApplianceKeyPair
 
-T = TypeVar("T")
 Outgoing = tuple[str, str, dict[str, str]]  # queue url, body, attributes
 BATCH_BYTES = 240 * 1024  # SQS caps a whole batch at 256 KiB
+SQS_RETRY = RetryPolicy(attempts=5, initial_s=0.1, max_s=2.0)
 COMPONENT = "bus"
 Handler = Callable[[Delivery], Awaitable[Verdict]]
 log = get_logger(__name__)
@@ -161,20 +156,13 @@ class SqsBus:
 
     async def call(self, operation: str, action: Callable[[], Awaitable[Any]]) -> Any:
         """Run one SQS call with bounded, jittered retries; report the bus's health."""
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(_transient),
-            wait=wait_random_exponential(multiplier=0.1, max=2.0),
-            stop=stop_after_attempt(5),
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    result = await action()
-        except RetryError as error:
-            cause = error.last_attempt.exception() or error
+
+        def give_up(cause: BaseException, attempts: int) -> BusUnavailable:
             if self._health is not None:
                 self._health.failed(COMPONENT, f"{operation}: {type(cause).__name__}")
-            raise BusUnavailable(operation, cause) from cause
+            return BusUnavailable(operation, cause)
+
+        result = await retry(SQS_RETRY, action, transient=_transient, give_up=give_up)
         if self._health is not None and not self._health.is_ok(COMPONENT):
             self._health.ok(COMPONENT)
         return result
@@ -239,11 +227,11 @@ class SqsBus:
         slots = Slots(self._settings.max_in_flight)
         in_flight: set[asyncio.Task[None]] = set()
         while not stop.is_set():
-            await _until(gate(), stop)
-            wanted = await _until(slots.take(self._settings.receive_batch), stop)
+            await first_of(gate(), stop=stop)
+            wanted = await first_of(slots.take(self._settings.receive_batch), stop=stop)
             if wanted is None:
                 break
-            deliveries = await _until(self._receive(wanted), stop)
+            deliveries = await first_of(self._receive(wanted), stop=stop)
             if deliveries is None:
                 await slots.give_back(wanted)
                 break
@@ -470,19 +458,3 @@ class SqsPublisher:
         body = encode(event, self._keys)
         attributes = {"message_type": event.message_type, "correlation_id": event.correlation_id}
         await self._bus.answer(body, attributes, reply_to)
-
-
-async def _until(awaitable: Awaitable[T], stop: asyncio.Event) -> T | None:
-    """Await ``awaitable`` unless ``stop`` is set first (then cancel it and return None)."""
-    work = asyncio.ensure_future(awaitable)
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-    if work.done():
-        return work.result()
-    work.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await work
-    return None

@@ -62,11 +62,13 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(default=2.0, gt=0, le=5.0)
     scheduler_tick_s: float = Field(default=1.0, gt=0)
     transfer_workers: int = Field(default=8, ge=1, le=64)
+    # As many as one migration's workers can hold: more only let concurrent migrations
+    # read further ahead of the same disks and CPU, and cost 4 MiB each.
     transfer_buffers: int = Field(
-        default=16,
+        default=8,
         ge=1,
         le=1024,
-        description="chunk buffers in flight across all migrations (up to 4 MiB each)",
+        description="chunk buffers in flight across all migrations (4 MiB each)",
     )
     debug_step_delay_s: float = Field(
         default=0.0, ge=0, description="pause after each persisted step (crash-safety tests)"

@@ -84,20 +84,23 @@ class BufferBudget:
     """At most ``slots`` buffers held at once by everyone sharing it, idle ones reused.
 
     Each holder takes one buffer for one unit of work and gives it back, so
-    holders never wait on each other while holding one: no deadlock, and
-    memory stays below ``slots`` times the largest buffer (plus what a
+    holders never wait on each other while holding one: no deadlock. Every
+    buffer is ``buffer_bytes`` long whatever the work asks for, so any idle one
+    fits the next holder and at most ``slots`` of them ever exist: memory,
+    held and idle together, stays at ``slots * buffer_bytes`` (plus what a
     cancelled send may pin a moment longer).
     """
 
     def __init__(self, slots: int, buffer_bytes: int) -> None:
         self._slots = QueueDepthLimiter(slots)
+        self._buffer_bytes = buffer_bytes
         self._pool = BufferPool(max_bytes=slots * buffer_bytes)
 
     @contextlib.asynccontextmanager
     async def hold(self, length: int) -> AsyncIterator[memoryview]:
         """A writable view of ``length`` bytes, for as long as the block runs."""
         async with self._slots.slot():
-            buffer = self._pool.take(length)
+            buffer = self._pool.take(max(length, self._buffer_bytes))
             view = memoryview(buffer)[:length]
             try:
                 yield view

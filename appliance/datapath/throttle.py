@@ -18,27 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator
 
 from appliance.clock import Clock, SystemClock
+from appliance.waiting import first_of
 
 MBIT = 1_000_000 // 8
 WAN_300_MBIT = 300 * MBIT
 """The 300 Mbit/s preset, in bytes per second."""
 
 DEFAULT_SOURCE_QUEUE_DEPTH = 4
-
-
-async def _first_of(*coroutines: Coroutine[Any, Any, Any]) -> None:
-    """Run the coroutines until one finishes; cancel and await the rest."""
-    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class TokenBucket:
@@ -95,7 +84,7 @@ class TokenBucket:
                     self._tokens -= amount
                     return
                 delay = (needed - self._tokens) / self._rate
-                await _first_of(self._clock.sleep(delay), self._changed.wait())
+                await first_of(self._clock.sleep(delay), self._changed.wait())
 
 
 class QueueDepthLimiter:

@@ -35,6 +35,7 @@ from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.states import TERMINAL, Step
 from appliance.state.leases import Lease, LeaseKeeper
 from appliance.state.migrations import GroupInfo, StoredMigration
+from appliance.waiting import first_of
 
 log = get_logger(__name__)
 ADMISSION = "admission"
@@ -106,7 +107,8 @@ class Scheduler:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
-                        _first_of(self._wake, stop), timeout=self._deps.config.scheduler_tick_s
+                        first_of(self._wake.wait(), stop=stop),
+                        timeout=self._deps.config.scheduler_tick_s,
                     )
         finally:
             await self.stop_all()
@@ -278,12 +280,3 @@ def _running_records(views: list[GroupView]) -> list[MigrationRecord]:
         for member in view.members
         if Step(member.step) is not Step.QUEUED and Step(member.step) not in TERMINAL
     ]
-
-
-async def _first_of(*events: asyncio.Event) -> None:
-    waiters = [asyncio.create_task(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()

@@ -33,15 +33,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
-from tenacity import (
-    AsyncRetrying,
-    RetryError,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
 
 from appliance.errors import StateStoreUnavailable
+from appliance.retrying import RetryPolicy, retry
 from appliance.state.keys import Keys
 from appliance.state.leases import FENCE_CHECK, Lease, check_fenced, fence_keys, fence_token
 
@@ -153,19 +147,12 @@ class RedisCheckpointStore:
         return self._key
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
-            wait=wait_random_exponential(multiplier=0.1, max=self._max_backoff_s),
-            stop=stop_after_attempt(self._attempts),
+        return await retry(
+            RetryPolicy(self._attempts, 0.1, self._max_backoff_s),
+            operation,
+            transient=(RedisConnectionError, RedisTimeoutError),
+            give_up=lambda cause, _: StateStoreUnavailable(cause),
         )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    return await operation()
-        except RetryError as exhausted:
-            cause = exhausted.last_attempt.exception()
-            raise StateStoreUnavailable(cause or exhausted) from cause
-        raise AssertionError("unreachable: tenacity either returns or raises")
 
     async def _write(self, op: str, *items: EncodableT) -> None:
         """One fenced script call (retried on connection errors; a refusal is never retried)."""

@@ -23,18 +23,11 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.typing import EncodableT, FieldT
-from tenacity import (
-    AsyncRetrying,
-    RetryError,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_random_exponential,
-)
 
 from appliance.errors import StateLost, StateStoreUnavailable
 from appliance.health import HealthBoard
 from appliance.logs import get_logger
+from appliance.retrying import RetryPolicy, retry
 from appliance.state.keys import Keys
 
 T = TypeVar("T")
@@ -82,20 +75,12 @@ class StateStore:
 
     async def run(self, operation: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         """Run ``operation`` against Redis with bounded, jittered retries."""
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(_TRANSIENT),
-            wait=wait_random_exponential(multiplier=0.05, max=1.0),
-            stop=stop_after_attempt(self._retry_attempts) | stop_after_delay(self._retry_seconds),
-            reraise=False,
+        result = await retry(
+            RetryPolicy(self._retry_attempts, 0.05, 1.0, within_s=self._retry_seconds),
+            lambda: operation(self.redis),
+            transient=_TRANSIENT,
+            give_up=self._give_up,
         )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    result = await operation(self.redis)
-        except RetryError as error:
-            cause = error.last_attempt.exception() or error
-            self._report_failed(cause)
-            raise StateStoreUnavailable(cause) from cause
         self._report_ok()
         return result
 
@@ -106,6 +91,10 @@ class StateStore:
         if self._health is not None and not self._health.is_ok(COMPONENT):
             self._health.ok(COMPONENT)
             log.info("state store reachable")
+
+    def _give_up(self, cause: BaseException, attempts: int) -> StateStoreUnavailable:
+        self._report_failed(cause)
+        return StateStoreUnavailable(cause)
 
     def _report_failed(self, cause: BaseException) -> None:
         if self._health is not None and self._health.is_ok(COMPONENT):

@@ -53,7 +53,10 @@ async def _start(data_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while not (data_dir / "runtime.json").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "appliance did not start"
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()  # never leave one running behind a failed bench
+            await asyncio.to_thread(process.wait)
+            raise AssertionError("appliance did not start")
         await asyncio.sleep(0.1)
     return process
 

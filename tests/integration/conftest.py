@@ -36,7 +36,7 @@ def localstack() -> Iterator[str]:
     """LocalStack on 127.0.0.1:4566: reused if already up, else started and stopped by PID."""
     sys.path.insert(0, str(RUNNER.parent))
     try:
-        import run as localstack_runner  # localstack/run.py
+        import run as localstack_runner  # type: ignore[import-not-found]  # localstack/run.py
     finally:
         sys.path.pop(0)
     started = False

@@ -17,11 +17,13 @@ from appliance.state.store import StateStore, connect
 from appliance.storage.layered import LayeredDisk
 from clients.client import FerryClient, FerryError
 from messages.common import MigrationState, PowerState
-from messages.events import MigrationStatus
+from messages.events import MigrationStatus, SourceCloneResponse
 from tests.integration.conftest import Harness, RunningAppliance
 from tests.integration.migration_helpers import ApplianceProcess, clone_request, start_migration
 from tests.support.faultproxy import FaultProxy
+from tests.support.gate import Gate
 from tests.support.lab import MIB, build_lab, cloud_volume, disk_digest, lab_vm, onprem_disk
+from tests.support.redisfields import field_text
 
 StartAppliance = Callable[..., Awaitable[RunningAppliance]]
 
@@ -124,11 +126,11 @@ async def test_a_dependent_group_fails_together_and_leaves_the_source_as_it_was(
         final = await follower.finished(2)
         by_vm = {s.vm_id: s for s in final.values()}
         assert {s.state for s in final.values()} == {MigrationState.FAILED}
-        assert by_vm[bad.vm_id].error is not None
-        assert by_vm[bad.vm_id].error.code == "precheck_failed"
-        assert "tools_running" in by_vm[bad.vm_id].error.message
-        assert by_vm[good.vm_id].error is not None
-        assert by_vm[good.vm_id].error.code == "dependency_failed"
+        bad_error, good_error = by_vm[bad.vm_id].error, by_vm[good.vm_id].error
+        assert bad_error is not None and good_error is not None
+        assert bad_error.code == "precheck_failed"
+        assert "tools_running" in bad_error.message
+        assert good_error.code == "dependency_failed"
         # The VMs are free again: the good one alone migrates now.
         again = await start_migration(client, clone_request(client, [good.vm_id]))
         (status,) = (await again.finished(1)).values()
@@ -160,17 +162,44 @@ async def test_a_dependent_group_cuts_over_together(
     assert last_verify < first_create
 
 
+class GatedWan:
+    """The data path's WAN link, shut until the test opens it: a migration that reaches its
+    transfer waits there, so none finishes (and frees a slot) before the test says so."""
+
+    def __init__(self) -> None:
+        self.gate = Gate()
+
+    async def __call__(self, address: NbdAddress) -> NbdAddress:
+        await self.gate.passage()
+        return address
+
+
+async def _admission_order(harness: Harness) -> list[str]:
+    """Migration ids in the order they were admitted (their step to "preparing"), from the
+    global event log: a Redis stream, so its order is the order of the writes."""
+    store = StateStore(connect(harness.redis_url), Keys(harness.prefix))
+    try:
+        events = await EventLog(store).read(count=10_000)
+    finally:
+        await store.close()
+    return [
+        e.migration_id
+        for e in events
+        if e.kind == "step" and e.fields["step"] == "preparing" and e.migration_id
+    ]
+
+
 async def test_ten_requests_with_a_limit_of_eight_queue_in_order(
     harness: Harness, start_appliance: StartAppliance
 ) -> None:
     vms = [lab_vm(i, disks=1, disk_size=8 * MIB) for i in range(1, 11)]
     await build_lab(harness.data_dir, vms)
-    await start_appliance(harness.settings(max_concurrent_migrations=8))
+    wan = GatedWan()
+    await start_appliance(harness.settings(max_concurrent_migrations=8), wan=wan)
     async with FerryClient(harness.client_settings()) as client:
         followers = []
         for vm in vms:  # one request each, in this order
-            request = clone_request(client, [vm.vm_id], bandwidth_mbps=12)
-            followers.append(await start_migration(client, request))
+            followers.append(await start_migration(client, clone_request(client, [vm.vm_id])))
         # A second migration of a VM already in flight is refused with a clear code.
         try:
             await client.request(clone_request(client, [vms[0].vm_id]))
@@ -178,25 +207,23 @@ async def test_ten_requests_with_a_limit_of_eight_queue_in_order(
             assert error.code.value == "conflict" and vms[0].vm_id in str(error)
         else:  # pragma: no cover
             raise AssertionError("a VM in flight must not be migrated twice")
-        queued = {}
+        await wan.gate.reached(8)  # the first eight run, held at their transfer
+        queued: dict[str, MigrationStatus] = {}
         for follower in followers[8:]:
-            status = await follower.until(
-                lambda latest: any(s.queue_position for s in latest.values())
+            queued.update(
+                await follower.until(lambda latest: any(s.queue_position for s in latest.values()))
             )
-            queued.update(status)
-        assert sorted(s.queue_position for s in queued.values()) == [1, 2]  # type: ignore[type-var]
+        assert sorted(s.queue_position or 0 for s in queued.values()) == [1, 2]
+        assert wan.gate.arrived == 8, "the limit holds: the ninth and tenth wait in line"
+        wan.gate.open()
+        finals = []
         for follower in followers:
             (status,) = (await follower.finished(1, within_s=180)).values()
-            assert status.state is MigrationState.COMPLETED, status.error
-    starts = {}
-    for follower in followers:
-        for status in follower.history:
-            if status.phase.value == "prepare":
-                starts.setdefault(status.vm_id, status.updated_at)
-    order = [vm.vm_id for vm in vms]
-    ninth, tenth = order[8], order[9]
-    assert starts[ninth] <= starts[tenth]
-    assert all(starts[vm_id] < starts[ninth] for vm_id in order[:8])
+            finals.append(status)
+    assert [s.state for s in finals] == [MigrationState.COMPLETED] * 10, [s.error for s in finals]
+    assert wan.gate.arrived == 10
+    assert [s.vm_id for s in finals] == [vm.vm_id for vm in vms]
+    assert await _admission_order(harness) == [s.migration_id for s in finals]
 
 
 async def test_cancel_mid_transfer_restores_the_source_and_removes_cloud_artefacts(
@@ -222,7 +249,8 @@ async def test_cancel_mid_transfer_restores_the_source_and_removes_cloud_artefac
             body=CancelRequestBody(select=MigrationSelector(migration_ids=(migration_id,)))
         )
         answer = await client.request(cancel)
-        assert answer.body.state is MigrationState.CANCELLING  # type: ignore[union-attr]
+        assert isinstance(answer, SourceCloneResponse)
+        assert answer.body.state is MigrationState.CANCELLING
         (status,) = (await follower.finished(1)).values()
         assert status.state is MigrationState.CANCELLED
         assert 0 < max(s.bytes_done for s in follower.history) < status.bytes_total
@@ -385,7 +413,7 @@ async def test_two_appliances_one_killed_the_other_takes_over(
             owners = {}
             for status in follower.latest.values():
                 key = store.keys.lease(f"group:{status.group_id}")
-                owner = (await store.redis.hget(key, "owner")).decode()
+                owner = await field_text(store.redis, key, "owner")
                 owners[status.migration_id] = owner.split("/")[0]  # "<appliance id>/<process>"
             victim = next(iter(owners.values()))
             processes.pop(victim).kill()

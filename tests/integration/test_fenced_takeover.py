@@ -15,12 +15,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from appliance.state.keys import Keys
-from appliance.state.store import StateStore, connect
+from appliance.state.store import StateStore, connect, text
 from clients.client import FerryClient
 from messages.common import MigrationState, Phase
 from tests.integration.conftest import Harness
 from tests.integration.migration_helpers import ApplianceProcess, clone_request, start_migration
 from tests.support.lab import MIB, build_lab, cloud_volume, disk_digest, lab_vm, onprem_disk
+from tests.support.redisfields import field_int, field_text
 
 TTL_S = 2
 
@@ -72,8 +73,8 @@ async def test_an_owner_paused_past_its_lease_writes_nothing_after_the_takeover(
                 return int(durable or 0) >= 1 and await store.redis.hlen(checkpoint_key) > 3
 
             await until(durable_checkpoint)
-            owner = (await store.redis.hget(lease_key, "owner")).decode()
-            old_token = int(await store.redis.hget(lease_key, "token"))
+            owner = await field_text(store.redis, lease_key, "owner")
+            old_token = await field_int(store.redis, lease_key, "token")
             paused = owner.split("/")[0]  # "<appliance id>/<process>"
             other = next(name for name in processes if name != paused)
             processes[paused].pause()
@@ -95,7 +96,7 @@ async def test_an_owner_paused_past_its_lease_writes_nothing_after_the_takeover(
             await process.stop()
     try:
         fence = {
-            key.decode(): int(value)
+            text(key): int(value)
             for key, value in (await store.redis.hgetall(store.keys.fence(resource))).items()
         }
     finally:

@@ -122,8 +122,7 @@ async def test_out_of_space_fails_cleanly_keeps_the_data_and_resumes_once_space_
         # The copied data and its checkpoints are kept for a resume.
         assert cloud_volume(harness.data_dir, volume_id).is_dir()
         assert await _checkpoint_fields(harness, f"{migration_id}/disk-0") > 2
-        (first_copy,) = await _copies(harness, migration_id) or [None]
-        assert first_copy is None  # the copy never finished
+        assert await _copies(harness, migration_id) == []  # the copy never finished
 
         # Space is freed; meanwhile the VM (running on-prem again) changed a chunk.
         ballast.unlink()
@@ -141,7 +140,7 @@ async def test_out_of_space_fails_cleanly_keeps_the_data_and_resumes_once_space_
     assert resumed.state is MigrationState.COMPLETED, resumed.error
     (copy,) = await _copies(harness, migration_id)
     assert copy["attempt"] == 1
-    assert int(copy["chunks_skipped"]) > 0  # type: ignore[call-overload]
+    assert int(str(copy["chunks_skipped"])) > 0
     # What changed while it waited was sent again: the volume equals the disk as it is now.
     assert await disk_digest(cloud_volume(harness.data_dir, volume_id)) == await disk_digest(source)
     moved = await LabSite.open(harness.data_dir / "sites" / "onprem").get_vm(vm.vm_id)

@@ -69,7 +69,7 @@ async def _cloud_vms(data_dir: Path) -> list[str]:
 
 
 async def _snapshots(data_dir: Path, vm: VmConfig) -> list[str]:
-    names = []
+    names: list[str] = []
     for disk in vm.disks:
         async with await LayeredDisk.open(onprem_disk(data_dir, vm.vm_id, disk.disk_id)) as d:
             names.extend(s.name for s in d.snapshots())

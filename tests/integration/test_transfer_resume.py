@@ -46,24 +46,39 @@ MIB = 1024 * KIB
 CHUNK = 128 * KIB
 DISK = 16 * MIB
 SLOW_WRITE_S = 0.03  # per target write in the first run, so the kill lands mid-copy
+HOLD_AFTER = DISK // CHUNK // 2  # recorded chunks: then new writes wait for the kill
 
 
 class EventFile:
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.recorded: set[int] = set()
 
     def log(self, kind: str, indices: range | Sequence[int]) -> None:
+        if kind == "recorded":
+            self.recorded.update(indices)
         if indices:
             os.write(self._fd, "".join(f"{kind} {i}\n" for i in indices).encode())
 
 
 class LoggedTarget:
-    """A FileBackend that logs the chunks each write or zero request touches, before it."""
+    """A FileBackend that logs the chunks each write or zero request touches, before it;
+    once ``hold_after`` chunks were recorded, new requests wait for ever: the run cannot
+    finish before the test kills it, however slowly the test gets to it."""
 
-    def __init__(self, inner: FileBackend, events: EventFile, delay_s: float) -> None:
+    def __init__(
+        self, inner: FileBackend, events: EventFile, delay_s: float, hold_after: int | None
+    ) -> None:
         self._inner = inner
         self._events = events
         self._delay_s = delay_s
+        self._hold_after = hold_after
+        self._never = asyncio.Event()
+
+    async def _start(self, chunks: range) -> None:
+        self._events.log("start", chunks)
+        if self._hold_after is not None and len(self._events.recorded) >= self._hold_after:
+            await self._never.wait()
 
     def _touching(self, offset: int, length: int) -> range:
         return range(offset // CHUNK, (offset + max(length, 1) - 1) // CHUNK + 1)
@@ -84,12 +99,12 @@ class LoggedTarget:
         return await self._inner.read(offset, length)
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
-        self._events.log("start", self._touching(offset, len(data)))
+        await self._start(self._touching(offset, len(data)))
         await asyncio.sleep(self._delay_s)
         await self._inner.write(offset, data)
 
     async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
-        self._events.log("start", self._touching(offset, length))
+        await self._start(self._touching(offset, length))
         await self._inner.zero(offset, length, punch_hole=punch_hole)
 
     async def flush(self) -> None:
@@ -122,7 +137,7 @@ async def child(args: argparse.Namespace) -> None:
         FileBackend.open(args.target) as target_file,
     ):
         transfer = Transfer(
-            "resume", source, LoggedTarget(target_file, events, args.write_delay),
+            "resume", source, LoggedTarget(target_file, events, args.write_delay, args.hold_after),
             checkpoints=checkpoints, options=options,
         )  # fmt: skip
         result = await transfer.run()
@@ -144,13 +159,19 @@ def write_source(path: Path) -> None:
 
 
 def spawn(
-    redis_url: str, prefix: str, tmp: Path, events: Path, write_delay: float
+    redis_url: str,
+    prefix: str,
+    tmp: Path,
+    events: Path,
+    write_delay: float,
+    hold_after: int | None = None,
 ) -> subprocess.Popen[str]:
+    held = ["--hold-after", str(hold_after)] if hold_after is not None else []
     command = [
         sys.executable, "-m", "tests.integration.test_transfer_resume",
         "--redis", redis_url, "--prefix", prefix,
         "--source", str(tmp / "source.raw"), "--target", str(tmp / "target.raw"),
-        "--events", str(events), "--write-delay", str(write_delay),
+        "--events", str(events), "--write-delay", str(write_delay), *held,
     ]  # fmt: skip
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
@@ -182,7 +203,7 @@ def test_killed_transfer_resends_at_most_the_chunks_in_flight(
     os.truncate(tmp_path / "target.raw", DISK)
     first_events, second_events = tmp_path / "run1.events", tmp_path / "run2.events"
 
-    first = spawn(redis_server.url, key_prefix, tmp_path, first_events, SLOW_WRITE_S)
+    first = spawn(redis_server.url, key_prefix, tmp_path, first_events, SLOW_WRITE_S, HOLD_AFTER)
     try:
         wait_for_records(first, first_events, DISK // CHUNK // 2)
         first.send_signal(signal.SIGKILL)
@@ -231,6 +252,7 @@ def main() -> None:
     for option in ("--redis", "--prefix", "--source", "--target", "--events"):
         parser.add_argument(option, required=True)
     parser.add_argument("--write-delay", type=float, default=0.0)
+    parser.add_argument("--hold-after", type=int, default=None)
     asyncio.run(child(parser.parse_args()))
 
 

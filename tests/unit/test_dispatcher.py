@@ -36,6 +36,7 @@ from messages.common import MigrationType
 from messages.errors import ErrorCode
 from messages.events import CommandResponse, CommandResponseBody, ErrorResponse, Event
 from messages.keys import ApplianceKeyPair
+from tests.support.redisfields import field_int
 
 TOKEN = b"dispatch-token"
 
@@ -410,10 +411,10 @@ async def test_a_handler_that_outlives_its_short_lease_keeps_its_claim(
     first = asyncio.create_task(dispatcher.handle(_delivery(body, 1)))
     await started.wait()
     key = keys.command(command.message_id)
-    claimed_until = int(await redis.hget(key, "lease_until"))
+    claimed_until = await field_int(redis, key, "lease_until")
     async with asyncio.timeout(10):  # renewed past the first lease's end
         while True:
-            if int(await redis.hget(key, "lease_until")) > claimed_until + 300:
+            if await field_int(redis, key, "lease_until") > claimed_until + 300:
                 break
             await asyncio.sleep(0.05)
     assert await dispatcher.handle(_delivery(body, 2)) is Verdict.BUSY

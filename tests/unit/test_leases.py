@@ -14,6 +14,7 @@ from appliance.state.checkpoints import RedisCheckpointStore
 from appliance.state.keys import Keys
 from appliance.state.leases import Lease, LeaseKeeper, Leases
 from appliance.state.store import StateStore, connect
+from tests.support.redisfields import field_int
 
 TTL_S = 30.0
 """Generous: no test waits for a lease to run out. Redis's clock is real, so a test that
@@ -99,10 +100,10 @@ async def test_renewal_gives_the_lease_a_whole_ttl_again(
     assert lease is not None
     key = keys.lease(RESOURCE)
     await redis.pexpire(key, 500)  # almost run out...
-    expires = int(await redis.hget(key, "expires"))
+    expires = await field_int(redis, key, "expires")
     assert await a.renew(lease)
     assert await redis.pttl(key) > 10_000  # ...and good for another ttl
-    assert int(await redis.hget(key, "expires")) >= expires
+    assert await field_int(redis, key, "expires") >= expires
     assert await b.acquire(RESOURCE) is None
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from appliance.datapath.nbd.channel import NbdAddress
 from appliance.orchestrator import tags
 from appliance.orchestrator.leftovers import Leftovers, ResetCleanup
 from appliance.sites.model import DiskConfig
@@ -24,7 +25,7 @@ class Exports:
     def __init__(self) -> None:
         self.unexported: list[str] = []
 
-    async def export(self, volume_id: str) -> object:
+    async def export(self, volume_id: str) -> tuple[NbdAddress, str]:
         raise AssertionError("cleanup exports nothing")
 
     async def unexport(self, volume_id: str) -> None:

@@ -66,7 +66,9 @@ async def test_send_gathers_buffers_through_partial_writes(
     pair: tuple[Channel, socket.socket],
 ) -> None:
     channel, peer = pair
-    parts = [b"x" * 10, os.urandom(300_000), memoryview(os.urandom(70_000))[5:], b""]
+    parts: list[bytes | memoryview] = [
+        b"x" * 10, os.urandom(300_000), memoryview(os.urandom(70_000))[5:], b"",
+    ]  # fmt: skip
     expected = b"".join(bytes(part) for part in parts)
     reader = asyncio.create_task(pump_out(peer, 3 * len(expected)))
     await asyncio.gather(*(channel.send(*parts) for _ in range(3)))

@@ -18,6 +18,7 @@ from appliance.errors import ConnectionDropped, NbdCommandError, NbdProtocolErro
 from appliance.storage.extents import Extent
 from appliance.storage.hashing import chunk_hash, zero_hash
 from appliance.storage.memory import MemoryBackend
+from tests.support.gate import Gate
 
 MiB = 1024 * 1024
 SIZE = 8 * MiB
@@ -230,22 +231,22 @@ async def test_byte_counters_count_what_crossed_the_socket(backend: NbdBackend) 
 async def test_dropped_connection_fails_pending_requests_and_the_next_call_reconnects(
     proxy: DroppingProxy, server: NbdServer
 ) -> None:
-    gate = asyncio.Event()
+    gate = Gate()
 
     class Stalling(MemoryBackend):
         async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
-            await gate.wait()
+            await gate.passage()
             await super().read_into(offset, buffer)
 
     server.add_export("stall", Stalling(MiB))
     async with await NbdBackend.connect(proxy.address, "stall") as backend:
         await backend.write(0, b"before")
         pending = [asyncio.create_task(backend.read(0, 6)) for _ in range(5)]
-        await asyncio.sleep(0.05)
+        await gate.reached(5)  # all five are at the server, unanswered
         proxy.drop()
         results = await asyncio.gather(*pending, return_exceptions=True)
         assert all(isinstance(result, ConnectionDropped) for result in results)
-        gate.set()
+        gate.open()
         assert await backend.read(0, 6) == b"before"
         assert backend.reconnects == 1
         assert backend.bytes_sent > 0
@@ -285,22 +286,22 @@ async def test_closed_client_refuses_new_requests(server: NbdServer) -> None:
 async def test_caller_cancelling_a_request_leaves_the_connection_usable(
     server: NbdServer,
 ) -> None:
-    gate = asyncio.Event()
+    gate = Gate()
 
     class Slow(MemoryBackend):
         async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
             if offset == 0:
-                await gate.wait()
+                await gate.passage()
             await super().read_into(offset, buffer)
 
     server.add_export("slow", Slow(MiB))
     async with await NbdClient.connect(server.address, "slow") as client:
         task = asyncio.create_task(client.read(0, 1000))
-        await asyncio.sleep(0.05)
+        await gate.reached(1)  # the request is at the server: its reply will come late
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        gate.set()
+        gate.open()
         assert await client.read(4096, 3) == bytes(3)
 
 

@@ -40,6 +40,7 @@ from appliance.state.migrations import MigrationStore
 from appliance.state.policy import Policies
 from appliance.state.store import StateStore, connect
 from tests.support.lab import build_lab
+from tests.support.redisfields import field_int
 from tests.unit.test_clone_requests import KEYS, VMS, NoCloud, clone
 
 OWNER = "ferry-unit/1"
@@ -140,13 +141,13 @@ async def test_a_tick_while_a_run_releases_its_lease_starts_nothing(env: Env) ->
     try:
         await scheduler.tick()  # admits the group; its run pauses on the injected error
         await asyncio.wait_for(env.leases.releasing.wait(), timeout=30)
-        first_token = int(await env.redis.hget(key, "token"))
+        first_token = await field_int(env.redis, key, "token")
 
         with structlog.testing.capture_logs() as logs:
             await scheduler.tick()  # the release is held right now
         assert scheduler.running_groups == [record.group_id]
         assert [e for e in logs if e["event"] == "taking over group"] == []
-        assert int(await env.redis.hget(key, "token")) == first_token
+        assert await field_int(env.redis, key, "token") == first_token
 
         env.leases.gate.set()
         await asyncio.wait_for(env.leases.released.wait(), timeout=30)
@@ -158,7 +159,7 @@ async def test_a_tick_while_a_run_releases_its_lease_starts_nothing(env: Env) ->
         clock.advance(PAUSED_RETRY_S)
         await scheduler.tick()  # ...then it is taken up again, under a new token
         await asyncio.wait_for(env.onprem.stalled.wait(), timeout=30)
-        token = int(await env.redis.hget(key, "token"))
+        token = await field_int(env.redis, key, "token")
         assert token == first_token + 1
         assert await env.leases.renew(Lease(group_lease(record.group_id), OWNER, token))
     finally:

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from appliance.errors import CommandRejected
+from appliance.sites.lab.site import LabSite
 from messages.commands import CloneVm, MigrationSelector, SourceCloneRequest, VmRef
 from messages.errors import ErrorCode
 from tests.support.lab import MIB, lab_vm
@@ -23,6 +24,7 @@ def _request(*vms: CloneVm, groups: tuple[tuple[VmRef, ...], ...] = ()) -> Sourc
 
 async def _name_another_vm(env: cr.Env, vm_id: str, name: str) -> None:
     site = env.deps.site("onprem")
+    assert isinstance(site, LabSite)
     await site.save_vm(replace(lab_vm(50, disks=1, disk_size=4 * MIB), vm_id=vm_id, name=name))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,7 +10,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.clock import FakeClock
 from appliance.sites.lab.workload import (
     GuestWorkload,
     Mismatch,
@@ -28,6 +26,7 @@ from appliance.sites.lab.workload import (
     write_content,
 )
 from appliance.storage.layered import LayeredDisk
+from tests.support.clocks import SteppingClock
 
 MiB = 1024 * 1024
 SIZE = 24 * MiB
@@ -154,14 +153,14 @@ async def test_the_log_is_synced_in_batches_and_a_torn_tail_is_ignored(tmp_path:
 
 
 async def test_rate_and_duration_follow_the_clock(disk: LayeredDisk) -> None:
-    clock = FakeClock()
+    # Time moves only while the workload waits for its next turn, so the operations
+    # themselves take none of it and the count is the same on any machine: one every
+    # 0.1 s from 0.0 s; the one due at 2.0 s was waited for while time was left, so it runs.
+    clock = SteppingClock()
     workload = GuestWorkload(disk.active(), WorkloadSpec(seed=1), clock=clock)
-    task = asyncio.create_task(workload.run(duration=2.0, rate=10))
-    while not task.done():
-        await asyncio.sleep(0.001)  # let the I/O threads finish, then move time on
-        clock.advance(0.05)
-    stats = await task
-    assert 19 <= stats.reads + stats.writes <= 21
+    stats = await workload.run(duration=2.0, rate=10)
+    assert stats.reads + stats.writes == 21
+    assert clock.monotonic() == pytest.approx(2.0)
 
 
 @given(

@@ -387,15 +387,12 @@ async def digest_of(data: memoryview) -> bytes:
     return await asyncio.get_running_loop().run_in_executor(None, chunk_hash, data)
 
 
-def block_digests(data: memoryview, block: int) -> list[bytes]:
-    return [chunk_hash(data[at : at + block]) for at in range(0, len(data), block)]
-
-
 async def range_digests(
     backend: Backend, offset: int, length: int, block: int, buffers: BufferPool
 ) -> list[bytes]:
     """chunk_hash of each ``block`` of the range: by the backend where it can, else read
-    at once and hashed here (in a thread when large)."""
+    and hashed here a block at a time, so a request holds one block's buffer, not the
+    whole range's (eight migrations checking their images at once add up)."""
     if isinstance(backend, HashesBlocks):
         digests = await backend.hash_blocks(offset, length, block)
         if digests is not None:
@@ -405,18 +402,21 @@ async def range_digests(
         if all(extent.zero for extent in extents):
             ends = range(offset + block, offset + length + block, block)
             return [zero_hash(min(end, offset + length) - end + block) for end in ends]
-    buffer = buffers.take(length)
-    view = memoryview(buffer)[:length]
+    end = offset + length
+    buffer = buffers.take(min(block, length))
+    digests = []
     try:
-        await read_range(backend, offset, view)
-        if length <= INLINE_HASH_LIMIT:
-            return block_digests(view, block)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, block_digests, view, block)
+        for at in range(offset, end, block):
+            view = memoryview(buffer)[: min(block, end - at)]
+            try:
+                await read_range(backend, at, view)
+                digests.append(await digest_of(view))
+            finally:
+                with contextlib.suppress(BufferError):
+                    view.release()
     finally:
-        with contextlib.suppress(BufferError):
-            view.release()
         buffers.give(buffer)
+    return digests
 
 
 async def range_digest(backend: Backend, offset: int, length: int, buffers: BufferPool) -> bytes:

@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Self
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -79,7 +80,7 @@ class LabSite:
         return child_path(self._name, self.root / "volumes", volume_id)
 
     @classmethod
-    async def create(cls, root: Path, config: SiteConfig) -> LabSite:
+    async def create(cls, root: Path, config: SiteConfig) -> Self:
         site = cls(root, config.name)
         data = _SITE.dump_json(config, indent=2)
         await asyncio.to_thread(write_atomically, root / "site.json", data)
@@ -87,7 +88,7 @@ class LabSite:
         return site
 
     @classmethod
-    def open(cls, root: Path) -> LabSite:
+    def open(cls, root: Path) -> Self:
         path = root / "site.json"
         if not path.is_file():
             raise SiteError(root.name, f"no lab site at {root} (run 'ferry-appliance lab create')")
@@ -222,12 +223,13 @@ class LabSite:
         return changed
 
     async def _ensure_pool(self, pool: str) -> None:
-        config = await self.config()
-        if pool not in config.resource_pools:
-            updated = replace(config, resource_pools=(*config.resource_pools, pool))
-            await asyncio.to_thread(
-                write_atomically, self.root / "site.json", _SITE.dump_json(updated, indent=2)
-            )
+        async with self._lock:  # read-modify-write: concurrent finalizes add the pool once
+            config = await self.config()
+            if pool not in config.resource_pools:
+                updated = replace(config, resource_pools=(*config.resource_pools, pool))
+                await asyncio.to_thread(
+                    write_atomically, self.root / "site.json", _SITE.dump_json(updated, indent=2)
+                )
 
     async def create_vm(self, vm: VmConfig) -> VmConfig:
         try:
@@ -352,7 +354,8 @@ class LabSite:
             data = json.dumps(dict(tags or {}), sort_keys=True).encode()
             await asyncio.to_thread(write_atomically, path / ".tags.json", data)
             layered = await LayeredDisk.create(path, capacity_bytes)
-            await asyncio.to_thread((path / ".capacity").write_text, str(capacity_bytes))
+            # Atomically: free_bytes() of a concurrent migration reads it any time.
+            await asyncio.to_thread(write_atomically, path / ".capacity", b"%d" % capacity_bytes)
             self._disks[path] = layered
         return layered.active()
 
