@@ -17,10 +17,9 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from appliance.components.heartbeat import ComponentHealth, ComponentReport, Liveness
 from appliance.components.orders import ComponentId
@@ -29,6 +28,7 @@ from appliance.health import HealthBoard
 from appliance.logs import get_logger
 from appliance.settings import Settings
 from appliance.state.store import StateStore
+from appliance.waiting import first_of
 
 log = get_logger(__name__)
 
@@ -141,7 +141,7 @@ class Supervisor:
             process = await self._start(child)
             started_at = loop.time()
             try:
-                stopped = await _first(process.wait(), stop.wait())
+                stopped = await first_of(process.wait(), stop=stop) is None
             except BaseException:
                 await self._stop(process, grace_s=0.0)
                 raise
@@ -198,19 +198,6 @@ class Supervisor:
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
-
-
-async def _first(exited: Coroutine[Any, Any, int], stopping: Coroutine[Any, Any, bool]) -> bool:
-    """Wait for the process to exit or for stop; True when stop came first."""
-    waiting = asyncio.ensure_future(exited)
-    stop = asyncio.ensure_future(stopping)
-    try:
-        await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
-        return not waiting.done()
-    finally:
-        for task in (waiting, stop):
-            if not task.done():
-                task.cancel()
 
 
 WATCH_STEP_S = 2.0
