@@ -136,7 +136,9 @@ def parser() -> argparse.ArgumentParser:
 
 async def _main(args: argparse.Namespace) -> int:
     settings = ClientSettings.load(args.runtime, appliance_key=args.appliance_key)
-    async with FerryClient(settings) as client:
+    # Following heartbeats sends no command: no private reply queue to make and remove.
+    private = args.func is not cmd_watch
+    async with FerryClient(settings, private_queue=private) as client:
         code: int = await args.func(client, args)
         return code
 
