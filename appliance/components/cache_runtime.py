@@ -192,13 +192,22 @@ class CacheRuntime:
         if isinstance(wanted, str):
             return OrderOutcome.refused(order, OutcomeCode.INVALID, wanted)
         refused = previous.refused.get(order.disk_id) if previous is not None else None
-        if refused is not None and order.token >= refused:
-            # Its shipping stopped at a stale token; the new owner's token restarts it.
-            log.info("cache disk taken over: shipping restarts", disk_id=order.disk_id)
-            await self.cache.close_disk(order.disk_id, order.token)
         export = await self.cache.open_disk(wanted)
         await self._state.opened(order)
+        if refused is not None and order.token >= refused:
+            self._restart_shipping(order.disk_id)
         return OrderOutcome.applied(order, address=str(self.cache.server.address), export=export)
+
+    def _restart_shipping(self, disk_id: str) -> None:
+        """Shipping stopped at a stale token; the new owner's token (now the disk's) restarts
+        it, with the export left serving the VM. The core has no call for this yet
+        (``CloudCache.open_disk`` updates a takeover's token and sink but leaves a stopped
+        shipper stopped), hence the reach into its table."""
+        opened = self.cache._disks.get(disk_id)
+        if opened is not None and opened.shipper.stale:
+            log.info("cache disk taken over: shipping restarts", disk_id=disk_id)
+            opened.shipper.stale = False
+            opened.shipper.start()
 
     def status(self) -> Mapping[str, object]:
         if self._cache is None:

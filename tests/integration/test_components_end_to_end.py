@@ -1,0 +1,210 @@
+"""The cloud cache and the on-prem I/O manager end to end, as real processes.
+
+The on-prem component serves a lab disk with a migrate-time snapshot; the
+cache component's upstream is the on-prem ``cur/`` export through a fault
+proxy (the WAN link); epochs travel through Redis (stage, commit) and NBD
+(the data). The test is the control plane: it holds a real lease, gives
+orders, writes and reads through the cache's NBD export with the project's
+NBD client, and reads on-prem ``cur/`` directly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from appliance.components.control import ComponentOrders
+from appliance.components.epochs import parse_address
+from appliance.components.heartbeat import ComponentReport
+from appliance.components.orders import (
+    ComponentId,
+    ComponentKeys,
+    Order,
+    OrderAction,
+    OrderOutcome,
+    OutcomeCode,
+    OutcomeKind,
+)
+from appliance.datapath.nbd import NbdBackend
+from appliance.embedded import RedisServer
+from appliance.errors import LeaseLost
+from appliance.state.keys import Keys
+from appliance.state.leases import Lease, Leases
+from tests.support.components import CACHE, ONPREM, WAIT_S, ComponentPair, component_pair
+from tests.support.faultproxy import FaultProxy
+from tests.support.onprem import MIB, make_lab_disk
+
+SIZE = 4 * MIB
+DISK = "disk-1"
+RESOURCE = "group:g-1"
+
+
+@dataclass
+class Lab:
+    pair: ComponentPair
+    proxy: FaultProxy
+    disk_dir: Path
+    snapshot_id: str
+    snapshot: bytes
+    onprem_address: str
+
+
+@pytest.fixture
+async def lab(
+    redis: aioredis.Redis, redis_server: RedisServer, keys: Keys, tmp_path: Path
+) -> AsyncIterator[Lab]:
+    snapshot_id, content = await make_lab_disk(tmp_path / "lab-disk", SIZE, seed=3)
+    # A cache the size of the disk (12 MiB): no early epoch cuts itself in this test.
+    scale = {"FERRY_CACHE_SCALE": str(1 / 256)}
+    async with component_pair(redis_server, keys, tmp_path, scale) as pair:
+        onprem = await pair.figures(ONPREM)
+        await pair.figures(CACHE)
+        address = parse_address(str(onprem["address"]))
+        async with FaultProxy(address.host, address.port) as proxy:
+            yield Lab(pair, proxy, tmp_path / "lab-disk", snapshot_id, content, str(address))
+
+
+async def take_lease(lab: Lab, owner: str) -> Lease:
+    lease = await Leases(lab.pair.store, owner, ttl_s=300).acquire(RESOURCE)
+    assert lease is not None
+    return lease
+
+
+def onprem_open(lab: Lab, lease: Lease) -> Order:
+    params = {"disk_dir": str(lab.disk_dir), "snapshot_id": lab.snapshot_id}
+    return Order(DISK, OrderAction.OPEN, "m-1", lease.token, lease.resource, params=params)
+
+
+def cache_open(lab: Lab, lease: Lease) -> Order:
+    params = {"size": SIZE, "upstream": f"127.0.0.1:{lab.proxy.port}", "onprem": ONPREM.name}
+    return Order(DISK, OrderAction.OPEN, "m-1", lease.token, lease.resource, params=params)
+
+
+def cut(lease: Lease, request: int) -> Order:
+    return Order(DISK, OrderAction.CUT_EPOCH, "m-1", lease.token, lease.resource, request)
+
+
+async def applied(orders: ComponentOrders, order: Order) -> OrderOutcome:
+    outcome = await orders.give_and_wait(order, WAIT_S)
+    assert outcome.kind is OutcomeKind.APPLIED, outcome
+    return outcome
+
+
+async def read_current(lab: Lab) -> bytes:
+    address = parse_address(lab.onprem_address)
+    async with await NbdBackend.connect(address, f"cur/{DISK}") as current:
+        return await current.read(0, current.size)
+
+
+async def write_some(
+    disk: NbdBackend, image: bytearray, rng: random.Random, count: int
+) -> list[tuple[int, int]]:
+    """Random writes (unaligned offsets and sizes) through the cache, then a FLUSH."""
+    done = []
+    for _ in range(count):
+        length = rng.randrange(1, 100_000)
+        offset = rng.randrange(0, SIZE - length)
+        data = rng.randbytes(length)
+        await disk.write(offset, data)
+        image[offset : offset + length] = data
+        done.append((offset, length))
+    await disk.flush()
+    return done
+
+
+def committed(epoch: int) -> Callable[[ComponentReport], bool]:
+    return lambda r: r.figures.get("committed_epoch", {}).get(DISK) == epoch
+
+
+async def test_writes_reach_on_prem_in_committed_epochs_and_a_stale_owner_is_refused(
+    lab: Lab,
+) -> None:
+    pair, rng = lab.pair, random.Random(9)
+    onprem_orders, cache_orders = pair.orders(ONPREM), pair.orders(CACHE)
+    owner_a = await take_lease(lab, "ferry-a")
+
+    opened = await applied(onprem_orders, onprem_open(lab, owner_a))
+    assert opened.result["current"] == f"cur/{DISK}"
+    exported = await applied(cache_orders, cache_open(lab, owner_a))
+    vm_disk = parse_address(str(exported.result["address"]))
+
+    async with await NbdBackend.connect(vm_disk, str(exported.result["export"])) as disk:
+        # Read-through: every byte through the cache equals the snapshot (misses, then hits).
+        assert disk.size == SIZE
+        assert await disk.read(0, SIZE) == lab.snapshot
+        for _ in range(20):
+            offset, length = rng.randrange(SIZE - 1), rng.randrange(1, 100_000)
+            length = min(length, SIZE - offset)
+            assert await disk.read(offset, length) == lab.snapshot[offset : offset + length]
+        assert lab.proxy.bytes_down > 0  # the misses came over the link
+
+        # Epoch 1: writes, a cut, the on-prem commit; cur/ equals the writes exactly.
+        image = bytearray(lab.snapshot)
+        await write_some(disk, image, rng, 12)
+        assert await read_current(lab) == lab.snapshot  # nothing committed yet
+        outcome = await applied(cache_orders, cut(owner_a, 1))
+        assert outcome.result["epoch"] == 1
+        await pair.wait(ONPREM, committed(1))
+        await pair.wait(CACHE, committed(1))
+        after_one = bytes(image)
+        assert await read_current(lab) == after_one
+        again = await applied(cache_orders, cut(owner_a, 1))  # the same order: no new cut
+        assert again.result["epoch"] == 1
+
+        # Writes not yet in a committed epoch are invisible on-prem.
+        await write_some(disk, image, rng, 12)
+        after_two = bytes(image)
+        assert await read_current(lab) == after_one
+        assert await disk.read(0, SIZE) == after_two
+
+        # Epoch 2 is cut by owner A while the link is down, so it cannot ship ...
+        lab.proxy.drop_every(1)
+        lab.proxy.drop_now()
+        assert (await applied(cache_orders, cut(owner_a, 2))).result["epoch"] == 2
+
+        # ... and B takes the migration over and tells on-prem first.
+        await Leases(pair.store, "ferry-a", ttl_s=300).release(owner_a)
+        owner_b = await take_lease(lab, "ferry-b")
+        assert owner_b.token > owner_a.token
+        await applied(onprem_orders, onprem_open(lab, owner_b))
+        lab.proxy.drop_every(None)
+
+        # A's epoch is refused on-prem (stale token): it stays dirty in the cache.
+        refused = await pair.wait(
+            CACHE, lambda r: r.figures.get("shipping_refused", {}).get(DISK) == owner_b.token
+        )
+        assert refused.figures["epochs_in_flight"] == {DISK: [2]}
+        assert refused.figures["committed_epoch"] == {DISK: 1}
+        assert (
+            isinstance(refused.figures["dirty_bytes"], int) and refused.figures["dirty_bytes"] > 0
+        )
+        assert await read_current(lab) == after_one
+        with pytest.raises(LeaseLost):  # A can give no order any more
+            await cache_orders.give(cut(owner_a, 3))
+
+        # B's open takes the cache over: epoch 2 ships with B's token and commits.
+        await applied(cache_orders, cache_open(lab, owner_b))
+        await pair.wait(ONPREM, committed(2))
+        await pair.wait(CACHE, committed(2))
+        assert await read_current(lab) == after_two
+        assert await disk.read(0, SIZE) == after_two
+
+    # An order of A's that reaches the component anyway (written past the fencing
+    # script) is refused by the component itself: it has accepted B's token.
+    stale = cut(owner_a, 3)
+    await hand_written(pair, CACHE, stale)
+    outcome = await cache_orders.wait(stale, WAIT_S)
+    assert outcome.kind is OutcomeKind.REFUSED and outcome.code is OutcomeCode.STALE_TOKEN
+    figures = await pair.figures(CACHE)
+    assert figures["open_epoch"] == {DISK: 3} and figures["committed_epoch"] == {DISK: 2}
+
+
+async def hand_written(pair: ComponentPair, instance: ComponentId, order: Order) -> None:
+    keys = ComponentKeys(pair.store.keys, instance)
+    await pair.store.redis.hset(keys.orders, order.disk_id, order.to_json())
+    await pair.store.redis.xadd(keys.order_events, {"disk": order.disk_id})
