@@ -10,7 +10,9 @@ NBD client, and reads on-prem ``cur/`` directly.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +33,19 @@ from appliance.components.orders import (
     OutcomeKind,
 )
 from appliance.datapath.nbd import NbdBackend
-from appliance.embedded import RedisServer
+from appliance.embedded import RedisServer, free_port
 from appliance.errors import LeaseLost
 from appliance.state.keys import Keys
 from appliance.state.leases import Lease, Leases
-from tests.support.components import CACHE, ONPREM, WAIT_S, ComponentPair, component_pair
+from tests.support.components import (
+    CACHE,
+    ONPREM,
+    WAIT_S,
+    CachedDisk,
+    ComponentPair,
+    cached_disk,
+    component_pair,
+)
 from tests.support.faultproxy import FaultProxy
 from tests.support.onprem import MIB, make_lab_disk
 
@@ -208,3 +218,59 @@ async def hand_written(pair: ComponentPair, instance: ComponentId, order: Order)
     keys = ComponentKeys(pair.store.keys, instance)
     await pair.store.redis.hset(keys.orders, order.disk_id, order.to_json())
     await pair.store.redis.xadd(keys.order_events, {"disk": order.disk_id})
+
+
+async def test_killed_components_reopen_their_disks_and_lose_no_flushed_write(
+    redis: aioredis.Redis, redis_server: RedisServer, keys: Keys, tmp_path: Path
+) -> None:
+    """SIGKILL the cache, then on-prem: each restarts (supervised), reopens its disk by
+    itself (nobody gives ``open`` again), and the epochs after it are exact."""
+    snapshot_id, snapshot = await make_lab_disk(tmp_path / "lab-disk", SIZE, seed=5)
+    rng = random.Random(12)
+    binds = {ONPREM: f"127.0.0.1:{free_port()}", CACHE: f"127.0.0.1:{free_port()}"}
+    async with cached_disk(
+        redis_server,
+        keys,
+        tmp_path,
+        disk_dir=tmp_path / "lab-disk",
+        snapshot_id=snapshot_id,
+        size=SIZE,
+        disk_id=DISK,
+        extra_env={"FERRY_CACHE_SCALE": str(1 / 256)},
+        nbd_binds=binds,
+    ) as cached:
+        pair, image = cached.pair, bytearray(snapshot)
+        async with await NbdBackend.connect(cached.cache_address, cached.export) as disk:
+            await write_some(disk, image, rng, 10)  # acknowledged, then FLUSHed
+
+        cache_pid = await pair.supervisor.wait_running(CACHE, timeout_s=WAIT_S)
+        os.kill(cache_pid, signal.SIGKILL)
+        await pair.supervisor.wait_running(CACHE, not_pid=cache_pid, timeout_s=WAIT_S)
+        back = await pair.wait(
+            CACHE, lambda r: r.pid != cache_pid and DISK in r.figures.get("exports", [])
+        )
+        assert back.figures["epochs_in_flight"] == {DISK: []}
+        async with await NbdBackend.connect(cached.cache_address, cached.export) as disk:
+            assert await disk.read(0, SIZE) == bytes(image)  # every flushed write survived
+        assert await cached.cut_and_commit() == 1
+        assert await read_export(cached, f"cur/{DISK}") == bytes(image)
+
+        onprem_pid = await pair.supervisor.wait_running(ONPREM, timeout_s=WAIT_S)
+        os.kill(onprem_pid, signal.SIGKILL)
+        await pair.supervisor.wait_running(ONPREM, not_pid=onprem_pid, timeout_s=WAIT_S)
+        again = await pair.wait(ONPREM, lambda r: r.pid != onprem_pid and committed(1)(r))
+        assert f"cur/{DISK}" in again.figures["exports"]
+        async with await NbdBackend.connect(cached.cache_address, cached.export) as disk:
+            await write_some(disk, image, rng, 10)
+        assert await cached.cut_and_commit() == 2
+        assert await read_export(cached, f"cur/{DISK}") == bytes(image)
+
+        # The same cut order again, after the restarts: no new epoch.
+        repeat = Order(DISK, OrderAction.CUT_EPOCH, "m-1", cached.lease.token, RESOURCE, 2)
+        assert (await pair.orders(CACHE).give_and_wait(repeat, WAIT_S)).result["epoch"] == 2
+        assert (await pair.figures(CACHE))["open_epoch"] == {DISK: 3}
+
+
+async def read_export(cached: CachedDisk, export: str) -> bytes:
+    async with await NbdBackend.connect(cached.onprem_address, export) as source:
+        return await source.read(0, source.size)

@@ -89,13 +89,16 @@ async def component_pair(
     keys: Keys,
     directory: Path,
     extra_env: Mapping[str, str] | None = None,
+    nbd_binds: Mapping[ComponentId, str] | None = None,
 ) -> AsyncIterator[ComponentPair]:
+    """``nbd_binds``: a fixed HOST:PORT per instance (a restarted one keeps its address)."""
     env = component_env(redis_server, keys, directory, extra_env or {})
+    binds = nbd_binds or {}
     commands = [
         component_command(
             instance,
             data_dir=directory / instance.name,
-            nbd_bind="127.0.0.1:0",
+            nbd_bind=binds.get(instance, "127.0.0.1:0"),
             env=env,
             log_file=directory / f"{instance.name}.log",
             cwd=ROOT,
@@ -208,9 +211,10 @@ async def cached_disk(
     size: int,
     disk_id: str = "disk-1",
     extra_env: Mapping[str, str] | None = None,
+    nbd_binds: Mapping[ComponentId, str] | None = None,
 ) -> AsyncIterator[CachedDisk]:
     """Both components started, the disk opened on both; the cache reads on-prem directly."""
-    async with component_pair(redis_server, keys, directory, extra_env) as pair:
+    async with component_pair(redis_server, keys, directory, extra_env, nbd_binds) as pair:
         onprem = parse_address(str((await pair.figures(ONPREM))["address"]))
         await pair.figures(CACHE)
         lease = await take_lease(pair.store, "ferry-a")
