@@ -155,6 +155,7 @@ class CacheRuntime:
             instance,
             address=address,
             timeout_s=self._config.settings.component_epoch_timeout_s,
+            on_rejected=self._resend_epoch,
         )
         self._sinks[order.disk_id] = sink
         return CacheDiskOrder(
@@ -208,6 +209,16 @@ class CacheRuntime:
             log.info("cache disk taken over: shipping restarts", disk_id=disk_id)
             opened.shipper.stale = False
             opened.shipper.start()
+
+    def _resend_epoch(self, disk_id: str, epoch: int) -> None:
+        """On-prem rejected the commit of ``epoch``: its staging lacks what was sent (on-prem
+        restarted between the copy and the commit and discarded it). The shipper keeps a
+        checkpoint per epoch across attempts, so the next one would skip every chunk and be
+        rejected again, forever; dropping it makes the next attempt send the whole epoch.
+        The core has no call for this yet (the fix belongs in ``EpochShipper``)."""
+        opened = self.cache._disks.get(disk_id)
+        if opened is not None and opened.shipper._checkpoints.pop(epoch, None) is not None:
+            log.warning("epoch rejected on-prem: sending all of it again", disk_id=disk_id)
 
     def status(self) -> Mapping[str, object]:
         if self._cache is None:

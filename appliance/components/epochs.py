@@ -131,6 +131,9 @@ class RedisEpochSink:
 
     ``address``: where the cache reaches the I/O manager's NBD server (through the
     WAN link); when None, the address the I/O manager reports is used.
+    ``on_rejected(disk_id, epoch)`` is called when on-prem rejects a commit (its
+    staging does not hold what the cache sent, e.g. it restarted and discarded
+    it): the next attempt must send the whole epoch again.
     """
 
     def __init__(
@@ -140,11 +143,13 @@ class RedisEpochSink:
         *,
         address: NbdAddress | None = None,
         timeout_s: float = 60.0,
+        on_rejected: Callable[[str, int], None] | None = None,
     ) -> None:
         self._store = store
         self.onprem = onprem
         self._address = address
         self._timeout_s = timeout_s
+        self._on_rejected = on_rejected
         self._requests, self._replies, self._reply_prefix = _keys(store, onprem)
         self.refused: dict[str, int] = {}
         """Disks whose epoch was refused for a stale token: the highest token on-prem holds."""
@@ -191,6 +196,8 @@ class RedisEpochSink:
             self.refused[disk_id] = reply.highest
             raise StaleToken(disk_id, token, reply.highest)
         if reply.code is not ReplyCode.OK:
+            if verb is EpochVerb.COMMIT and self._on_rejected is not None:
+                self._on_rejected(disk_id, epoch)  # what was staged is not what was sent
             raise EpochRejected(disk_id, epoch, f"{verb.value}: {reply.reason}")
         return reply
 

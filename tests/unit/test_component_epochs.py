@@ -17,12 +17,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from appliance.components.cache.shipping import EpochManifest, ManifestEntry
-from appliance.components.epochs import EpochService, RedisEpochSink
+from appliance.components.cache_runtime import CacheRuntime
+from appliance.components.epochs import EpochService, RedisEpochSink, parse_address
+from appliance.components.onprem import EpochManifest as OnpremManifest
 from appliance.components.onprem import OnpremDiskOrder, OnpremIoManager, current_export
-from appliance.components.orders import ComponentId
-from appliance.datapath.nbd import NbdBackend
-from appliance.embedded import RedisServer
+from appliance.components.orders import ComponentId, Order, OrderAction, OutcomeKind
+from appliance.components.runtimes import ComponentConfig
+from appliance.datapath.nbd import NbdBackend, TcpAddress
+from appliance.embedded import RedisServer, free_port
 from appliance.errors import ComponentSilent, EpochRejected, StaleToken
+from appliance.settings import Settings
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
 from appliance.storage.hashing import chunk_hash
@@ -155,3 +159,83 @@ async def test_a_silent_on_prem_is_a_bounded_wait(sides: Sides) -> None:
     sink = RedisEpochSink(sides.store, ONPREM, timeout_s=0.5)
     with pytest.raises(ComponentSilent):
         await sink.stage(DISK, 1, sides.order.token)
+
+
+class CrashingManager(OnpremIoManager):
+    """An I/O manager that dies (for its epoch service) on the first commit it is asked."""
+
+    def __init__(self, data_dir: Path, address: TcpAddress) -> None:
+        super().__init__(data_dir, address=address)
+        self.asked = asyncio.Event()
+        self.crash = asyncio.Event()
+
+    async def commit_epoch(
+        self, disk_id: str, epoch: int, token: int, manifest: OnpremManifest
+    ) -> None:
+        self.asked.set()
+        await self.crash.wait()
+        raise ConnectionError("the process died here: no answer, no acknowledgement")
+
+
+async def test_an_epoch_on_prem_lost_in_a_restart_before_its_commit_is_sent_again(
+    redis: aioredis.Redis, redis_server: RedisServer, keys: Keys, tmp_path: Path
+) -> None:
+    """Copied to the staging export, then on-prem restarts (discarding the staging) before
+    the commit: the commit is rejected, and the cache sends the whole epoch again."""
+    snapshot_id, snapshot = await make_lab_disk(tmp_path / "lab", SIZE)
+    disk_order = OnpremDiskOrder("m-1", DISK, 1, tmp_path / "lab", snapshot_id)
+    address = TcpAddress("127.0.0.1", free_port())
+    settings = Settings(
+        redis_url=redis_server.url,
+        cache_scale=1 / 256,
+        cache_retry_delay_s=0.1,
+        component_epoch_timeout_s=WAIT_S,
+    )
+    config = ComponentConfig(
+        ComponentId("cache", "cache-1"), tmp_path / "cache", "127.0.0.1", 0,
+        redis_server.url, keys.prefix, 1.0, 3.0, 30.0, settings,
+    )  # fmt: skip
+    store = StateStore(connect(redis_server.url), keys)
+    params = {"size": SIZE, "upstream": str(address), "onprem": ONPREM.name}
+    data = random.Random(2).randbytes(3 * CHUNK + 5)
+    try:
+        first = CrashingManager(tmp_path / "onprem", address)
+        async with first, CacheRuntime(config) as runtime:
+            await first.open_disk(disk_order)
+            opened = await runtime.apply(
+                Order(DISK, OrderAction.OPEN, "m-1", 1, "l", params=params)
+            )
+            assert opened.kind is OutcomeKind.APPLIED, opened
+            vm = parse_address(str(opened.result["address"]))
+            async with await NbdBackend.connect(vm, DISK) as disk:
+                await disk.write(CHUNK - 7, data)
+                await disk.flush()
+            async with serving_with(store, first) as stop_first:
+                cut = await runtime.apply(Order(DISK, OrderAction.CUT_EPOCH, "m-1", 1, "l", 1))
+                assert cut.result["epoch"] == 1
+                await asyncio.wait_for(first.asked.wait(), WAIT_S)  # copied; commit asked
+                first.crash.set()
+                stop_first.set()
+            await first.__aexit__(None, None, None)
+            async with OnpremIoManager(tmp_path / "onprem", address=address) as second:
+                await second.open_disk(disk_order)  # discards the uncommitted staging
+                async with serving_with(store, second):
+                    await asyncio.wait_for(runtime.cache.wait_committed(DISK, 1), WAIT_S)
+                async with await NbdBackend.connect(address, current_export(DISK)) as cur:
+                    image = await cur.read(0, SIZE)
+    finally:
+        await store.close()
+    expected = bytearray(snapshot)
+    expected[CHUNK - 7 : CHUNK - 7 + len(data)] = data
+    assert image == bytes(expected)
+
+
+@contextlib.asynccontextmanager
+async def serving_with(store: StateStore, manager: OnpremIoManager) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(EpochService(store, ONPREM, manager).run(stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await task
