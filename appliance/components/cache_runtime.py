@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from types import TracebackType
 from typing import Self
 
@@ -122,7 +123,9 @@ class CacheRuntime:
             try:
                 wanted = self._disk_order(entry.order)
                 if isinstance(wanted, CacheDiskOrder):
-                    await self.cache.open_disk(wanted)
+                    # A later owner's cut may have raised the disk's token since the open.
+                    token = max(wanted.token, self.cache.token(disk_id))
+                    await self.cache.open_disk(replace(wanted, token=token))
             except FerryError as error:
                 log.error("cache disk not reopened", disk_id=disk_id, error=str(error))
             except Exception:

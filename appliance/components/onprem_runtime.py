@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -122,6 +124,10 @@ class OnpremRuntime:
             if isinstance(wanted, str):
                 continue
             try:
+                # A later owner may have spoken since the open (an epoch request with its
+                # token): reopen with the highest token the disk accepted.
+                highest = await asyncio.to_thread(_highest_token, self.manager, disk_id)
+                wanted = replace(wanted, token=max(wanted.token, highest))
                 await self.manager.open_disk(wanted)
             except FerryError as error:
                 log.error("disk not reopened", disk_id=disk_id, error=str(error))
@@ -161,3 +167,12 @@ class OnpremRuntime:
             "epochs_staged": {disk: list(epochs) for disk, epochs in status.epochs_staged.items()},
             "epoch_requests_answered": self._service.answered if self._service else 0,
         }
+
+
+def _highest_token(manager: OnpremIoManager, disk_id: str) -> int:
+    """The highest token the disk accepted (``disks/<disk>/token``, README's format)."""
+    try:
+        token = json.loads((manager.disk_root(disk_id) / "token").read_text())["token"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
+    return token if isinstance(token, int) else 0

@@ -45,6 +45,7 @@ from tests.support.components import (
     ComponentPair,
     cached_disk,
     component_pair,
+    take_lease,
 )
 from tests.support.faultproxy import FaultProxy
 from tests.support.onprem import MIB, make_lab_disk
@@ -79,10 +80,8 @@ async def lab(
             yield Lab(pair, proxy, tmp_path / "lab-disk", snapshot_id, content, str(address))
 
 
-async def take_lease(lab: Lab, owner: str) -> Lease:
-    lease = await Leases(lab.pair.store, owner, ttl_s=300).acquire(RESOURCE)
-    assert lease is not None
-    return lease
+async def lease_for(lab: Lab, owner: str) -> Lease:
+    return await take_lease(lab.pair.store, owner, RESOURCE)
 
 
 def onprem_open(lab: Lab, lease: Lease) -> Order:
@@ -136,7 +135,7 @@ async def test_writes_reach_on_prem_in_committed_epochs_and_a_stale_owner_is_ref
 ) -> None:
     pair, rng = lab.pair, random.Random(9)
     onprem_orders, cache_orders = pair.orders(ONPREM), pair.orders(CACHE)
-    owner_a = await take_lease(lab, "ferry-a")
+    owner_a = await lease_for(lab, "ferry-a")
 
     opened = await applied(onprem_orders, onprem_open(lab, owner_a))
     assert opened.result["current"] == f"cur/{DISK}"
@@ -179,7 +178,7 @@ async def test_writes_reach_on_prem_in_committed_epochs_and_a_stale_owner_is_ref
 
         # ... and B takes the migration over and tells on-prem first.
         await Leases(pair.store, "ferry-a", ttl_s=300).release(owner_a)
-        owner_b = await take_lease(lab, "ferry-b")
+        owner_b = await lease_for(lab, "ferry-b")
         assert owner_b.token > owner_a.token
         await applied(onprem_orders, onprem_open(lab, owner_b))
         lab.proxy.drop_every(None)
@@ -223,8 +222,9 @@ async def hand_written(pair: ComponentPair, instance: ComponentId, order: Order)
 async def test_killed_components_reopen_their_disks_and_lose_no_flushed_write(
     redis: aioredis.Redis, redis_server: RedisServer, keys: Keys, tmp_path: Path
 ) -> None:
-    """SIGKILL the cache, then on-prem: each restarts (supervised), reopens its disk by
-    itself (nobody gives ``open`` again), and the epochs after it are exact."""
+    """A new owner takes over with cut orders only (no new open); then SIGKILL the cache,
+    then on-prem: each restarts (supervised), reopens its disk by itself (nobody gives
+    ``open`` again) with the new owner's token, and the epochs after it are exact."""
     snapshot_id, snapshot = await make_lab_disk(tmp_path / "lab-disk", SIZE, seed=5)
     rng = random.Random(12)
     binds = {ONPREM: f"127.0.0.1:{free_port()}", CACHE: f"127.0.0.1:{free_port()}"}
@@ -241,34 +241,40 @@ async def test_killed_components_reopen_their_disks_and_lose_no_flushed_write(
     ) as cached:
         pair, image = cached.pair, bytearray(snapshot)
         async with await NbdBackend.connect(cached.cache_address, cached.export) as disk:
-            await write_some(disk, image, rng, 10)  # acknowledged, then FLUSHed
+            await write_some(disk, image, rng, 10)
+        await Leases(pair.store, "ferry-a", ttl_s=300).release(cached.lease)
+        cached.lease = await take_lease(pair.store, "ferry-b")
+        assert await cached.cut_and_commit() == 1  # B's token reaches both through the cut
+        assert await read_export(cached, f"cur/{DISK}") == bytes(image)
 
+        async with await NbdBackend.connect(cached.cache_address, cached.export) as disk:
+            await write_some(disk, image, rng, 10)  # acknowledged, then FLUSHed
         cache_pid = await pair.supervisor.wait_running(CACHE, timeout_s=WAIT_S)
         os.kill(cache_pid, signal.SIGKILL)
         await pair.supervisor.wait_running(CACHE, not_pid=cache_pid, timeout_s=WAIT_S)
         back = await pair.wait(
             CACHE, lambda r: r.pid != cache_pid and DISK in r.figures.get("exports", [])
         )
-        assert back.figures["epochs_in_flight"] == {DISK: []}
+        assert back.figures["committed_epoch"] == {DISK: 1}
         async with await NbdBackend.connect(cached.cache_address, cached.export) as disk:
             assert await disk.read(0, SIZE) == bytes(image)  # every flushed write survived
-        assert await cached.cut_and_commit() == 1
+        assert await cached.cut_and_commit() == 2
         assert await read_export(cached, f"cur/{DISK}") == bytes(image)
 
         onprem_pid = await pair.supervisor.wait_running(ONPREM, timeout_s=WAIT_S)
         os.kill(onprem_pid, signal.SIGKILL)
         await pair.supervisor.wait_running(ONPREM, not_pid=onprem_pid, timeout_s=WAIT_S)
-        again = await pair.wait(ONPREM, lambda r: r.pid != onprem_pid and committed(1)(r))
+        again = await pair.wait(ONPREM, lambda r: r.pid != onprem_pid and committed(2)(r))
         assert f"cur/{DISK}" in again.figures["exports"]
         async with await NbdBackend.connect(cached.cache_address, cached.export) as disk:
             await write_some(disk, image, rng, 10)
-        assert await cached.cut_and_commit() == 2
+        assert await cached.cut_and_commit() == 3
         assert await read_export(cached, f"cur/{DISK}") == bytes(image)
 
         # The same cut order again, after the restarts: no new epoch.
-        repeat = Order(DISK, OrderAction.CUT_EPOCH, "m-1", cached.lease.token, RESOURCE, 2)
-        assert (await pair.orders(CACHE).give_and_wait(repeat, WAIT_S)).result["epoch"] == 2
-        assert (await pair.figures(CACHE))["open_epoch"] == {DISK: 3}
+        repeat = Order(DISK, OrderAction.CUT_EPOCH, "m-1", cached.lease.token, RESOURCE, 3)
+        assert (await pair.orders(CACHE).give_and_wait(repeat, WAIT_S)).result["epoch"] == 3
+        assert (await pair.figures(CACHE))["open_epoch"] == {DISK: 4}
 
 
 async def read_export(cached: CachedDisk, export: str) -> bytes:
