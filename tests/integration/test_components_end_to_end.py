@@ -280,3 +280,21 @@ async def test_killed_components_reopen_their_disks_and_lose_no_flushed_write(
 async def read_export(cached: CachedDisk, export: str) -> bytes:
     async with await NbdBackend.connect(cached.onprem_address, export) as source:
         return await source.read(0, source.size)
+
+
+async def test_a_link_cut_mid_epoch_resumes_and_the_epoch_commits_exactly(lab: Lab) -> None:
+    pair, rng = lab.pair, random.Random(21)
+    owner = await lease_for(lab, "ferry-a")
+    await applied(pair.orders(ONPREM), onprem_open(lab, owner))
+    exported = await applied(pair.orders(CACHE), cache_open(lab, owner))
+    image = bytearray(lab.snapshot)
+    async with await NbdBackend.connect(
+        parse_address(str(exported.result["address"])), str(exported.result["export"])
+    ) as disk:
+        await write_some(disk, image, rng, 16)  # the misses' reads are done: writes are cached
+    drops = lab.proxy.drops
+    lab.proxy.drop_after(256 * 1024)  # the link dies a quarter MiB into the epoch's copy
+    assert (await applied(pair.orders(CACHE), cut(owner, 1))).result["epoch"] == 1
+    await pair.wait(ONPREM, committed(1))
+    assert lab.proxy.drops > drops
+    assert await read_current(lab) == bytes(image)
