@@ -36,6 +36,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import ResponseError
 
 from appliance.components.cache.shipping import EpochManifest as CacheManifest
 from appliance.components.control import cancel_read, last_stream_id, read_after
@@ -248,10 +249,13 @@ class EpochService:
                 if backlog:
                     await self._ensure_group()
                 entries = await self._read(stop, "0" if backlog else ">")
-            except StateStoreUnavailable as error:
-                log.warning("state store unreachable; epoch requests wait", error=str(error))
+            except (StateStoreUnavailable, ResponseError) as error:
+                # Unreachable, or the stream and its group were deleted (NOGROUP): wait,
+                # make the group again and read on.
+                log.warning("epoch requests cannot be read; retrying", error=str(error))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1.0)
+                backlog = True
                 continue
             backlog = False
             for entry_id, fields in entries:
@@ -270,8 +274,11 @@ class EpochService:
 
     async def _ensure_group(self) -> None:
         async def create(r: Any) -> None:
-            with contextlib.suppress(Exception):  # BUSYGROUP: it exists already
+            try:
                 await r.xgroup_create(self._requests, GROUP, id="0", mkstream=True)
+            except ResponseError as error:
+                if "BUSYGROUP" not in str(error):  # BUSYGROUP: it exists already
+                    raise
 
         await self._store.run(create)
 
