@@ -200,7 +200,8 @@ async def test_an_epoch_on_prem_lost_in_a_restart_before_its_commit_is_sent_agai
     data = random.Random(2).randbytes(3 * CHUNK + 5)
     try:
         first = CrashingManager(tmp_path / "onprem", address)
-        async with first, CacheRuntime(config) as runtime:
+        async with contextlib.AsyncExitStack() as first_alive, CacheRuntime(config) as runtime:
+            await first_alive.enter_async_context(first)
             await first.open_disk(disk_order)
             opened = await runtime.apply(
                 Order(DISK, OrderAction.OPEN, "m-1", 1, "l", params=params)
@@ -210,13 +211,12 @@ async def test_an_epoch_on_prem_lost_in_a_restart_before_its_commit_is_sent_agai
             async with await NbdBackend.connect(vm, DISK) as disk:
                 await disk.write(CHUNK - 7, data)
                 await disk.flush()
-            async with serving_with(store, first) as stop_first:
+            async with serving_with(store, first):
                 cut = await runtime.apply(Order(DISK, OrderAction.CUT_EPOCH, "m-1", 1, "l", 1))
                 assert cut.result["epoch"] == 1
                 await asyncio.wait_for(first.asked.wait(), WAIT_S)  # copied; commit asked
                 first.crash.set()
-                stop_first.set()
-            await first.__aexit__(None, None, None)
+            await first_alive.aclose()  # on-prem is down; then it comes back
             async with OnpremIoManager(tmp_path / "onprem", address=address) as second:
                 await second.open_disk(disk_order)  # discards the uncommitted staging
                 async with serving_with(store, second):
@@ -231,11 +231,11 @@ async def test_an_epoch_on_prem_lost_in_a_restart_before_its_commit_is_sent_agai
 
 
 @contextlib.asynccontextmanager
-async def serving_with(store: StateStore, manager: OnpremIoManager) -> AsyncIterator[asyncio.Event]:
+async def serving_with(store: StateStore, manager: OnpremIoManager) -> AsyncIterator[None]:
     stop = asyncio.Event()
     task = asyncio.create_task(EpochService(store, ONPREM, manager).run(stop))
     try:
-        yield stop
+        yield
     finally:
         stop.set()
         await task
