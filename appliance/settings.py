@@ -91,6 +91,19 @@ class Settings(BaseSettings):
     component_runtime: str = Field(
         default="", description="tests only (needs test_mode): module:Class every component runs"
     )
+    # The cloud cache component's sizing and shipping (appliance/components/cache/sizing.py)
+    # and the epoch requests between the components (appliance/components/epochs.py).
+    cache_chunk_size: int = Field(default=64 * 1024, ge=4096)
+    cache_profile: str = Field(default="standard", pattern=r"^(standard|lite|performance)$")
+    cache_scale: float = Field(default=1.0, gt=0, le=1.0, description="tests shrink the sizing")
+    cache_rpo_dirty_bytes: int = Field(default=10 * 10**9, ge=1)
+    cache_ship_workers: int = Field(default=4, ge=1, le=64)
+    cache_bandwidth_bytes_per_s: float | None = Field(default=None, gt=0)
+    cache_retry_delay_s: float = Field(default=1.0, gt=0)
+    cache_upstream_timeout_s: float = Field(default=300.0, gt=0)
+    component_epoch_timeout_s: float = Field(
+        default=60.0, gt=0, description="how long the cache waits for on-prem to answer"
+    )
     test_mode: bool = Field(
         default=False, description="tests only: lets a component run a runtime named by --runtime"
     )

@@ -1,8 +1,10 @@
 """Which :class:`ComponentRuntime` a component process runs, chosen by its kind.
 
-A data-plane core plugs in by giving its package (``appliance.components.cache``,
-``appliance.components.onprem``) a ``make_runtime(config)`` that returns an async
-context manager yielding a ComponentRuntime. Until a package has one, the
+A data-plane core plugs in through an adapter module, ``appliance.components.{kind}_runtime``
+(``cache_runtime``, ``onprem_runtime``: they map orders onto the core and its figures
+into heartbeats), or by giving its package (``appliance.components.cache``) a
+``make_runtime(config)`` that returns an async context manager yielding a
+ComponentRuntime; the adapter module is looked for first. Until a kind has one, the
 process runs :class:`UnavailableRuntime`, which answers every order
 ``not_implemented`` with the reason: an order is never silently accepted.
 Tests may name another runtime (``module:Class``) when ``FERRY_TEST_MODE`` is set.
@@ -68,7 +70,15 @@ class UnavailableRuntime:
 
 
 def runtime_for_kind(kind: str) -> RuntimeFactory:
-    """The core's ``make_runtime`` if its package has one, else an UnavailableRuntime."""
+    """The kind's adapter's (or core's) ``make_runtime``, else an UnavailableRuntime."""
+    adapter = f"appliance.components.{kind}_runtime"
+    try:
+        module = importlib.import_module(adapter)
+    except ModuleNotFoundError as error:
+        if error.name != adapter:
+            raise
+    else:
+        return cast(RuntimeFactory, module.make_runtime)
     package = f"appliance.components.{kind}"
     try:
         module = importlib.import_module(package)

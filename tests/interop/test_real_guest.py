@@ -5,9 +5,12 @@ under QEMU with its one disk on an NBD export, writes batches of files with
 known bytes and syncs after each, printing ``FERRY-SYNCED <k>``. The exports
 are the independent peer (qemu-nbd on a raw file) and Ferry's own NBD server
 (on a raw file and on a LayeredDisk's active view); the cache's export joins
-them as one more entry in ``EXPORTS``. After the guest stops, the image is
-checked without mounting it: ``e2fsck -fn`` clean, and every file of every
-batch whose marker the guest printed is present with exactly its bytes.
+them as one more entry in ``EXPORTS``: the guest's disk is the cloud cache's
+export (the cache and the on-prem I/O manager run as component processes), and
+the image checked is on-prem's current image after the next epoch committed.
+After the guest stops, the image is checked without mounting it: ``e2fsck -fn``
+clean, and every file of every batch whose marker the guest printed is present
+with exactly its bytes.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from pathlib import Path
 import pytest
 
 from appliance.datapath.nbd.server import NbdServer
+from appliance.embedded import RedisServer
+from appliance.state.keys import Keys
 from appliance.storage.file import FileBackend
 from appliance.storage.layered import DiskView, LayeredDisk
+from tests.support.components import cached_disk
 from tests.support.ext4 import check_disk, make_ext4, read_tree, replay_journal
 from tests.support.guest import GuestImage, GuestVm, Workload, build_guest, qemu_nbd_export
 from tests.support.sparse import file_data_ranges
@@ -100,10 +106,42 @@ async def on_ferry_layered(prepared: Path, work: Path) -> AsyncIterator[Exported
             yield Exported(server.url("disk"), raw)
 
 
+@asynccontextmanager
+async def on_ferry_cache(prepared: Path, work: Path) -> AsyncIterator[Exported]:
+    """The guest's disk on the cloud cache; on-prem serves ``prepared`` as the migrate-time
+    snapshot. The image checked is on-prem's current image once the epoch cut after the
+    guest stopped has committed: every write the guest made reached on-prem that way."""
+    async with await LayeredDisk.create(work / "onprem-disk", SIZE) as disk:
+        await copy_in(prepared, disk.active())
+        snapshot = await disk.snapshot("migrate")
+    redis_server = RedisServer(work / "redis")
+    await redis_server.start()
+    try:
+        async with cached_disk(
+            redis_server,
+            Keys("guest"),
+            work / "components",
+            disk_dir=work / "onprem-disk",
+            snapshot_id=snapshot.id,
+            size=SIZE,
+            # A 48 MiB cache for the 64 MiB disk: early epochs cut themselves as it fills.
+            extra_env={"FERRY_CACHE_SCALE": str(1 / 64)},
+        ) as cached:
+
+            async def raw() -> Path:
+                await cached.cut_and_commit()
+                return await cached.current_image(work / "onprem-current.raw")
+
+            yield Exported(cached.url, raw)
+    finally:
+        await redis_server.stop()
+
+
 EXPORTS: dict[str, ExportFactory] = {
     "qemu-nbd": on_qemu_nbd,
     "ferry-raw": on_ferry_raw,
     "ferry-layered": on_ferry_layered,
+    "ferry-cache": on_ferry_cache,
 }
 
 

@@ -1,0 +1,95 @@
+"""What a component adapter keeps across restarts: the disks it serves and the cuts it made.
+
+The order desk carries each order out once (its ledger), so after a restart
+nobody gives a disk's ``open`` order again: the adapter reopens the disks
+itself from ``adapter-disks.json`` in its data directory::
+
+    {"disks": {"disk-1": {"order": <the open order's JSON>,
+                          "cut_request": 3, "cut_epoch": 3}}}
+
+Written to a temporary file, fsynced, renamed, directory fsynced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.components.orders import Order
+
+STATE_FILE = "adapter-disks.json"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedDisk:
+    order: Order
+    cut_request: int = 0
+    cut_epoch: int = 0
+
+
+class AdapterState:
+    def __init__(self, data_dir: Path) -> None:
+        self._path = data_dir / STATE_FILE
+        self.disks: dict[str, OpenedDisk] = {}
+
+    async def load(self) -> None:
+        self.disks = await asyncio.to_thread(self._load)
+
+    def _load(self) -> dict[str, OpenedDisk]:
+        if not self._path.exists():
+            return {}
+        raw = json.loads(self._path.read_text())["disks"]
+        return {
+            disk: OpenedDisk(
+                Order.from_json(entry["order"]),
+                int(entry.get("cut_request", 0)),
+                int(entry.get("cut_epoch", 0)),
+            )
+            for disk, entry in raw.items()
+        }
+
+    async def opened(self, order: Order) -> None:
+        previous = self.disks.get(order.disk_id)
+        cut = (previous.cut_request, previous.cut_epoch) if previous is not None else (0, 0)
+        self.disks[order.disk_id] = OpenedDisk(order, *cut)
+        await self._save()
+
+    async def cut(self, disk_id: str, request: int, epoch: int) -> None:
+        previous = self.disks.get(disk_id)
+        if previous is not None:
+            self.disks[disk_id] = OpenedDisk(previous.order, request, epoch)
+            await self._save()
+
+    async def closed(self, disk_id: str) -> None:
+        if self.disks.pop(disk_id, None) is not None:
+            await self._save()
+
+    async def _save(self) -> None:
+        body = {
+            "disks": {
+                disk: {
+                    "order": entry.order.to_json(),
+                    "cut_request": entry.cut_request,
+                    "cut_epoch": entry.cut_epoch,
+                }
+                for disk, entry in sorted(self.disks.items())
+            }
+        }
+        await asyncio.to_thread(_atomic_write, self._path, json.dumps(body).encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fresh = path.with_name(path.name + ".new")
+    with fresh.open("wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(fresh, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,178 @@
+"""The on-prem I/O manager as a component process: orders in, epochs answered, figures out.
+
+``make_runtime(config)`` gives the :class:`OnpremRuntime` the process runs
+(``ferry-appliance component onprem ...``). Orders:
+
+* ``open``: ``params`` ``disk_dir`` (the lab/layered disk's directory on this
+  host) and ``snapshot_id`` (its migrate-time snapshot); serves
+  ``snap/<disk>`` and ``cur/<disk>``; ``result``: ``address`` (HOST:PORT of
+  the NBD server), ``current``, ``snapshot`` (export names);
+* ``close``: stops serving the disk (its journal stays);
+* ``cut_epoch``: refused ``invalid``: epochs are cut by the cache.
+
+A stale token raises the core's ``StaleToken`` (refused by the order desk).
+Epoch requests from the cache (stage, commit) are answered by an
+:class:`~appliance.components.epochs.EpochService` over Redis. Disks open at a
+restart are reopened from ``adapter-disks.json`` before any order or epoch
+request is handled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from dataclasses import replace
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from appliance.components.adapter_state import AdapterState
+from appliance.components.epochs import EpochService
+from appliance.components.onprem import (
+    OnpremDiskOrder,
+    OnpremIoManager,
+    current_export,
+    snapshot_export,
+)
+from appliance.components.orders import Order, OrderAction, OrderOutcome, OutcomeCode
+from appliance.components.runtimes import ComponentConfig
+from appliance.datapath.nbd.channel import TcpAddress
+from appliance.errors import FerryError
+from appliance.logs import get_logger
+from appliance.state.keys import Keys
+from appliance.state.store import StateStore, connect
+
+log = get_logger(__name__)
+
+
+def make_runtime(config: ComponentConfig) -> OnpremRuntime:
+    return OnpremRuntime(config)
+
+
+def disk_order(order: Order) -> OnpremDiskOrder | str:
+    """The core's order for an ``open``, or why the params do not make one."""
+    disk_dir = order.params.get("disk_dir")
+    snapshot_id = order.params.get("snapshot_id")
+    if not isinstance(disk_dir, str) or not disk_dir:
+        return "an on-prem open needs params.disk_dir (a path)"
+    if not isinstance(snapshot_id, str) or not snapshot_id:
+        return "an on-prem open needs params.snapshot_id"
+    return OnpremDiskOrder(
+        order.migration_id, order.disk_id, order.token, Path(disk_dir), snapshot_id
+    )
+
+
+class OnpremRuntime:
+    def __init__(self, config: ComponentConfig) -> None:
+        self._config = config
+        self._stack = AsyncExitStack()
+        self._state = AdapterState(config.data_dir)
+        self._stop = asyncio.Event()
+        self._restoring: asyncio.Task[None] | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._manager: OnpremIoManager | None = None
+        self._service: EpochService | None = None
+
+    @property
+    def manager(self) -> OnpremIoManager:
+        if self._manager is None:
+            raise RuntimeError("the on-prem runtime is not entered")
+        return self._manager
+
+    async def __aenter__(self) -> Self:
+        config = self._config
+        async with AsyncExitStack() as stack:
+            store = StateStore(connect(config.redis_url), Keys(config.redis_prefix))
+            stack.push_async_callback(store.close)
+            address = TcpAddress(config.nbd_host, config.nbd_port)
+            self._manager = await stack.enter_async_context(
+                OnpremIoManager(config.data_dir, address=address)
+            )
+            await self._state.load()
+            self._restoring = asyncio.create_task(self._restore())
+            self._service = EpochService(store, config.instance, self._manager, ready=self._ready)
+            self._serving = asyncio.create_task(self._service.run(self._stop))
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._restoring is not None:
+            self._restoring.cancel()
+        for task in (self._restoring, self._serving):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._stack.aclose()
+
+    async def _ready(self) -> None:
+        if self._restoring is not None:
+            await asyncio.shield(self._restoring)
+
+    async def _restore(self) -> None:
+        """Reopen the disks that were open when the process last stopped."""
+        for disk_id, entry in sorted(self._state.disks.items()):
+            wanted = disk_order(entry.order)
+            if isinstance(wanted, str):
+                continue
+            try:
+                # A later owner may have spoken since the open (an epoch request with its
+                # token): reopen with the highest token the disk accepted.
+                highest = await asyncio.to_thread(_highest_token, self.manager, disk_id)
+                wanted = replace(wanted, token=max(wanted.token, highest))
+                await self.manager.open_disk(wanted)
+            except FerryError as error:
+                log.error("disk not reopened", disk_id=disk_id, error=str(error))
+            except Exception:
+                log.exception("disk not reopened", disk_id=disk_id)
+
+    async def apply(self, order: Order) -> OrderOutcome:
+        await self._ready()
+        if order.action is OrderAction.CUT_EPOCH:
+            reason = "the on-prem I/O manager does not cut epochs: give cut_epoch to the cache"
+            return OrderOutcome.refused(order, OutcomeCode.INVALID, reason)
+        if order.action is OrderAction.CLOSE:
+            await self.manager.close_disk(order.disk_id, order.token)
+            await self._state.closed(order.disk_id)
+            return OrderOutcome.applied(order)
+        wanted = disk_order(order)
+        if isinstance(wanted, str):
+            return OrderOutcome.refused(order, OutcomeCode.INVALID, wanted)
+        await self.manager.open_disk(wanted)
+        await self._state.opened(order)
+        return OrderOutcome.applied(
+            order,
+            address=str(self.manager.address),
+            current=current_export(order.disk_id),
+            snapshot=snapshot_export(order.disk_id),
+        )
+
+    def status(self) -> Mapping[str, object]:
+        if self._manager is None:
+            return {"runtime": "onprem", "state": "starting"}
+        status = self._manager.status()
+        return {
+            "runtime": "onprem",
+            "address": str(status.address),
+            "exports": list(status.exports),
+            "committed_epoch": status.committed_epochs,
+            "epochs_staged": {disk: list(epochs) for disk, epochs in status.epochs_staged.items()},
+            "epoch_requests_answered": self._service.answered if self._service else 0,
+        }
+
+
+def _highest_token(manager: OnpremIoManager, disk_id: str) -> int:
+    """The highest token the disk accepted (``disks/<disk>/token``, README's format)."""
+    try:
+        token = json.loads((manager.disk_root(disk_id) / "token").read_text())["token"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
+    return token if isinstance(token, int) else 0
