@@ -31,6 +31,7 @@ from appliance.components.orders import (
     OrderOutcome,
     OutcomeCode,
     OutcomeKind,
+    ParamValue,
 )
 from appliance.datapath.nbd import NbdBackend
 from appliance.embedded import RedisServer, free_port
@@ -85,12 +86,19 @@ async def lease_for(lab: Lab, owner: str) -> Lease:
 
 
 def onprem_open(lab: Lab, lease: Lease) -> Order:
-    params = {"disk_dir": str(lab.disk_dir), "snapshot_id": lab.snapshot_id}
+    params: dict[str, ParamValue] = {
+        "disk_dir": str(lab.disk_dir),
+        "snapshot_id": lab.snapshot_id,
+    }
     return Order(DISK, OrderAction.OPEN, "m-1", lease.token, lease.resource, params=params)
 
 
 def cache_open(lab: Lab, lease: Lease) -> Order:
-    params = {"size": SIZE, "upstream": f"127.0.0.1:{lab.proxy.port}", "onprem": ONPREM.name}
+    params: dict[str, ParamValue] = {
+        "size": SIZE,
+        "upstream": f"127.0.0.1:{lab.proxy.port}",
+        "onprem": ONPREM.name,
+    }
     return Order(DISK, OrderAction.OPEN, "m-1", lease.token, lease.resource, params=params)
 
 

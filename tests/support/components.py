@@ -21,7 +21,14 @@ from pathlib import Path
 from appliance.components.control import ComponentOrders
 from appliance.components.epochs import parse_address
 from appliance.components.heartbeat import ComponentHealth, ComponentReport, Liveness
-from appliance.components.orders import ComponentId, Order, OrderAction, OrderOutcome, OutcomeKind
+from appliance.components.orders import (
+    ComponentId,
+    Order,
+    OrderAction,
+    OrderOutcome,
+    OutcomeKind,
+    ParamValue,
+)
 from appliance.datapath.nbd import NbdBackend
 from appliance.datapath.nbd.channel import NbdAddress, TcpAddress, nbd_url
 from appliance.embedded import RedisServer
@@ -223,7 +230,11 @@ async def cached_disk(
             pair.orders(ONPREM),
             Order(disk_id, OrderAction.OPEN, "m-1", lease.token, lease.resource, params=on),
         )
-        params = {"size": size, "upstream": str(onprem), "onprem": ONPREM.name}
+        params: dict[str, ParamValue] = {
+            "size": size,
+            "upstream": str(onprem),
+            "onprem": ONPREM.name,
+        }
         outcome = await applied(
             pair.orders(CACHE),
             Order(disk_id, OrderAction.OPEN, "m-1", lease.token, lease.resource, params=params),

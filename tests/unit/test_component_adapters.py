@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from pydantic import SecretStr
 
 from appliance.components.cache_runtime import CacheRuntime
 from appliance.components.onprem_runtime import OnpremRuntime
@@ -28,7 +29,7 @@ def config(kind: str, data_dir: Path, redis_server: RedisServer, keys: Keys) -> 
     return ComponentConfig(
         ComponentId(kind, f"{kind}-1"), data_dir, "127.0.0.1", 0,
         redis_server.url, keys.prefix, 1.0, 3.0, 30.0,
-        Settings(redis_url=redis_server.url, cache_scale=1 / 1024),
+        Settings(redis_url=SecretStr(redis_server.url), cache_scale=1 / 1024),
     )  # fmt: skip
 
 

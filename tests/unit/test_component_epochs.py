@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from pydantic import SecretStr
 
 from appliance.components.cache.shipping import EpochManifest, ManifestEntry
 from appliance.components.cache_runtime import CacheRuntime
 from appliance.components.epochs import EpochService, RedisEpochSink, parse_address
 from appliance.components.onprem import EpochManifest as OnpremManifest
 from appliance.components.onprem import OnpremDiskOrder, OnpremIoManager, current_export
-from appliance.components.orders import ComponentId, Order, OrderAction, OutcomeKind
+from appliance.components.orders import ComponentId, Order, OrderAction, OutcomeKind, ParamValue
 from appliance.components.runtimes import ComponentConfig
 from appliance.datapath.nbd import NbdBackend, TcpAddress
 from appliance.embedded import RedisServer, free_port
@@ -186,7 +187,7 @@ async def test_an_epoch_on_prem_lost_in_a_restart_before_its_commit_is_sent_agai
     disk_order = OnpremDiskOrder("m-1", DISK, 1, tmp_path / "lab", snapshot_id)
     address = TcpAddress("127.0.0.1", free_port())
     settings = Settings(
-        redis_url=redis_server.url,
+        redis_url=SecretStr(redis_server.url),
         cache_scale=1 / 256,
         cache_retry_delay_s=0.1,
         component_epoch_timeout_s=WAIT_S,
@@ -196,7 +197,7 @@ async def test_an_epoch_on_prem_lost_in_a_restart_before_its_commit_is_sent_agai
         redis_server.url, keys.prefix, 1.0, 3.0, 30.0, settings,
     )  # fmt: skip
     store = StateStore(connect(redis_server.url), keys)
-    params = {"size": SIZE, "upstream": str(address), "onprem": ONPREM.name}
+    params: dict[str, ParamValue] = {"size": SIZE, "upstream": str(address), "onprem": ONPREM.name}
     data = random.Random(2).randbytes(3 * CHUNK + 5)
     try:
         first = CrashingManager(tmp_path / "onprem", address)
