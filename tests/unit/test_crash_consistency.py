@@ -1,0 +1,214 @@
+"""Crash consistency, the heart of the cache (DESIGN.md §5, §9 "Prefix consistency").
+
+The lab's workload generator writes to the cloud cache's NBD export, flushing
+like a guest, through 20+ epochs, while the cache process, the I/O manager
+process, both, and the link between them are killed or dropped at seeded
+moments: mid-write, mid-flush, mid-shipping and at every step of an on-prem
+commit. After each crash the killed parts restart, recover, and the next
+epochs commit. Checked every round:
+
+1. the I/O manager's current image equals the replay of a prefix of the
+   write log ending at or after the last committed epoch's cut (bytes);
+2. after a cache restart, every write acknowledged before the last
+   completed FLUSH reads back from the export (the count of lost ones is
+   printed and must be 0).
+
+After a cache crash the guest "recovers" like a journaling file system: the
+ranges its unflushed writes touched are written again from the log (and
+flushed), so the disk equals the replay of the whole log before the next
+epoch is cut. No epoch is cut meanwhile (epochs here are cut only by the
+test; the cache is sized so that dirty data never cuts one early).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import pytest
+
+from appliance.components.onprem import CommitStep
+from appliance.sites.lab.workload import WorkloadSpec
+from tests.support.crashlab import KIB, MIB, CrashLab, crash_lab
+from tests.support.replay import lost_flushed_writes, replay, unflushed_ranges, find_prefix
+
+SIZE = 4 * MIB
+EPOCHS = 22
+SEEDS = (11,)
+FAILED_ATTEMPTS = 3
+"""Shipping attempts that must fail while the link is down before it comes back."""
+
+
+class Fault(StrEnum):
+    NONE = "none"
+    CACHE_MID_IO = "cache-mid-io"
+    CACHE_MID_FLUSH = "cache-mid-flush"
+    CACHE_MID_COMMIT = "cache-mid-commit"
+    ONPREM_AT_STEP = "onprem-at-step"
+    ONPREM_MID_SHIP = "onprem-mid-ship"
+    BOTH_AT_STEP = "both-at-step"
+    LINK_DOWN = "link-down"
+    LINK_DAMAGE = "link-damage"
+
+
+@dataclass
+class Tally:
+    cuts: dict[int, int] = field(default_factory=dict)
+    """Epoch -> the last write sequence acknowledged before its cut."""
+    faults: dict[str, int] = field(default_factory=dict)
+    lost: int = 0
+    cache_restarts: int = 0
+    onprem_restarts: int = 0
+
+
+def schedule(rng: random.Random) -> list[Fault]:
+    """Every fault at least once, the rest drawn at random; NONE first (a clean start)."""
+    kinds = [f for f in Fault if f is not Fault.NONE]
+    rounds = kinds + [rng.choice(list(Fault)) for _ in range(EPOCHS - 1 - len(kinds))]
+    rng.shuffle(rounds)
+    return [Fault.NONE, *rounds]
+
+
+async def recover_cache(lab: CrashLab, tally: Tally) -> None:
+    """Restart the killed cache; check flushed writes survived; the guest repairs the rest."""
+    in_flight = [lab.vm.in_flight] if lab.vm.in_flight is not None else []
+    lab.vm.in_flight = None
+    await lab.restart_cache()
+    tally.cache_restarts += 1
+    log = await lab.read_log()
+    image = await lab.vm.read(0, SIZE)
+    lost, damaged = lost_flushed_writes(image, lab.base, log, in_flight)
+    tally.lost += len(lost)
+    assert not lost, f"writes acknowledged before a completed flush were lost: {lost}"
+    assert not damaged, f"bytes no write touched changed: {damaged}"
+    wanted = replay(lab.base, log, log.last_sequence)
+    for start, end in unflushed_ranges(log, in_flight):
+        await lab.vm.write(start, bytes(wanted[start:end]))
+    await lab.workload.flush()
+
+
+async def guest_runs(lab: CrashLab, rng: random.Random, fault: Fault, tally: Tally) -> None:
+    """Some guest I/O; the cache is killed in the middle of it if ``fault`` says so."""
+    count, flush_every = rng.randint(4, 12), rng.choice([1, 2, 3, 4])
+    if fault is Fault.CACHE_MID_IO:
+        issued = lab.vm.at_operation(rng.randint(1, count))
+        run = asyncio.create_task(lab.workload.run(count=count, flush_every=flush_every))
+        await asyncio.wait([run, asyncio.create_task(issued.wait())], return_when="FIRST_COMPLETED")
+        await lab.cache.kill()
+        with contextlib.suppress(Exception):
+            await run  # it fails (or had just finished): the disk went away
+        await recover_cache(lab, tally)
+        return
+    await lab.workload.run(count=count, flush_every=flush_every)
+    if fault is Fault.CACHE_MID_FLUSH:
+        issued = lab.vm.at_flush()
+        flush = asyncio.create_task(lab.workload.flush())
+        await issued.wait()
+        await lab.cache.kill()
+        with contextlib.suppress(Exception):
+            await flush
+        await recover_cache(lab, tally)
+
+
+async def committed_or(lab: CrashLab, epoch: int, trip: asyncio.Event) -> bool:
+    """Wait until ``epoch`` commits or ``trip`` is set; whether the trip came first."""
+    commit = asyncio.create_task(lab.cache.call({"op": "wait_committed", "epoch": epoch}))
+    tripped = asyncio.create_task(trip.wait())
+    await asyncio.wait([commit, tripped], return_when="FIRST_COMPLETED")
+    tripped.cancel()
+    if not commit.done():
+        commit.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await commit
+        return True
+    await commit
+    return False
+
+
+async def ship_with_fault(lab: CrashLab, rng: random.Random, fault: Fault, tally: Tally) -> int:
+    """Cut the next epoch with ``fault`` striking its shipping or commit; its number."""
+    status = await lab.cache.call({"op": "status"})
+    epoch = int(status["open"])
+    at_step = fault in (Fault.ONPREM_AT_STEP, Fault.BOTH_AT_STEP, Fault.CACHE_MID_COMMIT)
+    if at_step:
+        step = rng.choice(list(CommitStep))
+        await lab.onprem.call({"op": "arm", "epoch": epoch, "step": step.value})
+    trip = lab.proxy.trip_after(rng.randint(1, 96 * KIB))
+    if fault is Fault.LINK_DAMAGE:
+        lab.proxy.corrupt_once_after(rng.randint(64, 48 * KIB))
+    tally.cuts[epoch] = lab.workload.stats().last_sequence
+    assert await lab.cache.call({"op": "cut"}) == epoch
+    if at_step:
+        await lab.onprem.paused()
+        if fault is not Fault.ONPREM_AT_STEP:
+            await lab.cache.kill()
+        if fault is Fault.CACHE_MID_COMMIT:
+            await lab.onprem.call({"op": "release"})  # the commit goes on without its caller
+        else:
+            await lab.onprem.kill()
+            await lab.restart_onprem()
+            tally.onprem_restarts += 1
+        if fault is not Fault.ONPREM_AT_STEP:
+            await recover_cache(lab, tally)
+    elif fault in (Fault.ONPREM_MID_SHIP, Fault.LINK_DOWN) and await committed_or(
+        lab, epoch, trip
+    ):
+        if fault is Fault.ONPREM_MID_SHIP:
+            await lab.onprem.kill()
+            await lab.restart_onprem()
+            tally.onprem_restarts += 1
+        else:
+            failures = int(status["failures"])
+            lab.proxy.drop_every(0)
+            lab.proxy.drop_now()
+            await lab.cache.call({"op": "wait_failures", "failures": failures + FAILED_ATTEMPTS})
+            lab.proxy.drop_every(None)
+    await lab.cache.call({"op": "wait_committed", "epoch": epoch})
+    lab.proxy.disarm()
+    return epoch
+
+
+async def check_onprem(lab: CrashLab, epoch: int, tally: Tally) -> None:
+    """Check 1: on-prem is the replay of a log prefix at or after the epoch's cut."""
+    log = await lab.read_log()
+    image = await lab.onprem_image()
+    cut = tally.cuts[epoch]
+    prefix = find_prefix(image, lab.base, log, cut)
+    assert prefix is not None, f"on-prem after epoch {epoch} is no prefix from write {cut} on"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_prefix_consistency_through_crashes_of_cache_onprem_and_link(
+    tmp_path: Path, seed: int
+) -> None:
+    rng = random.Random(f"crash-consistency:{seed}")
+    spec = WorkloadSpec(seed=seed, read_ratio=0.2, max_length=160 * KIB, hot_fraction=0.1)
+    tally = Tally()
+    started = time.monotonic()
+    async with crash_lab(tmp_path, seed, SIZE, spec) as lab:
+        for fault in schedule(rng):
+            tally.faults[fault.value] = tally.faults.get(fault.value, 0) + 1
+            before = lab.workload.stats().last_sequence
+            await guest_runs(lab, rng, fault, tally)
+            while lab.workload.stats().last_sequence == before:  # no empty epochs
+                await lab.workload.run(count=1)
+            epoch = await ship_with_fault(lab, rng, fault, tally)
+            await check_onprem(lab, epoch, tally)
+        status = await lab.cache.call({"op": "status"})
+        log = await lab.read_log()
+    print(
+        f"seed {seed}: {len(tally.cuts)} epochs, {log.last_sequence} writes, "
+        f"{len(log.flushes)} flushes, cache restarts {tally.cache_restarts}, "
+        f"on-prem restarts {tally.onprem_restarts}, faults {tally.faults}, "
+        f"damaged chunks re-sent {status['mismatches']}, "
+        f"lost acknowledged-and-flushed writes: {tally.lost}, "
+        f"{time.monotonic() - started:.1f} s"
+    )
+    assert tally.lost == 0
+    assert len(tally.cuts) >= 20
+    assert status["committed"] == max(tally.cuts)
