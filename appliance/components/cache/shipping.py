@@ -35,7 +35,7 @@ from appliance.datapath.nbd.backend import NbdBackend
 from appliance.datapath.nbd.channel import NbdAddress
 from appliance.datapath.throttle import TokenBucket
 from appliance.datapath.transfer import Transfer, TransferOptions
-from appliance.errors import StaleToken
+from appliance.errors import EpochRejected, StaleToken
 from appliance.storage.extents import Extent, merge
 from appliance.storage.file import check_range, read_only_error
 from appliance.storage.hashing import chunk_hash
@@ -224,6 +224,10 @@ class EpochShipper:
                     log.warning("epoch refused: stale token; shipping stops", error=str(exc))
                     return
                 except Exception as exc:
+                    if isinstance(exc, EpochRejected):
+                        # What landed is gone (the I/O manager restarted and discarded
+                        # the staging area): the next attempt sends the whole epoch.
+                        self._checkpoints.pop(epoch, None)
                     self.failures += 1
                     self.failed.set()
                     log.info("epoch not shipped; retrying", epoch=epoch, error=repr(exc))
