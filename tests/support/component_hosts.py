@@ -67,9 +67,9 @@ def decode_error(answer: dict[str, Any]) -> Exception:
     return RemoteError(kind, answer.get("message", ""))
 
 
-async def call(socket_path: Path, request: dict[str, Any], timeout: float = CALL_TIMEOUT_S) -> Any:
+async def call(socket_path: Path, request: dict[str, Any], limit_s: float = CALL_TIMEOUT_S) -> Any:
     """One request to the host listening on ``socket_path``; its answer, or its error raised."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(limit_s):
         reader, writer = await asyncio.open_unix_connection(str(socket_path))
         try:
             writer.write(json.dumps(request).encode() + b"\n")
@@ -161,11 +161,11 @@ class HostProcess:
         self.starts += 1
         return await self.expect("READY", START_TIMEOUT_S)
 
-    async def expect(self, word: str, timeout: float = CALL_TIMEOUT_S) -> list[str]:
+    async def expect(self, word: str, limit_s: float = CALL_TIMEOUT_S) -> list[str]:
         """Wait for the host's next ``word`` line; its fields."""
         process = self._process
         assert process is not None and process.stdout is not None
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit_s):
             while True:
                 line = (await process.stdout.readline()).decode()
                 if not line:
@@ -179,8 +179,8 @@ class HostProcess:
         """Wait until an armed commit step holds: (epoch, step)."""
         return await self.expect("PAUSED")
 
-    async def call(self, request: dict[str, Any], timeout: float = CALL_TIMEOUT_S) -> Any:
-        return await call(self.socket, request, timeout)
+    async def call(self, request: dict[str, Any], limit_s: float = CALL_TIMEOUT_S) -> Any:
+        return await call(self.socket, request, limit_s)
 
     async def kill(self) -> None:
         process = self._process

@@ -130,13 +130,9 @@ class CacheHost:
         self.args = args
         link = TcpAddress("127.0.0.1", args.link_port)
         self.link = link
-        self.sink = DirectEpochSink(
-            RpcOnprem(Path(args.onprem_socket)), size=args.size, via=link
-        )
+        self.sink = DirectEpochSink(RpcOnprem(Path(args.onprem_socket)), size=args.size, via=link)
         settings = small_settings(scale=args.scale, retry_delay_s=args.retry_delay)
-        self.cache = CloudCache(
-            Path(args.data), settings, address=TcpAddress("127.0.0.1", 0)
-        )
+        self.cache = CloudCache(Path(args.data), settings, address=TcpAddress("127.0.0.1", 0))
 
     async def handle(self, request: dict[str, Any]) -> Any:
         op = request["op"]

@@ -35,11 +35,11 @@ import pytest
 from appliance.components.onprem import CommitStep
 from appliance.sites.lab.workload import WorkloadSpec
 from tests.support.crashlab import KIB, MIB, CrashLab, crash_lab
-from tests.support.replay import lost_flushed_writes, replay, unflushed_ranges, find_prefix
+from tests.support.replay import find_prefix, lost_flushed_writes, replay, unflushed_ranges
 
 SIZE = 4 * MIB
 EPOCHS = 22
-SEEDS = (11,)
+SEEDS = (11, 23)
 FAILED_ATTEMPTS = 3
 """Shipping attempts that must fail while the link is down before it comes back."""
 
@@ -63,13 +63,22 @@ class Tally:
     faults: dict[str, int] = field(default_factory=dict)
     lost: int = 0
     cache_restarts: int = 0
+    resent: int = 0
+    damaged: int = 0
+    """Chunks damaged on the link, caught by the hashed writes and sent again."""
+    """Epochs a restarted cache shipped again after on-prem had committed them."""
     onprem_restarts: int = 0
 
 
 def schedule(rng: random.Random) -> list[Fault]:
-    """Every fault at least once, the rest drawn at random; NONE first (a clean start)."""
+    """Every fault at least once, the rest drawn at random; NONE first (a clean start).
+
+    The link is taken down once per run: each outage costs the data path's own
+    retry backoff inside the shipping attempt it breaks (several seconds).
+    """
     kinds = [f for f in Fault if f is not Fault.NONE]
-    rounds = kinds + [rng.choice(list(Fault)) for _ in range(EPOCHS - 1 - len(kinds))]
+    drawn = [f for f in Fault if f is not Fault.LINK_DOWN]
+    rounds = kinds + [rng.choice(drawn) for _ in range(EPOCHS - 1 - len(kinds))]
     rng.shuffle(rounds)
     return [Fault.NONE, *rounds]
 
@@ -155,9 +164,7 @@ async def ship_with_fault(lab: CrashLab, rng: random.Random, fault: Fault, tally
             tally.onprem_restarts += 1
         if fault is not Fault.ONPREM_AT_STEP:
             await recover_cache(lab, tally)
-    elif fault in (Fault.ONPREM_MID_SHIP, Fault.LINK_DOWN) and await committed_or(
-        lab, epoch, trip
-    ):
+    elif fault in (Fault.ONPREM_MID_SHIP, Fault.LINK_DOWN) and await committed_or(lab, epoch, trip):
         if fault is Fault.ONPREM_MID_SHIP:
             await lab.onprem.kill()
             await lab.restart_onprem()
@@ -170,6 +177,12 @@ async def ship_with_fault(lab: CrashLab, rng: random.Random, fault: Fault, tally
             lab.proxy.drop_every(None)
     await lab.cache.call({"op": "wait_committed", "epoch": epoch})
     lab.proxy.disarm()
+    if fault is Fault.LINK_DAMAGE:
+        tally.damaged += int((await lab.cache.call({"op": "status"}))["mismatches"]) - int(
+            status["mismatches"]
+        )
+    if fault in (Fault.BOTH_AT_STEP, Fault.CACHE_MID_COMMIT):
+        tally.resent += int((await lab.cache.call({"op": "status"}))["resent"])
     return epoch
 
 
@@ -205,10 +218,75 @@ async def test_prefix_consistency_through_crashes_of_cache_onprem_and_link(
         f"seed {seed}: {len(tally.cuts)} epochs, {log.last_sequence} writes, "
         f"{len(log.flushes)} flushes, cache restarts {tally.cache_restarts}, "
         f"on-prem restarts {tally.onprem_restarts}, faults {tally.faults}, "
-        f"damaged chunks re-sent {status['mismatches']}, "
+        f"bytes damaged on the link {lab.proxy.corrupted} times, "
+        f"chunks caught and re-sent {tally.damaged}, "
+        f"committed epochs shipped again {tally.resent}, "
         f"lost acknowledged-and-flushed writes: {tally.lost}, "
         f"{time.monotonic() - started:.1f} s"
     )
     assert tally.lost == 0
     assert len(tally.cuts) >= 20
     assert status["committed"] == max(tally.cuts)
+
+
+@pytest.mark.parametrize("step", [CommitStep.VERIFIED, CommitStep.STAGING_DURABLE])
+async def test_onprem_killed_before_the_commit_record_gets_the_whole_epoch_again(
+    tmp_path: Path, step: CommitStep
+) -> None:
+    """The restarted I/O manager discarded the landed epoch: the cache sends all of it again
+    (it used to skip what its checkpoint said had landed, and retried a rejected commit
+    forever)."""
+    spec = WorkloadSpec(seed=5, read_ratio=0.0, max_length=160 * KIB)
+    async with crash_lab(tmp_path, 5, SIZE, spec) as lab:
+        await lab.workload.run(count=10, flush_every=3)
+        await lab.onprem.call({"op": "arm", "epoch": 1, "step": step.value})
+        assert await lab.cache.call({"op": "cut"}) == 1
+        await lab.onprem.paused()
+        await lab.onprem.kill()
+        await lab.restart_onprem()
+        await lab.cache.call({"op": "wait_committed", "epoch": 1})
+        log = await lab.read_log()
+        assert await lab.onprem_image() == replay(lab.base, log, log.last_sequence)
+
+
+async def test_cache_killed_after_the_commit_record_ships_again_and_the_commit_replays(
+    tmp_path: Path,
+) -> None:
+    """On-prem committed epoch 1 but the cache died before hearing it: the restarted cache
+    ships epoch 1 again, the I/O manager's replay is a no-op, and epoch 2 follows."""
+    spec = WorkloadSpec(seed=6, read_ratio=0.0, max_length=160 * KIB)
+    tally = Tally()
+    async with crash_lab(tmp_path, 6, SIZE, spec) as lab:
+        await lab.workload.run(count=10, flush_every=4)
+        tally.cuts[1] = lab.workload.stats().last_sequence
+        await lab.onprem.call({"op": "arm", "epoch": 1, "step": CommitStep.COMMIT_RECORDED})
+        assert await lab.cache.call({"op": "cut"}) == 1
+        await lab.onprem.paused()
+        await lab.cache.kill()
+        await lab.onprem.call({"op": "release"})
+        await recover_cache(lab, tally)
+        await lab.cache.call({"op": "wait_committed", "epoch": 1})
+        assert (await lab.cache.call({"op": "status"}))["resent"] == 1
+        await check_onprem(lab, 1, tally)
+        assert await lab.onprem_image() == replay(lab.base, await lab.read_log(), tally.cuts[1])
+        await lab.workload.run(count=6)
+        tally.cuts[2] = lab.workload.stats().last_sequence
+        assert await lab.cache.call({"op": "cut"}) == 2
+        await lab.cache.call({"op": "wait_committed", "epoch": 2})
+        await check_onprem(lab, 2, tally)
+
+
+async def test_chunk_damaged_on_the_link_to_the_io_manager_is_detected_and_resent(
+    tmp_path: Path,
+) -> None:
+    spec = WorkloadSpec(seed=8, read_ratio=0.0, min_length=256 * KIB, max_length=MIB)
+    async with crash_lab(tmp_path, 8, SIZE, spec) as lab:
+        await lab.workload.run(count=3, flush_every=3)
+        lab.proxy.corrupt_once_after(100_000)  # inside the second chunk's payload
+        assert await lab.cache.call({"op": "cut"}) == 1
+        await lab.cache.call({"op": "wait_committed", "epoch": 1})
+        status = await lab.cache.call({"op": "status"})
+        assert lab.proxy.corrupted == 1
+        assert status["mismatches"] >= 1
+        log = await lab.read_log()
+        assert await lab.onprem_image() == replay(lab.base, log, log.last_sequence)
