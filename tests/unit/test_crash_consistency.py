@@ -290,3 +290,23 @@ async def test_chunk_damaged_on_the_link_to_the_io_manager_is_detected_and_resen
         assert status["mismatches"] >= 1
         log = await lab.read_log()
         assert await lab.onprem_image() == replay(lab.base, log, log.last_sequence)
+
+
+async def test_link_down_mid_epoch_through_many_retries_then_back_resumes_and_commits(
+    tmp_path: Path,
+) -> None:
+    spec = WorkloadSpec(seed=9, read_ratio=0.0, min_length=256 * KIB, max_length=MIB)
+    async with crash_lab(tmp_path, 9, SIZE, spec) as lab:
+        await lab.workload.run(count=4, flush_every=2)
+        tripped = lab.proxy.trip_after(300 * KIB)  # part way through the epoch's bytes
+        assert await lab.cache.call({"op": "cut"}) == 1
+        await tripped.wait()
+        lab.proxy.drop_every(0)  # down, and every reconnection dies at once
+        lab.proxy.drop_now()
+        await lab.cache.call({"op": "wait_failures", "failures": 5})
+        log = await lab.read_log()
+        assert await lab.onprem_image() == lab.base  # nothing committed while down
+        lab.proxy.drop_every(None)  # back
+        await lab.cache.call({"op": "wait_committed", "epoch": 1})
+        assert await lab.onprem_image() == replay(lab.base, log, log.last_sequence)
+        assert (await lab.cache.call({"op": "status"}))["failures"] >= 5
