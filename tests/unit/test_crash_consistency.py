@@ -64,6 +64,8 @@ class Tally:
     lost: int = 0
     cache_restarts: int = 0
     resent: int = 0
+    untripped: int = 0
+    """Mid-shipping faults whose epoch committed before the trip point was reached."""
     damaged: int = 0
     """Chunks damaged on the link, caught by the hashed writes and sent again."""
     """Epochs a restarted cache shipped again after on-prem had committed them."""
@@ -107,7 +109,9 @@ async def guest_runs(lab: CrashLab, rng: random.Random, fault: Fault, tally: Tal
     if fault is Fault.CACHE_MID_IO:
         issued = lab.vm.at_operation(rng.randint(1, count))
         run = asyncio.create_task(lab.workload.run(count=count, flush_every=flush_every))
-        await asyncio.wait([run, asyncio.create_task(issued.wait())], return_when="FIRST_COMPLETED")
+        waiter = asyncio.create_task(issued.wait())
+        await asyncio.wait([run, waiter], return_when="FIRST_COMPLETED")
+        waiter.cancel()
         await lab.cache.kill()
         with contextlib.suppress(Exception):
             await run  # it fails (or had just finished): the disk went away
@@ -164,17 +168,8 @@ async def ship_with_fault(lab: CrashLab, rng: random.Random, fault: Fault, tally
             tally.onprem_restarts += 1
         if fault is not Fault.ONPREM_AT_STEP:
             await recover_cache(lab, tally)
-    elif fault in (Fault.ONPREM_MID_SHIP, Fault.LINK_DOWN) and await committed_or(lab, epoch, trip):
-        if fault is Fault.ONPREM_MID_SHIP:
-            await lab.onprem.kill()
-            await lab.restart_onprem()
-            tally.onprem_restarts += 1
-        else:
-            failures = int(status["failures"])
-            lab.proxy.drop_every(0)
-            lab.proxy.drop_now()
-            await lab.cache.call({"op": "wait_failures", "failures": failures + FAILED_ATTEMPTS})
-            lab.proxy.drop_every(None)
+    elif fault in (Fault.ONPREM_MID_SHIP, Fault.LINK_DOWN):
+        await strike_mid_ship(lab, epoch, fault, trip, int(status["failures"]), tally)
     await lab.cache.call({"op": "wait_committed", "epoch": epoch})
     lab.proxy.disarm()
     if fault is Fault.LINK_DAMAGE:
@@ -184,6 +179,23 @@ async def ship_with_fault(lab: CrashLab, rng: random.Random, fault: Fault, tally
     if fault in (Fault.BOTH_AT_STEP, Fault.CACHE_MID_COMMIT):
         tally.resent += int((await lab.cache.call({"op": "status"}))["resent"])
     return epoch
+
+
+async def strike_mid_ship(
+    lab: CrashLab, epoch: int, fault: Fault, trip: asyncio.Event, failures: int, tally: Tally
+) -> None:
+    """Once ``trip`` bytes of the epoch crossed the link: kill on-prem, or take the link down."""
+    if not await committed_or(lab, epoch, trip):
+        tally.untripped += 1  # the epoch was smaller than the trip point: it committed first
+    elif fault is Fault.ONPREM_MID_SHIP:
+        await lab.onprem.kill()
+        await lab.restart_onprem()
+        tally.onprem_restarts += 1
+    else:
+        lab.proxy.drop_every(0)
+        lab.proxy.drop_now()
+        await lab.cache.call({"op": "wait_failures", "failures": failures + FAILED_ATTEMPTS})
+        lab.proxy.drop_every(None)
 
 
 async def check_onprem(lab: CrashLab, epoch: int, tally: Tally) -> None:
@@ -221,6 +233,7 @@ async def test_prefix_consistency_through_crashes_of_cache_onprem_and_link(
         f"bytes damaged on the link {lab.proxy.corrupted} times, "
         f"chunks caught and re-sent {tally.damaged}, "
         f"committed epochs shipped again {tally.resent}, "
+        f"mid-shipping faults that found the epoch committed first {tally.untripped}, "
         f"lost acknowledged-and-flushed writes: {tally.lost}, "
         f"{time.monotonic() - started:.1f} s"
     )
