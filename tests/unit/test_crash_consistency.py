@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ from tests.support.replay import find_prefix, lost_flushed_writes, replay, unflu
 
 SIZE = 4 * MIB
 EPOCHS = 22
-SEEDS = (11, 23)
+SEEDS = tuple(int(seed) for seed in os.environ.get("FERRY_CRASH_SEEDS", "11,23").split(","))
+"""Seeds of the random scenario; FERRY_CRASH_SEEDS=1,2,3 runs others (a longer soak)."""
 FAILED_ATTEMPTS = 3
 """Shipping attempts that must fail while the link is down before it comes back."""
 
