@@ -65,13 +65,13 @@ class Tally:
     faults: dict[str, int] = field(default_factory=dict)
     lost: int = 0
     cache_restarts: int = 0
+    onprem_restarts: int = 0
     resent: int = 0
+    """Epochs a restarted cache shipped again after on-prem had committed them."""
     untripped: int = 0
     """Mid-shipping faults whose epoch committed before the trip point was reached."""
     damaged: int = 0
     """Chunks damaged on the link, caught by the hashed writes and sent again."""
-    """Epochs a restarted cache shipped again after on-prem had committed them."""
-    onprem_restarts: int = 0
 
 
 def schedule(rng: random.Random) -> list[Fault]:
