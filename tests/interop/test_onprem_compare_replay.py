@@ -59,7 +59,7 @@ async def test_qemu_img_compare_onprem_current_image_with_the_write_log_replay(
     log_path = tmp_path / "writes.log"
     async with OnpremIoManager(tmp_path / "onprem") as manager:
         await manager.open_disk(order)
-        sink = DirectEpochSink(manager, size=SIZE)
+        sink = DirectEpochSink(manager)
         cache = CloudCache(tmp_path / "cache", small_settings(scale=1 / 64))
         async with cache, await WriteLog.create(log_path, seed=17, disk_size=SIZE) as log:
             await cache.open_disk(
@@ -94,5 +94,4 @@ async def test_qemu_img_compare_onprem_current_image_with_the_write_log_replay(
                     code, output = await qemu_img_compare(url, stale)
                     assert code == 1, output  # ...and qemu-img sees the difference
                     previous = bytes(expected)
-            await sink.close()
         assert manager.committed_epoch(DISK) == EPOCHS

@@ -130,7 +130,7 @@ class CacheHost:
         self.args = args
         link = TcpAddress("127.0.0.1", args.link_port)
         self.link = link
-        self.sink = DirectEpochSink(RpcOnprem(Path(args.onprem_socket)), size=args.size, via=link)
+        self.sink = DirectEpochSink(RpcOnprem(Path(args.onprem_socket)), via=link)
         settings = small_settings(scale=args.scale, retry_delay_s=args.retry_delay)
         self.cache = CloudCache(Path(args.data), settings, address=TcpAddress("127.0.0.1", 0))
 
@@ -156,7 +156,7 @@ class CacheHost:
                 "in_flight": list(disk.epochs_in_flight),
                 "failures": shipper.failures,
                 "mismatches": shipper.mismatches,
-                "resent": len(self.sink.resent),
+                "resent": shipper.already_committed,
             }
         raise ValueError(f"unknown op {op}")
 

@@ -234,7 +234,7 @@ async def test_prefix_consistency_through_crashes_of_cache_onprem_and_link(
         f"on-prem restarts {tally.onprem_restarts}, faults {tally.faults}, "
         f"bytes damaged on the link {lab.proxy.corrupted} times, "
         f"chunks caught and re-sent {tally.damaged}, "
-        f"committed epochs shipped again {tally.resent}, "
+        f"epochs found committed when staged again (commit replayed) {tally.resent}, "
         f"mid-shipping faults that found the epoch committed first {tally.untripped}, "
         f"lost acknowledged-and-flushed writes: {tally.lost}, "
         f"{time.monotonic() - started:.1f} s"
