@@ -3,7 +3,9 @@
 For each cut epoch N, in order, the shipper:
 
 1. asks the sink to ``stage(disk_id, N, token)``: an NBD address and export
-   of the staging area for N (disk-sized; only N's chunks are written);
+   of the staging area for N (disk-sized; only N's chunks are written); if
+   the sink answers ``EpochOutOfOrder`` expecting a later epoch, on-prem has
+   committed N already (its reply was lost): nothing is sent, step 3 replays;
 2. copies N's chunks there with the data path's ``Transfer`` over N's explicit
    extent list: hashed writes verified as they land (a chunk corrupted on the
    link is re-sent), bounded concurrency, the shared bandwidth cap; a resumed
@@ -35,7 +37,7 @@ from appliance.datapath.nbd.backend import NbdBackend
 from appliance.datapath.nbd.channel import NbdAddress
 from appliance.datapath.throttle import TokenBucket
 from appliance.datapath.transfer import Transfer, TransferOptions
-from appliance.errors import StaleToken
+from appliance.errors import EpochOutOfOrder, EpochRejected, StaleToken
 from appliance.storage.extents import Extent, merge
 from appliance.storage.file import check_range, read_only_error
 from appliance.storage.hashing import chunk_hash
@@ -187,6 +189,8 @@ class EpochShipper:
         self.attempts = 0
         self.failures = 0
         self.stale = False
+        self.already_committed = 0
+        """Epochs found committed on-prem when staged (a lost commit reply), in all."""
         self.mismatches = 0
         """Chunks a hashed write found damaged on the way (and sent again), in all."""
         self.failed = asyncio.Event()
@@ -224,6 +228,10 @@ class EpochShipper:
                     log.warning("epoch refused: stale token; shipping stops", error=str(exc))
                     return
                 except Exception as exc:
+                    if isinstance(exc, EpochRejected):
+                        # What landed is gone (the I/O manager restarted and discarded
+                        # the staging area): the next attempt sends the whole epoch.
+                        self._checkpoints.pop(epoch, None)
                     self.failures += 1
                     self.failed.set()
                     log.info("epoch not shipped; retrying", epoch=epoch, error=repr(exc))
@@ -240,9 +248,10 @@ class EpochShipper:
         self.shipping = epoch
         view = EpochView(self._disk.store, epoch)
         token = self._token()
-        address, export = await self.sink.stage(self._disk_id, epoch, token)
+        staged = await self._stage(epoch, token)
         extents = view.chunk_extents()
-        if extents:
+        if extents and staged is not None:
+            address, export = staged
             target = await NbdBackend.connect(address, export)
             try:
                 transfer = Transfer(
@@ -267,3 +276,19 @@ class EpochShipper:
         # Held slots never change, so a thread may read them while writes go on.
         manifest = await asyncio.to_thread(view.manifest)
         await self.sink.commit(self._disk_id, epoch, token, manifest)
+
+    async def _stage(self, epoch: int, token: int) -> tuple[NbdAddress, str] | None:
+        """The staging export of ``epoch``; None if on-prem has committed it already.
+
+        That happens when the commit's reply was lost (this cache restarted, or the
+        link failed, after on-prem recorded the commit): nothing is sent again, and
+        the commit that follows is on-prem's idempotent replay, which checks that
+        the manifest is the one it committed.
+        """
+        try:
+            return await self.sink.stage(self._disk_id, epoch, token)
+        except EpochOutOfOrder as refused:
+            if refused.expected <= epoch:
+                raise
+            self.already_committed += 1
+            return None
