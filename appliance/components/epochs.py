@@ -47,6 +47,7 @@ from appliance.components.orders import ComponentId
 from appliance.datapath.nbd.channel import NbdAddress, TcpAddress
 from appliance.errors import (
     ComponentSilent,
+    EpochOutOfOrder,
     EpochRejected,
     FerryError,
     StaleToken,
@@ -72,6 +73,7 @@ class EpochVerb(StrEnum):
 class ReplyCode(StrEnum):
     OK = ""
     STALE_TOKEN = "stale_token"
+    OUT_OF_ORDER = "out_of_order"  # `expected`: the epoch on-prem takes next
     REJECTED = "rejected"
     INVALID = "invalid"
 
@@ -103,6 +105,7 @@ class EpochReply(BaseModel):
     address: str = ""
     export: str = ""
     highest: int = 0
+    expected: int = 0
 
 
 def _keys(store: StateStore, onprem: ComponentId) -> tuple[str, str, str]:
@@ -196,6 +199,10 @@ class RedisEpochSink:
         if reply.code is ReplyCode.STALE_TOKEN:
             self.refused[disk_id] = reply.highest
             raise StaleToken(disk_id, token, reply.highest)
+        if reply.code is ReplyCode.OUT_OF_ORDER:
+            # The shipper knows what to do: past it means on-prem committed this epoch
+            # already (its reply was lost), so the commit is replayed, not the copy.
+            raise EpochOutOfOrder(disk_id, epoch, reply.expected)
         if reply.code is not ReplyCode.OK:
             if verb is EpochVerb.COMMIT and self._on_rejected is not None:
                 self._on_rejected(disk_id, epoch)  # what was staged is not what was sent
@@ -342,6 +349,14 @@ class EpochService:
         except StaleToken as error:
             bound.warning("epoch request refused: stale token", error=str(error))
             code, reason, highest = ReplyCode.STALE_TOKEN, str(error), error.highest
+        except EpochOutOfOrder as error:
+            bound.info("epoch request out of order", error=str(error))
+            return EpochReply(
+                request_id=request.request_id,
+                code=ReplyCode.OUT_OF_ORDER,
+                reason=str(error)[:500],
+                expected=error.expected,
+            )
         except (FerryError, ValueError) as error:
             bound.warning("epoch request rejected", error=str(error))
             code, reason, highest = ReplyCode.REJECTED, str(error), 0

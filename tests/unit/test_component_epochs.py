@@ -26,7 +26,7 @@ from appliance.components.orders import ComponentId, Order, OrderAction, Outcome
 from appliance.components.runtimes import ComponentConfig
 from appliance.datapath.nbd import NbdBackend, TcpAddress
 from appliance.embedded import RedisServer, free_port
-from appliance.errors import ComponentSilent, EpochRejected, StaleToken
+from appliance.errors import ComponentSilent, EpochOutOfOrder, EpochRejected, StaleToken
 from appliance.settings import Settings
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
@@ -140,6 +140,23 @@ async def test_a_stale_token_is_refused_with_the_highest_token_on_prem(sides: Si
             await sink.commit(DISK, 1, sides.order.token, empty)
     assert sides.manager.committed_epoch(DISK) == 0
     assert await current(sides) == sides.snapshot
+
+
+async def test_staging_an_epoch_on_prem_committed_already_says_which_comes_next(
+    sides: Sides,
+) -> None:
+    """A cache that never heard its commit answered (killed, or the reply was lost) asks to
+    stage that epoch again: it learns on-prem is past it, so its shipper replays the commit
+    instead of staging forever."""
+    sink = RedisEpochSink(sides.store, ONPREM, timeout_s=WAIT_S)
+    async with serving(sides):
+        manifest = await send(sink, 1, sides.order.token, {3: bytes(range(256)) * (CHUNK // 256)})
+        await sink.commit(DISK, 1, sides.order.token, manifest)
+        with pytest.raises(EpochOutOfOrder) as past:
+            await sink.stage(DISK, 1, sides.order.token)
+        assert past.value.expected == 2
+        await sink.commit(DISK, 1, sides.order.token, manifest)  # the replay is a no-op
+    assert sides.manager.committed_epoch(DISK) == 1
 
 
 async def test_a_request_made_while_on_prem_is_down_is_answered_when_it_starts(
