@@ -1,18 +1,23 @@
 """Server side of the NBD transmission phase: one connection's requests, served concurrently.
 
-One reader loop takes requests off the socket (a WRITE's payload included)
-and starts a task per request, at most ``max_inflight`` at a time; replies
-go out as each finishes, possibly out of order, one whole reply at a time.
+One reader loop takes requests off the socket (a WRITE's payload included).
+A small plain READ or WRITE (at most ``INLINE_MAX`` bytes, no flags) that the
+backend can do at once (:class:`ServesInline`: a read the page cache holds,
+a write into it) is served by the reader itself, with no task and no thread,
+and its reply is added to a batch that goes out in one send when the reader
+would otherwise wait for the peer (or the batch is full). Every other
+request gets a task, at most ``max_inflight`` at a time; replies go out as
+each finishes, possibly out of order, one whole reply at a time.
 Errors the spec foresees are answered with its error values: EINVAL for
 unknown commands or flags (Ferry's extension flag counts as unknown unless
 its context was negotiated), oversized reads and reads past the end, ENOSPC
-for writes past the end, EPERM on read-only exports. What cannot be answered
-(bad magic, a WRITE payload over the maximum block size) closes the
-connection. Nothing here logs on the hot path, and nothing hashes unless
+for writes past the end, EPERM on read-only exports; the inline path never
+answers an error, it leaves such a request to the ordinary one. What cannot
+be answered (bad magic, a WRITE payload over the maximum block size) closes
+the connection. Nothing here logs on the hot path, and nothing hashes unless
 asked: a hashed WRITE digests its payload as received, once the backend's
 write returned; a checksum reads the range into a pooled buffer and hashes
-it. Up to a MiB is hashed on the event loop (cheaper than a hand-off to a
-thread), more in a thread (xxh3 releases the GIL).
+it (:mod:`appliance.datapath.nbd.checksums`).
 """
 
 from __future__ import annotations
@@ -28,23 +33,17 @@ import structlog
 from appliance.datapath.buffers import BufferPool, ReadsInto, ServesInline
 from appliance.datapath.nbd import protocol as p
 from appliance.datapath.nbd.channel import Channel
+from appliance.datapath.nbd.checksums import digest_of, range_digest, range_digests, read_range
 from appliance.datapath.nbd.server_handshake import (
     BASE_ALLOCATION_ID,
     FERRY_CHECKSUM_ID,
     Session,
 )
 from appliance.errors import ConnectionDropped, NbdProtocolError
-from appliance.storage.backend import Backend, HashesBlocks
 from appliance.storage.extents import Extent
-from appliance.storage.hashing import chunk_hash, zero_hash
 
 log = structlog.get_logger(__name__)
 
-INLINE_HASH_LIMIT = 1 << 20
-"""Hash up to this many bytes on the event loop: cheaper than a hand-off to a thread."""
-MAP_FIRST_LENGTH = 4 << 20
-"""Checksum ranges this large look at the extent map first, to hash holes unread. A map
-lookup costs about what reading a MiB of hole (zero-filled by the kernel) does."""
 MAX_DESCRIPTORS = 64 * 1024  # per BLOCK_STATUS reply; the client asks again for the rest
 DRAIN_TIMEOUT = 10.0
 INLINE_MAX = 64 * 1024
@@ -477,67 +476,3 @@ def allocation_payload(extents: list[Extent]) -> bytes:
         if e.length
     )
     return p.U32.pack(BASE_ALLOCATION_ID) + descriptors
-
-
-async def read_range(backend: Backend, offset: int, view: memoryview) -> None:
-    """Fill ``view`` from ``offset``: straight into it when the backend can."""
-    if isinstance(backend, ReadsInto):
-        await backend.read_into(offset, view)
-    else:
-        view[:] = await backend.read(offset, len(view))
-
-
-async def digest_of(data: memoryview) -> bytes:
-    """chunk_hash of ``data``; large buffers are hashed in a thread (xxh3 drops the GIL)."""
-    if len(data) <= INLINE_HASH_LIMIT:
-        return chunk_hash(data)
-    return await asyncio.get_running_loop().run_in_executor(None, chunk_hash, data)
-
-
-def block_digests(data: memoryview, block: int) -> list[bytes]:
-    return [chunk_hash(data[at : at + block]) for at in range(0, len(data), block)]
-
-
-async def range_digests(
-    backend: Backend, offset: int, length: int, block: int, buffers: BufferPool
-) -> list[bytes]:
-    """chunk_hash of each ``block`` of the range: by the backend where it can, else read
-    at once and hashed here (in a thread when large)."""
-    if isinstance(backend, HashesBlocks):
-        digests = await backend.hash_blocks(offset, length, block)
-        if digests is not None:
-            return digests
-    if length >= MAP_FIRST_LENGTH:
-        extents = await backend.extents(offset, length)
-        if all(extent.zero for extent in extents):
-            ends = range(offset + block, offset + length + block, block)
-            return [zero_hash(min(end, offset + length) - end + block) for end in ends]
-    buffer = buffers.take(length)
-    view = memoryview(buffer)[:length]
-    try:
-        await read_range(backend, offset, view)
-        if length <= INLINE_HASH_LIMIT:
-            return block_digests(view, block)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, block_digests, view, block)
-    finally:
-        with contextlib.suppress(BufferError):
-            view.release()
-        buffers.give(buffer)
-
-
-async def range_digest(backend: Backend, offset: int, length: int, buffers: BufferPool) -> bytes:
-    """chunk_hash of the range as it reads; a large range known to be all zero is not read."""
-    if length >= MAP_FIRST_LENGTH:
-        extents = await backend.extents(offset, length)
-        if all(extent.zero for extent in extents):
-            return zero_hash(length)
-    buffer = buffers.take(length)
-    view = memoryview(buffer)[:length]
-    try:
-        await read_range(backend, offset, view)
-        return await digest_of(view)
-    finally:
-        with contextlib.suppress(BufferError):
-            view.release()
-        buffers.give(buffer)
