@@ -27,8 +27,10 @@ _T = TypeVar("_T")
 
 
 def run_async(main: Coroutine[Any, Any, _T]) -> _T:
-    """``asyncio.run(main)``, on uvloop when it is installed (a quarter of the cost per
-    NBD request of the default loop); plain asyncio otherwise."""
+    """``asyncio.run(main)``, on uvloop when it is installed, plain asyncio otherwise.
+
+    uvloop's sockets, futures and thread hand-offs are cheaper: an NBD server whose
+    requests each take a task and a thread serves about a third more of them."""
     try:
         import uvloop
     except ImportError:

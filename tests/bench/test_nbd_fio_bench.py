@@ -27,6 +27,15 @@ qemu-nbd raw and to the qcow2 overlay, and each server's peak RSS (VmHWM).
 Each workload runs ``ROUNDS`` times (servers interleaved) and the best round
 counts, since the two cores are shared with whatever else runs.
 
+Reading the write figures: the raw file is warmed by large sequential reads,
+so the page cache holds it in large folios (up to 2 MiB on ext4 since Linux
+6.16), and a 4 KiB buffered write into a large folio costs the kernel ~50 us
+(every buffer head of the folio is walked), against ~2 us into a 4 KiB one.
+That bounds Ferry and qemu-nbd raw alike at ~15k random writes per second
+here; the qcow2 overlay writes into pages its copy-on-read pass wrote in
+64 KiB clusters, hence its higher figure. Ferry's per-request cost shows in
+the read figures, where the kernel's part is small.
+
 Run it alone: ``.venv/bin/python -m pytest -p no:cacheprovider
 tests/bench/test_nbd_fio_bench.py -m bench -s``. The table is printed and
 written to ``.bench/nbd_fio.txt``. Environment: ``FERRY_BENCH_RUNTIME_S``
