@@ -28,13 +28,13 @@ Each workload runs ``ROUNDS`` times (servers interleaved) and the best round
 counts, since the two cores are shared with whatever else runs.
 
 Reading the write figures: the raw file is warmed by large sequential reads,
-so the page cache holds it in large folios (up to 2 MiB on ext4 since Linux
-6.16), and a 4 KiB buffered write into a large folio costs the kernel ~50 us
-(every buffer head of the folio is walked), against ~2 us into a 4 KiB one.
-That bounds Ferry and qemu-nbd raw alike at ~15k random writes per second
-here; the qcow2 overlay writes into pages its copy-on-read pass wrote in
-64 KiB clusters, hence its higher figure. Ferry's per-request cost shows in
-the read figures, where the kernel's part is small.
+which leave it in the page cache as large folios, and on this kernel (6.18,
+ext4) a 4 KiB pwrite into such a file costs ~50 us (30 us of CPU), against
+~2 us once the same file is warmed by 4 KiB reads under FADV_RANDOM (small
+folios): measured with a plain Python pwrite loop. That bounds Ferry and
+qemu-nbd raw alike (~15k writes/s here); the qcow2 overlay writes into pages
+its copy-on-read pass wrote cluster by cluster, hence its higher figure.
+Ferry's own per-request cost shows in the read figures.
 
 Run it alone: ``.venv/bin/python -m pytest -p no:cacheprovider
 tests/bench/test_nbd_fio_bench.py -m bench -s``. The table is printed and
