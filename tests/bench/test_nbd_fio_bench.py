@@ -21,25 +21,25 @@ The servers, each its own process on 127.0.0.1, all exporting the same
   pulls the whole disk into the overlay, so the timed runs are cache hits.
 
 Before each server the page cache is settled (:func:`settle`: written back,
-dropped as root, the raw file read warm) and an untimed sequential pass
-reads the whole export once. The table gives IOPS and MB/s, the ratio to
-qemu-nbd raw and to the qcow2 overlay, and each server's peak RSS (VmHWM).
-Each workload runs ``ROUNDS`` times (servers interleaved) and the best round
-counts, since the two cores are shared with whatever else runs.
-
-Reading the write figures: the raw file is warmed by large sequential reads,
-which leave it in the page cache as large folios, and on this kernel (6.18,
-ext4) a 4 KiB pwrite into such a file costs ~50 us (30 us of CPU), against
-~2 us once the same file is warmed by 4 KiB reads under FADV_RANDOM (small
-folios): measured with a plain Python pwrite loop. That bounds Ferry and
-qemu-nbd raw alike (~15k writes/s here); the qcow2 overlay writes into pages
-its copy-on-read pass wrote cluster by cluster, hence its higher figure.
-Ferry's own per-request cost shows in the read figures.
+dropped as root), then the raw file is rewritten in 4 KiB pieces and synced,
+and an untimed sequential pass reads the whole export once: every server
+finds the file in the page cache, clean, in 4 KiB folios. The 4 KiB rewrite
+matters: a file warmed by large sequential reads sits in the page cache as
+large folios, and on this kernel (6.18, ext4) a 4 KiB pwrite into one costs
+~50 us (30 us of CPU) against ~2 us into a 4 KiB folio (measured with a
+plain Python pwrite loop), which would bound Ferry and qemu-nbd raw alike
+and hide the servers' own cost (and vary with memory fragmentation from run
+to run). The table gives IOPS and MB/s, the ratio to qemu-nbd raw and to the
+qcow2 overlay, and each server's peak RSS (VmHWM). Each workload runs
+``ROUNDS`` times (servers interleaved) and the best round counts, since the
+two cores are shared with whatever else runs.
 
 Run it alone: ``.venv/bin/python -m pytest -p no:cacheprovider
 tests/bench/test_nbd_fio_bench.py -m bench -s``. The table is printed and
 written to ``.bench/nbd_fio.txt``. Environment: ``FERRY_BENCH_RUNTIME_S``
-(default 6), ``FERRY_BENCH_ROUNDS`` (default 2).
+(default 6), ``FERRY_BENCH_ROUNDS`` (default 2), ``FERRY_BENCH_FERRY_ROOT``
+(a checkout whose ``tests.support.nbd_runner`` serves as Ferry: the code
+before a change, say; default this one).
 """
 
 from __future__ import annotations
@@ -64,9 +64,11 @@ pytestmark = [pytest.mark.bench, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
+PAGE = 4096
 DISK = 1024 * MIB
 EXPORT = "disk"
 RUNTIME_S = int(os.environ.get("FERRY_BENCH_RUNTIME_S", "6"))
+FERRY_ROOT = Path(os.environ.get("FERRY_BENCH_FERRY_ROOT", str(ROOT)))
 ROUNDS = int(os.environ.get("FERRY_BENCH_ROUNDS", "2"))
 QEMU_CACHE = ["--cache=writeback", "--aio=threads"]
 
@@ -123,10 +125,16 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def fill(path: Path, size: int) -> None:
-    """Random data, written once: every read hits data (not holes) in every server."""
-    with path.open("wb") as out:
-        for _ in range(size // (16 * MIB)):
-            out.write(os.urandom(16 * MIB))
+    """Random data in 4 KiB writes, synced: all data (no holes), in 4 KiB folios."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for base in range(0, size, 16 * MIB):
+            piece = memoryview(os.urandom(16 * MIB))
+            for at in range(0, len(piece), PAGE):
+                os.pwrite(fd, piece[at : at + PAGE], base + at)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fio(url: str, workload: Workload, runtime_s: int | None) -> Figure:
@@ -161,7 +169,7 @@ def running(command: list[str], *, ready_line: bool) -> Iterator[tuple[subproces
     if not ready_line:
         command = [*command, "-p", str(port)]
     process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=FERRY_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
         if ready_line:
@@ -226,7 +234,8 @@ def one_round(raw: Path, overlay: Path, results: list[ServerResult]) -> None:
         assert result.label == label
         result.command = " ".join(command)
         make_overlay(raw, overlay)
-        settle(raw)
+        settle()
+        fill(raw, DISK)
         with running(command, ready_line=ready_line) as (process, port):
             url = f"nbd://127.0.0.1:{port}/{EXPORT}"
             fio(url, Workload("warm-up pass", "read", "1m"), None)
@@ -240,7 +249,7 @@ def table(results: list[ServerResult]) -> str:
     lines = [
         f"NBD server per-request cost: fio nbd engine, one connection, {DISK // MIB} MiB raw "
         f"file of random data in the page cache, {RUNTIME_S} s per run, best of {ROUNDS} "
-        f"round(s), {os.cpu_count()} cores",
+        f"round(s), {os.cpu_count()} cores, Ferry from {FERRY_ROOT}",
         "",
         f"{'server':40}{'workload':30}{'IOPS':>10}{'MB/s':>10}{'vs raw':>9}{'vs qcow2':>10}",
     ]
@@ -266,7 +275,6 @@ def test_nbd_fio_bench(tmp_path_factory: pytest.TempPathFactory) -> None:
         assert shutil.which(tool), f"{tool} is missing: make system-packages"
     work = tmp_path_factory.mktemp("nbd-fio")
     raw, overlay = work / "disk.raw", work / "overlay.qcow2"
-    fill(raw, DISK)
     results = [ServerResult(label) for label, _, _ in server_commands(raw, overlay)]
     for _ in range(ROUNDS):
         one_round(raw, overlay, results)

@@ -154,10 +154,12 @@ class ServerConnection:
             while await self._next_request():
                 pass
         finally:
-            with contextlib.suppress(ConnectionDropped, TimeoutError):
-                async with asyncio.timeout(DRAIN_TIMEOUT):
-                    await self._send_batch()
-            await self._drain()
+            try:
+                with contextlib.suppress(ConnectionDropped, TimeoutError):
+                    async with asyncio.timeout(DRAIN_TIMEOUT):
+                        await self._send_batch()
+            finally:
+                await self._drain()
 
     async def _next_request(self) -> bool:
         channel = self._channel
