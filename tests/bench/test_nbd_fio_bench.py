@@ -233,9 +233,9 @@ def one_round(raw: Path, overlay: Path, results: list[ServerResult]) -> None:
     ):
         assert result.label == label
         result.command = " ".join(command)
-        make_overlay(raw, overlay)
         settle()
         fill(raw, DISK)
+        make_overlay(raw, overlay)
         with running(command, ready_line=ready_line) as (process, port):
             url = f"nbd://127.0.0.1:{port}/{EXPORT}"
             fio(url, Workload("warm-up pass", "read", "1m"), None)
