@@ -32,6 +32,22 @@ class ReadsInto(Protocol):
     async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None: ...
 
 
+@runtime_checkable
+class ServesInline(Protocol):
+    """A backend that can serve a small request at once, on the caller's thread.
+
+    Each method does the whole request and returns True, or does nothing the
+    caller can observe and returns False (too large, out of range, not in the
+    page cache, any error): the caller then takes the ordinary async path,
+    which reports errors. Worth it only when the work is a system call that
+    will not wait on a disk: a thread hand-off costs more than the call.
+    """
+
+    def read_inline(self, offset: int, view: memoryview) -> bool: ...
+
+    def write_inline(self, offset: int, data: memoryview) -> bool: ...
+
+
 def exported(buffer: bytearray) -> bool:
     """True while some memoryview still refers to ``buffer``.
 

@@ -1,7 +1,11 @@
 """A block backend over a raw, sparse file.
 
 Every system call runs in the backend's own small thread pool so the event
-loop never waits on the disk. The allocation map comes from
+loop never waits on the disk, except for the inline fast paths an NBD server
+uses for small requests: a read of at most ``INLINE_LIMIT`` bytes the page
+cache holds entirely (``preadv2(RWF_NOWAIT)``, which refuses rather than
+waits) and a write of at most ``INLINE_LIMIT`` bytes, which lands in the page
+cache; a thread hand-off costs several times either system call. The allocation map comes from
 ``SEEK_DATA``/``SEEK_HOLE``, walked to the end of the requested range.
 Zeroing prefers ``fallocate`` (``PUNCH_HOLE`` to deallocate, ``ZERO_RANGE``
 to keep the space) and falls back to writing zeroes where the file system
@@ -24,6 +28,8 @@ from appliance.storage.extents import Extent
 from appliance.storage.hashing import chunk_hash
 
 DEFAULT_WORKERS = 4
+INLINE_LIMIT = 64 * 1024
+"""Largest read or write the inline fast paths do on the caller's thread."""
 HASH_PIECE = 1 << 20
 """hash_blocks reads this much at a time into one buffer, which stays in the CPU cache."""
 _ZERO_BUFFER = bytes(1024 * 1024)
@@ -129,6 +135,31 @@ class FileBackend:
         view = memoryview(buffer).cast("B")
         check_range(self.name, self._size, offset, len(view))
         await self._run(self._read_into, offset, view)
+
+    def read_inline(self, offset: int, view: memoryview) -> bool:
+        """Fill ``view`` now if it is small and wholly in the page cache; else False and
+        the caller uses :meth:`read_into`."""
+        if self._closed or len(view) > INLINE_LIMIT or not 0 <= offset <= self._size - len(view):
+            return False
+        try:
+            return os.preadv(self._fd, [view], offset, os.RWF_NOWAIT) == len(view)
+        except OSError:
+            return False  # EAGAIN: not cached; anything else is for the slow path to report
+
+    def write_inline(self, offset: int, data: memoryview) -> bool:
+        """Write a small ``data`` now (into the page cache); else False and the caller
+        uses :meth:`write`. A short write is completed by the caller's :meth:`write`."""
+        if (
+            self._closed
+            or self._readonly
+            or len(data) > INLINE_LIMIT
+            or not 0 <= offset <= self._size - len(data)
+        ):
+            return False
+        try:
+            return os.pwrite(self._fd, data, offset) == len(data)
+        except OSError:
+            return False
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         if self._readonly:

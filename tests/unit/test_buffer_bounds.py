@@ -6,7 +6,7 @@ import asyncio
 import random
 
 from appliance.datapath.buffers import BufferBudget, BufferPool
-from appliance.datapath.nbd.transmission import range_digests
+from appliance.datapath.nbd.checksums import range_digests
 from appliance.storage.hashing import chunk_hash
 from appliance.storage.memory import MemoryBackend
 

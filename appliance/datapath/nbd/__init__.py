@@ -2,7 +2,7 @@
 
 Modules: ``protocol`` (wire constants and layouts, the Ferry checksum
 extension), ``channel`` (socket I/O and addresses), ``server_handshake`` /
-``transmission`` / ``server`` (the server), ``client_handshake`` /
+``transmission`` / ``checksums`` / ``server`` (the server), ``client_handshake`` /
 ``client`` (one connection) and ``backend`` (``NbdBackend``, splitting,
 paging and reconnecting).
 """

@@ -101,6 +101,25 @@ class Channel:
         self._consume(length)
         return data
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet read (in the read-ahead buffer)."""
+        return self._end - self._start
+
+    def peek(self, length: int) -> memoryview | None:
+        """The next ``length`` bytes if all are buffered, without consuming them, else None.
+
+        The view is valid until the next read or :meth:`skip`; use it at once."""
+        if self._end - self._start < length:
+            return None
+        return self._view[self._start : self._start + length]
+
+    def skip(self, length: int) -> None:
+        """Consume ``length`` buffered bytes (after a :meth:`peek` that returned them)."""
+        if length > self._end - self._start:
+            raise ValueError(f"skip of {length} bytes, only {self._end - self._start} buffered")
+        self._consume(length)
+
     async def read_into(self, view: memoryview) -> None:
         """Fill ``view`` entirely: first from the read-ahead buffer, then from the socket."""
         buffered = min(self._end - self._start, len(view))

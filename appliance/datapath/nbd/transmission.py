@@ -1,18 +1,23 @@
 """Server side of the NBD transmission phase: one connection's requests, served concurrently.
 
-One reader loop takes requests off the socket (a WRITE's payload included)
-and starts a task per request, at most ``max_inflight`` at a time; replies
-go out as each finishes, possibly out of order, one whole reply at a time.
+One reader loop takes requests off the socket (a WRITE's payload included).
+A small plain READ or WRITE (at most ``INLINE_MAX`` bytes, no flags) that the
+backend can do at once (:class:`ServesInline`: a read the page cache holds,
+a write into it) is served by the reader itself, with no task and no thread,
+and its reply is added to a batch that goes out in one send when the reader
+would otherwise wait for the peer (or the batch is full). Every other
+request gets a task, at most ``max_inflight`` at a time; replies go out as
+each finishes, possibly out of order, one whole reply at a time.
 Errors the spec foresees are answered with its error values: EINVAL for
 unknown commands or flags (Ferry's extension flag counts as unknown unless
 its context was negotiated), oversized reads and reads past the end, ENOSPC
-for writes past the end, EPERM on read-only exports. What cannot be answered
-(bad magic, a WRITE payload over the maximum block size) closes the
-connection. Nothing here logs on the hot path, and nothing hashes unless
+for writes past the end, EPERM on read-only exports; the inline path never
+answers an error, it leaves such a request to the ordinary one. What cannot
+be answered (bad magic, a WRITE payload over the maximum block size) closes
+the connection. Nothing here logs on the hot path, and nothing hashes unless
 asked: a hashed WRITE digests its payload as received, once the backend's
 write returned; a checksum reads the range into a pooled buffer and hashes
-it. Up to a MiB is hashed on the event loop (cheaper than a hand-off to a
-thread), more in a thread (xxh3 releases the GIL).
+it (:mod:`appliance.datapath.nbd.checksums`).
 """
 
 from __future__ import annotations
@@ -20,32 +25,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import struct
 from collections.abc import Awaitable, Callable
 
 import structlog
 
-from appliance.datapath.buffers import BufferPool, ReadsInto
+from appliance.datapath.buffers import BufferPool, ReadsInto, ServesInline
 from appliance.datapath.nbd import protocol as p
 from appliance.datapath.nbd.channel import Channel
+from appliance.datapath.nbd.checksums import digest_of, range_digest, range_digests, read_range
 from appliance.datapath.nbd.server_handshake import (
     BASE_ALLOCATION_ID,
     FERRY_CHECKSUM_ID,
     Session,
 )
 from appliance.errors import ConnectionDropped, NbdProtocolError
-from appliance.storage.backend import Backend, HashesBlocks
 from appliance.storage.extents import Extent
-from appliance.storage.hashing import chunk_hash, zero_hash
 
 log = structlog.get_logger(__name__)
 
-INLINE_HASH_LIMIT = 1 << 20
-"""Hash up to this many bytes on the event loop: cheaper than a hand-off to a thread."""
-MAP_FIRST_LENGTH = 4 << 20
-"""Checksum ranges this large look at the extent map first, to hash holes unread. A map
-lookup costs about what reading a MiB of hole (zero-filled by the kernel) does."""
 MAX_DESCRIPTORS = 64 * 1024  # per BLOCK_STATUS reply; the client asks again for the rest
 DRAIN_TIMEOUT = 10.0
+INLINE_MAX = 64 * 1024
+"""READs and WRITEs up to this size are offered to the backend's inline fast path."""
+BATCH_BYTES = 256 * 1024
+"""Inline replies are sent once this much is batched (or the reader would wait)."""
+_READ_HEAD = struct.Struct(">IHHQIQ")  # structured reply header + OFFSET_DATA's offset
+STRUCTURED_READ_HEAD = _READ_HEAD.size
 
 _F = p.CommandFlag
 ALLOWED_FLAGS = {
@@ -122,6 +128,16 @@ class ServerConnection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._buffers = buffers or BufferPool()
         self._allowed_flags = allowed_flags(session.contexts)
+        backend = self._backend
+        # Protocol checks are slow: done once per connection, not per request.
+        self._reader = backend if isinstance(backend, ReadsInto) else None
+        writable = not session.export.readonly
+        self._inline = backend if isinstance(backend, ServesInline) else None
+        self._inline_writes = self._inline if writable else None
+        self._read_head = STRUCTURED_READ_HEAD if session.structured else p.SIMPLE_REPLY.size
+        self._batch = bytearray(BATCH_BYTES + INLINE_MAX + STRUCTURED_READ_HEAD)
+        self._batch_view = memoryview(self._batch)
+        self._batched = 0
         self._handlers: dict[int, Callable[[p.Request, memoryview | None], Awaitable[None]]] = {
             p.Command.READ: self._read,
             p.Command.WRITE: self._write,
@@ -138,19 +154,38 @@ class ServerConnection:
             while await self._next_request():
                 pass
         finally:
-            await self._drain()
+            try:
+                with contextlib.suppress(ConnectionDropped, TimeoutError):
+                    async with asyncio.timeout(DRAIN_TIMEOUT):
+                        await self._send_batch()
+            finally:
+                await self._drain()
 
     async def _next_request(self) -> bool:
+        channel = self._channel
+        header = channel.peek(p.REQUEST.size)
+        if header is None:
+            await self._send_batch()  # about to wait for the peer: answer what is done first
+            header = memoryview(await channel.read_exactly(p.REQUEST.size))
+        else:
+            channel.skip(p.REQUEST.size)
+        request = p.parse_request(header)
+        if request.command == p.Command.DISC:
+            return False
+        if self._serve_inline(request):
+            return True
+        if self._slots.locked():
+            await self._send_batch()
         await self._slots.acquire()
         try:
-            request = p.parse_request(await self._channel.read_exactly(p.REQUEST.size))
             payload = await self._payload(request)
         except BaseException:
             self._slots.release()
             raise
-        if request.command == p.Command.DISC:
+        if payload is not None and self._write_inline(request, memoryview(payload)):
             self._slots.release()
-            return False
+            self._buffers.give(payload)
+            return True
         task = asyncio.create_task(self._serve_request(request, payload))
         self._tasks.add(task)
         task.add_done_callback(self._finished)
@@ -163,9 +198,79 @@ class ServerConnection:
             raise NbdProtocolError(
                 f"write of {request.length} bytes exceeds the maximum block {self._max_block}"
             )
+        if self._channel.buffered < request.length:
+            await self._send_batch()
         payload = self._buffers.take(request.length)
         await self._channel.read_into(memoryview(payload)[: request.length])
         return payload
+
+    # The inline fast path: a small READ the page cache holds, or a small WRITE, done
+    # at once by the reader (no task, no thread) and answered into the reply batch,
+    # which goes out in one send when the reader would wait for the peer.
+
+    def _serve_inline(self, request: p.Request) -> bool:
+        """Serve ``request`` now if it is a small plain READ or WRITE the backend can do
+        inline; False leaves it (and a WRITE's payload) for the ordinary path."""
+        if request.flags or request.length > INLINE_MAX or self._inline is None:
+            return False
+        if self._batched >= BATCH_BYTES:
+            return False  # the ordinary path sends the batch before it waits
+        if request.command == p.Command.READ:
+            return self._read_inline(request, self._inline)
+        if request.command == p.Command.WRITE:
+            data = self._channel.peek(request.length)
+            if data is not None and self._write_inline(request, data):
+                self._channel.skip(request.length)
+                return True
+        return False
+
+    def _read_inline(self, request: p.Request, backend: ServesInline) -> bool:
+        offset, length = request.offset, request.length
+        if not length or p.overflows(offset, length, self._size):
+            return False
+        at = self._batched
+        start = at + self._read_head
+        if not backend.read_inline(offset, self._batch_view[start : start + length]):
+            return False
+        if self._read_head == p.SIMPLE_REPLY.size:
+            p.SIMPLE_REPLY.pack_into(self._batch, at, p.SIMPLE_REPLY_MAGIC, 0, request.handle)
+        else:
+            _READ_HEAD.pack_into(
+                self._batch,
+                at,
+                p.STRUCTURED_REPLY_MAGIC,
+                p.ReplyFlag.DONE,
+                p.ReplyType.OFFSET_DATA,
+                request.handle,
+                8 + length,
+                offset,
+            )
+        self._batched = start + length
+        return True
+
+    def _write_inline(self, request: p.Request, payload: memoryview) -> bool:
+        """Write ``payload`` (at least ``request.length`` long) now if the backend can."""
+        backend = self._inline_writes
+        offset, length = request.offset, request.length
+        if (
+            backend is None
+            or request.flags
+            or length > INLINE_MAX
+            or self._batched >= BATCH_BYTES
+            or p.overflows(offset, length, self._size)
+            or not backend.write_inline(offset, payload[:length])
+        ):
+            return False
+        at = self._batched
+        p.SIMPLE_REPLY.pack_into(self._batch, at, p.SIMPLE_REPLY_MAGIC, 0, request.handle)
+        self._batched = at + p.SIMPLE_REPLY.size
+        return True
+
+    async def _send_batch(self) -> None:
+        """Send the replies of the requests served inline, in one system call."""
+        if self._batched:
+            batched, self._batched = self._batched, 0
+            await self._channel.send(self._batch_view[:batched])
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -253,7 +358,10 @@ class ServerConnection:
         buffer = self._buffers.take(request.length)
         data = memoryview(buffer)[: request.length]
         try:
-            await read_range(self._backend, request.offset, data)
+            if self._reader is not None:
+                await self._reader.read_into(request.offset, data)
+            else:
+                await read_range(self._backend, request.offset, data)
             await self._send_data(request, data)
         finally:
             # Not reused while a view lives on (a send cut short, say).
@@ -370,67 +478,3 @@ def allocation_payload(extents: list[Extent]) -> bytes:
         if e.length
     )
     return p.U32.pack(BASE_ALLOCATION_ID) + descriptors
-
-
-async def read_range(backend: Backend, offset: int, view: memoryview) -> None:
-    """Fill ``view`` from ``offset``: straight into it when the backend can."""
-    if isinstance(backend, ReadsInto):
-        await backend.read_into(offset, view)
-    else:
-        view[:] = await backend.read(offset, len(view))
-
-
-async def digest_of(data: memoryview) -> bytes:
-    """chunk_hash of ``data``; large buffers are hashed in a thread (xxh3 drops the GIL)."""
-    if len(data) <= INLINE_HASH_LIMIT:
-        return chunk_hash(data)
-    return await asyncio.get_running_loop().run_in_executor(None, chunk_hash, data)
-
-
-async def range_digests(
-    backend: Backend, offset: int, length: int, block: int, buffers: BufferPool
-) -> list[bytes]:
-    """chunk_hash of each ``block`` of the range: by the backend where it can, else read
-    and hashed here a block at a time, so a request holds one block's buffer, not the
-    whole range's (eight migrations checking their images at once add up)."""
-    if isinstance(backend, HashesBlocks):
-        digests = await backend.hash_blocks(offset, length, block)
-        if digests is not None:
-            return digests
-    if length >= MAP_FIRST_LENGTH:
-        extents = await backend.extents(offset, length)
-        if all(extent.zero for extent in extents):
-            ends = range(offset + block, offset + length + block, block)
-            return [zero_hash(min(end, offset + length) - end + block) for end in ends]
-    end = offset + length
-    buffer = buffers.take(min(block, length))
-    digests = []
-    try:
-        for at in range(offset, end, block):
-            view = memoryview(buffer)[: min(block, end - at)]
-            try:
-                await read_range(backend, at, view)
-                digests.append(await digest_of(view))
-            finally:
-                with contextlib.suppress(BufferError):
-                    view.release()
-    finally:
-        buffers.give(buffer)
-    return digests
-
-
-async def range_digest(backend: Backend, offset: int, length: int, buffers: BufferPool) -> bytes:
-    """chunk_hash of the range as it reads; a large range known to be all zero is not read."""
-    if length >= MAP_FIRST_LENGTH:
-        extents = await backend.extents(offset, length)
-        if all(extent.zero for extent in extents):
-            return zero_hash(length)
-    buffer = buffers.take(length)
-    view = memoryview(buffer)[:length]
-    try:
-        await read_range(backend, offset, view)
-        return await digest_of(view)
-    finally:
-        with contextlib.suppress(BufferError):
-            view.release()
-        buffers.give(buffer)
