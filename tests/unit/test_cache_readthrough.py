@@ -30,6 +30,27 @@ async def test_random_reads_equal_onprem_with_misses_and_hits(tmp_path: Path) ->
         assert lab.cache.disk("disk-0").upstream.reads - reads_before == whole_read
 
 
+async def test_hits_are_served_inline_and_misses_are_left_to_the_async_path(
+    tmp_path: Path,
+) -> None:
+    content = random.Random(5).randbytes(SIZE)
+    async with cache_lab(tmp_path, content) as lab:
+        disk = lab.cache.disk("disk-0")
+        view = memoryview(bytearray(8 * KiB))
+        assert not disk.read_inline(MiB + 100, view)  # a miss: nothing served, nothing fetched
+        assert disk.upstream.reads == 0
+        assert await disk.read(MiB, 128 * KiB) == content[MiB : MiB + 128 * KiB]
+        reads = disk.upstream.reads
+        assert disk.read_inline(MiB + 100, view)  # now a hit
+        assert bytes(view) == content[MiB + 100 : MiB + 100 + 8 * KiB]
+        spanning = memoryview(bytearray(64 * KiB))
+        assert disk.read_inline(MiB + 60 * KiB, spanning)  # across a chunk boundary
+        assert bytes(spanning) == content[MiB + 60 * KiB : MiB + 124 * KiB]
+        assert disk.upstream.reads == reads  # served from the cache
+        assert not disk.read_inline(SIZE - 10, view)  # past the end: the async path says so
+        assert not disk.write_inline(0, view)  # writes always take the async path
+
+
 async def test_concurrent_misses_on_one_chunk_fetch_once(tmp_path: Path) -> None:
     content = random.Random(11).randbytes(SIZE)  # no holes: every chunk is fetched
     async with cache_lab(tmp_path, content) as lab:

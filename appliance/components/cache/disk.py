@@ -124,6 +124,26 @@ class CacheDisk:
             await asyncio.gather(*(self._read_miss(piece, out) for piece in misses))
         return bytes(out)
 
+    def read_inline(self, offset: int, view: memoryview) -> bool:
+        """A read the cache holds whole (hits, known holes), served at once; else False.
+
+        The NBD server calls this on its reader, so a hit costs no task and no await;
+        with no await between lookup and copy nothing can evict the chunk meanwhile.
+        """
+        length = len(view)
+        if self._closed or offset < 0 or length == 0 or offset + length > self._size:
+            return False
+        pieces = self._pieces(offset, length)
+        if not all(p.chunk in self.store.live or self._known_hole(p.chunk) for p in pieces):
+            return False
+        for piece in pieces:
+            self._read_local(piece, view)
+        return True
+
+    def write_inline(self, offset: int, data: memoryview) -> bool:
+        """Never at once: a write may copy on write, fetch, journal or wait for room."""
+        return False
+
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_open()
         view = memoryview(data).cast("B")
@@ -196,7 +216,7 @@ class CacheDisk:
             chunk
         )
 
-    def _read_local(self, piece: _Piece, out: bytearray) -> bool:
+    def _read_local(self, piece: _Piece, out: bytearray | memoryview) -> bool:
         """Serve a piece from the cache if it can be (no await: nothing moves meanwhile)."""
         entry = self.store.live.get(piece.chunk)
         if entry is not None:
