@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.components.orders import Order
+from appliance.storage.bitmap import write_atomically
 
 STATE_FILE = "adapter-disks.json"
 
@@ -78,18 +78,4 @@ class AdapterState:
                 for disk, entry in sorted(self.disks.items())
             }
         }
-        await asyncio.to_thread(_atomic_write, self._path, json.dumps(body).encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fresh = path.with_name(path.name + ".new")
-    with fresh.open("wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(fresh, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        await asyncio.to_thread(write_atomically, self._path, json.dumps(body).encode())

@@ -346,30 +346,44 @@ async def test_a_state_store_outage_leaves_the_command_for_redelivery(
         await server.stop()
 
 
-async def test_a_duplicate_arriving_while_the_first_is_handled_waits_its_turn(
-    store: StateStore, clock: FakeClock, sink: MemorySink
-) -> None:
-    release = asyncio.Event()
-    started = asyncio.Event()
-    calls: list[Command] = []
+class HeldHandler:
+    """An inventory handler that records each call and holds it until ``release`` is set."""
 
-    async def slow(command: Command) -> Sequence[Event]:
-        calls.append(command)
-        started.set()
-        await release.wait()
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.calls: list[Command] = []
+
+    async def __call__(self, command: Command) -> Sequence[Event]:
+        self.calls.append(command)
+        self.started.set()
+        await self.release.wait()
         body = CommandResponseBody(command_type=command.message_type)
         return [CommandResponse(correlation_id=command.correlation_id, body=body)]
 
+
+def held_dispatcher(
+    store: StateStore, clock: FakeClock, sink: MemorySink, lease_s: float
+) -> tuple[Dispatcher, HeldHandler]:
+    handler = HeldHandler()
     dispatcher = Dispatcher(
         appliance_id="ferry-test",
         decoder=Decoder(TOKEN),
-        records=CommandRecords(store, 3600, lease_s=30),
+        records=CommandRecords(store, 3600, lease_s=lease_s),
         events=EventLog(store),
         sink=sink,
-        handlers={"SourceInventoryRequest": slow},
+        handlers={"SourceInventoryRequest": handler},
         clock=clock,
         max_skew=timedelta(minutes=5),
     )
+    return dispatcher, handler
+
+
+async def test_a_duplicate_arriving_while_the_first_is_handled_waits_its_turn(
+    store: StateStore, clock: FakeClock, sink: MemorySink
+) -> None:
+    dispatcher, held = held_dispatcher(store, clock, sink, lease_s=30)
+    release, started, calls = held.release, held.started, held.calls
     body = _signed(SourceInventoryRequest(), clock)
     first = asyncio.create_task(dispatcher.handle(_delivery(body, 1)))
     await started.wait()
@@ -385,27 +399,8 @@ async def test_a_handler_that_outlives_its_short_lease_keeps_its_claim(
 ) -> None:
     """The handling lease is short (a crashed handler's command is taken over quickly), so
     a live handler renews it: a duplicate meanwhile is told BUSY, never handled twice."""
-    release = asyncio.Event()
-    started = asyncio.Event()
-    calls: list[Command] = []
-
-    async def slow(command: Command) -> Sequence[Event]:
-        calls.append(command)
-        started.set()
-        await release.wait()
-        body = CommandResponseBody(command_type=command.message_type)
-        return [CommandResponse(correlation_id=command.correlation_id, body=body)]
-
-    dispatcher = Dispatcher(
-        appliance_id="ferry-test",
-        decoder=Decoder(TOKEN),
-        records=CommandRecords(store, 3600, lease_s=0.3),
-        events=EventLog(store),
-        sink=sink,
-        handlers={"SourceInventoryRequest": slow},
-        clock=clock,
-        max_skew=timedelta(minutes=5),
-    )
+    dispatcher, held = held_dispatcher(store, clock, sink, lease_s=0.3)
+    release, started, calls = held.release, held.started, held.calls
     command = SourceInventoryRequest()
     body = _signed(command, clock)
     first = asyncio.create_task(dispatcher.handle(_delivery(body, 1)))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from appliance.datapath.nbd.channel import NbdAddress
 from appliance.datapath.nbd.server import NbdServer
 from appliance.datapath.throttle import TokenBucket
 from appliance.errors import Conflict, StaleToken, UnsafeName
+from appliance.storage.bitmap import write_atomically
 
 log = structlog.get_logger(__name__)
 
@@ -307,14 +307,4 @@ def _load_tokens(path: Path) -> dict[str, int]:
 
 
 def _save_tokens(path: Path, tokens: dict[str, int]) -> None:
-    fresh = path.with_name(path.name + ".new")
-    with fresh.open("w") as file:
-        json.dump(tokens, file, sort_keys=True)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(fresh, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomically(path, json.dumps(tokens, sort_keys=True).encode())

@@ -7,30 +7,13 @@ over the old one, fsync the directory (the rename itself is metadata).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from appliance.storage.bitmap import fsync_directory, write_atomically
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    fsync_dir(path.parent)
+# The storage layer already makes files durable this way (bitmaps): one implementation.
+fsync_dir = fsync_directory
+atomic_write = write_atomically
 
 
 def make_dirs(directory: Path) -> None:
