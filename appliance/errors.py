@@ -8,6 +8,7 @@
     │   │   └── FencedOut               a write carried a stale fencing token and was refused
     │   ├── ComponentSilent             a component did not answer an order in time
     │   ├── DiskInUse                   another process has the disk open (a previous owner)
+    │   ├── PackageStoreUnavailable     a package's directory or S3 bucket cannot be reached now
     │   └── TransientDataPathError      a link dropped, a peer timed out
     │       └── ConnectionDropped
     └── PermanentError                  reject, report, dead-letter; never retried
@@ -37,6 +38,15 @@
             ├── TransferFailed          retries exhausted; names the chunk and the cause
             ├── UnknownSnapshot         a layered disk has no snapshot with that id
             ├── DiskCorrupt             a disk's manifest or bitmap is unreadable or inconsistent
+            ├── PackageError            an offline bulk package (manifest + chunk objects) unusable
+            │   ├── PackageLocationInvalid  not a path or s3://bucket/prefix, or no such bucket
+            │   └── PackageNeedsCorrection  the import at the cloud must be fixed: WAIT for a
+            │       │                       corrected import (next BulkMigrationDoneRequest),
+            │       │                       do not fail the VM
+            │       ├── PackageManifestMismatch  manifest missing, unreadable, not the one exported
+            │       ├── PackageChunkMissing      a chunk object the manifest lists is absent
+            │       ├── PackageChunkCorrupt      a chunk object's hash differs from the manifest
+            │       └── PackageDefects           every missing and corrupt chunk of one import
             └── ComponentError          a data-plane component (cache, I/O manager) refused
                 ├── DiskNotOpen         an order for a disk the component does not serve
                 ├── OrderConflict       an order that contradicts the one the disk was opened with
@@ -401,3 +411,94 @@ class StaleToken(PermanentError):
         self.token = token
         self.highest = highest
         super().__init__(f"disk {disk_id}: token {token} is stale (highest accepted {highest})")
+
+
+class PackageStoreUnavailable(TransientError):
+    """A package location (directory, S3 bucket) could not be reached after the edge's retries."""
+
+    def __init__(self, location: str, operation: str, cause: BaseException) -> None:
+        self.location = location
+        self.operation = operation
+        self.cause = cause
+        super().__init__(
+            f"package location {location} unreachable during {operation}: "
+            f"{type(cause).__name__}: {cause}"
+        )
+
+
+class PackageError(DataPathError):
+    """An offline bulk package (appliance/datapath/package) cannot be used as it is."""
+
+
+class PackageLocationInvalid(PackageError):
+    code = ErrorCode.INVALID_REQUEST
+
+    def __init__(self, location: str, reason: str) -> None:
+        self.location = location
+        self.reason = reason
+        super().__init__(f"package location {location!r}: {reason}")
+
+
+class PackageNeedsCorrection(PackageError):
+    """The package imported at the cloud is not (yet) usable; a person must correct it.
+
+    Not a failure of the VM: the migration waits for the next
+    BulkMigrationDoneRequest and verifies again; only what was missing or bad
+    is written then.
+    """
+
+
+class PackageManifestMismatch(PackageNeedsCorrection):
+    def __init__(self, location: str, expected: str, found: str | None, reason: str) -> None:
+        self.location = location
+        self.expected = expected
+        self.found = found
+        self.reason = reason
+        super().__init__(
+            f"package {location}: manifest refused ({reason}); expected sha256 {expected}, "
+            f"found {found or 'none'}"
+        )
+
+
+class PackageChunkMissing(PackageNeedsCorrection):
+    def __init__(self, disk_id: str, offset: int, length: int, object_name: str) -> None:
+        self.disk_id = disk_id
+        self.offset = offset
+        self.length = length
+        self.object_name = object_name
+        super().__init__(
+            f"disk {disk_id}: chunk at offset {offset} (+{length}) is missing: object {object_name}"
+        )
+
+
+class PackageChunkCorrupt(PackageNeedsCorrection):
+    def __init__(
+        self, disk_id: str, offset: int, length: int, object_name: str, expected: str, found: str
+    ) -> None:
+        self.disk_id = disk_id
+        self.offset = offset
+        self.length = length
+        self.object_name = object_name
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            f"disk {disk_id}: chunk at offset {offset} (+{length}) is corrupt: object "
+            f"{object_name} hashes to {found}, the manifest says {expected}"
+        )
+
+
+class PackageDefects(PackageNeedsCorrection):
+    """Every missing and corrupt chunk one import found (it checks to the end, not the first)."""
+
+    def __init__(
+        self, location: str, defects: tuple[PackageChunkMissing | PackageChunkCorrupt, ...]
+    ) -> None:
+        self.location = location
+        self.defects = defects
+        missing = sum(isinstance(d, PackageChunkMissing) for d in defects)
+        listed = "; ".join(str(d) for d in defects[:20])
+        more = f"; and {len(defects) - 20} more" if len(defects) > 20 else ""
+        super().__init__(
+            f"package {location}: {missing} chunk(s) missing, {len(defects) - missing} "
+            f"corrupt: {listed}{more}"
+        )
