@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -109,13 +108,14 @@ async def assert_equal_images(disks: list[ExportDisk], targets: dict[str, FileBa
         target = targets[disk.disk_id]
         await target.flush()
         assert await target.read(0, target.size) == await disk.source.read(0, disk.source.size)
-        compare = subprocess.run(
-            ["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", disk.source.name, target.name],
-            capture_output=True,
-            text=True,
-            check=False,
+        compare = await asyncio.create_subprocess_exec(
+            *("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw"),
+            *(disk.source.name, target.name),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
-        assert compare.returncode == 0, compare.stdout + compare.stderr
+        output, _ = await compare.communicate()
+        assert compare.returncode == 0, output.decode()
 
 
 async def close_all(disks: list[ExportDisk], targets: dict[str, FileBackend]) -> None:
