@@ -154,6 +154,13 @@ def cmd_component(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_package_verify(args: argparse.Namespace) -> int:
+    """Fetch and hash every chunk of a package; exit 1 naming every defect."""
+    from appliance.datapath.package.command import verify_command
+
+    return verify_command(_settings(args), args.location, args.manifest_sha256, args.json)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.demo import run_demo
 
@@ -196,6 +203,16 @@ def parser() -> argparse.ArgumentParser:
         "--runtime", default=None, help="module:Class; tests only (needs FERRY_TEST_MODE=1)"
     )
     component.set_defaults(func=cmd_component)
+    package = commands.add_parser("package", help="offline bulk packages").add_subparsers(
+        dest="package", required=True
+    )
+    verify = package.add_parser("verify", help="check every chunk of a package by its manifest")
+    verify.add_argument("location", help="a directory or s3://bucket/prefix")
+    verify.add_argument(
+        "--manifest-sha256", default=None, help="refuse a manifest with another SHA-256"
+    )
+    verify.add_argument("--json", action="store_true", help="the report as JSON")
+    verify.set_defaults(func=cmd_package_verify)
     demo = commands.add_parser("demo", help="run an end-to-end demo on the embedded default")
     demo.set_defaults(func=cmd_demo)
     return root

@@ -425,3 +425,28 @@ async def test_a_disk_id_that_would_leave_the_package_is_refused(tmp_path: Path)
     async with open_store(str(tmp_path / "p")) as store:
         with pytest.raises(ValueError, match="cannot name"):
             await export_package("m", [ExportDisk("../x", MemoryBackend(CHUNK))], store)
+
+
+def test_the_verify_command_names_defects_and_refuses_another_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from appliance.cli import main
+
+    location = tmp_path / "package"
+
+    async def build() -> tuple[str, ExportDisk]:
+        disks = await sources()
+        return await export_to(location, disks), disks[0]
+
+    sha, disk = asyncio.run(build())
+    assert main(["package", "verify", str(location), "--manifest-sha256", sha]) == 0
+    assert "OK" in capsys.readouterr().out
+    broken = chunk_path(location, disk, 8)
+    broken.unlink()
+    assert main(["package", "verify", str(location), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [(d["kind"], d["offset"], d["object"]) for d in report["defects"]] == [
+        ("missing", 8 * CHUNK, broken.relative_to(location).as_posix())
+    ]
+    assert main(["package", "verify", str(location), "--manifest-sha256", "0" * 64]) == 1
+    assert "manifest refused" in capsys.readouterr().err
