@@ -365,7 +365,7 @@ async def test_a_lab_vm_snapshot_exported_to_s3_lands_in_its_arm_volumes(
     tmp_path: Path, bucket: tuple[str, S3Access]
 ) -> None:
     name, access = bucket
-    vm = lab_vm(1, disks=2, disk_size=6 * MIB)
+    vm = lab_vm(1, disks=2, disk_size=40 * MIB)
     await build_lab(tmp_path, [vm])
     onprem = LabSite.open(tmp_path / "sites" / "onprem")
     cloud = LabSite.open(tmp_path / "sites" / "cloud")
@@ -380,7 +380,9 @@ async def test_a_lab_vm_snapshot_exported_to_s3_lands_in_its_arm_volumes(
         await live.write(0, b"written after the snapshot" * 100)  # must not reach the package
         location = f"s3://{name}/{vm.vm_id}"
         async with open_store(location, access) as store:
-            exported = await export_package("mig-11", sources, store)
+            exported = await export_package("mig-11", sources, store, options=OPTIONS)
+        # The lab's content has holes and all-zero chunks: the zero path is exercised too.
+        assert exported.counters.chunks_zero > 0 and exported.counters.chunks_stored > 0
         volumes = {
             d.disk_id: await cloud.create_volume(f"mig-11-{d.disk_id}", d.source.size)
             for d in sources

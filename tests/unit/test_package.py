@@ -117,8 +117,12 @@ async def test_round_trip_through_a_directory_stores_only_data_chunks(tmp_path: 
     assert seen[-1].bytes_done == seen[-1].bytes_total and seen[-1].eta_s == 0.0
 
     targets = targets_for(disks)
+    reported: list[TransferProgress] = []
     async with open_store(str(location)) as store:
-        imported = await import_package(store, result.manifest_sha256, targets)
+        imported = await import_package(
+            store, result.manifest_sha256, targets, progress=reported.append
+        )
+    assert reported[-1].bytes_done == reported[-1].bytes_total == 5 * CHUNK + 5000
     for disk in disks:
         assert await contents(targets[disk.disk_id]) == await disk.source.read(0, disk.source.size)
     assert imported.counters.chunks_written == 6
@@ -342,6 +346,49 @@ async def test_an_interrupted_import_resumes_from_its_checkpoint(tmp_path: Path)
             store, sha, {"disk-a": target}, checkpoints=lambda _: checkpoint, options=options
         )
     assert again.counters.chunks_written == 0 and again.counters.chunks_skipped == 11
+
+
+class UnflushedCheckpoint(MemoryCheckpointStore):
+    """A checkpoint whose durable marks never land: as if the process died before each one."""
+
+    async def mark_durable(self, flush_round: int) -> None:
+        return None
+
+
+async def test_chunks_recorded_but_not_known_flushed_are_checked_at_the_target(
+    tmp_path: Path,
+) -> None:
+    disk = ExportDisk("disk-a", await disk_a())
+    location = tmp_path / "package"
+    sha = await export_to(location, [disk])
+    target = GatedTarget(disk.source.size, allow=2)
+    checkpoint = UnflushedCheckpoint()
+    options = ImportOptions(workers=1)
+    async with open_store(str(location)) as store:
+        task = asyncio.create_task(
+            import_package(
+                store, sha, {"disk-a": target}, checkpoints=lambda _: checkpoint, options=options
+            )
+        )
+        await target.blocked.wait()
+        await target.allowed_done.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        pending = sorted(r.index for r in checkpoint.records.values() if r.digest is not None)
+        assert pending == [0, 2]
+        await target.zero(2 * CHUNK, CHUNK)  # chunk 2's write never reached the disk
+        target.allow = 10**6
+        result = await import_package(
+            store, sha, {"disk-a": target}, checkpoints=lambda _: checkpoint, options=options
+        )
+    counters = result.counters
+    assert (counters.chunks_skipped, counters.chunks_reverified, counters.chunks_written) == (
+        0,
+        1,
+        4,
+    )
+    assert await contents(target) == await disk.source.read(0, disk.source.size)
 
 
 async def test_an_import_over_a_used_volume_zeroes_what_the_package_says_is_zero(
