@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
+from appliance.cli import main
 from appliance.datapath.checkpoint import MemoryCheckpointStore
 from appliance.datapath.package import (
     MANIFEST_NAME,
@@ -474,10 +477,17 @@ async def test_a_disk_id_that_would_leave_the_package_is_refused(tmp_path: Path)
             await export_package("m", [ExportDisk("../x", MemoryBackend(CHUNK))], store)
 
 
+@pytest.fixture
+def unconfigured_logging() -> Iterator[None]:
+    """cli.main configures structlog onto this test's captured output: undo it after."""
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.mark.usefixtures("unconfigured_logging")
 def test_the_verify_command_names_defects_and_refuses_another_manifest(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from appliance.cli import main
 
     location = tmp_path / "package"
 
@@ -497,3 +507,39 @@ def test_the_verify_command_names_defects_and_refuses_another_manifest(
     ]
     assert main(["package", "verify", str(location), "--manifest-sha256", "0" * 64]) == 1
     assert "manifest refused" in capsys.readouterr().err
+
+
+class CountingStore(GatedStore):
+    """Puts wait until ``workers`` of them are in flight at once, then all go: the most ever
+    in flight (and so the chunk buffers held) is measured, not assumed."""
+
+    def __init__(self, inner: PackageStore, workers: int) -> None:
+        super().__init__(inner, allow=10**6)
+        self.workers = workers
+        self.in_flight = 0
+        self.most = 0
+        self.full = asyncio.Event()
+
+    async def put(self, name: str, data: bytes | memoryview) -> None:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        if self.in_flight == self.workers:
+            self.full.set()
+        if name != MANIFEST_NAME:
+            await self.full.wait()
+        try:
+            await self.inner.put(name, data)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_an_export_holds_at_most_workers_chunks_at_once(tmp_path: Path) -> None:
+    disk = MemoryBackend(40 * CHUNK, name="dense")
+    await disk.write(0, pattern(3, 40 * CHUNK))
+    async with open_store(str(tmp_path / "package")) as store:
+        counting = CountingStore(store, workers=3)
+        result = await export_package(
+            "m", [ExportDisk("dense", disk)], counting, options=ExportOptions(CHUNK, workers=3)
+        )
+    assert counting.most == 3
+    assert result.counters.chunks_stored == 40

@@ -49,8 +49,10 @@ from appliance.storage.backend import Backend
 from appliance.storage.extents import Extent, allocated_length, iter_chunks
 from appliance.storage.hashing import chunk_hash, zero_hash
 
-DEFAULT_CHUNK_SIZE = 4 << 20
-"""Larger than the transfer engine's 1 MiB: one object per chunk, and objects cost requests."""
+DEFAULT_CHUNK_SIZE = 1 << 20
+"""The transfer engine's. A whole chunk is stored when any of it holds data, so larger chunks
+ship more: a 1 GiB lab disk (505 MiB allocated) made a 436 MiB package at 1 MiB, 632 MiB at
+4 MiB, at about the same speed."""
 log = get_logger(__name__)
 
 
