@@ -32,6 +32,7 @@ from appliance.errors import (
     PackageChunkCorrupt,
     PackageChunkMissing,
     PackageDefects,
+    PackageLocationInvalid,
     PackageManifestMismatch,
 )
 from appliance.sites.lab.site import LabSite
@@ -395,3 +396,19 @@ async def test_a_lab_vm_snapshot_exported_to_s3_lands_in_its_arm_volumes(
     finally:
         await onprem.close()
         await cloud.close()
+
+
+async def test_a_bucket_that_does_not_exist_is_named(localstack: str, tmp_path: Path) -> None:
+    access = S3Access(endpoint_url=localstack)
+    location = f"s3://ferry-missing-{uuid.uuid4().hex[:12]}/p"
+    disks = await sparse_raw_disks(tmp_path / "onprem")
+    targets = raw_targets(tmp_path / "cloud", disks)
+    try:
+        async with open_store(location, access) as store:
+            with pytest.raises(PackageLocationInvalid, match="no such bucket"):
+                await export_package("mig-12", disks, store, options=OPTIONS)
+            # At the import, a missing bucket is an import still to be made: wait for it.
+            with pytest.raises(PackageManifestMismatch, match="no such bucket"):
+                await import_package(store, "0" * 64, targets)
+    finally:
+        await close_all(disks, targets)

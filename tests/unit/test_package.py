@@ -543,3 +543,16 @@ async def test_an_export_holds_at_most_workers_chunks_at_once(tmp_path: Path) ->
         )
     assert counting.most == 3
     assert result.counters.chunks_stored == 40
+
+
+async def test_a_location_that_cannot_hold_a_package_is_named(tmp_path: Path) -> None:
+    occupied = tmp_path / "a-file"
+    occupied.write_bytes(b"not a directory")
+    disks = await sources()
+    async with open_store(str(occupied)) as store:
+        with pytest.raises(PackageLocationInvalid) as caught:
+            await export_package("m", disks, store, options=OPTIONS)
+        assert caught.value.location == str(occupied)
+        with pytest.raises(PackageManifestMismatch) as nothing:  # an import waits for it
+            await import_package(store, "0" * 64, targets_for(disks))
+    assert nothing.value.found is None

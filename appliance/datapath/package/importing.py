@@ -55,6 +55,7 @@ from appliance.errors import (
     PackageChunkCorrupt,
     PackageChunkMissing,
     PackageDefects,
+    PackageLocationInvalid,
     PackageManifestMismatch,
 )
 from appliance.logs import get_logger
@@ -108,8 +109,11 @@ async def load_manifest(store: PackageStore, expected_sha256: str | None) -> tup
 
     ``None`` accepts any well-formed manifest (checking a package by hand).
     """
-    data = await store.get(MANIFEST_NAME)
     expected = expected_sha256 or "(any)"
+    try:
+        data = await store.get(MANIFEST_NAME)
+    except PackageLocationInvalid as error:  # no such bucket yet, no access: to be corrected
+        raise PackageManifestMismatch(store.location, expected, None, error.reason) from error
     if data is None:
         raise PackageManifestMismatch(store.location, expected, None, f"no {MANIFEST_NAME}")
     found = manifest_sha256(data)

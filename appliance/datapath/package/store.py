@@ -14,13 +14,19 @@ gives a :class:`PackageStore`:
 
 S3 calls are retried here, at the edge (jittered, bounded), then raise
 :class:`~appliance.errors.PackageStoreUnavailable`; a bucket that does not
-exist is :class:`~appliance.errors.PackageLocationInvalid`.
+exist, or a request S3 refuses (access denied), is
+:class:`~appliance.errors.PackageLocationInvalid`. A directory that is full
+raises :class:`~appliance.errors.OutOfSpace` (what was written stays, for a
+resumed export), one that cannot be written (read-only, not a directory,
+no permission) ``PackageLocationInvalid``, any other I/O error
+``PackageStoreUnavailable`` (a disk unplugged: worth trying again).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,12 +37,14 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from appliance.errors import PackageLocationInvalid, PackageStoreUnavailable
+from appliance.errors import OutOfSpace, PackageLocationInvalid, PackageStoreUnavailable
 from appliance.retrying import RetryPolicy, retry
 from appliance.settings import Settings
 
 S3_RETRY = RetryPolicy(attempts=5, initial_s=0.2, max_s=4.0)
 _MISSING_CODES = ("NoSuchKey", "404", "NotFound")
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_UNUSABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
 T = TypeVar("T")
 
 
@@ -65,6 +73,15 @@ def _relative(name: str) -> PurePosixPath:
     return path
 
 
+def _os_error(location: str, operation: str, error: OSError, size: int = 0) -> Exception:
+    """The package error an OSError of a directory store stands for."""
+    if error.errno in _FULL:
+        return OutOfSpace(location, size)
+    if error.errno in _UNUSABLE:
+        return PackageLocationInvalid(location, f"{operation}: {error.strerror or error}")
+    return PackageStoreUnavailable(location, operation, error)
+
+
 class DirectoryStore:
     """A package in a directory (a mounted disk, a share); created on first write."""
 
@@ -80,7 +97,10 @@ class DirectoryStore:
         return self._root.joinpath(*_relative(name).parts)
 
     async def list(self) -> dict[str, int]:
-        return await asyncio.to_thread(self._list)
+        try:
+            return await asyncio.to_thread(self._list)
+        except OSError as error:
+            raise _os_error(self.location, "list", error) from error
 
     def _list(self) -> dict[str, int]:
         found: dict[str, int] = {}
@@ -99,12 +119,17 @@ class DirectoryStore:
         path = self._path(name)
         try:
             return await asyncio.to_thread(path.read_bytes)
-        except (FileNotFoundError, IsADirectoryError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+        except OSError as error:
+            raise _os_error(self.location, f"read {name}", error) from error
 
     async def put(self, name: str, data: bytes | memoryview) -> None:
         path = self._path(name)
-        await asyncio.to_thread(self._write, path, data)
+        try:
+            await asyncio.to_thread(self._write, path, data)
+        except OSError as error:
+            raise _os_error(self.location, f"write {name}", error, len(data)) from error
         self._dirty.add(path.parent)
 
     @staticmethod
@@ -119,7 +144,10 @@ class DirectoryStore:
 
     async def sync(self) -> None:
         directories, self._dirty = self._dirty, set()
-        await asyncio.to_thread(self._sync, directories)
+        try:
+            await asyncio.to_thread(self._sync, directories)
+        except OSError as error:
+            raise _os_error(self.location, "sync", error) from error
 
     def _sync(self, directories: set[Path]) -> None:
         # Every directory this run wrote into, up to the root and the root's parent: one
@@ -193,9 +221,9 @@ class S3Store:
         try:
             return await retry(S3_RETRY, action, transient=_transient, give_up=give_up)
         except ClientError as error:
-            if _error_code(error) == "NoSuchBucket":
-                raise PackageLocationInvalid(self.location, "no such bucket") from error
-            raise
+            code = _error_code(error) or "refused"
+            reason = "no such bucket" if code == "NoSuchBucket" else f"S3 {operation}: {code}"
+            raise PackageLocationInvalid(self.location, reason) from error
 
     async def list(self) -> dict[str, int]:
         start = f"{self._prefix}/" if self._prefix else ""
