@@ -556,3 +556,40 @@ async def test_a_location_that_cannot_hold_a_package_is_named(tmp_path: Path) ->
         with pytest.raises(PackageManifestMismatch) as nothing:  # an import waits for it
             await import_package(store, "0" * 64, targets_for(disks))
     assert nothing.value.found is None
+
+
+class SlowFirstChunk(GatedStore):
+    """The first chunk's object is only handed out after the last one's: workers finish out of
+    order, as they do over a real link."""
+
+    def __init__(self, inner: PackageStore, first: str, last: str) -> None:
+        super().__init__(inner, allow=10**6)
+        self.first, self.last = first, last
+        self.last_served = asyncio.Event()
+
+    async def get(self, name: str) -> bytes | None:
+        if name == self.first:
+            await self.last_served.wait()
+        data = await self.inner.get(name)
+        if name == self.last:
+            self.last_served.set()
+        return data
+
+
+async def test_defects_are_listed_in_disk_order_whatever_order_workers_finish(
+    tmp_path: Path,
+) -> None:
+    disk = ExportDisk("disk-a", await disk_a())
+    location = tmp_path / "package"
+    sha = await export_to(location, [disk])
+    first, last = chunk_path(location, disk, 0), chunk_path(location, disk, 10)
+    for path in (first, last):
+        path.write_bytes(b"damaged")
+    names = [path.relative_to(location).as_posix() for path in (first, last)]
+    async with open_store(str(location)) as store:
+        slow = SlowFirstChunk(store, *names)
+        with pytest.raises(PackageDefects) as caught:
+            await import_package(
+                slow, sha, {"disk-a": MemoryBackend(disk.source.size)}, options=ImportOptions(3)
+            )
+    assert [d.offset for d in caught.value.defects] == [0, 10 * CHUNK]

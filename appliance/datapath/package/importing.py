@@ -179,6 +179,7 @@ class _DiskImport:
             raise
         await writer.sync()
         if self.defects:
+            self.defects.sort(key=lambda defect: defect.offset)  # workers finish in any order
             return ""
         return await self._check()
 
