@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
 
 from appliance.datapath.package import (
     MANIFEST_NAME,
@@ -28,12 +29,15 @@ from appliance.datapath.package import (
     verify_package,
 )
 from appliance.datapath.package.manifest import Manifest
+from appliance.datapath.package.store import S3Store
 from appliance.errors import (
     PackageChunkCorrupt,
     PackageChunkMissing,
     PackageDefects,
     PackageLocationInvalid,
     PackageManifestMismatch,
+    PackageStoreUnavailable,
+    TransientError,
 )
 from appliance.sites.lab.site import LabSite
 from appliance.state.checkpoints import RedisCheckpointStore
@@ -412,3 +416,46 @@ async def test_a_bucket_that_does_not_exist_is_named(localstack: str, tmp_path: 
                 await import_package(store, "0" * 64, targets)
     finally:
         await close_all(disks, targets)
+
+
+class FlakyS3:
+    """The real S3 client, with ``failures`` of its put_object calls answered 503 SlowDown."""
+
+    def __init__(self, client: Any, failures: int) -> None:
+        self._client = client
+        self.failures = failures
+        self.refused = 0
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._client, attribute)
+
+    async def put_object(self, **request: Any) -> Any:
+        if self.refused < self.failures:
+            self.refused += 1
+            raise ClientError(
+                {
+                    "Error": {"Code": "SlowDown", "Message": "reduce your request rate"},
+                    "ResponseMetadata": {"HTTPStatusCode": 503},
+                },
+                "PutObject",
+            )
+        return await self._client.put_object(**request)
+
+
+async def test_s3_refusals_are_retried_at_the_edge_then_named(
+    tmp_path: Path, bucket: tuple[str, S3Access]
+) -> None:
+    name, access = bucket
+    disks = await sparse_raw_disks(tmp_path / "onprem")
+    try:
+        async with s3_client(access) as client:
+            flaky = FlakyS3(client, failures=2)
+            result = await export_package("m", disks, S3Store(flaky, name, "ok"), options=OPTIONS)
+            assert flaky.refused == 2 and result.counters.chunks_stored == DATA_OBJECTS
+            down = FlakyS3(client, failures=10**6)
+            with pytest.raises(PackageStoreUnavailable) as caught:
+                await export_package("m", disks, S3Store(down, name, "down"), options=OPTIONS)
+        assert isinstance(caught.value, TransientError)
+        assert caught.value.location == f"s3://{name}/down" and "SlowDown" in str(caught.value)
+    finally:
+        await close_all(disks, {})
