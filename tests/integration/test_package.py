@@ -432,13 +432,11 @@ class FlakyS3:
     async def put_object(self, **request: Any) -> Any:
         if self.refused < self.failures:
             self.refused += 1
-            raise ClientError(
-                {
-                    "Error": {"Code": "SlowDown", "Message": "reduce your request rate"},
-                    "ResponseMetadata": {"HTTPStatusCode": 503},
-                },
-                "PutObject",
-            )
+            refusal: Any = {
+                "Error": {"Code": "SlowDown", "Message": "reduce your request rate"},
+                "ResponseMetadata": {"HTTPStatusCode": 503},
+            }
+            raise ClientError(refusal, "PutObject")
         return await self._client.put_object(**request)
 
 
