@@ -251,7 +251,7 @@ async def export_package(
     if progress is not None:
         progress(meter.snapshot())
     digest = manifest_sha256(data)
-    bound.info("package exported", manifest_sha256=digest, **_fields(counters))
+    bound.info("package exported", manifest_sha256=digest, **asdict(counters))
     return ExportResult(store.location, digest, manifest, counters)
 
 
@@ -280,7 +280,3 @@ async def _export_disks(
             if reporter is not None:
                 reporter.cancel()
     return entries
-
-
-def _fields(counters: ExportCounters) -> dict[str, int]:
-    return asdict(counters)
