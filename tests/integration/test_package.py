@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
+from appliance.datapath.nbd import NbdBackend, NbdServer
 from appliance.datapath.package import (
     MANIFEST_NAME,
     ExportDisk,
@@ -455,5 +456,42 @@ async def test_s3_refusals_are_retried_at_the_edge_then_named(
                 await export_package("m", disks, S3Store(down, name, "down"), options=OPTIONS)
         assert isinstance(caught.value, TransientError)
         assert caught.value.location == f"s3://{name}/down" and "SlowDown" in str(caught.value)
+    finally:
+        await close_all(disks, {})
+
+
+@qemu_img
+async def test_a_package_between_nbd_exports_reads_nothing_back_from_the_volume(
+    tmp_path: Path, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """As the appliance runs it: the snapshot and the cloud volume behind NBD servers."""
+    disks = await sparse_raw_disks(tmp_path / "onprem")
+    source_file = disks[0].source
+    target_path = tmp_path / "volume.raw"
+    location = tmp_path / "package"
+    try:
+        async with (
+            FileBackend.create(target_path, source_file.size) as target_file,
+            NbdServer({"snap": source_file}) as onprem,
+            NbdServer({"vol": target_file}) as cloud,
+            await NbdBackend.connect(onprem.address, "snap") as snapshot,
+            await NbdBackend.connect(cloud.address, "vol") as volume,
+        ):
+            async with open_store(str(location)) as store:
+                exported = await export_package(
+                    "mig-13", [ExportDisk("disk-0", snapshot)], store, options=OPTIONS
+                )
+                result = await import_package(
+                    store,
+                    exported.manifest_sha256,
+                    {"disk-0": volume},
+                    checkpoints=lambda d: RedisCheckpointStore(redis, keys, f"mig-13/{d}"),
+                )
+            # Data only went one way: the whole-image check asked the volume for hashes.
+            assert volume.bytes_sent >= result.counters.bytes_written
+            assert volume.bytes_received < 64 * 1024
+        written = {"disk-0": FileBackend.open(target_path, readonly=True)}
+        await assert_equal_images([disks[0]], written)
+        await written["disk-0"].close()
     finally:
         await close_all(disks, {})
