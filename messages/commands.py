@@ -215,9 +215,37 @@ class CancelRequest(Command):
 
 
 class SetPolicyRequestBody(WireModel):
+    """Every field given is stored and used; absent (null) fields keep their value."""
+
     cluster: str | None = Field(default=None, max_length=255, description="None: the default")
-    rto_rpo_interval_s: StrictInt | None = Field(default=None, ge=10, le=86400)
-    max_concurrent_migrations: StrictInt | None = Field(default=None, ge=1, le=256)
+    rto_rpo_interval_s: StrictInt | None = Field(
+        default=None,
+        ge=10,
+        le=86400,
+        description="A VM resting in the cloud (tbc, warm) commits a flush epoch on-prem at "
+        "least this often (default 1200 s)",
+    )
+    rpo_dirty_bytes: StrictInt | None = Field(
+        default=None,
+        ge=1024 * 1024,
+        le=2**53 - 1,
+        description="... and as soon as this many bytes are dirty in its cache (default 10 GB)",
+    )
+    max_concurrent_migrations: StrictInt | None = Field(
+        default=None, ge=1, le=256, description="Cold migrations in progress (default 8)"
+    )
+    max_in_progress_per_cache_node: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Warm and tbc migrations in progress per cache node (default 4)",
+    )
+    max_resting_per_cache_node: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=10000,
+        description="VMs resting in the cloud per cache node (default 20)",
+    )
     bandwidth_cap_mbps: StrictFloat | None = Field(default=None, gt=0)
 
 

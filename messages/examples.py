@@ -163,7 +163,12 @@ def _bodies() -> list[Envelope]:
         CancelRequest(body=CancelRequestBody(select=MigrationSelector(request_id="req-42"))),
         SetPolicyRequest(
             body=SetPolicyRequestBody(
-                cluster="cluster-a", max_concurrent_migrations=4, bandwidth_cap_mbps=300
+                cluster="cluster-a",
+                rto_rpo_interval_s=600,
+                rpo_dirty_bytes=10 * 2**30,
+                max_concurrent_migrations=4,
+                max_in_progress_per_cache_node=2,
+                bandwidth_cap_mbps=300,
             )
         ),
         ResetRequest(body=ResetRequestBody(confirm=True)),

@@ -87,6 +87,11 @@ class MigrationRecord:
     source_cluster: str | None = None  # per-cluster policies apply by these
     target_cluster: str | None = None
     reply_to: str | None = None  # of the SourceCloneRequest: where progress answers go
+    cache_node: str | None = None
+    """Warm/tbc: the cloud cache instance (its component name, e.g. ``cache-1``) the VM's
+    disks are cached on: the per-node limits count against it, and its heartbeat's figures
+    give the VM's epoch, RPO lag, dirty bytes and cache use (orchestrator/limits.py,
+    orchestrator/figures.py)."""
 
     def with_step(self, step: Step, at: str) -> MigrationRecord:
         return replace(self, step=step, updated_at=at)

@@ -35,7 +35,7 @@ from appliance.state.checkpoints import RedisCheckpointStore
 from appliance.state.events import EventLog
 from appliance.state.leases import Lease, Leases
 from appliance.state.migrations import MigrationStore
-from appliance.state.policy import Policies
+from appliance.state.policy import Policies, PolicyDefaults
 from appliance.state.store import StateStore
 from messages.commands import (
     CancelRequest,
@@ -84,6 +84,17 @@ async def open_sites(data_dir: Path) -> dict[str, LabSite]:
     }
 
 
+def policy_defaults(settings: Settings) -> PolicyDefaults:
+    """What holds where no SetPolicyRequest said otherwise."""
+    return PolicyDefaults(
+        rto_rpo_interval_s=settings.rto_rpo_interval_s,
+        rpo_dirty_bytes=settings.cache_rpo_dirty_bytes,
+        max_concurrent_migrations=settings.max_concurrent_migrations,
+        max_in_progress_per_cache_node=settings.max_in_progress_per_cache_node,
+        max_resting_per_cache_node=settings.max_resting_per_cache_node,
+    )
+
+
 def build_deps(
     settings: Settings,
     store: StateStore,
@@ -95,7 +106,6 @@ def build_deps(
 ) -> Deps:
     config = OrchestratorConfig(
         appliance_id=settings.appliance_id,
-        default_max_concurrent=settings.max_concurrent_migrations,
         lease_ttl_s=settings.lease_ttl_s,
         progress_interval_s=settings.progress_interval_s,
         scheduler_tick_s=settings.scheduler_tick_s,
@@ -114,7 +124,7 @@ def build_deps(
         leases=Leases(
             store, f"{settings.appliance_id}/{uuid.uuid4().hex[:8]}", settings.lease_ttl_s
         ),
-        policies=Policies(store),
+        policies=Policies(store, policy_defaults(settings)),
         events=EventLog(store),
         reporter=Reporter(settings.appliance_id, sink, clock),
         sites=dict(sites),
@@ -189,6 +199,8 @@ def build_handlers(
         counts=control.counts,
         reset_cleanup=ResetCleanup(deps, scheduler.stop_all),
         clock=deps.clock,
+        policies=deps.policies,
+        on_policy_change=scheduler.wake,
     )
     return {
         "SourceInventoryRequest": answer_inventory,
