@@ -240,6 +240,8 @@ class CacheRuntime:
             },
             "committed_epoch": {disk.disk_id: disk.committed_epoch for disk in status.disks},
             "dirty_bytes_per_disk": {disk.disk_id: disk.dirty_bytes for disk in status.disks},
+            "cache_bytes_per_disk": {disk.disk_id: disk.cache_bytes for disk in status.disks},
+            "committed_age_s": {disk.disk_id: disk.committed_age_s for disk in status.disks},
             "shipping_refused": {
                 disk: sink.refused[disk]
                 for disk, sink in self._sinks.items()

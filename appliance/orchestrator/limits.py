@@ -36,8 +36,9 @@ from appliance.orchestrator.states import RESTING, TERMINAL, Step
 from appliance.state.policy import Limits, Policies
 from messages.common import MigrationType
 
-ANY_CACHE_NODE = "(no cache node named)"
-"""Where warm/tbc migrations whose record names no cache node yet count: one shared node."""
+DEFAULT_CACHE_NODE = "cache-1"
+"""The cache instance of a warm/tbc record that names none: the appliance's default cache
+(the embedded ``cache/cache-1``), where its limits count and its figures are read."""
 
 
 class Slot(StrEnum):
@@ -67,7 +68,7 @@ def slot_of(record: MigrationRecord, resting: frozenset[Step] = RESTING) -> Slot
 
 
 def cache_node_of(record: MigrationRecord) -> str:
-    return record.cache_node or ANY_CACHE_NODE
+    return record.cache_node or DEFAULT_CACHE_NODE
 
 
 def clusters_of(record: MigrationRecord) -> set[str]:

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from appliance.clock import Clock
+from appliance.components.heartbeat import ComponentHealth
 from appliance.datapath.buffers import BufferBudget
 from appliance.datapath.checkpoint import CheckpointStore
 from appliance.datapath.chunks import MAX_DATA_RUN
@@ -20,6 +21,7 @@ from appliance.errors import CommandRejected
 from appliance.health import HealthBoard
 from appliance.orchestrator.context import Deps, OrchestratorConfig
 from appliance.orchestrator.control import MigrationControl
+from appliance.orchestrator.figures import CacheFigureReader
 from appliance.orchestrator.leftovers import ResetCleanup
 from appliance.orchestrator.reporting import Reporter, status_of
 from appliance.orchestrator.requests import CloneRequests
@@ -126,7 +128,12 @@ def build_deps(
         ),
         policies=Policies(store, policy_defaults(settings)),
         events=EventLog(store),
-        reporter=Reporter(settings.appliance_id, sink, clock),
+        reporter=Reporter(
+            settings.appliance_id,
+            sink,
+            clock,
+            CacheFigureReader(ComponentHealth(store, settings.component_timeout_s), clock),
+        ),
         sites=dict(sites),
         cloud=cloud,
         checkpoints=checkpoints,

@@ -23,7 +23,7 @@ from appliance.datapath.chunks import MAX_DATA_RUN
 from appliance.embedded import RedisServer
 from appliance.orchestrator.context import Deps, OrchestratorConfig
 from appliance.orchestrator.journal import Journal
-from appliance.orchestrator.limits import ANY_CACHE_NODE, Limit, Room, Slot, slot_of
+from appliance.orchestrator.limits import DEFAULT_CACHE_NODE, Limit, Room, Slot, slot_of
 from appliance.orchestrator.record import MigrationRecord, TransferOptions, dump, load
 from appliance.orchestrator.reporting import Reporter
 from appliance.orchestrator.scheduler import Scheduler
@@ -293,4 +293,4 @@ async def test_the_room_counts_hdm_s_defaults_per_node(env: Env) -> None:
     room.take([tbc[19]])
     assert not await room.fits([tbc[20]]), "20 on the node: the next waits"
     unnamed = Room(policies, [_at(_record(1, MigrationType.WARM, None, None), Step.PREPARING)])
-    assert unnamed.held[(Limit.CACHE_IN_PROGRESS, ANY_CACHE_NODE)] == 1
+    assert unnamed.held[(Limit.CACHE_IN_PROGRESS, DEFAULT_CACHE_NODE)] == 1

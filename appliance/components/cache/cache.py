@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,8 @@ class DiskStatus:
     open_epoch: int
     epochs_in_flight: tuple[int, ...]
     committed_epoch: int
+    committed_age_s: float | None = None
+    """Seconds since the last commit on-prem (None: none seen since this process began)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +268,7 @@ class CloudCache:
             open_epoch=store.open_epoch,
             epochs_in_flight=tuple(sorted(store.held)),
             committed_epoch=store.committed,
+            committed_age_s=_age(opened.shipper.committed_mono),
         )
 
     def _opened(self, disk_id: str) -> _Open:
@@ -308,3 +312,7 @@ def _load_tokens(path: Path) -> dict[str, int]:
 
 def _save_tokens(path: Path, tokens: dict[str, int]) -> None:
     write_atomically(path, json.dumps(tokens, sort_keys=True).encode())
+
+
+def _age(since: float | None) -> float | None:
+    return None if since is None else round(time.monotonic() - since, 3)
