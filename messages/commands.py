@@ -137,6 +137,13 @@ class SourceCloneRequestBody(WireModel):
     vms: tuple[CloneVm, ...] = Field(min_length=1, max_length=1000)
     migration_type: MigrationType
     bulk_transfer_mode: BulkTransferMode = BulkTransferMode.ONLINE
+    package_location: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="bulk_transfer_mode offline: where the appliance exports the package "
+        "(a directory on its host, or s3://bucket/prefix)",
+    )
     guest_credentials: GuestCredentials | None = None
     target: TargetResources = TargetResources()
     network_map: tuple[NetworkMapping, ...] = ()
@@ -146,6 +153,14 @@ class SourceCloneRequestBody(WireModel):
         "of `vms` the same way (by vm_id, or by name) as `vms` does.",
     )
     options: CloneOptions = CloneOptions()
+
+    @model_validator(mode="after")
+    def _package_for_offline(self) -> SourceCloneRequestBody:
+        if self.package_location is not None and (
+            self.bulk_transfer_mode is not BulkTransferMode.OFFLINE
+        ):
+            raise ValueError("package_location is for bulk_transfer_mode offline")
+        return self
 
 
 class SourceCloneRequest(Command):
