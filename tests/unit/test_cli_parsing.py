@@ -33,7 +33,7 @@ def test_durations_in_human_units(text: str, seconds: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "m", "10x", "1.5s", "10 m", "-5m", "m10"])
 def test_a_duration_that_does_not_parse_is_an_error(text: str) -> None:
-    with pytest.raises(ValueError, match="duration|seconds"):
+    with pytest.raises(ValueError, match=r"duration|seconds"):
         parse_duration(text)
 
 
@@ -49,7 +49,7 @@ def test_sizes_in_human_units(text: str, size: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "G", "10Gb", "10iB", "10X", "1.3B", "-1G", "10 GG"])
 def test_a_size_that_does_not_parse_is_an_error(text: str) -> None:
-    with pytest.raises(ValueError, match="size|bytes"):
+    with pytest.raises(ValueError, match=r"size|bytes"):
         parse_size(text)
 
 
