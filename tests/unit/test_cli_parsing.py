@@ -95,9 +95,8 @@ def test_commands_about_vms_select_by_name_id_or_migration() -> None:
     select = selector(args)
     assert select.vms == (VmRef(name="web-1"), VmRef(name="db-1"), VmRef(vm_id="vm-0007"))
     assert args.power_on and args.keep_snapshot
-    assert selector(parser().parse_args(["commit", "--migration", "m-1"])).migration_ids == (
-        "m-1",
-    )
+    by_migration = selector(parser().parse_args(["commit", "--migration", "m-1"]))
+    assert by_migration.migration_ids == ("m-1",)
     done = parser().parse_args(["bulk-done", "web-1", "--package", "s3://bucket/pkg"])
     assert done.package == "s3://bucket/pkg" and selector(done).vms == (VmRef(name="web-1"),)
     with pytest.raises(ValueError, match="name at least one VM"):
@@ -131,9 +130,7 @@ def _status(kind: MigrationType, **figures: object) -> MigrationStatus:
 
 
 def test_migrations_show_the_type_and_rpo_lag_of_vms_in_the_cloud() -> None:
-    resting = _status(
-        MigrationType.TBC, rpo_lag_s=725.0, committed_epoch=4, dirty_bytes=3 * 2**30
-    )
+    resting = _status(MigrationType.TBC, rpo_lag_s=725.0, committed_epoch=4, dirty_bytes=3 * 2**30)
     cold = _status(MigrationType.COLD)
     assert rpo_text(resting) == "12m05s, epoch 4, 3G dirty"
     assert rpo_text(cold) == ""
