@@ -30,6 +30,7 @@ from appliance.logs import get_logger
 from appliance.orchestrator.limits import cache_node_of
 from appliance.orchestrator.record import MigrationRecord
 from appliance.orchestrator.states import TERMINAL, Step
+from appliance.state.policy import Policies
 from messages.common import MigrationType
 
 log = get_logger(__name__)
@@ -101,3 +102,12 @@ class CacheFigureReader:
             return CacheFigures()
         disks = [disk.disk_id for disk in record.disks]
         return figures_from(report, disks, self._clock.now())
+
+    async def dirty_over_threshold(self, record: MigrationRecord, policies: Policies) -> bool:
+        """Has the VM as much dirty in its cache as its policy's ``rpo_dirty_bytes``? Then
+        an epoch is due now (what a resting VM's run asks before it waits on)."""
+        figures = await self.read(record)
+        if figures is None or figures.dirty_bytes is None:
+            return False
+        rpo = await policies.rpo(record.source_cluster, record.target_cluster)
+        return figures.dirty_bytes >= rpo.dirty_bytes

@@ -21,6 +21,7 @@ from appliance.orchestrator.reporting import Reporter
 from appliance.orchestrator.states import Step
 from appliance.sink import MemorySink
 from appliance.state.keys import Keys
+from appliance.state.policy import Policies, Policy, PolicyDefaults
 from messages.common import MigrationType
 from tests.support.components import CACHE, TIMEOUT_S, cached_disk
 from tests.support.onprem import MIB, make_lab_disk
@@ -69,12 +70,8 @@ async def test_status_of_a_tbc_vm_carries_its_epoch_lag_dirty_bytes_and_cache_us
         extra_env={"FERRY_CACHE_SCALE": str(1 / 256)},  # no early epoch cuts itself
     ) as cached:
         pair = cached.pair
-        reporter = Reporter(
-            "ferry-it",
-            MemorySink(),
-            SystemClock(),
-            CacheFigureReader(ComponentHealth(pair.store, TIMEOUT_S), SystemClock()),
-        )
+        figures = CacheFigureReader(ComponentHealth(pair.store, TIMEOUT_S), SystemClock())
+        reporter = Reporter("ferry-it", MemorySink(), SystemClock(), figures)
         tbc = _record(MigrationType.TBC)
 
         chunks = rng.sample(range(SIZE // CHUNK), 8)
@@ -86,6 +83,13 @@ async def test_status_of_a_tbc_vm_carries_its_epoch_lag_dirty_bytes_and_cache_us
         status = await reporter.status(tbc, False)
         assert status.committed_epoch == 0
         assert status.dirty_bytes == 8 * CHUNK and status.cache_bytes == 8 * CHUNK
+        # The dirty-bytes threshold of the VM's policy (default 10 GB, then set lower).
+        policies = Policies(pair.store, PolicyDefaults())
+        assert not await figures.dirty_over_threshold(tbc, policies)
+        await policies.set("lab", Policy(rpo_dirty_bytes=8 * CHUNK))
+        assert not await figures.dirty_over_threshold(tbc, policies), "another cluster's"
+        await policies.set(None, Policy(rpo_dirty_bytes=8 * CHUNK))
+        assert await figures.dirty_over_threshold(tbc, policies)
         assert status.rpo_lag_s is not None and status.last_epoch_at is not None
         lag_before = status.rpo_lag_s
 
@@ -113,6 +117,7 @@ async def test_status_of_a_tbc_vm_carries_its_epoch_lag_dirty_bytes_and_cache_us
             None,
             None,
         )
+        assert not await figures.dirty_over_threshold(tbc, policies)  # all committed now
         # A VM with a disk the cache does not serve: nothing is guessed for it.
         partial = await reporter.status(_record(MigrationType.TBC, (DISK, "disk-9")), False)
         assert partial.dirty_bytes is None and partial.rpo_lag_s is None
