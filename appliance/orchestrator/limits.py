@@ -31,8 +31,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from enum import StrEnum
 
-from appliance.orchestrator.record import MigrationRecord
+from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.states import RESTING, TERMINAL, Step
+from appliance.state.migrations import MigrationStore
 from appliance.state.policy import Limits, Policies
 from messages.common import MigrationType
 
@@ -158,3 +159,33 @@ class Room:
 
     def take(self, members: Sequence[MigrationRecord]) -> None:
         self.held.update(self.wanted(members))
+
+    async def fits_leaving_rest(self, record: MigrationRecord) -> bool:
+        """May this resting VM go back to work (a commit's bulk copy) on its node now? It
+        keeps its place on the node; it needs an in-progress slot there."""
+        bucket = (Limit.CACHE_IN_PROGRESS, cache_node_of(record))
+        held = self.held[bucket]
+        return not held or held + 1 <= (await self._limits_for(record)).cache_in_progress
+
+
+async def running_records(migrations: MigrationStore) -> list[MigrationRecord]:
+    """Every migration of an active group that holds something (neither queued nor over)."""
+    records = []
+    for group_id in await migrations.active_groups():
+        info = await migrations.group(group_id)
+        members = await migrations.get_many(list(info.members)) if info is not None else []
+        records += [load(m.record) for m in members]
+    return [r for r in records if r.step is not Step.QUEUED and r.step not in TERMINAL]
+
+
+async def may_leave_rest(
+    policies: Policies,
+    migrations: MigrationStore,
+    record: MigrationRecord,
+    resting: frozenset[Step] = RESTING,
+) -> bool:
+    """Asked by a resting VM's run before it leaves the rest for work that holds a slot
+    (a tbc commit's bulk copy): only while its cache node has an in-progress slot free;
+    otherwise it stays resting and asks again later (it waits, it does not fail)."""
+    room = Room(policies, await running_records(migrations), resting)
+    return await room.fits_leaving_rest(record)

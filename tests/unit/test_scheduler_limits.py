@@ -23,7 +23,14 @@ from appliance.datapath.chunks import MAX_DATA_RUN
 from appliance.embedded import RedisServer
 from appliance.orchestrator.context import Deps, OrchestratorConfig
 from appliance.orchestrator.journal import Journal
-from appliance.orchestrator.limits import DEFAULT_CACHE_NODE, Limit, Room, Slot, slot_of
+from appliance.orchestrator.limits import (
+    DEFAULT_CACHE_NODE,
+    Limit,
+    Room,
+    Slot,
+    may_leave_rest,
+    slot_of,
+)
 from appliance.orchestrator.record import MigrationRecord, TransferOptions, dump, load
 from appliance.orchestrator.reporting import Reporter
 from appliance.orchestrator.scheduler import Scheduler
@@ -270,6 +277,28 @@ async def test_a_cluster_policy_sets_the_per_node_limit_of_that_cluster_s_migrat
     try:
         await scheduler.tick()
         assert env.started() == [lab[0], *other]
+    finally:
+        await _stop(env, scheduler)
+
+
+async def test_a_resting_vm_leaves_its_rest_for_work_only_when_its_node_has_a_slot(
+    env: Env,
+) -> None:
+    await env.deps.policies.set(None, Policy(max_in_progress_per_cache_node=1))
+    first, second = [await env.queue(MigrationType.TBC, node="cache-a") for _ in range(2)]
+    scheduler = env.scheduler()
+    try:
+        await scheduler.tick()
+        await _rest(env, first)
+        await scheduler.tick()
+        assert env.started() == [first, second]  # the resting one holds no slot
+        stored = await env.deps.migrations.get_many(["m-1"])
+        resting = load(stored[0].record)
+        policies, migrations = env.deps.policies, env.deps.migrations
+        assert resting.step is REST
+        assert not await may_leave_rest(policies, migrations, resting, RESTING), "1 in progress"
+        await _ended(env, second)
+        assert await may_leave_rest(policies, migrations, resting, RESTING)
     finally:
         await _stop(env, scheduler)
 
