@@ -15,8 +15,10 @@ from pathlib import Path
 from appliance.state.keys import Keys
 from appliance.state.policy import Policies, Policy
 from appliance.state.store import StateStore, connect
-from clients.client import FerryClient
-from messages.commands import StatusRequestBody
+from clients.client import FerryClient, FerryError, FerrySyncClient
+from messages.commands import MigrationSelector, SetPolicyRequestBody, StatusRequestBody
+from messages.errors import ErrorCode
+from messages.events import CommandResponse
 from tests.integration.conftest import TOKEN, Harness, RunningAppliance
 from tests.support.lab import MIB, NETWORK_MAP, build_lab, lab_vm
 
@@ -138,3 +140,25 @@ async def test_every_migration_command_reaches_the_appliance_and_prints_its_answ
     tbc_code, tbc_out = results["SourceCloneRequest"]
     assert tbc_code == 1 or re.search(rf"{vms[1].name}\s.*tbc", tbc_out), tbc_out
     assert answered(*offline, "SourceCloneRequest"), offline
+
+
+async def test_the_blocking_sdk_sets_policies_and_sends_the_cloud_commands(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    await build_lab(harness.data_dir, [])
+    running = await start_appliance(harness.settings())
+
+    def drive() -> tuple[CommandResponse, FerryError]:
+        with FerrySyncClient(harness.client_settings()) as client:
+            answer = client.set_policy(SetPolicyRequestBody(rpo_dirty_bytes=2 * 2**30))
+            try:
+                client.commit(MigrationSelector(migration_ids=("m-none",)))
+            except FerryError as error:
+                return answer, error
+            raise AssertionError("a commit of no migration was accepted")
+
+    answer, refused = await asyncio.to_thread(drive)
+    await running.shutdown()
+    assert answer.body.accepted and "'rpo_dirty_bytes': 2147483648" in answer.body.detail
+    assert refused.response.body.command_type == "CommitRequest"
+    assert refused.code in (ErrorCode.NOT_IMPLEMENTED, ErrorCode.UNKNOWN_MIGRATION)
