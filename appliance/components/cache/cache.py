@@ -73,8 +73,6 @@ class DiskStatus:
     open_epoch: int
     epochs_in_flight: tuple[int, ...]
     committed_epoch: int
-    committed_age_s: float | None = None
-    """Seconds since the last commit on-prem (None: none seen since this process began)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +247,13 @@ class CloudCache:
     def token(self, disk_id: str) -> int:
         return self._tokens.get(disk_id, 0)
 
+    def committed_age(self, disk_id: str) -> float | None:
+        """Seconds since the disk's last commit on-prem (or since it opened with nothing
+        dirty); None: not known since this process began. A status response's RPO lag."""
+        opened = self._disks.get(disk_id)
+        since = opened.shipper.committed_mono if opened is not None else None
+        return None if since is None else round(time.monotonic() - since, 3)
+
     def status(self) -> CacheStatus:
         return CacheStatus(tuple(self._disk_status(o) for o in self._disks.values()))
 
@@ -268,7 +273,6 @@ class CloudCache:
             open_epoch=store.open_epoch,
             epochs_in_flight=tuple(sorted(store.held)),
             committed_epoch=store.committed,
-            committed_age_s=_age(opened.shipper.committed_mono),
         )
 
     def _opened(self, disk_id: str) -> _Open:
@@ -312,7 +316,3 @@ def _load_tokens(path: Path) -> dict[str, int]:
 
 def _save_tokens(path: Path, tokens: dict[str, int]) -> None:
     write_atomically(path, json.dumps(tokens, sort_keys=True).encode())
-
-
-def _age(since: float | None) -> float | None:
-    return None if since is None else round(time.monotonic() - since, 3)
