@@ -40,11 +40,18 @@ from messages.commands import (
     StatusRequestBody,
     VmRef,
 )
-from messages.common import BulkTransferMode, MigrationState, MigrationType, VerifyMode
+from messages.common import BulkTransferMode, MigrationState, MigrationType, Phase, VerifyMode
 from messages.events import ErrorResponse, MigrationStatus, SourceCloneResponse
 from messages.keys import AppliancePublicKey, CannotOpen
 
 FINISHED = {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELLED}
+
+
+def settled(status: MigrationStatus) -> bool:
+    """Finished, or resting in the cloud (where a tbc VM stays until migrated back or
+    committed): what ``ferry migrate --wait`` waits for."""
+    in_cloud = status.phase is Phase.IN_CLOUD and status.state is MigrationState.RUNNING
+    return status.state in FINISHED or in_cloud
 
 
 def _vm_refs(args: argparse.Namespace) -> tuple[CloneVm, ...]:
@@ -180,7 +187,8 @@ class ProgressBoard:
 
     @property
     def finished(self) -> bool:
-        return bool(self.latest) and all(s.state in FINISHED for s in self.latest.values())
+        """Every VM is done, or runs in the cloud (tbc, warm): nothing more to wait for."""
+        return bool(self.latest) and all(settled(s) for s in self.latest.values())
 
 
 async def follow(client: FerryClient, correlation_id: str, board: ProgressBoard) -> None:
@@ -211,7 +219,8 @@ async def cmd_migrate(client: FerryClient, args: argparse.Namespace) -> int:
         await follow(client, request.correlation_id, board)
     statuses = list(board.latest.values())
     console.print(migrations_table(statuses, "Result"))
-    return 0 if all(s.state is MigrationState.COMPLETED for s in statuses) else 1
+    ok = all(s.state is MigrationState.COMPLETED or s.phase is Phase.IN_CLOUD for s in statuses)
+    return 0 if ok else 1
 
 
 async def cmd_migrations(client: FerryClient, args: argparse.Namespace) -> int:
@@ -266,7 +275,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     migrate.add_argument("--verify", choices=[v.value for v in VerifyMode], default="chunk")
     migrate.add_argument("--bandwidth-mbps", type=float)
     migrate.add_argument("--request-id", help="idempotency key (resend safely)")
-    migrate.add_argument("--wait", action="store_true", help="follow progress to the end")
+    migrate.add_argument(
+        "--wait", action="store_true", help="follow progress to the end (tbc: into the cloud)"
+    )
     migrate.set_defaults(func=cmd_migrate)
     listing = commands.add_parser("migrations", help="list migrations")
     listing.add_argument("--active", action="store_true", help="hide finished ones")

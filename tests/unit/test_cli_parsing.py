@@ -11,7 +11,7 @@ from rich.console import Console
 from clients.cli import parser, refusal
 from clients.client import FerryError
 from clients.cloud import parse_limits, policy_body, selector
-from clients.migrate import clone_request, migrations_table, rpo_text
+from clients.migrate import ProgressBoard, clone_request, migrations_table, rpo_text, settled
 from clients.units import format_duration, human_size, parse_duration, parse_size
 from messages.commands import VmRef
 from messages.common import BulkTransferMode, MigrationState, MigrationType, Phase
@@ -153,3 +153,16 @@ def test_a_refusal_says_what_was_refused_and_not_implemented_plainly() -> None:
     assert refusal(error(ErrorCode.CONFLICT, "it is migrating back")) == (
         "CommitRequest refused by the appliance (conflict): it is migrating back"
     )
+
+
+def test_migrate_wait_ends_when_each_vm_is_done_or_runs_in_the_cloud() -> None:
+    resting = _status(MigrationType.TBC).model_copy(update={"phase": Phase.IN_CLOUD})
+    powering_on = _status(MigrationType.TBC)
+    done = _status(MigrationType.COLD).model_copy(update={"state": MigrationState.COMPLETED})
+    assert settled(resting) and settled(done) and not settled(powering_on)
+    board = ProgressBoard(Console(record=True))
+    board.update(done)
+    board.update(powering_on)
+    assert not board.finished
+    board.update(resting)  # the same migration, now resting in the cloud
+    assert board.finished
