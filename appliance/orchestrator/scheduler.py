@@ -81,6 +81,16 @@ class GroupView:
     def cancel_requested(self) -> bool:
         return any(m.cancel_requested for m in self.members)
 
+    @property
+    def running_vms(self) -> int:
+        """Members in progress: neither queued nor over, nor resting in the cloud (a resting
+        VM holds no slot; the limits count it on its cache node, see ``limits``)."""
+        return sum(
+            1
+            for step in self.steps
+            if step is not Step.QUEUED and step not in TERMINAL and step not in RESTING
+        )
+
 
 class Scheduler:
     def __init__(
