@@ -4,9 +4,9 @@ Read from the heartbeat of the cache instance the record names
 (:func:`~appliance.orchestrator.limits.cache_node_of`), whose figures
 (``appliance/components/cache_runtime.py``, ``status``) hold, per disk,
 ``committed_epoch``, ``committed_age_s``, ``dirty_bytes_per_disk`` and
-``cache_bytes_per_disk``. A VM's figures cover all its disks (the lowest epoch,
-the oldest commit, the sums) and are given only when the cache reports every
-one of them; otherwise, for cold migrations, and while the cache is silent,
+``cache_bytes_per_disk``, keyed by the disk's id there (:func:`component_disk`).
+A VM's figures cover all its disks (the lowest epoch, the oldest commit, the
+sums) and are given only when the cache reports every one of them; otherwise, for cold migrations, and while the cache is silent,
 they are None: nothing is guessed.
 
 The age of the last commit is measured by the cache's own monotonic clock, and
@@ -28,13 +28,18 @@ from appliance.components.orders import ComponentId
 from appliance.errors import StateStoreUnavailable
 from appliance.logs import get_logger
 from appliance.orchestrator.limits import cache_node_of
-from appliance.orchestrator.record import MigrationRecord
+from appliance.orchestrator.record import DiskPlan, MigrationRecord
 from appliance.orchestrator.states import TERMINAL, Step
 from appliance.state.policy import Policies
 from messages.common import MigrationType
 
 log = get_logger(__name__)
 CACHE_KIND = "cache"
+
+
+def component_disk(disk: DiskPlan) -> str:
+    """The id the components know a disk by: its cloud volume's (unique per migration)."""
+    return disk.volume_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +105,7 @@ class CacheFigureReader:
             # A status answer without figures beats no answer: say why in the log.
             log.info("no cache figures", migration_id=record.migration_id, error=str(error))
             return CacheFigures()
-        disks = [disk.disk_id for disk in record.disks]
+        disks = [component_disk(disk) for disk in record.disks]
         return figures_from(report, disks, self._clock.now())
 
     async def dirty_over_threshold(self, record: MigrationRecord, policies: Policies) -> bool:

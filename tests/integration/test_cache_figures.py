@@ -34,7 +34,7 @@ AT = "2026-12-01T12:00:00+00:00"
 
 def _record(kind: MigrationType, disks: tuple[str, ...] = (DISK,)) -> MigrationRecord:
     plans = tuple(
-        DiskPlan(disk_id=d, label=d, capacity_bytes=SIZE, boot=False, volume_id=f"vol-{d}")
+        DiskPlan(disk_id=f"src-{d}", label=d, capacity_bytes=SIZE, boot=False, volume_id=d)
         for d in disks
     )
     return MigrationRecord(
