@@ -6,8 +6,9 @@ Read from the heartbeat of the cache instance the record names
 ``committed_epoch``, ``committed_age_s``, ``dirty_bytes_per_disk`` and
 ``cache_bytes_per_disk``, keyed by the disk's id there (:func:`component_disk`).
 A VM's figures cover all its disks (the lowest epoch, the oldest commit, the
-sums) and are given only when the cache reports every one of them; otherwise, for cold migrations, and while the cache is silent,
-they are None: nothing is guessed.
+sums) and are given only when the cache reports every one of them; otherwise,
+for cold migrations, and while the cache is silent, they are None: nothing is
+guessed.
 
 The age of the last commit is measured by the cache's own monotonic clock, and
 the heartbeat's silence by Redis's clock, so the RPO lag (their sum) needs no
