@@ -57,7 +57,20 @@ class Settings(BaseSettings):
 
     heartbeat_interval_s: float = Field(default=30.0, gt=0)
     component_timeout_s: float = Field(default=120.0, gt=0)
-    max_concurrent_migrations: int = Field(default=8, ge=1, le=256)
+    # The scheduler's limits (HDM's defaults) and the flush policy of VMs resting in the
+    # cloud, where no SetPolicyRequest says otherwise (appliance/state/policy.py).
+    max_concurrent_migrations: int = Field(
+        default=8, ge=1, le=256, description="cold migrations in progress"
+    )
+    max_in_progress_per_cache_node: int = Field(
+        default=4, ge=1, le=256, description="warm/TBC migrations in progress per cache node"
+    )
+    max_resting_per_cache_node: int = Field(
+        default=20, ge=1, le=10000, description="VMs resting in the cloud per cache node"
+    )
+    rto_rpo_interval_s: int = Field(
+        default=1200, ge=10, le=86400, description="a flush epoch at least this often"
+    )
     lease_ttl_s: float = Field(default=15.0, ge=1.0, description="migration ownership lease")
     progress_interval_s: float = Field(default=2.0, gt=0, le=5.0)
     scheduler_tick_s: float = Field(default=1.0, gt=0)

@@ -9,23 +9,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
+from rich.markup import escape
 from rich.table import Table
 
+from clients import cloud
 from clients.client import FerryClient, FerryError, NoAnswer
 from clients.config import ClientSettings
 from clients.migrate import add_commands
 from clients.monitor import HeartbeatMonitor
 from clients.output import console
+from clients.units import human_size
 from messages.commands import InventoryFilter
 from messages.common import PowerState, VmSummary
+from messages.errors import ErrorCode
 from messages.events import Heartbeat, ReadyStatus, StatusResponse
-
-
-def human_size(size: int) -> str:
-    for unit, scale in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
-        if size >= scale:
-            return f"{size / scale:.3g}{unit}"
-    return f"{size}B"
 
 
 def inventory_table(vms: Sequence[VmSummary]) -> Table:
@@ -131,6 +128,7 @@ def parser() -> argparse.ArgumentParser:
     watch.add_argument("--fail-on-not-ready", action="store_true", help="exit 4 on Not Ready")
     watch.set_defaults(func=cmd_watch)
     add_commands(commands)
+    cloud.add_commands(commands)
     return root
 
 
@@ -143,12 +141,24 @@ async def _main(args: argparse.Namespace) -> int:
         return code
 
 
+def refusal(error: FerryError) -> str:
+    """The appliance's ErrorResponse, said plainly: what it refused, its code, its reason."""
+    body = error.response.body
+    what = body.command_type or "the command"
+    if body.code is ErrorCode.NOT_IMPLEMENTED:
+        return f"{what} is not implemented by this appliance: {body.message}"
+    return f"{what} refused by the appliance ({body.code.value}): {body.message}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return asyncio.run(_main(args))
-    except (FerryError, NoAnswer, ValueError, ValidationError, OSError, RuntimeError) as error:
-        console.print(f"[red]ferry: {error}[/red]")
+    except FerryError as error:
+        console.print(f"[red]ferry: {escape(refusal(error))}[/red]")
+        return 1
+    except (NoAnswer, ValueError, ValidationError, OSError, RuntimeError) as error:
+        console.print(f"[red]ferry: {escape(str(error))}[/red]")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -46,17 +46,29 @@ from botocore.exceptions import ClientError
 from clients.config import ClientSettings
 from messages.codec import Decoder, Trust, encode
 from messages.commands import (
+    BulkMigrationDoneRequest,
+    BulkMigrationDoneRequestBody,
     Command,
+    CommitRequest,
+    CommitRequestBody,
     GuestCredentials,
     InventoryFilter,
+    MigrateBackRequest,
+    MigrateBackRequestBody,
+    MigrationSelector,
+    SetPolicyRequest,
+    SetPolicyRequestBody,
     SourceInventoryRequest,
     SourceInventoryRequestBody,
     StatusRequest,
     StatusRequestBody,
+    SyncRequest,
+    SyncRequestBody,
 )
 from messages.common import VmSummary
 from messages.errors import MessageError
 from messages.events import (
+    CommandResponse,
     ErrorResponse,
     Event,
     Heartbeat,
@@ -68,6 +80,7 @@ log = logging.getLogger(__name__)
 RELEASE_S = 1  # others' messages from a full batch: hidden this long while we look past them
 STAND_BACK_S = 2.0  # after letting others' messages go: their owners read next, not us
 SUPERSEDED_S = 3.0  # a heartbeat this much older than one seen since tells nobody anything
+LINGER_S = 1.0  # after the answers expected: how long more (a dependency group's) may take
 REPLY_QUEUE_RETENTION_S = 3600
 
 
@@ -266,6 +279,59 @@ class FerryClient:
         self.forget(answer.correlation_id)
         return answer
 
+    async def command(
+        self,
+        command: Command,
+        *,
+        expect: int = 1,
+        timeout_s: float = 30.0,
+        linger_s: float = LINGER_S,
+    ) -> list[Event]:
+        """Send ``command`` and return its answers: ``expect`` of them (each within
+        ``timeout_s``), then any more that follow within ``linger_s`` (a command about one
+        VM may answer for its whole dependency group). ErrorResponse raises FerryError."""
+        await self.send(command)
+        answers: list[Event] = []
+        try:
+            while True:
+                wait = timeout_s if len(answers) < expect else linger_s
+                try:
+                    answers.append(await self.next_answer(command.correlation_id, wait))
+                except TimeoutError:
+                    if len(answers) < expect:
+                        raise NoAnswer(command, timeout_s) from None
+                    return answers
+        finally:
+            self.forget(command.correlation_id)
+
+    async def migrate_back(
+        self, select: MigrationSelector, *, power_on: bool = False, keep_snapshot: bool = False
+    ) -> list[Event]:
+        """Bring VMs resting in the cloud back on-prem (their dependency groups with them)."""
+        body = MigrateBackRequestBody(select=select, power_on=power_on, keep_snapshot=keep_snapshot)
+        return await self.command(MigrateBackRequest(body=body), expect=_selected(select))
+
+    async def commit(self, select: MigrationSelector) -> list[Event]:
+        body = CommitRequestBody(select=select)
+        return await self.command(CommitRequest(body=body), expect=_selected(select))
+
+    async def sync(self, select: MigrationSelector, timeout_s: float = 30.0) -> list[Event]:
+        """A flush epoch now (a VM resting in the cloud), or a resume (a failed migration)."""
+        body = SyncRequestBody(select=select)
+        return await self.command(
+            SyncRequest(body=body), expect=_selected(select), timeout_s=timeout_s
+        )
+
+    async def bulk_done(self, select: MigrationSelector, package_location: str) -> list[Event]:
+        """Offline bulk data has been imported at the cloud from ``package_location``."""
+        body = BulkMigrationDoneRequestBody(select=select, package_location=package_location)
+        return await self.command(BulkMigrationDoneRequest(body=body), expect=_selected(select))
+
+    async def set_policy(self, body: SetPolicyRequestBody) -> CommandResponse:
+        (answer,) = await self.command(SetPolicyRequest(body=body), linger_s=0)
+        assert isinstance(answer, CommandResponse)
+        return answer
+
     def seal_credentials(self, username: str, password: str) -> GuestCredentials:
         """Guest credentials sealed to the pinned appliance key, for a SourceCloneRequest."""
         return GuestCredentials(sealed=self.appliance_key.seal_login(username, password))
@@ -381,6 +447,11 @@ class FerryClient:
             await self._sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=raw["ReceiptHandle"])
 
 
+def _selected(select: MigrationSelector) -> int:
+    """How many answers a selector is sure to get: one per migration or VM it names."""
+    return max(1, len(select.migration_ids) + len(select.vms))
+
+
 def _sent_at(event: Event | None) -> datetime:
     return event.sent_at if event is not None else datetime.min.replace(tzinfo=UTC)
 
@@ -401,6 +472,25 @@ class FerrySyncClient:
 
     def status(self) -> StatusResponse:
         return self._runner.run(self._client.status())
+
+    def set_policy(self, body: SetPolicyRequestBody) -> CommandResponse:
+        return self._runner.run(self._client.set_policy(body))
+
+    def migrate_back(
+        self, select: MigrationSelector, *, power_on: bool = False, keep_snapshot: bool = False
+    ) -> list[Event]:
+        return self._runner.run(
+            self._client.migrate_back(select, power_on=power_on, keep_snapshot=keep_snapshot)
+        )
+
+    def commit(self, select: MigrationSelector) -> list[Event]:
+        return self._runner.run(self._client.commit(select))
+
+    def sync(self, select: MigrationSelector) -> list[Event]:
+        return self._runner.run(self._client.sync(select))
+
+    def bulk_done(self, select: MigrationSelector, package_location: str) -> list[Event]:
+        return self._runner.run(self._client.bulk_done(select, package_location))
 
     def close(self) -> None:
         self._runner.run(self._client.__aexit__(None, None, None))

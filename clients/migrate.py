@@ -1,4 +1,9 @@
-"""``ferry migrate``, ``ferry migrations``, ``ferry cancel``: migrations from the command line."""
+"""``ferry migrate``, ``ferry migrations``, ``ferry cancel``: migrations from the command line.
+
+``ferry migrate --type cold|tbc|warm [--bulk online|offline --package DIR|s3://...]``;
+``ferry migrations`` shows each VM resting in the cloud's RPO lag (time since its last
+committed epoch), the epoch and what is dirty.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from rich.table import Table
 
 from clients.client import FerryClient
 from clients.output import console
+from clients.units import format_duration, human_size
 from messages.commands import (
     CancelRequest,
     CancelRequestBody,
@@ -34,11 +40,18 @@ from messages.commands import (
     StatusRequestBody,
     VmRef,
 )
-from messages.common import MigrationState, MigrationType, VerifyMode
+from messages.common import BulkTransferMode, MigrationState, MigrationType, Phase, VerifyMode
 from messages.events import ErrorResponse, MigrationStatus, SourceCloneResponse
 from messages.keys import AppliancePublicKey, CannotOpen
 
 FINISHED = {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELLED}
+
+
+def settled(status: MigrationStatus) -> bool:
+    """Finished, or resting in the cloud (where a tbc VM stays until migrated back or
+    committed): what ``ferry migrate --wait`` waits for."""
+    in_cloud = status.phase is Phase.IN_CLOUD and status.state is MigrationState.RUNNING
+    return status.state in FINISHED or in_cloud
 
 
 def _vm_refs(args: argparse.Namespace) -> tuple[CloneVm, ...]:
@@ -77,13 +90,25 @@ def _credentials(args: argparse.Namespace, key: AppliancePublicKey) -> GuestCred
     return GuestCredentials(sealed=sealed)
 
 
+def _bulk(args: argparse.Namespace) -> tuple[BulkTransferMode, str | None]:
+    mode = BulkTransferMode(args.bulk)
+    if args.package is not None and mode is not BulkTransferMode.OFFLINE:
+        raise ValueError("--package is where an offline bulk copy goes: give --bulk offline")
+    if mode is BulkTransferMode.OFFLINE and args.package is None:
+        raise ValueError("--bulk offline needs --package DIR or s3://bucket/prefix")
+    return mode, args.package
+
+
 def clone_request(args: argparse.Namespace, key: AppliancePublicKey) -> SourceCloneRequest:
     vms = _vm_refs(args)
+    bulk, package = _bulk(args)
     return SourceCloneRequest(
         body=SourceCloneRequestBody(
             request_id=args.request_id,
             vms=vms,
             migration_type=MigrationType(args.type),
+            bulk_transfer_mode=bulk,
+            package_location=package,
             guest_credentials=_credentials(args, key),
             network_map=_network_map(args.network_map),
             application_dependency=(
@@ -96,9 +121,22 @@ def clone_request(args: argparse.Namespace, key: AppliancePublicKey) -> SourceCl
     )
 
 
+def rpo_text(status: MigrationStatus) -> str:
+    """A VM in the cloud: how far on-prem is behind it; "" for one the cache does not serve."""
+    if status.rpo_lag_s is None:
+        return ""
+    parts = [format_duration(status.rpo_lag_s)]
+    if status.committed_epoch is not None:
+        parts.append(f"epoch {status.committed_epoch}")
+    if status.dirty_bytes is not None:
+        parts.append(f"{human_size(status.dirty_bytes)} dirty")
+    return ", ".join(parts)
+
+
 def migrations_table(statuses: Sequence[MigrationStatus], title: str = "Migrations") -> Table:
     table = Table(title=title)
-    for column in ("Migration", "VM", "Type", "State", "Phase", "Progress", "Queue", "Error"):
+    columns = ("Migration", "VM", "Type", "State", "Phase", "Progress", "RPO lag", "Queue", "Error")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for s in statuses:
         colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(s.state, "")
@@ -109,6 +147,7 @@ def migrations_table(statuses: Sequence[MigrationStatus], title: str = "Migratio
             f"[{colour}]{s.state.value}[/{colour}]" if colour else s.state.value,
             s.phase.value,
             f"{s.progress_percent:.1f}% of {s.bytes_total / 2**20:.0f} MiB",
+            rpo_text(s),
             str(s.queue_position or ""),
             f"{s.error.code}: {s.error.message}" if s.error else "",
         )
@@ -148,7 +187,8 @@ class ProgressBoard:
 
     @property
     def finished(self) -> bool:
-        return bool(self.latest) and all(s.state in FINISHED for s in self.latest.values())
+        """Every VM is done, or runs in the cloud (tbc, warm): nothing more to wait for."""
+        return bool(self.latest) and all(settled(s) for s in self.latest.values())
 
 
 async def follow(client: FerryClient, correlation_id: str, board: ProgressBoard) -> None:
@@ -179,7 +219,8 @@ async def cmd_migrate(client: FerryClient, args: argparse.Namespace) -> int:
         await follow(client, request.correlation_id, board)
     statuses = list(board.latest.values())
     console.print(migrations_table(statuses, "Result"))
-    return 0 if all(s.state is MigrationState.COMPLETED for s in statuses) else 1
+    ok = all(s.state is MigrationState.COMPLETED or s.phase is Phase.IN_CLOUD for s in statuses)
+    return 0 if ok else 1
 
 
 async def cmd_migrations(client: FerryClient, args: argparse.Namespace) -> int:
@@ -214,6 +255,15 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     migrate.add_argument("vms", nargs="*", metavar="VM_NAME")
     migrate.add_argument("--id", dest="ids", action="append", default=[], metavar="VM_ID")
     migrate.add_argument("--type", choices=[t.value for t in MigrationType], default="cold")
+    migrate.add_argument(
+        "--bulk",
+        choices=[m.value for m in BulkTransferMode],
+        default="online",
+        help="warm: copy the data over the link (online) or as a shipped package (offline)",
+    )
+    migrate.add_argument(
+        "--package", metavar="DIR|s3://BUCKET/PREFIX", help="--bulk offline: where it goes"
+    )
     migrate.add_argument("--network-map", action="append", default=[], metavar="SRC=DST")
     migrate.add_argument("--together", action="store_true", help="one dependency group")
     migrate.add_argument(
@@ -225,7 +275,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     migrate.add_argument("--verify", choices=[v.value for v in VerifyMode], default="chunk")
     migrate.add_argument("--bandwidth-mbps", type=float)
     migrate.add_argument("--request-id", help="idempotency key (resend safely)")
-    migrate.add_argument("--wait", action="store_true", help="follow progress to the end")
+    migrate.add_argument(
+        "--wait", action="store_true", help="follow progress to the end (tbc: into the cloud)"
+    )
     migrate.set_defaults(func=cmd_migrate)
     listing = commands.add_parser("migrations", help="list migrations")
     listing.add_argument("--active", action="store_true", help="hide finished ones")

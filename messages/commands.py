@@ -137,6 +137,13 @@ class SourceCloneRequestBody(WireModel):
     vms: tuple[CloneVm, ...] = Field(min_length=1, max_length=1000)
     migration_type: MigrationType
     bulk_transfer_mode: BulkTransferMode = BulkTransferMode.ONLINE
+    package_location: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="bulk_transfer_mode offline: where the appliance exports the package "
+        "(a directory on its host, or s3://bucket/prefix)",
+    )
     guest_credentials: GuestCredentials | None = None
     target: TargetResources = TargetResources()
     network_map: tuple[NetworkMapping, ...] = ()
@@ -146,6 +153,14 @@ class SourceCloneRequestBody(WireModel):
         "of `vms` the same way (by vm_id, or by name) as `vms` does.",
     )
     options: CloneOptions = CloneOptions()
+
+    @model_validator(mode="after")
+    def _package_for_offline(self) -> SourceCloneRequestBody:
+        if self.package_location is not None and (
+            self.bulk_transfer_mode is not BulkTransferMode.OFFLINE
+        ):
+            raise ValueError("package_location is for bulk_transfer_mode offline")
+        return self
 
 
 class SourceCloneRequest(Command):
@@ -180,6 +195,12 @@ class BulkMigrationDoneRequest(Command):
 class MigrateBackRequestBody(WireModel):
     select: MigrationSelector
     planned: StrictBool = True
+    power_on: StrictBool = Field(
+        default=False, description="power the on-prem VM on once back (default: off)"
+    )
+    keep_snapshot: StrictBool = Field(
+        default=False, description="keep the migrate-time snapshot (default: consolidated)"
+    )
 
 
 class MigrateBackRequest(Command):
@@ -215,9 +236,37 @@ class CancelRequest(Command):
 
 
 class SetPolicyRequestBody(WireModel):
+    """Every field given is stored and used; absent (null) fields keep their value."""
+
     cluster: str | None = Field(default=None, max_length=255, description="None: the default")
-    rto_rpo_interval_s: StrictInt | None = Field(default=None, ge=10, le=86400)
-    max_concurrent_migrations: StrictInt | None = Field(default=None, ge=1, le=256)
+    rto_rpo_interval_s: StrictInt | None = Field(
+        default=None,
+        ge=10,
+        le=86400,
+        description="A VM resting in the cloud (tbc, warm) commits a flush epoch on-prem at "
+        "least this often (default 1200 s)",
+    )
+    rpo_dirty_bytes: StrictInt | None = Field(
+        default=None,
+        ge=1024 * 1024,
+        le=2**53 - 1,
+        description="... and as soon as this many bytes are dirty in its cache (default 10 GB)",
+    )
+    max_concurrent_migrations: StrictInt | None = Field(
+        default=None, ge=1, le=256, description="Cold migrations in progress (default 8)"
+    )
+    max_in_progress_per_cache_node: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Warm and tbc migrations in progress per cache node (default 4)",
+    )
+    max_resting_per_cache_node: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=10000,
+        description="VMs resting in the cloud per cache node (default 20)",
+    )
     bandwidth_cap_mbps: StrictFloat | None = Field(default=None, gt=0)
 
 

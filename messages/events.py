@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, StrictBool, StrictFloat, StrictInt
+from pydantic import AwareDatetime, BeforeValidator, Field, StrictBool, StrictFloat, StrictInt
 
 from messages.common import (
     ErrorInfo,
@@ -17,6 +18,20 @@ from messages.common import (
 )
 from messages.envelope import Envelope, WireModel
 from messages.errors import ErrorCode
+
+_DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _date_time_text(value: object) -> object:
+    """A date-time on the wire is RFC 3339 text, never a number (pydantic would take one)."""
+    if isinstance(value, bool | int | float) or (
+        isinstance(value, str) and not _DATE_TIME.match(value)
+    ):
+        raise ValueError("expected an RFC 3339 date-time with offset")
+    return value
+
+
+DateTime = Annotated[AwareDatetime, BeforeValidator(_date_time_text)]
 
 
 class Event(Envelope):
@@ -128,6 +143,25 @@ class MigrationStatus(WireModel):
     checks: tuple[PrepareCheck, ...] = ()
     error: ErrorInfo | None = None
     updated_at: datetime
+    # Warm and tbc, while the VM runs on the cloud cache (null for cold, and when the
+    # cache's heartbeat does not say): how far on-prem is behind the VM.
+    committed_epoch: StrictInt | None = Field(
+        default=None, ge=0, description="The last flush epoch committed on-prem (every disk)"
+    )
+    last_epoch_at: DateTime | None = Field(
+        default=None, description="When that epoch committed (the oldest of the VM's disks)"
+    )
+    rpo_lag_s: StrictFloat | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds since last_epoch_at: what a loss of the cloud now would lose, at most",
+    )
+    dirty_bytes: StrictInt | None = Field(
+        default=None, ge=0, description="Bytes written in the cloud not yet committed on-prem"
+    )
+    cache_bytes: StrictInt | None = Field(
+        default=None, ge=0, description="The VM's disks' use of the cloud cache"
+    )
 
 
 class SourceCloneResponse(Event):

@@ -125,6 +125,23 @@ _STATUS = MigrationStatus(
     updated_at=AT,
 )
 
+_IN_CLOUD = MigrationStatus(
+    migration_id="mig-77d0a4e1",
+    request_id="req-43",
+    vm_id="vm-0003",
+    vm_name="lnx-db-01",
+    migration_type=MigrationType.TBC,
+    state=MigrationState.RUNNING,
+    phase=Phase.IN_CLOUD,
+    progress_percent=0.0,
+    updated_at=AT,
+    committed_epoch=3,
+    last_epoch_at=datetime(2026, 11, 21, 9, 20, tzinfo=UTC),
+    rpo_lag_s=600.0,
+    dirty_bytes=734_003_200,
+    cache_bytes=3_221_225_472,
+)
+
 
 def _bodies() -> list[Envelope]:
     clone = SourceCloneRequestBody(
@@ -163,7 +180,12 @@ def _bodies() -> list[Envelope]:
         CancelRequest(body=CancelRequestBody(select=MigrationSelector(request_id="req-42"))),
         SetPolicyRequest(
             body=SetPolicyRequestBody(
-                cluster="cluster-a", max_concurrent_migrations=4, bandwidth_cap_mbps=300
+                cluster="cluster-a",
+                rto_rpo_interval_s=600,
+                rpo_dirty_bytes=10 * 2**30,
+                max_concurrent_migrations=4,
+                max_in_progress_per_cache_node=2,
+                bandwidth_cap_mbps=300,
             )
         ),
         ResetRequest(body=ResetRequestBody(confirm=True)),
@@ -177,7 +199,9 @@ def _bodies() -> list[Envelope]:
         SourceCloneResponse(body=_STATUS),
         StatusResponse(
             body=StatusResponseBody(
-                status=ReadyStatus.READY, migrations=(_STATUS,), migration_counts={"running": 1}
+                status=ReadyStatus.READY,
+                migrations=(_STATUS, _IN_CLOUD),
+                migration_counts={"running": 2},
             )
         ),
         CommandResponse(

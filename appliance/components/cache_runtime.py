@@ -227,12 +227,15 @@ class CacheRuntime:
         if self._cache is None:
             return {"runtime": "cache", "state": "starting"}
         status = self._cache.status()
+        ids = [disk.disk_id for disk in status.disks]
         return {
             "runtime": "cache",
             "address": str(self._cache.server.address),
             "exports": list(status.exports),
             "dirty_bytes": status.dirty_bytes,
             "cache_bytes": status.cache_bytes,
+            "cache_bytes_per_disk": {disk.disk_id: disk.cache_bytes for disk in status.disks},
+            "committed_age_s": {disk: self.cache.committed_age(disk) for disk in ids},
             "capacity_bytes": sum(disk.capacity_bytes for disk in status.disks),
             "open_epoch": {disk.disk_id: disk.open_epoch for disk in status.disks},
             "epochs_in_flight": {

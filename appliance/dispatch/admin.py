@@ -16,7 +16,6 @@ from appliance.state.events import EventLog
 from appliance.state.policy import Policies, Policy
 from appliance.state.store import StateStore
 from messages.commands import Command, ResetRequest, SetPolicyRequest, StatusRequest
-from messages.errors import ErrorCode
 from messages.events import (
     CommandResponse,
     CommandResponseBody,
@@ -53,10 +52,13 @@ class Admin:
         counts: Counts = _no_counts,
         reset_cleanup: ResetCleanup | None = None,
         clock: Clock | None = None,
+        policies: Policies | None = None,
+        on_policy_change: Callable[[], None] | None = None,
     ) -> None:
         self._appliance_id = appliance_id
         self._store = store
-        self._policies = Policies(store)
+        self._policies = policies or Policies(store)
+        self._on_policy_change = on_policy_change  # wakes the scheduler: new limits apply now
         self._health = health
         self._generation_file = generation_file
         self._status_page = status_page
@@ -81,7 +83,7 @@ class Admin:
             migrations=migrations,
             next_page_token=token,
             migration_counts=await self._counts(),
-            policy=(await self._policies.get()).as_dict(),
+            policy=(await self._policies.effective()).as_dict(),
         )
         return [
             StatusResponse(
@@ -91,22 +93,22 @@ class Admin:
 
     async def set_policy(self, command: Command) -> Sequence[Event]:
         assert isinstance(command, SetPolicyRequest)
-        if command.body.rto_rpo_interval_s is not None:
-            # Nothing acts on it before try-before-commit exists: refuse rather than store it.
-            raise CommandRejected(
-                "rto_rpo_interval_s is not implemented yet (it applies to try-before-commit "
-                "migrations, which are not available); nothing was changed",
-                ErrorCode.NOT_IMPLEMENTED,
-            )
+        body = command.body
         wanted = Policy(
-            max_concurrent_migrations=command.body.max_concurrent_migrations,
-            bandwidth_cap_mbps=command.body.bandwidth_cap_mbps,
+            rto_rpo_interval_s=body.rto_rpo_interval_s,
+            rpo_dirty_bytes=body.rpo_dirty_bytes,
+            max_concurrent_migrations=body.max_concurrent_migrations,
+            max_in_progress_per_cache_node=body.max_in_progress_per_cache_node,
+            max_resting_per_cache_node=body.max_resting_per_cache_node,
+            bandwidth_cap_mbps=body.bandwidth_cap_mbps,
         )
         if wanted == Policy():
             raise CommandRejected("SetPolicyRequest sets nothing: give at least one value")
-        policy = await self._policies.set(command.body.cluster, wanted)
-        detail = f"policy for {command.body.cluster or 'default'}: {policy.as_dict()}"
-        log.info("policy set", cluster=command.body.cluster, **policy.as_dict())
+        policy = await self._policies.set(body.cluster, wanted)
+        detail = f"policy for {body.cluster or 'default'}: {policy.as_dict()}"
+        log.info("policy set", cluster=body.cluster, **policy.as_dict())
+        if self._on_policy_change is not None:
+            self._on_policy_change()
         return [self._ack(command, detail)]
 
     async def reset(self, command: Command) -> Sequence[Event]:

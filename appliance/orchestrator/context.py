@@ -33,7 +33,6 @@ class CloudExports(Protocol):
 @dataclass(frozen=True, slots=True)
 class OrchestratorConfig:
     appliance_id: str
-    default_max_concurrent: int = 8
     lease_ttl_s: float = 15.0
     progress_interval_s: float = 2.0
     cancel_poll_s: float = 1.0

@@ -8,7 +8,6 @@ import binascii
 from appliance.errors import CommandRejected, Conflict, UnknownMigration, UnknownVm
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.record import load
-from appliance.orchestrator.reporting import status_of
 from appliance.orchestrator.requests import find_vm
 from appliance.orchestrator.resume import Resumes, resumable
 from appliance.orchestrator.scheduler import Scheduler, group_lease
@@ -101,9 +100,11 @@ class MigrationControl:
             ids = ids[: body.page_size]
         stored = await self._deps.migrations.get_many(ids)
         statuses = tuple(
-            status_of(load(s.record), s.cancel_requested)
-            for s in stored
-            if body.include_finished or Step(s.step) not in TERMINAL
+            [
+                await self._deps.reporter.status(load(s.record), s.cancel_requested)
+                for s in stored
+                if body.include_finished or Step(s.step) not in TERMINAL
+            ]
         )
         token = _token(offset + body.page_size) if more else None
         return statuses, token

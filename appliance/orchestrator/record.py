@@ -84,6 +84,11 @@ class MigrationRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     keep_for_resume: bool = False  # a rollback keeps the copied data and its checkpoints
     attempt: int = 0  # resumes after a failure that kept the data (SyncRequest)
+    cache_node: str | None = None
+    """Warm/tbc: the cloud cache instance (its component name, e.g. ``cache-1``) the VM's
+    disks are cached on: the per-node limits count against it, and its heartbeat's figures
+    give the VM's epoch, RPO lag, dirty bytes and cache use (orchestrator/limits.py,
+    orchestrator/figures.py)."""
     source_cluster: str | None = None  # per-cluster policies apply by these
     target_cluster: str | None = None
     reply_to: str | None = None  # of the SourceCloneRequest: where progress answers go

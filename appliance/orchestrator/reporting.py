@@ -7,6 +7,7 @@ from datetime import datetime
 from appliance.clock import Clock
 from appliance.errors import BusUnavailable
 from appliance.logs import get_logger
+from appliance.orchestrator.figures import CacheFigureReader, CacheFigures
 from appliance.orchestrator.record import MigrationRecord
 from appliance.orchestrator.states import Step, phase_of, public_state
 from appliance.sink import EventSink
@@ -25,8 +26,13 @@ def percent(record: MigrationRecord) -> float:
 
 
 def status_of(
-    record: MigrationRecord, cancel_requested: bool, queue_position: int | None = None
+    record: MigrationRecord,
+    cancel_requested: bool,
+    queue_position: int | None = None,
+    figures: CacheFigures | None = None,
 ) -> MigrationStatus:
+    """How a record looks to clients; ``figures``: its cache's, for a warm or tbc VM."""
+    cache = figures or CacheFigures()
     error = None
     if record.error_code is not None:
         error = ErrorInfo(code=record.error_code, message=(record.error_message or "")[:4096])
@@ -49,16 +55,45 @@ def status_of(
         checks=tuple(check.wire() for check in record.checks),
         error=error,
         updated_at=datetime.fromisoformat(record.updated_at),
+        committed_epoch=cache.committed_epoch,
+        last_epoch_at=cache.last_epoch_at,
+        rpo_lag_s=cache.rpo_lag_s,
+        dirty_bytes=cache.dirty_bytes,
+        cache_bytes=cache.cache_bytes,
     )
 
 
 class Reporter:
     """Publishes SourceCloneResponses; a bus outage never stops a migration."""
 
-    def __init__(self, appliance_id: str, sink: EventSink, clock: Clock) -> None:
+    def __init__(
+        self,
+        appliance_id: str,
+        sink: EventSink,
+        clock: Clock,
+        figures: CacheFigureReader | None = None,
+    ) -> None:
         self._appliance_id = appliance_id
         self._sink = sink
         self._clock = clock
+        self._figures = figures
+
+    async def status(
+        self, record: MigrationRecord, cancel_requested: bool, queue_position: int | None = None
+    ) -> MigrationStatus:
+        """:func:`status_of`, with the figures of the cache serving a warm or tbc VM."""
+        figures = await self._figures.read(record) if self._figures is not None else None
+        return status_of(record, cancel_requested, queue_position, figures)
+
+    async def answer(
+        self, record: MigrationRecord, cancel_requested: bool, correlation_id: str
+    ) -> SourceCloneResponse:
+        """:meth:`response` with the cache's figures (an answer to a command)."""
+        return SourceCloneResponse(
+            appliance_id=self._appliance_id,
+            correlation_id=correlation_id,
+            body=await self.status(record, cancel_requested),
+        )
 
     def response(
         self,
@@ -81,7 +116,11 @@ class Reporter:
         *,
         queue_position: int | None = None,
     ) -> None:
-        response = self.response(record, cancel_requested, queue_position=queue_position)
+        response = SourceCloneResponse(
+            appliance_id=self._appliance_id,
+            correlation_id=record.correlation_id,
+            body=await self.status(record, cancel_requested, queue_position),
+        )
         try:
             await self._sink.publish(response, record.reply_to)
         except BusUnavailable as error:

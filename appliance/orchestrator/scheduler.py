@@ -6,12 +6,13 @@ groups in admission order:
 
 * a group already admitted (some member past QUEUED) whose lease is free -
   its owner died or stopped - is taken over and resumed from its records;
-* queued groups are admitted in order while the number of running migrations
-  stays within the limit (policy, else the setting) and within the limit of
-  each cluster they touch that has a policy of its own (read on every tick,
-  see ``limits``); admission happens under
-  a short "admission" lease so two appliances never admit past the limit, and
-  an admitted group's members are moved to PREPARING before its run starts.
+* queued groups are admitted in order while they fit HDM's three limits (cold
+  in progress, warm/tbc in progress per cache node, VMs resting in the cloud
+  per cache node), each read from the policies on every tick (see ``limits``);
+  a group that does not fit waits, and so does every later one needing the
+  same limit. Admission happens under a short "admission" lease so two
+  appliances never admit past a limit, and an admitted group's members are
+  moved to PREPARING before its run starts.
 
 A group's run holds the group's lease (renewed by a LeaseKeeper, which
 cancels the run the moment renewal fails or a fenced write is refused); its
@@ -23,16 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from appliance.errors import FerryError, LeaseLost, TransientError
 from appliance.logs import get_logger
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.group import GroupRun
 from appliance.orchestrator.journal import Journal
-from appliance.orchestrator.limits import ClusterRoom
+from appliance.orchestrator.limits import Room
 from appliance.orchestrator.record import MigrationRecord, load
-from appliance.orchestrator.states import TERMINAL, Step
+from appliance.orchestrator.states import RESTING, TERMINAL, Step
 from appliance.state.leases import Lease, LeaseKeeper
 from appliance.state.migrations import GroupInfo, StoredMigration
 from appliance.waiting import first_of
@@ -43,6 +46,14 @@ PAUSED_RETRY_S = 10.0
 """Longest wait before a paused run (Redis away, a disk still held elsewhere) is retried."""
 LOST_HOLD_S = 2 * PAUSED_RETRY_S
 """How long a process leaves alone a group it lost: longer than the new owner's retries."""
+
+
+class Run(Protocol):
+    async def run(self) -> None: ...
+
+
+RunFactory = Callable[[Deps, Lease, GroupInfo, asyncio.Event], Run]
+"""Builds a group's run (``GroupRun``; tests hand in runs they hold at a gate)."""
 
 
 def group_lease(group_id: str) -> str:
@@ -72,12 +83,22 @@ class GroupView:
 
     @property
     def running_vms(self) -> int:
-        return sum(1 for step in self.steps if step is not Step.QUEUED and step not in TERMINAL)
+        """Members in progress: neither queued nor over, nor resting in the cloud (a resting
+        VM holds no slot; the limits count it on its cache node, see ``limits``)."""
+        return sum(
+            1
+            for step in self.steps
+            if step is not Step.QUEUED and step not in TERMINAL and step not in RESTING
+        )
 
 
 class Scheduler:
-    def __init__(self, deps: Deps) -> None:
+    def __init__(
+        self, deps: Deps, runs: RunFactory = GroupRun, resting: frozenset[Step] = RESTING
+    ) -> None:
         self._deps = deps
+        self._runs = runs
+        self._resting = resting  # the steps that rest in the cloud (orchestrator/states.py)
         self._running: dict[str, asyncio.Task[None]] = {}
         self._cancels: dict[str, asyncio.Event] = {}
         self._wake = asyncio.Event()
@@ -122,11 +143,10 @@ class Scheduler:
 
     async def tick(self) -> None:
         views = await self._views()
-        running = sum(view.running_vms for view in views)
         await self._resume_orphans(views)
         queued = [v for v in views if v.queued and v.info.group_id not in self._running]
         if queued:
-            await self._admit(queued, running, views)
+            await self._admit(queued, views)
 
     async def _views(self) -> list[GroupView]:
         migrations = self._deps.migrations
@@ -171,38 +191,29 @@ class Scheduler:
                 log.info("taking over group", group_id=view.info.group_id, token=lease.token)
                 self._start(view.info, lease)
 
-    async def _admit(self, queued: list[GroupView], running: int, views: list[GroupView]) -> None:
+    async def _admit(self, queued: list[GroupView], views: list[GroupView]) -> None:
         leases = self._deps.leases
         admission = await leases.acquire(ADMISSION)
         if admission is None:
             return  # another appliance is admitting right now
         try:
-            limit = await self._limit()
-            clusters = ClusterRoom(self._deps.policies, _running_records(views))
+            room = Room(self._deps.policies, _running_records(views), self._resting)
             for view in queued:
-                size = len(view.members)
-                if not view.cancel_requested and running and running + size > limit:
-                    break  # keep the order: later groups wait behind this one
                 members = [load(m.record) for m in view.members]
-                if not view.cancel_requested and not await clusters.fits(members):
-                    continue  # its cluster is full; other clusters' groups may go
+                if not view.cancel_requested and not await room.fits(members):
+                    continue  # a limit it needs is full: it waits, in order, on that limit
                 lease = await leases.acquire(group_lease(view.info.group_id))
                 if lease is None:
                     continue
                 if not view.cancel_requested:
                     await self._mark_admitted(view, lease)
-                    running += size
-                    clusters.take(members)
+                    room.take(members)
                 self._start(view.info, lease)
             await self._announce_positions(
                 [v for v in queued if v.info.group_id not in self._running]
             )
         finally:
             await leases.release(admission)
-
-    async def _limit(self) -> int:
-        policy = await self._deps.policies.get()
-        return policy.max_concurrent_migrations or self._deps.config.default_max_concurrent
 
     async def _mark_admitted(self, view: GroupView, lease: Lease) -> None:
         journal = Journal(self._deps, lease)
@@ -224,7 +235,7 @@ class Scheduler:
 
     def _start(self, info: GroupInfo, lease: Lease) -> None:
         cancel = self._cancels.setdefault(info.group_id, asyncio.Event())
-        run = GroupRun(self._deps, lease, info, cancel)
+        run = self._runs(self._deps, lease, info, cancel)
         keeper = LeaseKeeper(self._deps.leases, lease)
         task = asyncio.create_task(self._supervise(info, keeper, run, lease))
         self._running[info.group_id] = task
@@ -244,7 +255,7 @@ class Scheduler:
             log.warning("lost group not let go", group_id=group.group_id, error=str(error))
 
     async def _supervise(
-        self, info: GroupInfo, keeper: LeaseKeeper, run: GroupRun, lease: Lease
+        self, info: GroupInfo, keeper: LeaseKeeper, run: Run, lease: Lease
     ) -> None:
         group_id = info.group_id
         try:

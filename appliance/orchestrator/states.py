@@ -56,6 +56,11 @@ A cancel is still honoured before FINALIZING; from there on the group completes.
 
 TERMINAL: frozenset[Step] = frozenset({Step.COMPLETED, Step.FAILED, Step.CANCELLED})
 
+RESTING: frozenset[Step] = frozenset()
+"""Steps in which a warm or tbc VM rests in the cloud (*running in cloud*): it holds no
+migration slot, only a place on its cache node (orchestrator/limits.py). The warm and
+tbc machines name theirs here."""
+
 _ROLLBACK_FROM = frozenset(FORWARD[1:8])  # PREPARING .. POWERING_ON
 
 TRANSITIONS: dict[Step, frozenset[Step]] = {

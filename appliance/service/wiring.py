@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from appliance.clock import Clock
+from appliance.components.heartbeat import ComponentHealth
 from appliance.datapath.buffers import BufferBudget
 from appliance.datapath.checkpoint import CheckpointStore
 from appliance.datapath.chunks import MAX_DATA_RUN
@@ -20,6 +21,7 @@ from appliance.errors import CommandRejected
 from appliance.health import HealthBoard
 from appliance.orchestrator.context import Deps, OrchestratorConfig
 from appliance.orchestrator.control import MigrationControl
+from appliance.orchestrator.figures import CacheFigureReader
 from appliance.orchestrator.leftovers import ResetCleanup
 from appliance.orchestrator.reporting import Reporter, status_of
 from appliance.orchestrator.requests import CloneRequests
@@ -35,7 +37,7 @@ from appliance.state.checkpoints import RedisCheckpointStore
 from appliance.state.events import EventLog
 from appliance.state.leases import Lease, Leases
 from appliance.state.migrations import MigrationStore
-from appliance.state.policy import Policies
+from appliance.state.policy import Policies, PolicyDefaults
 from appliance.state.store import StateStore
 from messages.commands import (
     CancelRequest,
@@ -84,6 +86,17 @@ async def open_sites(data_dir: Path) -> dict[str, LabSite]:
     }
 
 
+def policy_defaults(settings: Settings) -> PolicyDefaults:
+    """What holds where no SetPolicyRequest said otherwise."""
+    return PolicyDefaults(
+        rto_rpo_interval_s=settings.rto_rpo_interval_s,
+        rpo_dirty_bytes=settings.cache_rpo_dirty_bytes,
+        max_concurrent_migrations=settings.max_concurrent_migrations,
+        max_in_progress_per_cache_node=settings.max_in_progress_per_cache_node,
+        max_resting_per_cache_node=settings.max_resting_per_cache_node,
+    )
+
+
 def build_deps(
     settings: Settings,
     store: StateStore,
@@ -95,7 +108,6 @@ def build_deps(
 ) -> Deps:
     config = OrchestratorConfig(
         appliance_id=settings.appliance_id,
-        default_max_concurrent=settings.max_concurrent_migrations,
         lease_ttl_s=settings.lease_ttl_s,
         progress_interval_s=settings.progress_interval_s,
         scheduler_tick_s=settings.scheduler_tick_s,
@@ -114,9 +126,14 @@ def build_deps(
         leases=Leases(
             store, f"{settings.appliance_id}/{uuid.uuid4().hex[:8]}", settings.lease_ttl_s
         ),
-        policies=Policies(store),
+        policies=Policies(store, policy_defaults(settings)),
         events=EventLog(store),
-        reporter=Reporter(settings.appliance_id, sink, clock),
+        reporter=Reporter(
+            settings.appliance_id,
+            sink,
+            clock,
+            CacheFigureReader(ComponentHealth(store, settings.component_timeout_s), clock),
+        ),
         sites=dict(sites),
         cloud=cloud,
         checkpoints=checkpoints,
@@ -189,6 +206,8 @@ def build_handlers(
         counts=control.counts,
         reset_cleanup=ResetCleanup(deps, scheduler.stop_all),
         clock=deps.clock,
+        policies=deps.policies,
+        on_policy_change=scheduler.wake,
     )
     return {
         "SourceInventoryRequest": answer_inventory,

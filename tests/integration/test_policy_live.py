@@ -1,5 +1,5 @@
-"""SetPolicyRequest takes effect: live bandwidth caps, per-cluster concurrency, and a refusal
-for what nothing acts on yet (the RTO/RPO interval). LocalStack + a real redis-server."""
+"""SetPolicyRequest takes effect: live bandwidth caps, per-cluster concurrency, the RTO/RPO
+interval and dirty-bytes threshold stored per cluster. LocalStack + a real redis-server."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from clients.client import FerryClient, FerryError
+from appliance.service.wiring import policy_defaults
+from appliance.state.keys import Keys
+from appliance.state.policy import Policies, RpoPolicy
+from appliance.state.store import StateStore, connect
+from clients.client import FerryClient
 from messages.commands import SetPolicyRequest, SetPolicyRequestBody
 from messages.common import MigrationState, Phase
-from messages.errors import ErrorCode
 from messages.events import CommandResponse, MigrationStatus
 from tests.integration.conftest import Harness, RunningAppliance
 from tests.integration.migration_helpers import Follower, clone_request, start_migration
@@ -109,20 +112,26 @@ def _first_not_queued(follower: Follower) -> MigrationStatus:
     return next(s for s in follower.history if s.state is not MigrationState.QUEUED)
 
 
-async def test_the_rto_rpo_interval_is_refused_as_not_implemented_and_nothing_is_stored(
+async def test_the_rto_rpo_interval_and_dirty_bytes_are_stored_per_cluster_and_read_back(
     harness: Harness, start_appliance: StartAppliance
 ) -> None:
+    """Each value a SetPolicyRequest gives is stored and read where it acts: the workflows'
+    read function gives a cluster's own, else the default policy's, else the settings'."""
     await build_lab(harness.data_dir, [])
-    running = await start_appliance(harness.settings())
+    running = await start_appliance(harness.settings(rto_rpo_interval_s=900))
     async with FerryClient(harness.client_settings()) as client:
-        with pytest.raises(FerryError) as refused:
-            await client.request(
-                SetPolicyRequest(
-                    body=SetPolicyRequestBody(rto_rpo_interval_s=600, bandwidth_cap_mbps=50)
-                )
-            )
+        await set_policy(client, cluster="lab", rto_rpo_interval_s=600, rpo_dirty_bytes=2 * 2**30)
+        await set_policy(client, rpo_dirty_bytes=5 * 2**30)
         policy = (await client.status()).body.policy
+    store = StateStore(connect(harness.redis_url), Keys(harness.prefix))
+    try:
+        policies = Policies(store, policy_defaults(running.settings))
+        assert await policies.rpo("lab") == RpoPolicy(600, 2 * 2**30)
+        assert await policies.rpo("other") == RpoPolicy(900, 5 * 2**30)  # setting, default
+        assert await policies.rpo("other", "lab") == RpoPolicy(600, 2 * 2**30)
+    finally:
+        await store.close()
     await running.shutdown()
-    assert refused.value.code is ErrorCode.NOT_IMPLEMENTED
-    assert "rto_rpo_interval_s" in str(refused.value)
-    assert policy["rto_rpo_interval_s"] is None and policy["bandwidth_cap_mbps"] is None
+    assert policy["rto_rpo_interval_s"] == 900 and policy["rpo_dirty_bytes"] == 5 * 2**30
+    assert policy["max_in_progress_per_cache_node"] == 4
+    assert policy["max_resting_per_cache_node"] == 20

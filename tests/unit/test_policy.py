@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from appliance.embedded import RedisServer
-from appliance.orchestrator.limits import ClusterRoom
+from appliance.orchestrator.limits import Room
 from appliance.orchestrator.record import MigrationRecord, TransferOptions
 from appliance.orchestrator.resume import chunk_indices
 from appliance.orchestrator.states import Step
@@ -72,15 +72,15 @@ async def test_a_cluster_limit_holds_that_cluster_in_order_and_lets_others_go(
 ) -> None:
     await policies.set("a", Policy(max_concurrent_migrations=2))
     await policies.set("big", Policy(max_concurrent_migrations=100))
-    room = ClusterRoom(policies, [_record(1, "a"), _record(2, "b", "big")])
+    room = Room(policies, [_record(1, "a"), _record(2, "b", "big")])
     assert not await room.fits([_record(3, "a"), _record(4, "a")])  # 1 + 2 > 2
     assert not await room.fits([_record(5, "a")])  # would fit, but waits behind the group
     assert await room.fits([_record(6, "b")])  # b has no limit of its own
     assert await room.fits([_record(7, "c", "big")])
     room.take([_record(7, "c", "big")])
-    fresh = ClusterRoom(policies, [_record(1, "a")])
+    fresh = Room(policies, [_record(1, "a")])
     assert await fresh.fits([_record(5, "a")])  # 1 + 1 <= 2
     fresh.take([_record(5, "a")])
     assert not await fresh.fits([_record(8, "a")])
     # A group alone may always start, however large, so it cannot wait forever.
-    assert await ClusterRoom(policies, []).fits([_record(n, "a") for n in range(9, 14)])
+    assert await Room(policies, []).fits([_record(n, "a") for n in range(9, 14)])

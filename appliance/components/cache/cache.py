@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +246,13 @@ class CloudCache:
 
     def token(self, disk_id: str) -> int:
         return self._tokens.get(disk_id, 0)
+
+    def committed_age(self, disk_id: str) -> float | None:
+        """Seconds since the disk's last commit on-prem (or since it opened with nothing
+        dirty); None: not known since this process began. A status response's RPO lag."""
+        opened = self._disks.get(disk_id)
+        since = opened.shipper.committed_mono if opened is not None else None
+        return None if since is None else round(time.monotonic() - since, 3)
 
     def status(self) -> CacheStatus:
         return CacheStatus(tuple(self._disk_status(o) for o in self._disks.values()))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -196,6 +197,11 @@ class EpochShipper:
         self.failed = asyncio.Event()
         """Set at each failed attempt (tests clear it)."""
         self.committed_event = asyncio.Event()
+        self.committed_mono: float | None = (
+            time.monotonic() if disk.store.dirty_slots == 0 else None
+        )
+        """When on-prem last held all the disk's content up to an epoch (its last commit,
+        or the open of a disk with nothing dirty); None: not known since this process began."""
         disk.on_cut = lambda epoch: self._wake.set()
 
     def start(self) -> None:
@@ -238,6 +244,7 @@ class EpochShipper:
                     await asyncio.sleep(self._settings.retry_delay_s)
                     continue
                 await self._disk.committed(epoch)
+                self.committed_mono = time.monotonic()
                 self._checkpoints.pop(epoch, None)
                 self.shipping = None
                 event, self.committed_event = self.committed_event, asyncio.Event()
