@@ -42,7 +42,8 @@
                 ├── OrderConflict       an order that contradicts the one the disk was opened with
                 ├── EpochOutOfOrder     an epoch staged or committed out of sequence
                 ├── EpochRejected       an epoch's manifest disagrees with what was staged
-                └── JournalCorrupt      an epoch journal is unreadable before its tail
+                ├── JournalCorrupt      an epoch journal is unreadable before its tail
+                └── ReconcileFailed     a cache's reconcile pass did not apply (code, reason)
 
 Errors carry typed fields and build their message from them. Catch by type,
 never by message text.
@@ -378,6 +379,19 @@ class JournalCorrupt(ComponentError):
         self.offset = offset
         self.reason = reason
         super().__init__(f"epoch journal {path} at byte {offset}: {reason}")
+
+
+class ReconcileFailed(ComponentError):
+    """A reconcile pass the cache refused or could not carry out (its outcome's code)."""
+
+    def __init__(self, disk_id: str, pass_no: int, outcome_code: str, reason: str) -> None:
+        self.disk_id = disk_id
+        self.pass_no = pass_no
+        self.outcome_code = outcome_code
+        self.reason = reason
+        super().__init__(
+            f"disk {disk_id}: reconcile pass {pass_no} not applied ({outcome_code}): {reason}"
+        )
 
 
 class TransferCancelled(DataPathError):

@@ -15,6 +15,9 @@
   Shipping and the on-prem commit follow in the background: the heartbeat's
   ``committed_epoch`` says when it is done.
 * ``close``: stops serving and shipping the disk (its cache stays on disk).
+* ``reconcile``: a reconcile pass to the volume ``params`` name (``pass``, ``volume``
+  and ``volume_export`` or ``volume_path``, optional ``workers``;
+  :mod:`appliance.components.reconciling`); ``result``: the pass's figures.
 
 Epochs go to the I/O manager through a
 :class:`~appliance.components.epochs.RedisEpochSink`; the staging exports are
@@ -44,6 +47,7 @@ from appliance.components.orders import (
     OrderOutcome,
     OutcomeCode,
 )
+from appliance.components.reconciling import parse_pass, parse_volume
 from appliance.components.runtimes import ComponentConfig
 from appliance.datapath.nbd.channel import TcpAddress
 from appliance.errors import DiskNotOpen, FerryError
@@ -184,11 +188,24 @@ class CacheRuntime:
         entry = self._state.disks.get(order.disk_id)
         if entry is None or order.disk_id not in self.cache.status().exports:
             raise DiskNotOpen(order.disk_id)
+        if order.action is OrderAction.RECONCILE:
+            return await self._reconcile(order)
         if order.epoch_request <= entry.cut_request:
             return OrderOutcome.applied(order, epoch=entry.cut_epoch)  # that cut was made
         epoch = await self.cache.cut_epoch(order.disk_id, order.token)
         await self._state.cut(order.disk_id, order.epoch_request, epoch)
         return OrderOutcome.applied(order, epoch=epoch)
+
+    async def _reconcile(self, order: Order) -> OrderOutcome:
+        wanted, volume = parse_pass(order.params), parse_volume(order.params)
+        if isinstance(wanted, str) or isinstance(volume, str):
+            reason = wanted if isinstance(wanted, str) else str(volume)
+            return OrderOutcome.refused(order, OutcomeCode.INVALID, reason)
+        pass_no, workers = wanted
+        done = await self.cache.reconcile(
+            order.disk_id, order.token, pass_no, volume, workers=workers
+        )
+        return OrderOutcome.applied(order, **done.as_result())
 
     async def _open(self, order: Order) -> OrderOutcome:
         previous = self._sinks.get(order.disk_id)

@@ -32,6 +32,12 @@ from typing import Self
 import structlog
 
 from appliance.components.cache.disk import CacheDisk
+from appliance.components.cache.reconcile import (
+    DEFAULT_WORKERS,
+    PassResult,
+    Reconciler,
+    VolumeTarget,
+)
 from appliance.components.cache.shipping import EpochShipper, EpochSink
 from appliance.components.cache.sizing import CacheSettings
 from appliance.components.cache.store import CacheStore
@@ -97,6 +103,7 @@ class _Open:
     disk: CacheDisk
     shipper: EpochShipper
     timer: asyncio.Task[None]
+    reconciler: Reconciler
 
 
 async def _cut_every(
@@ -191,6 +198,7 @@ class CloudCache:
             disk = CacheDisk(
                 order.disk_id, store, upstream, self._settings, upstream_map=upstream_map
             )
+            reconciler = await Reconciler.open(disk)  # before any commit: it keeps their chunks
             shipper = EpochShipper(
                 order.disk_id,
                 disk,
@@ -202,7 +210,7 @@ class CloudCache:
             timer = asyncio.create_task(
                 _cut_every(disk, lambda: self._interval, lambda: self._interval_changed)
             )
-            opened = _Open(order, disk, shipper, timer)
+            opened = _Open(order, disk, shipper, timer, reconciler)
             self._disks[order.disk_id] = opened
             opened.shipper.start()
             self.server.add_export(order.disk_id, disk)
@@ -215,6 +223,22 @@ class CloudCache:
             await self._accept(disk_id, token)
             opened = self._opened(disk_id)
         return await opened.disk.cut_epoch()
+
+    async def reconcile(
+        self,
+        disk_id: str,
+        token: int,
+        pass_no: int,
+        target: VolumeTarget,
+        *,
+        workers: int = DEFAULT_WORKERS,
+    ) -> PassResult:
+        """Reconcile pass ``pass_no``: what was written since the last pass's mark, to the
+        volume (``reconcile.py``); the same number again answers the same result."""
+        async with self._lock:
+            await self._accept(disk_id, token)
+            opened = self._opened(disk_id)
+        return await opened.reconciler.run_pass(pass_no, target, workers=workers)
 
     async def close_disk(self, disk_id: str, token: int) -> None:
         """Stop serving and shipping the disk; its cache stays on disk for a reopen."""
