@@ -1,10 +1,10 @@
 """A cloud volume for reconcile tests: a raw file the bulk copy filled, served over NBD.
 
-    async with served_volume(tmp_path / "volume.raw", snapshot) as volume:
-        volume.target          # VolumeTarget: what a reconcile order names
-        volume.backend.gate    # set to an Event: writes wait there (write_started is set)
-        volume.backend.writes  # (offset, length) of every write and zero that landed
-        volume.read()          # the file's bytes
+async with served_volume(tmp_path / "volume.raw", snapshot) as volume:
+    volume.target          # VolumeTarget: what a reconcile order names
+    volume.backend.gate    # set to an Event: writes wait there (write_started is set)
+    volume.backend.writes  # (offset, length) of every write and zero that landed
+    volume.read()          # the file's bytes
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from appliance.components.cache.reconcile import (
 from appliance.components.reconciling import compare_images
 from appliance.errors import DiskCorrupt, OrderConflict, StaleToken
 from appliance.storage.file import FileBackend
-from tests.support.cachelab import DISK, KiB, MiB, CacheLab, cache_lab, image_bytes
+from tests.support.cachelab import DISK, CacheLab, KiB, MiB, cache_lab, image_bytes
 from tests.support.volumes import served_volume
 
 SIZE = 4 * MiB + 12345
