@@ -115,9 +115,11 @@ class ServedVolume:
 
 
 @asynccontextmanager
-async def served_volume(path: Path, bulk_copy: bytes) -> AsyncIterator[ServedVolume]:
-    """``bulk_copy`` written sparse to ``path``, exported read-write as ``volume``."""
-    write_sparse(path, bulk_copy)
+async def served_volume(path: Path, bulk_copy: bytes | None) -> AsyncIterator[ServedVolume]:
+    """``bulk_copy`` written sparse to ``path`` (None: the file is there already, the bulk
+    copy made it), exported read-write as ``volume``."""
+    if bulk_copy is not None:
+        write_sparse(path, bulk_copy)
     inner = FileBackend.open(path)
     backend = GatedVolume(inner)
     server = NbdServer()
