@@ -69,8 +69,12 @@ async def test_passes_while_the_guest_writes_then_a_last_pass_make_the_volume_eq
         assert await lab.vm.read(0, SIZE) == model  # reads evict committed written chunks
         assert before - set(store.live), "some written chunks must be read back from on-prem"
 
+        cached = set(store.live)
         first = await lab.cache.reconcile(DISK, 1, 1, volume.target)
         assert (first.pass_no, first.chunks, first.bytes) == (1, len(before), chunk_bytes(before))
+        evicted = before - cached
+        assert first.fetched_bytes == chunk_bytes(evicted)  # read from on-prem...
+        assert set(store.live) == cached  # ...and not kept: the guest's cache is untouched
         assert first.remainder_chunks == first.remainder_bytes == 0 and not first.redone
         assert volume.backend.chunks_written(CHUNK) == before  # never an unwritten chunk
         assert volume.read() == model

@@ -60,7 +60,7 @@ from appliance.errors import DiskCorrupt, OrderConflict
 from appliance.storage.backend import Backend
 from appliance.storage.bitmap import write_atomically
 from appliance.storage.extents import Extent, merge
-from appliance.storage.file import FileBackend
+from appliance.storage.file import FileBackend, check_range, read_only_error
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +107,8 @@ class PassResult:
     """Bytes of the chunks copied (whole chunks, the disk's last one clipped)."""
     bytes_written: int
     """Data bytes sent to the volume (all-zero chunks go as zero requests)."""
+    fetched_bytes: int
+    """Bytes read from on-prem: written chunks committed and evicted from the cache since."""
     remainder_chunks: int
     remainder_bytes: int
     """Written since ``mark`` when the pass ended: what the next pass would copy."""
@@ -172,6 +174,79 @@ def decode_chunks(path: Path, data: bytes) -> set[int]:
     if _CRC.unpack(data[-_CRC.size :])[0] != zlib.crc32(body):
         raise DiskCorrupt(path, "chunk list fails its checksum")
     return {int.from_bytes(body[at : at + 8], "big") for at in range(0, len(body), 8)}
+
+
+class CacheImage:
+    """The cache's view of a disk, read-only, for a pass: a chunk in the cache is read from
+    its slot; one that is not (written, committed on-prem and evicted since) from on-prem's
+    current image, *without* keeping it: a pass neither evicts the guest's working set nor
+    journals anything. A write racing a read is the next pass's (it is after the mark)."""
+
+    def __init__(self, disk: CacheDisk) -> None:
+        self._disk = disk
+        self._store = disk.store
+        self._chunk = disk.store.geometry.chunk_size
+        self.fetched_bytes = 0
+        """Bytes read from on-prem (chunks no longer in the cache)."""
+
+    @property
+    def name(self) -> str:
+        return f"{self._disk.name}:image"
+
+    @property
+    def size(self) -> int:
+        return self._disk.size
+
+    @property
+    def readonly(self) -> bool:
+        return True
+
+    async def read(self, offset: int, length: int) -> bytes:
+        check_range(self.name, self.size, offset, length)
+        out = bytearray(length)
+        missing: list[tuple[int, int]] = []
+        pos, end = offset, offset + length
+        while pos < end:  # no await: a slot read here is the chunk's content right now
+            chunk, start = divmod(pos, self._chunk)
+            size = min(self._chunk - start, end - pos)
+            entry = self._store.live.get(chunk)
+            if entry is None:
+                missing.append((pos, size))
+            else:
+                out[pos - offset : pos - offset + size] = self._store.read_slot(
+                    entry.slot, start, size
+                )
+            pos += size
+        for at, size in merge_ranges(missing):
+            out[at - offset : at - offset + size] = await self._disk.upstream.read(at, size)
+            self.fetched_bytes += size
+        return bytes(out)
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        raise read_only_error(self.name)
+
+    async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
+        raise read_only_error(self.name)
+
+    async def flush(self) -> None:
+        return None
+
+    async def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        return await self._disk.extents(offset, length)
+
+    async def close(self) -> None:
+        return None
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent (offset, length) ranges joined (one upstream read for a run of chunks)."""
+    merged: list[tuple[int, int]] = []
+    for at, size in ranges:
+        if merged and sum(merged[-1]) == at:
+            merged[-1] = (merged[-1][0], merged[-1][1] + size)
+        else:
+            merged.append((at, size))
+    return merged
 
 
 class _Files:
@@ -337,6 +412,7 @@ class Reconciler:
     ) -> PassResult:
         started = time.monotonic()
         extents = self._extents(chunks)
+        image = CacheImage(self._disk)
         volume = await target.connect()
         try:
             if volume.size != self._disk.size:
@@ -344,7 +420,7 @@ class Reconciler:
                 raise OrderConflict(self._disk.name, reason)
             transfer = Transfer(
                 f"{self._disk.name}/reconcile-{state.pass_no}",
-                self._disk,
+                image,
                 volume,
                 extents=extents,
                 options=TransferOptions(
@@ -364,6 +440,7 @@ class Reconciler:
             chunks=len(chunks),
             bytes=sum(extent.length for extent in extents),
             bytes_written=copied.stats.bytes_written,
+            fetched_bytes=image.fetched_bytes,
             remainder_chunks=len(remainder),
             remainder_bytes=sum(extent.length for extent in self._extents(remainder)),
             redone=redone,
