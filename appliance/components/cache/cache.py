@@ -4,6 +4,7 @@
         export = await cache.open_disk(order)        # the VM's disk: cache.server.url(export)
         epoch = await cache.cut_epoch(disk_id, token) # ships and commits in the background
         await cache.wait_committed(disk_id, epoch)
+        result = await cache.reconcile(disk_id, token, pass_no, volume)  # reconcile.py
         cache.status()                                # CacheStatus: a frozen snapshot
 
 Data directory::
