@@ -36,6 +36,7 @@ from typing import Self
 
 from appliance.components.adapter_state import AdapterState
 from appliance.components.cache.cache import CacheDiskOrder, CloudCache
+from appliance.components.cache.reconcile import image_export
 from appliance.components.cache.sizing import CacheSettings, Profile
 from appliance.components.epochs import RedisEpochSink, parse_address
 from appliance.components.onprem import current_export
@@ -217,7 +218,12 @@ class CacheRuntime:
         await self._state.opened(order)
         if refused is not None and order.token >= refused:
             self._restart_shipping(order.disk_id)
-        return OrderOutcome.applied(order, address=str(self.cache.server.address), export=export)
+        return OrderOutcome.applied(
+            order,
+            address=str(self.cache.server.address),
+            export=export,
+            image=image_export(order.disk_id),
+        )
 
     def _restart_shipping(self, disk_id: str) -> None:
         """Shipping stopped at a stale token; the new owner's token (now the disk's) restarts

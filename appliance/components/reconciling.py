@@ -8,7 +8,7 @@ A warm migration's workflow calls these (no orchestrator import here)::
     run.passes[-1].remainder_bytes, run.converged, run.next_pass
     # cutover: power the cloud VM off, then the last pass, then the whole-image check
     last = await reconcile_pass(orders, disk, volume, run.next_pass)
-    check = await check_volume(cache_address, export, volume)   # before power on
+    check = await check_volume(cache_address, image, volume)    # before power on
     check.equal, check.first_difference
 
 The order (``action: reconcile``) and its outcome::
@@ -26,6 +26,7 @@ its record, so a resumed workflow continues the count.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,9 @@ from appliance.storage.backend import Backend
 
 log = get_logger(__name__)
 
-CHECK_CHUNK = 1 << 20
+CHECK_CHUNK = 64 << 10
+"""The cache's chunk: each block of the check is then wholly in the cache (hashed there) or
+wholly not (hashed on-prem, where it lies), so no data crosses the WAN link for it."""
 DEFAULT_PASS_TIMEOUT_S = 3600.0
 
 
@@ -217,16 +220,19 @@ async def compare_images(
     size = min(left.size, right.size)
     policy, clock = retry or RetryPolicy(), SystemClock()
     tables = (ChunkTable(size, chunk_size), ChunkTable(size, chunk_size))
-    for backend, table in zip((left, right), tables, strict=True):
-        await hash_image(
-            backend,
-            RangeHasher(backend),
-            table,
-            needed=lambda index: True,
-            workers=workers,
-            policy=policy,
-            clock=clock,
-        )
+    async with asyncio.TaskGroup() as group:  # both sides at once
+        for backend, table in zip((left, right), tables, strict=True):
+            group.create_task(
+                hash_image(
+                    backend,
+                    RangeHasher(backend),
+                    table,
+                    needed=lambda index: True,
+                    workers=workers,
+                    policy=policy,
+                    clock=clock,
+                )
+            )
     differs = first_difference(*tables)
     offset: int | None = None
     if differs is not None:
@@ -254,7 +260,12 @@ async def check_volume(
     chunk_size: int = CHECK_CHUNK,
     workers: int = DEFAULT_WORKERS,
 ) -> ImageComparison:
-    """The cutover's check: the cache export's whole image against the volume's."""
+    """The cutover's check: the cache's whole image of the disk against the volume's.
+
+    ``export``: the cache's ``image/<disk>`` export (``image`` in the open order's
+    result; ``reconcile.image_export``), which hashes what the cache holds in the cache and
+    asks on-prem for the rest; the VM's own export works too, but reads everything
+    through the cache (and keeps what it fetches)."""
     async with await NbdBackend.connect(cache, export, name=f"cache:{export}") as view:
         target = await volume.connect()
         try:

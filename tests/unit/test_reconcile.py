@@ -19,10 +19,13 @@ from appliance.components.cache.reconcile import (
     VolumeTarget,
     decode_chunks,
     encode_chunks,
+    image_export,
 )
 from appliance.components.reconciling import compare_images
+from appliance.datapath.nbd.backend import NbdBackend
 from appliance.errors import DiskCorrupt, OrderConflict, StaleToken
 from appliance.storage.file import FileBackend
+from appliance.storage.hashing import chunk_hash
 from tests.support.cachelab import DISK, CacheLab, KiB, MiB, cache_lab, image_bytes
 from tests.support.volumes import served_volume
 
@@ -219,6 +222,30 @@ def test_a_chunk_list_is_checked(tmp_path: Path) -> None:
         decode_chunks(tmp_path, bytes(damaged))
     with pytest.raises(DiskCorrupt, match="not a chunk list"):
         decode_chunks(tmp_path, data[:-3])
+
+
+@pytest.mark.parametrize("block", [4 * KiB, CHUNK, 1 * MiB, 8 * MiB])
+async def test_the_image_export_hashes_what_the_vm_sees(tmp_path: Path, block: int) -> None:
+    """Blocks wholly out of the cache are hashed on-prem (no data comes over), the others
+    in the cache; either way the hash of the bytes the VM reads, the unaligned tail too."""
+    content = image_bytes(SIZE, seed=9)
+    model = bytearray(content)
+    async with cache_lab(tmp_path, content) as lab:
+        await guest_writes(lab, model, random.Random(15), 20, set())
+        await committed(lab)
+        await lab.vm.read(0, 8 * CHUNK)  # some clean chunks in the cache too
+        store = lab.cache.disk(DISK).store
+        assert 0 < len(store.live) < SIZE // CHUNK
+        async with await NbdBackend.connect(lab.cache.server.address, image_export(DISK)) as image:
+            assert image.readonly and image.size == SIZE
+            fetched = lab.proxy.bytes_down
+            digests = await image.hash_blocks(0, SIZE, block)
+            starts = range(0, SIZE, block)
+            assert digests == [chunk_hash(model[at : at + block]) for at in starts]
+            if block <= CHUNK:  # every block wholly in the cache or wholly on-prem: only
+                assert lab.proxy.bytes_down - fetched < CHUNK  # digests came over the link
+            assert await image.read(0, SIZE) == model
+        assert await lab.vm.read(0, SIZE) == model
 
 
 @pytest.mark.parametrize("offset", [0, 4095, 1 << 20, SIZE - 1])

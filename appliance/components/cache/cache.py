@@ -35,9 +35,11 @@ import structlog
 from appliance.components.cache.disk import CacheDisk
 from appliance.components.cache.reconcile import (
     DEFAULT_WORKERS,
+    CacheImage,
     PassResult,
     Reconciler,
     VolumeTarget,
+    image_export,
 )
 from appliance.components.cache.shipping import EpochShipper, EpochSink
 from appliance.components.cache.sizing import CacheSettings
@@ -215,6 +217,7 @@ class CloudCache:
             self._disks[order.disk_id] = opened
             opened.shipper.start()
             self.server.add_export(order.disk_id, disk)
+            self.server.add_export(image_export(order.disk_id), CacheImage(disk), readonly=True)
             log.info("cache disk open", disk_id=order.disk_id, slots=slots)
             return order.disk_id
 
@@ -310,6 +313,7 @@ class CloudCache:
     async def _shut(self, disk_id: str) -> None:
         opened = self._disks.pop(disk_id)
         self.server.remove_export(disk_id)
+        self.server.remove_export(image_export(disk_id))
         opened.timer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await opened.timer

@@ -61,6 +61,7 @@ from appliance.storage.backend import Backend
 from appliance.storage.bitmap import write_atomically
 from appliance.storage.extents import Extent, merge
 from appliance.storage.file import FileBackend, check_range, read_only_error
+from appliance.storage.hashing import chunk_hash
 
 log = structlog.get_logger(__name__)
 
@@ -234,8 +235,43 @@ class CacheImage:
     async def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         return await self._disk.extents(offset, length)
 
+    async def hash_blocks(self, offset: int, length: int, block: int) -> list[bytes] | None:
+        """The hash of each ``block`` of a range: blocks with no chunk in the cache are
+        hashed by on-prem where they lie (no data crosses the WAN link), the others here."""
+        check_range(self.name, self.size, offset, length)
+        if block <= 0:
+            raise ValueError(f"block size must be positive, got {block}")
+        end = offset + length
+        starts = range(offset, end, block)
+        digests: list[bytes | None] = [None] * len(starts)
+        remote: list[list[int]] = []  # runs of adjacent blocks on-prem hashes
+        for index, at in enumerate(starts):  # no await: the map stays as it is
+            last = min(at + block, end) - 1
+            chunks = range(at // self._chunk, last // self._chunk + 1)
+            if any(c in self._store.live for c in chunks):
+                continue
+            if remote and remote[-1][-1] == index - 1:
+                remote[-1].append(index)
+            else:
+                remote.append([index])
+        for run in remote:
+            start = starts[run[0]]
+            stop = min(starts[run[-1]] + block, end)
+            found = await self._disk.upstream.hash_blocks(start, stop - start, block)
+            if found is not None:
+                digests[run[0] : run[-1] + 1] = found
+        for index, at in enumerate(starts):
+            if digests[index] is None:
+                digests[index] = chunk_hash(await self.read(at, min(block, end - at)))
+        return [digest for digest in digests if digest is not None]
+
     async def close(self) -> None:
         return None
+
+
+def image_export(disk_id: str) -> str:
+    """The cache's read-only export of a disk's :class:`CacheImage` (the cutover's check)."""
+    return f"image/{disk_id}"
 
 
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
