@@ -263,6 +263,7 @@ class CacheRuntime:
             },
             "committed_epoch": {disk.disk_id: disk.committed_epoch for disk in status.disks},
             "dirty_bytes_per_disk": {disk.disk_id: disk.dirty_bytes for disk in status.disks},
+            "reconcile_pass": {disk.disk_id: disk.reconcile_pass for disk in status.disks},
             "shipping_refused": {
                 disk: sink.refused[disk]
                 for disk, sink in self._sinks.items()

@@ -264,3 +264,5 @@ async def test_orders_once_each_and_fenced(
         assert len(warm.volume.backend.writes) == landed
         third = await reconcile_pass(orders, disk_b, target, 3)
         assert third.chunks > 0 and warm.volume.read() == await warm.expected()
+        # Where a workflow that lost count resumes: the heartbeat names the last pass.
+        await pair.wait(CACHE, lambda r: r.figures.get("reconcile_pass") == {DISK: 3})

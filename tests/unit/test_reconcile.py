@@ -140,6 +140,7 @@ async def test_the_same_pass_twice_is_one_pass_and_an_older_one_or_a_stale_token
         assert again == one  # the same answer; nothing copied
         assert volume_file.read_bytes() != model
 
+        assert lab.cache.status().disks[0].reconcile_pass == 1
         two = await lab.cache.reconcile(DISK, 2, 2, target)
         assert two.chunks == len(later) and volume_file.read_bytes() == model
         with pytest.raises(OrderConflict, match="pass 1 is behind pass 2"):

@@ -81,6 +81,8 @@ class DiskStatus:
     open_epoch: int
     epochs_in_flight: tuple[int, ...]
     committed_epoch: int
+    reconcile_pass: int = 0
+    """The last reconcile pass begun (0: none); giving it again is always safe."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +295,7 @@ class CloudCache:
             open_epoch=store.open_epoch,
             epochs_in_flight=tuple(sorted(store.held)),
             committed_epoch=store.committed,
+            reconcile_pass=opened.reconciler.last_pass,
         )
 
     def _opened(self, disk_id: str) -> _Open:

@@ -164,7 +164,8 @@ class _State:
 
 
 def encode_chunks(chunks: Iterable[int]) -> bytes:
-    body = b"".join(chunk.to_bytes(8, "big") for chunk in sorted(chunks))
+    ordered = sorted(chunks)
+    body = struct.pack(f">{len(ordered)}Q", *ordered)
     return MAGIC + body + _CRC.pack(zlib.crc32(body))
 
 
@@ -174,7 +175,7 @@ def decode_chunks(path: Path, data: bytes) -> set[int]:
         raise DiskCorrupt(path, "not a chunk list")
     if _CRC.unpack(data[-_CRC.size :])[0] != zlib.crc32(body):
         raise DiskCorrupt(path, "chunk list fails its checksum")
-    return {int.from_bytes(body[at : at + 8], "big") for at in range(0, len(body), 8)}
+    return set(struct.unpack(f">{len(body) // 8}Q", body))
 
 
 class CacheImage:
