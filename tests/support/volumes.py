@@ -89,6 +89,9 @@ class GatedVolume:
     async def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         return await self._inner.extents(offset, length)
 
+    async def hash_blocks(self, offset: int, length: int, block: int) -> list[bytes]:
+        return await self._inner.hash_blocks(offset, length, block)
+
     async def close(self) -> None:
         """Connections come and go; the file stays open until the volume is unserved."""
 
