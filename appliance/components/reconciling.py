@@ -50,6 +50,20 @@ log = get_logger(__name__)
 CHECK_CHUNK = 64 << 10
 """The cache's chunk: each block of the check is then wholly in the cache (hashed there) or
 wholly not (hashed on-prem, where it lies), so no data crosses the WAN link for it."""
+CHECK_MAX_CHUNKS = 1 << 20
+"""Above this many chunks (a 64 GiB disk), the check's chunks grow (powers of two) so its
+two hash tables stay under 20 MiB each."""
+
+
+def check_chunk_size(size: int, smallest: int = CHECK_CHUNK) -> int:
+    """The check's chunk for a disk of ``size`` bytes: ``smallest``, doubled while the disk
+    would have more than CHECK_MAX_CHUNKS of them."""
+    chunk = smallest
+    while -(-size // chunk) > CHECK_MAX_CHUNKS:
+        chunk *= 2
+    return chunk
+
+
 DEFAULT_PASS_TIMEOUT_S = 3600.0
 
 
@@ -211,13 +225,14 @@ async def compare_images(
     left: Backend,
     right: Backend,
     *,
-    chunk_size: int = CHECK_CHUNK,
+    chunk_size: int | None = None,
     workers: int = DEFAULT_WORKERS,
     retry: RetryPolicy | None = None,
 ) -> ImageComparison:
     """Hash every chunk of both (where the data lies when a side can: a Ferry NBD server
     hashes its own blocks) and name the first byte that differs."""
     size = min(left.size, right.size)
+    chunk_size = chunk_size or check_chunk_size(size)
     policy, clock = retry or RetryPolicy(), SystemClock()
     tables = (ChunkTable(size, chunk_size), ChunkTable(size, chunk_size))
     async with asyncio.TaskGroup() as group:  # both sides at once
@@ -257,7 +272,7 @@ async def check_volume(
     export: str,
     volume: VolumeTarget,
     *,
-    chunk_size: int = CHECK_CHUNK,
+    chunk_size: int | None = None,
     workers: int = DEFAULT_WORKERS,
 ) -> ImageComparison:
     """The cutover's check: the cache's whole image of the disk against the volume's.

@@ -21,7 +21,7 @@ from appliance.components.cache.reconcile import (
     encode_chunks,
     image_export,
 )
-from appliance.components.reconciling import compare_images
+from appliance.components.reconciling import check_chunk_size, compare_images
 from appliance.datapath.nbd.backend import NbdBackend
 from appliance.errors import DiskCorrupt, OrderConflict, StaleToken
 from appliance.storage.file import FileBackend
@@ -211,6 +211,13 @@ async def test_an_epoch_whose_chunks_were_not_kept_makes_the_pass_copy_all_writt
         second = await lab.cache.reconcile(DISK, 1, 2, volume.target)
         assert second.chunks == len(everything)  # more than needed, never less
         assert volume.read() == model
+
+
+def test_the_check_keeps_its_tables_small_on_large_disks() -> None:
+    assert check_chunk_size(SIZE) == CHUNK
+    assert check_chunk_size(64 << 30) == CHUNK
+    assert check_chunk_size((64 << 30) + 1) == 2 * CHUNK
+    assert check_chunk_size(1 << 40) == 1 << 20
 
 
 def test_a_chunk_list_is_checked(tmp_path: Path) -> None:
