@@ -36,7 +36,7 @@ from typing import Self
 
 from appliance.components.adapter_state import AdapterState
 from appliance.components.cache.cache import CacheDiskOrder, CloudCache
-from appliance.components.cache.reconcile import image_export
+from appliance.components.cache.image import image_export
 from appliance.components.cache.sizing import CacheSettings, Profile
 from appliance.components.epochs import RedisEpochSink, parse_address
 from appliance.components.onprem import current_export

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from appliance.components.cache.reconcile import image_export
+from appliance.components.cache.image import image_export
 from appliance.components.orders import (
     ComponentKeys,
     Order,

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from appliance.components.cache.image import image_export
 from appliance.components.cache.reconcile import (
     DIRECTORY,
     VolumeTarget,
     decode_chunks,
     encode_chunks,
-    image_export,
 )
 from appliance.components.reconciling import check_chunk_size, compare_images
 from appliance.datapath.nbd.backend import NbdBackend

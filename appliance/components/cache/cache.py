@@ -33,13 +33,12 @@ from typing import Self
 import structlog
 
 from appliance.components.cache.disk import CacheDisk
+from appliance.components.cache.image import CacheImage, image_export
 from appliance.components.cache.reconcile import (
     DEFAULT_WORKERS,
-    CacheImage,
     PassResult,
     Reconciler,
     VolumeTarget,
-    image_export,
 )
 from appliance.components.cache.shipping import EpochShipper, EpochSink
 from appliance.components.cache.sizing import CacheSettings
