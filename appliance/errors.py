@@ -9,7 +9,8 @@
     │   ├── ComponentSilent             a component did not answer an order in time
     │   ├── DiskInUse                   another process has the disk open (a previous owner)
     │   └── TransientDataPathError      a link dropped, a peer timed out
-    │       └── ConnectionDropped
+    │       ├── ConnectionDropped
+    │       └── ReconcileUnavailable    a reconcile pass failed for now (give the next one later)
     └── PermanentError                  reject, report, dead-letter; never retried
         ├── CommandRejected             a command that cannot be carried out (has an ErrorCode)
         │   ├── UnknownVm
@@ -123,6 +124,16 @@ class ConnectionDropped(TransientDataPathError):
         self.peer = peer
         self.cause = cause
         super().__init__(f"connection to {peer} dropped: {cause}")
+
+
+class ReconcileUnavailable(TransientDataPathError):
+    """A reconcile pass the cache could not make for now (the volume unreachable, ...)."""
+
+    def __init__(self, disk_id: str, pass_no: int, reason: str) -> None:
+        self.disk_id = disk_id
+        self.pass_no = pass_no
+        self.reason = reason
+        super().__init__(f"disk {disk_id}: reconcile pass {pass_no} failed for now: {reason}")
 
 
 class CommandRejected(PermanentError):

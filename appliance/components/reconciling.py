@@ -41,7 +41,7 @@ from appliance.datapath.imagecheck import RangeHasher, first_difference, hash_im
 from appliance.datapath.nbd.backend import NbdBackend
 from appliance.datapath.nbd.channel import NbdAddress, UnixAddress
 from appliance.datapath.retry import RetryPolicy
-from appliance.errors import ReconcileFailed
+from appliance.errors import ReconcileFailed, ReconcileUnavailable
 from appliance.logs import get_logger
 from appliance.storage.backend import Backend
 
@@ -157,9 +157,17 @@ async def reconcile_pass(
     workers: int | None = None,
     timeout_s: float = DEFAULT_PASS_TIMEOUT_S,
 ) -> PassResult:
-    """One pass, given to the cache and waited for; ReconcileFailed unless it applied."""
+    """One pass, given to the cache and waited for.
+
+    Raises ReconcileUnavailable when the cache could not make it for now (retry later
+    with the *next* number: the same order again would only find this outcome), and
+    ReconcileFailed when it refused it or failed for good; ``give_and_wait``'s own
+    errors pass through (LeaseLost, StaleToken, ComponentSilent, OrderRefused).
+    """
     order = reconcile_order(disk, volume, pass_no, workers)
     outcome = await orders.give_and_wait(order, timeout_s)
+    if outcome.kind is OutcomeKind.FAILED and outcome.retryable:
+        raise ReconcileUnavailable(disk.disk_id, pass_no, outcome.reason)
     if outcome.kind is not OutcomeKind.APPLIED:
         raise ReconcileFailed(disk.disk_id, pass_no, outcome.code.value, outcome.reason)
     return PassResult.from_result(dict(outcome.result))
@@ -178,23 +186,18 @@ async def reconcile_until(
     on_pass: Callable[[PassResult], None] | None = None,
 ) -> ReconcileRun:
     """Passes from ``first_pass`` until one leaves at most ``threshold`` bytes to copy, or
-    ``max_passes`` were made. A pass the cache could not make for now (``retryable``) is
-    followed by the next number, which copies what it would have copied too."""
+    ``max_passes`` were made. ``on_pass`` sees each pass as it is made (keep its number
+    + 1 in the workflow's record). Errors are :func:`reconcile_pass`'s: after a
+    ReconcileUnavailable, go on later from its ``pass_no + 1`` (that pass copies what
+    the failed one would have, too)."""
     if max_passes < 1 or threshold < 0:
         raise ValueError("max_passes is at least 1 and threshold at least 0")
     passes: list[PassResult] = []
     pass_no = first_pass
     for _ in range(max_passes):
-        try:
-            result = await reconcile_pass(
-                orders, disk, volume, pass_no, workers=workers, timeout_s=timeout_s
-            )
-        except ReconcileFailed as error:
-            if error.outcome_code != "unavailable":
-                raise
-            log.warning("reconcile pass failed for now", disk=disk.disk_id, error=str(error))
-            pass_no += 1
-            continue
+        result = await reconcile_pass(
+            orders, disk, volume, pass_no, workers=workers, timeout_s=timeout_s
+        )
         passes.append(result)
         pass_no += 1
         if on_pass is not None:

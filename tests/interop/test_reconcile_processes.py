@@ -19,9 +19,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
 from appliance.components.cache.image import image_export
+from appliance.components.cache.reconcile import VolumeTarget
 from appliance.components.orders import (
     ComponentKeys,
     Order,
@@ -37,7 +39,9 @@ from appliance.components.reconciling import (
     reconcile_until,
 )
 from appliance.datapath.nbd import NbdBackend, nbd_url
+from appliance.datapath.nbd.channel import TcpAddress
 from appliance.embedded import RedisServer, free_port
+from appliance.errors import ReconcileUnavailable
 from appliance.sites.lab.workload import GuestWorkload, WorkloadSpec, WriteLog, read_write_log
 from appliance.state.keys import Keys
 from appliance.state.leases import Leases
@@ -266,3 +270,29 @@ async def test_orders_once_each_and_fenced(
         assert third.chunks > 0 and warm.volume.read() == await warm.expected()
         # Where a workflow that lost count resumes: the heartbeat names the last pass.
         await pair.wait(CACHE, lambda r: r.figures.get("reconcile_pass") == {DISK: 3})
+
+
+async def test_an_unreachable_volume_fails_a_pass_for_now_and_the_next_makes_up_for_it(
+    redis: aioredis.Redis, redis_server: RedisServer, keys: Keys, tmp_path: Path
+) -> None:
+    async with warm_disk(redis_server, keys, tmp_path) as warm:
+        orders, target = warm.cached.pair.orders(CACHE), warm.volume.target
+        await warm.workload.run(count=20, flush_every=5)
+        first = await reconcile_pass(orders, warm.disk, target, 1)
+        before = warm.workload.stats().last_sequence
+        await warm.workload.run(count=15, flush_every=5)
+        await warm.workload.flush()
+        nowhere = VolumeTarget(TcpAddress("127.0.0.1", free_port()), "volume")
+        seen: list[int] = []
+        with pytest.raises(ReconcileUnavailable) as failed:
+            await reconcile_until(
+                orders, warm.disk, nowhere, 0, 3, first_pass=2, on_pass=lambda r: seen.append(1)
+            )
+        assert failed.value.pass_no == 2 and seen == []
+        warm.volume.backend.writes.clear()
+        run = await reconcile_until(orders, warm.disk, target, 0, 3, first_pass=3)
+        (third,) = run.passes
+        missed = await warm.chunks_written(before, warm.workload.stats().last_sequence)
+        assert third.chunks == len(missed) and first.chunks > 0
+        assert warm.volume.backend.chunks_written(CHUNK) == missed
+        assert warm.volume.read() == await warm.expected()
