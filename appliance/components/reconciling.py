@@ -6,17 +6,16 @@ A warm migration's workflow calls these (no orchestrator import here)::
     volume = VolumeTarget(address, export)           # as the cloud site exports the volume
     run = await reconcile_until(orders, disk, volume, threshold=64 << 20, max_passes=10)
     run.passes[-1].remainder_bytes, run.converged, run.next_pass
-    # cutover: power the cloud VM off, then the last pass, then the whole-image check
-    last = await reconcile_pass(orders, disk, volume, run.next_pass)
-    check = await check_volume(cache_address, image, volume)    # before power on
-    check.equal, check.first_difference
+    # cutover: power the cloud VM off, then the last pass and the whole-image check
+    done = await cutover_pass(orders, disk, volume, run.next_pass, cache=address, image=image)
+    done.last.chunks, done.check.left_digest   # CertificationFailed if the volume differs
 
 The order (``action: reconcile``) and its outcome::
 
     params  {"pass": n, "volume": "HOST:PORT" | "unix:/PATH", "volume_export": "...",
              "volume_path": "/PATH" (instead of volume/volume_export), "workers": 4}
-    result  {"pass", "mark", "chunks", "bytes", "bytes_written", "remainder_chunks",
-             "remainder_bytes", "redone", "seconds"}
+    result  {"pass", "mark", "chunks", "bytes", "bytes_written", "fetched_bytes",
+             "remainder_chunks", "remainder_bytes", "redone", "seconds"}
 
 ``pass`` counts passes like ``epoch_request`` counts cuts: the same number again
 answers the same result without copying; a number below the disk's last pass
@@ -41,7 +40,7 @@ from appliance.datapath.imagecheck import RangeHasher, first_difference, hash_im
 from appliance.datapath.nbd.backend import NbdBackend
 from appliance.datapath.nbd.channel import NbdAddress, UnixAddress
 from appliance.datapath.retry import RetryPolicy
-from appliance.errors import ReconcileFailed, ReconcileUnavailable
+from appliance.errors import CertificationFailed, ReconcileFailed, ReconcileUnavailable
 from appliance.logs import get_logger
 from appliance.storage.backend import Backend
 
@@ -298,3 +297,30 @@ async def check_volume(
         first_difference=comparison.first_difference,
     )
     return comparison
+
+
+@dataclass(frozen=True, slots=True)
+class Cutover:
+    last: PassResult
+    check: ImageComparison
+
+
+async def cutover_pass(
+    orders: ComponentOrders,
+    disk: ReconcileDisk,
+    volume: VolumeTarget,
+    pass_no: int,
+    *,
+    cache: NbdAddress,
+    image: str,
+    timeout_s: float = DEFAULT_PASS_TIMEOUT_S,
+) -> Cutover:
+    """The cutover's data part, with the cloud VM powered off: the last pass, then the
+    whole-image check of the cache's view (``image``) against the volume. Raises
+    CertificationFailed (the first differing byte) rather than let the VM power on over
+    a volume that differs; :func:`reconcile_pass`'s errors pass through."""
+    last = await reconcile_pass(orders, disk, volume, pass_no, timeout_s=timeout_s)
+    check = await check_volume(cache, image, volume)
+    if check.first_difference is not None:
+        raise CertificationFailed(check.first_difference, 1)
+    return Cutover(last, check)

@@ -34,6 +34,7 @@ from appliance.components.orders import (
 from appliance.components.reconciling import (
     ReconcileDisk,
     check_volume,
+    cutover_pass,
     reconcile_order,
     reconcile_pass,
     reconcile_until,
@@ -41,7 +42,7 @@ from appliance.components.reconciling import (
 from appliance.datapath.nbd import NbdBackend, nbd_url
 from appliance.datapath.nbd.channel import TcpAddress
 from appliance.embedded import RedisServer, free_port
-from appliance.errors import ReconcileUnavailable
+from appliance.errors import CertificationFailed, ReconcileUnavailable
 from appliance.sites.lab.workload import GuestWorkload, WorkloadSpec, WriteLog, read_write_log
 from appliance.state.keys import Keys
 from appliance.state.leases import Leases
@@ -165,11 +166,17 @@ async def test_passes_while_the_guest_writes_then_the_cutover_pass_and_checks(
         assert volume.chunks_written(CHUNK) == await warm.chunks_written(before, during)
 
         # Cutover: the cloud VM is off; the last pass; the whole-image check before power on.
-        last = await reconcile_pass(orders, warm.disk, warm.volume.target, second.next_pass)
-        assert (last.chunks, last.remainder_bytes) == (0, 0)
         image = image_export(DISK)  # the cache's view, hashed where each chunk lies
-        check = await check_volume(warm.cached.cache_address, image, warm.volume.target)
-        assert check.equal, check
+        cutover = await cutover_pass(
+            orders,
+            warm.disk,
+            warm.volume.target,
+            second.next_pass,
+            cache=warm.cached.cache_address,
+            image=image,
+        )
+        assert (cutover.last.chunks, cutover.last.remainder_bytes) == (0, 0)
+        assert cutover.check.equal and cutover.check.left_digest == cutover.check.right_digest
         expected = await warm.expected()
         assert warm.volume.read() == expected
         reference = tmp_path / "replay.raw"
@@ -184,6 +191,21 @@ async def test_passes_while_the_guest_writes_then_the_cutover_pass_and_checks(
         stale.write_bytes(warm.snapshot)
         code, output = await qemu_img_compare(warm.cached.url, stale)
         assert code == 1, output  # and qemu-img does see a difference where there is one
+
+        # A volume that differs (a byte changed behind the passes' back) fails the cutover,
+        # naming that byte.
+        spoiled = 3 * MIB + 12345
+        await warm.volume.backend.write(spoiled, bytes([expected[spoiled] ^ 0xFF]))
+        with pytest.raises(CertificationFailed) as differs:
+            await cutover_pass(
+                orders,
+                warm.disk,
+                warm.volume.target,
+                second.next_pass + 1,
+                cache=warm.cached.cache_address,
+                image=image,
+            )
+        assert differs.value.offset == spoiled
 
 
 async def test_sigkill_of_the_cache_mid_pass_redoes_the_pass_exactly(
