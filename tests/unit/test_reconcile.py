@@ -9,11 +9,14 @@ reads those back from on-prem through the cache.
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
+from appliance.components.cache import reconcile
 from appliance.components.cache.image import image_export
 from appliance.components.cache.reconcile import (
     DIRECTORY,
@@ -210,6 +213,38 @@ async def test_an_epoch_whose_chunks_were_not_kept_makes_the_pass_copy_all_writt
         record.unlink()  # as if writing it had failed
         second = await lab.cache.reconcile(DISK, 1, 2, volume.target)
         assert second.chunks == len(everything)  # more than needed, never less
+        assert volume.read() == model
+
+
+async def test_a_failure_to_keep_an_epochs_chunks_stops_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing an epoch's record fails (a full disk): the epoch still commits and ships go
+    on; the pass that needs the record copies every chunk written instead."""
+    content = image_bytes(SIZE, seed=10)
+    model = bytearray(content)
+    rng = random.Random(16)
+    async with (
+        cache_lab(tmp_path, content) as lab,
+        served_volume(tmp_path / "volume.raw", content) as volume,
+    ):
+        everything: set[int] = set()
+        await guest_writes(lab, model, rng, 10, everything)
+        await lab.cache.reconcile(DISK, 1, 1, volume.target)
+        save = reconcile._Files.save_chunks
+
+        def failing(files: reconcile._Files, path: Path, chunks: Iterable[int]) -> None:
+            if path.name.startswith("epoch-"):
+                raise OSError(errno.ENOSPC, "no space left on device")
+            save(files, path, chunks)
+
+        monkeypatch.setattr(reconcile._Files, "save_chunks", failing)
+        await guest_writes(lab, model, rng, 4, everything)
+        await committed(lab)  # committed all the same
+        await guest_writes(lab, model, rng, 2, everything)
+        await committed(lab)
+        second = await lab.cache.reconcile(DISK, 1, 2, volume.target)
+        assert second.chunks == len(everything)
         assert volume.read() == model
 
 

@@ -264,7 +264,7 @@ class Reconciler:
         chunks = set(self._disk.store.held.get(epoch, {}))
         try:
             await asyncio.to_thread(self._files.save_chunks, self._files.epoch(epoch), chunks)
-        except OSError as error:
+        except Exception as error:  # never stop the shipper: a pass copies more instead
             log.error("epoch's chunks not kept for reconcile", epoch=epoch, error=repr(error))
 
     async def run_pass(
