@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import Self
 
 from appliance.components.adapter_state import AdapterState
-from appliance.components.cache.cache import CacheDiskOrder, CloudCache
+from appliance.components.cache.cache import CacheDiskOrder, CacheStatus, CloudCache
 from appliance.components.cache.image import image_export
 from appliance.components.cache.sizing import CacheSettings, Profile
 from appliance.components.epochs import RedisEpochSink, parse_address
@@ -246,6 +246,21 @@ class CacheRuntime:
         if opened is not None and opened.shipper._checkpoints.pop(epoch, None) is not None:
             log.warning("epoch rejected on-prem: sending all of it again", disk_id=disk_id)
 
+    def _reconcile_progress(self, status: CacheStatus) -> dict[str, dict[str, object]]:
+        """Each disk's reconcile pass under way: bytes done of its total, rate, ETA."""
+        found: dict[str, dict[str, object]] = {}
+        for disk in status.disks:
+            progress = self.cache.reconcile_progress(disk.disk_id)
+            if progress is not None:
+                found[disk.disk_id] = {
+                    "pass": disk.reconcile_pass,
+                    "bytes_done": progress.bytes_done,
+                    "bytes_total": progress.bytes_total,
+                    "rate_bytes_per_s": round(progress.rate_bytes_per_s),
+                    "eta_s": progress.eta_s,
+                }
+        return found
+
     def status(self) -> Mapping[str, object]:
         if self._cache is None:
             return {"runtime": "cache", "state": "starting"}
@@ -264,6 +279,7 @@ class CacheRuntime:
             "committed_epoch": {disk.disk_id: disk.committed_epoch for disk in status.disks},
             "dirty_bytes_per_disk": {disk.disk_id: disk.dirty_bytes for disk in status.disks},
             "reconcile_pass": {disk.disk_id: disk.reconcile_pass for disk in status.disks},
+            "reconcile_progress": self._reconcile_progress(status),
             "shipping_refused": {
                 disk: sink.refused[disk]
                 for disk, sink in self._sinks.items()

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from appliance.components.cache.image import image_export
 from appliance.components.cache.reconcile import VolumeTarget
+from appliance.components.heartbeat import ComponentReport
 from appliance.components.orders import (
     ComponentKeys,
     Order,
@@ -139,6 +140,19 @@ async def test_passes_while_the_guest_writes_then_the_cutover_pass_and_checks(
         await volume.write_started.wait()
         await warm.workload.run(count=30, flush_every=5)
         during = warm.workload.stats().last_sequence
+        # The pass's progress, in the heartbeat, while it is held.
+        total = len(await warm.chunks_written(0, before)) * CHUNK
+
+        def progressing(report: ComponentReport) -> bool:
+            progress = report.figures.get("reconcile_progress", {})
+            found = progress.get(DISK) if isinstance(progress, dict) else None
+            return isinstance(found, dict) and found["pass"] == 1 and found["bytes_total"] > 0
+
+        held = await warm.cached.pair.wait(CACHE, progressing)
+        progress = held.figures["reconcile_progress"]
+        assert isinstance(progress, dict)
+        assert progress[DISK]["bytes_total"] == total  # no chunk is the disk's clipped last
+        assert progress[DISK]["bytes_done"] < total
         gate.set()
         first = await first_run
         assert not first.converged and first.next_pass == 2

@@ -46,6 +46,7 @@ from appliance.components.cache.store import CacheStore
 from appliance.components.cache.upstream import Upstream
 from appliance.datapath.nbd.channel import NbdAddress
 from appliance.datapath.nbd.server import NbdServer
+from appliance.datapath.progress import TransferProgress
 from appliance.datapath.throttle import TokenBucket
 from appliance.errors import Conflict, StaleToken, UnsafeName
 from appliance.storage.bitmap import write_atomically
@@ -271,6 +272,10 @@ class CloudCache:
     def written_chunks(self, disk_id: str) -> list[int]:
         """Every chunk written since the migration began (what reconcile applies)."""
         return self._opened(disk_id).disk.store.written_chunks()
+
+    def reconcile_progress(self, disk_id: str) -> TransferProgress | None:
+        """The progress of the disk's reconcile pass under way (None: none is)."""
+        return self._opened(disk_id).reconciler.progress
 
     def token(self, disk_id: str) -> int:
         return self._tokens.get(disk_id, 0)

@@ -55,6 +55,7 @@ from appliance.components.cache.disk import CacheDisk
 from appliance.components.cache.image import CacheImage
 from appliance.datapath.nbd.backend import NbdBackend
 from appliance.datapath.nbd.channel import NbdAddress
+from appliance.datapath.progress import TransferProgress
 from appliance.datapath.throttle import TokenBucket
 from appliance.datapath.transfer import Transfer, TransferOptions
 from appliance.errors import DiskCorrupt, OrderConflict
@@ -239,6 +240,8 @@ class Reconciler:
         self._record_after: int | None = state.mark if state is not None else None
         """Committed epochs after this one have their chunk sets recorded (None: none)."""
         self._lock = asyncio.Lock()
+        self.progress: TransferProgress | None = None
+        """The pass under way: its latest progress (every second); None between passes."""
 
     @classmethod
     async def open(cls, disk: CacheDisk) -> Reconciler:
@@ -358,9 +361,11 @@ class Reconciler:
                     whole_image_check=False,
                 ),
                 bandwidth=TokenBucket(),  # cloud-local: not the WAN link's cap
+                progress=self._progressed,
             )
             copied = await transfer.run()
         finally:
+            self.progress = None
             await volume.close()
         remainder = await self._written_after(state.mark)
         result = PassResult(
@@ -380,6 +385,9 @@ class Reconciler:
         self._state = done
         log.info("reconcile pass done", disk=self._disk.name, **result.as_result())
         return result
+
+    def _progressed(self, progress: TransferProgress) -> None:
+        self.progress = progress
 
     def _extents(self, chunks: Iterable[int]) -> list[Extent]:
         size, chunk_size = self._disk.size, self._disk.store.geometry.chunk_size
