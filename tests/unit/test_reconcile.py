@@ -24,8 +24,15 @@ from appliance.components.cache.reconcile import (
     decode_chunks,
     encode_chunks,
 )
-from appliance.components.reconciling import check_chunk_size, compare_images
+from appliance.components.reconciling import (
+    check_chunk_size,
+    compare_images,
+    parse_pass,
+    parse_volume,
+    volume_params,
+)
 from appliance.datapath.nbd.backend import NbdBackend
+from appliance.datapath.nbd.channel import TcpAddress, UnixAddress
 from appliance.errors import DiskCorrupt, OrderConflict, StaleToken
 from appliance.storage.file import FileBackend
 from appliance.storage.hashing import chunk_hash
@@ -311,3 +318,19 @@ async def test_the_image_check_names_the_first_byte_that_differs(
     finally:
         await left.close()
         await right.close()
+
+
+def test_a_reconcile_orders_params_name_a_volume_and_a_pass() -> None:
+    tcp = parse_volume({"volume": "10.0.0.9:10809", "volume_export": "vm1_ARM"})
+    assert tcp == VolumeTarget(TcpAddress("10.0.0.9", 10809), "vm1_ARM")
+    unix = parse_volume({"volume": "unix:/run/vol.sock", "volume_export": "v"})
+    assert unix == VolumeTarget(UnixAddress(Path("/run/vol.sock")), "v")
+    assert parse_volume({"volume_path": "/vol/a.raw"}) == VolumeTarget(path=Path("/vol/a.raw"))
+    for target in (tcp, unix, VolumeTarget(path=Path("/vol/a.raw"))):
+        assert isinstance(target, VolumeTarget)
+        assert parse_volume(volume_params(target)) == target  # what the control plane sends
+    for bad in ({}, {"volume": "nowhere"}, {"volume": 5}, {"volume": "h:1", "volume_path": "/x"}):
+        assert isinstance(parse_volume(bad), str)
+    assert parse_pass({"pass": 3}) == (3, 4) and parse_pass({"pass": 1, "workers": 2}) == (1, 2)
+    for bad_pass in ({}, {"pass": 0}, {"pass": True}, {"pass": "1"}, {"pass": 1, "workers": 65}):
+        assert isinstance(parse_pass(bad_pass), str)
