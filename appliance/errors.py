@@ -10,7 +10,8 @@
     │   ├── DiskInUse                   another process has the disk open (a previous owner)
     │   ├── PackageStoreUnavailable     a package's directory or S3 bucket cannot be reached now
     │   └── TransientDataPathError      a link dropped, a peer timed out
-    │       └── ConnectionDropped
+    │       ├── ConnectionDropped
+    │       └── ReconcileUnavailable    a reconcile pass failed for now (give the next one later)
     └── PermanentError                  reject, report, dead-letter; never retried
         ├── CommandRejected             a command that cannot be carried out (has an ErrorCode)
         │   ├── UnknownVm
@@ -52,7 +53,8 @@
                 ├── OrderConflict       an order that contradicts the one the disk was opened with
                 ├── EpochOutOfOrder     an epoch staged or committed out of sequence
                 ├── EpochRejected       an epoch's manifest disagrees with what was staged
-                └── JournalCorrupt      an epoch journal is unreadable before its tail
+                ├── JournalCorrupt      an epoch journal is unreadable before its tail
+                └── ReconcileFailed     a cache's reconcile pass did not apply (code, reason)
 
 Errors carry typed fields and build their message from them. Catch by type,
 never by message text.
@@ -132,6 +134,16 @@ class ConnectionDropped(TransientDataPathError):
         self.peer = peer
         self.cause = cause
         super().__init__(f"connection to {peer} dropped: {cause}")
+
+
+class ReconcileUnavailable(TransientDataPathError):
+    """A reconcile pass the cache could not make for now (the volume unreachable, ...)."""
+
+    def __init__(self, disk_id: str, pass_no: int, reason: str) -> None:
+        self.disk_id = disk_id
+        self.pass_no = pass_no
+        self.reason = reason
+        super().__init__(f"disk {disk_id}: reconcile pass {pass_no} failed for now: {reason}")
 
 
 class CommandRejected(PermanentError):
@@ -388,6 +400,19 @@ class JournalCorrupt(ComponentError):
         self.offset = offset
         self.reason = reason
         super().__init__(f"epoch journal {path} at byte {offset}: {reason}")
+
+
+class ReconcileFailed(ComponentError):
+    """A reconcile pass the cache refused or could not carry out (its outcome's code)."""
+
+    def __init__(self, disk_id: str, pass_no: int, outcome_code: str, reason: str) -> None:
+        self.disk_id = disk_id
+        self.pass_no = pass_no
+        self.outcome_code = outcome_code
+        self.reason = reason
+        super().__init__(
+            f"disk {disk_id}: reconcile pass {pass_no} not applied ({outcome_code}): {reason}"
+        )
 
 
 class TransferCancelled(DataPathError):

@@ -15,6 +15,9 @@
   Shipping and the on-prem commit follow in the background: the heartbeat's
   ``committed_epoch`` says when it is done.
 * ``close``: stops serving and shipping the disk (its cache stays on disk).
+* ``reconcile``: a reconcile pass to the volume ``params`` name (``pass``, ``volume``
+  and ``volume_export`` or ``volume_path``, optional ``workers``;
+  :mod:`appliance.components.reconciling`); ``result``: the pass's figures.
 
 Epochs go to the I/O manager through a
 :class:`~appliance.components.epochs.RedisEpochSink`; the staging exports are
@@ -32,7 +35,8 @@ from types import TracebackType
 from typing import Self
 
 from appliance.components.adapter_state import AdapterState
-from appliance.components.cache.cache import CacheDiskOrder, CloudCache
+from appliance.components.cache.cache import CacheDiskOrder, CacheStatus, CloudCache
+from appliance.components.cache.image import image_export
 from appliance.components.cache.sizing import CacheSettings, Profile
 from appliance.components.epochs import RedisEpochSink, parse_address
 from appliance.components.onprem import current_export
@@ -44,6 +48,7 @@ from appliance.components.orders import (
     OrderOutcome,
     OutcomeCode,
 )
+from appliance.components.reconciling import parse_pass, parse_volume
 from appliance.components.runtimes import ComponentConfig
 from appliance.datapath.nbd.channel import TcpAddress
 from appliance.errors import DiskNotOpen, FerryError
@@ -184,11 +189,24 @@ class CacheRuntime:
         entry = self._state.disks.get(order.disk_id)
         if entry is None or order.disk_id not in self.cache.status().exports:
             raise DiskNotOpen(order.disk_id)
+        if order.action is OrderAction.RECONCILE:
+            return await self._reconcile(order)
         if order.epoch_request <= entry.cut_request:
             return OrderOutcome.applied(order, epoch=entry.cut_epoch)  # that cut was made
         epoch = await self.cache.cut_epoch(order.disk_id, order.token)
         await self._state.cut(order.disk_id, order.epoch_request, epoch)
         return OrderOutcome.applied(order, epoch=epoch)
+
+    async def _reconcile(self, order: Order) -> OrderOutcome:
+        wanted, volume = parse_pass(order.params), parse_volume(order.params)
+        if isinstance(wanted, str) or isinstance(volume, str):
+            reason = wanted if isinstance(wanted, str) else str(volume)
+            return OrderOutcome.refused(order, OutcomeCode.INVALID, reason)
+        pass_no, workers = wanted
+        done = await self.cache.reconcile(
+            order.disk_id, order.token, pass_no, volume, workers=workers
+        )
+        return OrderOutcome.applied(order, **done.as_result())
 
     async def _open(self, order: Order) -> OrderOutcome:
         previous = self._sinks.get(order.disk_id)
@@ -200,7 +218,12 @@ class CacheRuntime:
         await self._state.opened(order)
         if refused is not None and order.token >= refused:
             self._restart_shipping(order.disk_id)
-        return OrderOutcome.applied(order, address=str(self.cache.server.address), export=export)
+        return OrderOutcome.applied(
+            order,
+            address=str(self.cache.server.address),
+            export=export,
+            image=image_export(order.disk_id),
+        )
 
     def _restart_shipping(self, disk_id: str) -> None:
         """Shipping stopped at a stale token; the new owner's token (now the disk's) restarts
@@ -223,6 +246,21 @@ class CacheRuntime:
         if opened is not None and opened.shipper._checkpoints.pop(epoch, None) is not None:
             log.warning("epoch rejected on-prem: sending all of it again", disk_id=disk_id)
 
+    def _reconcile_progress(self, status: CacheStatus) -> dict[str, dict[str, object]]:
+        """Each disk's reconcile pass under way: bytes done of its total, rate, ETA."""
+        found: dict[str, dict[str, object]] = {}
+        for disk in status.disks:
+            progress = self.cache.reconcile_progress(disk.disk_id)
+            if progress is not None:
+                found[disk.disk_id] = {
+                    "pass": disk.reconcile_pass,
+                    "bytes_done": progress.bytes_done,
+                    "bytes_total": progress.bytes_total,
+                    "rate_bytes_per_s": round(progress.rate_bytes_per_s),
+                    "eta_s": progress.eta_s,
+                }
+        return found
+
     def status(self) -> Mapping[str, object]:
         if self._cache is None:
             return {"runtime": "cache", "state": "starting"}
@@ -243,6 +281,8 @@ class CacheRuntime:
             },
             "committed_epoch": {disk.disk_id: disk.committed_epoch for disk in status.disks},
             "dirty_bytes_per_disk": {disk.disk_id: disk.dirty_bytes for disk in status.disks},
+            "reconcile_pass": {disk.disk_id: disk.reconcile_pass for disk in status.disks},
+            "reconcile_progress": self._reconcile_progress(status),
             "shipping_refused": {
                 disk: sink.refused[disk]
                 for disk, sink in self._sinks.items()

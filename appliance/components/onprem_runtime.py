@@ -136,8 +136,8 @@ class OnpremRuntime:
 
     async def apply(self, order: Order) -> OrderOutcome:
         await self._ready()
-        if order.action is OrderAction.CUT_EPOCH:
-            reason = "the on-prem I/O manager does not cut epochs: give cut_epoch to the cache"
+        if order.action in (OrderAction.CUT_EPOCH, OrderAction.RECONCILE):
+            reason = f"the on-prem I/O manager does not {order.action.value}: the cache does"
             return OrderOutcome.refused(order, OutcomeCode.INVALID, reason)
         if order.action is OrderAction.CLOSE:
             await self.manager.close_disk(order.disk_id, order.token)

@@ -104,6 +104,9 @@ class OrderAction(StrEnum):
     OPEN = "open"
     CLOSE = "close"
     CUT_EPOCH = "cut_epoch"
+    RECONCILE = "reconcile"
+    """A cache's reconcile pass to a volume: ``params.pass`` counts them like
+    ``epoch_request`` counts cuts (cache_runtime.py)."""
 
 
 class OutcomeKind(StrEnum):

@@ -4,6 +4,7 @@
         export = await cache.open_disk(order)        # the VM's disk: cache.server.url(export)
         epoch = await cache.cut_epoch(disk_id, token) # ships and commits in the background
         await cache.wait_committed(disk_id, epoch)
+        result = await cache.reconcile(disk_id, token, pass_no, volume)  # reconcile.py
         cache.status()                                # CacheStatus: a frozen snapshot
 
 Data directory::
@@ -33,12 +34,20 @@ from typing import Self
 import structlog
 
 from appliance.components.cache.disk import CacheDisk
+from appliance.components.cache.image import CacheImage, image_export
+from appliance.components.cache.reconcile import (
+    DEFAULT_WORKERS,
+    PassResult,
+    Reconciler,
+    VolumeTarget,
+)
 from appliance.components.cache.shipping import EpochShipper, EpochSink
 from appliance.components.cache.sizing import CacheSettings
 from appliance.components.cache.store import CacheStore
 from appliance.components.cache.upstream import Upstream
 from appliance.datapath.nbd.channel import NbdAddress
 from appliance.datapath.nbd.server import NbdServer
+from appliance.datapath.progress import TransferProgress
 from appliance.datapath.throttle import TokenBucket
 from appliance.errors import Conflict, StaleToken, UnsafeName
 from appliance.storage.bitmap import write_atomically
@@ -73,6 +82,8 @@ class DiskStatus:
     open_epoch: int
     epochs_in_flight: tuple[int, ...]
     committed_epoch: int
+    reconcile_pass: int = 0
+    """The last reconcile pass begun (0: none); giving it again is always safe."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +109,7 @@ class _Open:
     disk: CacheDisk
     shipper: EpochShipper
     timer: asyncio.Task[None]
+    reconciler: Reconciler
 
 
 async def _cut_every(
@@ -192,6 +204,7 @@ class CloudCache:
             disk = CacheDisk(
                 order.disk_id, store, upstream, self._settings, upstream_map=upstream_map
             )
+            reconciler = await Reconciler.open(disk)  # before any commit: it keeps their chunks
             shipper = EpochShipper(
                 order.disk_id,
                 disk,
@@ -203,10 +216,11 @@ class CloudCache:
             timer = asyncio.create_task(
                 _cut_every(disk, lambda: self._interval, lambda: self._interval_changed)
             )
-            opened = _Open(order, disk, shipper, timer)
+            opened = _Open(order, disk, shipper, timer, reconciler)
             self._disks[order.disk_id] = opened
             opened.shipper.start()
             self.server.add_export(order.disk_id, disk)
+            self.server.add_export(image_export(order.disk_id), CacheImage(disk), readonly=True)
             log.info("cache disk open", disk_id=order.disk_id, slots=slots)
             return order.disk_id
 
@@ -216,6 +230,22 @@ class CloudCache:
             await self._accept(disk_id, token)
             opened = self._opened(disk_id)
         return await opened.disk.cut_epoch()
+
+    async def reconcile(
+        self,
+        disk_id: str,
+        token: int,
+        pass_no: int,
+        target: VolumeTarget,
+        *,
+        workers: int = DEFAULT_WORKERS,
+    ) -> PassResult:
+        """Reconcile pass ``pass_no``: what was written since the last pass's mark, to the
+        volume (``reconcile.py``); the same number again answers the same result."""
+        async with self._lock:
+            await self._accept(disk_id, token)
+            opened = self._opened(disk_id)
+        return await opened.reconciler.run_pass(pass_no, target, workers=workers)
 
     async def close_disk(self, disk_id: str, token: int) -> None:
         """Stop serving and shipping the disk; its cache stays on disk for a reopen."""
@@ -243,6 +273,10 @@ class CloudCache:
     def written_chunks(self, disk_id: str) -> list[int]:
         """Every chunk written since the migration began (what reconcile applies)."""
         return self._opened(disk_id).disk.store.written_chunks()
+
+    def reconcile_progress(self, disk_id: str) -> TransferProgress | None:
+        """The progress of the disk's reconcile pass under way (None: none is)."""
+        return self._opened(disk_id).reconciler.progress
 
     def token(self, disk_id: str) -> int:
         return self._tokens.get(disk_id, 0)
@@ -273,6 +307,7 @@ class CloudCache:
             open_epoch=store.open_epoch,
             epochs_in_flight=tuple(sorted(store.held)),
             committed_epoch=store.committed,
+            reconcile_pass=opened.reconciler.last_pass,
         )
 
     def _opened(self, disk_id: str) -> _Open:
@@ -293,6 +328,7 @@ class CloudCache:
     async def _shut(self, disk_id: str) -> None:
         opened = self._disks.pop(disk_id)
         self.server.remove_export(disk_id)
+        self.server.remove_export(image_export(disk_id))
         opened.timer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await opened.timer

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +93,8 @@ class CacheDisk:
         self._background: set[asyncio.Task[int]] = set()
         self._closed = False
         self.on_cut: Callable[[int], None] = lambda epoch: None
+        self.before_commit: Callable[[int], Awaitable[None]] | None = None
+        """Awaited before an epoch's commit is recorded (reconcile keeps its chunk set)."""
         self.epochs_in_flight: Callable[[], int] = lambda: len(store.held)
         self.writers_waiting = 0
         self.writer_blocked = asyncio.Event()
@@ -447,6 +449,8 @@ class CacheDisk:
 
     async def committed(self, epoch: int) -> None:
         """On-prem committed ``epoch``: its chunks are clean now (durably), room is freed."""
+        if self.before_commit is not None:
+            await self.before_commit(epoch)
         self.store.commit(epoch)
         await self.store.sync()
         self.room_freed()

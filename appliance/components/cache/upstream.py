@@ -67,6 +67,10 @@ class Upstream:
 
         return await self._retrying(once)
 
+    async def hash_blocks(self, offset: int, length: int, block: int) -> list[bytes] | None:
+        """On-prem's hash of each ``block`` of a range, computed there (None: it cannot)."""
+        return await self._retrying(lambda backend: backend.hash_blocks(offset, length, block))
+
     async def extents(self) -> list[Extent]:
         return await self._retrying(lambda backend: backend.extents(0, backend.size))
 
