@@ -91,6 +91,10 @@ class Phase(StrEnum):
     CREATE_TARGET = "create_target"
     POWER_ON = "power_on"
     FINALIZE = "finalize"
+    OPEN_DISKS = "open_disks"
+    PARK = "park"
+    IN_CLOUD = "in_cloud"
+    MIGRATE_BACK = "migrate_back"
     CLEANUP = "cleanup"
     DONE = "done"
 

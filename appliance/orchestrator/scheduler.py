@@ -32,7 +32,7 @@ from appliance.orchestrator.group import GroupRun
 from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.limits import ClusterRoom
 from appliance.orchestrator.record import MigrationRecord, load
-from appliance.orchestrator.states import TERMINAL, Step
+from appliance.orchestrator.states import TERMINAL, Step, holds_slot
 from appliance.state.leases import Lease, LeaseKeeper
 from appliance.state.migrations import GroupInfo, StoredMigration
 from appliance.waiting import first_of
@@ -72,7 +72,8 @@ class GroupView:
 
     @property
     def running_vms(self) -> int:
-        return sum(1 for step in self.steps if step is not Step.QUEUED and step not in TERMINAL)
+        """Members holding a migration slot (a VM resting in the cloud holds none)."""
+        return sum(1 for step in self.steps if holds_slot(step))
 
 
 class Scheduler:
@@ -278,5 +279,5 @@ def _running_records(views: list[GroupView]) -> list[MigrationRecord]:
         load(member.record)
         for view in views
         for member in view.members
-        if Step(member.step) is not Step.QUEUED and Step(member.step) not in TERMINAL
+        if holds_slot(Step(member.step))
     ]
