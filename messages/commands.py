@@ -180,6 +180,12 @@ class BulkMigrationDoneRequest(Command):
 class MigrateBackRequestBody(WireModel):
     select: MigrationSelector
     planned: StrictBool = True
+    power_on: StrictBool = Field(
+        default=False, description="power the on-prem VM on once back (default: off)"
+    )
+    keep_snapshot: StrictBool = Field(
+        default=False, description="keep the migrate-time snapshot (default: consolidated)"
+    )
 
 
 class MigrateBackRequest(Command):

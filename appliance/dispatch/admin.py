@@ -16,7 +16,6 @@ from appliance.state.events import EventLog
 from appliance.state.policy import Policies, Policy
 from appliance.state.store import StateStore
 from messages.commands import Command, ResetRequest, SetPolicyRequest, StatusRequest
-from messages.errors import ErrorCode
 from messages.events import (
     CommandResponse,
     CommandResponseBody,
@@ -91,14 +90,8 @@ class Admin:
 
     async def set_policy(self, command: Command) -> Sequence[Event]:
         assert isinstance(command, SetPolicyRequest)
-        if command.body.rto_rpo_interval_s is not None:
-            # Nothing acts on it before try-before-commit exists: refuse rather than store it.
-            raise CommandRejected(
-                "rto_rpo_interval_s is not implemented yet (it applies to try-before-commit "
-                "migrations, which are not available); nothing was changed",
-                ErrorCode.NOT_IMPLEMENTED,
-            )
         wanted = Policy(
+            rto_rpo_interval_s=command.body.rto_rpo_interval_s,  # read by resting tbc runs
             max_concurrent_migrations=command.body.max_concurrent_migrations,
             bandwidth_cap_mbps=command.body.bandwidth_cap_mbps,
         )

@@ -7,10 +7,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from clients.client import FerryClient, FerryError
+from clients.client import FerryClient
 from messages.commands import SetPolicyRequest, SetPolicyRequestBody
 from messages.common import MigrationState, Phase
-from messages.errors import ErrorCode
 from messages.events import CommandResponse, MigrationStatus
 from tests.integration.conftest import Harness, RunningAppliance
 from tests.integration.migration_helpers import Follower, clone_request, start_migration
@@ -109,20 +108,14 @@ def _first_not_queued(follower: Follower) -> MigrationStatus:
     return next(s for s in follower.history if s.state is not MigrationState.QUEUED)
 
 
-async def test_the_rto_rpo_interval_is_refused_as_not_implemented_and_nothing_is_stored(
+async def test_the_rto_rpo_interval_is_stored_for_resting_tbc_runs_to_read(
     harness: Harness, start_appliance: StartAppliance
 ) -> None:
     await build_lab(harness.data_dir, [])
     running = await start_appliance(harness.settings())
     async with FerryClient(harness.client_settings()) as client:
-        with pytest.raises(FerryError) as refused:
-            await client.request(
-                SetPolicyRequest(
-                    body=SetPolicyRequestBody(rto_rpo_interval_s=600, bandwidth_cap_mbps=50)
-                )
-            )
+        body = SetPolicyRequestBody(rto_rpo_interval_s=600, bandwidth_cap_mbps=50)
+        await client.request(SetPolicyRequest(body=body))
         policy = (await client.status()).body.policy
     await running.shutdown()
-    assert refused.value.code is ErrorCode.NOT_IMPLEMENTED
-    assert "rto_rpo_interval_s" in str(refused.value)
-    assert policy["rto_rpo_interval_s"] is None and policy["bandwidth_cap_mbps"] is None
+    assert policy["rto_rpo_interval_s"] == 600 and policy["bandwidth_cap_mbps"] == 50
