@@ -1,0 +1,125 @@
+"""Try before commit over SQS, with the real cache and I/O manager processes.
+
+The cloud VM's guest is the workload generator writing to the cache's NBD
+export (found in the cloud VM's configuration); epochs are cut by the
+appliance every RTO/RPO interval of the cluster's policy and on SyncRequest,
+and committed on-prem by the I/O manager; a planned migrate back leaves the
+on-prem disk equal to the replay of the guest's whole write log.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.sites.lab.site import LabSite
+from clients.client import FerryClient, FerryError
+from messages.commands import SetPolicyRequest, SetPolicyRequestBody
+from messages.common import MigrationState, Phase, PowerState
+from messages.errors import ErrorCode
+from messages.events import SourceCloneResponse
+from tests.integration.conftest import Harness
+from tests.integration.migration_helpers import Follower, start_migration
+from tests.integration.tbc_helpers import (
+    TBC_SETTINGS,
+    Guest,
+    cloud_export,
+    committed_at_least,
+    committed_epoch,
+    components_up,
+    expected_after,
+    migrate_back,
+    read_onprem,
+    state_store,
+    sync,
+    tbc_request,
+)
+from tests.integration.test_bus import StartAppliance
+from tests.support.lab import MIB, build_lab, lab_vm
+
+pytestmark = pytest.mark.timeout(300)
+
+
+async def _in_cloud(follower: Follower, count: int) -> None:
+    await follower.until(
+        lambda latest: (
+            len(latest) >= count and all(s.phase is Phase.IN_CLOUD for s in latest.values())
+        ),
+        within_s=120,
+    )
+
+
+async def _back(follower: Follower, count: int) -> None:
+    latest = await follower.until(
+        lambda latest: (
+            len(latest) >= count
+            and all(
+                s.state in (MigrationState.MIGRATED_BACK, MigrationState.FAILED)
+                for s in latest.values()
+            )
+        ),
+        within_s=180,
+    )
+    for status in latest.values():
+        assert status.state is MigrationState.MIGRATED_BACK, status.error
+
+
+async def test_tbc_runs_in_the_cloud_flushes_by_policy_and_migrates_back_losing_nothing(
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path
+) -> None:
+    vm = lab_vm(1, disks=1, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    running = await start_appliance(harness.settings(**TBC_SETTINGS))
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        await components_up(store)
+        policy = SetPolicyRequestBody(cluster="cluster-a", rto_rpo_interval_s=10)
+        await client.request(SetPolicyRequest(body=policy))
+        follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
+        await _in_cloud(follower, 1)
+        (status,) = follower.latest.values()
+        migration_id = status.migration_id
+        disk = f"{migration_id}-disk-0"
+
+        # Parked on-prem, powered off; the cloud VM runs on the cache's export.
+        onprem = LabSite.open(harness.data_dir / "sites" / "onprem")
+        parked = await onprem.get_vm(vm.vm_id)
+        assert parked.resource_pool == "_HDM_MIGRATEPOOL"
+        assert parked.power_state is PowerState.OFF
+        address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
+        guest = await Guest.start(address, export, tmp_path / "guest.log", seed=11)
+
+        # Epochs by policy (every 10 s) commit while the guest writes.
+        await committed_at_least(store, disk, 2, within_s=60)
+        assert await guest.writes() > 0
+
+        # A sync cuts one now and answers once it is committed on-prem.
+        before = await committed_epoch(store, disk)
+        answer = await client.request(sync([migration_id]), timeout_s=120)
+        assert isinstance(answer, SourceCloneResponse)
+        assert await committed_epoch(store, disk) > before
+
+        # A second migration of the VM resting in the cloud is refused with its own code.
+        with pytest.raises(FerryError) as refused:
+            await client.request(tbc_request(client, [vm.vm_id]))
+        assert refused.value.code is ErrorCode.RESTING_IN_CLOUD
+
+        # Migrate back: the guest stops as its VM powers off; nothing it wrote is lost.
+        await guest.halt()
+        await client.request(migrate_back([migration_id]))
+        await _back(follower, 1)
+        with pytest.raises(FerryError) as twice:
+            await client.request(migrate_back([migration_id]))
+        assert twice.value.code is ErrorCode.MIGRATING_BACK
+    await running.shutdown()
+
+    back = await onprem.get_vm(vm.vm_id)
+    assert back.resource_pool == "Production" and back.power_state is PowerState.OFF
+    assert await onprem.vm_snapshot_names(vm.vm_id) == []
+    await onprem.close()
+    assert not (harness.data_dir / "sites" / "cloud" / "vms" / migration_id).exists()
+    image = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    expected = await expected_after(base, tmp_path / "guest.log")
+    assert expected != base  # the guest did write
+    assert image == expected
