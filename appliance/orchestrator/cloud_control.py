@@ -33,9 +33,11 @@ from messages.errors import ErrorCode
 BACK_OR_DONE = frozenset({*MIGRATING_BACK, Step.MIGRATED_BACK})
 
 
-def _refuse_back(command: str, record: MigrationRecord) -> None:
-    if record.step in BACK_OR_DONE:
-        raise WrongStep(command, record.migration_id, record.step.value, ErrorCode.MIGRATING_BACK)
+def _refuse_back(command: str, record: MigrationRecord, asked: bool = False) -> None:
+    """Migrating back (or asked to: the run takes it up at its next tick), or migrated back."""
+    if record.step in BACK_OR_DONE or asked:
+        step = record.step.value if record.step in BACK_OR_DONE else "asked to migrate back"
+        raise WrongStep(command, record.migration_id, step, ErrorCode.MIGRATING_BACK)
 
 
 def _refuse_not_resting(command: str, record: MigrationRecord) -> None:
@@ -53,6 +55,11 @@ class CloudCommands:
     async def _records(self, migration_ids: list[str]) -> list[MigrationRecord]:
         return [load(s.record) for s in await self._deps.migrations.get_many(migration_ids)]
 
+    async def _refuse_going_back(self, command: str, records: list[MigrationRecord]) -> None:
+        for record in records:
+            asks = await self._deps.migrations.asks(record.migration_id)
+            _refuse_back(command, record, ASK_BACK in asks)
+
     async def _groups(self, records: list[MigrationRecord]) -> list[MigrationRecord]:
         """Every member of the named migrations' groups."""
         members: dict[str, MigrationRecord] = {}
@@ -68,8 +75,8 @@ class CloudCommands:
     ) -> list[MigrationRecord]:
         command = "MigrateBackRequest"
         named = await self._records(migration_ids)
+        await self._refuse_going_back(command, named)
         for record in named:
-            _refuse_back(command, record)
             _refuse_not_resting(command, record)
         if not body.planned:
             raise CommandRejected(
@@ -78,8 +85,8 @@ class CloudCommands:
                 ErrorCode.NOT_IMPLEMENTED,
             )
         members = await self._groups(named)
+        await self._refuse_going_back(command, members)
         for record in members:
-            _refuse_back(command, record)
             _refuse_not_resting(command, record)
         migrations = self._deps.migrations
         for record in members:
@@ -97,8 +104,8 @@ class CloudCommands:
     async def sync(self, migration_ids: list[str]) -> list[MigrationRecord]:
         """One more epoch on every disk of each, answered once committed on-prem."""
         records = await self._records(migration_ids)
+        await self._refuse_going_back("SyncRequest", records)
         for record in records:
-            _refuse_back("SyncRequest", record)
             _refuse_not_resting("SyncRequest", record)
         asked = {
             r.migration_id: await self._deps.migrations.ask_count(r.migration_id, ASK_SYNC)
@@ -136,9 +143,7 @@ class CloudCommands:
             await clock.sleep(self._deps.config.resting_poll_s / 4)
 
     async def commit(self, migration_ids: list[str]) -> list[MigrationRecord]:
-        records = await self._records(migration_ids)
-        for record in records:
-            _refuse_back("CommitRequest", record)
+        await self._refuse_going_back("CommitRequest", await self._records(migration_ids))
         raise CommandRejected(
             "commit turns a tbc migration into a warm one, which is not built yet",
             ErrorCode.NOT_IMPLEMENTED,

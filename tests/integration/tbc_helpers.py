@@ -25,6 +25,8 @@ from clients.client import FerryClient
 from messages.commands import (
     CloneOptions,
     CloneVm,
+    CommitRequest,
+    CommitRequestBody,
     MigrateBackRequest,
     MigrateBackRequestBody,
     MigrationSelector,
@@ -70,6 +72,11 @@ def tbc_request(
 def migrate_back(migration_ids: Sequence[str], **options: bool) -> MigrateBackRequest:
     selector = MigrationSelector(migration_ids=tuple(migration_ids))
     return MigrateBackRequest(body=MigrateBackRequestBody(select=selector, **options))
+
+
+def commit_request(migration_ids: Sequence[str]) -> CommitRequest:
+    selector = MigrationSelector(migration_ids=tuple(migration_ids))
+    return CommitRequest(body=CommitRequestBody(select=selector))
 
 
 def sync(migration_ids: Sequence[str]) -> SyncRequest:

@@ -25,6 +25,7 @@ from tests.integration.tbc_helpers import (
     TBC_SETTINGS,
     Guest,
     cloud_export,
+    commit_request,
     committed_at_least,
     committed_epoch,
     components_up,
@@ -123,3 +124,58 @@ async def test_tbc_runs_in_the_cloud_flushes_by_policy_and_migrates_back_losing_
     expected = await expected_after(base, tmp_path / "guest.log")
     assert expected != base  # the guest did write
     assert image == expected
+
+
+async def test_a_dependency_group_rests_together_takes_a_policy_live_and_migrates_back_together(
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path
+) -> None:
+    one, two = lab_vm(1, disks=1, disk_size=4 * MIB), lab_vm(2, disks=2, disk_size=4 * MIB)
+    await build_lab(harness.data_dir, [one, two])
+    bases = {
+        (vm.vm_id, d.disk_id): await read_onprem(harness.data_dir, vm.vm_id, d.disk_id)
+        for vm in (one, two)
+        for d in vm.disks
+    }
+    running = await start_appliance(harness.settings(**TBC_SETTINGS, debug_step_delay_s=0.2))
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        await components_up(store)
+        request = tbc_request(client, [one.vm_id, two.vm_id], groups=[[one.vm_id, two.vm_id]])
+        follower = await start_migration(client, request)
+        await _in_cloud(follower, 2)
+        ids = {s.vm_id: s.migration_id for s in follower.latest.values()}
+        disk = f"{ids[one.vm_id]}-disk-0"
+        address, export = await cloud_export(harness.data_dir, ids[one.vm_id], "disk-0")
+        guest = await Guest.start(address, export, tmp_path / "guest.log", seed=5)
+
+        # The default interval (20 min) cuts nothing here; a policy set now takes effect
+        # at the next tick of the resting run.
+        assert await committed_epoch(store, disk) == 0
+        policy = SetPolicyRequestBody(cluster="cluster-a", rto_rpo_interval_s=10)
+        await client.request(SetPolicyRequest(body=policy))
+        await committed_at_least(store, disk, 1, within_s=60)
+
+        # Commit (warm) is not built: refused as such, nothing changes.
+        with pytest.raises(FerryError) as commit:
+            await client.request(commit_request([ids[one.vm_id]]))
+        assert commit.value.code is ErrorCode.NOT_IMPLEMENTED
+
+        # Naming one member migrates the whole group back.
+        await guest.halt()
+        answer = await client.request(migrate_back([ids[one.vm_id]]))
+        assert isinstance(answer, SourceCloneResponse)
+        with pytest.raises(FerryError) as during:
+            await client.request(commit_request([ids[two.vm_id]]))
+        assert during.value.code is ErrorCode.MIGRATING_BACK
+        await _back(follower, 2)
+    await running.shutdown()
+
+    onprem = LabSite.open(harness.data_dir / "sites" / "onprem")
+    for vm in (one, two):
+        back = await onprem.get_vm(vm.vm_id)
+        assert back.resource_pool == "Production" and back.power_state is PowerState.OFF
+    await onprem.close()
+    expected = await expected_after(bases[(one.vm_id, "disk-0")], tmp_path / "guest.log")
+    assert await read_onprem(harness.data_dir, one.vm_id, "disk-0") == expected
+    for disk_id in ("disk-0", "disk-1"):
+        image = await read_onprem(harness.data_dir, two.vm_id, disk_id)
+        assert image == bases[(two.vm_id, disk_id)]
