@@ -160,6 +160,13 @@ class Guest:
     async def writes(self) -> int:
         return self.workload.stats().writes
 
+    async def wait_writes(self, count: int, within_s: float) -> None:
+        """Until the guest has written ``count`` times (it runs on its own: a bounded watch)."""
+        async with asyncio.timeout(within_s):
+            while self.workload.stats().writes < count:
+                assert self.task is not None and not self.task.done(), "the guest stopped"
+                await asyncio.sleep(0.05)
+
     async def halt(self) -> int:
         """Stop writing (like the guest of a VM being powered off); the last sequence."""
         self.stop.set()

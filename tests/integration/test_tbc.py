@@ -20,7 +20,7 @@ from messages.common import MigrationState, Phase, PowerState
 from messages.errors import ErrorCode
 from messages.events import SourceCloneResponse
 from tests.integration.conftest import Harness
-from tests.integration.migration_helpers import Follower, start_migration
+from tests.integration.migration_helpers import ApplianceProcess, Follower, start_migration
 from tests.integration.tbc_helpers import (
     TBC_SETTINGS,
     Guest,
@@ -30,6 +30,7 @@ from tests.integration.tbc_helpers import (
     committed_epoch,
     components_up,
     expected_after,
+    kill_pids,
     migrate_back,
     read_onprem,
     state_store,
@@ -179,3 +180,59 @@ async def test_a_dependency_group_rests_together_takes_a_policy_live_and_migrate
     for disk_id in ("disk-0", "disk-1"):
         image = await read_onprem(harness.data_dir, two.vm_id, disk_id)
         assert image == bases[(two.vm_id, disk_id)]
+
+
+async def test_sigkill_while_resting_and_while_migrating_back_resumes_losing_nothing(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The appliance dies while its VM runs in the cloud: the components keep serving the
+    guest, and after a restart the epochs resume; it dies again while migrating back: the
+    restarted one finishes the migrate back, and nothing the guest wrote is lost."""
+    vm = lab_vm(1, disks=1, disk_size=4 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    overrides = {**TBC_SETTINGS, "debug_step_delay_s": 0.3, "lease_ttl_s": 3.0}
+    appliances = [
+        ApplianceProcess(harness, tmp_path / f"appliance-{n}.log", **overrides) for n in range(3)
+    ]
+    orphans: list[int] = []
+    try:
+        await appliances[0].start()
+        async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+            orphans += (await components_up(store)).values()
+            policy = SetPolicyRequestBody(cluster="cluster-a", rto_rpo_interval_s=10)
+            await client.request(SetPolicyRequest(body=policy))
+            follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
+            await _in_cloud(follower, 1)
+            (status,) = follower.latest.values()
+            migration_id, disk = status.migration_id, f"{status.migration_id}-disk-0"
+            address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
+            guest = await Guest.start(address, export, tmp_path / "guest.log", seed=7)
+            await committed_at_least(store, disk, 1, within_s=60)
+
+            appliances[0].kill()
+            written = await guest.writes()
+            await guest.wait_writes(written + 50, within_s=30)  # served while it is down
+            before = await committed_epoch(store, disk)
+            await appliances[1].start()
+            await committed_at_least(store, disk, before + 1, within_s=60)  # epochs resume
+
+            await guest.halt()
+            await client.request(migrate_back([migration_id]))
+
+            def back_steps(_: object) -> bool:
+                return sum(s.phase is Phase.MIGRATE_BACK for s in follower.history) >= 3
+
+            await follower.until(back_steps, within_s=120)
+            appliances[1].kill()
+            await appliances[2].start()
+            await _back(follower, 1)
+        await appliances[2].stop()
+    finally:
+        for appliance in appliances:
+            appliance.kill()
+        kill_pids(orphans)
+    image = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    expected = await expected_after(base, tmp_path / "guest.log")
+    assert expected != base
+    assert image == expected
