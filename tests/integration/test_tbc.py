@@ -9,19 +9,29 @@ on-prem disk equal to the replay of the guest's whole write log.
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
+from appliance.components.heartbeat import ComponentHealth
 from appliance.sites.lab.site import LabSite
 from clients.client import FerryClient, FerryError
-from messages.commands import SetPolicyRequest, SetPolicyRequestBody
+from messages.commands import (
+    CancelRequest,
+    CancelRequestBody,
+    MigrationSelector,
+    SetPolicyRequest,
+    SetPolicyRequestBody,
+)
 from messages.common import MigrationState, Phase, PowerState
 from messages.errors import ErrorCode
 from messages.events import SourceCloneResponse
 from tests.integration.conftest import Harness
 from tests.integration.migration_helpers import ApplianceProcess, Follower, start_migration
 from tests.integration.tbc_helpers import (
+    CACHE,
     TBC_SETTINGS,
     Guest,
     cloud_export,
@@ -236,3 +246,47 @@ async def test_sigkill_while_resting_and_while_migrating_back_resumes_losing_not
     expected = await expected_after(base, tmp_path / "guest.log")
     assert expected != base
     assert image == expected
+
+
+async def test_a_cancel_before_the_vm_runs_in_the_cloud_rolls_back_and_closes_its_disks(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    """The cache is held (SIGSTOP) so the migration waits on its open order; a cancel then
+    rolls it back once the cache answers: the components let go of the disks, the source is
+    as it was, nothing is left in the cloud."""
+    vm = lab_vm(1, disks=1, disk_size=4 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    running = await start_appliance(harness.settings(**TBC_SETTINGS))
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        pids = await components_up(store)
+        cache_pid = pids[str(CACHE)]
+        os.kill(cache_pid, signal.SIGSTOP)
+        try:
+            follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
+            await follower.until(
+                lambda latest: any(s.phase is Phase.OPEN_DISKS for s in latest.values())
+            )
+            (migration_id,) = follower.latest
+            selector = MigrationSelector(migration_ids=(migration_id,))
+            answer = await client.request(CancelRequest(body=CancelRequestBody(select=selector)))
+            assert isinstance(answer, SourceCloneResponse)
+            assert answer.body.state is MigrationState.CANCELLING
+        finally:
+            os.kill(cache_pid, signal.SIGCONT)
+        (status,) = (await follower.finished(1)).values()
+        assert status.state is MigrationState.CANCELLED
+        disk = f"{migration_id}-disk-0"
+        cache = await ComponentHealth(store, 120).wait_until(
+            CACHE, lambda r: disk not in r.figures.get("exports", []), 30
+        )
+        assert disk not in cache.figures.get("exports", [])
+    await running.shutdown()
+
+    onprem = LabSite.open(harness.data_dir / "sites" / "onprem")
+    after = await onprem.get_vm(vm.vm_id)
+    assert after.resource_pool == "Production" and after.power_state is PowerState.ON
+    assert await onprem.vm_snapshot_names(vm.vm_id) == []
+    await onprem.close()
+    assert not (harness.data_dir / "sites" / "cloud" / "vms" / migration_id).exists()
+    assert await read_onprem(harness.data_dir, vm.vm_id, "disk-0") == base
