@@ -170,9 +170,11 @@ async def test_a_dependency_group_rests_together_takes_a_policy_live_and_migrate
             await client.request(commit_request([ids[one.vm_id]]))
         assert commit.value.code is ErrorCode.NOT_IMPLEMENTED
 
-        # Naming one member migrates the whole group back.
+        # Naming one member migrates the whole group back (here: powered on, snapshot kept).
         await guest.halt()
-        answer = await client.request(migrate_back([ids[one.vm_id]]))
+        answer = await client.request(
+            migrate_back([ids[one.vm_id]], power_on=True, keep_snapshot=True)
+        )
         assert isinstance(answer, SourceCloneResponse)
         with pytest.raises(FerryError) as during:
             await client.request(commit_request([ids[two.vm_id]]))
@@ -183,7 +185,9 @@ async def test_a_dependency_group_rests_together_takes_a_policy_live_and_migrate
     onprem = LabSite.open(harness.data_dir / "sites" / "onprem")
     for vm in (one, two):
         back = await onprem.get_vm(vm.vm_id)
-        assert back.resource_pool == "Production" and back.power_state is PowerState.OFF
+        assert back.resource_pool == "Production" and back.power_state is PowerState.ON
+        (snapshot,) = await onprem.vm_snapshot_names(vm.vm_id)
+        assert snapshot.startswith("ferry-")
     await onprem.close()
     expected = await expected_after(bases[(one.vm_id, "disk-0")], tmp_path / "guest.log")
     assert await read_onprem(harness.data_dir, one.vm_id, "disk-0") == expected
