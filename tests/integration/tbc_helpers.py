@@ -112,7 +112,15 @@ async def committed_at_least(
     def done(report: ComponentReport) -> bool:
         return int(report.figures.get("committed_epoch", {}).get(disk, 0)) >= epoch
 
-    return await ComponentHealth(store, 120).wait_until(ONPREM, done, within_s)
+    health = ComponentHealth(store, 120)
+    try:
+        return await health.wait_until(ONPREM, done, within_s)
+    except TimeoutError:
+        onprem, cache = await health.report(ONPREM), await health.report(CACHE)
+        raise AssertionError(
+            f"epoch {epoch} of {disk} not committed in {within_s} s: on-prem {onprem}, "
+            f"cache {cache}"
+        ) from None
 
 
 async def committed_epoch(store: StateStore, disk: str) -> int:

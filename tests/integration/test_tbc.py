@@ -294,3 +294,41 @@ async def test_a_cancel_before_the_vm_runs_in_the_cloud_rolls_back_and_closes_it
     await onprem.close()
     assert not (harness.data_dir / "sites" / "cloud" / "vms" / migration_id).exists()
     assert await read_onprem(harness.data_dir, vm.vm_id, "disk-0") == base
+
+
+@pytest.mark.parametrize("phase", [Phase.OPEN_DISKS, Phase.PARK])
+async def test_sigkill_on_the_way_to_the_cloud_resumes_there(
+    harness: Harness, tmp_path: Path, phase: Phase
+) -> None:
+    """Killed while opening the disks or parking the source: the next appliance takes the
+    group over, runs the interrupted step again (orders are desired state, carried out
+    once) and reaches the cloud; the migrate back then finds the disk as it was."""
+    vm = lab_vm(1, disks=2, disk_size=4 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    bases = {d.disk_id: await read_onprem(harness.data_dir, vm.vm_id, d.disk_id) for d in vm.disks}
+    overrides = {**TBC_SETTINGS, "debug_step_delay_s": 0.5, "lease_ttl_s": 3.0}
+    appliances = [
+        ApplianceProcess(harness, tmp_path / f"appliance-{n}.log", **overrides) for n in range(2)
+    ]
+    orphans: list[int] = []
+    try:
+        await appliances[0].start()
+        async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+            orphans += (await components_up(store)).values()
+            follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
+            await follower.until(lambda latest: any(s.phase is phase for s in latest.values()))
+            appliances[0].kill()
+            await appliances[1].start()
+            await _in_cloud(follower, 1)
+            (status,) = follower.latest.values()
+            steps = [s.phase for s in follower.history]
+            assert steps.count(Phase.IN_CLOUD) == 1
+            await client.request(migrate_back([status.migration_id]))
+            await _back(follower, 1)
+        await appliances[1].stop()
+    finally:
+        for appliance in appliances:
+            appliance.kill()
+        kill_pids(orphans)
+    for disk_id, base in bases.items():
+        assert await read_onprem(harness.data_dir, vm.vm_id, disk_id) == base
