@@ -18,6 +18,7 @@
         │   ├── AmbiguousVmName         a name that several VMs share: give the vm_id
         │   ├── UnknownMigration
         │   ├── Conflict
+        │   ├── WrongStep               a command the migration's step does not allow (names both)
         │   ├── PrecheckFailed          prepare-to-migrate checks failed (names them)
         │   └── InvalidCredentials      sealed guest credentials do not open or are empty
         ├── MigrationCancelled          a cancel request stopped a migration (it rolls back)
@@ -186,6 +187,16 @@ class UnknownMigration(CommandRejected):
 class Conflict(CommandRejected):
     def __init__(self, reason: str) -> None:
         super().__init__(reason, ErrorCode.CONFLICT)
+
+
+class WrongStep(CommandRejected):
+    """A command about a migration that its current step does not allow."""
+
+    def __init__(self, command: str, migration_id: str, step: str, code: ErrorCode) -> None:
+        self.command = command
+        self.migration_id = migration_id
+        self.step = step
+        super().__init__(f"{command} refused: migration {migration_id} is {step}", code)
 
 
 class PrecheckFailed(CommandRejected):

@@ -94,6 +94,17 @@ class Settings(BaseSettings):
     )
     component_nbd_bind: str = Field(default="127.0.0.1:0", pattern=r"^[^\s:]*:\d{1,5}$")
     component_order_timeout_s: float = Field(default=60.0, gt=0)
+    tbc_components: str = Field(
+        default="onprem/onprem-1,cache/cache-1",
+        pattern=r"^onprem/[a-z][a-z0-9_.-]{0,63},cache/[a-z][a-z0-9_.-]{0,63}$",
+        description="the I/O manager and the cloud cache that serve tbc VMs' disks",
+    )
+    epoch_commit_timeout_s: float = Field(
+        default=600.0, gt=0, description="how long a sync or a migrate back waits for a commit"
+    )
+    resting_poll_s: float = Field(
+        default=1.0, gt=0, description="how often a tbc VM resting in the cloud is tended"
+    )
     component_restart_backoff_s: float = Field(default=1.0, gt=0)
     component_restart_backoff_max_s: float = Field(default=30.0, gt=0)
     embedded_components: str = Field(

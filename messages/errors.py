@@ -40,6 +40,9 @@ class ErrorCode(StrEnum):
     NOT_IMPLEMENTED = "not_implemented"
     AMBIGUOUS_VM_NAME = "ambiguous_vm_name"  # a name that more than one VM has: use the id
     INVALID_VM = "invalid_vm"  # a VM the site cannot describe (unreadable, unfit name)
+    RESTING_IN_CLOUD = "resting_in_cloud"  # the VM runs in the cloud (tbc): migrate back first
+    MIGRATING_BACK = "migrating_back"  # the migration is migrating back (or has)
+    NOT_RESTING = "not_resting"  # migrate back or sync of a migration not resting in the cloud
     # The appliance could not do it (this time).
     UNAVAILABLE = "unavailable"
     DATA_PATH = "data_path"

@@ -42,6 +42,17 @@ class OrchestratorConfig:
     migrate_pool: str = "_HDM_MIGRATEPOOL"
     vm_lock_pending_s: float = 600.0
     """A VM lock lapses after this long unless its migration's record was created."""
+    onprem_component: str = "onprem/onprem-1"
+    """The I/O manager and the cloud cache that serve tbc VMs' disks."""
+    cache_component: str = "cache/cache-1"
+    component_order_timeout_s: float = 60.0
+    component_timeout_s: float = 120.0
+    epoch_commit_timeout_s: float = 600.0
+    """How long a sync or a migrate back waits for an epoch to commit on-prem."""
+    default_epoch_interval_s: float = 1200.0
+    """The RTO/RPO interval when no policy sets one."""
+    resting_poll_s: float = 1.0
+    """How often a resting group looks for asks (migrate back, sync) and policy changes."""
 
 
 @dataclass(frozen=True, slots=True)

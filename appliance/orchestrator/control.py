@@ -11,12 +11,13 @@ from appliance.orchestrator.record import load
 from appliance.orchestrator.requests import find_vm
 from appliance.orchestrator.resume import Resumes, resumable
 from appliance.orchestrator.scheduler import Scheduler, group_lease
-from appliance.orchestrator.states import TERMINAL, Step
+from appliance.orchestrator.states import MIGRATING_BACK, RESTING, TERMINAL, Step
 from appliance.state.migrations import StoredMigration
 from messages.commands import CancelRequest, MigrationSelector, StatusRequest
 from messages.events import MigrationStatus, SourceCloneResponse
 
-NOT_CANCELLABLE = frozenset({Step.FINALIZING, *TERMINAL})
+NOT_CANCELLABLE = frozenset({Step.FINALIZING, *TERMINAL, *RESTING, *MIGRATING_BACK})
+"""A VM running in the cloud (tbc) ends by a migrate back or a commit, not a cancel."""
 
 
 class MigrationControl:

@@ -1,12 +1,16 @@
-"""Driving one dependency group (a lone VM is a group of one) through the cold workflow.
+"""Driving one dependency group (a lone VM is a group of one) through its type's machine.
 
-Members go through the steps up to VERIFYING side by side. The cut-over
-steps (create the cloud VM, power it on, finalize) are then taken by every
-member in turn, step by step, so the group cuts over together or not at all:
-any failure or cancel before FINALIZING rolls every member back.
+The machine (``states.Machine``: one table per migration type) says which
+steps members take on their own, side by side (``solo``: up to VERIFYING for
+cold, OPENING_DISKS for tbc), and which the group takes together: every
+member through each step in turn, so the group cuts over together or not at
+all. Any failure or cancel before a step of ``no_rollback`` rolls every
+member back. A machine with a resting step (tbc: RUNNING_IN_CLOUD) rests
+there (``resting.Resting``: epochs on time and on request) until a migrate
+back is asked for, then takes the way back together, step by step.
 
 On a restart the run picks up from the persisted steps: an interrupted step's
-action runs again (each is idempotent), members already at a cut-over step
+action runs again (each is idempotent), members already at a together step
 wait for the others, and a group found rolling back finishes rolling back.
 """
 
@@ -26,20 +30,19 @@ from appliance.errors import (
     TransientError,
 )
 from appliance.logs import get_logger
-from appliance.orchestrator import steps, tags
+from appliance.orchestrator import serve_steps, steps, tags
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.copying import DiskCopy
 from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.record import MigrationRecord, load
+from appliance.orchestrator.resting import Resting
 from appliance.orchestrator.resume import snapshot_step
-from appliance.orchestrator.states import CUTOVER, FORWARD, TERMINAL, Step, next_step
+from appliance.orchestrator.states import TERMINAL, Machine, Step, machine_for
 from appliance.state.leases import Lease
 from appliance.state.migrations import GroupInfo
 
 log = get_logger(__name__)
 Action = Callable[[Deps, Journal, MigrationRecord], Awaitable[MigrationRecord]]
-CUTOVER_ORDER = (Step.CREATING_TARGET, Step.POWERING_ON, Step.FINALIZING)
-NO_ROLLBACK = frozenset({Step.FINALIZING, Step.COMPLETED})
 
 
 class GroupRun:
@@ -67,15 +70,29 @@ class GroupRun:
         if all(record.step in TERMINAL for record in self._records.values()):
             await self._deps.migrations.finish_group(self._group.group_id)
 
+    @property
+    def _machine(self) -> Machine:
+        """A group comes from one request, so its members share one migration type."""
+        return machine_for(next(iter(self._records.values())).migration_type)
+
+    def _position(self, step: Step) -> int:
+        machine = self._machine
+        path = (*machine.forward, *machine.back)
+        return path.index(step) if step in path else -1
+
     async def _drive(self) -> None:
         records = list(self._records.values())
+        machine = self._machine
         if any(r.step in (Step.ROLLING_BACK, Step.FAILED, Step.CANCELLED) for r in records):
             await self._rollback_all(None)
             return
         try:
-            if not any(r.step in CUTOVER or r.step is Step.COMPLETED for r in records):
-                await self._until_verified()
-            await self._cut_over()
+            solo_end = self._position(machine.solo[-1])
+            if all(self._position(r.step) <= solo_end for r in records):
+                await self._until_solo_done()
+            await self._together(machine.together, machine.arrive)
+            if machine.resting is not None:
+                await self._rest_then_back(machine)
         except (LeaseLost, TransientError):
             raise  # another owner, or a later run of ours, carries on from the checkpoint
         except MigrationCancelled:
@@ -86,44 +103,53 @@ class GroupRun:
             self._log.exception("unexpected error; rolling the group back")
             await self._rollback_all(error)
 
+    async def _rest_then_back(self, machine: Machine) -> None:
+        resting = machine.resting
+        if all(r.step is resting for r in self._records.values()):
+            await Resting(self._deps, self._journal, self._records).until_back()
+        await self._together(machine.back[:-1], machine.back[-1])
+
     # -- forward ------------------------------------------------------------------
 
-    async def _until_verified(self) -> None:
-        """Every member up to VERIFYING, side by side; the first failure stops them all."""
+    async def _until_solo_done(self) -> None:
+        """Every member through its solo steps, side by side; the first failure stops them."""
         try:
             async with asyncio.TaskGroup() as tasks:
                 for migration_id in self._records:
-                    tasks.create_task(self._member_until_verified(migration_id))
+                    tasks.create_task(self._member_solo(migration_id))
         except BaseExceptionGroup as group:
             raise _first(group) from None
 
-    async def _member_until_verified(self, migration_id: str) -> None:
+    async def _member_solo(self, migration_id: str) -> None:
+        machine = self._machine
         while True:
             self._check_cancel()
             record = self._records[migration_id]
             if record.step is Step.QUEUED:
                 record = await self._advance(record, Step.PREPARING)
             await self._act(record)
-            if self._records[migration_id].step is Step.VERIFYING:
+            if self._records[migration_id].step is machine.solo[-1]:
                 return
-            await self._advance(self._records[migration_id], next_step(record.step))
+            await self._advance(self._records[migration_id], machine.next_step(record.step))
 
-    async def _cut_over(self) -> None:
-        for step in CUTOVER_ORDER:
-            if step is Step.FINALIZING:
+    async def _together(self, path: tuple[Step, ...], arrive: Step) -> None:
+        """Every member through each step of ``path`` in turn, then all to ``arrive``."""
+        machine = self._machine
+        for step in path:
+            if step is _first_no_rollback(machine):
                 await self._mark_cut_over()
             for migration_id in self._records:
                 record = self._records[migration_id]
-                if FORWARD.index(record.step) > FORWARD.index(step):
+                if self._position(record.step) > self._position(step):
                     continue
-                if step is not Step.FINALIZING:
+                if step not in machine.no_rollback:
                     self._check_cancel()
                 if record.step is not step:
                     record = await self._advance(record, step)
                 await self._act(record)
         for record in list(self._records.values()):
-            if record.step is Step.FINALIZING:
-                await self._advance(record, Step.COMPLETED, bytes_done=record.bytes_total)
+            if self._position(record.step) < self._position(arrive):
+                await self._advance(record, arrive, bytes_done=record.bytes_total)
 
     async def _mark_cut_over(self) -> None:
         """Every member's source says the cloud copy is the finished one, before any of them
@@ -137,7 +163,9 @@ class GroupRun:
             if record.step is Step.TRANSFERRING:
                 done = await DiskCopy(self._deps, self._journal, record, self._cancel).run()
             else:
-                done = await ACTIONS[record.step](self._deps, self._journal, record)
+                done = await ACTIONS.get(record.step, serve_steps.not_built)(
+                    self._deps, self._journal, record
+                )
         except TransferCancelled:
             raise MigrationCancelled(record.migration_id) from None
         except Exception as error:
@@ -176,7 +204,7 @@ class GroupRun:
             # Redis is the truth: a step that failed half-way may have saved more than we hold.
             record = await self._journal.reload(record)
             self._records[migration_id] = record
-            if record.step in TERMINAL or record.step in NO_ROLLBACK:
+            if record.step in TERMINAL or not self._machine.rolls_back(record.step):
                 continue
             if record.step is Step.QUEUED:
                 await self._advance(record, Step.CANCELLED)
@@ -192,6 +220,8 @@ class GroupRun:
                     error_message=message,
                     keep_for_resume=keep,
                 )
+            if Step.OPENING_DISKS in self._machine.steps:  # components may serve its disks
+                await serve_steps.close_served(self._deps, self._journal, record)
             await steps.rollback(self._deps, self._journal, record)
             await self._advance(record, record.rollback_to or outcome)
 
@@ -225,12 +255,31 @@ def _error_fields(
     return "dependency_failed", f"group member {failed} failed: {error}"
 
 
+def _first_no_rollback(machine: Machine) -> Step | None:
+    """The step from which a forward path goes on whatever happens (cold: FINALIZING):
+    before it, the sources are marked cut over."""
+    return next((s for s in machine.together if s in machine.no_rollback), None)
+
+
 ACTIONS: dict[Step, Action] = {
+    # shared by every type
     Step.PREPARING: steps.prepare,
     Step.POWERING_OFF: steps.power_off,
     Step.SNAPSHOTTING: snapshot_step,
-    Step.VERIFYING: steps.verify,
     Step.CREATING_TARGET: steps.create_target,
     Step.POWERING_ON: steps.power_on,
+    # cold
+    Step.VERIFYING: steps.verify,
     Step.FINALIZING: steps.finalize,
+    # on the components (tbc, warm's first steps)
+    Step.OPENING_DISKS: serve_steps.open_disks,
+    Step.PARKING: serve_steps.park,
+    # the way back
+    Step.BACK_POWERING_OFF: serve_steps.back_power_off,
+    Step.BACK_FINAL_EPOCH: serve_steps.back_final_epoch,
+    Step.BACK_REMOVING_CLOUD: serve_steps.back_remove_cloud,
+    Step.BACK_RESTORING_DISKS: serve_steps.back_restore_disks,
+    Step.BACK_RETURNING: serve_steps.back_return,
 }
+"""Every step's action; a step without one (warm's bulk copy, reconcile, cutover) answers
+not_implemented."""

@@ -16,7 +16,7 @@ from typing import Any
 from appliance.datapath.checkpoint import CheckpointStore
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.record import MigrationRecord, dump, load
-from appliance.orchestrator.states import Step, check_transition, public_state
+from appliance.orchestrator.states import Step, machine_for, public_state
 from appliance.state.events import encode_entry
 from appliance.state.leases import Lease
 
@@ -32,13 +32,14 @@ class Journal:
     def lease(self) -> Lease:
         return self._lease
 
-    def _now(self) -> str:
+    def now(self) -> str:
         return self._deps.clock.now().isoformat()
 
     async def advance(self, record: MigrationRecord, step: Step, **changes: Any) -> MigrationRecord:
         """Persist ``record`` at ``step`` with its event (compare-and-set), then announce it."""
-        check_transition(f"migration {record.migration_id}", record.step, step)
-        updated = replace(record, step=step, updated_at=self._now(), **changes)
+        machine = machine_for(record.migration_type)
+        machine.check(f"{machine.name} migration {record.migration_id}", record.step, step)
+        updated = replace(record, step=step, updated_at=self.now(), **changes)
         event = encode_entry(
             "step",
             updated.updated_at,
@@ -53,7 +54,7 @@ class Journal:
 
     async def update(self, record: MigrationRecord, **changes: Any) -> MigrationRecord:
         """Persist changes that keep the step (progress, what a step learned)."""
-        updated = replace(record, updated_at=self._now(), **changes)
+        updated = replace(record, updated_at=self.now(), **changes)
         await self._write(record, updated)
         return updated
 

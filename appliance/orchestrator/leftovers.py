@@ -30,15 +30,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from appliance.errors import PermanentError, UnknownVm
+from appliance.errors import CommandRejected, PermanentError, UnknownVm
 from appliance.logs import get_logger
 from appliance.orchestrator import tags
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.record import MigrationRecord, TransferOptions, load
-from appliance.orchestrator.states import TERMINAL, Step
+from appliance.orchestrator.states import TERMINAL, Step, machine_for
 from appliance.sites.model import VmConfig, VolumeInfo
 from appliance.sites.protocol import Site
 from messages.common import MigrationType, PowerState
+from messages.errors import ErrorCode
 
 log = get_logger(__name__)
 
@@ -203,8 +204,16 @@ class ResetCleanup:
         self._stop_runs = stop_runs
 
     async def stop(self) -> list[MigrationRecord]:
-        """Stop local runs; the unfinished migrations Redis knows of (none if it lost them)."""
+        """Stop local runs; the unfinished migrations Redis knows of (none if it lost them).
+
+        Refused while a VM runs on the components (tbc, in the cloud or on its way there or
+        back): undoing it from the sites would drop what its guest wrote since the last
+        epoch, and the components would go on serving it. Migrate it back first."""
+        _refuse_served(await self._unfinished())
         await self._stop_runs()
+        return await self._unfinished()
+
+    async def _unfinished(self) -> list[MigrationRecord]:
         migrations = self._deps.migrations
         unfinished: list[MigrationRecord] = []
         for group_id in await migrations.active_groups():
@@ -252,6 +261,22 @@ class ResetCleanup:
             updated_at=now,
         )
         await self._deps.reporter.publish(failed)
+
+
+def _refuse_served(unfinished: Sequence[MigrationRecord]) -> None:
+    served = [
+        r
+        for r in unfinished
+        if Step.OPENING_DISKS in machine_for(r.migration_type).steps
+        and r.step not in (Step.QUEUED, Step.PREPARING, Step.POWERING_OFF, Step.SNAPSHOTTING)
+    ]
+    if served:
+        listed = ", ".join(f"{r.migration_id} is {r.step.value}" for r in served)
+        raise CommandRejected(
+            f"reset refused: VMs run on the cache ({listed}); migrate them back first, "
+            "or their guests' writes since the last epoch would be lost",
+            ErrorCode.RESTING_IN_CLOUD,
+        )
 
 
 def _record_from_tags(item: Undone, now: str) -> MigrationRecord | None:

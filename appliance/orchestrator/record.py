@@ -25,6 +25,14 @@ class DiskPlan:
     bytes_to_copy: int = 0  # allocated bytes of the source snapshot (data and zero runs)
     source_digest: str | None = None  # whole-image digest (hash of chunk hashes), source
     target_digest: str | None = None  # the same, computed at the target
+    # Served by the components (tbc): the disk's id there, where the cloud VM reaches it,
+    # the cut epochs asked for (the order counter), the last cut and the last committed.
+    cache_address: str | None = None  # HOST:PORT of the cache's NBD server
+    cache_export: str | None = None
+    onprem_address: str | None = None  # HOST:PORT of the I/O manager's NBD server
+    epoch_requests: int = 0
+    epoch_cut: int = 0
+    epoch_committed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +100,14 @@ class MigrationRecord:
     source_cluster: str | None = None  # per-cluster policies apply by these
     target_cluster: str | None = None
     reply_to: str | None = None  # of the SourceCloneRequest: where progress answers go
+    # Resting in the cloud (tbc): the epoch timer, persisted so it survives a restart.
+    epoch_interval_s: float | None = None  # the interval the next due time was set with
+    last_cut_at: str | None = None
+    next_epoch_due: str | None = None
+    last_commit_at: str | None = None
+    syncs_done: int = 0  # SyncRequests answered (their epochs committed)
+    back_power_on: bool = False  # migrate back: power the on-prem VM on at the end
+    keep_snapshot: bool = False  # migrate back: keep the migrate-time snapshot
 
     def with_step(self, step: Step, at: str) -> MigrationRecord:
         return replace(self, step=step, updated_at=at)

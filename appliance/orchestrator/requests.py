@@ -17,10 +17,19 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from appliance.errors import CommandRejected, Conflict, TransientError
+from appliance.components.heartbeat import ComponentHealth, Liveness
+from appliance.components.orders import ComponentId
+from appliance.errors import CommandRejected, Conflict, TransientError, WrongStep
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.record import DiskPlan, MigrationRecord, TransferOptions, dump, load
-from appliance.orchestrator.states import TERMINAL, Step, public_state
+from appliance.orchestrator.states import (
+    MIGRATING_BACK,
+    RESTING,
+    TERMINAL,
+    Step,
+    machine_for,
+    public_state,
+)
 from appliance.sites.model import VmConfig
 from appliance.sites.protocol import Site
 from appliance.state.migrations import NewMigration
@@ -66,6 +75,8 @@ class CloneRequests:
         existing = await self._deps.migrations.request(request_id)
         if existing is None:
             _check_supported(body)
+            if Step.OPENING_DISKS in machine_for(body.migration_type).steps:
+                await self._check_components()
             if body.guest_credentials is not None:  # refuse now what prepare could not use
                 self._deps.sealer.check(body.guest_credentials.sealed)
             groups = await self._plan(request_id, body)
@@ -83,6 +94,19 @@ class CloneRequests:
             existing = [migration_id_for(request_id, vm.vm_id) for vm in vms]
             existing = await self._deps.migrations.claim_request(request_id, existing)
         return await self._responses(existing, command.correlation_id)
+
+    async def _check_components(self) -> None:
+        """A VM that will run on the cache and the I/O manager needs both alive now."""
+        config = self._deps.config
+        health = ComponentHealth(self._deps.store, config.component_timeout_s)
+        for name in (config.onprem_component, config.cache_component):
+            report = await health.report(ComponentId.parse(name))
+            if report.liveness is not Liveness.OK:
+                raise CommandRejected(
+                    f"component {name} is not running ({report.detail}): a "
+                    "try-before-commit migration needs the cache and the I/O manager",
+                    ErrorCode.UNAVAILABLE,
+                )
 
     async def _plan(self, request_id: str, body: SourceCloneRequestBody) -> list[PlannedGroup]:
         site = self._deps.site(self._onprem)
@@ -128,8 +152,29 @@ class CloneRequests:
             )
             if holder != mine:
                 await self._release_pending(taken, request_id)
-                raise Conflict(f"VM {vm.name!r} ({vm.vm_id}) is already in migration {holder}")
+                await self._refuse_held(vm, holder)
             taken.append(vm)
+
+    async def _refuse_held(self, vm: VmConfig, holder: str | None) -> None:
+        """Another migration holds the VM: say which, and how it stands (resting in the cloud,
+        migrating back) with its own code."""
+        stored = await self._deps.migrations.get(holder) if holder else None
+        step = Step(stored.step) if stored is not None else None
+        if step in RESTING:
+            raise WrongStep(
+                f"a migration of VM {vm.name!r} ({vm.vm_id})",
+                str(holder),
+                f"{step}: the VM runs in the cloud; migrate it back (or commit) first",
+                ErrorCode.RESTING_IN_CLOUD,
+            )
+        if step in MIGRATING_BACK:
+            raise WrongStep(
+                f"a migration of VM {vm.name!r} ({vm.vm_id})",
+                str(holder),
+                str(step),
+                ErrorCode.MIGRATING_BACK,
+            )
+        raise Conflict(f"VM {vm.name!r} ({vm.vm_id}) is already in migration {holder}")
 
     async def _release_pending(self, vms: list[VmConfig], request_id: str) -> None:
         """Drop this request's locks on VMs whose migration was not created (others stay)."""
@@ -260,9 +305,10 @@ def _keys(vm: VmConfig) -> tuple[tuple[str, str], ...]:
 
 
 def _check_supported(body: SourceCloneRequestBody) -> None:
-    if body.migration_type is not MigrationType.COLD:
+    if body.migration_type is MigrationType.WARM:
         raise CommandRejected(
-            f"{body.migration_type.value} migration is not available yet; use cold",
+            "warm migration is not available yet (its bulk copy, reconcile and cutover are "
+            "not built); use cold or tbc",
             ErrorCode.NOT_IMPLEMENTED,
         )
     if body.bulk_transfer_mode is not BulkTransferMode.ONLINE:

@@ -1,4 +1,6 @@
-"""The cold-migration state machine, as data.
+"""The migration state machines, one table per migration type, as data.
+
+cold::
 
     QUEUED ─▶ PREPARING ─▶ POWERING_OFF ─▶ SNAPSHOTTING ─▶ TRANSFERRING ─▶ VERIFYING
                                                                               │
@@ -7,17 +9,35 @@
     QUEUED ─▶ CANCELLED
     FAILED ─▶ QUEUED        a resume (SyncRequest), only when the failure kept the data
 
-Pure functions only: what comes next, what clients see. The runner persists
-every transition (compare-and-set on the expected step) before acting on it.
+tbc (try before commit)::
+
+    QUEUED ─▶ PREPARING ─▶ POWERING_OFF ─▶ SNAPSHOTTING ─▶ OPENING_DISKS
+                                                              │
+      RUNNING_IN_CLOUD ◀─ POWERING_ON ◀─ PARKING ◀─ CREATING_TARGET
+      (resting: holds no migration slot; epochs every RTO/RPO interval)
+    RUNNING_IN_CLOUD ─▶ BACK_POWERING_OFF ─▶ BACK_FINAL_EPOCH ─▶ BACK_REMOVING_CLOUD
+      ─▶ BACK_RESTORING_DISKS ─▶ BACK_RETURNING ─▶ MIGRATED_BACK         (migrate back)
+    any step before RUNNING_IN_CLOUD ─▶ ROLLING_BACK ─▶ FAILED | CANCELLED
+
+warm: tbc's first steps, then BULK_COPYING ─▶ RECONCILING ─▶ CUTTING_OVER ─▶ COMPLETED.
+Its own steps are listed but not built: requests refuse ``warm`` (not_implemented).
+
+Every table is a :class:`Machine`: the happy path, the steps members of a
+dependency group take side by side (``solo``) and the ones they take
+together, member by member (``together``), the resting step, the way back,
+and where a rollback is no longer possible. Pure functions only; the runner
+persists every transition (compare-and-set on the expected step) before
+acting on it.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from enum import StrEnum
 
 from appliance.errors import IncorrectState
-from messages.common import MigrationState, Phase
+from messages.common import MigrationState, MigrationType, Phase
 
 
 class Step(StrEnum):
@@ -27,66 +47,182 @@ class Step(StrEnum):
     SNAPSHOTTING = "snapshotting"
     TRANSFERRING = "transferring"
     VERIFYING = "verifying"
+    OPENING_DISKS = "opening_disks"
+    BULK_COPYING = "bulk_copying"
+    RECONCILING = "reconciling"
+    CUTTING_OVER = "cutting_over"
     CREATING_TARGET = "creating_target"
+    PARKING = "parking"
     POWERING_ON = "powering_on"
     FINALIZING = "finalizing"
     COMPLETED = "completed"
+    RUNNING_IN_CLOUD = "running_in_cloud"
+    BACK_POWERING_OFF = "back_powering_off"
+    BACK_FINAL_EPOCH = "back_final_epoch"
+    BACK_REMOVING_CLOUD = "back_removing_cloud"
+    BACK_RESTORING_DISKS = "back_restoring_disks"
+    BACK_RETURNING = "back_returning"
+    MIGRATED_BACK = "migrated_back"
     ROLLING_BACK = "rolling_back"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
 
-FORWARD: tuple[Step, ...] = (
-    Step.QUEUED,
-    Step.PREPARING,
-    Step.POWERING_OFF,
-    Step.SNAPSHOTTING,
-    Step.TRANSFERRING,
-    Step.VERIFYING,
-    Step.CREATING_TARGET,
-    Step.POWERING_ON,
-    Step.FINALIZING,
-    Step.COMPLETED,
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """One migration type's table."""
+
+    name: str
+    solo: tuple[Step, ...]
+    """QUEUED, then the steps each member takes on its own, side by side."""
+    together: tuple[Step, ...]
+    """Then the steps the group takes together: every member through each in turn."""
+    arrive: Step
+    """Where the forward path ends (COMPLETED, or a resting step)."""
+    no_rollback: frozenset[Step]
+    """From these on the group goes on: a cancel or failure no longer rolls it back."""
+    back: tuple[Step, ...] = ()
+    """The way back from the resting step (migrate back), taken together; ends terminal."""
+    resumable: bool = False
+    """FAILED may go back to QUEUED (a resume after a failure that kept the data)."""
+
+    @property
+    def forward(self) -> tuple[Step, ...]:
+        return (*self.solo, *self.together, self.arrive)
+
+    @property
+    def resting(self) -> Step | None:
+        return self.arrive if self.back else None
+
+    @property
+    def steps(self) -> frozenset[Step]:
+        return frozenset((*self.forward, *self.back, *_ENDS))
+
+    @property
+    def transitions(self) -> dict[Step, frozenset[Step]]:
+        return _transitions(self)
+
+    def check(self, machine: str, current: Step, wanted: Step) -> None:
+        if wanted not in self.transitions.get(current, frozenset()):
+            raise IncorrectState(machine, current.value, wanted.value)
+
+    def next_step(self, current: Step) -> Step:
+        """The next step on the happy path (or on the way back)."""
+        for path in (self.forward, (self.arrive, *self.back)):
+            if current in path[:-1]:
+                return path[path.index(current) + 1]
+        raise IncorrectState(f"{self.name} migration", current.value, "(next)")
+
+    def rolls_back(self, step: Step) -> bool:
+        return step in self.forward[1:] and step not in self.no_rollback
+
+
+_ENDS = (Step.ROLLING_BACK, Step.FAILED, Step.CANCELLED)
+
+
+def _transitions(machine: Machine) -> dict[Step, frozenset[Step]]:
+    table: dict[Step, set[Step]] = {step: set() for step in Step}
+    for path in (machine.forward, (machine.arrive, *machine.back) if machine.back else ()):
+        for step, following in itertools.pairwise(path):
+            table[step].add(following)
+    for step in machine.forward[1:]:
+        if machine.rolls_back(step):
+            table[step].add(Step.ROLLING_BACK)
+    table[Step.QUEUED].add(Step.CANCELLED)
+    table[Step.ROLLING_BACK] = {Step.FAILED, Step.CANCELLED}
+    if machine.resumable:
+        table[Step.FAILED].add(Step.QUEUED)
+    return {step: frozenset(nexts) for step, nexts in table.items()}
+
+
+_START = (Step.QUEUED, Step.PREPARING, Step.POWERING_OFF, Step.SNAPSHOTTING)
+
+COLD = Machine(
+    name="cold",
+    solo=(*_START, Step.TRANSFERRING, Step.VERIFYING),
+    together=(Step.CREATING_TARGET, Step.POWERING_ON, Step.FINALIZING),
+    arrive=Step.COMPLETED,
+    no_rollback=frozenset({Step.FINALIZING, Step.COMPLETED}),
+    resumable=True,
 )
-"""The happy path, in order."""
 
-CUTOVER: frozenset[Step] = frozenset({Step.CREATING_TARGET, Step.POWERING_ON, Step.FINALIZING})
-"""Steps a dependency group takes together, member by member, after all are verified.
-A cancel is still honoured before FINALIZING; from there on the group completes."""
+BACK = (
+    Step.BACK_POWERING_OFF,
+    Step.BACK_FINAL_EPOCH,
+    Step.BACK_REMOVING_CLOUD,
+    Step.BACK_RESTORING_DISKS,
+    Step.BACK_RETURNING,
+    Step.MIGRATED_BACK,
+)
 
-TERMINAL: frozenset[Step] = frozenset({Step.COMPLETED, Step.FAILED, Step.CANCELLED})
+TBC = Machine(
+    name="tbc",
+    solo=(*_START, Step.OPENING_DISKS),
+    together=(Step.CREATING_TARGET, Step.PARKING, Step.POWERING_ON),
+    arrive=Step.RUNNING_IN_CLOUD,
+    no_rollback=frozenset({Step.RUNNING_IN_CLOUD, *BACK}),
+    back=BACK,
+)
 
-RESTING: frozenset[Step] = frozenset()
-"""Steps in which a warm or tbc VM rests in the cloud (*running in cloud*): it holds no
-migration slot, only a place on its cache node (orchestrator/limits.py). The warm and
-tbc machines name theirs here."""
+WARM = Machine(
+    name="warm",
+    solo=(*_START, Step.OPENING_DISKS),
+    together=(
+        Step.CREATING_TARGET,
+        Step.PARKING,
+        Step.POWERING_ON,
+        Step.BULK_COPYING,
+        Step.RECONCILING,
+        Step.CUTTING_OVER,
+    ),
+    arrive=Step.COMPLETED,
+    no_rollback=frozenset({Step.CUTTING_OVER, Step.COMPLETED}),
+)
 
-_ROLLBACK_FROM = frozenset(FORWARD[1:8])  # PREPARING .. POWERING_ON
-
-TRANSITIONS: dict[Step, frozenset[Step]] = {
-    **{
-        step: frozenset({following} | ({Step.ROLLING_BACK} if step in _ROLLBACK_FROM else set()))
-        for step, following in itertools.pairwise(FORWARD)
-    },
-    Step.QUEUED: frozenset({Step.PREPARING, Step.CANCELLED}),
-    Step.ROLLING_BACK: frozenset({Step.FAILED, Step.CANCELLED}),
-    Step.COMPLETED: frozenset(),
-    Step.FAILED: frozenset({Step.QUEUED}),
-    Step.CANCELLED: frozenset(),
+MACHINES: dict[MigrationType, Machine] = {
+    MigrationType.COLD: COLD,
+    MigrationType.TBC: TBC,
+    MigrationType.WARM: WARM,
 }
 
 
+def machine_for(migration_type: MigrationType) -> Machine:
+    return MACHINES[migration_type]
+
+
+# -- cold's table under its old names (and what every machine shares) ------------------------
+
+FORWARD: tuple[Step, ...] = COLD.forward
+"""Cold's happy path, in order."""
+
+CUTOVER: frozenset[Step] = frozenset(COLD.together)
+"""Steps a cold dependency group takes together, member by member, after all are verified.
+A cancel is still honoured before FINALIZING; from there on the group completes."""
+
+TERMINAL: frozenset[Step] = frozenset(
+    {Step.COMPLETED, Step.MIGRATED_BACK, Step.FAILED, Step.CANCELLED}
+)
+
+RESTING: frozenset[Step] = frozenset(m.resting for m in MACHINES.values() if m.resting)
+"""Steps a migration rests in: it holds no migration slot there."""
+
+MIGRATING_BACK: frozenset[Step] = frozenset(BACK[:-1])
+
+TRANSITIONS: dict[Step, frozenset[Step]] = COLD.transitions
+
+
 def check_transition(machine: str, current: Step, wanted: Step) -> None:
-    if wanted not in TRANSITIONS[current]:
-        raise IncorrectState(machine, current.value, wanted.value)
+    COLD.check(machine, current, wanted)
 
 
 def next_step(current: Step) -> Step:
-    """The next step on the happy path."""
-    index = FORWARD.index(current) if current in FORWARD else len(FORWARD)
-    if index + 1 >= len(FORWARD):
-        raise IncorrectState("cold migration", current.value, "(next)")
-    return FORWARD[index + 1]
+    """The next step on cold's happy path."""
+    return COLD.next_step(current)
+
+
+def holds_slot(step: Step) -> bool:
+    """Does a migration at this step count against the concurrency limits?"""
+    return step is not Step.QUEUED and step not in TERMINAL and step not in RESTING
 
 
 _PHASES: dict[Step, Phase] = {
@@ -96,10 +232,18 @@ _PHASES: dict[Step, Phase] = {
     Step.SNAPSHOTTING: Phase.SNAPSHOT,
     Step.TRANSFERRING: Phase.TRANSFER,
     Step.VERIFYING: Phase.VERIFY,
+    Step.OPENING_DISKS: Phase.OPEN_DISKS,
+    Step.BULK_COPYING: Phase.TRANSFER,
+    Step.RECONCILING: Phase.TRANSFER,
+    Step.CUTTING_OVER: Phase.FINALIZE,
     Step.CREATING_TARGET: Phase.CREATE_TARGET,
+    Step.PARKING: Phase.PARK,
     Step.POWERING_ON: Phase.POWER_ON,
     Step.FINALIZING: Phase.FINALIZE,
     Step.COMPLETED: Phase.DONE,
+    Step.RUNNING_IN_CLOUD: Phase.IN_CLOUD,
+    **{step: Phase.MIGRATE_BACK for step in BACK[:-1]},
+    Step.MIGRATED_BACK: Phase.DONE,
     Step.ROLLING_BACK: Phase.CLEANUP,
     Step.FAILED: Phase.DONE,
     Step.CANCELLED: Phase.DONE,
@@ -114,12 +258,17 @@ def public_state(step: Step, cancel_requested: bool) -> MigrationState:
     """What clients see for a step."""
     if step is Step.QUEUED:
         return MigrationState.CANCELLING if cancel_requested else MigrationState.QUEUED
-    if step is Step.COMPLETED:
-        return MigrationState.COMPLETED
-    if step is Step.FAILED:
-        return MigrationState.FAILED
-    if step is Step.CANCELLED:
-        return MigrationState.CANCELLED
-    if cancel_requested and step is not Step.FINALIZING:
+    fixed = {
+        Step.COMPLETED: MigrationState.COMPLETED,
+        Step.FAILED: MigrationState.FAILED,
+        Step.CANCELLED: MigrationState.CANCELLED,
+        Step.MIGRATED_BACK: MigrationState.MIGRATED_BACK,
+        Step.RUNNING_IN_CLOUD: MigrationState.RUNNING,
+    }
+    if step in fixed:
+        return fixed[step]
+    if step in MIGRATING_BACK:
+        return MigrationState.MIGRATING_BACK
+    if cancel_requested and step not in {Step.FINALIZING, Step.CUTTING_OVER}:
         return MigrationState.CANCELLING
     return MigrationState.RUNNING

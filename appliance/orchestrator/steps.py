@@ -17,7 +17,7 @@ from appliance.orchestrator.prechecks import (
     run_checks,
     target_network,
 )
-from appliance.orchestrator.record import MigrationRecord
+from appliance.orchestrator.record import DiskPlan, MigrationRecord
 from appliance.sites.model import DiskConfig, NicConfig, VmConfig
 from appliance.state.store import text
 from messages.common import PowerState, ToolsStatus
@@ -101,15 +101,24 @@ async def verify(deps: Deps, journal: Journal, record: MigrationRecord) -> Migra
     return record
 
 
+def _cloud_disk(disk: DiskPlan) -> DiskConfig:
+    """On its volume, or on the cache's export when a cache serves it (tbc)."""
+    if disk.cache_export is not None:
+        export = f"nbd://{disk.cache_address}/{disk.cache_export}"
+        return DiskConfig(
+            disk.disk_id, disk.label, disk.capacity_bytes, disk.boot, nbd_export=export
+        )
+    return DiskConfig(
+        disk.disk_id, disk.label, disk.capacity_bytes, disk.boot, volume_id=disk.volume_id
+    )
+
+
 def cloud_vm(record: MigrationRecord, vm: VmConfig, networks: dict[str, str]) -> VmConfig:
     return replace(
         vm,
         vm_id=record.migration_id,
         name=record.target_name,
-        disks=tuple(
-            DiskConfig(d.disk_id, d.label, d.capacity_bytes, d.boot, volume_id=d.volume_id)
-            for d in record.disks
-        ),
+        disks=tuple(_cloud_disk(d) for d in record.disks),
         nics=tuple(NicConfig(n.nic_id, n.mac, networks[n.network]) for n in vm.nics),
         resource_pool=record.target_pool or "migrated",
         cluster="cloud-cluster",

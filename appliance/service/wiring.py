@@ -19,10 +19,12 @@ from appliance.dispatch.dispatcher import CommandHandler
 from appliance.dispatch.inventory import Inventory
 from appliance.errors import CommandRejected
 from appliance.health import HealthBoard
+from appliance.orchestrator.cloud_control import CloudCommands
 from appliance.orchestrator.context import Deps, OrchestratorConfig
 from appliance.orchestrator.control import MigrationControl
 from appliance.orchestrator.figures import CacheFigureReader
 from appliance.orchestrator.leftovers import ResetCleanup
+from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.reporting import Reporter, status_of
 from appliance.orchestrator.requests import CloneRequests
 from appliance.orchestrator.resume import Resumes
@@ -42,6 +44,8 @@ from appliance.state.store import StateStore
 from messages.commands import (
     CancelRequest,
     Command,
+    CommitRequest,
+    MigrateBackRequest,
     SourceCloneRequest,
     SourceInventoryRequest,
     SyncRequest,
@@ -113,6 +117,12 @@ def build_deps(
         scheduler_tick_s=settings.scheduler_tick_s,
         step_delay_s=settings.debug_step_delay_s,
         transfer_workers=settings.transfer_workers,
+        onprem_component=settings.tbc_components.split(",")[0],
+        cache_component=settings.tbc_components.split(",")[1],
+        component_order_timeout_s=settings.component_order_timeout_s,
+        component_timeout_s=settings.component_timeout_s,
+        epoch_commit_timeout_s=settings.epoch_commit_timeout_s,
+        resting_poll_s=settings.resting_poll_s,
     )
 
     def checkpoints(transfer_id: str, lease: Lease | None) -> CheckpointStore:
@@ -183,11 +193,9 @@ def build_handlers(
         return list(await control.cancel(command))
 
     resumes = Resumes(deps, group_lease)
+    cloud = CloudCommands(deps)
 
-    async def answer_sync(command: Command) -> list[Event]:
-        assert isinstance(command, SyncRequest)
-        records = await resumes.requeue(await control.select(command.body.select))
-        scheduler.wake()
+    def answers(command: Command, records: Sequence[MigrationRecord]) -> list[Event]:
         return [
             SourceCloneResponse(
                 appliance_id=settings.appliance_id,
@@ -196,6 +204,25 @@ def build_handlers(
             )
             for record in records
         ]
+
+    async def answer_sync(command: Command) -> list[Event]:
+        assert isinstance(command, SyncRequest)
+        ids = await control.select(command.body.select)
+        stored = [load(s.record) for s in await deps.migrations.get_many(ids)]
+        if cloud.resting(stored):  # an epoch now, answered once committed
+            return answers(command, await cloud.sync(ids))
+        records = await resumes.requeue(ids)  # a resume of failed migrations that kept data
+        scheduler.wake()
+        return answers(command, records)
+
+    async def answer_migrate_back(command: Command) -> list[Event]:
+        assert isinstance(command, MigrateBackRequest)
+        ids = await control.select(command.body.select)
+        return answers(command, await cloud.migrate_back(ids, command.body))
+
+    async def answer_commit(command: Command) -> list[Event]:
+        assert isinstance(command, CommitRequest)
+        return answers(command, await cloud.commit(await control.select(command.body.select)))
 
     admin = Admin(
         appliance_id=settings.appliance_id,
@@ -214,6 +241,8 @@ def build_handlers(
         "SourceCloneRequest": guarded(health, answer_clone),
         "CancelRequest": guarded(health, answer_cancel),
         "SyncRequest": guarded(health, answer_sync),
+        "MigrateBackRequest": guarded(health, answer_migrate_back),
+        "CommitRequest": guarded(health, answer_commit),
         **admin.handlers(),
     }
 

@@ -34,6 +34,7 @@ class DiskConfig:
     capacity_bytes: int
     boot: bool = False
     volume_id: str | None = None  # cloud VMs: the volume the data was copied into
+    nbd_export: str | None = None  # cloud VMs on a cache: nbd://HOST:PORT/EXPORT
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,6 +96,10 @@ class Site(Protocol):
 
     async def delete_volume(self, volume_id: str) -> None: ...
 
+    def disk_location(self, vm_id: str, disk_id: str) -> str:
+        """Where a component on the site's host finds a VM's disk (lab: its directory)."""
+        ...
+
     async def release(self, vm_id: str) -> None:
         """Let go of what the driver holds open for a VM (its disks); harmless if nothing."""
         ...

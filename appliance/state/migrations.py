@@ -415,6 +415,23 @@ class MigrationStore:
         key = self._keys.migration(migration_id)
         await self._store.run(lambda r: r.hset(key, "cancel", "1"))
 
+    async def ask(self, migration_id: str, what: str, value: str) -> None:
+        """Ask a migration's run for something (``ask:<what>``; a migrate back, its options)."""
+        key = self._keys.migration(migration_id)
+        await self._store.run(lambda r: r.hset(key, f"ask:{what}", value))
+
+    async def ask_count(self, migration_id: str, what: str) -> int:
+        """Ask once more (``ask:<what>`` counts the asks, e.g. syncs); the new count."""
+        key = self._keys.migration(migration_id)
+        return int(await self._store.run(lambda r: r.hincrby(key, f"ask:{what}", 1)))
+
+    async def asks(self, migration_id: str) -> dict[str, str]:
+        """What has been asked of a migration's run (``what`` -> value)."""
+        raw = await self._store.run(lambda r: r.hgetall(self._keys.migration(migration_id)))
+        prefix = "ask:"
+        found = {text(k): text(v) for k, v in raw.items()}
+        return {k[len(prefix) :]: v for k, v in found.items() if k.startswith(prefix)}
+
     async def requeue_group(self, group_id: str, admission: int) -> None:
         """Make a finished group active again, at the back of the line (a resume)."""
         group_key, active = self._keys.group(group_id), self._keys.active_groups

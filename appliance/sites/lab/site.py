@@ -385,6 +385,9 @@ class LabSite:
         await self._forget_disk(path)
         await asyncio.to_thread(shutil.rmtree, path, True)
 
+    def disk_location(self, vm_id: str, disk_id: str) -> str:
+        return str(self.disk_dir(vm_id, disk_id).resolve())
+
     async def release_volume(self, volume_id: str) -> None:
         await self._forget_disk(self.volume_dir(volume_id))
 

@@ -1,0 +1,154 @@
+"""Commands about VMs running in the cloud (tbc): migrate back, sync (an epoch now), commit.
+
+They act through the group's run, which holds the group's lease and alone gives
+the components orders: a command writes what it asks on the migration
+(``MigrationStore.ask``) and the run, resting, picks it up at its next tick.
+
+* MigrateBackRequest (planned): every member of each named migration's
+  dependency group goes back together. Its options (power on, keep the
+  snapshot) are asked first, the migrate back itself last.
+* SyncRequest on resting migrations: each asks for one more epoch and the
+  answer waits until the run says the epochs cut for it are committed on-prem.
+  On anything else SyncRequest keeps its older meaning: it resumes failed cold
+  migrations that kept their data (``resume.Resumes``).
+* CommitRequest: a commit turns a tbc migration into a warm one, which is not
+  built: not_implemented (refused with its own code while migrating back).
+"""
+
+from __future__ import annotations
+
+from appliance.errors import CommandRejected, WrongStep
+from appliance.orchestrator.context import Deps
+from appliance.orchestrator.record import MigrationRecord, load
+from appliance.orchestrator.resting import (
+    ASK_BACK,
+    ASK_BACK_POWER_ON,
+    ASK_KEEP_SNAPSHOT,
+    ASK_SYNC,
+)
+from appliance.orchestrator.states import MIGRATING_BACK, RESTING, Step, machine_for
+from messages.commands import MigrateBackRequestBody
+from messages.errors import ErrorCode
+
+BACK_OR_DONE = frozenset({*MIGRATING_BACK, Step.MIGRATED_BACK})
+
+
+def _refuse_back(command: str, record: MigrationRecord, asked: bool = False) -> None:
+    """Migrating back (or asked to: the run takes it up at its next tick), or migrated back."""
+    if record.step in BACK_OR_DONE or asked:
+        step = record.step.value if record.step in BACK_OR_DONE else "asked to migrate back"
+        raise WrongStep(command, record.migration_id, step, ErrorCode.MIGRATING_BACK)
+
+
+def _refuse_not_resting(command: str, record: MigrationRecord) -> None:
+    if record.step not in RESTING:
+        kind = record.migration_type.value
+        machine = machine_for(record.migration_type)
+        where = record.step.value if machine.resting else f"{record.step.value} ({kind})"
+        raise WrongStep(command, record.migration_id, where, ErrorCode.NOT_RESTING)
+
+
+class CloudCommands:
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+
+    async def _records(self, migration_ids: list[str]) -> list[MigrationRecord]:
+        return [load(s.record) for s in await self._deps.migrations.get_many(migration_ids)]
+
+    async def _refuse_going_back(self, command: str, records: list[MigrationRecord]) -> None:
+        for record in records:
+            asks = await self._deps.migrations.asks(record.migration_id)
+            _refuse_back(command, record, ASK_BACK in asks)
+
+    async def _groups(self, records: list[MigrationRecord]) -> list[MigrationRecord]:
+        """Every member of the named migrations' groups."""
+        members: dict[str, MigrationRecord] = {}
+        for group_id in dict.fromkeys(r.group_id for r in records):
+            info = await self._deps.migrations.group(group_id)
+            ids = list(info.members) if info is not None else []
+            for record in await self._records(ids):
+                members[record.migration_id] = record
+        return list(members.values())
+
+    async def migrate_back(
+        self, migration_ids: list[str], body: MigrateBackRequestBody
+    ) -> list[MigrationRecord]:
+        command = "MigrateBackRequest"
+        named = await self._records(migration_ids)
+        await self._refuse_going_back(command, named)
+        for record in named:
+            _refuse_not_resting(command, record)
+        if not body.planned:
+            raise CommandRejected(
+                "an unplanned migrate back (to the last committed epoch, without the "
+                "cloud VM) is not built yet; send planned: true",
+                ErrorCode.NOT_IMPLEMENTED,
+            )
+        members = await self._groups(named)
+        await self._refuse_going_back(command, members)
+        for record in members:
+            _refuse_not_resting(command, record)
+        migrations = self._deps.migrations
+        for record in members:
+            await migrations.ask(record.migration_id, ASK_BACK_POWER_ON, _flag(body.power_on))
+            await migrations.ask(record.migration_id, ASK_KEEP_SNAPSHOT, _flag(body.keep_snapshot))
+            await migrations.ask(record.migration_id, ASK_BACK, "1")
+        return members
+
+    def resting(self, records: list[MigrationRecord]) -> bool:
+        """Is this sync about VMs in the cloud (else: a resume of failed migrations)?"""
+        for record in records:
+            _refuse_back("SyncRequest", record)
+        return any(r.step in RESTING for r in records)
+
+    async def sync(self, migration_ids: list[str]) -> list[MigrationRecord]:
+        """One more epoch on every disk of each, answered once committed on-prem."""
+        records = await self._records(migration_ids)
+        await self._refuse_going_back("SyncRequest", records)
+        for record in records:
+            _refuse_not_resting("SyncRequest", record)
+        asked = {
+            r.migration_id: await self._deps.migrations.ask_count(r.migration_id, ASK_SYNC)
+            for r in records
+        }
+        config = self._deps.config
+        limit = config.epoch_commit_timeout_s + 2 * config.component_order_timeout_s
+        answered: list[MigrationRecord] = []
+        deadline = self._deps.clock.monotonic() + limit
+        for migration_id, count in asked.items():
+            found = await self._answered(migration_id, count, deadline, limit)
+            if found is not None:
+                answered.append(found)
+        return answered
+
+    async def _answered(
+        self, migration_id: str, count: int, deadline: float, limit: float
+    ) -> MigrationRecord | None:
+        """The record once its run answered sync number ``count`` (None: it is gone)."""
+        clock = self._deps.clock
+        while True:
+            stored = await self._deps.migrations.get(migration_id)
+            if stored is None:
+                return None
+            record = load(stored.record)
+            if record.syncs_done >= count:
+                return record
+            _refuse_back("SyncRequest", record)
+            if clock.monotonic() > deadline:
+                raise CommandRejected(
+                    f"the epoch asked of {migration_id} was not committed within "
+                    f"{limit:g} s; it will still be",
+                    ErrorCode.UNAVAILABLE,
+                )
+            await clock.sleep(self._deps.config.resting_poll_s / 4)
+
+    async def commit(self, migration_ids: list[str]) -> list[MigrationRecord]:
+        await self._refuse_going_back("CommitRequest", await self._records(migration_ids))
+        raise CommandRejected(
+            "commit turns a tbc migration into a warm one, which is not built yet",
+            ErrorCode.NOT_IMPLEMENTED,
+        )
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
