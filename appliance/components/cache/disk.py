@@ -77,6 +77,7 @@ class CacheDisk:
         self._chunk = geometry.chunk_size
         self._upstream_map = upstream_map
         self._holes = _hole_chunks(upstream_map, geometry)
+        self._zeroes = bytes(self._chunk)
         self._dirty_limit = settings.dirty_limit_slots(geometry.slots)
         self._early_cut = settings.early_cut_slots(geometry.slots)
         self._fetches: dict[int, asyncio.Future[bytes]] = {}
@@ -115,14 +116,19 @@ class CacheDisk:
         return False
 
     async def read(self, offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        await self.read_into(offset, buffer)
+        return bytes(buffer)
+
+    async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
+        """Fill ``buffer`` from ``offset``: hits straight from their slots, misses fetched."""
         self._check_open()
-        check_range(self._name, self._size, offset, length)
-        out = bytearray(length)
-        pieces = self._pieces(offset, length)
-        misses = [piece for piece in pieces if not self._read_local(piece, out)]
+        view = memoryview(buffer).cast("B")
+        check_range(self._name, self._size, offset, len(view))
+        pieces = self._pieces(offset, len(view))
+        misses = [piece for piece in pieces if not self._read_local(piece, view)]
         if misses:
-            await asyncio.gather(*(self._read_miss(piece, out) for piece in misses))
-        return bytes(out)
+            await asyncio.gather(*(self._read_miss(piece, view) for piece in misses))
 
     def read_inline(self, offset: int, view: memoryview) -> bool:
         """A read the cache holds whole (hits, known holes), served at once; else False.
@@ -141,22 +147,48 @@ class CacheDisk:
         return True
 
     def write_inline(self, offset: int, data: memoryview) -> bool:
-        """Never at once: a write may copy on write, fetch, journal or wait for room."""
-        return False
+        """A write that needs no fetch, no wait and no reclaim, done at once; else False.
+
+        That is a write into chunks dirty in the open epoch (in place), or into one
+        chunk that a free slot can take by copy on write from what the cache holds
+        (or a whole chunk, or a known hole). Anything else (a fetch, room to wait
+        for, a cut under way, another write busy on the chunk) takes the async path.
+        With no await, an inline write is wholly before or after any cut.
+        """
+        length = len(data)
+        if (
+            self._closed
+            or not self._cut_done.is_set()
+            or offset < 0
+            or length == 0
+            or offset + length > self._size
+        ):
+            return False
+        pieces = self._pieces(offset, length)
+        if len(pieces) == 1:
+            return self._write_now(pieces[0], data)
+        if not all(self._in_place(piece.chunk) is not None for piece in pieces):
+            return False
+        for piece in pieces:
+            self._write_now(piece, data[piece.at : piece.at + piece.length])
+        return True
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_open()
         view = memoryview(data).cast("B")
         check_range(self._name, self._size, offset, len(view))
+        pieces = self._pieces(offset, len(view))
+        if len(pieces) == 1:
+            await self._write_piece(pieces[0], view)
+            return
         await _in_batches(
-            self._write_piece(piece, view[piece.at : piece.at + piece.length])
-            for piece in self._pieces(offset, len(view))
+            self._write_piece(piece, view[piece.at : piece.at + piece.length]) for piece in pieces
         )
 
     async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
         self._check_open()
         check_range(self._name, self._size, offset, length)
-        zeroes = memoryview(bytes(self._chunk))
+        zeroes = memoryview(self._zeroes)
         # A chunk that reads as zeroes on-prem and was never written stays as it is.
         await _in_batches(
             self._write_piece(piece, zeroes[: piece.length])
@@ -216,20 +248,20 @@ class CacheDisk:
             chunk
         )
 
-    def _read_local(self, piece: _Piece, out: bytearray | memoryview) -> bool:
+    def _read_local(self, piece: _Piece, out: memoryview) -> bool:
         """Serve a piece from the cache if it can be (no await: nothing moves meanwhile)."""
         entry = self.store.live.get(piece.chunk)
+        target = out[piece.at : piece.at + piece.length]
         if entry is not None:
             self.store.touch(piece.chunk)
-            data = self.store.read_slot(entry.slot, piece.start, piece.length)
+            self.store.read_slot_into(entry.slot, piece.start, target)
         elif self._known_hole(piece.chunk):
-            data = bytes(piece.length)
+            target[:] = self._zeroes[: piece.length]
         else:
             return False
-        out[piece.at : piece.at + piece.length] = data
         return True
 
-    async def _read_miss(self, piece: _Piece, out: bytearray) -> None:
+    async def _read_miss(self, piece: _Piece, out: memoryview) -> None:
         fetched = await self._fetch(piece.chunk)
         if not self._read_local(piece, out):
             out[piece.at : piece.at + piece.length] = fetched[
@@ -322,7 +354,7 @@ class CacheDisk:
             with self._watching(piece.chunk) as overtaken:
                 base: bytes | None = None
                 if not whole and piece.chunk not in self.store.live:
-                    base = bytes(self._chunk) if self._known_hole(piece.chunk) else None
+                    base = self._zeroes if self._known_hole(piece.chunk) else None
                     if base is None:
                         base = await self._fetch(piece.chunk)
                 room = self._room
@@ -346,9 +378,9 @@ class CacheDisk:
     ) -> _Outcome:
         """Write one piece, unless it must wait for room or start over."""
         store = self.store
-        entry = store.live.get(piece.chunk)
-        if entry is not None and entry.epoch == store.open_epoch:
-            store.write_slot(entry.slot, piece.start, data)
+        slot = self._in_place(piece.chunk)
+        if slot is not None:
+            store.write_slot(slot, piece.start, data)
             return _Outcome.DONE
         if store.dirty_slots >= self._dirty_limit:
             return _Outcome.NO_ROOM
@@ -357,27 +389,68 @@ class CacheDisk:
             slot = store.allocate()
         if slot is None:
             return _Outcome.NO_ROOM
-        entry = store.live.get(piece.chunk)  # the reclaim awaited: look again
+        if self._in_place(piece.chunk) is None and not (
+            piece.chunk in store.live or whole or (base is not None and not overtaken())
+        ):
+            # Evicted, or rewritten and evicted, since the fetch: fetch again.
+            store.unused(slot)
+            return _Outcome.AGAIN
+        self._copy_on_write(piece, data, slot, base)
+        return _Outcome.DONE
+
+    def _in_place(self, chunk: int) -> int | None:
+        """The slot of a chunk dirty in the open epoch (written in place), else None."""
+        entry = self.store.live.get(chunk)
+        if entry is not None and entry.epoch == self.store.open_epoch:
+            return entry.slot
+        return None
+
+    def _copy_on_write(
+        self, piece: _Piece, data: memoryview, slot: int, base: bytes | None
+    ) -> None:
+        """Write the piece into the chunk, into ``slot`` unless the chunk is dirty in the
+        open epoch (then in place and ``slot`` goes back): the chunk's content (from
+        the cache, else ``base``, else zeroes for a whole-chunk write) with the piece
+        applied. No await: callers checked which of these holds."""
+        store = self.store
+        entry = store.live.get(piece.chunk)
         if entry is not None and entry.epoch == store.open_epoch:
             store.unused(slot)
             store.write_slot(entry.slot, piece.start, data)
-            return _Outcome.DONE
+            return
         if entry is not None:
             content = bytearray(store.read_slot(entry.slot, 0, self._chunk))
-        elif whole:
-            content = bytearray(self._chunk)
-        elif base is not None and not overtaken():
-            content = bytearray(base)
-        else:  # evicted, or rewritten and evicted, since the fetch: fetch again
-            store.unused(slot)
-            return _Outcome.AGAIN
+        else:
+            content = bytearray(base if base is not None else self._zeroes)
         content[piece.start : piece.start + piece.length] = data
         store.write_slot(slot, 0, content)
         store.map(piece.chunk, slot, store.open_epoch)
         watch = self._watch.get(piece.chunk)
         if watch is not None:
             watch[0] += 1
-        return _Outcome.DONE
+
+    def _write_now(self, piece: _Piece, data: memoryview) -> bool:
+        """``write_inline`` of one piece: in place, or copy on write into a free slot."""
+        store = self.store
+        slot = self._in_place(piece.chunk)
+        if slot is not None:
+            store.write_slot(slot, piece.start, data)
+            return True
+        chunk = piece.chunk
+        whole = piece.start == 0 and piece.length == self._chunk_length(chunk)
+        if (
+            self._busy(chunk)
+            or store.dirty_slots >= self._dirty_limit
+            or not (chunk in store.live or whole or self._known_hole(chunk))
+        ):
+            return False
+        slot = store.allocate()
+        if slot is None:
+            return False
+        self._copy_on_write(piece, data, slot, None)
+        if store.open_dirty >= self._early_cut:
+            self._cut_soon()
+        return True
 
     async def _wait_for_room(self, room: asyncio.Event) -> None:
         """Back-pressure: wait for a commit (cutting an epoch if none is on its way)."""

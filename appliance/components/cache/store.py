@@ -100,6 +100,12 @@ class CacheStore:
         self._pending_free: list[int] = []
         self._pending: list[Record] = []
         self._sync_lock = asyncio.Lock()
+        self._unsynced = False
+        """Slot data or records changed since the last sync began."""
+        self._syncs_started = 0
+        self._synced_through = 0
+        """The number of the latest sync that finished well (each covers what came before
+        it started)."""
         self._journal = Journal(directory / "journal")
         self._fd = -1
         self.compact_after = COMPACT_AFTER_RECORDS
@@ -170,12 +176,23 @@ class CacheStore:
     def read_slot(self, slot: int, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, slot * self.geometry.chunk_size + offset)
 
-    def write_slot(self, slot: int, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
+    def read_slot_into(self, slot: int, offset: int, view: memoryview) -> None:
+        """Fill ``view`` from the slot (no intermediate ``bytes``)."""
         at = slot * self.geometry.chunk_size + offset
         while view:
-            written = os.pwrite(self._fd, view, at)
+            got = os.preadv(self._fd, [view], at)
+            if not got:
+                raise DiskCorrupt(self.directory / "slots", f"short read at {at}")
+            view, at = view[got:], at + got
+
+    def write_slot(self, slot: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._unsynced = True
+        view = memoryview(data)
+        at = slot * self.geometry.chunk_size + offset
+        written = os.pwrite(self._fd, view, at)
+        while written < len(view):
             view, at = view[written:], at + written
+            written = os.pwrite(self._fd, view, at)
 
     # -- metadata changes (queued for the journal) ---------------------------
 
@@ -214,6 +231,7 @@ class CacheStore:
     def _record(self, record: Record) -> None:
         self._apply(record)
         self._pending.append(record)
+        self._unsynced = True
 
     # -- applying records (live and on replay) --------------------------------
 
@@ -283,8 +301,19 @@ class CacheStore:
     # -- durability ------------------------------------------------------------
 
     async def sync(self) -> None:
-        """Make every write so far and the records pointing at it durable."""
+        """Make every write so far and the records pointing at it durable.
+
+        Group commit: callers that arrive while a sync runs share the next one
+        (one ``fdatasync`` of the slots, one journal append), and a sync with
+        nothing changed since the last one costs no system call.
+        """
+        arrived = self._syncs_started
         async with self._sync_lock:
+            if self._synced_through > arrived or not self._unsynced:
+                return  # a sync that began after this call covered it, or nothing changed
+            self._syncs_started += 1
+            number = self._syncs_started
+            self._unsynced = False
             batch, self._pending = self._pending, []
             freed, self._pending_free = self._pending_free, []
             compact = self._journal.records_since_rewrite + len(batch) > self.compact_after
@@ -293,13 +322,16 @@ class CacheStore:
                 await asyncio.to_thread(self._sync_blocking, batch, image)
             except BaseException:
                 # Not durable: keep the records queued and the slots unusable.
+                self._unsynced = True
                 self._pending[:0] = batch
                 self._pending_free[:0] = freed
                 raise
             self._free.extend(freed)
+            self._synced_through = number
 
     def _sync_blocking(self, batch: list[Record], image: list[Record] | None) -> None:
-        os.fsync(self._fd)
+        # The slot file never changes size (made whole at open): its data alone matters.
+        os.fdatasync(self._fd)
         if image is not None:
             self._journal.rewrite(image)
         else:
