@@ -39,6 +39,8 @@ from appliance.storage.extents import Extent, clip, merge
 from appliance.storage.file import check_range
 
 EVICT_BATCH = 16
+THREADED_READ = 256 * 1024
+"""Reads of cached data at least this large copy out of the page cache in a thread."""
 PIECES_AT_ONCE = 64
 
 
@@ -126,6 +128,8 @@ class CacheDisk:
         view = memoryview(buffer).cast("B")
         check_range(self._name, self._size, offset, len(view))
         pieces = self._pieces(offset, len(view))
+        if len(view) >= THREADED_READ and await self._read_hits_threaded(pieces, view):
+            return
         misses = [piece for piece in pieces if not self._read_local(piece, view)]
         if misses:
             await asyncio.gather(*(self._read_miss(piece, view) for piece in misses))
@@ -259,6 +263,32 @@ class CacheDisk:
             target[:] = self._zeroes[: piece.length]
         else:
             return False
+        return True
+
+    async def _read_hits_threaded(self, pieces: list[_Piece], out: memoryview) -> bool:
+        """Read a large request whose chunks are all cached in a worker thread, so the
+        copy out of the page cache overlaps the loop's sending; False (nothing done)
+        if a chunk is not cached. Its slots are pinned meanwhile: an eviction or a
+        rewrite may drop them, but none is reused before the thread is done."""
+        live = self.store.live
+        entries = [live.get(piece.chunk) for piece in pieces]
+        reads: list[tuple[int, int, memoryview]] = []
+        for piece, entry in zip(pieces, entries, strict=True):
+            if entry is None:
+                return False
+            reads.append((entry.slot, piece.start, out[piece.at : piece.at + piece.length]))
+        store = self.store
+        for piece, (slot, _, _) in zip(pieces, reads, strict=True):
+            store.touch(piece.chunk)
+            store.pin(slot)
+
+        def unpin(_done: object) -> None:
+            for slot, _, _ in reads:
+                store.unpin(slot)
+
+        done = asyncio.get_running_loop().run_in_executor(None, store.read_slots_into, reads)
+        done.add_done_callback(unpin)  # in the loop, once the thread is done, even if we left
+        await asyncio.shield(done)
         return True
 
     async def _read_miss(self, piece: _Piece, out: memoryview) -> None:

@@ -40,6 +40,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Self
 
 from appliance.components.cache.journal import Journal, Kind, Record
 from appliance.errors import DiskCorrupt
@@ -99,10 +100,15 @@ class CacheStore:
         self._free: list[int] = []
         self._pending_free: list[int] = []
         self._pending: list[Record] = []
+        self._pins: dict[int, int] = {}
+        self._unpinned_free: set[int] = set()
+        """Slots no record points at any more, freed once no worker thread reads them."""
         self._sync_lock = asyncio.Lock()
         self._unsynced = False
         """Slot data or records changed since the last sync began."""
         self._syncs_started = 0
+        self.syncs = 0
+        """Syncs that reached the device (figures, tests)."""
         self._synced_through = 0
         """The number of the latest sync that finished well (each covers what came before
         it started)."""
@@ -113,7 +119,7 @@ class CacheStore:
         """Chunks dirty in the open epoch."""
 
     @classmethod
-    def open(cls, directory: Path, disk_size: int, chunk_size: int, slots: int) -> CacheStore:
+    def open(cls, directory: Path, disk_size: int, chunk_size: int, slots: int) -> Self:
         """Open (or create) the cache of one disk and replay its journal (blocking)."""
         directory.mkdir(parents=True, exist_ok=True)
         geometry = _load_geometry(directory, Geometry(disk_size, chunk_size, slots))
@@ -279,7 +285,33 @@ class CacheStore:
     def _release(self, slot: int) -> None:
         self._refs[slot] -= 1
         if not self._refs[slot]:
+            if slot in self._pins:
+                self._unpinned_free.add(slot)  # a worker thread still reads it
+            else:
+                self._pending_free.append(slot)
+
+    # -- slots read by a worker thread ---------------------------------------
+
+    def pin(self, slot: int) -> None:
+        """Keep ``slot`` from reuse while a worker thread reads it (call in the loop)."""
+        self._pins[slot] = self._pins.get(slot, 0) + 1
+
+    def unpin(self, slot: int) -> None:
+        left = self._pins[slot] - 1
+        if left:
+            self._pins[slot] = left
+            return
+        del self._pins[slot]
+        if slot in self._unpinned_free:
+            self._unpinned_free.discard(slot)
             self._pending_free.append(slot)
+            self._unsynced = True  # the next sync frees it
+
+    def read_slots_into(self, reads: list[tuple[int, int, memoryview]]) -> None:
+        """``read_slot_into`` of each (slot, offset, view): blocking, for a worker thread,
+        on slots the caller pinned."""
+        for slot, offset, view in reads:
+            self.read_slot_into(slot, offset, view)
 
     def _apply_cut(self, epoch: int) -> None:
         held = {c: e.slot for c, e in self.live.items() if e.epoch == epoch}
@@ -328,6 +360,7 @@ class CacheStore:
                 raise
             self._free.extend(freed)
             self._synced_through = number
+            self.syncs += 1
 
     def _sync_blocking(self, batch: list[Record], image: list[Record] | None) -> None:
         # The slot file never changes size (made whole at open): its data alone matters.
