@@ -298,15 +298,19 @@ class CacheDisk:
                 piece.start : piece.start + piece.length
             ]
 
-    async def _fetch(self, chunk: int) -> bytes:
-        """The chunk's on-prem content (padded to a whole chunk); one fetch per chunk at once."""
+    async def _fetch(self, chunk: int, *, keep: bool = True) -> bytes:
+        """The chunk's on-prem content (padded to a whole chunk); one fetch per chunk at once.
+
+        ``keep``: kept clean in a slot (for reads). A write that fetches its chunk
+        writes the merged content into a slot of its own instead: keeping a clean
+        copy first would cost a second slot, a second 64 KiB write and a record."""
         future = self._fetches.get(chunk)
         if future is not None:
             return await asyncio.shield(future)
         future = asyncio.get_running_loop().create_future()
         self._fetches[chunk] = future
         try:
-            data = await self._fetch_current(chunk)
+            data = await self._fetch_current(chunk, keep=keep)
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -319,7 +323,7 @@ class CacheDisk:
         future.set_result(data)
         return data
 
-    async def _fetch_current(self, chunk: int) -> bytes:
+    async def _fetch_current(self, chunk: int, *, keep: bool) -> bytes:
         """Fetch until no write to the chunk overtook the fetch, then keep it clean."""
         while True:
             with self._watching(chunk) as overtaken:
@@ -327,7 +331,8 @@ class CacheDisk:
                 if overtaken():
                     continue  # written (and maybe committed and evicted) meanwhile: stale
                 data = data.ljust(self._chunk, b"\0")
-                await self._keep_clean(chunk, data, overtaken)
+                if keep:
+                    await self._keep_clean(chunk, data, overtaken)
                 return data
 
     async def _keep_clean(self, chunk: int, data: bytes, overtaken: Callable[[], bool]) -> None:
@@ -386,7 +391,7 @@ class CacheDisk:
                 if not whole and piece.chunk not in self.store.live:
                     base = self._zeroes if self._known_hole(piece.chunk) else None
                     if base is None:
-                        base = await self._fetch(piece.chunk)
+                        base = await self._fetch(piece.chunk, keep=False)
                 room = self._room
                 async with self._writing(), self._chunk_lock(piece.chunk):
                     outcome = await self._apply_write(piece, data, base, overtaken, whole=whole)
