@@ -19,6 +19,11 @@
 Epochs go to the I/O manager through a
 :class:`~appliance.components.epochs.RedisEpochSink`; the staging exports are
 reached at the ``upstream`` address (the same NBD server as ``cur/``).
+
+With ``link_zstd`` on (both components), ``upstream`` is the I/O manager's
+compressed listener (its open result's ``zstd_address``): misses and epoch
+shipping go through a local :class:`~appliance.datapath.link.ZstdRelay`
+(one per upstream address) that compresses what crosses the WAN.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from appliance.components.orders import (
     OutcomeCode,
 )
 from appliance.components.runtimes import ComponentConfig
+from appliance.datapath.link import ZstdRelay
 from appliance.datapath.nbd.channel import TcpAddress
 from appliance.errors import DiskNotOpen, FerryError
 from appliance.logs import get_logger
@@ -80,6 +86,7 @@ class CacheRuntime:
         self._store: StateStore | None = None
         self._cache: CloudCache | None = None
         self._sinks: dict[str, RedisEpochSink] = {}
+        self._relays: dict[TcpAddress, ZstdRelay] = {}
         self._restoring: asyncio.Task[None] | None = None
 
     @property
@@ -121,7 +128,7 @@ class CacheRuntime:
         """Reopen the disks that were open when the process last stopped."""
         for disk_id, entry in sorted(self._state.disks.items()):
             try:
-                wanted = self._disk_order(entry.order)
+                wanted = await self._disk_order(entry.order)
                 if isinstance(wanted, CacheDiskOrder):
                     # A later owner's cut may have raised the disk's token since the open.
                     token = max(wanted.token, self.cache.token(disk_id))
@@ -135,7 +142,7 @@ class CacheRuntime:
         if self._restoring is not None:
             await asyncio.shield(self._restoring)
 
-    def _disk_order(self, order: Order) -> CacheDiskOrder | str:
+    async def _disk_order(self, order: Order) -> CacheDiskOrder | str:
         """The core's order for an ``open``, or why the params do not make one."""
         params = order.params
         size, upstream, onprem = params.get("size"), params.get("upstream"), params.get("onprem")
@@ -152,6 +159,8 @@ class CacheRuntime:
             instance = ComponentId(ComponentKind.ONPREM.value, onprem)
         except ValueError as error:
             return str(error)
+        if self._config.settings.link_zstd:
+            address = await self._through_zstd(address)
         assert self._store is not None
         sink = RedisEpochSink(
             self._store,
@@ -192,7 +201,7 @@ class CacheRuntime:
 
     async def _open(self, order: Order) -> OrderOutcome:
         previous = self._sinks.get(order.disk_id)
-        wanted = self._disk_order(order)
+        wanted = await self._disk_order(order)
         if isinstance(wanted, str):
             return OrderOutcome.refused(order, OutcomeCode.INVALID, wanted)
         refused = previous.refused.get(order.disk_id) if previous is not None else None
@@ -201,6 +210,22 @@ class CacheRuntime:
         if refused is not None and order.token >= refused:
             self._restart_shipping(order.disk_id)
         return OrderOutcome.applied(order, address=str(self.cache.server.address), export=export)
+
+    async def _through_zstd(self, upstream: TcpAddress) -> TcpAddress:
+        """The local end of a compressed link to ``upstream`` (started at first use, kept
+        until the runtime stops)."""
+        relay = self._relays.get(upstream)
+        if relay is None:
+            relay = ZstdRelay(
+                TcpAddress("127.0.0.1", 0),
+                upstream,
+                accepts="plain",
+                level=self._config.settings.link_zstd_level,
+            )
+            await relay.start()
+            self._stack.push_async_callback(relay.stop)
+            self._relays[upstream] = relay
+        return relay.address
 
     def _restart_shipping(self, disk_id: str) -> None:
         """Shipping stopped at a stale token; the new owner's token (now the disk's) restarts
@@ -240,6 +265,10 @@ class CacheRuntime:
             },
             "committed_epoch": {disk.disk_id: disk.committed_epoch for disk in status.disks},
             "dirty_bytes_per_disk": {disk.disk_id: disk.dirty_bytes for disk in status.disks},
+            "link_zstd": {
+                str(upstream): {"plain_bytes": relay.plain_bytes, "wire_bytes": relay.wire_bytes}
+                for upstream, relay in self._relays.items()
+            },
             "shipping_refused": {
                 disk: sink.refused[disk]
                 for disk, sink in self._sinks.items()
