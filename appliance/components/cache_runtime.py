@@ -167,7 +167,6 @@ class CacheRuntime:
             instance,
             address=address,
             timeout_s=self._config.settings.component_epoch_timeout_s,
-            on_rejected=self._resend_epoch,
         )
         self._sinks[order.disk_id] = sink
         return CacheDiskOrder(
@@ -200,15 +199,11 @@ class CacheRuntime:
         return OrderOutcome.applied(order, epoch=epoch)
 
     async def _open(self, order: Order) -> OrderOutcome:
-        previous = self._sinks.get(order.disk_id)
         wanted = await self._disk_order(order)
         if isinstance(wanted, str):
             return OrderOutcome.refused(order, OutcomeCode.INVALID, wanted)
-        refused = previous.refused.get(order.disk_id) if previous is not None else None
-        export = await self.cache.open_disk(wanted)
+        export = await self.cache.open_disk(wanted)  # a takeover restarts stopped shipping
         await self._state.opened(order)
-        if refused is not None and order.token >= refused:
-            self._restart_shipping(order.disk_id)
         return OrderOutcome.applied(order, address=str(self.cache.server.address), export=export)
 
     async def _through_zstd(self, upstream: TcpAddress) -> TcpAddress:
@@ -226,27 +221,6 @@ class CacheRuntime:
             self._stack.push_async_callback(relay.stop)
             self._relays[upstream] = relay
         return relay.address
-
-    def _restart_shipping(self, disk_id: str) -> None:
-        """Shipping stopped at a stale token; the new owner's token (now the disk's) restarts
-        it, with the export left serving the VM. The core has no call for this yet
-        (``CloudCache.open_disk`` updates a takeover's token and sink but leaves a stopped
-        shipper stopped), hence the reach into its table."""
-        opened = self.cache._disks.get(disk_id)
-        if opened is not None and opened.shipper.stale:
-            log.info("cache disk taken over: shipping restarts", disk_id=disk_id)
-            opened.shipper.stale = False
-            opened.shipper.start()
-
-    def _resend_epoch(self, disk_id: str, epoch: int) -> None:
-        """On-prem rejected the commit of ``epoch``: its staging lacks what was sent (on-prem
-        restarted between the copy and the commit and discarded it). The shipper keeps a
-        checkpoint per epoch across attempts, so the next one would skip every chunk and be
-        rejected again, forever; dropping it makes the next attempt send the whole epoch.
-        The core has no call for this yet (the fix belongs in ``EpochShipper``)."""
-        opened = self.cache._disks.get(disk_id)
-        if opened is not None and opened.shipper._checkpoints.pop(epoch, None) is not None:
-            log.warning("epoch rejected on-prem: sending all of it again", disk_id=disk_id)
 
     def status(self) -> Mapping[str, object]:
         if self._cache is None:

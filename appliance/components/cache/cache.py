@@ -172,6 +172,7 @@ class CloudCache:
                     raise Conflict(f"disk {order.disk_id} is open for another migration or size")
                 current.order = order  # a takeover's token and sink; the same order: no-op
                 current.shipper.sink = order.sink
+                current.shipper.resume(order.token)  # stopped by a stale token: the new owner's
                 return order.disk_id
             upstream = Upstream(
                 order.upstream,
