@@ -8,7 +8,10 @@ written since, reads as zeroes without a fetch.
 
 Writes: a chunk dirty in the open epoch is written in place; any other chunk
 (clean, held by a cut epoch, or absent) gets a fresh slot holding its old
-content with the write applied (copy on write). A partial write to an absent
+content with the write applied (copy on write). The NBD server offers small
+writes to ``write_inline`` first: one that needs no fetch, no wait and no
+reclaim (in place, or a copy on write into a free slot) is done on its
+reader at once, the rest take the async path. A partial write to an absent
 chunk first fetches the chunk from on-prem (read-modify-write). A write
 that needs a slot while dirty data is at its limit, or when no slot can be
 had, waits until an epoch commit frees room (an epoch is cut early if none
@@ -28,12 +31,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
 
+from appliance.components.cache.pieces import Piece, hole_chunks, in_batches, pieces_of
 from appliance.components.cache.sizing import CacheSettings
-from appliance.components.cache.store import CacheStore, Geometry
+from appliance.components.cache.store import CacheStore
 from appliance.components.cache.upstream import Upstream
 from appliance.storage.extents import Extent, clip, merge
 from appliance.storage.file import check_range
@@ -41,23 +43,12 @@ from appliance.storage.file import check_range
 EVICT_BATCH = 16
 THREADED_READ = 256 * 1024
 """Reads of cached data at least this large copy out of the page cache in a thread."""
-PIECES_AT_ONCE = 64
 
 
 class _Outcome(enum.Enum):
     DONE = enum.auto()
     NO_ROOM = enum.auto()
     AGAIN = enum.auto()
-
-
-@dataclass(frozen=True, slots=True)
-class _Piece:
-    chunk: int
-    start: int
-    """Offset inside the chunk."""
-    length: int
-    at: int
-    """Offset inside the request."""
 
 
 class CacheDisk:
@@ -78,7 +69,7 @@ class CacheDisk:
         self._size = geometry.disk_size
         self._chunk = geometry.chunk_size
         self._upstream_map = upstream_map
-        self._holes = _hole_chunks(upstream_map, geometry)
+        self._holes = hole_chunks(upstream_map, geometry)
         self._zeroes = bytes(self._chunk)
         self._dirty_limit = settings.dirty_limit_slots(geometry.slots)
         self._early_cut = settings.early_cut_slots(geometry.slots)
@@ -127,7 +118,7 @@ class CacheDisk:
         self._check_open()
         view = memoryview(buffer).cast("B")
         check_range(self._name, self._size, offset, len(view))
-        pieces = self._pieces(offset, len(view))
+        pieces = pieces_of(offset, len(view), self._chunk)
         if len(view) >= THREADED_READ and await self._read_hits_threaded(pieces, view):
             return
         misses = [piece for piece in pieces if not self._read_local(piece, view)]
@@ -143,7 +134,7 @@ class CacheDisk:
         length = len(view)
         if self._closed or offset < 0 or length == 0 or offset + length > self._size:
             return False
-        pieces = self._pieces(offset, length)
+        pieces = pieces_of(offset, length, self._chunk)
         if not all(p.chunk in self.store.live or self._known_hole(p.chunk) for p in pieces):
             return False
         for piece in pieces:
@@ -168,7 +159,7 @@ class CacheDisk:
             or offset + length > self._size
         ):
             return False
-        pieces = self._pieces(offset, length)
+        pieces = pieces_of(offset, length, self._chunk)
         if len(pieces) == 1:
             return self._write_now(pieces[0], data)
         if not all(self._in_place(piece.chunk) is not None for piece in pieces):
@@ -181,11 +172,11 @@ class CacheDisk:
         self._check_open()
         view = memoryview(data).cast("B")
         check_range(self._name, self._size, offset, len(view))
-        pieces = self._pieces(offset, len(view))
+        pieces = pieces_of(offset, len(view), self._chunk)
         if len(pieces) == 1:
             await self._write_piece(pieces[0], view)
             return
-        await _in_batches(
+        await in_batches(
             self._write_piece(piece, view[piece.at : piece.at + piece.length]) for piece in pieces
         )
 
@@ -194,9 +185,9 @@ class CacheDisk:
         check_range(self._name, self._size, offset, length)
         zeroes = memoryview(self._zeroes)
         # A chunk that reads as zeroes on-prem and was never written stays as it is.
-        await _in_batches(
+        await in_batches(
             self._write_piece(piece, zeroes[: piece.length])
-            for piece in self._pieces(offset, length)
+            for piece in pieces_of(offset, length, self._chunk)
             if piece.chunk in self.store.live or not self._known_hole(piece.chunk)
         )
 
@@ -209,7 +200,7 @@ class CacheDisk:
             length = self._size - offset
         check_range(self._name, self._size, offset, length)
         found: list[Extent] = []
-        for piece in self._pieces(offset, length):
+        for piece in pieces_of(offset, length, self._chunk):
             start = offset + piece.at
             end = start + piece.length
             if piece.chunk in self.store.live or self.store.is_written(piece.chunk):
@@ -234,16 +225,6 @@ class CacheDisk:
 
     # -- reads -----------------------------------------------------------------
 
-    def _pieces(self, offset: int, length: int) -> list[_Piece]:
-        pieces: list[_Piece] = []
-        pos, end = offset, offset + length
-        while pos < end:
-            chunk, start = divmod(pos, self._chunk)
-            size = min(self._chunk - start, end - pos)
-            pieces.append(_Piece(chunk, start, size, pos - offset))
-            pos += size
-        return pieces
-
     def _chunk_length(self, chunk: int) -> int:
         return min(self._chunk, self._size - chunk * self._chunk)
 
@@ -252,7 +233,7 @@ class CacheDisk:
             chunk
         )
 
-    def _read_local(self, piece: _Piece, out: memoryview) -> bool:
+    def _read_local(self, piece: Piece, out: memoryview) -> bool:
         """Serve a piece from the cache if it can be (no await: nothing moves meanwhile)."""
         entry = self.store.live.get(piece.chunk)
         target = out[piece.at : piece.at + piece.length]
@@ -265,33 +246,23 @@ class CacheDisk:
             return False
         return True
 
-    async def _read_hits_threaded(self, pieces: list[_Piece], out: memoryview) -> bool:
+    async def _read_hits_threaded(self, pieces: list[Piece], out: memoryview) -> bool:
         """Read a large request whose chunks are all cached in a worker thread, so the
         copy out of the page cache overlaps the loop's sending; False (nothing done)
-        if a chunk is not cached. Its slots are pinned meanwhile: an eviction or a
-        rewrite may drop them, but none is reused before the thread is done."""
+        if a chunk is not cached."""
         live = self.store.live
-        entries = [live.get(piece.chunk) for piece in pieces]
         reads: list[tuple[int, int, memoryview]] = []
-        for piece, entry in zip(pieces, entries, strict=True):
+        for piece in pieces:
+            entry = live.get(piece.chunk)
             if entry is None:
                 return False
             reads.append((entry.slot, piece.start, out[piece.at : piece.at + piece.length]))
-        store = self.store
-        for piece, (slot, _, _) in zip(pieces, reads, strict=True):
-            store.touch(piece.chunk)
-            store.pin(slot)
-
-        def unpin(_done: object) -> None:
-            for slot, _, _ in reads:
-                store.unpin(slot)
-
-        done = asyncio.get_running_loop().run_in_executor(None, store.read_slots_into, reads)
-        done.add_done_callback(unpin)  # in the loop, once the thread is done, even if we left
-        await asyncio.shield(done)
+        for piece in pieces:
+            self.store.touch(piece.chunk)
+        await self.store.read_pinned(reads)
         return True
 
-    async def _read_miss(self, piece: _Piece, out: memoryview) -> None:
+    async def _read_miss(self, piece: Piece, out: memoryview) -> None:
         fetched = await self._fetch(piece.chunk)
         if not self._read_local(piece, out):
             out[piece.at : piece.at + piece.length] = fetched[
@@ -383,7 +354,7 @@ class CacheDisk:
 
     # -- writes ----------------------------------------------------------------
 
-    async def _write_piece(self, piece: _Piece, data: memoryview) -> None:
+    async def _write_piece(self, piece: Piece, data: memoryview) -> None:
         whole = piece.start == 0 and piece.length == self._chunk_length(piece.chunk)
         while True:
             with self._watching(piece.chunk) as overtaken:
@@ -404,7 +375,7 @@ class CacheDisk:
 
     async def _apply_write(
         self,
-        piece: _Piece,
+        piece: Piece,
         data: memoryview,
         base: bytes | None,
         overtaken: Callable[[], bool],
@@ -440,9 +411,7 @@ class CacheDisk:
             return entry.slot
         return None
 
-    def _copy_on_write(
-        self, piece: _Piece, data: memoryview, slot: int, base: bytes | None
-    ) -> None:
+    def _copy_on_write(self, piece: Piece, data: memoryview, slot: int, base: bytes | None) -> None:
         """Write the piece into the chunk, into ``slot`` unless the chunk is dirty in the
         open epoch (then in place and ``slot`` goes back): the chunk's content (from
         the cache, else ``base``, else zeroes for a whole-chunk write) with the piece
@@ -464,7 +433,7 @@ class CacheDisk:
         if watch is not None:
             watch[0] += 1
 
-    def _write_now(self, piece: _Piece, data: memoryview) -> bool:
+    def _write_now(self, piece: Piece, data: memoryview) -> bool:
         """``write_inline`` of one piece: in place, or copy on write into a free slot."""
         store = self.store
         slot = self._in_place(piece.chunk)
@@ -558,30 +527,3 @@ class CacheDisk:
         self.store.commit(epoch)
         await self.store.sync()
         self.room_freed()
-
-
-async def _in_batches(calls: Iterable[Coroutine[Any, Any, None]]) -> None:
-    """Run the calls, ``PIECES_AT_ONCE`` at a time (a 32 MiB request is 512 pieces)."""
-    batch: list[Coroutine[Any, Any, None]] = []
-    for call in calls:
-        batch.append(call)
-        if len(batch) == PIECES_AT_ONCE:
-            await asyncio.gather(*batch)
-            batch = []
-    if batch:
-        await asyncio.gather(*batch)
-
-
-def _hole_chunks(upstream_map: list[Extent], geometry: Geometry) -> bytearray:
-    """Bitmap of the chunks that read wholly as zeroes on-prem (at open)."""
-    chunk_size, chunks = geometry.chunk_size, geometry.chunks
-    bits = bytearray((chunks + 7) // 8)
-    for extent in upstream_map:
-        if not extent.zero:
-            continue
-        first = -(-extent.start // chunk_size)
-        # Exclusive; a clipped last chunk counts when the extent runs to the disk's end.
-        last = chunks if extent.end >= geometry.disk_size else extent.end // chunk_size
-        for chunk in range(first, last):
-            bits[chunk >> 3] |= 1 << (chunk & 7)
-    return bits

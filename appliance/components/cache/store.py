@@ -19,16 +19,19 @@ State (all in memory, rebuilt from the journal on open):
 Slot I/O is synchronous in the event loop's thread: each call moves at most
 one chunk (64 KiB by default) through the page cache, and doing it without
 an await between the map lookup and the ``pread`` is what keeps a read from
-racing an eviction. Everything that waits on the device (fsync, journal
-writes) runs in a thread.
+racing an eviction. The exception: a large read of cached chunks copies out
+in a worker thread, with its slots *pinned* (``pin``/``unpin``): a slot that
+loses its last record meanwhile is freed only once unpinned. Everything that
+waits on the device (fdatasync, journal writes) runs in a thread.
 
 Durability: data goes to the slot file first; the records that point at it
 are queued and reach the journal only in :meth:`CacheStore.sync`, after the
-slot file was fsynced. A slot freed by a queued record (eviction, a rewrite,
-a commit) is reused only once that record is durable, so a replayed journal
-never points at a slot that was overwritten since. Writes in place only ever
-touch a slot that is dirty in the open epoch, whose content no durable record
-calls clean or held.
+slot file was fsynced. ``sync`` is a group commit: callers arriving while one
+runs share the next, and one with nothing changed since costs nothing. A
+slot freed by a queued record (eviction, a rewrite, a commit) is reused only
+once that record is durable, so a replayed journal never points at a slot
+that was overwritten since. Writes in place only ever touch a slot that is
+dirty in the open epoch, whose content no durable record calls clean or held.
 """
 
 from __future__ import annotations
@@ -290,6 +293,23 @@ class CacheStore:
             else:
                 self._pending_free.append(slot)
 
+    def _apply_cut(self, epoch: int) -> None:
+        held = {c: e.slot for c, e in self.live.items() if e.epoch == epoch}
+        for slot in held.values():
+            self._refs[slot] += 1
+        self.held[epoch] = held
+        self.open_epoch = epoch + 1
+        self.open_dirty = 0
+
+    def _apply_commit(self, epoch: int) -> None:
+        for chunk, slot in self.held.pop(epoch, {}).items():
+            entry = self.live.get(chunk)
+            if entry is not None and entry.slot == slot:
+                entry.epoch = 0
+                self._lru[chunk] = None
+            self._release(slot)
+        self.committed = max(self.committed, epoch)
+
     # -- slots read by a worker thread ---------------------------------------
 
     def pin(self, slot: int) -> None:
@@ -307,28 +327,24 @@ class CacheStore:
             self._pending_free.append(slot)
             self._unsynced = True  # the next sync frees it
 
-    def read_slots_into(self, reads: list[tuple[int, int, memoryview]]) -> None:
-        """``read_slot_into`` of each (slot, offset, view): blocking, for a worker thread,
-        on slots the caller pinned."""
-        for slot, offset, view in reads:
-            self.read_slot_into(slot, offset, view)
+    async def read_pinned(self, reads: list[tuple[int, int, memoryview]]) -> None:
+        """``read_slot_into`` of each (slot, offset, view) in a worker thread, the slots
+        pinned until it is done (even if the caller is cancelled meanwhile): an eviction
+        or a rewrite may drop them, but none is reused before the thread finished."""
+        for slot, _, _ in reads:
+            self.pin(slot)
 
-    def _apply_cut(self, epoch: int) -> None:
-        held = {c: e.slot for c, e in self.live.items() if e.epoch == epoch}
-        for slot in held.values():
-            self._refs[slot] += 1
-        self.held[epoch] = held
-        self.open_epoch = epoch + 1
-        self.open_dirty = 0
+        def read_all() -> None:
+            for slot, offset, view in reads:
+                self.read_slot_into(slot, offset, view)
 
-    def _apply_commit(self, epoch: int) -> None:
-        for chunk, slot in self.held.pop(epoch, {}).items():
-            entry = self.live.get(chunk)
-            if entry is not None and entry.slot == slot:
-                entry.epoch = 0
-                self._lru[chunk] = None
-            self._release(slot)
-        self.committed = max(self.committed, epoch)
+        def unpin_all(_done: object) -> None:
+            for slot, _, _ in reads:
+                self.unpin(slot)
+
+        done = asyncio.get_running_loop().run_in_executor(None, read_all)
+        done.add_done_callback(unpin_all)  # in the loop, once the thread is done
+        await asyncio.shield(done)
 
     # -- durability ------------------------------------------------------------
 
