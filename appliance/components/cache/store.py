@@ -335,8 +335,8 @@ class CacheStore:
             self.pin(slot)
 
         def read_all() -> None:
-            for slot, offset, view in reads:
-                self.read_slot_into(slot, offset, view)
+            for slot, offset, views in self._runs(reads):
+                self._read_run(slot, offset, views)
 
         def unpin_all(_done: object) -> None:
             for slot, _, _ in reads:
@@ -345,6 +345,31 @@ class CacheStore:
         done = asyncio.get_running_loop().run_in_executor(None, read_all)
         done.add_done_callback(unpin_all)  # in the loop, once the thread is done
         await asyncio.shield(done)
+
+    def _runs(
+        self, reads: list[tuple[int, int, memoryview]]
+    ) -> list[tuple[int, int, list[memoryview]]]:
+        """Reads of consecutive slots, each piece up to its slot's end and the next from
+        its start, merged: one ``preadv`` each (slots of chunks cached in order are
+        consecutive)."""
+        chunk = self.geometry.chunk_size
+        runs: list[tuple[int, int, list[memoryview]]] = []
+        last_slot, last_end = -2, 0
+        for slot, offset, view in reads:
+            if runs and slot == last_slot + 1 and offset == 0 and last_end == chunk:
+                runs[-1][2].append(view)
+            else:
+                runs.append((slot, offset, [view]))
+            last_slot, last_end = slot, offset + len(view)
+        return runs
+
+    def _read_run(self, slot: int, offset: int, views: list[memoryview]) -> None:
+        at = slot * self.geometry.chunk_size + offset
+        if os.preadv(self._fd, views, at) == sum(len(view) for view in views):
+            return
+        for view in views:  # short (a signal, say): piece by piece
+            self.read_slot_into(slot, offset, view)
+            slot, offset = slot + 1, 0
 
     # -- durability ------------------------------------------------------------
 
