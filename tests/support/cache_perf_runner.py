@@ -7,6 +7,8 @@ LocalEpochSink in this process), opens ``disk-0`` in a CloudCache on
 disk fits wholly, so a warm-up pass makes every later request a hit; no timed
 epochs), prints ``READY <port>`` and runs until SIGTERM/SIGINT. Its loop runs
 the way the appliance's processes run theirs (uvloop when installed).
+``--upstream HOST:PORT --upstream-export NAME`` reads misses from another NBD
+server instead (a qemu-nbd of the same image, say).
 
     fio --name=w --ioengine=nbd --uri=nbd://127.0.0.1:PORT/disk-0 --rw=randwrite \
         --bs=4k --iodepth=16 --time_based --runtime=6 --norandommap --randrepeat=0
@@ -40,7 +42,7 @@ def make_image(path: Path, size: int) -> None:
         os.fsync(file.fileno())
 
 
-async def serve(directory: Path, size: int) -> None:
+async def serve(directory: Path, size: int, upstream: TcpAddress | None, export: str) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -58,8 +60,8 @@ async def serve(directory: Path, size: int) -> None:
             disk_id=DISK,
             token=1,
             size=size,
-            upstream=sink.address,
-            upstream_export=sink.export,
+            upstream=upstream or sink.address,
+            upstream_export=export if upstream else sink.export,
             sink=sink,
         )
         await cache.open_disk(order)
@@ -71,9 +73,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("directory", type=Path)
     parser.add_argument("--size", type=int, default=1024 * MiB)
+    parser.add_argument("--upstream", help="HOST:PORT of another on-prem NBD server to read")
+    parser.add_argument("--upstream-export", default="")
     args = parser.parse_args()
     args.directory.mkdir(parents=True, exist_ok=True)
-    run_async(serve(args.directory, args.size))
+    upstream = None
+    if args.upstream:
+        host, _, port = args.upstream.rpartition(":")
+        upstream = TcpAddress(host, int(port))
+    run_async(serve(args.directory, args.size, upstream, args.upstream_export))
 
 
 if __name__ == "__main__":
