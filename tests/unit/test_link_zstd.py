@@ -21,6 +21,7 @@ from appliance.components.runtimes import ComponentConfig
 from appliance.datapath.link import ZstdRelay
 from appliance.datapath.nbd import NbdBackend, NbdServer, TcpAddress
 from appliance.embedded import RedisServer
+from appliance.errors import ConnectionDropped
 from appliance.settings import Settings
 from appliance.state.keys import Keys
 from appliance.storage.file import FileBackend
@@ -144,3 +145,28 @@ async def test_cache_misses_and_an_epoch_go_through_the_compressed_link(
     expected = bytearray(snapshot)
     expected[CHUNK - 7 : CHUNK - 7 + len(data)] = data
     assert image == bytes(expected)
+
+
+async def test_a_dropped_compressed_link_is_reconnected_with_a_fresh_stream(
+    tmp_path: Path,
+) -> None:
+    image = tmp_path / "disk.raw"
+    content = compressible(SIZE, 3)
+    image.write_bytes(content)
+    async with (
+        FileBackend.open(image) as backend,
+        NbdServer({"d": backend}) as server,
+        ZstdRelay(LOOPBACK, TcpAddress("127.0.0.1", server.port), accepts="zstd") as far,
+        FaultProxy("127.0.0.1", far.port) as wan,
+        ZstdRelay(LOOPBACK, TcpAddress("127.0.0.1", wan.port), accepts="plain") as near,
+    ):
+        async with await NbdBackend.connect(near.address, "d") as disk:
+            assert await disk.read(0, MIB) == content[:MIB]
+            wan.drop_now()  # mid-stream: both compressors' state is lost with the link
+            try:
+                data = await disk.read(MIB, MIB)
+            except ConnectionDropped:  # this call found the link gone: the next reconnects
+                data = await disk.read(MIB, MIB)
+            assert data == content[MIB:]
+            assert disk.reconnects == 1
+        assert near.connections == 2 and wan.drops == 1
