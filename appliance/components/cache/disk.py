@@ -71,6 +71,7 @@ class CacheDisk:
         self._upstream_map = upstream_map
         self._holes = hole_chunks(upstream_map, geometry)
         self._zeroes = bytes(self._chunk)
+        self._scratch = bytearray(self._chunk)
         self._dirty_limit = settings.dirty_limit_slots(geometry.slots)
         self._early_cut = settings.early_cut_slots(geometry.slots)
         self._fetches: dict[int, asyncio.Future[bytes]] = {}
@@ -422,10 +423,11 @@ class CacheDisk:
             store.unused(slot)
             store.write_slot(entry.slot, piece.start, data)
             return
+        content = self._scratch  # no await from here on: one buffer serves every write
         if entry is not None:
-            content = bytearray(store.read_slot(entry.slot, 0, self._chunk))
+            store.read_slot_into(entry.slot, 0, memoryview(content))
         else:
-            content = bytearray(base if base is not None else self._zeroes)
+            content[:] = base if base is not None else self._zeroes
         content[piece.start : piece.start + piece.length] = data
         store.write_slot(slot, 0, content)
         store.map(piece.chunk, slot, store.open_epoch)
