@@ -128,6 +128,13 @@ class Settings(BaseSettings):
     component_epoch_timeout_s: float = Field(
         default=60.0, gt=0, description="how long the cache waits for on-prem to answer"
     )
+    # Optional zstd on the WAN link between the cache and the I/O manager (misses and epoch
+    # shipping; appliance/datapath/link.py). Both components must have it on: on-prem then
+    # also listens for compressed connections at link_zstd_bind (its open result's
+    # zstd_address), which is what the cache's open order gives as params.upstream.
+    link_zstd: bool = Field(default=False, description="compress the cache<->on-prem link")
+    link_zstd_level: int = Field(default=3, ge=1, le=19)
+    link_zstd_bind: str = Field(default="127.0.0.1:0", pattern=r"^[^\s:]*:\d{1,5}$")
     test_mode: bool = Field(
         default=False, description="tests only: lets a component run a runtime named by --runtime"
     )

@@ -22,6 +22,11 @@
 Epochs go to the I/O manager through a
 :class:`~appliance.components.epochs.RedisEpochSink`; the staging exports are
 reached at the ``upstream`` address (the same NBD server as ``cur/``).
+
+With ``link_zstd`` on (both components), ``upstream`` is the I/O manager's
+compressed listener (its open result's ``zstd_address``): misses and epoch
+shipping go through a local :class:`~appliance.datapath.link.ZstdRelay`
+(one per upstream address) that compresses what crosses the WAN.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from appliance.components.orders import (
 )
 from appliance.components.reconciling import parse_pass, parse_volume
 from appliance.components.runtimes import ComponentConfig
+from appliance.datapath.link import ZstdRelay
 from appliance.datapath.nbd.channel import TcpAddress
 from appliance.errors import DiskNotOpen, FerryError
 from appliance.logs import get_logger
@@ -85,6 +91,7 @@ class CacheRuntime:
         self._store: StateStore | None = None
         self._cache: CloudCache | None = None
         self._sinks: dict[str, RedisEpochSink] = {}
+        self._relays: dict[TcpAddress, ZstdRelay] = {}
         self._restoring: asyncio.Task[None] | None = None
 
     @property
@@ -126,7 +133,7 @@ class CacheRuntime:
         """Reopen the disks that were open when the process last stopped."""
         for disk_id, entry in sorted(self._state.disks.items()):
             try:
-                wanted = self._disk_order(entry.order)
+                wanted = await self._disk_order(entry.order)
                 if isinstance(wanted, CacheDiskOrder):
                     # A later owner's cut may have raised the disk's token since the open.
                     token = max(wanted.token, self.cache.token(disk_id))
@@ -140,7 +147,7 @@ class CacheRuntime:
         if self._restoring is not None:
             await asyncio.shield(self._restoring)
 
-    def _disk_order(self, order: Order) -> CacheDiskOrder | str:
+    async def _disk_order(self, order: Order) -> CacheDiskOrder | str:
         """The core's order for an ``open``, or why the params do not make one."""
         params = order.params
         size, upstream, onprem = params.get("size"), params.get("upstream"), params.get("onprem")
@@ -157,13 +164,14 @@ class CacheRuntime:
             instance = ComponentId(ComponentKind.ONPREM.value, onprem)
         except ValueError as error:
             return str(error)
+        if self._config.settings.link_zstd:
+            address = await self._through_zstd(address)
         assert self._store is not None
         sink = RedisEpochSink(
             self._store,
             instance,
             address=address,
             timeout_s=self._config.settings.component_epoch_timeout_s,
-            on_rejected=self._resend_epoch,
         )
         self._sinks[order.disk_id] = sink
         return CacheDiskOrder(
@@ -209,15 +217,11 @@ class CacheRuntime:
         return OrderOutcome.applied(order, **done.as_result())
 
     async def _open(self, order: Order) -> OrderOutcome:
-        previous = self._sinks.get(order.disk_id)
-        wanted = self._disk_order(order)
+        wanted = await self._disk_order(order)
         if isinstance(wanted, str):
             return OrderOutcome.refused(order, OutcomeCode.INVALID, wanted)
-        refused = previous.refused.get(order.disk_id) if previous is not None else None
-        export = await self.cache.open_disk(wanted)
+        export = await self.cache.open_disk(wanted)  # a takeover restarts stopped shipping
         await self._state.opened(order)
-        if refused is not None and order.token >= refused:
-            self._restart_shipping(order.disk_id)
         return OrderOutcome.applied(
             order,
             address=str(self.cache.server.address),
@@ -225,26 +229,21 @@ class CacheRuntime:
             image=image_export(order.disk_id),
         )
 
-    def _restart_shipping(self, disk_id: str) -> None:
-        """Shipping stopped at a stale token; the new owner's token (now the disk's) restarts
-        it, with the export left serving the VM. The core has no call for this yet
-        (``CloudCache.open_disk`` updates a takeover's token and sink but leaves a stopped
-        shipper stopped), hence the reach into its table."""
-        opened = self.cache._disks.get(disk_id)
-        if opened is not None and opened.shipper.stale:
-            log.info("cache disk taken over: shipping restarts", disk_id=disk_id)
-            opened.shipper.stale = False
-            opened.shipper.start()
-
-    def _resend_epoch(self, disk_id: str, epoch: int) -> None:
-        """On-prem rejected the commit of ``epoch``: its staging lacks what was sent (on-prem
-        restarted between the copy and the commit and discarded it). The shipper keeps a
-        checkpoint per epoch across attempts, so the next one would skip every chunk and be
-        rejected again, forever; dropping it makes the next attempt send the whole epoch.
-        The core has no call for this yet (the fix belongs in ``EpochShipper``)."""
-        opened = self.cache._disks.get(disk_id)
-        if opened is not None and opened.shipper._checkpoints.pop(epoch, None) is not None:
-            log.warning("epoch rejected on-prem: sending all of it again", disk_id=disk_id)
+    async def _through_zstd(self, upstream: TcpAddress) -> TcpAddress:
+        """The local end of a compressed link to ``upstream`` (started at first use, kept
+        until the runtime stops)."""
+        relay = self._relays.get(upstream)
+        if relay is None:
+            relay = ZstdRelay(
+                TcpAddress("127.0.0.1", 0),
+                upstream,
+                accepts="plain",
+                level=self._config.settings.link_zstd_level,
+            )
+            await relay.start()
+            self._stack.push_async_callback(relay.stop)
+            self._relays[upstream] = relay
+        return relay.address
 
     def _reconcile_progress(self, status: CacheStatus) -> dict[str, dict[str, object]]:
         """Each disk's reconcile pass under way: bytes done of its total, rate, ETA."""
@@ -283,6 +282,10 @@ class CacheRuntime:
             "dirty_bytes_per_disk": {disk.disk_id: disk.dirty_bytes for disk in status.disks},
             "reconcile_pass": {disk.disk_id: disk.reconcile_pass for disk in status.disks},
             "reconcile_progress": self._reconcile_progress(status),
+            "link_zstd": {
+                str(upstream): {"plain_bytes": relay.plain_bytes, "wire_bytes": relay.wire_bytes}
+                for upstream, relay in self._relays.items()
+            },
             "shipping_refused": {
                 disk: sink.refused[disk]
                 for disk, sink in self._sinks.items()

@@ -10,6 +10,11 @@
 * ``close``: stops serving the disk (its journal stays);
 * ``cut_epoch``: refused ``invalid``: epochs are cut by the cache.
 
+With ``link_zstd`` on, the NBD server is also reached compressed through a
+:class:`~appliance.datapath.link.ZstdRelay` listening at ``link_zstd_bind``;
+the open result then carries ``zstd_address`` (HOST:PORT): the address the
+cache's open order gives as ``upstream``.
+
 A stale token raises the core's ``StaleToken`` (refused by the order desk).
 Epoch requests from the cache (stage, commit) are answered by an
 :class:`~appliance.components.epochs.EpochService` over Redis. Disks open at a
@@ -30,7 +35,7 @@ from types import TracebackType
 from typing import Self
 
 from appliance.components.adapter_state import AdapterState
-from appliance.components.epochs import EpochService
+from appliance.components.epochs import EpochService, parse_address
 from appliance.components.onprem import (
     OnpremDiskOrder,
     OnpremIoManager,
@@ -39,6 +44,7 @@ from appliance.components.onprem import (
 )
 from appliance.components.orders import Order, OrderAction, OrderOutcome, OutcomeCode
 from appliance.components.runtimes import ComponentConfig
+from appliance.datapath.link import ZstdRelay
 from appliance.datapath.nbd.channel import TcpAddress
 from appliance.errors import FerryError
 from appliance.logs import get_logger
@@ -75,6 +81,7 @@ class OnpremRuntime:
         self._serving: asyncio.Task[None] | None = None
         self._manager: OnpremIoManager | None = None
         self._service: EpochService | None = None
+        self._relay: ZstdRelay | None = None
 
     @property
     def manager(self) -> OnpremIoManager:
@@ -91,6 +98,15 @@ class OnpremRuntime:
             self._manager = await stack.enter_async_context(
                 OnpremIoManager(config.data_dir, address=address)
             )
+            if config.settings.link_zstd:
+                self._relay = await stack.enter_async_context(
+                    ZstdRelay(
+                        parse_address(config.settings.link_zstd_bind),
+                        _reachable(self._manager.address),
+                        accepts="zstd",
+                        level=config.settings.link_zstd_level,
+                    )
+                )
             await self._state.load()
             self._restoring = asyncio.create_task(self._restore())
             self._service = EpochService(store, config.instance, self._manager, ready=self._ready)
@@ -148,11 +164,13 @@ class OnpremRuntime:
             return OrderOutcome.refused(order, OutcomeCode.INVALID, wanted)
         await self.manager.open_disk(wanted)
         await self._state.opened(order)
+        zstd = {} if self._relay is None else {"zstd_address": str(self._relay.address)}
         return OrderOutcome.applied(
             order,
             address=str(self.manager.address),
             current=current_export(order.disk_id),
             snapshot=snapshot_export(order.disk_id),
+            **zstd,
         )
 
     def status(self) -> Mapping[str, object]:
@@ -166,7 +184,27 @@ class OnpremRuntime:
             "committed_epoch": status.committed_epochs,
             "epochs_staged": {disk: list(epochs) for disk, epochs in status.epochs_staged.items()},
             "epoch_requests_answered": self._service.answered if self._service else 0,
+            **self._link_status(),
         }
+
+    def _link_status(self) -> dict[str, object]:
+        relay = self._relay
+        if relay is None:
+            return {}
+        return {
+            "zstd_address": str(relay.address),
+            "link_zstd": {"plain_bytes": relay.plain_bytes, "wire_bytes": relay.wire_bytes},
+        }
+
+
+def _reachable(address: object) -> TcpAddress:
+    """The NBD server's address as the relay beside it dials it (a wildcard bind is
+    reached on loopback)."""
+    if not isinstance(address, TcpAddress):
+        raise ValueError(f"link_zstd needs the NBD server on TCP, not {address}")
+    if address.host in ("", "0.0.0.0", "::"):
+        return TcpAddress("127.0.0.1", address.port)
+    return address
 
 
 def _highest_token(manager: OnpremIoManager, disk_id: str) -> int:

@@ -48,7 +48,7 @@ async def test_hits_are_served_inline_and_misses_are_left_to_the_async_path(
         assert bytes(spanning) == content[MiB + 60 * KiB : MiB + 124 * KiB]
         assert disk.upstream.reads == reads  # served from the cache
         assert not disk.read_inline(SIZE - 10, view)  # past the end: the async path says so
-        assert not disk.write_inline(0, view)  # writes always take the async path
+        assert not disk.write_inline(0, view)  # a partial write to an absent chunk: fetch
 
 
 async def test_concurrent_misses_on_one_chunk_fetch_once(tmp_path: Path) -> None:

@@ -156,6 +156,28 @@ async def test_stale_token_is_refused_and_orders_are_idempotent(tmp_path: Path) 
         assert cache.token("disk-0") == 6
 
 
+async def test_a_takeover_restarts_shipping_that_a_stale_token_stopped(tmp_path: Path) -> None:
+    content = image_bytes(SIZE, seed=8)
+    model = bytearray(content)
+    async with cache_lab(tmp_path, content, small_settings(scale=1 / 256)) as lab:
+        shipper = lab.cache._opened("disk-0").shipper
+        lab.sink.tokens["disk-0"] = 3  # another owner reached on-prem first
+        await lab.vm.write(70_000, b"t" * 5000)
+        model[70_000:75_000] = b"t" * 5000
+        epoch = await lab.cache.cut_epoch("disk-0", 1)
+        await shipper.fenced.wait()
+        assert shipper.stale and shipper.fenced_by == 3
+        assert lab.cache.status().disks[0].epochs_in_flight == (epoch,)
+        # An open with a token below on-prem's leaves shipping stopped ...
+        await lab.cache.open_disk(replace(lab.order, token=2))
+        assert shipper.stale
+        # ... the new owner's open restarts it, and the epoch commits with its token.
+        await lab.cache.open_disk(replace(lab.order, token=3))
+        await lab.cache.wait_committed("disk-0", epoch)
+        assert lab.sink.read_image() == model
+        assert lab.sink.tokens["disk-0"] == 3
+
+
 async def test_epoch_cut_before_a_restart_ships_after_it(tmp_path: Path) -> None:
     content = image_bytes(SIZE, seed=6)
     model = bytearray(content)

@@ -15,7 +15,9 @@ Data directory::
 
 Orders carry the owner's fencing token: a lower token than the highest one
 accepted for that disk raises ``StaleToken``; the same order twice is a
-no-op; a higher token takes the disk over (shipping then uses it).
+no-op; a higher token takes the disk over (shipping then uses it, and
+shipping that on-prem stopped for a stale token restarts once the new token
+is at least the one on-prem holds).
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ class CloudCache:
                     raise Conflict(f"disk {order.disk_id} is open for another migration or size")
                 current.order = order  # a takeover's token and sink; the same order: no-op
                 current.shipper.sink = order.sink
+                current.shipper.resume(order.token)  # restarts shipping a stale token stopped
                 return order.disk_id
             upstream = Upstream(
                 order.upstream,

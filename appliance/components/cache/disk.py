@@ -8,7 +8,10 @@ written since, reads as zeroes without a fetch.
 
 Writes: a chunk dirty in the open epoch is written in place; any other chunk
 (clean, held by a cut epoch, or absent) gets a fresh slot holding its old
-content with the write applied (copy on write). A partial write to an absent
+content with the write applied (copy on write). The NBD server offers small
+writes to ``write_inline`` first: one that needs no fetch, no wait and no
+reclaim (in place, or a copy on write into a free slot) is done on its
+reader at once, the rest take the async path. A partial write to an absent
 chunk first fetches the chunk from on-prem (read-modify-write). A write
 that needs a slot while dirty data is at its limit, or when no slot can be
 had, waits until an epoch commit frees room (an epoch is cut early if none
@@ -28,34 +31,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
+from appliance.components.cache.pieces import Piece, hole_chunks, in_batches, pieces_of
 from appliance.components.cache.sizing import CacheSettings
-from appliance.components.cache.store import CacheStore, Geometry
+from appliance.components.cache.store import CacheStore
 from appliance.components.cache.upstream import Upstream
 from appliance.storage.extents import Extent, clip, merge
 from appliance.storage.file import check_range
 
 EVICT_BATCH = 16
-PIECES_AT_ONCE = 64
+THREADED_READ = 256 * 1024
+"""Reads of cached data at least this large copy out of the page cache in a thread."""
 
 
 class _Outcome(enum.Enum):
     DONE = enum.auto()
     NO_ROOM = enum.auto()
     AGAIN = enum.auto()
-
-
-@dataclass(frozen=True, slots=True)
-class _Piece:
-    chunk: int
-    start: int
-    """Offset inside the chunk."""
-    length: int
-    at: int
-    """Offset inside the request."""
 
 
 class CacheDisk:
@@ -76,7 +69,9 @@ class CacheDisk:
         self._size = geometry.disk_size
         self._chunk = geometry.chunk_size
         self._upstream_map = upstream_map
-        self._holes = _hole_chunks(upstream_map, geometry)
+        self._holes = hole_chunks(upstream_map, geometry)
+        self._zeroes = bytes(self._chunk)
+        self._scratch = bytearray(self._chunk)
         self._dirty_limit = settings.dirty_limit_slots(geometry.slots)
         self._early_cut = settings.early_cut_slots(geometry.slots)
         self._fetches: dict[int, asyncio.Future[bytes]] = {}
@@ -117,14 +112,21 @@ class CacheDisk:
         return False
 
     async def read(self, offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        await self.read_into(offset, buffer)
+        return bytes(buffer)
+
+    async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
+        """Fill ``buffer`` from ``offset``: hits straight from their slots, misses fetched."""
         self._check_open()
-        check_range(self._name, self._size, offset, length)
-        out = bytearray(length)
-        pieces = self._pieces(offset, length)
-        misses = [piece for piece in pieces if not self._read_local(piece, out)]
+        view = memoryview(buffer).cast("B")
+        check_range(self._name, self._size, offset, len(view))
+        pieces = pieces_of(offset, len(view), self._chunk)
+        if len(view) >= THREADED_READ and await self._read_hits_threaded(pieces, view):
+            return
+        misses = [piece for piece in pieces if not self._read_local(piece, view)]
         if misses:
-            await asyncio.gather(*(self._read_miss(piece, out) for piece in misses))
-        return bytes(out)
+            await asyncio.gather(*(self._read_miss(piece, view) for piece in misses))
 
     def read_inline(self, offset: int, view: memoryview) -> bool:
         """A read the cache holds whole (hits, known holes), served at once; else False.
@@ -135,7 +137,7 @@ class CacheDisk:
         length = len(view)
         if self._closed or offset < 0 or length == 0 or offset + length > self._size:
             return False
-        pieces = self._pieces(offset, length)
+        pieces = pieces_of(offset, length, self._chunk)
         if not all(p.chunk in self.store.live or self._known_hole(p.chunk) for p in pieces):
             return False
         for piece in pieces:
@@ -143,26 +145,52 @@ class CacheDisk:
         return True
 
     def write_inline(self, offset: int, data: memoryview) -> bool:
-        """Never at once: a write may copy on write, fetch, journal or wait for room."""
-        return False
+        """A write that needs no fetch, no wait and no reclaim, done at once; else False.
+
+        That is a write into chunks dirty in the open epoch (in place), or into one
+        chunk that a free slot can take by copy on write from what the cache holds
+        (or a whole chunk, or a known hole). Anything else (a fetch, room to wait
+        for, a cut under way, another write busy on the chunk) takes the async path.
+        With no await, an inline write is wholly before or after any cut.
+        """
+        length = len(data)
+        if (
+            self._closed
+            or not self._cut_done.is_set()
+            or offset < 0
+            or length == 0
+            or offset + length > self._size
+        ):
+            return False
+        pieces = pieces_of(offset, length, self._chunk)
+        if len(pieces) == 1:
+            return self._write_now(pieces[0], data)
+        if not all(self._in_place(piece.chunk) is not None for piece in pieces):
+            return False
+        for piece in pieces:
+            self._write_now(piece, data[piece.at : piece.at + piece.length])
+        return True
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_open()
         view = memoryview(data).cast("B")
         check_range(self._name, self._size, offset, len(view))
-        await _in_batches(
-            self._write_piece(piece, view[piece.at : piece.at + piece.length])
-            for piece in self._pieces(offset, len(view))
+        pieces = pieces_of(offset, len(view), self._chunk)
+        if len(pieces) == 1:
+            await self._write_piece(pieces[0], view)
+            return
+        await in_batches(
+            self._write_piece(piece, view[piece.at : piece.at + piece.length]) for piece in pieces
         )
 
     async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
         self._check_open()
         check_range(self._name, self._size, offset, length)
-        zeroes = memoryview(bytes(self._chunk))
+        zeroes = memoryview(self._zeroes)
         # A chunk that reads as zeroes on-prem and was never written stays as it is.
-        await _in_batches(
+        await in_batches(
             self._write_piece(piece, zeroes[: piece.length])
-            for piece in self._pieces(offset, length)
+            for piece in pieces_of(offset, length, self._chunk)
             if piece.chunk in self.store.live or not self._known_hole(piece.chunk)
         )
 
@@ -175,7 +203,7 @@ class CacheDisk:
             length = self._size - offset
         check_range(self._name, self._size, offset, length)
         found: list[Extent] = []
-        for piece in self._pieces(offset, length):
+        for piece in pieces_of(offset, length, self._chunk):
             start = offset + piece.at
             end = start + piece.length
             if piece.chunk in self.store.live or self.store.is_written(piece.chunk):
@@ -200,16 +228,6 @@ class CacheDisk:
 
     # -- reads -----------------------------------------------------------------
 
-    def _pieces(self, offset: int, length: int) -> list[_Piece]:
-        pieces: list[_Piece] = []
-        pos, end = offset, offset + length
-        while pos < end:
-            chunk, start = divmod(pos, self._chunk)
-            size = min(self._chunk - start, end - pos)
-            pieces.append(_Piece(chunk, start, size, pos - offset))
-            pos += size
-        return pieces
-
     def _chunk_length(self, chunk: int) -> int:
         return min(self._chunk, self._size - chunk * self._chunk)
 
@@ -218,35 +236,55 @@ class CacheDisk:
             chunk
         )
 
-    def _read_local(self, piece: _Piece, out: bytearray | memoryview) -> bool:
+    def _read_local(self, piece: Piece, out: memoryview) -> bool:
         """Serve a piece from the cache if it can be (no await: nothing moves meanwhile)."""
         entry = self.store.live.get(piece.chunk)
+        target = out[piece.at : piece.at + piece.length]
         if entry is not None:
             self.store.touch(piece.chunk)
-            data = self.store.read_slot(entry.slot, piece.start, piece.length)
+            self.store.read_slot_into(entry.slot, piece.start, target)
         elif self._known_hole(piece.chunk):
-            data = bytes(piece.length)
+            target[:] = self._zeroes[: piece.length]
         else:
             return False
-        out[piece.at : piece.at + piece.length] = data
         return True
 
-    async def _read_miss(self, piece: _Piece, out: bytearray) -> None:
+    async def _read_hits_threaded(self, pieces: list[Piece], out: memoryview) -> bool:
+        """Read a large request whose chunks are all cached in a worker thread, so the
+        copy out of the page cache overlaps the loop's sending; False (nothing done)
+        if a chunk is not cached."""
+        live = self.store.live
+        reads: list[tuple[int, int, memoryview]] = []
+        for piece in pieces:
+            entry = live.get(piece.chunk)
+            if entry is None:
+                return False
+            reads.append((entry.slot, piece.start, out[piece.at : piece.at + piece.length]))
+        for piece in pieces:
+            self.store.touch(piece.chunk)
+        await self.store.read_pinned(reads)
+        return True
+
+    async def _read_miss(self, piece: Piece, out: memoryview) -> None:
         fetched = await self._fetch(piece.chunk)
         if not self._read_local(piece, out):
             out[piece.at : piece.at + piece.length] = fetched[
                 piece.start : piece.start + piece.length
             ]
 
-    async def _fetch(self, chunk: int) -> bytes:
-        """The chunk's on-prem content (padded to a whole chunk); one fetch per chunk at once."""
+    async def _fetch(self, chunk: int, *, keep: bool = True) -> bytes:
+        """The chunk's on-prem content (padded to a whole chunk); one fetch per chunk at once.
+
+        ``keep``: kept clean in a slot (for reads). A write that fetches its chunk
+        writes the merged content into a slot of its own instead: keeping a clean
+        copy first would cost a second slot, a second 64 KiB write and a record."""
         future = self._fetches.get(chunk)
         if future is not None:
             return await asyncio.shield(future)
         future = asyncio.get_running_loop().create_future()
         self._fetches[chunk] = future
         try:
-            data = await self._fetch_current(chunk)
+            data = await self._fetch_current(chunk, keep=keep)
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -259,7 +297,7 @@ class CacheDisk:
         future.set_result(data)
         return data
 
-    async def _fetch_current(self, chunk: int) -> bytes:
+    async def _fetch_current(self, chunk: int, *, keep: bool) -> bytes:
         """Fetch until no write to the chunk overtook the fetch, then keep it clean."""
         while True:
             with self._watching(chunk) as overtaken:
@@ -267,7 +305,8 @@ class CacheDisk:
                 if overtaken():
                     continue  # written (and maybe committed and evicted) meanwhile: stale
                 data = data.ljust(self._chunk, b"\0")
-                await self._keep_clean(chunk, data, overtaken)
+                if keep:
+                    await self._keep_clean(chunk, data, overtaken)
                 return data
 
     async def _keep_clean(self, chunk: int, data: bytes, overtaken: Callable[[], bool]) -> None:
@@ -318,15 +357,15 @@ class CacheDisk:
 
     # -- writes ----------------------------------------------------------------
 
-    async def _write_piece(self, piece: _Piece, data: memoryview) -> None:
+    async def _write_piece(self, piece: Piece, data: memoryview) -> None:
         whole = piece.start == 0 and piece.length == self._chunk_length(piece.chunk)
         while True:
             with self._watching(piece.chunk) as overtaken:
                 base: bytes | None = None
                 if not whole and piece.chunk not in self.store.live:
-                    base = bytes(self._chunk) if self._known_hole(piece.chunk) else None
+                    base = self._zeroes if self._known_hole(piece.chunk) else None
                     if base is None:
-                        base = await self._fetch(piece.chunk)
+                        base = await self._fetch(piece.chunk, keep=False)
                 room = self._room
                 async with self._writing(), self._chunk_lock(piece.chunk):
                     outcome = await self._apply_write(piece, data, base, overtaken, whole=whole)
@@ -339,7 +378,7 @@ class CacheDisk:
 
     async def _apply_write(
         self,
-        piece: _Piece,
+        piece: Piece,
         data: memoryview,
         base: bytes | None,
         overtaken: Callable[[], bool],
@@ -348,9 +387,9 @@ class CacheDisk:
     ) -> _Outcome:
         """Write one piece, unless it must wait for room or start over."""
         store = self.store
-        entry = store.live.get(piece.chunk)
-        if entry is not None and entry.epoch == store.open_epoch:
-            store.write_slot(entry.slot, piece.start, data)
+        slot = self._in_place(piece.chunk)
+        if slot is not None:
+            store.write_slot(slot, piece.start, data)
             return _Outcome.DONE
         if store.dirty_slots >= self._dirty_limit:
             return _Outcome.NO_ROOM
@@ -359,27 +398,67 @@ class CacheDisk:
             slot = store.allocate()
         if slot is None:
             return _Outcome.NO_ROOM
-        entry = store.live.get(piece.chunk)  # the reclaim awaited: look again
+        if self._in_place(piece.chunk) is None and not (
+            piece.chunk in store.live or whole or (base is not None and not overtaken())
+        ):
+            # Evicted, or rewritten and evicted, since the fetch: fetch again.
+            store.unused(slot)
+            return _Outcome.AGAIN
+        self._copy_on_write(piece, data, slot, base)
+        return _Outcome.DONE
+
+    def _in_place(self, chunk: int) -> int | None:
+        """The slot of a chunk dirty in the open epoch (written in place), else None."""
+        entry = self.store.live.get(chunk)
+        if entry is not None and entry.epoch == self.store.open_epoch:
+            return entry.slot
+        return None
+
+    def _copy_on_write(self, piece: Piece, data: memoryview, slot: int, base: bytes | None) -> None:
+        """Write the piece into the chunk, into ``slot`` unless the chunk is dirty in the
+        open epoch (then in place and ``slot`` goes back): the chunk's content (from
+        the cache, else ``base``, else zeroes for a whole-chunk write) with the piece
+        applied. No await: callers checked which of these holds."""
+        store = self.store
+        entry = store.live.get(piece.chunk)
         if entry is not None and entry.epoch == store.open_epoch:
             store.unused(slot)
             store.write_slot(entry.slot, piece.start, data)
-            return _Outcome.DONE
+            return
+        content = self._scratch  # no await from here on: one buffer serves every write
         if entry is not None:
-            content = bytearray(store.read_slot(entry.slot, 0, self._chunk))
-        elif whole:
-            content = bytearray(self._chunk)
-        elif base is not None and not overtaken():
-            content = bytearray(base)
-        else:  # evicted, or rewritten and evicted, since the fetch: fetch again
-            store.unused(slot)
-            return _Outcome.AGAIN
+            store.read_slot_into(entry.slot, 0, memoryview(content))
+        else:
+            content[:] = base if base is not None else self._zeroes
         content[piece.start : piece.start + piece.length] = data
         store.write_slot(slot, 0, content)
         store.map(piece.chunk, slot, store.open_epoch)
         watch = self._watch.get(piece.chunk)
         if watch is not None:
             watch[0] += 1
-        return _Outcome.DONE
+
+    def _write_now(self, piece: Piece, data: memoryview) -> bool:
+        """``write_inline`` of one piece: in place, or copy on write into a free slot."""
+        store = self.store
+        slot = self._in_place(piece.chunk)
+        if slot is not None:
+            store.write_slot(slot, piece.start, data)
+            return True
+        chunk = piece.chunk
+        whole = piece.start == 0 and piece.length == self._chunk_length(chunk)
+        if (
+            self._busy(chunk)
+            or store.dirty_slots >= self._dirty_limit
+            or not (chunk in store.live or whole or self._known_hole(chunk))
+        ):
+            return False
+        slot = store.allocate()
+        if slot is None:
+            return False
+        self._copy_on_write(piece, data, slot, None)
+        if store.open_dirty >= self._early_cut:
+            self._cut_soon()
+        return True
 
     async def _wait_for_room(self, room: asyncio.Event) -> None:
         """Back-pressure: wait for a commit (cutting an epoch if none is on its way)."""
@@ -454,30 +533,3 @@ class CacheDisk:
         self.store.commit(epoch)
         await self.store.sync()
         self.room_freed()
-
-
-async def _in_batches(calls: Iterable[Coroutine[Any, Any, None]]) -> None:
-    """Run the calls, ``PIECES_AT_ONCE`` at a time (a 32 MiB request is 512 pieces)."""
-    batch: list[Coroutine[Any, Any, None]] = []
-    for call in calls:
-        batch.append(call)
-        if len(batch) == PIECES_AT_ONCE:
-            await asyncio.gather(*batch)
-            batch = []
-    if batch:
-        await asyncio.gather(*batch)
-
-
-def _hole_chunks(upstream_map: list[Extent], geometry: Geometry) -> bytearray:
-    """Bitmap of the chunks that read wholly as zeroes on-prem (at open)."""
-    chunk_size, chunks = geometry.chunk_size, geometry.chunks
-    bits = bytearray((chunks + 7) // 8)
-    for extent in upstream_map:
-        if not extent.zero:
-            continue
-        first = -(-extent.start // chunk_size)
-        # Exclusive; a clipped last chunk counts when the extent runs to the disk's end.
-        last = chunks if extent.end >= geometry.disk_size else extent.end // chunk_size
-        for chunk in range(first, last):
-            bits[chunk >> 3] |= 1 << (chunk & 7)
-    return bits

@@ -190,6 +190,11 @@ class EpochShipper:
         self.attempts = 0
         self.failures = 0
         self.stale = False
+        """Stopped by a stale token: another owner has the disk (see :meth:`resume`)."""
+        self.fenced_by = 0
+        """The token on-prem held when it refused ours."""
+        self.fenced = asyncio.Event()
+        """Set when a stale token stopped shipping (tests)."""
         self.already_committed = 0
         """Epochs found committed on-prem when staged (a lost commit reply), in all."""
         self.mismatches = 0
@@ -207,6 +212,17 @@ class EpochShipper:
     def start(self) -> None:
         self._wake.set()  # epochs cut before a restart ship at once
         self._task = asyncio.create_task(self._run())
+
+    def resume(self, token: int) -> bool:
+        """The disk was taken over with ``token``: shipping stopped by a stale token
+        restarts if on-prem will take it (``token`` at least the one it refused ours
+        for). True if it restarted."""
+        if not self.stale or token < self.fenced_by:
+            return False
+        log.info("disk taken over: shipping restarts", disk_id=self._disk_id, token=token)
+        self.stale = False
+        self.start()
+        return True
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -231,13 +247,17 @@ class EpochShipper:
                     await self._ship(epoch)
                 except StaleToken as exc:
                     self.stale = True
+                    self.fenced_by = exc.highest
+                    self.fenced.set()
                     log.warning("epoch refused: stale token; shipping stops", error=str(exc))
                     return
                 except Exception as exc:
                     if isinstance(exc, EpochRejected):
                         # What landed is gone (the I/O manager restarted and discarded
-                        # the staging area): the next attempt sends the whole epoch.
-                        self._checkpoints.pop(epoch, None)
+                        # the staging area): the next attempt sends the whole epoch,
+                        # not only what the checkpoint says is still missing.
+                        if self._checkpoints.pop(epoch, None) is not None:
+                            log.warning("epoch rejected on-prem: sending all of it again")
                     self.failures += 1
                     self.failed.set()
                     log.info("epoch not shipped; retrying", epoch=epoch, error=repr(exc))

@@ -19,16 +19,19 @@ State (all in memory, rebuilt from the journal on open):
 Slot I/O is synchronous in the event loop's thread: each call moves at most
 one chunk (64 KiB by default) through the page cache, and doing it without
 an await between the map lookup and the ``pread`` is what keeps a read from
-racing an eviction. Everything that waits on the device (fsync, journal
-writes) runs in a thread.
+racing an eviction. The exception: a large read of cached chunks copies out
+in a worker thread, with its slots *pinned* (``pin``/``unpin``): a slot that
+loses its last record meanwhile is freed only once unpinned. Everything that
+waits on the device (fdatasync, journal writes) runs in a thread.
 
 Durability: data goes to the slot file first; the records that point at it
 are queued and reach the journal only in :meth:`CacheStore.sync`, after the
-slot file was fsynced. A slot freed by a queued record (eviction, a rewrite,
-a commit) is reused only once that record is durable, so a replayed journal
-never points at a slot that was overwritten since. Writes in place only ever
-touch a slot that is dirty in the open epoch, whose content no durable record
-calls clean or held.
+slot file was fsynced. ``sync`` is a group commit: callers arriving while one
+runs share the next, and one with nothing changed since costs nothing. A
+slot freed by a queued record (eviction, a rewrite, a commit) is reused only
+once that record is durable, so a replayed journal never points at a slot
+that was overwritten since. Writes in place only ever touch a slot that is
+dirty in the open epoch, whose content no durable record calls clean or held.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Self
 
 from appliance.components.cache.journal import Journal, Kind, Record
 from appliance.errors import DiskCorrupt
@@ -99,7 +103,18 @@ class CacheStore:
         self._free: list[int] = []
         self._pending_free: list[int] = []
         self._pending: list[Record] = []
+        self._pins: dict[int, int] = {}
+        self._unpinned_free: set[int] = set()
+        """Slots no record points at any more, freed once no worker thread reads them."""
         self._sync_lock = asyncio.Lock()
+        self._unsynced = False
+        """Slot data or records changed since the last sync began."""
+        self._syncs_started = 0
+        self.syncs = 0
+        """Syncs that reached the device (figures, tests)."""
+        self._synced_through = 0
+        """The number of the latest sync that finished well (each covers what came before
+        it started)."""
         self._journal = Journal(directory / "journal")
         self._fd = -1
         self.compact_after = COMPACT_AFTER_RECORDS
@@ -107,7 +122,7 @@ class CacheStore:
         """Chunks dirty in the open epoch."""
 
     @classmethod
-    def open(cls, directory: Path, disk_size: int, chunk_size: int, slots: int) -> CacheStore:
+    def open(cls, directory: Path, disk_size: int, chunk_size: int, slots: int) -> Self:
         """Open (or create) the cache of one disk and replay its journal (blocking)."""
         directory.mkdir(parents=True, exist_ok=True)
         geometry = _load_geometry(directory, Geometry(disk_size, chunk_size, slots))
@@ -170,12 +185,23 @@ class CacheStore:
     def read_slot(self, slot: int, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, slot * self.geometry.chunk_size + offset)
 
-    def write_slot(self, slot: int, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
+    def read_slot_into(self, slot: int, offset: int, view: memoryview) -> None:
+        """Fill ``view`` from the slot (no intermediate ``bytes``)."""
         at = slot * self.geometry.chunk_size + offset
         while view:
-            written = os.pwrite(self._fd, view, at)
+            got = os.preadv(self._fd, [view], at)
+            if not got:
+                raise DiskCorrupt(self.directory / "slots", f"short read at {at}")
+            view, at = view[got:], at + got
+
+    def write_slot(self, slot: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._unsynced = True
+        view = memoryview(data)
+        at = slot * self.geometry.chunk_size + offset
+        written = os.pwrite(self._fd, view, at)
+        while written < len(view):
             view, at = view[written:], at + written
+            written = os.pwrite(self._fd, view, at)
 
     # -- metadata changes (queued for the journal) ---------------------------
 
@@ -214,6 +240,7 @@ class CacheStore:
     def _record(self, record: Record) -> None:
         self._apply(record)
         self._pending.append(record)
+        self._unsynced = True
 
     # -- applying records (live and on replay) --------------------------------
 
@@ -261,7 +288,10 @@ class CacheStore:
     def _release(self, slot: int) -> None:
         self._refs[slot] -= 1
         if not self._refs[slot]:
-            self._pending_free.append(slot)
+            if slot in self._pins:
+                self._unpinned_free.add(slot)  # a worker thread still reads it
+            else:
+                self._pending_free.append(slot)
 
     def _apply_cut(self, epoch: int) -> None:
         held = {c: e.slot for c, e in self.live.items() if e.epoch == epoch}
@@ -280,11 +310,83 @@ class CacheStore:
             self._release(slot)
         self.committed = max(self.committed, epoch)
 
+    # -- slots read by a worker thread ---------------------------------------
+
+    def pin(self, slot: int) -> None:
+        """Keep ``slot`` from reuse while a worker thread reads it (call in the loop)."""
+        self._pins[slot] = self._pins.get(slot, 0) + 1
+
+    def unpin(self, slot: int) -> None:
+        left = self._pins[slot] - 1
+        if left:
+            self._pins[slot] = left
+            return
+        del self._pins[slot]
+        if slot in self._unpinned_free:
+            self._unpinned_free.discard(slot)
+            self._pending_free.append(slot)
+            self._unsynced = True  # the next sync frees it
+
+    async def read_pinned(self, reads: list[tuple[int, int, memoryview]]) -> None:
+        """``read_slot_into`` of each (slot, offset, view) in a worker thread, the slots
+        pinned until it is done (even if the caller is cancelled meanwhile): an eviction
+        or a rewrite may drop them, but none is reused before the thread finished."""
+        for slot, _, _ in reads:
+            self.pin(slot)
+
+        def read_all() -> None:
+            for slot, offset, views in self._runs(reads):
+                self._read_run(slot, offset, views)
+
+        def unpin_all(_done: object) -> None:
+            for slot, _, _ in reads:
+                self.unpin(slot)
+
+        done = asyncio.get_running_loop().run_in_executor(None, read_all)
+        done.add_done_callback(unpin_all)  # in the loop, once the thread is done
+        await asyncio.shield(done)
+
+    def _runs(
+        self, reads: list[tuple[int, int, memoryview]]
+    ) -> list[tuple[int, int, list[memoryview]]]:
+        """Reads of consecutive slots, each piece up to its slot's end and the next from
+        its start, merged: one ``preadv`` each (slots of chunks cached in order are
+        consecutive)."""
+        chunk = self.geometry.chunk_size
+        runs: list[tuple[int, int, list[memoryview]]] = []
+        last_slot, last_end = -2, 0
+        for slot, offset, view in reads:
+            if runs and slot == last_slot + 1 and offset == 0 and last_end == chunk:
+                runs[-1][2].append(view)
+            else:
+                runs.append((slot, offset, [view]))
+            last_slot, last_end = slot, offset + len(view)
+        return runs
+
+    def _read_run(self, slot: int, offset: int, views: list[memoryview]) -> None:
+        at = slot * self.geometry.chunk_size + offset
+        if os.preadv(self._fd, views, at) == sum(len(view) for view in views):
+            return
+        for view in views:  # short (a signal, say): piece by piece
+            self.read_slot_into(slot, offset, view)
+            slot, offset = slot + 1, 0
+
     # -- durability ------------------------------------------------------------
 
     async def sync(self) -> None:
-        """Make every write so far and the records pointing at it durable."""
+        """Make every write so far and the records pointing at it durable.
+
+        Group commit: callers that arrive while a sync runs share the next one
+        (one ``fdatasync`` of the slots, one journal append), and a sync with
+        nothing changed since the last one costs no system call.
+        """
+        arrived = self._syncs_started
         async with self._sync_lock:
+            if self._synced_through > arrived or not self._unsynced:
+                return  # a sync that began after this call covered it, or nothing changed
+            self._syncs_started += 1
+            number = self._syncs_started
+            self._unsynced = False
             batch, self._pending = self._pending, []
             freed, self._pending_free = self._pending_free, []
             compact = self._journal.records_since_rewrite + len(batch) > self.compact_after
@@ -293,13 +395,17 @@ class CacheStore:
                 await asyncio.to_thread(self._sync_blocking, batch, image)
             except BaseException:
                 # Not durable: keep the records queued and the slots unusable.
+                self._unsynced = True
                 self._pending[:0] = batch
                 self._pending_free[:0] = freed
                 raise
             self._free.extend(freed)
+            self._synced_through = number
+            self.syncs += 1
 
     def _sync_blocking(self, batch: list[Record], image: list[Record] | None) -> None:
-        os.fsync(self._fd)
+        # The slot file never changes size (made whole at open): its data alone matters.
+        os.fdatasync(self._fd)
         if image is not None:
             self._journal.rewrite(image)
         else:
