@@ -643,6 +643,11 @@ async def test_cache_bench(
     src_snapshot = await make_source(work / "src-disk", raw, DISK)
     epoch_snapshot = await make_empty(work / "epoch-disk", DISK)
     report = Report()
+    report.commands[FERRY] = (
+        "ferry-appliance component cache|onprem under the Supervisor, "
+        + " ".join(f"{k}={v}" for k, v in COMPONENT_ENV.items())
+        + f", open params working_set={2 * DISK}, upstream through the link"
+    )
     async with lab_running(redis_server, keys, work, raw) as lab:
         await lab.open_onprem("src", work / "src-disk", src_snapshot)
         await lab.open_onprem("epoch", work / "epoch-disk", epoch_snapshot)

@@ -43,6 +43,7 @@ SEGMENT = 64 * 1024
 """The most bytes one read takes off a socket: the unit the link paces and delays."""
 DEFAULT_BURST = 256 * 1024
 MIN_WINDOW = 4 * 1024 * 1024
+STOP_GRACE_S = 5.0
 
 
 class TokenBucket:
@@ -134,6 +135,8 @@ class Shaper:
         self.down: Direction | None = None
         self._servers: list[asyncio.Server] = []
         self._handlers: set[asyncio.Task[None]] = set()
+        self._open: set[asyncio.StreamWriter] = set()
+        """Both sockets of every connection being carried (cut at stop)."""
         self.ports: list[int] = []
         self.connections = 0
 
@@ -163,10 +166,14 @@ class Shaper:
         for server in self._servers:
             server.close()
         self._servers.clear()
+        for writer in list(self._open):
+            writer.transport.abort()  # the pumps see the cut and end; no task is cancelled
         handlers = list(self._handlers)
-        for task in handlers:
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
+        if handlers:
+            _, late = await asyncio.wait(handlers, timeout=STOP_GRACE_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -195,6 +202,7 @@ class Shaper:
             self.connections += 1
             for stream in (writer, up_writer):
                 _no_delay(stream)
+                self._open.add(stream)
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._carry(reader, writer, up_writer, self.up))
@@ -202,8 +210,9 @@ class Shaper:
             except* (ConnectionError, OSError):
                 pass
             finally:
-                writer.transport.abort()
-                up_writer.transport.abort()
+                for stream in (writer, up_writer):
+                    stream.transport.abort()
+                    self._open.discard(stream)
         finally:
             self._handlers.discard(handler)
 

@@ -141,3 +141,24 @@ async def test_a_refused_upstream_closes_the_client_connection() -> None:
             pass
         writer.close()
         assert link.connections == 0
+
+
+async def test_stopping_the_link_cuts_open_connections_and_ends_every_handler() -> None:
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        link = Shaper([("127.0.0.1", port)], rate_bytes_s=1e6, rtt_s=0.001)
+        await link.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", link.ports[0])
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"  # the connection is carried
+        await link.stop()
+        try:
+            assert await reader.read(-1) == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+        assert not link._handlers and not link._open
+    finally:
+        server.close()
+        await server.wait_closed()
