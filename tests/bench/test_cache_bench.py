@@ -93,6 +93,10 @@ RATE_BITS = 1e9
 RTT_MS = 5.0
 QEMU_CACHE = ["--cache=writeback", "--aio=threads"]
 PIECE = 4 * MIB
+FOLIO = 64 * 1024
+"""The raw file is written in pieces of the cache's chunk and qcow2's cluster: the page
+cache then holds all three servers' files in folios of one size (a 4 KiB write into a
+large folio costs several times more: see test_nbd_fio_bench)."""
 MIGRATION = "m-1"
 COMMIT_WAIT_S = 1800.0
 
@@ -256,7 +260,8 @@ async def make_source(disk_dir: Path, raw: Path, size: int) -> str:
         with raw.open("wb") as file:
             for offset in range(0, size, PIECE):
                 data = os.urandom(min(PIECE, size - offset))
-                file.write(data)
+                for at in range(0, len(data), FOLIO):
+                    file.write(data[at : at + FOLIO])
                 await view.write(offset, data)
             os.fsync(file.fileno())
         await disk.flush()
@@ -353,12 +358,25 @@ async def redis_ms(lab: Lab) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-async def commit_reply_ms(lab: Lab, disk_id: str, epoch: int, since_ms: int) -> int:
-    """Redis's time of on-prem's successful reply to the commit of ``epoch`` (its stream id)."""
+@dataclass(frozen=True, slots=True)
+class Milestones:
+    """Redis's times (ms) of one epoch's requests and replies: their stream entry ids."""
+
+    staged: int
+    """On-prem's first reply to a stage request: the transfer starts."""
+    commit_sent: int
+    """The cache's commit request that succeeded: transfer and manifest done."""
+    committed: int
+    """On-prem's reply to it: the epoch is committed and applied."""
+
+
+async def epoch_milestones(lab: Lab, disk_id: str, epoch: int, since_ms: int) -> Milestones:
+    """Follow the epoch's requests and replies on their streams until its commit succeeds."""
     requests = f"{lab.keys.prefix}:epoch-requests:{ONPREM}"
     replies = f"{lab.keys.prefix}:epoch-replies:{ONPREM}"
     positions = {requests: f"{since_ms}-0", replies: f"{since_ms}-0"}
-    commits: set[str] = set()
+    sent: dict[str, tuple[str, int]] = {}  # request id: (verb, when)
+    staged = 0
     deadline = time.monotonic() + COMMIT_WAIT_S
     while time.monotonic() < deadline:
 
@@ -370,17 +388,19 @@ async def commit_reply_ms(lab: Lab, disk_id: str, epoch: int, since_ms: int) -> 
             name = text(stream)
             for entry_id, fields in entries:
                 positions[name] = text(entry_id)
+                at = int(text(entry_id).split("-")[0])
                 if name == requests:
                     request = json.loads(fields[b"request"])
-                    if (request["verb"], request["disk_id"], request["epoch"]) == (
-                        "commit",
-                        disk_id,
-                        epoch,
-                    ):
-                        commits.add(request["request_id"])
-                elif text(fields[b"request_id"]) in commits:
-                    if json.loads(fields[b"reply"])["code"] == "":
-                        return int(text(entry_id).split("-")[0])
+                    if (request["disk_id"], request["epoch"]) == (disk_id, epoch):
+                        sent[request["request_id"]] = (request["verb"], at)
+                    continue
+                verb, when = sent.get(text(fields[b"request_id"]), ("", 0))
+                if not verb or json.loads(fields[b"reply"])["code"] != "":
+                    continue
+                if verb == "stage":
+                    staged = staged or at
+                elif verb == "commit":
+                    return Milestones(staged or when, when, at)
     raise AssertionError(f"epoch {epoch} of {disk_id} was not committed in {COMMIT_WAIT_S} s")
 
 
@@ -393,6 +413,10 @@ class EpochRun:
     write: Figure
     cut_to_commit_s: float
     mb_s: float
+    cut_to_staged_s: float
+    shipping_s: float
+    """From on-prem's staging reply to the commit request: transfer and manifest."""
+    onprem_commit_s: float
 
 
 async def epoch_phase(lab: Lab, disk_id: str) -> EpochRun:
@@ -403,7 +427,7 @@ async def epoch_phase(lab: Lab, disk_id: str) -> EpochRun:
     cut = Order(disk_id, OrderAction.CUT_EPOCH, MIGRATION, lab.lease.token, lab.lease.resource, 1)
     epoch = (await applied(lab.pair.orders(CACHE), cut)).result["epoch"]
     assert epoch == 1, f"an epoch was cut before the order: {epoch}"
-    committed = await commit_reply_ms(lab, disk_id, 1, started)
+    times = await epoch_milestones(lab, disk_id, 1, started)
 
     def shows_committed(report: Any) -> bool:
         return report.figures.get("committed_epoch", {}).get(disk_id, 0) >= 1
@@ -412,8 +436,15 @@ async def epoch_phase(lab: Lab, disk_id: str) -> EpochRun:
     host, port = url.removeprefix("nbd://").split("/")[0].split(":")
     in_cache = await digest(TcpAddress(host, int(port)), disk_id)
     assert await digest(lab.onprem, f"cur/{disk_id}") == in_cache, "on-prem differs from the cache"
-    seconds = (committed - started) / 1000
-    return EpochRun(written, seconds, DISK / seconds / 1e6)
+    seconds = (times.committed - started) / 1000
+    return EpochRun(
+        written,
+        seconds,
+        DISK / seconds / 1e6,
+        (times.staged - started) / 1000,
+        (times.commit_sent - times.staged) / 1000,
+        (times.committed - times.commit_sent) / 1000,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,7 +594,10 @@ class Report:
             lines.append(
                 f"  epoch: guest wrote {DISK / MIB:.0f} MiB through the cache at "
                 f"{self.epoch.write.mb_s:,.1f} MB/s (then FLUSH); cut to on-prem commit "
-                f"{self.epoch.cut_to_commit_s:.2f} s; on-prem cur/ equals the cache's bytes"
+                f"{self.epoch.cut_to_commit_s:.2f} s: cut to staged "
+                f"{self.epoch.cut_to_staged_s:.2f} s, transfer and manifest "
+                f"{self.epoch.shipping_s:.2f} s, on-prem commit (verify, apply) "
+                f"{self.epoch.onprem_commit_s:.2f} s; on-prem cur/ equals the cache's bytes"
             )
             lines.append(
                 f"  full copy: {self.copy.elapsed_s:.2f} s, digests match: "
