@@ -33,6 +33,7 @@ qemu-nbd's qcow2 overlays, and the data path's full copy. One table:
 4. Peak RSS (VmHWM) of each component process under the fio load of 1 and 2
    (reset through ``clear_refs`` after the epoch phase), and over the whole run.
 
+Tools (fio, qemu-nbd, lab disks, the full-copy process) are in ``cache_tools.py``.
 Run it alone: ``.venv/bin/python -m pytest -p no:cacheprovider
 tests/bench/test_cache_bench.py -m bench -s``. The table is printed and
 written to ``.bench/cache.txt``. Environment: ``FERRY_BENCH_SCALE`` (disk
@@ -42,12 +43,10 @@ size as a fraction of 1 GiB; default 1), ``FERRY_BENCH_RUNTIME_S`` (default
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -58,18 +57,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import xxhash
 
 from appliance.components.orders import Order, OrderAction, ParamValue
-from appliance.datapath.checkpoint import MemoryCheckpointStore
-from appliance.datapath.nbd import NbdBackend
 from appliance.datapath.nbd.channel import TcpAddress
-from appliance.datapath.transfer import Transfer, TransferOptions
 from appliance.embedded import RedisServer
 from appliance.state.keys import Keys
 from appliance.state.leases import Lease
-from appliance.storage.file import FileBackend
-from appliance.storage.layered import LayeredDisk
+from tests.bench.cache_tools import (
+    Figure,
+    Workload,
+    digest,
+    file_digest,
+    fio,
+    make_empty,
+    make_source,
+    nbd_runner,
+    overlay,
+    peak_rss_mb,
+    qemu_nbd,
+    reset_peak_rss,
+    text,
+)
 from tests.support.components import (
     CACHE,
     ONPREM,
@@ -91,26 +99,13 @@ RUNTIME_S = int(os.environ.get("FERRY_BENCH_RUNTIME_S", "6"))
 ROUNDS = int(os.environ.get("FERRY_BENCH_ROUNDS", "2"))
 RATE_BITS = 1e9
 RTT_MS = 5.0
-QEMU_CACHE = ["--cache=writeback", "--aio=threads"]
-PIECE = 4 * MIB
-FOLIO = 64 * 1024
-"""The raw file is written in pieces of the cache's chunk and qcow2's cluster: the page
-cache then holds all three servers' files in folios of one size (a 4 KiB write into a
-large folio costs several times more: see test_nbd_fio_bench)."""
 MIGRATION = "m-1"
 COMMIT_WAIT_S = 1800.0
+RSS_TARGET_MB = 260
 
 
-@dataclass(frozen=True, slots=True)
-class Workload:
-    name: str
-    rw: str
-    block: str
-    iodepth: int = 16
-
-    @property
-    def direction(self) -> str:
-        return "write" if "write" in self.rw else "read"
+def verdict(met: bool) -> str:
+    return "  yes" if met else "  NO"
 
 
 HITS = (
@@ -120,12 +115,6 @@ HITS = (
 )
 PASS = Workload("1 MiB sequential read QD16, one cold pass", "read", "1m")
 FILL = Workload("1 MiB sequential write QD16", "write", "1m")
-
-
-@dataclass(frozen=True, slots=True)
-class Figure:
-    iops: float
-    mb_s: float
 
 
 @dataclass
@@ -141,153 +130,6 @@ class Figures:
 
     def __getitem__(self, key: tuple[str, str]) -> Figure:
         return self.best[key]
-
-
-# -- tools ---------------------------------------------------------------------------------------
-
-
-async def fio(
-    url: str, workload: Workload, *, runtime_s: int | None, extra: tuple[str, ...] = ()
-) -> Figure:
-    """One fio run; ``runtime_s`` None makes it one pass over the whole export."""
-    command = [
-        "fio", "--name=bench", "--ioengine=nbd", f"--uri={url}", f"--rw={workload.rw}",
-        f"--bs={workload.block}", f"--iodepth={workload.iodepth}", "--numjobs=1",
-        "--norandommap", "--randrepeat=0", "--output-format=json", *extra,
-    ]  # fmt: skip
-    if runtime_s is not None:
-        command += ["--time_based", f"--runtime={runtime_s}", "--ramp_time=1"]
-    result = await asyncio.to_thread(
-        subprocess.run, command, capture_output=True, text=True, check=False, timeout=1800
-    )
-    assert result.returncode == 0, f"fio failed: {result.stderr[-2000:]}{result.stdout[-2000:]}"
-    job = json.loads(result.stdout[result.stdout.index("{") :])["jobs"][0]
-    assert job["error"] == 0, f"fio reported error {job['error']}"
-    stats = job[workload.direction]
-    return Figure(iops=float(stats["iops"]), mb_s=float(stats["bw_bytes"]) / 1e6)
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmHWM for {pid}")
-
-
-def reset_peak_rss(pid: int) -> None:
-    """Peak RSS from now on (Linux >= 4.0: ``5`` into clear_refs resets VmHWM)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5\n")
-
-
-@dataclass
-class QemuNbd:
-    """qemu-nbd daemonised by ``--fork`` (it returns once it listens); stopped by PID."""
-
-    label: str
-    args: list[str]
-    port: int = 0
-    pid: int = 0
-    pid_file: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nbd://127.0.0.1:{self.port}/disk"
-
-    @property
-    def command(self) -> str:
-        return " ".join(["qemu-nbd", *QEMU_CACHE, *self.args])
-
-    def start(self, pid_file: Path, port: int) -> None:
-        self.port, self.pid_file = port, pid_file
-        pid_file.unlink(missing_ok=True)
-        command = ["qemu-nbd", "--fork", f"--pid-file={pid_file}", "--persistent", "-x", "disk"]
-        command += ["-b", "127.0.0.1", "-p", str(port), *QEMU_CACHE, *self.args]
-        subprocess.run(command, check=True, timeout=120)
-        self.pid = int(pid_file.read_text())
-
-    def stop(self) -> None:
-        if self.pid:
-            os.kill(self.pid, signal.SIGTERM)
-            pid, self.pid = self.pid, 0
-            while Path(f"/proc/{pid}").exists() and _not_zombie(pid):
-                time.sleep(0.05)  # not our child: nothing to wait on but its /proc entry
-
-
-def _not_zombie(pid: int) -> bool:
-    try:
-        return " Z " not in Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@asynccontextmanager
-async def qemu_nbd(label: str, args: list[str], work: Path) -> AsyncIterator[QemuNbd]:
-    server = QemuNbd(label, args)
-    name = label.replace(" ", "-").replace(",", "")
-    await asyncio.to_thread(server.start, work / f"{name}.pid", free_port())
-    try:
-        yield server
-    finally:
-        await asyncio.to_thread(server.stop)
-
-
-def overlay(path: Path, backing_url: str) -> list[str]:
-    """A fresh qcow2 over ``backing_url``, and qemu-nbd's arguments to serve it copy-on-read."""
-    path.unlink(missing_ok=True)
-    create = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing_url, "-F", "raw", str(path)]
-    subprocess.run(create, check=True, timeout=120)
-    return [
-        "--image-opts",
-        f"driver=copy-on-read,file.driver=qcow2,file.file.driver=file,file.file.filename={path}",
-    ]
-
-
-# -- the lab -------------------------------------------------------------------------------------
-
-
-async def make_source(disk_dir: Path, raw: Path, size: int) -> str:
-    """A lab disk of random bytes with its migrate-time snapshot, and the same bytes raw."""
-    async with await LayeredDisk.create(disk_dir, size, granularity=64 * 1024) as disk:
-        view = disk.active()
-        with raw.open("wb") as file:
-            for offset in range(0, size, PIECE):
-                data = os.urandom(min(PIECE, size - offset))
-                for at in range(0, len(data), FOLIO):
-                    file.write(data[at : at + FOLIO])
-                await view.write(offset, data)
-            os.fsync(file.fileno())
-        await disk.flush()
-        return (await disk.snapshot("migrate")).id
-
-
-async def make_empty(disk_dir: Path, size: int) -> str:
-    async with await LayeredDisk.create(disk_dir, size, granularity=64 * 1024) as disk:
-        return (await disk.snapshot("migrate")).id
-
-
-async def digest(address: TcpAddress, export: str) -> str:
-    """xxh3-128 of an NBD export's bytes."""
-    hasher = xxhash.xxh3_128()
-    async with await NbdBackend.connect(address, export) as backend:
-        for offset in range(0, backend.size, PIECE):
-            hasher.update(await backend.read(offset, min(PIECE, backend.size - offset)))
-    return hasher.hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    hasher = xxhash.xxh3_128()
-    with path.open("rb") as file:
-        while piece := file.read(PIECE):
-            hasher.update(piece)
-    return hasher.hexdigest()
 
 
 @dataclass
@@ -404,10 +246,6 @@ async def epoch_milestones(lab: Lab, disk_id: str, epoch: int, since_ms: int) ->
     raise AssertionError(f"epoch {epoch} of {disk_id} was not committed in {COMMIT_WAIT_S} s")
 
 
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 @dataclass(frozen=True, slots=True)
 class EpochRun:
     write: Figure
@@ -457,7 +295,7 @@ class CopyRun:
 
 async def full_copy(lab: Lab) -> CopyRun:
     """The data path's full copy of the raw disk, through the link, in a process of its own."""
-    command = [sys.executable, "-m", "tests.bench.test_cache_bench", "copy"]
+    command = [sys.executable, "-m", "tests.bench.cache_tools", "copy"]
     command += [str(lab.raw), str(lab.link.ports[1])]
     result = await asyncio.to_thread(
         subprocess.run, command, cwd=ROOT, capture_output=True, text=True, check=False
@@ -469,30 +307,6 @@ async def full_copy(lab: Lab) -> CopyRun:
     return CopyRun(elapsed, DISK / elapsed / 1e6, float(report["rss_mb"]), report["digests_match"])
 
 
-async def copy_main(source: Path, target_port: int) -> None:
-    """Subprocess: ``Transfer`` with the data path's default options, checkpoints in memory."""
-    started = time.monotonic()
-    async with (
-        FileBackend.open(source, readonly=True) as backend,
-        await NbdBackend.connect(TcpAddress("127.0.0.1", target_port), "disk") as target,
-    ):
-        transfer = Transfer(
-            "bench-full-copy",
-            backend,
-            target,
-            checkpoints=MemoryCheckpointStore(),
-            options=TransferOptions(),
-        )
-        result = await transfer.run()
-    elapsed = time.monotonic() - started
-    report = {
-        "elapsed_s": elapsed,
-        "rss_mb": peak_rss_mb(os.getpid()),
-        "digests_match": result.source_digest == result.target_digest,
-    }
-    print("RESULT " + json.dumps(report), flush=True)
-
-
 # -- 1. hits, 2. misses --------------------------------------------------------------------------
 
 FERRY = "Ferry cache"
@@ -502,8 +316,10 @@ RAW = "qemu-nbd raw (ceiling)"
 
 async def hits_phase(lab: Lab, figures: Figures, commands: dict[str, str]) -> float:
     """Warm each server, then the rounds; qemu-nbd copy-on-read's peak RSS."""
+    held_before = await cached_bytes(lab)
     ferry = await lab.open_cache("src-hits", "src")
     await fio(ferry, PASS, runtime_s=None)  # warm: every chunk fetched and kept
+    await lab.pair.wait(CACHE, lambda r: r.figures.get("cache_bytes", 0) >= held_before + DISK)
     host_port = ferry.removeprefix("nbd://").split("/")[0].split(":")
     cached = await digest(TcpAddress(host_port[0], int(host_port[1])), "src-hits")
     assert cached == await asyncio.to_thread(file_digest, lab.raw), "the cache differs"
@@ -523,6 +339,12 @@ async def hits_phase(lab: Lab, figures: Figures, commands: dict[str, str]) -> fl
                     figure = await fio(url, workload, runtime_s=RUNTIME_S)
                     figures.keep(name, workload.name, figure)
         return peak_rss_mb(cor.pid)
+
+
+async def cached_bytes(lab: Lab) -> int:
+    figure = (await lab.pair.figures(CACHE))["cache_bytes"]
+    assert isinstance(figure, int)
+    return figure
 
 
 async def misses_phase(lab: Lab, figures: Figures) -> None:
@@ -559,7 +381,7 @@ class Report:
             f"timed run, best of {ROUNDS} round(s), {os.cpu_count()} cores",
             "",
             f"{'case':46}{'Ferry':>16}{'qemu-nbd COR':>16}{'raw ceiling':>16}{'ratio':>9}"
-            f"{'target':>9}",
+            f"{'target':>9}  met",
         ]
         for workload in HITS:
             ferry, cor, raw = (f[(s, workload.name)] for s in (FERRY, COR, RAW))
@@ -568,23 +390,30 @@ class Report:
             cells = "".join(f"{v:>11,.0f} {unit}" for v in values)
             lines.append(
                 f"{'hit: ' + workload.name:46}{cells}{values[0] / values[1]:8.2f}x{'>= 1.0x':>9}"
+                f"{verdict(values[0] / values[1] >= 1.0)}"
             )
         ferry, cor = f[(FERRY, PASS.name)], f[(COR, PASS.name)]
         lines.append(
             f"{'miss: ' + PASS.name:46}{ferry.mb_s:>11,.1f} MB/s{cor.mb_s:>11,.1f} MB/s"
             f"{'':16}{ferry.mb_s / cor.mb_s:8.2f}x{'>= 0.9x':>9}"
+            f"{verdict(ferry.mb_s / cor.mb_s >= 0.9)}"
         )
         if self.epoch is not None and self.copy is not None:
             lines.append(
                 f"{'epoch of the whole disk, cut to commit':46}{self.epoch.mb_s:>11,.1f} MB/s"
                 f"{'':32}{self.epoch.mb_s / self.copy.mb_s:8.2f}x{'>= 0.9x':>9}"
+                f"{verdict(self.epoch.mb_s / self.copy.mb_s >= 0.9)}"
             )
             lines.append(f"{'  vs data path full copy (Transfer)':46}{self.copy.mb_s:>11,.1f} MB/s")
-        lines += ["", f"{'peak RSS (VmHWM)':46}{'fio phases':>16}{'whole run':>16}{'target':>9}"]
+        lines += [
+            "",
+            f"{'peak RSS (VmHWM)':46}{'fio phases':>16}{'whole run':>16}{'target':>9}  met",
+        ]
         for kind, mb in self.rss_fio.items():
             whole = max(mb, self.rss_epoch.get(kind, 0.0))
             lines.append(
-                f"{'ferry ' + kind + ' component':46}{mb:>13.1f} MB{whole:>13.1f} MB{'< 260 MB':>9}"
+                f"{'ferry ' + kind + ' component':46}{mb:>13.1f} MB{whole:>13.1f} MB"
+                f"{'< 260 MB':>9}{verdict(whole < RSS_TARGET_MB)}"
             )
         lines.append(f"{'qemu-nbd copy-on-read (hits)':46}{self.rss_qemu_cor:>13.1f} MB")
         if self.copy is not None:
@@ -609,28 +438,6 @@ class Report:
 
 
 # -- the bench -----------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def nbd_runner(path: Path) -> AsyncIterator[int]:
-    """Ferry's NBD server on a raw file, its own process; stopped by PID."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.support.nbd_runner", str(path), "--export", "disk",
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        line = "-"
-        while line and not line.startswith("READY "):  # logs come first
-            line = (await process.stdout.readline()).decode()
-        assert line.startswith("READY "), "the NBD server did not start"
-        drain = asyncio.create_task(process.stdout.read())  # its logs, so it never blocks
-        yield int(line.split()[1])
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        await process.wait()
-    await drain
 
 
 COMPONENT_ENV = {
@@ -704,18 +511,3 @@ async def test_cache_bench(
     print(text)
     (ROOT / ".bench").mkdir(exist_ok=True)
     (ROOT / ".bench" / "cache.txt").write_text(text)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="the cache bench's full-copy process")
-    parser.add_argument("verb", choices=["copy"])
-    parser.add_argument("source", type=Path)
-    parser.add_argument("target_port", type=int)
-    args = parser.parse_args()
-    from appliance.cli import run_async
-
-    run_async(copy_main(args.source, args.target_port))
-
-
-if __name__ == "__main__":
-    main()
