@@ -259,6 +259,9 @@ class Shaper:
             arrives, _ = pipe.queued[0]
             if (wait := arrives - self._now()) > 0:
                 await asyncio.sleep(wait)
+            if pipe.writer.transport.is_closing():
+                # Cut (the link stopped, the peer went): uvloop would raise RuntimeError.
+                raise ConnectionResetError("the link was cut")
             batch: list[bytes] = []
             now = self._now()
             while pipe.queued and pipe.queued[0][0] <= now:

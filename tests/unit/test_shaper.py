@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 import pytest
+import uvloop
 
 from tests.support.shaper import Direction, Shaper, TokenBucket
 
@@ -143,7 +145,20 @@ async def test_a_refused_upstream_closes_the_client_connection() -> None:
         assert link.connections == 0
 
 
-async def test_stopping_the_link_cuts_open_connections_and_ends_every_handler() -> None:
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop])
+def test_stopping_the_link_cuts_open_connections_and_ends_every_handler(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """On both loops (the bench runs the shaper on uvloop, whose closed transports raise
+    RuntimeError where asyncio's raise ConnectionError)."""
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        handler_errors = runner.run(stop_with_traffic())
+    assert handler_errors == []
+
+
+async def stop_with_traffic() -> list[dict[str, object]]:
+    errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
@@ -162,3 +177,4 @@ async def test_stopping_the_link_cuts_open_connections_and_ends_every_handler() 
     finally:
         server.close()
         await server.wait_closed()
+    return errors
