@@ -192,6 +192,12 @@ class Lab:
         return found
 
 
+def address_of(url: str) -> TcpAddress:
+    """The server of an ``nbd://HOST:PORT/EXPORT`` URL."""
+    host, port = url.removeprefix("nbd://").split("/")[0].rsplit(":", 1)
+    return TcpAddress(host, int(port))
+
+
 # -- 3. epochs, and the data path's full copy ------------------------------------------------------
 
 
@@ -271,8 +277,7 @@ async def epoch_phase(lab: Lab, disk_id: str) -> EpochRun:
         return report.figures.get("committed_epoch", {}).get(disk_id, 0) >= 1
 
     await lab.pair.wait(ONPREM, shows_committed)
-    host, port = url.removeprefix("nbd://").split("/")[0].split(":")
-    in_cache = await digest(TcpAddress(host, int(port)), disk_id)
+    in_cache = await digest(address_of(url), disk_id)
     assert await digest(lab.onprem, f"cur/{disk_id}") == in_cache, "on-prem differs from the cache"
     seconds = (times.committed - started) / 1000
     return EpochRun(
@@ -320,8 +325,7 @@ async def hits_phase(lab: Lab, figures: Figures, commands: dict[str, str]) -> fl
     ferry = await lab.open_cache("src-hits", "src")
     await fio(ferry, PASS, runtime_s=None)  # warm: every chunk fetched and kept
     await lab.pair.wait(CACHE, lambda r: r.figures.get("cache_bytes", 0) >= held_before + DISK)
-    host_port = ferry.removeprefix("nbd://").split("/")[0].split(":")
-    cached = await digest(TcpAddress(host_port[0], int(host_port[1])), "src-hits")
+    cached = await digest(address_of(ferry), "src-hits")
     assert cached == await asyncio.to_thread(file_digest, lab.raw), "the cache differs"
     cor_args = await asyncio.to_thread(overlay, lab.work / "hits.qcow2", lab.backing_url("src"))
     async with (
