@@ -59,6 +59,8 @@ class Workload:
 class Figure:
     iops: float
     mb_s: float
+    latency_ms: float = 0.0
+    """Mean time from submission to completion of a request."""
 
 
 # -- tools ---------------------------------------------------------------------------------------
@@ -82,7 +84,11 @@ async def fio(
     job = json.loads(result.stdout[result.stdout.index("{") :])["jobs"][0]
     assert job["error"] == 0, f"fio reported error {job['error']}"
     stats = job[workload.direction]
-    return Figure(iops=float(stats["iops"]), mb_s=float(stats["bw_bytes"]) / 1e6)
+    return Figure(
+        iops=float(stats["iops"]),
+        mb_s=float(stats["bw_bytes"]) / 1e6,
+        latency_ms=float(stats["lat_ns"]["mean"]) / 1e6,
+    )
 
 
 def peak_rss_mb(pid: int) -> float:

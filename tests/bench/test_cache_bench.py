@@ -114,6 +114,7 @@ HITS = (
     Workload("1 MiB sequential read QD16", "read", "1m"),
 )
 PASS = Workload("1 MiB sequential read QD16, one cold pass", "read", "1m")
+PING = Workload("4 KiB random read QD1", "randread", "4k", iodepth=1)
 FILL = Workload("1 MiB sequential write QD16", "write", "1m")
 
 
@@ -196,6 +197,17 @@ def address_of(url: str) -> TcpAddress:
     """The server of an ``nbd://HOST:PORT/EXPORT`` URL."""
     host, port = url.removeprefix("nbd://").split("/")[0].rsplit(":", 1)
     return TcpAddress(host, int(port))
+
+
+async def link_check(lab: Lab) -> str:
+    """What the link adds to a small request, as measured: its RTT in practice."""
+    direct = await fio(f"nbd://{lab.onprem}/cur/src", PING, runtime_s=2)
+    through = await fio(lab.backing_url("src"), PING, runtime_s=2)
+    return (
+        f"4 KiB reads QD1 of on-prem's cur/src take {through.latency_ms:.2f} ms through the "
+        f"link, {direct.latency_ms:.2f} ms direct: {through.latency_ms - direct.latency_ms:.2f} "
+        f"ms added ({RTT_MS:g} ms asked)"
+    )
 
 
 # -- 3. epochs, and the data path's full copy ------------------------------------------------------
@@ -375,6 +387,7 @@ class Report:
     rss_epoch: dict[str, float] = field(default_factory=dict)
     rss_qemu_cor: float = 0.0
     link: str = ""
+    rtt: str = ""
 
     def text(self) -> str:
         f = self.figures
@@ -436,7 +449,7 @@ class Report:
                 f"  full copy: {self.copy.elapsed_s:.2f} s, digests match: "
                 f"{self.copy.digests_match}"
             )
-        lines.append(f"  link: {self.link}")
+        lines.append(f"  link: {self.link}; {self.rtt}")
         lines += [f"  {name}: {command}" for name, command in self.commands.items()]
         return "\n".join(lines) + "\n"
 
@@ -497,6 +510,7 @@ async def test_cache_bench(
         await lab.open_onprem("src", work / "src-disk", src_snapshot)
         await lab.open_onprem("epoch", work / "epoch-disk", epoch_snapshot)
         pids = await lab.pids()
+        report.rtt = await link_check(lab)
         report.epoch = await epoch_phase(lab, "epoch")
         report.copy = await full_copy(lab)
         for kind, pid in pids.items():
