@@ -98,6 +98,12 @@ def peak_rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmHWM for {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def reset_peak_rss(pid: int) -> None:
     """Peak RSS from now on (Linux >= 4.0: ``5`` into clear_refs resets VmHWM)."""
     Path(f"/proc/{pid}/clear_refs").write_text("5\n")
