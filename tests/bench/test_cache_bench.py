@@ -6,7 +6,8 @@ serves a lab disk of random data (``cur/src``) and an empty one (``cur/epoch``).
 Everything between the cloud side and on-prem crosses one shaped link
 (:mod:`tests.support.shaper`, its own process: 1 Gbit/s each way, 5 ms RTT):
 the cache's upstream (misses and epoch shipping), the backing file of
-qemu-nbd's qcow2 overlays, and the data path's full copy. One table:
+qemu-nbd's qcow2 overlays, and the data path's full copy; the RTT it adds to a
+small request is measured and printed. One table:
 
 1. Cache hits: fio (its ``nbd`` engine, one connection) 4 KiB random read
    QD16, 4 KiB random write QD16 and 1 MiB sequential read QD16 against the
@@ -18,7 +19,9 @@ qemu-nbd's qcow2 overlays, and the data path's full copy. One table:
    the overlay every cluster; the cache's bytes are checked against the raw
    file); qemu-nbd with ``--cache=writeback --aio=threads``, as the cache
    keeps its slots in the page cache and syncs on FLUSH. Best of
-   ``FERRY_BENCH_ROUNDS`` interleaved rounds.
+   ``FERRY_BENCH_ROUNDS`` interleaved rounds. Beside the rates, each server's
+   CPU time per request (user + system, all threads, from /proc): on a
+   shared machine the rates follow the neighbours' load, this barely does.
 2. Misses: one cold pass of fio 1 MiB sequential read QD16 over the whole
    disk through the link: a disk freshly opened on the cache (upstream
    ``cur/src``) beside a fresh overlay. Best of the rounds.
@@ -29,7 +32,9 @@ qemu-nbd's qcow2 overlays, and the data path's full copy. One table:
    cache's. Beside it, the data path's full copy of a disk of the same size
    (the ``Transfer`` engine, its default options, in a process of its own)
    from a local raw file to Ferry's NBD server exporting a fresh raw file,
-   through the same link.
+   through the same link. The epoch's time is split at on-prem's reply to
+   the stage request and the cache's commit request (transfer and manifest,
+   then on-prem's verify and apply).
 4. Peak RSS (VmHWM) of each component process under the fio load of 1 and 2
    (reset through ``clear_refs`` after the epoch phase), and over the whole run.
 
