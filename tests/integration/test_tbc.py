@@ -154,7 +154,7 @@ async def test_a_dependency_group_rests_together_takes_a_policy_live_and_migrate
         for vm in (one, two)
         for d in vm.disks
     }
-    running = await start_appliance(harness.settings(**TBC_SETTINGS, debug_step_delay_s=0.2))
+    running = await start_appliance(harness.settings(**TBC_SETTINGS))
     async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
         await components_up(store)
         request = tbc_request(client, [one.vm_id, two.vm_id], groups=[[one.vm_id, two.vm_id]])
