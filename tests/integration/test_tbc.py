@@ -101,6 +101,13 @@ async def test_tbc_runs_in_the_cloud_flushes_by_policy_and_migrates_back_losing_
         parked = await onprem.get_vm(vm.vm_id)
         assert parked.resource_pool == "_HDM_MIGRATEPOOL"
         assert parked.power_state is PowerState.OFF
+        assert parked.tag("ferry.guest_prepared") == "true"  # credentials used, dropped
+        cloud = LabSite.open(harness.data_dir / "sites" / "cloud")
+        twin = await cloud.get_vm(migration_id)
+        await cloud.close()
+        assert (twin.cpus, twin.memory_mib, twin.firmware) == (vm.cpus, vm.memory_mib, vm.firmware)
+        assert [n.network for n in twin.nics] == ["cloud-app"]  # prod-app, mapped
+        assert twin.power_state is PowerState.ON
         address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
         guest = await Guest.start(address, export, tmp_path / "guest.log", seed=11)
 
