@@ -26,7 +26,13 @@ from appliance.orchestrator.resting import (
     ASK_KEEP_SNAPSHOT,
     ASK_SYNC,
 )
-from appliance.orchestrator.states import MIGRATING_BACK, RESTING, Step, machine_for
+from appliance.orchestrator.states import (
+    MIGRATING_BACK,
+    RESTING,
+    Step,
+    machine_for,
+    on_components,
+)
 from messages.commands import MigrateBackRequestBody
 from messages.errors import ErrorCode
 
@@ -148,6 +154,18 @@ class CloudCommands:
             "commit turns a tbc migration into a warm one, which is not built yet",
             ErrorCode.NOT_IMPLEMENTED,
         )
+
+
+async def any_on_components(deps: Deps) -> bool:
+    """Does any unfinished migration have its disks served by the components now?"""
+    migrations = deps.migrations
+    for group_id in await migrations.active_groups():
+        info = await migrations.group(group_id)
+        for stored in await migrations.get_many(list(info.members) if info else []):
+            record = load(stored.record)
+            if on_components(record.migration_type, record.step):
+                return True
+    return False
 
 
 def _flag(value: bool) -> str:

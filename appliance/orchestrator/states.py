@@ -220,6 +220,20 @@ def next_step(current: Step) -> Step:
     return COLD.next_step(current)
 
 
+def on_components(migration_type: MigrationType, step: Step) -> bool:
+    """May the cache and the I/O manager serve this migration's disks at this step?"""
+    machine = machine_for(migration_type)
+    if Step.OPENING_DISKS not in machine.steps:
+        return False
+    path = (*machine.forward, *machine.back)
+    if step is Step.ROLLING_BACK:
+        return True
+    if step not in path:
+        return False
+    last = Step.BACK_RESTORING_DISKS if machine.back else path[-1]
+    return path.index(Step.OPENING_DISKS) <= path.index(step) <= path.index(last)
+
+
 def holds_slot(step: Step) -> bool:
     """Does a migration at this step count against the concurrency limits?"""
     return step is not Step.QUEUED and step not in TERMINAL and step not in RESTING

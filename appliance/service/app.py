@@ -16,6 +16,7 @@ import contextlib
 import os
 from contextlib import AsyncExitStack
 from datetime import timedelta
+from functools import partial
 
 from appliance import logs
 from appliance.bus import SqsBus
@@ -27,6 +28,7 @@ from appliance.errors import NotConfigured, StateLost, StateStoreUnavailable
 from appliance.health import HealthBoard
 from appliance.keys import load_or_create
 from appliance.logs import get_logger
+from appliance.orchestrator.cloud_control import any_on_components
 from appliance.orchestrator.scheduler import Scheduler
 from appliance.service.components import EmbeddedComponents
 from appliance.service.heartbeat import HeartbeatPublisher
@@ -112,7 +114,13 @@ class Appliance:
                 appliance_key=keys.public.text,
             )
             components = (
-                EmbeddedComponents(settings, self._redis_url, store, self.health)
+                EmbeddedComponents(
+                    settings,
+                    self._redis_url,
+                    store,
+                    self.health,
+                    keep_serving=partial(any_on_components, deps),
+                )
                 if settings.embedded_components
                 else None
             )

@@ -17,7 +17,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,8 +84,10 @@ class Supervisor:
         backoff_max_s: float,
         stop_grace_s: float = 10.0,
         stable_after_s: float = 30.0,
+        keep_serving: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._children = {str(c.instance): _Child(c) for c in commands}
+        self._keep_serving = keep_serving
         self._backoff_s = backoff_s
         self._backoff_max_s = max(backoff_s, backoff_max_s)
         self._grace_s = stop_grace_s
@@ -146,6 +148,9 @@ class Supervisor:
                 await self._stop(process, grace_s=0.0)
                 raise
             if stopped:
+                if await self._must_keep_serving():
+                    bound.warning("left running at stop: VMs run on it", pid=process.pid)
+                    return
                 await self._stop(process, grace_s=self._grace_s)
                 await self._notify()
                 return
@@ -161,6 +166,17 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=backoff)
             backoff = min(backoff * 2, self._backoff_max_s)
+
+    async def _must_keep_serving(self) -> bool:
+        """At a clean stop: do VMs still run on the components (their disks served)? Then
+        they are left running (in their own sessions); the next appliance finds them busy
+        with their data directories and retries until they exit. Unknown counts as yes."""
+        if self._keep_serving is None:
+            return False
+        try:
+            return await self._keep_serving()
+        except StateStoreUnavailable:
+            return True
 
     async def _start(self, child: _Child) -> asyncio.subprocess.Process:
         command = child.command
@@ -266,7 +282,12 @@ class EmbeddedComponents:
     """The components named by ``FERRY_EMBEDDED_COMPONENTS``, supervised and watched."""
 
     def __init__(
-        self, settings: Settings, redis_url: str, store: StateStore, board: HealthBoard
+        self,
+        settings: Settings,
+        redis_url: str,
+        store: StateStore,
+        board: HealthBoard,
+        keep_serving: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         names = [n for n in settings.embedded_components.split(",") if n]
         instances = [ComponentId.parse(name) for name in names]
@@ -286,6 +307,7 @@ class EmbeddedComponents:
             commands,
             backoff_s=settings.component_restart_backoff_s,
             backoff_max_s=settings.component_restart_backoff_max_s,
+            keep_serving=keep_serving,
         )
         self.watch = ComponentWatch(
             ComponentHealth(store, settings.component_timeout_s), board, instances

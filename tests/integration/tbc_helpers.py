@@ -196,8 +196,15 @@ async def expected_after(base: bytes, log_path: Path) -> bytes:
     return bytes(replay(base, log, log.last_sequence))
 
 
-def kill_pids(pids: Sequence[int]) -> None:
-    """Stop component processes this test's appliance started (orphaned by a SIGKILL)."""
+def kill_pids(pids: Sequence[int], data_dir: Path) -> None:
+    """Stop component processes this test's appliance started (orphaned by a SIGKILL, or left
+    serving by a clean stop): only a PID that is still such a process of ``data_dir``."""
+    ours = str(data_dir.resolve()).encode()
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone
+        if b"component" in argv and any(arg.startswith(ours) for arg in argv):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,15 @@ from tests.support.lab import MIB, build_lab, lab_vm
 pytestmark = pytest.mark.timeout(300)
 
 
+@pytest.fixture
+def component_pids(data_dir: Path) -> Iterator[list[int]]:
+    """Component processes a test's appliance started: an appliance that stops while VMs
+    run on them leaves them running (by design), so a test that fails midway kills them."""
+    pids: list[int] = []
+    yield pids
+    kill_pids(pids, data_dir)
+
+
 async def _in_cloud(follower: Follower, count: int) -> None:
     await follower.until(
         lambda latest: (
@@ -80,14 +90,14 @@ async def _back(follower: Follower, count: int) -> None:
 
 
 async def test_tbc_runs_in_the_cloud_flushes_by_policy_and_migrates_back_losing_nothing(
-    harness: Harness, start_appliance: StartAppliance, tmp_path: Path
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path, component_pids: list[int]
 ) -> None:
     vm = lab_vm(1, disks=1, disk_size=8 * MIB)
     await build_lab(harness.data_dir, [vm])
     base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
     running = await start_appliance(harness.settings(**TBC_SETTINGS))
     async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
-        await components_up(store)
+        component_pids += (await components_up(store)).values()
         policy = SetPolicyRequestBody(cluster="cluster-a", rto_rpo_interval_s=10)
         await client.request(SetPolicyRequest(body=policy))
         follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
@@ -101,6 +111,13 @@ async def test_tbc_runs_in_the_cloud_flushes_by_policy_and_migrates_back_losing_
         parked = await onprem.get_vm(vm.vm_id)
         assert parked.resource_pool == "_HDM_MIGRATEPOOL"
         assert parked.power_state is PowerState.OFF
+        assert parked.tag("ferry.guest_prepared") == "true"  # credentials used, dropped
+        cloud = LabSite.open(harness.data_dir / "sites" / "cloud")
+        twin = await cloud.get_vm(migration_id)
+        await cloud.close()
+        assert (twin.cpus, twin.memory_mib, twin.firmware) == (vm.cpus, vm.memory_mib, vm.firmware)
+        assert [n.network for n in twin.nics] == ["cloud-app"]  # prod-app, mapped
+        assert twin.power_state is PowerState.ON
         address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
         guest = await Guest.start(address, export, tmp_path / "guest.log", seed=11)
 
@@ -145,7 +162,7 @@ async def test_tbc_runs_in_the_cloud_flushes_by_policy_and_migrates_back_losing_
 
 
 async def test_a_dependency_group_rests_together_takes_a_policy_live_and_migrates_back_together(
-    harness: Harness, start_appliance: StartAppliance, tmp_path: Path
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path, component_pids: list[int]
 ) -> None:
     one, two = lab_vm(1, disks=1, disk_size=4 * MIB), lab_vm(2, disks=2, disk_size=4 * MIB)
     await build_lab(harness.data_dir, [one, two])
@@ -154,9 +171,9 @@ async def test_a_dependency_group_rests_together_takes_a_policy_live_and_migrate
         for vm in (one, two)
         for d in vm.disks
     }
-    running = await start_appliance(harness.settings(**TBC_SETTINGS, debug_step_delay_s=0.2))
+    running = await start_appliance(harness.settings(**TBC_SETTINGS))
     async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
-        await components_up(store)
+        component_pids += (await components_up(store)).values()
         request = tbc_request(client, [one.vm_id, two.vm_id], groups=[[one.vm_id, two.vm_id]])
         follower = await start_migration(client, request)
         await _in_cloud(follower, 2)
@@ -256,7 +273,7 @@ async def test_sigkill_while_resting_and_while_migrating_back_resumes_losing_not
     finally:
         for appliance in appliances:
             appliance.kill()
-        kill_pids(orphans)
+        kill_pids(orphans, harness.data_dir)
     image = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
     expected = await expected_after(base, tmp_path / "guest.log")
     assert expected != base
@@ -264,7 +281,7 @@ async def test_sigkill_while_resting_and_while_migrating_back_resumes_losing_not
 
 
 async def test_a_cancel_before_the_vm_runs_in_the_cloud_rolls_back_and_closes_its_disks(
-    harness: Harness, start_appliance: StartAppliance
+    harness: Harness, start_appliance: StartAppliance, component_pids: list[int]
 ) -> None:
     """The cache is held (SIGSTOP) so the migration waits on its open order; a cancel then
     rolls it back once the cache answers: the components let go of the disks, the source is
@@ -275,6 +292,7 @@ async def test_a_cancel_before_the_vm_runs_in_the_cloud_rolls_back_and_closes_it
     running = await start_appliance(harness.settings(**TBC_SETTINGS))
     async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
         pids = await components_up(store)
+        component_pids += pids.values()
         cache_pid = pids[str(CACHE)]
         os.kill(cache_pid, signal.SIGSTOP)
         try:
@@ -340,6 +358,55 @@ async def test_sigkill_on_the_way_to_the_cloud_resumes_there(
     finally:
         for appliance in appliances:
             appliance.kill()
-        kill_pids(orphans)
+        kill_pids(orphans, harness.data_dir)
     for disk_id, base in bases.items():
         assert await read_onprem(harness.data_dir, vm.vm_id, disk_id) == base
+
+
+async def test_a_clean_appliance_stop_leaves_the_components_serving_the_cloud_vm(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """SIGTERM while a VM rests in the cloud: the embedded components are left running (the
+    guest keeps its disk), the next appliance finds them and carries on."""
+    vm = lab_vm(1, disks=1, disk_size=4 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    overrides = {**TBC_SETTINGS, "lease_ttl_s": 3.0}
+    appliances = [
+        ApplianceProcess(harness, tmp_path / f"appliance-{n}.log", **overrides) for n in range(2)
+    ]
+    orphans: list[int] = []
+    try:
+        await appliances[0].start()
+        async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+            pids = await components_up(store)
+            orphans += pids.values()
+            policy = SetPolicyRequestBody(cluster="cluster-a", rto_rpo_interval_s=10)
+            await client.request(SetPolicyRequest(body=policy))
+            follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
+            await _in_cloud(follower, 1)
+            (status,) = follower.latest.values()
+            migration_id, disk = status.migration_id, f"{status.migration_id}-disk-0"
+            address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
+            guest = await Guest.start(address, export, tmp_path / "guest.log", seed=13)
+
+            assert await appliances[0].stop() == 0
+            written = await guest.writes()
+            await guest.wait_writes(written + 50, within_s=30)
+            assert await components_up(store) == pids  # the same processes, still beating
+            cache = await ComponentHealth(store, 120).report(CACHE)
+            open_epoch = int(cache.figures["open_epoch"][disk])
+            await appliances[1].start()
+            await committed_at_least(store, disk, open_epoch, within_s=60)
+
+            await guest.halt()
+            await client.request(migrate_back([migration_id]))
+            await _back(follower, 1)
+        await appliances[1].stop()
+    finally:
+        for appliance in appliances:
+            appliance.kill()
+        kill_pids(orphans, harness.data_dir)
+    expected = await expected_after(base, tmp_path / "guest.log")
+    assert expected != base
+    assert await read_onprem(harness.data_dir, vm.vm_id, "disk-0") == expected

@@ -19,6 +19,7 @@ from appliance.orchestrator.states import (
     Step,
     holds_slot,
     machine_for,
+    on_components,
     phase_of,
     public_state,
 )
@@ -112,3 +113,13 @@ def test_what_clients_see_of_tbc() -> None:
     assert public_state(Step.MIGRATED_BACK, False) is MigrationState.MIGRATED_BACK
     assert phase_of(Step.OPENING_DISKS) is Phase.OPEN_DISKS
     assert phase_of(Step.PARKING) is Phase.PARK
+
+
+def test_which_steps_run_on_the_components() -> None:
+    served = {s for s in Step if on_components(MigrationType.TBC, s)}
+    assert served == {
+        Step.OPENING_DISKS, Step.CREATING_TARGET, Step.PARKING, Step.POWERING_ON,
+        Step.RUNNING_IN_CLOUD, Step.BACK_POWERING_OFF, Step.BACK_FINAL_EPOCH,
+        Step.BACK_REMOVING_CLOUD, Step.BACK_RESTORING_DISKS, Step.ROLLING_BACK,
+    }  # fmt: skip
+    assert not any(on_components(MigrationType.COLD, s) for s in Step)
