@@ -95,6 +95,12 @@ class CloneRequests:
             existing = await self._deps.migrations.claim_request(request_id, existing)
         return await self._responses(existing, command.correlation_id)
 
+    def _cache_node(self, migration_type: MigrationType) -> str | None:
+        """The cache instance a warm or tbc VM will run on (its per-node limits count it)."""
+        if migration_type is MigrationType.COLD:
+            return None
+        return ComponentId.parse(self._deps.config.cache_component).name
+
     async def _check_components(self) -> None:
         """A VM that will run on the cache and the I/O manager needs both alive now."""
         config = self._deps.config
@@ -281,6 +287,7 @@ class CloneRequests:
                 for d in vm.disks
             ),
             has_credentials=body.guest_credentials is not None,
+            cache_node=self._cache_node(body.migration_type),
             source_cluster=vm.cluster,
             target_cluster=body.target.cluster,
             created_at=now,

@@ -8,10 +8,11 @@ counts no slot for them). Every ``resting_poll_s`` it:
 * reads each member's RTO/RPO interval from its clusters' policy (the default
   when none is set), so a policy change takes effect at the next tick: the next
   due time is the last cut plus the interval in force;
-* cuts an epoch on every disk of a member whose due time has passed, or that a
-  sync asked for; the next due time is persisted with the cut, so the timer
-  survives a restart of the appliance (a due time that passed while it was
-  down cuts at once);
+* cuts an epoch on every disk of a member whose due time has passed, that a
+  sync asked for, or whose dirty bytes in the cache (its heartbeat) reached its
+  policy's ``rpo_dirty_bytes`` once the previous cut is committed; the next due
+  time is persisted with the cut, so the timer survives a restart of the
+  appliance (a due time that passed while it was down cuts at once);
 * notes the epochs the I/O manager committed (its heartbeat), and answers a
   sync (``syncs_done``) once the epochs cut for it are committed.
 """
@@ -21,8 +22,10 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+from appliance.components.heartbeat import ComponentHealth
 from appliance.logs import get_logger
 from appliance.orchestrator.context import Deps
+from appliance.orchestrator.figures import CacheFigureReader
 from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.record import MigrationRecord
 from appliance.orchestrator.serve_steps import cut_all
@@ -41,6 +44,9 @@ class Resting:
         self._journal = journal
         self._records = records  # the run's own: updated in place
         self._disks = ServedDisks(deps, journal.lease)
+        self._figures = CacheFigureReader(
+            ComponentHealth(deps.store, deps.config.component_timeout_s), deps.clock
+        )
 
     async def until_back(self) -> None:
         """Rest until a migrate back is asked for; the members carry its options then."""
@@ -84,11 +90,21 @@ class Resting:
             log.info("epoch interval", migration_id=migration_id, interval_s=interval)
         syncs = int(asks.get(ASK_SYNC, "0"))
         due_at = _parse(record.next_epoch_due) or now
-        if now >= due_at or syncs > record.syncs_done:
+        if now >= due_at or syncs > record.syncs_done or await self._too_dirty(record):
             record = await self._cut(record, interval)
             if syncs > record.syncs_done:
                 record = await self._committed_all(record, syncs)
         self._records[migration_id] = await self._note_commits(record)
+
+    async def _too_dirty(self, record: MigrationRecord) -> bool:
+        """The policy's dirty-bytes threshold reached, with no cut of ours still shipping
+        (the bytes of an epoch in flight count as dirty until it commits)."""
+        if any(d.epoch_committed < d.epoch_cut for d in record.disks):
+            return False
+        if not await self._figures.dirty_over_threshold(record, self._deps.policies):
+            return False
+        log.info("dirty bytes reached the policy's threshold", migration_id=record.migration_id)
+        return True
 
     async def _cut(self, record: MigrationRecord, interval: float) -> MigrationRecord:
         record, cuts = await cut_all(self._disks, self._journal, record)

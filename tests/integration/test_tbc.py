@@ -410,3 +410,34 @@ async def test_a_clean_appliance_stop_leaves_the_components_serving_the_cloud_vm
     expected = await expected_after(base, tmp_path / "guest.log")
     assert expected != base
     assert await read_onprem(harness.data_dir, vm.vm_id, "disk-0") == expected
+
+
+async def test_an_epoch_is_cut_when_the_policy_s_dirty_bytes_are_reached(
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path, component_pids: list[int]
+) -> None:
+    """An hour's interval, no sync: only the cluster's ``rpo_dirty_bytes`` can cut."""
+    vm = lab_vm(1, disks=1, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    running = await start_appliance(harness.settings(**TBC_SETTINGS))
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        component_pids += (await components_up(store)).values()
+        policy = SetPolicyRequestBody(
+            cluster="cluster-a", rto_rpo_interval_s=3600, rpo_dirty_bytes=1024 * 1024
+        )
+        await client.request(SetPolicyRequest(body=policy))
+        follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
+        await _in_cloud(follower, 1)
+        (status,) = follower.latest.values()
+        migration_id = status.migration_id
+        disk = f"{migration_id}-disk-0"
+        first = await committed_epoch(store, disk)
+        address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
+        guest = await Guest.start(address, export, tmp_path / "guest.log", seed=5)
+        await committed_at_least(store, disk, first + 1, within_s=60)
+        await guest.halt()
+        await client.request(migrate_back([migration_id]))
+        await _back(follower, 1)
+    await running.shutdown()
+    image = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    assert image == await expected_after(base, tmp_path / "guest.log")
