@@ -100,6 +100,41 @@ def cmd_lab_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lab_guest(args: argparse.Namespace) -> int:
+    from appliance.lab_guest import run_guest
+
+    settings = _settings(args)
+    run = run_async(
+        run_guest(
+            settings.data_dir, args.vm, args.log, seconds=args.seconds, seed=args.seed,
+            disk_id=args.disk,
+        )
+    )  # fmt: skip
+    print(
+        f"guest on {run.export}: {run.writes} writes ({run.bytes_written} bytes), "
+        f"{run.flushes} flushes; write log {args.log}"
+    )
+    return 0
+
+
+def cmd_lab_check(args: argparse.Namespace) -> int:
+    from appliance.lab_guest import check_onprem
+
+    settings = _settings(args)
+    check = run_async(check_onprem(settings.data_dir, args.vm, args.log, args.disk))
+    if check.mismatches:
+        print(
+            f"on-prem {args.vm}/{args.disk} DIFFERS from the guest's write log: "
+            f"{check.mismatches} ranges, first at byte {check.first_offset}"
+        )
+        return 1
+    print(
+        f"on-prem {args.vm}/{args.disk} holds all {check.writes} writes of the guest's log "
+        "(the last one for every byte it wrote): nothing lost"
+    )
+    return 0
+
+
 def _component_config(args: argparse.Namespace, settings: Settings) -> ComponentConfig:
     from appliance.components.orders import ComponentId
     from appliance.components.runtimes import ComponentConfig
@@ -185,6 +220,18 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--disk-size-mib", type=int, default=64, help="boot disk size")
     create.add_argument("--empty-disks", action="store_true", help="leave disks unwritten")
     create.set_defaults(func=cmd_lab_create)
+    guest = lab.add_parser("guest", help="write to a cloud VM's disk like a guest, with a log")
+    guest.add_argument("--vm", required=True, help="the cloud VM's name")
+    guest.add_argument("--disk", default="disk-0")
+    guest.add_argument("--log", type=Path, required=True, help="the write log to keep")
+    guest.add_argument("--seconds", type=float, default=20.0)
+    guest.add_argument("--seed", type=int, default=1)
+    guest.set_defaults(func=cmd_lab_guest)
+    check = lab.add_parser("check", help="does the on-prem disk hold every write of a log")
+    check.add_argument("--vm", required=True, help="the on-prem VM's name")
+    check.add_argument("--disk", default="disk-0")
+    check.add_argument("--log", type=Path, required=True)
+    check.set_defaults(func=cmd_lab_check)
     component = commands.add_parser(
         "component", help="run a data-plane component (see appliance/components/README.md)"
     )

@@ -64,8 +64,8 @@ NETWORK_MAP = (
 )
 
 
-def _two_dependent_vms(data_dir: Path) -> list[str]:
-    """Two running Linux VMs with guest tools: an app and its database, say."""
+def _running_linux_vms(data_dir: Path) -> list[str]:
+    """Running Linux VMs with guest tools: the first two an app and its database, say."""
     vms = asyncio.run(LabSite.open(data_dir / "sites" / "onprem").list_vms())
     fit = [
         vm.name
@@ -74,9 +74,9 @@ def _two_dependent_vms(data_dir: Path) -> list[str]:
         and vm.tools_status is ToolsStatus.RUNNING
         and vm.power_state is PowerState.ON
     ]
-    if len(fit) < 2:
-        raise RuntimeError("the sample site has fewer than two running Linux VMs")
-    return fit[:2]
+    if len(fit) < 3:
+        raise RuntimeError("the sample site has fewer than three running Linux VMs")
+    return fit
 
 
 DEMO_MARKER = ".ferry-demo"
@@ -114,6 +114,32 @@ def prepare_data_dir(data_dir: Path) -> None:
     marker.write_text("made by 'ferry-appliance demo'; emptied by its next run\n")
 
 
+def _try_before_commit(
+    ferry: list[str], vm: str, mapped: list[str], data_dir: Path, env: dict[str, str]
+) -> None:
+    """A VM runs in the cloud over the cache while its guest writes; two epochs flush it
+    back on-prem; a migrate back brings it home; the check proves nothing was lost."""
+    _step("10. an epoch every 10 s by default", [*ferry, "policy", "set", "--rto", "10s"], env)
+    tbc = [*ferry, "migrate", vm, "--type", "tbc", "--wait", "--guest-user", "demo", *mapped]
+    _step("11. try before commit: the VM runs in the cloud on the cache at once", tbc, env)
+    log_path = data_dir / "guest-writes.log"
+    guest_cmd = [_bin("ferry-appliance"), "lab", "guest", "--vm", vm, "--log", str(log_path)]
+    guest_cmd += ["--seconds", "15"]
+    console.print(Rule("12. its guest writes on the cloud cache (15 s)"))
+    console.print(f"$ {' '.join(guest_cmd)} &", style="dim")
+    guest = subprocess.Popen(guest_cmd, env=env)
+    try:
+        _step("13a. an epoch now, while the guest writes", [*ferry, "sync", vm], env)
+        _step("13b. RPO lag of the VM resting in the cloud", [*ferry, "migrations"], env)
+    finally:
+        if guest.wait(timeout=120) != 0:
+            raise RuntimeError(f"the demo guest exited with {guest.returncode}")
+    _step("13c. a second epoch, after the guest's last write", [*ferry, "sync", vm], env)
+    _step("14. migrate back", [*ferry, "migrate-back", vm, "--wait"], env)
+    check = [_bin("ferry-appliance"), "lab", "check", "--vm", vm, "--log", str(log_path)]
+    _step("15. the on-prem disk against the guest's whole write log", check, env)
+
+
 def run_demo(data_dir: Path) -> int:
     try:
         prepare_data_dir(data_dir)
@@ -128,6 +154,8 @@ def run_demo(data_dir: Path) -> int:
         "FERRY_RECEIVE_WAIT_S": "1",
         "FERRY_APPLIANCE_ID": "ferry-demo",
         "FERRY_GUEST_PASSWORD": secrets.token_urlsafe(12),  # the demo guest's login
+        # The cloud cache and the on-prem I/O manager, as the appliance's children.
+        "FERRY_EMBEDDED_COMPONENTS": "onprem/onprem-1,cache/cache-1",
     }
     _step(
         "1. a sample on-prem lab site",
@@ -154,12 +182,16 @@ def run_demo(data_dir: Path) -> int:
             env,
         )
         _step("5. heartbeats", [*ferry, "watch", "--count", "2", "--interval", "10"], env)
-        pair = _two_dependent_vms(data_dir)
+        linux = _running_linux_vms(data_dir)
+        pair, tbc_vm = linux[:2], linux[2]
+        mapped = [arg for pair_ in NETWORK_MAP for arg in ("--network-map", "=".join(pair_))]
         migrate = [*ferry, "migrate", *pair, "--together", "--wait", "--guest-user", "demo"]
         migrate += ["--bandwidth-mbps", "400"]  # slow enough to watch the progress bars
-        for source, target in NETWORK_MAP:
-            migrate += ["--network-map", f"{source}={target}"]
-        _step("6. cold-migrate two dependent VMs (one group: cut over together)", migrate, env)
+        _step(
+            "6. cold-migrate two dependent VMs (one group: cut over together)",
+            migrate + mapped,
+            env,
+        )
         _step("7. migrations", [*ferry, "migrations"], env)
         _step(
             "8. the on-prem VMs, now in _HDM_MIGRATEPOOL",
@@ -167,8 +199,9 @@ def run_demo(data_dir: Path) -> int:
             env,
         )
         _step("9. appliance status", [*ferry, "status"], env)
+        _try_before_commit(ferry, tbc_vm, mapped, data_dir, env)
     finally:
-        console.print(Rule("10. stop the appliance (SIGTERM)"))
+        console.print(Rule("16. stop the appliance (SIGTERM)"))
         appliance.send_signal(signal.SIGTERM)
         try:
             code = appliance.wait(timeout=60)

@@ -11,6 +11,8 @@ with its code, and the exit status is 1.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import time
 from collections.abc import Sequence
 
 from rich.markup import escape
@@ -19,8 +21,11 @@ from clients.client import FerryClient
 from clients.migrate import migrations_table
 from clients.output import console
 from clients.units import parse_duration, parse_size
-from messages.commands import MigrationSelector, SetPolicyRequestBody, VmRef
-from messages.events import CommandResponse, Event, SourceCloneResponse
+from messages.commands import MigrationSelector, SetPolicyRequestBody, StatusRequestBody, VmRef
+from messages.common import MigrationState
+from messages.events import CommandResponse, Event, MigrationStatus, SourceCloneResponse
+
+BACK_DONE = frozenset({MigrationState.MIGRATED_BACK, MigrationState.FAILED})
 
 LIMITS = {
     "cold": "max_concurrent_migrations",
@@ -86,7 +91,27 @@ async def cmd_migrate_back(client: FerryClient, args: argparse.Namespace) -> int
         selector(args), power_on=args.power_on, keep_snapshot=args.keep_snapshot
     )
     show(answers, "Migrating back")
-    return 0
+    if not args.wait:
+        return 0
+    ids = tuple(a.body.migration_id for a in answers if isinstance(a, SourceCloneResponse))
+    statuses = await _until_back(client, ids, args.timeout)
+    console.print(migrations_table(statuses, "Back on-prem"))
+    return 0 if all(s.state is MigrationState.MIGRATED_BACK for s in statuses) else 1
+
+
+async def _until_back(
+    client: FerryClient, migration_ids: tuple[str, ...], timeout_s: float
+) -> list[MigrationStatus]:
+    """Ask for the migrations' status every second until each is back (or failed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = await client.status(StatusRequestBody(migration_ids=migration_ids))
+        statuses = list(answer.body.migrations)
+        if statuses and all(s.state in BACK_DONE for s in statuses):
+            return statuses
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not back on-prem within {timeout_s:.0f} s: {migration_ids}")
+        await asyncio.sleep(1.0)
 
 
 async def cmd_commit(client: FerryClient, args: argparse.Namespace) -> int:
@@ -122,6 +147,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     back = _selecting(commands.add_parser("migrate-back", help="bring VMs back on-prem"))
     back.add_argument("--power-on", action="store_true", help="power them on once back")
     back.add_argument("--keep-snapshot", action="store_true", help="keep the hdm_N snapshot")
+    back.add_argument("--wait", action="store_true", help="until every VM is back on-prem")
+    back.add_argument("--timeout", type=float, default=1800.0, help="seconds --wait waits")
     back.set_defaults(func=cmd_migrate_back)
     commit = _selecting(commands.add_parser("commit", help="commit VMs to the cloud"))
     commit.set_defaults(func=cmd_commit)
