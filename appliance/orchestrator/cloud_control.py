@@ -11,8 +11,12 @@ the components orders: a command writes what it asks on the migration
   answer waits until the run says the epochs cut for it are committed on-prem.
   On anything else SyncRequest keeps its older meaning: it resumes failed cold
   migrations that kept their data (``resume.Resumes``).
-* CommitRequest: a commit turns a tbc migration into a warm one, which is not
-  built: not_implemented (refused with its own code while migrating back).
+* CommitRequest on a warm migration cut over to its volumes (CUT_OVER): every member
+  of its group asks ``commit``; the run cleans up (``warm.commit``). On a tbc VM it
+  would turn it into a warm migration, which is not built: not_implemented (refused
+  with its own code while migrating back).
+* A warm VM cut over (or committed) has no way back: migrate back and sync are refused
+  with ``cut_over``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from appliance.orchestrator.resting import (
     ASK_SYNC,
 )
 from appliance.orchestrator.states import MIGRATING_BACK, RESTING, Step, machine_for
+from appliance.orchestrator.warm import ASK_COMMIT
 from messages.commands import MigrateBackRequestBody
+from messages.common import MigrationType
 from messages.errors import ErrorCode
 
 BACK_OR_DONE = frozenset({*MIGRATING_BACK, Step.MIGRATED_BACK})
@@ -40,7 +46,22 @@ def _refuse_back(command: str, record: MigrationRecord, asked: bool = False) -> 
         raise WrongStep(command, record.migration_id, step, ErrorCode.MIGRATING_BACK)
 
 
+CUT_OVER_OR_DONE = frozenset({Step.CUTTING_OVER, Step.CUT_OVER, Step.COMMITTING, Step.COMPLETED})
+
+
+def _refuse_cut_over(command: str, record: MigrationRecord) -> None:
+    """A warm VM cutting over, cut over or committed runs on its cloud volumes for good."""
+    if record.migration_type is MigrationType.WARM and record.step in CUT_OVER_OR_DONE:
+        raise WrongStep(
+            command,
+            record.migration_id,
+            f"{record.step.value} (warm: the VM runs on its cloud volumes; no way back)",
+            ErrorCode.CUT_OVER,
+        )
+
+
 def _refuse_not_resting(command: str, record: MigrationRecord) -> None:
+    _refuse_cut_over(command, record)
     if record.step not in RESTING:
         kind = record.migration_type.value
         machine = machine_for(record.migration_type)
@@ -99,6 +120,7 @@ class CloudCommands:
         """Is this sync about VMs in the cloud (else: a resume of failed migrations)?"""
         for record in records:
             _refuse_back("SyncRequest", record)
+            _refuse_cut_over("SyncRequest", record)
         return any(r.step in RESTING for r in records)
 
     async def sync(self, migration_ids: list[str]) -> list[MigrationRecord]:
@@ -143,11 +165,36 @@ class CloudCommands:
             await clock.sleep(self._deps.config.resting_poll_s / 4)
 
     async def commit(self, migration_ids: list[str]) -> list[MigrationRecord]:
-        await self._refuse_going_back("CommitRequest", await self._records(migration_ids))
+        command = "CommitRequest"
+        named = await self._records(migration_ids)
+        await self._refuse_going_back(command, named)
+        for record in named:
+            _refuse_not_cut_over(command, record)
+        members = await self._groups(named)
+        for record in members:
+            _refuse_not_cut_over(command, record)
+            if record.step is Step.CUT_OVER:
+                await self._deps.migrations.ask(record.migration_id, ASK_COMMIT, "1")
+        return members
+
+
+def _refuse_not_cut_over(command: str, record: MigrationRecord) -> None:
+    """A commit is for a warm VM cut over (again: once committing or committed, a no-op)."""
+    if record.migration_type is MigrationType.WARM:
+        if record.step not in {Step.CUT_OVER, Step.COMMITTING, Step.COMPLETED}:
+            raise WrongStep(
+                command,
+                record.migration_id,
+                f"{record.step.value} (warm: not cut over yet)",
+                ErrorCode.NOT_RESTING,
+            )
+        return
+    if record.step in RESTING:
         raise CommandRejected(
             "commit turns a tbc migration into a warm one, which is not built yet",
             ErrorCode.NOT_IMPLEMENTED,
         )
+    raise WrongStep(command, record.migration_id, record.step.value, ErrorCode.NOT_RESTING)
 
 
 def _flag(value: bool) -> str:

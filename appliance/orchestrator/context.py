@@ -53,6 +53,12 @@ class OrchestratorConfig:
     """The RTO/RPO interval when no policy sets one."""
     resting_poll_s: float = 1.0
     """How often a resting group looks for asks (migrate back, sync) and policy changes."""
+    reconcile_threshold_bytes: int = 64 * 1024 * 1024
+    """A warm VM cuts over once a reconcile pass leaves at most this to copy."""
+    reconcile_max_passes: int = 20
+    """Passes before a warm VM cuts over whatever remains (its last pass, VM off, copies it)."""
+    cutover_gate: bool = False
+    """Tests only: a warm VM waits for the ask ``cutover`` before it cuts over."""
 
 
 @dataclass(frozen=True, slots=True)

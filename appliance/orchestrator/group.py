@@ -30,7 +30,7 @@ from appliance.errors import (
     TransientError,
 )
 from appliance.logs import get_logger
-from appliance.orchestrator import serve_steps, steps, tags
+from appliance.orchestrator import serve_steps, steps, tags, warm
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.copying import DiskCopy
 from appliance.orchestrator.journal import Journal
@@ -106,7 +106,10 @@ class GroupRun:
     async def _rest_then_back(self, machine: Machine) -> None:
         resting = machine.resting
         if all(r.step is resting for r in self._records.values()):
-            await Resting(self._deps, self._journal, self._records).until_back()
+            if resting is Step.CUT_OVER:  # warm: on its volumes until a commit
+                await warm.until_commit(self._deps, self._records)
+            else:
+                await Resting(self._deps, self._journal, self._records).until_back()
         await self._together(machine.back[:-1], machine.back[-1])
 
     # -- forward ------------------------------------------------------------------
@@ -274,6 +277,11 @@ ACTIONS: dict[Step, Action] = {
     # on the components (tbc, warm's first steps)
     Step.OPENING_DISKS: serve_steps.open_disks,
     Step.PARKING: serve_steps.park,
+    # warm (orchestrator/warm.py)
+    Step.BULK_COPYING: warm.bulk_copy,
+    Step.RECONCILING: warm.reconcile,
+    Step.CUTTING_OVER: warm.cut_over,
+    Step.COMMITTING: warm.commit,
     # the way back
     Step.BACK_POWERING_OFF: serve_steps.back_power_off,
     Step.BACK_FINAL_EPOCH: serve_steps.back_final_epoch,
@@ -281,5 +289,4 @@ ACTIONS: dict[Step, Action] = {
     Step.BACK_RESTORING_DISKS: serve_steps.back_restore_disks,
     Step.BACK_RETURNING: serve_steps.back_return,
 }
-"""Every step's action; a step without one (warm's bulk copy, reconcile, cutover) answers
-not_implemented."""
+"""Every step's action; a step without one answers not_implemented."""

@@ -34,7 +34,7 @@ from appliance.sites.model import VmConfig
 from appliance.sites.protocol import Site
 from appliance.state.migrations import NewMigration
 from messages.commands import SourceCloneRequest, SourceCloneRequestBody, VmRef
-from messages.common import BulkTransferMode, MigrationType
+from messages.common import BulkTransferMode
 from messages.errors import ErrorCode
 from messages.events import SourceCloneResponse
 
@@ -305,12 +305,6 @@ def _keys(vm: VmConfig) -> tuple[tuple[str, str], ...]:
 
 
 def _check_supported(body: SourceCloneRequestBody) -> None:
-    if body.migration_type is MigrationType.WARM:
-        raise CommandRejected(
-            "warm migration is not available yet (its bulk copy, reconcile and cutover are "
-            "not built); use cold or tbc",
-            ErrorCode.NOT_IMPLEMENTED,
-        )
     if body.bulk_transfer_mode is not BulkTransferMode.ONLINE:
         raise CommandRejected(
             "offline bulk transfer is not available yet; use online", ErrorCode.NOT_IMPLEMENTED

@@ -19,8 +19,10 @@ tbc (try before commit)::
       ─▶ BACK_RESTORING_DISKS ─▶ BACK_RETURNING ─▶ MIGRATED_BACK         (migrate back)
     any step before RUNNING_IN_CLOUD ─▶ ROLLING_BACK ─▶ FAILED | CANCELLED
 
-warm: tbc's first steps, then BULK_COPYING ─▶ RECONCILING ─▶ CUTTING_OVER ─▶ COMPLETED.
-Its own steps are listed but not built: requests refuse ``warm`` (not_implemented).
+warm: tbc's first steps, then (the VM running over the cache) BULK_COPYING ─▶ RECONCILING
+    ─▶ CUTTING_OVER ─▶ CUT_OVER (resting on its volumes, awaiting a CommitRequest)
+    ─▶ COMMITTING ─▶ COMPLETED. From BULK_COPYING on the guest's writes live only in the
+    cloud: no rollback (orchestrator/warm.py).
 
 Every table is a :class:`Machine`: the happy path, the steps members of a
 dependency group take side by side (``solo``) and the ones they take
@@ -51,6 +53,8 @@ class Step(StrEnum):
     BULK_COPYING = "bulk_copying"
     RECONCILING = "reconciling"
     CUTTING_OVER = "cutting_over"
+    CUT_OVER = "cut_over"
+    COMMITTING = "committing"
     CREATING_TARGET = "creating_target"
     PARKING = "parking"
     POWERING_ON = "powering_on"
@@ -175,8 +179,18 @@ WARM = Machine(
         Step.RECONCILING,
         Step.CUTTING_OVER,
     ),
-    arrive=Step.COMPLETED,
-    no_rollback=frozenset({Step.CUTTING_OVER, Step.COMPLETED}),
+    arrive=Step.CUT_OVER,
+    no_rollback=frozenset(
+        {
+            Step.BULK_COPYING,
+            Step.RECONCILING,
+            Step.CUTTING_OVER,
+            Step.CUT_OVER,
+            Step.COMMITTING,
+            Step.COMPLETED,
+        }
+    ),
+    back=(Step.COMMITTING, Step.COMPLETED),
 )
 
 MACHINES: dict[MigrationType, Machine] = {
@@ -236,6 +250,8 @@ _PHASES: dict[Step, Phase] = {
     Step.BULK_COPYING: Phase.TRANSFER,
     Step.RECONCILING: Phase.TRANSFER,
     Step.CUTTING_OVER: Phase.FINALIZE,
+    Step.CUT_OVER: Phase.IN_CLOUD,
+    Step.COMMITTING: Phase.FINALIZE,
     Step.CREATING_TARGET: Phase.CREATE_TARGET,
     Step.PARKING: Phase.PARK,
     Step.POWERING_ON: Phase.POWER_ON,
@@ -269,6 +285,6 @@ def public_state(step: Step, cancel_requested: bool) -> MigrationState:
         return fixed[step]
     if step in MIGRATING_BACK:
         return MigrationState.MIGRATING_BACK
-    if cancel_requested and step not in {Step.FINALIZING, Step.CUTTING_OVER}:
+    if cancel_requested and step not in {Step.FINALIZING, *WARM.no_rollback}:
         return MigrationState.CANCELLING
     return MigrationState.RUNNING

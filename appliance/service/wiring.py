@@ -123,6 +123,9 @@ def build_deps(
         component_timeout_s=settings.component_timeout_s,
         epoch_commit_timeout_s=settings.epoch_commit_timeout_s,
         resting_poll_s=settings.resting_poll_s,
+        reconcile_threshold_bytes=settings.warm_reconcile_threshold_bytes,
+        reconcile_max_passes=settings.warm_reconcile_max_passes,
+        cutover_gate=settings.debug_warm_cutover_gate,
     )
 
     def checkpoints(transfer_id: str, lease: Lease | None) -> CheckpointStore:

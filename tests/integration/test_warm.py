@@ -1,0 +1,223 @@
+"""Warm migration over SQS, with the real cache and I/O manager processes.
+
+The cloud VM's guest (the workload generator) writes to the cache's export
+while the snapshot is bulk-copied into the cloud volume and while reconcile
+passes run; after the cutover the VM runs on its volume, which equals the
+replay of the guest's whole write log; a CommitRequest cleans up, and a
+migrate back is refused afterwards.
+
+Gates the test holds: a policy bandwidth cap keeps the bulk copy going until
+the guest has written (then lifted), and ``debug_warm_cutover_gate`` keeps
+the migration reconciling until the guest has stopped (the lab's cloud VM has
+no guest of its own to stop at power-off), then the ask ``cutover`` lets it go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from appliance.components.heartbeat import ComponentHealth
+from appliance.orchestrator.record import MigrationRecord, load
+from appliance.orchestrator.states import Step
+from appliance.sites.lab.site import LabSite
+from appliance.state.migrations import MigrationStore
+from appliance.state.store import StateStore
+from clients.client import FerryClient, FerryError
+from messages.commands import (
+    CloneOptions,
+    CloneVm,
+    NetworkMapping,
+    SetPolicyRequest,
+    SetPolicyRequestBody,
+    SourceCloneRequest,
+    SourceCloneRequestBody,
+)
+from messages.common import MigrationState, MigrationType, Phase, PowerState
+from messages.errors import ErrorCode
+from tests.integration.conftest import Harness
+from tests.integration.migration_helpers import Follower, start_migration
+from tests.integration.tbc_helpers import (
+    CACHE,
+    TBC_SETTINGS,
+    Guest,
+    cloud_export,
+    commit_request,
+    components_up,
+    expected_after,
+    migrate_back,
+    read_onprem,
+    state_store,
+    sync,
+)
+from tests.integration.test_bus import StartAppliance
+from tests.support.lab import MIB, NETWORK_MAP, build_lab, lab_vm
+
+pytestmark = pytest.mark.timeout(300)
+
+WARM_SETTINGS: dict[str, object] = {
+    **TBC_SETTINGS,
+    "debug_warm_cutover_gate": True,
+    "warm_reconcile_threshold_bytes": 4 * MIB,
+    "progress_interval_s": 0.3,
+}
+
+
+def warm_request(client: FerryClient, vm_id: str) -> SourceCloneRequest:
+    return SourceCloneRequest(
+        body=SourceCloneRequestBody(
+            vms=(CloneVm(vm_id=vm_id),),
+            migration_type=MigrationType.WARM,
+            guest_credentials=client.seal_credentials("tester", "pw-123"),
+            network_map=tuple(NetworkMapping(source=s, target=t) for s, t in NETWORK_MAP.items()),
+            options=CloneOptions(),
+        )
+    )
+
+
+async def _record(store: StateStore, migration_id: str) -> MigrationRecord:
+    stored = await MigrationStore(store).get(migration_id)
+    assert stored is not None
+    return load(stored.record)
+
+
+async def _until_record(
+    store: StateStore, migration_id: str, done: str, check: object, within_s: float = 120
+) -> MigrationRecord:
+    """Until the record satisfies ``check`` (a bounded watch on the persisted record)."""
+    assert callable(check)
+    async with asyncio.timeout(within_s):
+        while True:
+            record = await _record(store, migration_id)
+            if check(record):
+                return record
+            assert record.step not in (Step.FAILED, Step.ROLLING_BACK), (done, record)
+            await asyncio.sleep(0.1)
+
+
+def _passes(record: MigrationRecord) -> int:
+    return int((record.extra.get("reconcile") or {}).get("passes", 0))
+
+
+async def _cap(client: FerryClient, mbps: float) -> None:
+    policy = SetPolicyRequestBody(cluster="cluster-a", bandwidth_cap_mbps=mbps)
+    await client.request(SetPolicyRequest(body=policy))
+
+
+async def _cut_over(follower: Follower) -> None:
+    await follower.until(
+        lambda latest: all(s.phase is Phase.IN_CLOUD for s in latest.values()), within_s=120
+    )
+
+
+async def _read_volume(data_dir: Path, volume_id: str) -> bytes:
+    cloud = LabSite.open(data_dir / "sites" / "cloud")
+    try:
+        volume = await cloud.open_volume(volume_id)
+        return await volume.read(0, volume.size)
+    finally:
+        await cloud.close()
+
+
+async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_and_commits(
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path
+) -> None:
+    vm = lab_vm(1, disks=1, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    running = await start_appliance(harness.settings(**WARM_SETTINGS))
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        await components_up(store)
+        await _cap(client, 0.5)  # the bulk copy crawls until the guest has written
+        follower = await start_migration(client, warm_request(client, vm.vm_id))
+        (migration_id,) = follower.latest
+
+        # Bulk copy: the guest writes over the cache while the snapshot is copied.
+        copying = await _until_record(
+            store,
+            migration_id,
+            "bulk copy under way",
+            lambda r: r.step is Step.BULK_COPYING and 0 < r.bytes_done < r.bytes_total,
+        )
+        address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
+        guest = await Guest.start(address, export, tmp_path / "guest.log", seed=23)
+        await guest.wait_writes(40, within_s=30)
+        still = await _record(store, migration_id)
+        assert still.step is Step.BULK_COPYING and still.bytes_done < still.bytes_total
+        # Its progress, as cold's: percent, bytes, rate, ETA.
+        latest = await follower.until(
+            lambda latest: latest[migration_id].phase is Phase.TRANSFER
+            and latest[migration_id].rate_bytes_per_s > 0
+        )
+        status = latest[migration_id]
+        assert status.bytes_total == copying.bytes_total
+        assert 0 < status.progress_percent < 100 and status.eta_seconds is not None
+        await _cap(client, 10_000.0)
+
+        # Reconcile: passes go on while the guest writes (the gate holds the cutover).
+        reconciling = await _until_record(
+            store, migration_id, "two passes", lambda r: _passes(r) >= 2
+        )
+        assert reconciling.step is Step.RECONCILING
+        written = await guest.writes()
+        await guest.wait_writes(written + 20, within_s=30)
+        await _until_record(
+            store, migration_id, "a pass after", lambda r: _passes(r) >= _passes(reconciling) + 1
+        )
+
+        # Cutover: the guest stops (its VM powers off), then the gate opens.
+        await guest.halt()
+        await MigrationStore(store).ask(migration_id, "cutover", "1")
+        await _cut_over(follower)
+        record = await _record(store, migration_id)
+        assert record.step is Step.CUT_OVER
+        assert float(record.extra["cutover_seconds"]) < 30
+        volume_id = record.disks[0].volume_id
+        cloud = LabSite.open(harness.data_dir / "sites" / "cloud")
+        cloud_vm = await cloud.get_vm(migration_id)
+        await cloud.close()
+        assert cloud_vm.power_state is PowerState.ON
+        assert [(d.volume_id, d.nbd_export) for d in cloud_vm.disks] == [(volume_id, None)]
+
+        # No way back, no sync: it runs on its volume.
+        for refused in (migrate_back([migration_id]), sync([migration_id])):
+            with pytest.raises(FerryError) as error:
+                await client.request(refused)
+            assert error.value.code is ErrorCode.CUT_OVER
+
+        # Commit: the cache and the I/O manager let go; the snapshot goes.
+        await client.request(commit_request([migration_id]))
+        (done,) = (await follower.finished(1)).values()
+        assert done.state is MigrationState.COMPLETED
+        disk = f"{migration_id}-disk-0"
+        cache = await ComponentHealth(store, 120).wait_until(
+            CACHE, lambda r: disk not in r.figures.get("exports", []), 30
+        )
+        assert disk not in cache.figures.get("exports", [])
+        with pytest.raises(FerryError) as after:
+            await client.request(migrate_back([migration_id]))
+        assert after.value.code is ErrorCode.CUT_OVER
+    await running.shutdown()
+
+    onprem = LabSite.open(harness.data_dir / "sites" / "onprem")
+    parked = await onprem.get_vm(vm.vm_id)
+    assert parked.resource_pool == "_HDM_MIGRATEPOOL" and parked.power_state is PowerState.OFF
+    assert await onprem.vm_snapshot_names(vm.vm_id) == []
+    await onprem.close()
+    expected = await expected_after(base, tmp_path / "guest.log")
+    assert expected != base
+    image = await _read_volume(harness.data_dir, volume_id)
+    assert image == expected
+    (tmp_path / "volume.raw").write_bytes(image)
+    (tmp_path / "expected.raw").write_bytes(expected)
+    compared = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", "volume.raw", "expected.raw"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert compared.returncode == 0, compared.stdout + compared.stderr
