@@ -15,7 +15,6 @@ no guest of its own to stop at power-off), then the ask ``cutover`` lets it go.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -149,8 +148,10 @@ async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_an
         assert still.step is Step.BULK_COPYING and still.bytes_done < still.bytes_total
         # Its progress, as cold's: percent, bytes, rate, ETA.
         latest = await follower.until(
-            lambda latest: latest[migration_id].phase is Phase.TRANSFER
-            and latest[migration_id].rate_bytes_per_s > 0
+            lambda latest: (
+                latest[migration_id].phase is Phase.TRANSFER
+                and latest[migration_id].rate_bytes_per_s > 0
+            )
         )
         status = latest[migration_id]
         assert status.bytes_total == copying.bytes_total
@@ -213,11 +214,17 @@ async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_an
     assert image == expected
     (tmp_path / "volume.raw").write_bytes(image)
     (tmp_path / "expected.raw").write_bytes(expected)
-    compared = subprocess.run(
-        ["qemu-img", "compare", "-f", "raw", "-F", "raw", "volume.raw", "expected.raw"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=False,
+    code, output = await qemu_img_compare(tmp_path / "volume.raw", tmp_path / "expected.raw")
+    assert code == 0, output
+
+
+async def qemu_img_compare(left: Path, right: Path) -> tuple[int, str]:
+    """``qemu-img compare``, an independent peer: 0 when the images are byte-equal."""
+    process = await asyncio.create_subprocess_exec(
+        *("qemu-img", "compare", "-f", "raw", "-F", "raw", str(left), str(right)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
-    assert compared.returncode == 0, compared.stdout + compared.stderr
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, output.decode()
