@@ -38,7 +38,7 @@ from messages.commands import (
 from messages.common import MigrationState, MigrationType, Phase, PowerState
 from messages.errors import ErrorCode
 from tests.integration.conftest import Harness
-from tests.integration.migration_helpers import Follower, start_migration
+from tests.integration.migration_helpers import ApplianceProcess, Follower, start_migration
 from tests.integration.tbc_helpers import (
     CACHE,
     TBC_SETTINGS,
@@ -47,6 +47,7 @@ from tests.integration.tbc_helpers import (
     commit_request,
     components_up,
     expected_after,
+    kill_pids,
     migrate_back,
     read_onprem,
     state_store,
@@ -228,3 +229,69 @@ async def qemu_img_compare(left: Path, right: Path) -> tuple[int, str]:
     output, _ = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return process.returncode, output.decode()
+
+
+@pytest.mark.parametrize("kill_in", [Step.BULK_COPYING, Step.RECONCILING])
+async def test_sigkill_during_bulk_copy_or_reconcile_resumes_losing_nothing(
+    harness: Harness, tmp_path: Path, kill_in: Step
+) -> None:
+    """The appliance dies while copying the snapshot (the copy resumes from its
+    checkpoints) or while reconciling (the passes go on from the persisted number); the
+    components keep serving the guest meanwhile; the volume ends equal to the replay."""
+    vm = lab_vm(1, disks=1, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    overrides = {**WARM_SETTINGS, "lease_ttl_s": 3.0}
+    logs = [tmp_path / f"appliance-{n}.log" for n in range(2)]
+    appliances = [ApplianceProcess(harness, log, **overrides) for log in logs]
+    orphans: list[int] = []
+    try:
+        await appliances[0].start()
+        async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+            orphans += (await components_up(store)).values()
+            await _cap(client, 2.0)  # 8 MiB in about 30 s: killed with some chunks copied
+            follower = await start_migration(client, warm_request(client, vm.vm_id))
+            (migration_id,) = follower.latest
+            await _until_record(
+                store,
+                migration_id,
+                "bulk copy under way",
+                lambda r: r.step is Step.BULK_COPYING and r.bytes_done >= 2 * MIB,
+            )
+            address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
+            guest = await Guest.start(address, export, tmp_path / "guest.log", seed=31)
+            await guest.wait_writes(40, within_s=30)
+            passes = 0
+            if kill_in is Step.RECONCILING:
+                await _cap(client, 10_000.0)
+                killed = await _until_record(
+                    store, migration_id, "two passes", lambda r: _passes(r) >= 2
+                )
+                passes = _passes(killed)
+            appliances[0].kill()
+            written = await guest.writes()
+            await guest.wait_writes(written + 30, within_s=30)  # served while it is down
+            await appliances[1].start()
+            await _cap(client, 10_000.0)
+            await _until_record(
+                store, migration_id, "passes resumed", lambda r: _passes(r) >= passes + 2
+            )
+            await guest.halt()
+            await MigrationStore(store).ask(migration_id, "cutover", "1")
+            cut = await _until_record(
+                store, migration_id, "cut over", lambda r: r.step is Step.CUT_OVER
+            )
+            await client.request(commit_request([migration_id]))
+            await _until_record(
+                store, migration_id, "committed", lambda r: r.step is Step.COMPLETED
+            )
+        await appliances[1].stop()
+    finally:
+        for appliance in appliances:
+            appliance.kill()
+        kill_pids(orphans)
+    if kill_in is Step.BULK_COPYING:
+        assert "resumed=True" in logs[1].read_text()  # not copied again from the start
+    expected = await expected_after(base, tmp_path / "guest.log")
+    assert expected != base
+    assert await _read_volume(harness.data_dir, cut.disks[0].volume_id) == expected
