@@ -32,6 +32,7 @@ from appliance.orchestrator.resting import (
 )
 from appliance.orchestrator.states import MIGRATING_BACK, RESTING, Step, machine_for
 from appliance.orchestrator.warm import ASK_COMMIT
+from appliance.orchestrator.warm_offline import ASK_BULK_DONE, ASK_PACKAGE_AT, BULK_DONE_HANDLED
 from messages.commands import MigrateBackRequestBody
 from messages.common import MigrationType
 from messages.errors import ErrorCode
@@ -162,6 +163,44 @@ class CloudCommands:
                     f"{limit:g} s; it will still be",
                     ErrorCode.UNAVAILABLE,
                 )
+            await clock.sleep(self._deps.config.resting_poll_s / 4)
+
+    async def bulk_done(
+        self, migration_ids: list[str], location: str | None
+    ) -> list[MigrationRecord]:
+        """The package was imported at the cloud: the run verifies it and writes the volumes.
+        Answered once that import is done (its error names every bad chunk, and the
+        migration waits for the next request) or, at the latest, after the order timeout."""
+        command = "BulkMigrationDoneRequest"
+        records = await self._records(migration_ids)
+        for record in records:
+            if not record.bulk_offline or record.step is not Step.AWAITING_BULK:
+                where = record.step.value if record.bulk_offline else "not an offline bulk"
+                raise WrongStep(command, record.migration_id, where, ErrorCode.CONFLICT)
+        asked = {}
+        for record in records:
+            if location is not None:
+                await self._deps.migrations.ask(record.migration_id, ASK_PACKAGE_AT, location)
+            asked[record.migration_id] = await self._deps.migrations.ask_count(
+                record.migration_id, ASK_BULK_DONE
+            )
+        deadline = self._deps.clock.monotonic() + self._deps.config.component_order_timeout_s
+        answered = []
+        for migration_id, count in asked.items():
+            answered.append(await self._imported(migration_id, count, deadline))
+        return answered
+
+    async def _imported(self, migration_id: str, count: int, deadline: float) -> MigrationRecord:
+        clock = self._deps.clock
+        while True:
+            stored = await self._deps.migrations.get(migration_id)
+            assert stored is not None  # offline bulk migrations are never deleted meanwhile
+            record = load(stored.record)
+            handled = int(record.extra.get(BULK_DONE_HANDLED, 0))
+            if handled >= count or record.step is not Step.AWAITING_BULK:
+                return record
+            if clock.monotonic() > deadline:
+                return record
             await clock.sleep(self._deps.config.resting_poll_s / 4)
 
     async def commit(self, migration_ids: list[str]) -> list[MigrationRecord]:

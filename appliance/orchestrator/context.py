@@ -10,6 +10,7 @@ from appliance.clock import Clock
 from appliance.datapath.buffers import BufferBudget
 from appliance.datapath.checkpoint import CheckpointStore
 from appliance.datapath.nbd.channel import NbdAddress
+from appliance.datapath.package import S3Access
 from appliance.orchestrator.reporting import Reporter
 from appliance.sealing import Sealer
 from appliance.sites.protocol import Site
@@ -57,6 +58,8 @@ class OrchestratorConfig:
     """A warm VM cuts over once a reconcile pass leaves at most this to copy."""
     reconcile_max_passes: int = 20
     """Passes before a warm VM cuts over whatever remains (its last pass, VM off, copies it)."""
+    package_s3: S3Access | None = None
+    """Where offline packages on S3 are reached (endpoint, credentials)."""
     cutover_gate: bool = False
     """Tests only: a warm VM waits for the ask ``cutover`` before it cuts over."""
 

@@ -30,7 +30,7 @@ from appliance.errors import (
     TransientError,
 )
 from appliance.logs import get_logger
-from appliance.orchestrator import serve_steps, steps, tags, warm
+from appliance.orchestrator import serve_steps, steps, tags, warm, warm_offline
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.copying import DiskCopy
 from appliance.orchestrator.journal import Journal
@@ -279,6 +279,7 @@ ACTIONS: dict[Step, Action] = {
     Step.PARKING: serve_steps.park,
     # warm (orchestrator/warm.py)
     Step.BULK_COPYING: warm.bulk_copy,
+    Step.AWAITING_BULK: warm_offline.await_bulk,
     Step.RECONCILING: warm.reconcile,
     Step.CUTTING_OVER: warm.cut_over,
     Step.COMMITTING: warm.commit,

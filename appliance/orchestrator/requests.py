@@ -34,7 +34,7 @@ from appliance.sites.model import VmConfig
 from appliance.sites.protocol import Site
 from appliance.state.migrations import NewMigration
 from messages.commands import SourceCloneRequest, SourceCloneRequestBody, VmRef
-from messages.common import BulkTransferMode
+from messages.common import BulkTransferMode, MigrationType
 from messages.errors import ErrorCode
 from messages.events import SourceCloneResponse
 
@@ -281,6 +281,8 @@ class CloneRequests:
                 for d in vm.disks
             ),
             has_credentials=body.guest_credentials is not None,
+            bulk_offline=body.bulk_transfer_mode is BulkTransferMode.OFFLINE,
+            package_location=_package_for(body, migration_id),
             source_cluster=vm.cluster,
             target_cluster=body.target.cluster,
             created_at=now,
@@ -305,9 +307,17 @@ def _keys(vm: VmConfig) -> tuple[tuple[str, str], ...]:
 
 
 def _check_supported(body: SourceCloneRequestBody) -> None:
-    if body.bulk_transfer_mode is not BulkTransferMode.ONLINE:
-        raise CommandRejected(
-            "offline bulk transfer is not available yet; use online", ErrorCode.NOT_IMPLEMENTED
-        )
+    if body.bulk_transfer_mode is BulkTransferMode.OFFLINE:
+        if body.migration_type is not MigrationType.WARM:
+            raise CommandRejected("offline bulk transfer is for warm migrations")
+        if body.package_location is None:
+            raise CommandRejected("offline bulk transfer needs a package_location")
     if body.target.site != "cloud":
         raise CommandRejected(f"unknown target site {body.target.site!r}")
+
+
+def _package_for(body: SourceCloneRequestBody, migration_id: str) -> str | None:
+    """Each VM's package in its own place under the request's location."""
+    if body.bulk_transfer_mode is not BulkTransferMode.OFFLINE or body.package_location is None:
+        return None
+    return f"{body.package_location.rstrip('/')}/{migration_id}"

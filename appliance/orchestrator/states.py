@@ -19,7 +19,8 @@ tbc (try before commit)::
       ─▶ BACK_RESTORING_DISKS ─▶ BACK_RETURNING ─▶ MIGRATED_BACK         (migrate back)
     any step before RUNNING_IN_CLOUD ─▶ ROLLING_BACK ─▶ FAILED | CANCELLED
 
-warm: tbc's first steps, then (the VM running over the cache) BULK_COPYING ─▶ RECONCILING
+warm: tbc's first steps, then (the VM running over the cache) BULK_COPYING ─▶ AWAITING_BULK
+    (offline: the package's import at the cloud; online: passes through) ─▶ RECONCILING
     ─▶ CUTTING_OVER ─▶ CUT_OVER (resting on its volumes, awaiting a CommitRequest)
     ─▶ COMMITTING ─▶ COMPLETED. From BULK_COPYING on the guest's writes live only in the
     cloud: no rollback (orchestrator/warm.py).
@@ -51,6 +52,7 @@ class Step(StrEnum):
     VERIFYING = "verifying"
     OPENING_DISKS = "opening_disks"
     BULK_COPYING = "bulk_copying"
+    AWAITING_BULK = "awaiting_bulk"
     RECONCILING = "reconciling"
     CUTTING_OVER = "cutting_over"
     CUT_OVER = "cut_over"
@@ -176,6 +178,7 @@ WARM = Machine(
         Step.PARKING,
         Step.POWERING_ON,
         Step.BULK_COPYING,
+        Step.AWAITING_BULK,
         Step.RECONCILING,
         Step.CUTTING_OVER,
     ),
@@ -183,6 +186,7 @@ WARM = Machine(
     no_rollback=frozenset(
         {
             Step.BULK_COPYING,
+            Step.AWAITING_BULK,
             Step.RECONCILING,
             Step.CUTTING_OVER,
             Step.CUT_OVER,
@@ -248,6 +252,7 @@ _PHASES: dict[Step, Phase] = {
     Step.VERIFYING: Phase.VERIFY,
     Step.OPENING_DISKS: Phase.OPEN_DISKS,
     Step.BULK_COPYING: Phase.TRANSFER,
+    Step.AWAITING_BULK: Phase.AWAIT_BULK_DONE,
     Step.RECONCILING: Phase.TRANSFER,
     Step.CUTTING_OVER: Phase.FINALIZE,
     Step.CUT_OVER: Phase.IN_CLOUD,

@@ -1,4 +1,6 @@
 """A warm migration's own steps, after tbc's first ones (the VM runs over the cache).
+(Offline bulk transfer, exported at BULK_COPYING and imported at AWAITING_BULK:
+``warm_offline.py``.)
 
 * BULK_COPYING: the migrate-time snapshot, read from the I/O manager's ``snap/<disk>``
   export (it holds the on-prem disks now), into the cloud volumes (``<vm>_ARM``) with the
@@ -47,6 +49,7 @@ from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.record import DiskPlan, MigrationRecord
 from appliance.orchestrator.serving import ServedDisks, component_disk
 from appliance.orchestrator.steps import transfer_id
+from appliance.orchestrator.warm_offline import export_bulk
 from appliance.sites.model import DiskConfig
 from appliance.storage.backend import Backend
 from messages.common import PowerState
@@ -97,6 +100,8 @@ async def bulk_copy(deps: Deps, journal: Journal, record: MigrationRecord) -> Mi
                 snapshot_export(component_disk(disk)),
                 name=f"onprem:snap/{disk.disk_id}",
             )
+        if record.bulk_offline:  # a package to ship, imported at AWAITING_BULK
+            return await export_bulk(deps, journal, record, sources)
         return await DiskCopy(deps, journal, record, asyncio.Event(), sources).run()
     finally:
         for source in sources.values():
