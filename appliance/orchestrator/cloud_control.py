@@ -12,9 +12,11 @@ the components orders: a command writes what it asks on the migration
   On anything else SyncRequest keeps its older meaning: it resumes failed cold
   migrations that kept their data (``resume.Resumes``).
 * CommitRequest on a warm migration cut over to its volumes (CUT_OVER): every member
-  of its group asks ``commit``; the run cleans up (``warm.commit``). On a tbc VM it
-  would turn it into a warm migration, which is not built: not_implemented (refused
-  with its own code while migrating back).
+  of its group asks ``commit``; the run cleans up (``warm.commit``). On a tbc VM
+  resting in the cloud: the same ask turns the group into a warm migration from there
+  (bulk copy, reconcile, cutover, then the commit's cleanup without another request);
+  refused with its own code while migrating back, and a migrate back once a commit
+  was asked is refused (``cut_over``).
 * A warm VM cut over (or committed) has no way back: migrate back and sync are refused
   with ``cut_over``.
 """
@@ -108,6 +110,7 @@ class CloudCommands:
             )
         members = await self._groups(named)
         await self._refuse_going_back(command, members)
+        await self._refuse_committed(command, members)
         for record in members:
             _refuse_not_resting(command, record)
         migrations = self._deps.migrations
@@ -116,6 +119,12 @@ class CloudCommands:
             await migrations.ask(record.migration_id, ASK_KEEP_SNAPSHOT, _flag(body.keep_snapshot))
             await migrations.ask(record.migration_id, ASK_BACK, "1")
         return members
+
+    async def _refuse_committed(self, command: str, records: list[MigrationRecord]) -> None:
+        """A tbc VM asked to commit goes on as warm: it has no way back."""
+        for record in records:
+            if ASK_COMMIT in await self._deps.migrations.asks(record.migration_id):
+                raise WrongStep(command, record.migration_id, "asked to commit", ErrorCode.CUT_OVER)
 
     def resting(self, records: list[MigrationRecord]) -> bool:
         """Is this sync about VMs in the cloud (else: a resume of failed migrations)?"""
@@ -212,7 +221,7 @@ class CloudCommands:
         members = await self._groups(named)
         for record in members:
             _refuse_not_cut_over(command, record)
-            if record.step is Step.CUT_OVER:
+            if record.step in RESTING:  # cut over (warm), or running in the cloud (tbc)
                 await self._deps.migrations.ask(record.migration_id, ASK_COMMIT, "1")
         return members
 
@@ -228,12 +237,8 @@ def _refuse_not_cut_over(command: str, record: MigrationRecord) -> None:
                 ErrorCode.NOT_RESTING,
             )
         return
-    if record.step in RESTING:
-        raise CommandRejected(
-            "commit turns a tbc migration into a warm one, which is not built yet",
-            ErrorCode.NOT_IMPLEMENTED,
-        )
-    raise WrongStep(command, record.migration_id, record.step.value, ErrorCode.NOT_RESTING)
+    if record.step not in RESTING:
+        raise WrongStep(command, record.migration_id, record.step.value, ErrorCode.NOT_RESTING)
 
 
 def _flag(value: bool) -> str:

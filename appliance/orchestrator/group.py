@@ -35,7 +35,7 @@ from appliance.orchestrator.context import Deps
 from appliance.orchestrator.copying import DiskCopy
 from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.record import MigrationRecord, load
-from appliance.orchestrator.resting import Resting
+from appliance.orchestrator.resting import ASK_BACK, Resting
 from appliance.orchestrator.resume import snapshot_step
 from appliance.orchestrator.states import TERMINAL, Machine, Step, machine_for
 from appliance.state.leases import Lease
@@ -81,6 +81,9 @@ class GroupRun:
         return path.index(step) if step in path else -1
 
     async def _drive(self) -> None:
+        if len({r.migration_type for r in self._records.values()}) > 1:
+            # A commit to warm cut short (a crash): the other members go on as warm too.
+            await warm.go_warm(self._deps, self._journal, self._records)
         records = list(self._records.values())
         machine = self._machine
         if any(r.step in (Step.ROLLING_BACK, Step.FAILED, Step.CANCELLED) for r in records):
@@ -110,7 +113,21 @@ class GroupRun:
                 await warm.until_commit(self._deps, self._records)
             else:
                 await Resting(self._deps, self._journal, self._records).until_back()
+        if resting is Step.RUNNING_IN_CLOUD and await self._committed():
+            await warm.go_warm(self._deps, self._journal, self._records)
+            await self._drive()  # as warm from here: bulk copy, reconcile, cutover, commit
+            return
         await self._together(machine.back[:-1], machine.back[-1])
+
+    async def _committed(self) -> bool:
+        """Did the rest end by a commit (every member asked, none to migrate back)?"""
+        for migration_id, record in self._records.items():
+            if record.step is not Step.RUNNING_IN_CLOUD:
+                return False
+            asks = await self._deps.migrations.asks(migration_id)
+            if warm.ASK_COMMIT not in asks or ASK_BACK in asks:
+                return False
+        return True
 
     # -- forward ------------------------------------------------------------------
 

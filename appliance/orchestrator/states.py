@@ -23,7 +23,8 @@ warm: tbc's first steps, then (the VM running over the cache) BULK_COPYING ─�
     (offline: the package's import at the cloud; online: passes through) ─▶ RECONCILING
     ─▶ CUTTING_OVER ─▶ CUT_OVER (resting on its volumes, awaiting a CommitRequest)
     ─▶ COMMITTING ─▶ COMPLETED. From BULK_COPYING on the guest's writes live only in the
-    cloud: no rollback (orchestrator/warm.py).
+    cloud: no rollback (orchestrator/warm.py). A tbc VM committed while RUNNING_IN_CLOUD
+    enters this table at BULK_COPYING (``entries``) and goes on as warm.
 
 Every table is a :class:`Machine`: the happy path, the steps members of a
 dependency group take side by side (``solo``) and the ones they take
@@ -91,6 +92,8 @@ class Machine:
     """The way back from the resting step (migrate back), taken together; ends terminal."""
     resumable: bool = False
     """FAILED may go back to QUEUED (a resume after a failure that kept the data)."""
+    entries: tuple[tuple[Step, Step], ...] = ()
+    """Ways into this table from another's step (a tbc VM committed goes on as warm)."""
 
     @property
     def forward(self) -> tuple[Step, ...]:
@@ -134,6 +137,8 @@ def _transitions(machine: Machine) -> dict[Step, frozenset[Step]]:
     for step in machine.forward[1:]:
         if machine.rolls_back(step):
             table[step].add(Step.ROLLING_BACK)
+    for step, following in machine.entries:
+        table[step].add(following)
     table[Step.QUEUED].add(Step.CANCELLED)
     table[Step.ROLLING_BACK] = {Step.FAILED, Step.CANCELLED}
     if machine.resumable:
@@ -195,6 +200,7 @@ WARM = Machine(
         }
     ),
     back=(Step.COMMITTING, Step.COMPLETED),
+    entries=((Step.RUNNING_IN_CLOUD, Step.BULK_COPYING),),
 )
 
 MACHINES: dict[MigrationType, Machine] = {

@@ -46,13 +46,15 @@ from appliance.orchestrator import tags
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.copying import DiskCopy
 from appliance.orchestrator.journal import Journal
+from appliance.orchestrator.limits import may_leave_rest
 from appliance.orchestrator.record import DiskPlan, MigrationRecord
 from appliance.orchestrator.serving import ServedDisks, component_disk
+from appliance.orchestrator.states import Step
 from appliance.orchestrator.steps import transfer_id
 from appliance.orchestrator.warm_offline import export_bulk
 from appliance.sites.model import DiskConfig
 from appliance.storage.backend import Backend
-from messages.common import PowerState
+from messages.common import MigrationType, PowerState
 
 log = get_logger(__name__)
 
@@ -255,6 +257,27 @@ def _on_volume(disk: DiskPlan) -> DiskConfig:
 
 
 # -- CUT_OVER, COMMITTING ------------------------------------------------------------------
+
+
+async def may_go_warm(deps: Deps, records: dict[str, MigrationRecord]) -> bool:
+    """A resting tbc group asked to commit leaves its rest for the bulk copy only when its
+    cache node has an in-progress slot for every member; else it rests and asks again."""
+    for record in records.values():
+        if not await may_leave_rest(deps.policies, deps.migrations, record):
+            log.info("commit waits for a slot on its cache node", migration_id=record.migration_id)
+            return False
+    return True
+
+
+async def go_warm(deps: Deps, journal: Journal, records: dict[str, MigrationRecord]) -> None:
+    """A committed tbc group goes on as warm from its rest: each member, in one write, a
+    warm migration at BULK_COPYING (the commit it was asked stays: once cut over, it
+    commits without another request)."""
+    for migration_id, record in list(records.items()):
+        if record.migration_type is MigrationType.TBC and record.step is Step.RUNNING_IN_CLOUD:
+            warm = replace(record, migration_type=MigrationType.WARM)
+            records[migration_id] = await journal.advance(warm, Step.BULK_COPYING)
+            log.info("committed tbc goes on as warm", migration_id=migration_id)
 
 
 async def until_commit(deps: Deps, records: dict[str, MigrationRecord]) -> None:

@@ -45,6 +45,7 @@ from tests.integration.tbc_helpers import (
     Guest,
     cloud_export,
     commit_request,
+    committed_at_least,
     components_up,
     expected_after,
     kill_pids,
@@ -52,6 +53,7 @@ from tests.integration.tbc_helpers import (
     read_onprem,
     state_store,
     sync,
+    tbc_request,
 )
 from tests.integration.test_bus import StartAppliance
 from tests.support.lab import MIB, NETWORK_MAP, build_lab, lab_vm
@@ -295,3 +297,50 @@ async def test_sigkill_during_bulk_copy_or_reconcile_resumes_losing_nothing(
     expected = await expected_after(base, tmp_path / "guest.log")
     assert expected != base
     assert await _read_volume(harness.data_dir, cut.disks[0].volume_id) == expected
+
+
+async def test_a_tbc_vm_committed_while_resting_goes_on_as_warm_and_cuts_over(
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path
+) -> None:
+    """CommitRequest on a tbc VM running in the cloud: it becomes a warm migration from
+    there (bulk copy, reconcile while the guest writes, cutover) and, the commit being
+    asked already, cleans up once cut over; no way back once asked."""
+    vm = lab_vm(1, disks=1, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    running = await start_appliance(harness.settings(**WARM_SETTINGS))
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        await components_up(store)
+        policy = SetPolicyRequestBody(cluster="cluster-a", rto_rpo_interval_s=10)
+        await client.request(SetPolicyRequest(body=policy))
+        follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
+        (migration_id,) = follower.latest
+        await _until_record(
+            store, migration_id, "in the cloud", lambda r: r.step is Step.RUNNING_IN_CLOUD
+        )
+        address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
+        guest = await Guest.start(address, export, tmp_path / "guest.log", seed=53)
+        await committed_at_least(store, f"{migration_id}-disk-0", 1, within_s=60)
+
+        await client.request(commit_request([migration_id]))
+        with pytest.raises(FerryError) as back:
+            await client.request(migrate_back([migration_id]))
+        assert back.value.code is ErrorCode.CUT_OVER
+        warm = await _until_record(store, migration_id, "reconciling", lambda r: _passes(r) >= 2)
+        assert warm.migration_type is MigrationType.WARM
+        written = await guest.writes()
+        await guest.wait_writes(written + 20, within_s=30)
+        await guest.halt()
+        await MigrationStore(store).ask(migration_id, "cutover", "1")
+        (done,) = (await follower.finished(1, within_s=180)).values()
+        assert done.state is MigrationState.COMPLETED
+        record = await _record(store, migration_id)
+        assert record.extra.get("disks_swapped") is True
+    await running.shutdown()
+
+    onprem = LabSite.open(harness.data_dir / "sites" / "onprem")
+    assert await onprem.vm_snapshot_names(vm.vm_id) == []
+    await onprem.close()
+    expected = await expected_after(base, tmp_path / "guest.log")
+    assert expected != base
+    assert await _read_volume(harness.data_dir, record.disks[0].volume_id) == expected

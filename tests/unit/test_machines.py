@@ -99,6 +99,12 @@ def test_warm_rests_cut_over_until_a_commit_and_never_rolls_back_once_in_the_clo
         assert not WARM.rolls_back(step)
     with pytest.raises(IncorrectState):
         WARM.check("m-1", Step.RECONCILING, Step.ROLLING_BACK)
+    # A tbc VM committed while resting goes on as warm from there, and only from there.
+    WARM.check("m-1", Step.RUNNING_IN_CLOUD, Step.BULK_COPYING)
+    with pytest.raises(IncorrectState):
+        WARM.check("m-1", Step.RUNNING_IN_CLOUD, Step.RECONCILING)
+    with pytest.raises(IncorrectState):
+        TBC.check("m-1", Step.RUNNING_IN_CLOUD, Step.BULK_COPYING)
 
 
 def test_resting_holds_no_slot_and_the_scheduler_counts_none() -> None:
