@@ -115,7 +115,8 @@ class Settings(BaseSettings):
     )
     debug_warm_cutover_gate: bool = Field(
         default=False,
-        description="tests only: a warm VM waits for the ask 'cutover' before cutting over",
+        description="tests only: a warm VM waits for the asks 'cutover' (before cutting "
+        "over) and 'cutover_off' (its cloud VM off)",
     )
     component_restart_backoff_s: float = Field(default=1.0, gt=0)
     component_restart_backoff_max_s: float = Field(default=30.0, gt=0)

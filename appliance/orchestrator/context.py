@@ -61,7 +61,8 @@ class OrchestratorConfig:
     package_s3: S3Access | None = None
     """Where offline packages on S3 are reached (endpoint, credentials)."""
     cutover_gate: bool = False
-    """Tests only: a warm VM waits for the ask ``cutover`` before it cuts over."""
+    """Tests only: a warm VM waits for the ask ``cutover`` before it cuts over, and for
+    ``cutover_off`` once its cloud VM is off (a crash test holds it there)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,7 @@ log = get_logger(__name__)
 
 ASK_COMMIT = "commit"
 ASK_CUTOVER = "cutover"  # tests only (``cutover_gate``): the guest has stopped writing
+ASK_OFF = "cutover_off"  # tests only (``cutover_gate``): go on past the cloud VM's power-off
 NEXT_PASS = "reconcile_next_pass"  # extra: {disk_id: the next pass number}
 CUTOVER_PASS = "cutover_pass"  # extra: {disk_id: the cutover's pass number}
 SWAPPED = "disks_swapped"  # extra: the cloud VM runs on its volumes
@@ -132,6 +133,12 @@ async def reconcile(deps: Deps, journal: Journal, record: MigrationRecord) -> Mi
             await deps.clock.sleep(config.resting_poll_s)
 
 
+async def _gate(deps: Deps, record: MigrationRecord, ask: str) -> None:
+    """Tests only (``cutover_gate``): hold here until ``ask`` is asked."""
+    while deps.config.cutover_gate and ask not in await deps.migrations.asks(record.migration_id):
+        await deps.clock.sleep(deps.config.resting_poll_s)
+
+
 async def _may_cut_over(deps: Deps, record: MigrationRecord) -> bool:
     if not deps.config.cutover_gate:
         return True
@@ -201,6 +208,7 @@ async def cut_over(deps: Deps, journal: Journal, record: MigrationRecord) -> Mig
         vm = await cloud.get_vm(vm_id)
         if vm.power_state is not PowerState.OFF:
             await cloud.set_power(vm_id, PowerState.OFF)
+        await _gate(deps, record, ASK_OFF)
         orders = _orders(deps)
         for disk in record.disks:
             record = await _last_pass(deps, journal, orders, record, disk)

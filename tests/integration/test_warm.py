@@ -100,6 +100,12 @@ async def _until_record(
             await asyncio.sleep(0.1)
 
 
+async def open_gates(store: StateStore, migration_id: str) -> None:
+    """The guest has stopped: the cutover may begin, and go on past the power-off."""
+    for gate in ("cutover", "cutover_off"):
+        await MigrationStore(store).ask(migration_id, gate, "1")
+
+
 def _passes(record: MigrationRecord) -> int:
     return int((record.extra.get("reconcile") or {}).get("passes", 0))
 
@@ -174,7 +180,7 @@ async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_an
 
         # Cutover: the guest stops (its VM powers off), then the gate opens.
         await guest.halt()
-        await MigrationStore(store).ask(migration_id, "cutover", "1")
+        await open_gates(store, migration_id)
         await _cut_over(follower)
         record = await _record(store, migration_id)
         assert record.step is Step.CUT_OVER
@@ -233,13 +239,15 @@ async def qemu_img_compare(left: Path, right: Path) -> tuple[int, str]:
     return process.returncode, output.decode()
 
 
-@pytest.mark.parametrize("kill_in", [Step.BULK_COPYING, Step.RECONCILING])
-async def test_sigkill_during_bulk_copy_or_reconcile_resumes_losing_nothing(
+@pytest.mark.parametrize("kill_in", [Step.BULK_COPYING, Step.RECONCILING, Step.CUTTING_OVER])
+async def test_sigkill_during_bulk_copy_reconcile_or_cutover_resumes_losing_nothing(
     harness: Harness, tmp_path: Path, kill_in: Step
 ) -> None:
     """The appliance dies while copying the snapshot (the copy resumes from its
-    checkpoints) or while reconciling (the passes go on from the persisted number); the
-    components keep serving the guest meanwhile; the volume ends equal to the replay."""
+    checkpoints), while reconciling (the passes go on from the persisted number), or in
+    the cutover with the cloud VM off (the next one runs the cutover again from the
+    top); the components keep serving the guest meanwhile; the volume ends equal to the
+    replay."""
     vm = lab_vm(1, disks=1, disk_size=8 * MIB)
     await build_lab(harness.data_dir, [vm])
     base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
@@ -263,23 +271,35 @@ async def test_sigkill_during_bulk_copy_or_reconcile_resumes_losing_nothing(
             address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
             guest = await Guest.start(address, export, tmp_path / "guest.log", seed=31)
             await guest.wait_writes(40, within_s=30)
-            passes = 0
-            if kill_in is Step.RECONCILING:
+            if kill_in is Step.BULK_COPYING:
+                await _kill_and_restart(appliances, guest)
+                await _cap(client, 10_000.0)
+                await _until_record(store, migration_id, "passes", lambda r: _passes(r) >= 2)
+                await guest.halt()
+                await open_gates(store, migration_id)
+            elif kill_in is Step.RECONCILING:
                 await _cap(client, 10_000.0)
                 killed = await _until_record(
                     store, migration_id, "two passes", lambda r: _passes(r) >= 2
                 )
-                passes = _passes(killed)
-            appliances[0].kill()
-            written = await guest.writes()
-            await guest.wait_writes(written + 30, within_s=30)  # served while it is down
-            await appliances[1].start()
-            await _cap(client, 10_000.0)
-            await _until_record(
-                store, migration_id, "passes resumed", lambda r: _passes(r) >= passes + 2
-            )
-            await guest.halt()
-            await MigrationStore(store).ask(migration_id, "cutover", "1")
+                await _kill_and_restart(appliances, guest)
+                await _until_record(
+                    store, migration_id, "passes go on", lambda r: _passes(r) >= _passes(killed) + 2
+                )
+                await guest.halt()
+                await open_gates(store, migration_id)
+            else:  # held in CUTTING_OVER with its cloud VM off
+                await _cap(client, 10_000.0)
+                await _until_record(store, migration_id, "passes", lambda r: _passes(r) >= 2)
+                await guest.halt()
+                await MigrationStore(store).ask(migration_id, "cutover", "1")
+                await _until_record(
+                    store, migration_id, "cutting over", lambda r: r.step is Step.CUTTING_OVER
+                )
+                await _until_powered_off(harness.data_dir, migration_id)
+                appliances[0].kill()
+                await appliances[1].start()
+                await open_gates(store, migration_id)
             cut = await _until_record(
                 store, migration_id, "cut over", lambda r: r.step is Step.CUT_OVER
             )
@@ -297,6 +317,26 @@ async def test_sigkill_during_bulk_copy_or_reconcile_resumes_losing_nothing(
     expected = await expected_after(base, tmp_path / "guest.log")
     assert expected != base
     assert await _read_volume(harness.data_dir, cut.disks[0].volume_id) == expected
+
+
+async def _kill_and_restart(appliances: list[ApplianceProcess], guest: Guest) -> None:
+    """The first appliance dies; the guest goes on writing meanwhile; the next one starts."""
+    appliances[0].kill()
+    written = await guest.writes()
+    await guest.wait_writes(written + 30, within_s=30)  # served while it is down
+    await appliances[1].start()
+
+
+async def _until_powered_off(data_dir: Path, vm_id: str, within_s: float = 60) -> None:
+    async with asyncio.timeout(within_s):
+        while True:
+            cloud = LabSite.open(data_dir / "sites" / "cloud")
+            try:
+                if (await cloud.get_vm(vm_id)).power_state is PowerState.OFF:
+                    return
+            finally:
+                await cloud.close()
+            await asyncio.sleep(0.1)
 
 
 async def test_a_tbc_vm_committed_while_resting_goes_on_as_warm_and_cuts_over(
@@ -331,7 +371,7 @@ async def test_a_tbc_vm_committed_while_resting_goes_on_as_warm_and_cuts_over(
         written = await guest.writes()
         await guest.wait_writes(written + 20, within_s=30)
         await guest.halt()
-        await MigrationStore(store).ask(migration_id, "cutover", "1")
+        await open_gates(store, migration_id)
         (done,) = (await follower.finished(1, within_s=180)).values()
         assert done.state is MigrationState.COMPLETED
         record = await _record(store, migration_id)

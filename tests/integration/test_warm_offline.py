@@ -16,7 +16,6 @@ import pytest
 
 from appliance.datapath.package import S3Access
 from appliance.orchestrator.states import Step
-from appliance.state.migrations import MigrationStore
 from clients.client import FerryClient
 from messages.commands import (
     BulkMigrationDoneRequest,
@@ -43,7 +42,13 @@ from tests.integration.tbc_helpers import (
 )
 from tests.integration.test_bus import StartAppliance
 from tests.integration.test_package import bucket, s3_client
-from tests.integration.test_warm import WARM_SETTINGS, _passes, _read_volume, _until_record
+from tests.integration.test_warm import (
+    WARM_SETTINGS,
+    _passes,
+    _read_volume,
+    _until_record,
+    open_gates,
+)
 from tests.support.lab import MIB, NETWORK_MAP, build_lab, lab_vm
 
 pytestmark = pytest.mark.timeout(300)
@@ -135,7 +140,7 @@ async def test_warm_offline_through_an_s3_package_waits_for_a_corrected_import(
         await _until_record(store, migration_id, "reconciling", lambda r: _passes(r) >= 2)
 
         await guest.halt()
-        await MigrationStore(store).ask(migration_id, "cutover", "1")
+        await open_gates(store, migration_id)
         cut = await _until_record(
             store, migration_id, "cut over", lambda r: r.step is Step.CUT_OVER
         )
