@@ -29,7 +29,11 @@ from appliance.sites.lab.site import LabSite
 from clients.client import FerryClient
 from messages.common import MigrationState
 from tests.bench.test_tbc_bench import bench_harness
-from tests.integration.conftest import Harness, RunningAppliance
+from tests.integration.conftest import (
+    Harness,
+    RunningAppliance,
+    localstack,  # noqa: F401  (the session fixture)
+)
 from tests.integration.migration_helpers import start_migration
 from tests.integration.tbc_helpers import cloud_export, commit_request, components_up, state_store
 from tests.integration.test_warm import (

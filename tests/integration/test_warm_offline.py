@@ -30,13 +30,14 @@ from messages.commands import (
 from messages.common import BulkTransferMode, MigrationState, MigrationType, Phase
 from messages.events import SourceCloneResponse
 from tests.integration.conftest import Harness
-from tests.integration.migration_helpers import start_migration
+from tests.integration.migration_helpers import ApplianceProcess, start_migration
 from tests.integration.tbc_helpers import (
     Guest,
     cloud_export,
     commit_request,
     components_up,
     expected_after,
+    kill_pids,
     read_onprem,
     state_store,
 )
@@ -152,3 +153,49 @@ async def test_warm_offline_through_an_s3_package_waits_for_a_corrected_import(
     expected = await expected_after(base, tmp_path / "guest.log")
     assert expected != base
     assert await _read_volume(harness.data_dir, cut.disks[0].volume_id) == expected
+
+
+async def test_sigkill_while_waiting_for_the_package_resumes_waiting_from_a_directory(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Offline into a directory package: the appliance dies while the migration waits for
+    the import; the next one waits on, imports on BulkMigrationDoneRequest, and the
+    migration cuts over onto a volume equal to the snapshot (no guest wrote)."""
+    vm = lab_vm(1, disks=2, disk_size=4 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    bases = {d.disk_id: await read_onprem(harness.data_dir, vm.vm_id, d.disk_id) for d in vm.disks}
+    overrides = {**WARM_SETTINGS, "lease_ttl_s": 3.0}
+    appliances = [
+        ApplianceProcess(harness, tmp_path / f"appliance-{n}.log", **overrides) for n in range(2)
+    ]
+    orphans: list[int] = []
+    packages = tmp_path / "packages"
+    try:
+        await appliances[0].start()
+        async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+            orphans += (await components_up(store)).values()
+            request = offline_request(client, vm.vm_id, str(packages))
+            follower = await start_migration(client, request)
+            (migration_id,) = follower.latest
+            waiting = await _until_record(
+                store, migration_id, "exported", lambda r: r.step is Step.AWAITING_BULK
+            )
+            assert (packages / migration_id / "manifest.json").is_file()
+            appliances[0].kill()
+            await appliances[1].start()
+            answer = await client.request(
+                bulk_done(migration_id, str(packages / migration_id)), timeout_s=120
+            )
+            assert isinstance(answer, SourceCloneResponse) and answer.body.error is None
+            await open_gates(store, migration_id)
+            cut = await _until_record(
+                store, migration_id, "cut over", lambda r: r.step is Step.CUT_OVER
+            )
+            assert cut.extra["package_sha256"] == waiting.extra["package_sha256"]
+        await appliances[1].stop()
+    finally:
+        for appliance in appliances:
+            appliance.kill()
+        kill_pids(orphans)
+    for disk in cut.disks:
+        assert await _read_volume(harness.data_dir, disk.volume_id) == bases[disk.disk_id]
