@@ -8,9 +8,12 @@
 * AWAITING_BULK waits for a BulkMigrationDoneRequest (the ask ``bulk_done`` counts
   them; ``package_at`` is where it says the package was imported, else the export's
   location), then verifies every chunk and writes it into the volumes. A missing or
-  corrupt chunk (``PackageNeedsCorrection``) does not fail the VM: the record's error
-  names every bad chunk and the step waits for the next BulkMigrationDoneRequest, which
-  reads and writes only what was missing or bad (the import's checkpoints).
+  corrupt chunk (``PackageNeedsCorrection``), or a location that names no package
+  (``PackageLocationInvalid``), does not fail the VM: the record's error
+  (``package_needs_correction``) names every bad chunk and the step waits for the next
+  BulkMigrationDoneRequest, which reads and writes only what was missing or bad (the
+  import's checkpoints). A store that cannot be reached now (``PackageStoreUnavailable``,
+  transient) is retried by the run from this step.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from appliance.datapath.package import (
     open_store,
 )
 from appliance.datapath.progress import TransferProgress
-from appliance.errors import PackageNeedsCorrection
+from appliance.errors import PackageLocationInvalid, PackageNeedsCorrection
 from appliance.logs import get_logger
 from appliance.orchestrator import tags
 from appliance.orchestrator.context import Deps
@@ -153,7 +156,7 @@ async def _import(
                 options=ImportOptions(target_is_zero=True),
                 progress=progress,
             )
-    except PackageNeedsCorrection as error:  # not a failure of the VM: it waits
+    except (PackageNeedsCorrection, PackageLocationInvalid) as error:  # the VM waits
         log.warning("package needs correcting", migration_id=record.migration_id, error=str(error))
         record = await journal.update(
             record, extra=handled, error_code=NEEDS_CORRECTION, error_message=str(error)
@@ -161,7 +164,14 @@ async def _import(
         await deps.reporter.publish(record, False)
         return record, False
     log.info("package imported", migration_id=record.migration_id, location=location)
-    record = await journal.update(record, extra=handled, error_code=None, error_message=None)
+    record = await journal.update(
+        record,
+        extra=handled,
+        error_code=None,
+        error_message=None,
+        bytes_done=record.bytes_total,
+        eta_seconds=0.0,
+    )
     return record, True
 
 
