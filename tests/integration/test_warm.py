@@ -172,6 +172,9 @@ async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_an
             store, migration_id, "two passes", lambda r: _passes(r) >= 2
         )
         assert reconciling.step is Step.RECONCILING
+        # Its progress: bytes copied by the passes of what they found, rate, ETA.
+        assert 0 < reconciling.bytes_done <= reconciling.bytes_total
+        assert reconciling.rate_bytes_per_s > 0
         written = await guest.writes()
         await guest.wait_writes(written + 20, within_s=30)
         await _until_record(
