@@ -105,6 +105,19 @@ class Settings(BaseSettings):
     resting_poll_s: float = Field(
         default=1.0, gt=0, description="how often a tbc VM resting in the cloud is tended"
     )
+    warm_reconcile_threshold_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description="a warm VM cuts over once a reconcile pass leaves at most this to copy",
+    )
+    warm_reconcile_max_passes: int = Field(
+        default=20, ge=1, description="passes before a warm VM cuts over whatever remains"
+    )
+    debug_warm_cutover_gate: bool = Field(
+        default=False,
+        description="tests only: a warm VM waits for the asks 'cutover' (before cutting "
+        "over) and 'cutover_off' (its cloud VM off)",
+    )
     component_restart_backoff_s: float = Field(default=1.0, gt=0)
     component_restart_backoff_max_s: float = Field(default=30.0, gt=0)
     embedded_components: str = Field(

@@ -93,6 +93,7 @@ class Phase(StrEnum):
     FINALIZE = "finalize"
     OPEN_DISKS = "open_disks"
     PARK = "park"
+    AWAIT_BULK_DONE = "await_bulk_done"  # warm offline: the package is shipped, then imported
     IN_CLOUD = "in_cloud"
     MIGRATE_BACK = "migrate_back"
     CLEANUP = "cleanup"

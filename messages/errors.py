@@ -43,6 +43,7 @@ class ErrorCode(StrEnum):
     RESTING_IN_CLOUD = "resting_in_cloud"  # the VM runs in the cloud (tbc): migrate back first
     MIGRATING_BACK = "migrating_back"  # the migration is migrating back (or has)
     NOT_RESTING = "not_resting"  # migrate back or sync of a migration not resting in the cloud
+    CUT_OVER = "cut_over"  # a warm VM cut over to its cloud volumes (or committed): no way back
     # The appliance could not do it (this time).
     UNAVAILABLE = "unavailable"
     DATA_PATH = "data_path"

@@ -10,6 +10,7 @@ from appliance.clock import Clock
 from appliance.datapath.buffers import BufferBudget
 from appliance.datapath.checkpoint import CheckpointStore
 from appliance.datapath.nbd.channel import NbdAddress
+from appliance.datapath.package import S3Access
 from appliance.orchestrator.reporting import Reporter
 from appliance.sealing import Sealer
 from appliance.sites.protocol import Site
@@ -53,6 +54,15 @@ class OrchestratorConfig:
     """The RTO/RPO interval when no policy sets one."""
     resting_poll_s: float = 1.0
     """How often a resting group looks for asks (migrate back, sync) and policy changes."""
+    reconcile_threshold_bytes: int = 64 * 1024 * 1024
+    """A warm VM cuts over once a reconcile pass leaves at most this to copy."""
+    reconcile_max_passes: int = 20
+    """Passes before a warm VM cuts over whatever remains (its last pass, VM off, copies it)."""
+    package_s3: S3Access | None = None
+    """Where offline packages on S3 are reached (endpoint, credentials)."""
+    cutover_gate: bool = False
+    """Tests only: a warm VM waits for the ask ``cutover`` before it cuts over, and for
+    ``cutover_off`` once its cloud VM is off (a crash test holds it there)."""
 
 
 @dataclass(frozen=True, slots=True)

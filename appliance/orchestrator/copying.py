@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from appliance.datapath.nbd.backend import NbdBackend
@@ -55,9 +56,17 @@ class DiskCopy:
     """Copies the disks of one migration; ``stop()`` asks it to stop at the next chunk."""
 
     def __init__(
-        self, deps: Deps, journal: Journal, record: MigrationRecord, cancelled: asyncio.Event
+        self,
+        deps: Deps,
+        journal: Journal,
+        record: MigrationRecord,
+        cancelled: asyncio.Event,
+        sources: Mapping[str, Backend] | None = None,
     ) -> None:
+        """``sources``: each disk's snapshot by disk id, when not read from the on-prem site
+        (a warm migration reads it from the I/O manager, which holds the disks)."""
         self._deps = deps
+        self._sources = sources
         self._journal = journal
         self._record = record
         self._cancelled = cancelled
@@ -74,10 +83,10 @@ class DiskCopy:
     async def run(self) -> MigrationRecord:
         record = self._record
         onprem = self._deps.site(record.site)
-        sources = {
-            d.disk_id: await onprem.open_disk(record.vm_id, d.disk_id, d.snapshot_id)
-            for d in record.disks
-        }
+        sources = dict(self._sources or {})
+        for d in record.disks:
+            if d.disk_id not in sources:
+                sources[d.disk_id] = await onprem.open_disk(record.vm_id, d.disk_id, d.snapshot_id)
         if record.bytes_total == 0:
             disks = [
                 replace(d, bytes_to_copy=await planned_bytes(sources[d.disk_id]))

@@ -30,12 +30,12 @@ from appliance.errors import (
     TransientError,
 )
 from appliance.logs import get_logger
-from appliance.orchestrator import serve_steps, steps, tags
+from appliance.orchestrator import serve_steps, steps, tags, warm, warm_offline
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.copying import DiskCopy
 from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.record import MigrationRecord, load
-from appliance.orchestrator.resting import Resting
+from appliance.orchestrator.resting import ASK_BACK, Resting
 from appliance.orchestrator.resume import snapshot_step
 from appliance.orchestrator.states import TERMINAL, Machine, Step, machine_for
 from appliance.state.leases import Lease
@@ -81,6 +81,9 @@ class GroupRun:
         return path.index(step) if step in path else -1
 
     async def _drive(self) -> None:
+        if len({r.migration_type for r in self._records.values()}) > 1:
+            # A commit to warm cut short (a crash): the other members go on as warm too.
+            await warm.go_warm(self._deps, self._journal, self._records)
         records = list(self._records.values())
         machine = self._machine
         if any(r.step in (Step.ROLLING_BACK, Step.FAILED, Step.CANCELLED) for r in records):
@@ -106,8 +109,25 @@ class GroupRun:
     async def _rest_then_back(self, machine: Machine) -> None:
         resting = machine.resting
         if all(r.step is resting for r in self._records.values()):
-            await Resting(self._deps, self._journal, self._records).until_back()
+            if resting is Step.CUT_OVER:  # warm: on its volumes until a commit
+                await warm.until_commit(self._deps, self._records)
+            else:
+                await Resting(self._deps, self._journal, self._records).until_back()
+        if resting is Step.RUNNING_IN_CLOUD and await self._committed():
+            await warm.go_warm(self._deps, self._journal, self._records)
+            await self._drive()  # as warm from here: bulk copy, reconcile, cutover, commit
+            return
         await self._together(machine.back[:-1], machine.back[-1])
+
+    async def _committed(self) -> bool:
+        """Did the rest end by a commit (every member asked, none to migrate back)?"""
+        for migration_id, record in self._records.items():
+            if record.step is not Step.RUNNING_IN_CLOUD:
+                return False
+            asks = await self._deps.migrations.asks(migration_id)
+            if warm.ASK_COMMIT not in asks or ASK_BACK in asks:
+                return False
+        return True
 
     # -- forward ------------------------------------------------------------------
 
@@ -274,6 +294,12 @@ ACTIONS: dict[Step, Action] = {
     # on the components (tbc, warm's first steps)
     Step.OPENING_DISKS: serve_steps.open_disks,
     Step.PARKING: serve_steps.park,
+    # warm (orchestrator/warm.py)
+    Step.BULK_COPYING: warm.bulk_copy,
+    Step.AWAITING_BULK: warm_offline.await_bulk,
+    Step.RECONCILING: warm.reconcile,
+    Step.CUTTING_OVER: warm.cut_over,
+    Step.COMMITTING: warm.commit,
     # the way back
     Step.BACK_POWERING_OFF: serve_steps.back_power_off,
     Step.BACK_FINAL_EPOCH: serve_steps.back_final_epoch,
@@ -281,5 +307,4 @@ ACTIONS: dict[Step, Action] = {
     Step.BACK_RESTORING_DISKS: serve_steps.back_restore_disks,
     Step.BACK_RETURNING: serve_steps.back_return,
 }
-"""Every step's action; a step without one (warm's bulk copy, reconcile, cutover) answers
-not_implemented."""
+"""Every step's action; a step without one answers not_implemented."""

@@ -108,6 +108,9 @@ class MigrationRecord:
     syncs_done: int = 0  # SyncRequests answered (their epochs committed)
     back_power_on: bool = False  # migrate back: power the on-prem VM on at the end
     keep_snapshot: bool = False  # migrate back: keep the migrate-time snapshot
+    # Warm offline bulk: the package exported there (a directory or s3://bucket/prefix).
+    bulk_offline: bool = False
+    package_location: str | None = None
 
     def with_step(self, step: Step, at: str) -> MigrationRecord:
         return replace(self, step=step, updated_at=at)

@@ -17,6 +17,10 @@ from messages.events import MigrationStatus, SourceCloneResponse
 log = get_logger(__name__)
 
 
+COPYING = frozenset({Step.TRANSFERRING, Step.BULK_COPYING, Step.RECONCILING})
+"""Steps that move data: their rate and ETA are shown."""
+
+
 def percent(record: MigrationRecord) -> float:
     if record.step is Step.COMPLETED:
         return 100.0
@@ -49,8 +53,8 @@ def status_of(
         progress_percent=percent(record),
         bytes_done=record.bytes_done,
         bytes_total=record.bytes_total,
-        rate_bytes_per_s=record.rate_bytes_per_s if record.step is Step.TRANSFERRING else 0.0,
-        eta_seconds=record.eta_seconds if record.step is Step.TRANSFERRING else None,
+        rate_bytes_per_s=record.rate_bytes_per_s if record.step in COPYING else 0.0,
+        eta_seconds=record.eta_seconds if record.step in COPYING else None,
         bandwidth_cap_bps=record.bandwidth_cap_bps if record.step is Step.TRANSFERRING else None,
         checks=tuple(check.wire() for check in record.checks),
         error=error,

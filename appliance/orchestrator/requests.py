@@ -288,6 +288,8 @@ class CloneRequests:
             ),
             has_credentials=body.guest_credentials is not None,
             cache_node=self._cache_node(body.migration_type),
+            bulk_offline=body.bulk_transfer_mode is BulkTransferMode.OFFLINE,
+            package_location=_package_for(body, migration_id),
             source_cluster=vm.cluster,
             target_cluster=body.target.cluster,
             created_at=now,
@@ -312,15 +314,17 @@ def _keys(vm: VmConfig) -> tuple[tuple[str, str], ...]:
 
 
 def _check_supported(body: SourceCloneRequestBody) -> None:
-    if body.migration_type is MigrationType.WARM:
-        raise CommandRejected(
-            "warm migration is not available yet (its bulk copy, reconcile and cutover are "
-            "not built); use cold or tbc",
-            ErrorCode.NOT_IMPLEMENTED,
-        )
-    if body.bulk_transfer_mode is not BulkTransferMode.ONLINE:
-        raise CommandRejected(
-            "offline bulk transfer is not available yet; use online", ErrorCode.NOT_IMPLEMENTED
-        )
+    if body.bulk_transfer_mode is BulkTransferMode.OFFLINE:
+        if body.migration_type is not MigrationType.WARM:
+            raise CommandRejected("offline bulk transfer is for warm migrations")
+        if body.package_location is None:
+            raise CommandRejected("offline bulk transfer needs a package_location")
     if body.target.site != "cloud":
         raise CommandRejected(f"unknown target site {body.target.site!r}")
+
+
+def _package_for(body: SourceCloneRequestBody, migration_id: str) -> str | None:
+    """Each VM's package in its own place under the request's location."""
+    if body.bulk_transfer_mode is not BulkTransferMode.OFFLINE or body.package_location is None:
+        return None
+    return f"{body.package_location.rstrip('/')}/{migration_id}"

@@ -30,6 +30,7 @@ from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.record import MigrationRecord
 from appliance.orchestrator.serve_steps import cut_all
 from appliance.orchestrator.serving import ServedDisks
+from appliance.orchestrator.warm import ASK_COMMIT, may_go_warm
 
 log = get_logger(__name__)
 ASK_BACK = "back"
@@ -49,16 +50,20 @@ class Resting:
         )
 
     async def until_back(self) -> None:
-        """Rest until a migrate back is asked for; the members carry its options then."""
+        """Rest until a migrate back is asked for (the members carry its options then), or
+        a commit, once the cache node has room for the members' bulk copy."""
         while True:
-            back = True
+            back = commit = True
             for migration_id in list(self._records):
                 asks = await self._deps.migrations.asks(migration_id)
                 await self._tend(migration_id, asks)
                 back = back and ASK_BACK in asks
+                commit = commit and ASK_COMMIT in asks
             if back:
                 await self._take_options()
                 return
+            if commit and await may_go_warm(self._deps, self._records):
+                return  # committed: the group goes on as warm (group.py, warm.py)
             await self._deps.clock.sleep(self._deps.config.resting_poll_s)
 
     async def _take_options(self) -> None:

@@ -19,8 +19,12 @@ tbc (try before commit)::
       ─▶ BACK_RESTORING_DISKS ─▶ BACK_RETURNING ─▶ MIGRATED_BACK         (migrate back)
     any step before RUNNING_IN_CLOUD ─▶ ROLLING_BACK ─▶ FAILED | CANCELLED
 
-warm: tbc's first steps, then BULK_COPYING ─▶ RECONCILING ─▶ CUTTING_OVER ─▶ COMPLETED.
-Its own steps are listed but not built: requests refuse ``warm`` (not_implemented).
+warm: tbc's first steps, then (the VM running over the cache) BULK_COPYING ─▶ AWAITING_BULK
+    (offline: the package's import at the cloud; online: passes through) ─▶ RECONCILING
+    ─▶ CUTTING_OVER ─▶ CUT_OVER (resting on its volumes, awaiting a CommitRequest)
+    ─▶ COMMITTING ─▶ COMPLETED. From BULK_COPYING on the guest's writes live only in the
+    cloud: no rollback (orchestrator/warm.py). A tbc VM committed while RUNNING_IN_CLOUD
+    enters this table at BULK_COPYING (``entries``) and goes on as warm.
 
 Every table is a :class:`Machine`: the happy path, the steps members of a
 dependency group take side by side (``solo``) and the ones they take
@@ -49,8 +53,11 @@ class Step(StrEnum):
     VERIFYING = "verifying"
     OPENING_DISKS = "opening_disks"
     BULK_COPYING = "bulk_copying"
+    AWAITING_BULK = "awaiting_bulk"
     RECONCILING = "reconciling"
     CUTTING_OVER = "cutting_over"
+    CUT_OVER = "cut_over"
+    COMMITTING = "committing"
     CREATING_TARGET = "creating_target"
     PARKING = "parking"
     POWERING_ON = "powering_on"
@@ -85,6 +92,8 @@ class Machine:
     """The way back from the resting step (migrate back), taken together; ends terminal."""
     resumable: bool = False
     """FAILED may go back to QUEUED (a resume after a failure that kept the data)."""
+    entries: tuple[tuple[Step, Step], ...] = ()
+    """Ways into this table from another's step (a tbc VM committed goes on as warm)."""
 
     @property
     def forward(self) -> tuple[Step, ...]:
@@ -128,6 +137,8 @@ def _transitions(machine: Machine) -> dict[Step, frozenset[Step]]:
     for step in machine.forward[1:]:
         if machine.rolls_back(step):
             table[step].add(Step.ROLLING_BACK)
+    for step, following in machine.entries:
+        table[step].add(following)
     table[Step.QUEUED].add(Step.CANCELLED)
     table[Step.ROLLING_BACK] = {Step.FAILED, Step.CANCELLED}
     if machine.resumable:
@@ -172,11 +183,24 @@ WARM = Machine(
         Step.PARKING,
         Step.POWERING_ON,
         Step.BULK_COPYING,
+        Step.AWAITING_BULK,
         Step.RECONCILING,
         Step.CUTTING_OVER,
     ),
-    arrive=Step.COMPLETED,
-    no_rollback=frozenset({Step.CUTTING_OVER, Step.COMPLETED}),
+    arrive=Step.CUT_OVER,
+    no_rollback=frozenset(
+        {
+            Step.BULK_COPYING,
+            Step.AWAITING_BULK,
+            Step.RECONCILING,
+            Step.CUTTING_OVER,
+            Step.CUT_OVER,
+            Step.COMMITTING,
+            Step.COMPLETED,
+        }
+    ),
+    back=(Step.COMMITTING, Step.COMPLETED),
+    entries=((Step.RUNNING_IN_CLOUD, Step.BULK_COPYING),),
 )
 
 MACHINES: dict[MigrationType, Machine] = {
@@ -248,8 +272,11 @@ _PHASES: dict[Step, Phase] = {
     Step.VERIFYING: Phase.VERIFY,
     Step.OPENING_DISKS: Phase.OPEN_DISKS,
     Step.BULK_COPYING: Phase.TRANSFER,
+    Step.AWAITING_BULK: Phase.AWAIT_BULK_DONE,
     Step.RECONCILING: Phase.TRANSFER,
     Step.CUTTING_OVER: Phase.FINALIZE,
+    Step.CUT_OVER: Phase.IN_CLOUD,
+    Step.COMMITTING: Phase.FINALIZE,
     Step.CREATING_TARGET: Phase.CREATE_TARGET,
     Step.PARKING: Phase.PARK,
     Step.POWERING_ON: Phase.POWER_ON,
@@ -283,6 +310,6 @@ def public_state(step: Step, cancel_requested: bool) -> MigrationState:
         return fixed[step]
     if step in MIGRATING_BACK:
         return MigrationState.MIGRATING_BACK
-    if cancel_requested and step not in {Step.FINALIZING, Step.CUTTING_OVER}:
+    if cancel_requested and step not in {Step.FINALIZING, *WARM.no_rollback}:
         return MigrationState.CANCELLING
     return MigrationState.RUNNING

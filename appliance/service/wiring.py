@@ -14,6 +14,7 @@ from appliance.datapath.checkpoint import CheckpointStore
 from appliance.datapath.chunks import MAX_DATA_RUN
 from appliance.datapath.nbd.channel import NbdAddress
 from appliance.datapath.nbd.server import NbdServer
+from appliance.datapath.package import S3Access
 from appliance.dispatch.admin import Admin
 from appliance.dispatch.dispatcher import CommandHandler
 from appliance.dispatch.inventory import Inventory
@@ -42,6 +43,7 @@ from appliance.state.migrations import MigrationStore
 from appliance.state.policy import Policies, PolicyDefaults
 from appliance.state.store import StateStore
 from messages.commands import (
+    BulkMigrationDoneRequest,
     CancelRequest,
     Command,
     CommitRequest,
@@ -123,6 +125,10 @@ def build_deps(
         component_timeout_s=settings.component_timeout_s,
         epoch_commit_timeout_s=settings.epoch_commit_timeout_s,
         resting_poll_s=settings.resting_poll_s,
+        reconcile_threshold_bytes=settings.warm_reconcile_threshold_bytes,
+        reconcile_max_passes=settings.warm_reconcile_max_passes,
+        cutover_gate=settings.debug_warm_cutover_gate,
+        package_s3=S3Access.from_settings(settings),
     )
 
     def checkpoints(transfer_id: str, lease: Lease | None) -> CheckpointStore:
@@ -224,6 +230,11 @@ def build_handlers(
         assert isinstance(command, CommitRequest)
         return answers(command, await cloud.commit(await control.select(command.body.select)))
 
+    async def answer_bulk_done(command: Command) -> list[Event]:
+        assert isinstance(command, BulkMigrationDoneRequest)
+        ids = await control.select(command.body.select)
+        return answers(command, await cloud.bulk_done(ids, command.body.package_location))
+
     admin = Admin(
         appliance_id=settings.appliance_id,
         store=deps.store,
@@ -243,6 +254,7 @@ def build_handlers(
         "SyncRequest": guarded(health, answer_sync),
         "MigrateBackRequest": guarded(health, answer_migrate_back),
         "CommitRequest": guarded(health, answer_commit),
+        "BulkMigrationDoneRequest": guarded(health, answer_bulk_done),
         **admin.handlers(),
     }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from appliance.sites.model import SiteConfig, VmConfig, VmScan, VmSnapshot, VolumeInfo
+from appliance.sites.model import DiskConfig, SiteConfig, VmConfig, VmScan, VmSnapshot, VolumeInfo
 from appliance.storage.backend import Backend
 from appliance.storage.extents import Extent
 from messages.common import PowerState
@@ -55,6 +55,11 @@ class Site(Protocol):
 
     async def create_vm(self, vm: VmConfig) -> VmConfig:
         """Create (or, with the same id, return) a VM; its disks' volumes must exist."""
+        ...
+
+    async def replace_disks(self, vm_id: str, disks: tuple[DiskConfig, ...]) -> VmConfig:
+        """A powered-off VM's disks, swapped (a warm cutover: from the cache's exports to
+        its volumes, which must exist); the same disks again change nothing."""
         ...
 
     async def delete_vm(self, vm_id: str) -> None:

@@ -189,11 +189,6 @@ async def test_a_dependency_group_rests_together_takes_a_policy_live_and_migrate
         await client.request(SetPolicyRequest(body=policy))
         await committed_at_least(store, disk, 1, within_s=60)
 
-        # Commit (warm) is not built: refused as such, nothing changes.
-        with pytest.raises(FerryError) as commit:
-            await client.request(commit_request([ids[one.vm_id]]))
-        assert commit.value.code is ErrorCode.NOT_IMPLEMENTED
-
         # Naming one member migrates the whole group back (here: powered on, snapshot kept).
         await guest.halt()
         answer = await client.request(

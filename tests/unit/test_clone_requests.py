@@ -315,10 +315,15 @@ async def test_inconsistent_groups_reject_the_request(
 @pytest.mark.parametrize(
     ("changes", "code"),
     [
-        ({"migration_type": MigrationType.WARM}, ErrorCode.NOT_IMPLEMENTED),
-        # tbc needs the cache and the I/O manager running: none beats here.
+        # tbc and warm need the cache and the I/O manager running: none beats here.
+        ({"migration_type": MigrationType.WARM}, ErrorCode.UNAVAILABLE),
         ({"migration_type": MigrationType.TBC}, ErrorCode.UNAVAILABLE),
-        ({"bulk_transfer_mode": BulkTransferMode.OFFLINE}, ErrorCode.NOT_IMPLEMENTED),
+        # An offline bulk transfer is a warm migration's, to a package location.
+        ({"bulk_transfer_mode": BulkTransferMode.OFFLINE}, ErrorCode.INVALID_REQUEST),
+        (
+            {"migration_type": MigrationType.WARM, "bulk_transfer_mode": BulkTransferMode.OFFLINE},
+            ErrorCode.INVALID_REQUEST,
+        ),
         ({"target": TargetResources(site="elsewhere")}, ErrorCode.INVALID_REQUEST),
     ],
 )

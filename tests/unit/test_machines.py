@@ -82,11 +82,30 @@ def test_a_cold_step_is_not_a_tbc_step_and_back() -> None:
         COLD.check("m-1", Step.COMPLETED, Step.BACK_POWERING_OFF)
 
 
-def test_shared_steps_are_one_action_and_warm_steps_not_built_have_none() -> None:
+def test_shared_steps_are_one_action_and_warm_has_its_own() -> None:
     for step in (Step.PREPARING, Step.POWERING_OFF, Step.SNAPSHOTTING, Step.CREATING_TARGET):
         assert step in COLD.steps and step in TBC.steps and step in ACTIONS
-    for step in (Step.BULK_COPYING, Step.RECONCILING, Step.CUTTING_OVER):
-        assert step in WARM.steps and step not in ACTIONS
+    for step in (Step.BULK_COPYING, Step.RECONCILING, Step.CUTTING_OVER, Step.COMMITTING):
+        assert step in WARM.steps and step not in TBC.steps and step in ACTIONS
+
+
+def test_warm_rests_cut_over_until_a_commit_and_never_rolls_back_once_in_the_cloud() -> None:
+    assert WARM.resting is Step.CUT_OVER and not holds_slot(Step.CUT_OVER)
+    assert WARM.next_step(Step.POWERING_ON) is Step.BULK_COPYING
+    assert WARM.next_step(Step.CUTTING_OVER) is Step.CUT_OVER
+    assert WARM.next_step(Step.CUT_OVER) is Step.COMMITTING
+    assert WARM.next_step(Step.COMMITTING) is Step.COMPLETED
+    assert WARM.rolls_back(Step.POWERING_ON)
+    for step in (Step.BULK_COPYING, Step.RECONCILING, Step.CUTTING_OVER, Step.CUT_OVER):
+        assert not WARM.rolls_back(step)
+    with pytest.raises(IncorrectState):
+        WARM.check("m-1", Step.RECONCILING, Step.ROLLING_BACK)
+    # A tbc VM committed while resting goes on as warm from there, and only from there.
+    WARM.check("m-1", Step.RUNNING_IN_CLOUD, Step.BULK_COPYING)
+    with pytest.raises(IncorrectState):
+        WARM.check("m-1", Step.RUNNING_IN_CLOUD, Step.RECONCILING)
+    with pytest.raises(IncorrectState):
+        TBC.check("m-1", Step.RUNNING_IN_CLOUD, Step.BULK_COPYING)
 
 
 def test_resting_holds_no_slot_and_the_scheduler_counts_none() -> None:

@@ -245,6 +245,19 @@ class LabSite:
         await self.save_vm(vm)
         return vm
 
+    async def replace_disks(self, vm_id: str, disks: tuple[DiskConfig, ...]) -> VmConfig:
+        vm = await self.get_vm(vm_id)
+        if vm.disks == disks:
+            return vm
+        if vm.power_state is not PowerState.OFF:
+            raise SiteError(self._name, f"{vm_id} is powered on: its disks cannot be swapped")
+        for disk in disks:
+            if disk.volume_id and not self.volume_dir(disk.volume_id).is_dir():
+                raise SiteError(self._name, f"volume {disk.volume_id} of {vm_id} is missing")
+        changed = replace(vm, disks=disks)
+        await self.save_vm(changed)
+        return changed
+
     async def delete_vm(self, vm_id: str) -> None:
         try:
             vm = await self.get_vm(vm_id)

@@ -1,0 +1,389 @@
+"""Warm migration over SQS, with the real cache and I/O manager processes.
+
+The cloud VM's guest (the workload generator) writes to the cache's export
+while the snapshot is bulk-copied into the cloud volume and while reconcile
+passes run; after the cutover the VM runs on its volume, which equals the
+replay of the guest's whole write log; a CommitRequest cleans up, and a
+migrate back is refused afterwards.
+
+Gates the test holds: a policy bandwidth cap keeps the bulk copy going until
+the guest has written (then lifted), and ``debug_warm_cutover_gate`` keeps
+the migration reconciling until the guest has stopped (the lab's cloud VM has
+no guest of its own to stop at power-off), then the ask ``cutover`` lets it go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from appliance.components.heartbeat import ComponentHealth
+from appliance.orchestrator.record import MigrationRecord, load
+from appliance.orchestrator.states import Step
+from appliance.sites.lab.site import LabSite
+from appliance.state.migrations import MigrationStore
+from appliance.state.store import StateStore
+from clients.client import FerryClient, FerryError
+from messages.commands import (
+    CloneOptions,
+    CloneVm,
+    NetworkMapping,
+    SetPolicyRequest,
+    SetPolicyRequestBody,
+    SourceCloneRequest,
+    SourceCloneRequestBody,
+)
+from messages.common import MigrationState, MigrationType, Phase, PowerState
+from messages.errors import ErrorCode
+from tests.integration.conftest import Harness
+from tests.integration.migration_helpers import ApplianceProcess, Follower, start_migration
+from tests.integration.tbc_helpers import (
+    CACHE,
+    TBC_SETTINGS,
+    Guest,
+    cloud_export,
+    commit_request,
+    committed_at_least,
+    components_up,
+    expected_after,
+    kill_pids,
+    migrate_back,
+    read_onprem,
+    state_store,
+    sync,
+    tbc_request,
+)
+from tests.integration.test_bus import StartAppliance
+from tests.support.lab import MIB, NETWORK_MAP, build_lab, lab_vm
+
+pytestmark = pytest.mark.timeout(300)
+
+WARM_SETTINGS: dict[str, object] = {
+    **TBC_SETTINGS,
+    "debug_warm_cutover_gate": True,
+    "warm_reconcile_threshold_bytes": 4 * MIB,
+    "progress_interval_s": 0.3,
+}
+
+
+def warm_request(client: FerryClient, vm_id: str) -> SourceCloneRequest:
+    return SourceCloneRequest(
+        body=SourceCloneRequestBody(
+            vms=(CloneVm(vm_id=vm_id),),
+            migration_type=MigrationType.WARM,
+            guest_credentials=client.seal_credentials("tester", "pw-123"),
+            network_map=tuple(NetworkMapping(source=s, target=t) for s, t in NETWORK_MAP.items()),
+            options=CloneOptions(),
+        )
+    )
+
+
+async def _record(store: StateStore, migration_id: str) -> MigrationRecord:
+    stored = await MigrationStore(store).get(migration_id)
+    assert stored is not None
+    return load(stored.record)
+
+
+async def _until_record(
+    store: StateStore, migration_id: str, done: str, check: object, within_s: float = 120
+) -> MigrationRecord:
+    """Until the record satisfies ``check`` (a bounded watch on the persisted record)."""
+    assert callable(check)
+    async with asyncio.timeout(within_s):
+        while True:
+            record = await _record(store, migration_id)
+            if check(record):
+                return record
+            assert record.step not in (Step.FAILED, Step.ROLLING_BACK), (done, record)
+            await asyncio.sleep(0.1)
+
+
+async def open_gates(store: StateStore, migration_id: str) -> None:
+    """The guest has stopped: the cutover may begin, and go on past the power-off."""
+    for gate in ("cutover", "cutover_off"):
+        await MigrationStore(store).ask(migration_id, gate, "1")
+
+
+def _passes(record: MigrationRecord) -> int:
+    return int((record.extra.get("reconcile") or {}).get("passes", 0))
+
+
+async def _cap(client: FerryClient, mbps: float) -> None:
+    policy = SetPolicyRequestBody(cluster="cluster-a", bandwidth_cap_mbps=mbps)
+    await client.request(SetPolicyRequest(body=policy))
+
+
+async def _cut_over(follower: Follower) -> None:
+    await follower.until(
+        lambda latest: all(s.phase is Phase.IN_CLOUD for s in latest.values()), within_s=120
+    )
+
+
+async def _read_volume(data_dir: Path, volume_id: str) -> bytes:
+    cloud = LabSite.open(data_dir / "sites" / "cloud")
+    try:
+        volume = await cloud.open_volume(volume_id)
+        return await volume.read(0, volume.size)
+    finally:
+        await cloud.close()
+
+
+async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_and_commits(
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path
+) -> None:
+    vm = lab_vm(1, disks=1, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    running = await start_appliance(harness.settings(**WARM_SETTINGS))
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        await components_up(store)
+        await _cap(client, 0.5)  # the bulk copy crawls until the guest has written
+        follower = await start_migration(client, warm_request(client, vm.vm_id))
+        (migration_id,) = follower.latest
+
+        # Bulk copy: the guest writes over the cache while the snapshot is copied.
+        copying = await _until_record(
+            store,
+            migration_id,
+            "bulk copy under way",
+            lambda r: r.step is Step.BULK_COPYING and 0 < r.bytes_done < r.bytes_total,
+        )
+        address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
+        guest = await Guest.start(address, export, tmp_path / "guest.log", seed=23)
+        await guest.wait_writes(40, within_s=30)
+        still = await _record(store, migration_id)
+        assert still.step is Step.BULK_COPYING and still.bytes_done < still.bytes_total
+        # Its progress, as cold's: percent, bytes, rate, ETA.
+        latest = await follower.until(
+            lambda latest: (
+                latest[migration_id].phase is Phase.TRANSFER
+                and latest[migration_id].rate_bytes_per_s > 0
+            )
+        )
+        status = latest[migration_id]
+        assert status.bytes_total == copying.bytes_total
+        assert 0 < status.progress_percent < 100 and status.eta_seconds is not None
+        await _cap(client, 10_000.0)
+
+        # Reconcile: passes go on while the guest writes (the gate holds the cutover).
+        reconciling = await _until_record(
+            store, migration_id, "two passes", lambda r: _passes(r) >= 2
+        )
+        assert reconciling.step is Step.RECONCILING
+        # Its progress: bytes copied by the passes of what they found, rate, ETA.
+        assert 0 < reconciling.bytes_done <= reconciling.bytes_total
+        assert reconciling.rate_bytes_per_s > 0
+        written = await guest.writes()
+        await guest.wait_writes(written + 20, within_s=30)
+        await _until_record(
+            store, migration_id, "a pass after", lambda r: _passes(r) >= _passes(reconciling) + 1
+        )
+
+        # Cutover: the guest stops (its VM powers off), then the gate opens.
+        await guest.halt()
+        await open_gates(store, migration_id)
+        await _cut_over(follower)
+        record = await _record(store, migration_id)
+        assert record.step is Step.CUT_OVER
+        assert float(record.extra["cutover_seconds"]) < 30
+        volume_id = record.disks[0].volume_id
+        cloud = LabSite.open(harness.data_dir / "sites" / "cloud")
+        cloud_vm = await cloud.get_vm(migration_id)
+        await cloud.close()
+        assert cloud_vm.power_state is PowerState.ON
+        assert [(d.volume_id, d.nbd_export) for d in cloud_vm.disks] == [(volume_id, None)]
+
+        # No way back, no sync: it runs on its volume.
+        for refused in (migrate_back([migration_id]), sync([migration_id])):
+            with pytest.raises(FerryError) as error:
+                await client.request(refused)
+            assert error.value.code is ErrorCode.CUT_OVER
+
+        # Commit: the cache and the I/O manager let go; the snapshot goes.
+        await client.request(commit_request([migration_id]))
+        (done,) = (await follower.finished(1)).values()
+        assert done.state is MigrationState.COMPLETED
+        disk = f"{migration_id}-disk-0"
+        cache = await ComponentHealth(store, 120).wait_until(
+            CACHE, lambda r: disk not in r.figures.get("exports", []), 30
+        )
+        assert disk not in cache.figures.get("exports", [])
+        with pytest.raises(FerryError) as after:
+            await client.request(migrate_back([migration_id]))
+        assert after.value.code is ErrorCode.CUT_OVER
+    await running.shutdown()
+
+    onprem = LabSite.open(harness.data_dir / "sites" / "onprem")
+    parked = await onprem.get_vm(vm.vm_id)
+    assert parked.resource_pool == "_HDM_MIGRATEPOOL" and parked.power_state is PowerState.OFF
+    assert await onprem.vm_snapshot_names(vm.vm_id) == []
+    await onprem.close()
+    expected = await expected_after(base, tmp_path / "guest.log")
+    assert expected != base
+    image = await _read_volume(harness.data_dir, volume_id)
+    assert image == expected
+    (tmp_path / "volume.raw").write_bytes(image)
+    (tmp_path / "expected.raw").write_bytes(expected)
+    code, output = await qemu_img_compare(tmp_path / "volume.raw", tmp_path / "expected.raw")
+    assert code == 0, output
+
+
+async def qemu_img_compare(left: Path, right: Path) -> tuple[int, str]:
+    """``qemu-img compare``, an independent peer: 0 when the images are byte-equal."""
+    process = await asyncio.create_subprocess_exec(
+        *("qemu-img", "compare", "-f", "raw", "-F", "raw", str(left), str(right)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+@pytest.mark.parametrize("kill_in", [Step.BULK_COPYING, Step.RECONCILING, Step.CUTTING_OVER])
+async def test_sigkill_during_bulk_copy_reconcile_or_cutover_resumes_losing_nothing(
+    harness: Harness, tmp_path: Path, kill_in: Step
+) -> None:
+    """The appliance dies while copying the snapshot (the copy resumes from its
+    checkpoints), while reconciling (the passes go on from the persisted number), or in
+    the cutover with the cloud VM off (the next one runs the cutover again from the
+    top); the components keep serving the guest meanwhile; the volume ends equal to the
+    replay."""
+    vm = lab_vm(1, disks=1, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    overrides = {**WARM_SETTINGS, "lease_ttl_s": 3.0}
+    logs = [tmp_path / f"appliance-{n}.log" for n in range(2)]
+    appliances = [ApplianceProcess(harness, log, **overrides) for log in logs]
+    orphans: list[int] = []
+    try:
+        await appliances[0].start()
+        async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+            orphans += (await components_up(store)).values()
+            await _cap(client, 2.0)  # 8 MiB in about 30 s: killed with some chunks copied
+            follower = await start_migration(client, warm_request(client, vm.vm_id))
+            (migration_id,) = follower.latest
+            await _until_record(
+                store,
+                migration_id,
+                "bulk copy under way",
+                lambda r: r.step is Step.BULK_COPYING and r.bytes_done >= 2 * MIB,
+            )
+            address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
+            guest = await Guest.start(address, export, tmp_path / "guest.log", seed=31)
+            await guest.wait_writes(40, within_s=30)
+            if kill_in is Step.BULK_COPYING:
+                await _kill_and_restart(appliances, guest)
+                await _cap(client, 10_000.0)
+                await _until_record(store, migration_id, "passes", lambda r: _passes(r) >= 2)
+                await guest.halt()
+                await open_gates(store, migration_id)
+            elif kill_in is Step.RECONCILING:
+                await _cap(client, 10_000.0)
+                killed = await _until_record(
+                    store, migration_id, "two passes", lambda r: _passes(r) >= 2
+                )
+                await _kill_and_restart(appliances, guest)
+                await _until_record(
+                    store, migration_id, "passes go on", lambda r: _passes(r) >= _passes(killed) + 2
+                )
+                await guest.halt()
+                await open_gates(store, migration_id)
+            else:  # held in CUTTING_OVER with its cloud VM off
+                await _cap(client, 10_000.0)
+                await _until_record(store, migration_id, "passes", lambda r: _passes(r) >= 2)
+                await guest.halt()
+                await MigrationStore(store).ask(migration_id, "cutover", "1")
+                await _until_record(
+                    store, migration_id, "cutting over", lambda r: r.step is Step.CUTTING_OVER
+                )
+                await _until_powered_off(harness.data_dir, migration_id)
+                appliances[0].kill()
+                await appliances[1].start()
+                await open_gates(store, migration_id)
+            cut = await _until_record(
+                store, migration_id, "cut over", lambda r: r.step is Step.CUT_OVER
+            )
+            await client.request(commit_request([migration_id]))
+            await _until_record(
+                store, migration_id, "committed", lambda r: r.step is Step.COMPLETED
+            )
+        await appliances[1].stop()
+    finally:
+        for appliance in appliances:
+            appliance.kill()
+        kill_pids(orphans)
+    if kill_in is Step.BULK_COPYING:
+        assert "resumed=True" in logs[1].read_text()  # not copied again from the start
+    expected = await expected_after(base, tmp_path / "guest.log")
+    assert expected != base
+    assert await _read_volume(harness.data_dir, cut.disks[0].volume_id) == expected
+
+
+async def _kill_and_restart(appliances: list[ApplianceProcess], guest: Guest) -> None:
+    """The first appliance dies; the guest goes on writing meanwhile; the next one starts."""
+    appliances[0].kill()
+    written = await guest.writes()
+    await guest.wait_writes(written + 30, within_s=30)  # served while it is down
+    await appliances[1].start()
+
+
+async def _until_powered_off(data_dir: Path, vm_id: str, within_s: float = 60) -> None:
+    async with asyncio.timeout(within_s):
+        while True:
+            cloud = LabSite.open(data_dir / "sites" / "cloud")
+            try:
+                if (await cloud.get_vm(vm_id)).power_state is PowerState.OFF:
+                    return
+            finally:
+                await cloud.close()
+            await asyncio.sleep(0.1)
+
+
+async def test_a_tbc_vm_committed_while_resting_goes_on_as_warm_and_cuts_over(
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path
+) -> None:
+    """CommitRequest on a tbc VM running in the cloud: it becomes a warm migration from
+    there (bulk copy, reconcile while the guest writes, cutover) and, the commit being
+    asked already, cleans up once cut over; no way back once asked."""
+    vm = lab_vm(1, disks=1, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    running = await start_appliance(harness.settings(**WARM_SETTINGS))
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        await components_up(store)
+        policy = SetPolicyRequestBody(cluster="cluster-a", rto_rpo_interval_s=10)
+        await client.request(SetPolicyRequest(body=policy))
+        follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
+        (migration_id,) = follower.latest
+        await _until_record(
+            store, migration_id, "in the cloud", lambda r: r.step is Step.RUNNING_IN_CLOUD
+        )
+        address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
+        guest = await Guest.start(address, export, tmp_path / "guest.log", seed=53)
+        await committed_at_least(store, f"{migration_id}-disk-0", 1, within_s=60)
+
+        await client.request(commit_request([migration_id]))
+        with pytest.raises(FerryError) as back:
+            await client.request(migrate_back([migration_id]))
+        assert back.value.code is ErrorCode.CUT_OVER
+        warm = await _until_record(store, migration_id, "reconciling", lambda r: _passes(r) >= 2)
+        assert warm.migration_type is MigrationType.WARM
+        written = await guest.writes()
+        await guest.wait_writes(written + 20, within_s=30)
+        await guest.halt()
+        await open_gates(store, migration_id)
+        (done,) = (await follower.finished(1, within_s=180)).values()
+        assert done.state is MigrationState.COMPLETED
+        record = await _record(store, migration_id)
+        assert record.extra.get("disks_swapped") is True
+    await running.shutdown()
+
+    onprem = LabSite.open(harness.data_dir / "sites" / "onprem")
+    assert await onprem.vm_snapshot_names(vm.vm_id) == []
+    await onprem.close()
+    expected = await expected_after(base, tmp_path / "guest.log")
+    assert expected != base
+    assert await _read_volume(harness.data_dir, record.disks[0].volume_id) == expected
