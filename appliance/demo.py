@@ -74,8 +74,8 @@ def _running_linux_vms(data_dir: Path) -> list[str]:
         and vm.tools_status is ToolsStatus.RUNNING
         and vm.power_state is PowerState.ON
     ]
-    if len(fit) < 3:
-        raise RuntimeError("the sample site has fewer than three running Linux VMs")
+    if len(fit) < 4:
+        raise RuntimeError("the sample site has fewer than four running Linux VMs")
     return fit
 
 
@@ -183,7 +183,7 @@ def run_demo(data_dir: Path) -> int:
         )
         _step("5. heartbeats", [*ferry, "watch", "--count", "2", "--interval", "10"], env)
         linux = _running_linux_vms(data_dir)
-        pair, tbc_vm = linux[:2], linux[2]
+        pair, tbc_vm, warm_vm = linux[:2], linux[2], linux[3]
         mapped = [arg for pair_ in NETWORK_MAP for arg in ("--network-map", "=".join(pair_))]
         migrate = [*ferry, "migrate", *pair, "--together", "--wait", "--guest-user", "demo"]
         migrate += ["--bandwidth-mbps", "400"]  # slow enough to watch the progress bars
@@ -200,8 +200,17 @@ def run_demo(data_dir: Path) -> int:
         )
         _step("9. appliance status", [*ferry, "status"], env)
         _try_before_commit(ferry, tbc_vm, mapped, data_dir, env)
+        warm = [*ferry, "migrate", warm_vm, "--type", "warm", "--wait", "--guest-user", "demo"]
+        _step(
+            "16. warm: runs in the cloud at once, copied meanwhile, reconciled, cut over",
+            warm + mapped,
+            env,
+        )
+        _step("17. its cutover time (cloud VM off → on)", [*ferry, "migrations"], env)
+        commit = [*ferry, "commit", warm_vm, "--wait"]
+        _step("18. commit: the cache disks and hdm_N cleaned up", commit, env)
     finally:
-        console.print(Rule("16. stop the appliance (SIGTERM)"))
+        console.print(Rule("19. stop the appliance (SIGTERM)"))
         appliance.send_signal(signal.SIGTERM)
         try:
             code = appliance.wait(timeout=60)

@@ -26,6 +26,7 @@ from messages.common import MigrationState
 from messages.events import CommandResponse, Event, MigrationStatus, SourceCloneResponse
 
 BACK_DONE = frozenset({MigrationState.MIGRATED_BACK, MigrationState.FAILED})
+COMMIT_DONE = frozenset({MigrationState.COMPLETED, MigrationState.FAILED})
 
 LIMITS = {
     "cold": "max_concurrent_migrations",
@@ -93,30 +94,38 @@ async def cmd_migrate_back(client: FerryClient, args: argparse.Namespace) -> int
     show(answers, "Migrating back")
     if not args.wait:
         return 0
-    ids = tuple(a.body.migration_id for a in answers if isinstance(a, SourceCloneResponse))
-    statuses = await _until_back(client, ids, args.timeout)
+    statuses = await _until(client, answers, BACK_DONE, args.timeout)
     console.print(migrations_table(statuses, "Back on-prem"))
     return 0 if all(s.state is MigrationState.MIGRATED_BACK for s in statuses) else 1
 
 
-async def _until_back(
-    client: FerryClient, migration_ids: tuple[str, ...], timeout_s: float
+async def _until(
+    client: FerryClient,
+    answers: Sequence[Event],
+    done: frozenset[MigrationState],
+    timeout_s: float,
 ) -> list[MigrationStatus]:
-    """Ask for the migrations' status every second until each is back (or failed)."""
+    """Ask for the answered migrations' status every second until each is in ``done``."""
+    ids = tuple(a.body.migration_id for a in answers if isinstance(a, SourceCloneResponse))
     deadline = time.monotonic() + timeout_s
     while True:
-        answer = await client.status(StatusRequestBody(migration_ids=migration_ids))
+        answer = await client.status(StatusRequestBody(migration_ids=ids))
         statuses = list(answer.body.migrations)
-        if statuses and all(s.state in BACK_DONE for s in statuses):
+        if statuses and all(s.state in done for s in statuses):
             return statuses
         if time.monotonic() > deadline:
-            raise TimeoutError(f"not back on-prem within {timeout_s:.0f} s: {migration_ids}")
+            raise TimeoutError(f"not {' or '.join(sorted(done))} within {timeout_s:.0f} s: {ids}")
         await asyncio.sleep(1.0)
 
 
 async def cmd_commit(client: FerryClient, args: argparse.Namespace) -> int:
-    show(await client.commit(selector(args)), "Committing")
-    return 0
+    answers = await client.commit(selector(args))
+    show(answers, "Committing")
+    if not args.wait:
+        return 0
+    statuses = await _until(client, answers, COMMIT_DONE, args.timeout)
+    console.print(migrations_table(statuses, "Committed"))
+    return 0 if all(s.state is MigrationState.COMPLETED for s in statuses) else 1
 
 
 async def cmd_sync(client: FerryClient, args: argparse.Namespace) -> int:
@@ -151,6 +160,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     back.add_argument("--timeout", type=float, default=1800.0, help="seconds --wait waits")
     back.set_defaults(func=cmd_migrate_back)
     commit = _selecting(commands.add_parser("commit", help="commit VMs to the cloud"))
+    commit.add_argument("--wait", action="store_true", help="until every VM is committed")
+    commit.add_argument("--timeout", type=float, default=86400.0, help="seconds --wait waits")
     commit.set_defaults(func=cmd_commit)
     sync = _selecting(
         commands.add_parser("sync", help="a flush epoch now (or resume a failed migration)")

@@ -122,7 +122,10 @@ def clone_request(args: argparse.Namespace, key: AppliancePublicKey) -> SourceCl
 
 
 def rpo_text(status: MigrationStatus) -> str:
-    """A VM in the cloud: how far on-prem is behind it; "" for one the cache does not serve."""
+    """A VM in the cloud: how far on-prem is behind it; "" for one the cache does not serve.
+    A warm VM cut over onto its volumes: how long its cutover took."""
+    if status.cutover_s is not None:
+        return f"cut over in {status.cutover_s:.2f} s"
     if status.rpo_lag_s is None:
         return ""
     parts = [format_duration(status.rpo_lag_s)]

@@ -162,6 +162,12 @@ class MigrationStatus(WireModel):
     cache_bytes: StrictInt | None = Field(
         default=None, ge=0, description="The VM's disks' use of the cloud cache"
     )
+    cutover_s: StrictFloat | None = Field(
+        default=None,
+        ge=0,
+        description="A warm VM cut over: seconds from its cloud VM powered off to powered on, "
+        "on its volumes",
+    )
 
 
 class SourceCloneResponse(Event):

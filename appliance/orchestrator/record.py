@@ -11,6 +11,9 @@ from appliance.orchestrator.states import Step
 from messages.common import MigrationType, PowerState, VerifyMode
 from messages.events import PrepareCheck
 
+CUTOVER_SECONDS = "cutover_seconds"
+"""``extra``: a warm VM's cutover, cloud VM off → on, on its volumes (seconds)."""
+
 
 @dataclass(frozen=True, slots=True)
 class DiskPlan:

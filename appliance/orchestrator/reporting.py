@@ -8,7 +8,7 @@ from appliance.clock import Clock
 from appliance.errors import BusUnavailable
 from appliance.logs import get_logger
 from appliance.orchestrator.figures import CacheFigureReader, CacheFigures
-from appliance.orchestrator.record import MigrationRecord
+from appliance.orchestrator.record import CUTOVER_SECONDS, MigrationRecord
 from appliance.orchestrator.states import Step, phase_of, public_state
 from appliance.sink import EventSink
 from messages.common import ErrorInfo
@@ -64,7 +64,12 @@ def status_of(
         rpo_lag_s=cache.rpo_lag_s,
         dirty_bytes=cache.dirty_bytes,
         cache_bytes=cache.cache_bytes,
+        cutover_s=_seconds(record.extra.get(CUTOVER_SECONDS)),
     )
+
+
+def _seconds(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 class Reporter:

@@ -47,7 +47,7 @@ from appliance.orchestrator.context import Deps
 from appliance.orchestrator.copying import DiskCopy
 from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.limits import may_leave_rest
-from appliance.orchestrator.record import DiskPlan, MigrationRecord
+from appliance.orchestrator.record import CUTOVER_SECONDS, DiskPlan, MigrationRecord
 from appliance.orchestrator.serving import ServedDisks, component_disk
 from appliance.orchestrator.states import Step
 from appliance.orchestrator.steps import transfer_id
@@ -64,7 +64,6 @@ ASK_OFF = "cutover_off"  # tests only (``cutover_gate``): go on past the cloud V
 NEXT_PASS = "reconcile_next_pass"  # extra: {disk_id: the next pass number}
 CUTOVER_PASS = "cutover_pass"  # extra: {disk_id: the cutover's pass number}
 SWAPPED = "disks_swapped"  # extra: the cloud VM runs on its volumes
-CUTOVER_SECONDS = "cutover_seconds"  # extra: cloud VM off → on, on its volumes
 RECONCILE = "reconcile"  # extra: {"passes", "copied_bytes", "remainder_bytes"}
 
 

@@ -34,6 +34,7 @@ from messages.commands import (
     SetPolicyRequestBody,
     SourceCloneRequest,
     SourceCloneRequestBody,
+    StatusRequestBody,
 )
 from messages.common import MigrationState, MigrationType, Phase, PowerState
 from messages.errors import ErrorCode
@@ -188,6 +189,10 @@ async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_an
         record = await _record(store, migration_id)
         assert record.step is Step.CUT_OVER
         assert float(record.extra["cutover_seconds"]) < 30
+        # Clients see it too (ferry migrations prints it).
+        answer = await client.status(StatusRequestBody(migration_ids=(migration_id,)))
+        (shown,) = answer.body.migrations
+        assert shown.cutover_s == float(record.extra["cutover_seconds"])
         volume_id = record.disks[0].volume_id
         cloud = LabSite.open(harness.data_dir / "sites" / "cloud")
         cloud_vm = await cloud.get_vm(migration_id)
@@ -314,7 +319,7 @@ async def test_sigkill_during_bulk_copy_reconcile_or_cutover_resumes_losing_noth
     finally:
         for appliance in appliances:
             appliance.kill()
-        kill_pids(orphans)
+        kill_pids(orphans, harness.data_dir)
     if kill_in is Step.BULK_COPYING:
         assert "resumed=True" in logs[1].read_text()  # not copied again from the start
     expected = await expected_after(base, tmp_path / "guest.log")

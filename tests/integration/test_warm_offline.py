@@ -196,6 +196,6 @@ async def test_sigkill_while_waiting_for_the_package_resumes_waiting_from_a_dire
     finally:
         for appliance in appliances:
             appliance.kill()
-        kill_pids(orphans)
+        kill_pids(orphans, harness.data_dir)
     for disk in cut.disks:
         assert await _read_volume(harness.data_dir, disk.volume_id) == bases[disk.disk_id]
