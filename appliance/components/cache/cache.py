@@ -86,6 +86,8 @@ class DiskStatus:
     committed_epoch: int
     reconcile_pass: int = 0
     """The last reconcile pass begun (0: none); giving it again is always safe."""
+    read_hits: int = 0
+    read_misses: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +313,8 @@ class CloudCache:
             epochs_in_flight=tuple(sorted(store.held)),
             committed_epoch=store.committed,
             reconcile_pass=opened.reconciler.last_pass,
+            read_hits=opened.disk.read_hits,
+            read_misses=opened.disk.read_misses,
         )
 
     def _opened(self, disk_id: str) -> _Open:
