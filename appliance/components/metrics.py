@@ -21,6 +21,8 @@ from appliance.components.orders import ComponentId
 PER_DISK: dict[str, tuple[str, str, bool]] = {
     "read_hits": ("ferry_cache_read_hits", "Read chunk pieces served by the cache", True),
     "read_misses": ("ferry_cache_read_misses", "Read chunk pieces fetched from on-prem", True),
+    "bytes_shipped": ("ferry_cache_shipped_bytes", "Bytes shipped to on-prem staging", True),
+    "ship_failures": ("ferry_cache_ship_failures", "Failed attempts to ship an epoch", True),
     "dirty_bytes_per_disk": ("ferry_cache_dirty_bytes", "Bytes written not yet committed", False),
     "cache_bytes_per_disk": ("ferry_cache_bytes", "Bytes the cache holds for the disk", False),
     "open_epoch": ("ferry_cache_open_epoch", "The epoch writes go into", False),
@@ -30,6 +32,12 @@ LISTS: dict[str, tuple[str, str]] = {
     "epochs_in_flight": ("ferry_cache_epochs_in_flight", "Epochs cut, not yet committed"),
     "epochs_staged": ("ferry_onprem_epochs_staged", "Epochs staged, not yet applied"),
 }
+
+ONPREM_TOTALS = (
+    ("epoch_requests_answered", "ferry_onprem_epoch_requests_answered", "Epoch requests answered"),
+    ("epochs_applied", "ferry_onprem_epochs_applied", "Epochs applied to current images"),
+    ("bytes_applied", "ferry_onprem_applied_bytes", "Data bytes of the epochs applied"),
+)
 
 
 def _numbers(value: object) -> Iterator[tuple[str, float]]:
@@ -94,11 +102,10 @@ class ComponentCollector(Collector):
             yield GaugeMetricFamily(
                 "ferry_cache_capacity_bytes", "The cache's capacity, all disks", value=capacity
             )
-        answered = figures.get("epoch_requests_answered")
-        if isinstance(answered, int):
-            yield CounterMetricFamily(
-                "ferry_onprem_epoch_requests_answered", "Epoch requests answered", value=answered
-            )
+        for key, name, text in ONPREM_TOTALS:
+            number = figures.get(key)
+            if isinstance(number, int):
+                yield CounterMetricFamily(name, text, value=number)
 
 
 def component_registry(instance: ComponentId, figures: Figures) -> CollectorRegistry:

@@ -92,6 +92,11 @@ async def test_cache_metrics_count_the_reads_and_writes_made_through_its_export(
         onprem = await pair.wait(ONPREM, _has_address)
         onprem_metrics = await scrape(str(onprem.figures["metrics_address"]))
         assert onprem_metrics[("ferry_committed_epoch", label)] == epoch
+        assert onprem_metrics[("ferry_onprem_epochs_applied_total", ())] == 1
+        assert onprem_metrics[("ferry_onprem_applied_bytes_total", ())] == CHUNK
+        shipped = committed[("ferry_cache_shipped_bytes_total", label)]
+        assert shipped == CHUNK  # the one dirty chunk, sent once
+        assert committed[("ferry_cache_ship_failures_total", label)] == 0
         assert onprem_metrics[("ferry_component_up", (("kind", "onprem"), ("name", ONPREM.name)))]
 
 

@@ -88,6 +88,8 @@ class DiskStatus:
     """The last reconcile pass begun (0: none); giving it again is always safe."""
     read_hits: int = 0
     read_misses: int = 0
+    bytes_shipped: int = 0
+    ship_failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +317,8 @@ class CloudCache:
             reconcile_pass=opened.reconciler.last_pass,
             read_hits=opened.disk.read_hits,
             read_misses=opened.disk.read_misses,
+            bytes_shipped=opened.shipper.bytes_shipped,
+            ship_failures=opened.shipper.failures,
         )
 
     def _opened(self, disk_id: str) -> _Open:
