@@ -10,8 +10,10 @@ import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from appliance.clock import SystemClock
-from appliance.components.heartbeat import ComponentHealth
+from appliance.components.heartbeat import ComponentHealth, ComponentReport, Liveness
 from appliance.embedded import RedisServer
 from appliance.metrics import MetricsEndpoint
 from appliance.orchestrator.figures import CacheFigureReader
@@ -19,11 +21,19 @@ from appliance.service.metrics import ApplianceCollector, appliance_registry
 from appliance.service.runtime import RUNTIME_FILE
 from appliance.state.keys import Keys
 from appliance.state.migrations import MigrationStore
+from appliance.state.store import StateStore, connect
 from clients.client import FerryClient
 from messages.common import MigrationState
 from tests.integration.conftest import Harness, RunningAppliance
 from tests.integration.migration_helpers import clone_request, start_migration
-from tests.support.components import CACHE, ONPREM, TIMEOUT_S, WAIT_S, component_pair
+from tests.support.components import (
+    CACHE,
+    ONPREM,
+    ROOT,
+    TIMEOUT_S,
+    WAIT_S,
+    component_pair,
+)
 from tests.support.lab import MIB, build_lab, lab_vm
 from tests.support.scrape import scrape
 
@@ -91,3 +101,46 @@ async def test_component_health_and_restarts_in_the_appliance_metrics(
             assert second[("ferry_component_healthy", cache)] == 1
             onprem = (("kind", "onprem"), ("name", ONPREM.name))
             assert second[("ferry_component_restarts_total", onprem)] == 0
+
+
+async def test_an_embedded_components_restart_and_its_own_endpoint_through_the_appliance(
+    harness: Harness, start_appliance: StartAppliance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the children import tests.support.echo
+    settings = harness.settings(
+        embedded_components="cache/cache-1",
+        component_runtime="tests.support.echo:EchoRuntime",
+        test_mode=True,
+        component_heartbeat_interval_s=0.2,
+        component_timeout_s=TIMEOUT_S,
+        component_restart_backoff_s=0.1,
+        metrics_bind="127.0.0.1:0",
+        component_metrics_bind="127.0.0.1:0",
+    )
+    await start_appliance(settings)
+    address = json.loads((harness.data_dir / RUNTIME_FILE).read_text())["metrics_address"]
+    store = StateStore(connect(harness.redis_url), Keys(harness.prefix))
+    cache = (("kind", "cache"), ("name", CACHE.name))
+    try:
+        health = ComponentHealth(store, timeout_s=TIMEOUT_S)
+        first = await health.wait_until(CACHE, _serving, WAIT_S)
+        own = await scrape(str(first.figures["metrics_address"]))
+        assert own[("ferry_component_up", cache)] == 1
+        samples = await scrape(address)
+        assert samples[("ferry_component_healthy", cache)] == 1
+        assert samples[("ferry_component_restarts_total", cache)] == 0
+
+        assert first.pid is not None
+        os.kill(first.pid, signal.SIGKILL)
+        again = await health.wait_until(CACHE, lambda r: _serving(r) and r.pid != first.pid, WAIT_S)
+        samples = await scrape(address)
+        assert samples[("ferry_component_restarts_total", cache)] == 1
+        assert samples[("ferry_component_healthy", cache)] == 1
+        own = await scrape(str(again.figures["metrics_address"]))
+        assert own[("ferry_component_up", cache)] == 1
+    finally:
+        await store.close()
+
+
+def _serving(report: ComponentReport) -> bool:
+    return report.liveness is Liveness.OK and "metrics_address" in report.figures
