@@ -37,6 +37,7 @@ ONPREM_TOTALS = (
     ("epoch_requests_answered", "ferry_onprem_epoch_requests_answered", "Epoch requests answered"),
     ("epochs_applied", "ferry_onprem_epochs_applied", "Epochs applied to current images"),
     ("bytes_applied", "ferry_onprem_applied_bytes", "Data bytes of the epochs applied"),
+    ("bytes_staged", "ferry_onprem_staged_bytes", "Data bytes written to staging areas"),
 )
 
 

@@ -186,6 +186,7 @@ class OnpremRuntime:
             "epoch_requests_answered": self._service.answered if self._service else 0,
             "epochs_applied": self._manager.epochs_applied,
             "bytes_applied": self._manager.bytes_applied,
+            "bytes_staged": self._manager.staged.bytes,
             **self._link_status(),
         }
 

@@ -94,6 +94,7 @@ async def test_cache_metrics_count_the_reads_and_writes_made_through_its_export(
         assert onprem_metrics[("ferry_committed_epoch", label)] == epoch
         assert onprem_metrics[("ferry_onprem_epochs_applied_total", ())] == 1
         assert onprem_metrics[("ferry_onprem_applied_bytes_total", ())] == CHUNK
+        assert onprem_metrics[("ferry_onprem_staged_bytes_total", ())] == CHUNK
         shipped = committed[("ferry_cache_shipped_bytes_total", label)]
         assert shipped == CHUNK  # the one dirty chunk, sent once
         assert committed[("ferry_cache_ship_failures_total", label)] == 0

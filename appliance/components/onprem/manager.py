@@ -154,6 +154,8 @@ class OnpremIoManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tokens: dict[str, int] = {}
         self._work: set[asyncio.Task[None]] = set()
+        self.staged = staging.ByteTally()
+        """Data bytes written to staging areas since the process began (all disks)."""
         self.epochs_applied = 0
         """Epochs applied to a current image since the process began (all disks)."""
         self.bytes_applied = 0
@@ -229,6 +231,7 @@ class OnpremIoManager:
             name = staging_export(disk_id, epoch)
             if epoch not in opened.staged:
                 backend = await StagingBackend.create(opened.root, epoch, opened.disk.size)
+                backend.tally = self.staged
                 opened.staged[epoch] = backend
                 self._server.add_export(name, backend)
             return self._server.address, name
