@@ -23,6 +23,12 @@ PER_DISK: dict[str, tuple[str, str, bool]] = {
     "read_misses": ("ferry_cache_read_misses", "Read chunk pieces fetched from on-prem", True),
     "bytes_shipped": ("ferry_cache_shipped_bytes", "Bytes shipped to on-prem staging", True),
     "ship_failures": ("ferry_cache_ship_failures", "Failed attempts to ship an epoch", True),
+    "chunks_resent": (
+        "ferry_cache_chunks_resent",
+        "Chunks found damaged on the way to on-prem and sent again (repairs)",
+        True,
+    ),
+    "reconcile_pass": ("ferry_cache_reconcile_pass", "The last reconcile pass begun", False),
     "dirty_bytes_per_disk": ("ferry_cache_dirty_bytes", "Bytes written not yet committed", False),
     "cache_bytes_per_disk": ("ferry_cache_bytes", "Bytes the cache holds for the disk", False),
     "open_epoch": ("ferry_cache_open_epoch", "The epoch writes go into", False),

@@ -98,6 +98,7 @@ async def test_cache_metrics_count_the_reads_and_writes_made_through_its_export(
         shipped = committed[("ferry_cache_shipped_bytes_total", label)]
         assert shipped == CHUNK  # the one dirty chunk, sent once
         assert committed[("ferry_cache_ship_failures_total", label)] == 0
+        assert committed[("ferry_cache_chunks_resent_total", label)] == 0
         assert onprem_metrics[("ferry_component_up", (("kind", "onprem"), ("name", ONPREM.name)))]
 
 

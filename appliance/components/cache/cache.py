@@ -90,6 +90,7 @@ class DiskStatus:
     read_misses: int = 0
     bytes_shipped: int = 0
     ship_failures: int = 0
+    chunks_resent: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +320,7 @@ class CloudCache:
             read_misses=opened.disk.read_misses,
             bytes_shipped=opened.shipper.bytes_shipped,
             ship_failures=opened.shipper.failures,
+            chunks_resent=opened.shipper.mismatches,
         )
 
     def _opened(self, disk_id: str) -> _Open:
