@@ -26,6 +26,7 @@ from clients.client import FerryClient
 from messages.common import MigrationState
 from tests.integration.conftest import Harness, RunningAppliance
 from tests.integration.migration_helpers import clone_request, start_migration
+from tests.integration.test_cold_migration import GatedWan
 from tests.support.components import (
     CACHE,
     ONPREM,
@@ -46,7 +47,8 @@ async def test_a_completed_cold_migration_shows_in_the_appliance_metrics(
 ) -> None:
     vm = lab_vm(1, disks=1, disk_size=8 * MIB)
     await build_lab(harness.data_dir, [vm])
-    await start_appliance(harness.settings(metrics_bind="127.0.0.1:0"))
+    wan = GatedWan()
+    await start_appliance(harness.settings(metrics_bind="127.0.0.1:0"), wan=wan)
     runtime = json.loads((harness.data_dir / RUNTIME_FILE).read_text())
     address = runtime["metrics_address"]
     before = await scrape(address)
@@ -55,11 +57,26 @@ async def test_a_completed_cold_migration_shows_in_the_appliance_metrics(
 
     async with FerryClient(harness.client_settings()) as client:
         follower = await start_migration(client, clone_request(client, [vm.vm_id]))
+        await wan.gate.reached(1)  # held at its transfer: unfinished, its bytes planned
+        held = await scrape(address)
+        active = {k[1]: v for k, v in held.items() if k[0] == "ferry_migrations_active"}
+        assert list(active.values()) == [1]
+        (labels,) = active
+        assert dict(labels)["type"] == "cold"
+        assert held[("ferry_migrations", (("state", dict(labels)["state"]),))] == 1
+        assert held[("ferry_transfer_planned_bytes", (("type", "cold"),))] > 0
+        assert held[("ferry_transfer_done_bytes", (("type", "cold"),))] == 0
+        wan.gate.open()
         (status,) = (await follower.finished(1)).values()
     assert status.state is MigrationState.COMPLETED, status.error
 
     after = await scrape(address)
     assert after[COMPLETED] == 1
+    assert (
+        status.bytes_done
+        == status.bytes_total
+        == held[("ferry_transfer_planned_bytes", (("type", "cold"),))]
+    )
     assert ("ferry_migrations", (("state", "failed"),)) not in after
     assert not [key for key in after if key[0] == "ferry_migrations_active"]
     # No component runs: their heartbeats are absent, so they are not healthy.
