@@ -93,6 +93,11 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="full re-read of a component's desired orders"
     )
     component_nbd_bind: str = Field(default="127.0.0.1:0", pattern=r"^[^\s:]*:\d{1,5}$")
+    # Prometheus endpoints (GET /metrics), off when empty; see README "Metrics". The
+    # appliance writes its address to runtime.json, a component to its heartbeat figures
+    # ("metrics_address"); with several components on a host keep the port 0.
+    metrics_bind: str = Field(default="", pattern=r"^([^\s:]*:\d{1,5})?$")
+    component_metrics_bind: str = Field(default="", pattern=r"^([^\s:]*:\d{1,5})?$")
     component_order_timeout_s: float = Field(default=60.0, gt=0)
     tbc_components: str = Field(
         default="onprem/onprem-1,cache/cache-1",

@@ -281,6 +281,11 @@ class CacheRuntime:
             "committed_epoch": {disk.disk_id: disk.committed_epoch for disk in status.disks},
             "dirty_bytes_per_disk": {disk.disk_id: disk.dirty_bytes for disk in status.disks},
             "reconcile_pass": {disk.disk_id: disk.reconcile_pass for disk in status.disks},
+            "read_hits": {disk.disk_id: disk.read_hits for disk in status.disks},
+            "read_misses": {disk.disk_id: disk.read_misses for disk in status.disks},
+            "bytes_shipped": {disk.disk_id: disk.bytes_shipped for disk in status.disks},
+            "ship_failures": {disk.disk_id: disk.ship_failures for disk in status.disks},
+            "chunks_resent": {disk.disk_id: disk.chunks_resent for disk in status.disks},
             "reconcile_progress": self._reconcile_progress(status),
             "link_zstd": {
                 str(upstream): {"plain_bytes": relay.plain_bytes, "wire_bytes": relay.wire_bytes}

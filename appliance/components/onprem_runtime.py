@@ -184,6 +184,9 @@ class OnpremRuntime:
             "committed_epoch": status.committed_epochs,
             "epochs_staged": {disk: list(epochs) for disk, epochs in status.epochs_staged.items()},
             "epoch_requests_answered": self._service.answered if self._service else 0,
+            "epochs_applied": self._manager.epochs_applied,
+            "bytes_applied": self._manager.bytes_applied,
+            "bytes_staged": self._manager.staged.bytes,
             **self._link_status(),
         }
 

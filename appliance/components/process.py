@@ -17,12 +17,14 @@ from collections.abc import Iterator, Mapping
 from contextlib import AsyncExitStack, contextmanager
 
 from appliance.components.control import OrderDesk
-from appliance.components.heartbeat import HeartbeatWriter
+from appliance.components.heartbeat import Figures, HeartbeatWriter
 from appliance.components.ledger import Ledger
+from appliance.components.metrics import component_registry
 from appliance.components.orders import ComponentRuntime
 from appliance.components.runtimes import ComponentConfig, RuntimeFactory
 from appliance.errors import DiskInUse
 from appliance.logs import get_logger
+from appliance.metrics import MetricsEndpoint
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
 
@@ -51,6 +53,18 @@ def figures(runtime: ComponentRuntime, desk: OrderDesk) -> Mapping[str, object]:
     return {**runtime.status(), "orders": dict(desk.counts)}
 
 
+async def _metrics(
+    stack: AsyncExitStack, config: ComponentConfig, read: Figures
+) -> Mapping[str, object]:
+    """The process's metrics endpoint if one is bound; its address, for the heartbeat."""
+    bind = config.settings.component_metrics_bind
+    if not bind:
+        return {}
+    registry = component_registry(config.instance, read)
+    endpoint = await stack.enter_async_context(MetricsEndpoint(registry, bind))
+    return {"metrics_address": endpoint.address}
+
+
 async def run_component(
     config: ComponentConfig, factory: RuntimeFactory, stop: asyncio.Event
 ) -> None:
@@ -69,10 +83,11 @@ async def run_component(
                 ledger,
                 reconcile_interval_s=config.reconcile_interval_s,
             )
+            metrics = await _metrics(stack, config, lambda: figures(runtime, desk))
             heartbeat = HeartbeatWriter(
                 store,
                 config.instance,
-                lambda: figures(runtime, desk),
+                lambda: {**figures(runtime, desk), **metrics},
                 interval_s=config.heartbeat_interval_s,
                 ttl_s=config.heartbeat_ttl_s,
             )

@@ -28,10 +28,13 @@ from appliance.errors import NotConfigured, StateLost, StateStoreUnavailable
 from appliance.health import HealthBoard
 from appliance.keys import load_or_create
 from appliance.logs import get_logger
+from appliance.metrics import MetricsEndpoint
 from appliance.orchestrator.cloud_control import any_on_components
+from appliance.orchestrator.context import Deps
 from appliance.orchestrator.scheduler import Scheduler
 from appliance.service.components import EmbeddedComponents
 from appliance.service.heartbeat import HeartbeatPublisher
+from appliance.service.metrics import appliance_registry, build_collector
 from appliance.service.runtime import RuntimeInfo, clear_runtime, write_runtime
 from appliance.service.wiring import (
     CloudDataPlane,
@@ -124,7 +127,8 @@ class Appliance:
                 if settings.embedded_components
                 else None
             )
-            self._write_runtime(sqs_endpoint, bus, keys.public.text)
+            metrics = await self._metrics(stack, deps, store, components)
+            self._write_runtime(sqs_endpoint, bus, keys.public.text, metrics)
             stack.callback(clear_runtime, settings.data_dir, os.getpid())
             log.info("appliance started", appliance_id=settings.appliance_id, key=keys.public.text)
             self.started.set()
@@ -204,7 +208,25 @@ class Appliance:
             max_skew=timedelta(seconds=settings.max_clock_skew_s),
         )
 
-    def _write_runtime(self, sqs_endpoint: str, bus: SqsBus, appliance_key: str) -> None:
+    async def _metrics(
+        self,
+        stack: AsyncExitStack,
+        deps: Deps,
+        store: StateStore,
+        components: EmbeddedComponents | None,
+    ) -> str | None:
+        """The /metrics endpoint's address when ``FERRY_METRICS_BIND`` is set, else None."""
+        settings = self.settings
+        if not settings.metrics_bind:
+            return None
+        collector = build_collector(settings, deps, store, self.clock, components)
+        registry = appliance_registry(collector)
+        endpoint = MetricsEndpoint(registry, settings.metrics_bind, collector.refresh)
+        return (await stack.enter_async_context(endpoint)).address
+
+    def _write_runtime(
+        self, sqs_endpoint: str, bus: SqsBus, appliance_key: str, metrics: str | None
+    ) -> None:
         write_runtime(
             self.settings.data_dir,
             RuntimeInfo(
@@ -218,5 +240,6 @@ class Appliance:
                 dead_letter_queue_url=bus.urls.dead_letters,
                 redis_embedded=self.settings.redis_url is None,
                 appliance_key=appliance_key,
+                metrics_address=metrics,
             ),
         )

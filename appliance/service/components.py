@@ -272,6 +272,7 @@ def component_env(settings: Settings, redis_url: str) -> dict[str, str]:
         "FERRY_COMPONENT_TIMEOUT_S": str(settings.component_timeout_s),
         "FERRY_COMPONENT_RECONCILE_INTERVAL_S": str(settings.component_reconcile_interval_s),
         "FERRY_COMPONENT_RUNTIME": settings.component_runtime,
+        "FERRY_COMPONENT_METRICS_BIND": settings.component_metrics_bind,
         "FERRY_TEST_MODE": "1" if settings.test_mode else "0",
         "FERRY_LOG_LEVEL": settings.log_level,
         "FERRY_LOG_FORMAT": settings.log_format,

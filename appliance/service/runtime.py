@@ -26,6 +26,8 @@ class RuntimeInfo:
     dead_letter_queue_url: str
     redis_embedded: bool
     appliance_key: str
+    metrics_address: str | None = None
+    """HOST:PORT of GET /metrics (FERRY_METRICS_BIND), None when off."""
 
 
 def write_runtime(data_dir: Path, info: RuntimeInfo) -> Path:

@@ -6,6 +6,7 @@ import asyncio
 import random
 from pathlib import Path
 
+from appliance.components.cache.disk import THREADED_READ
 from appliance.components.cache.sizing import CacheSettings, GiB, Profile, cache_bytes
 from appliance.storage.extents import Extent
 from tests.support.cachelab import KiB, MiB, cache_lab, image_bytes, small_settings
@@ -127,3 +128,27 @@ async def test_a_fetch_overtaken_by_a_write_commit_and_eviction_is_not_kept(
         assert await reader in (content[5 * chunk : 5 * chunk + 100], new[:100])
         assert await disk.read(5 * chunk, chunk) == new
         assert served.reads == 2  # the stale answer was fetched again
+
+
+async def test_read_hits_and_misses_are_counted_per_chunk_piece_on_every_path(
+    tmp_path: Path,
+) -> None:
+    content = random.Random(13).randbytes(SIZE)  # no holes: every first read is a miss
+    async with cache_lab(tmp_path, content) as lab:
+        disk = lab.cache.disk("disk-0")
+        chunk = disk.store.geometry.chunk_size
+        assert await disk.read(0, 2 * chunk) == content[: 2 * chunk]  # two pieces fetched
+        assert (disk.read_hits, disk.read_misses) == (0, 2)
+        assert await disk.read(chunk, 2 * chunk) == content[chunk : 3 * chunk]  # hit, miss
+        assert (disk.read_hits, disk.read_misses) == (1, 3)
+        view = memoryview(bytearray(chunk + 10))
+        assert disk.read_inline(chunk - 5, view)  # inline: pieces of chunks 0, 1 and 2
+        assert (disk.read_hits, disk.read_misses) == (4, 3)
+        assert not disk.read_inline(3 * chunk, view)  # not served inline: not counted
+        assert (disk.read_hits, disk.read_misses) == (4, 3)
+        assert await disk.read(3 * chunk, chunk) == content[3 * chunk : 4 * chunk]
+        assert (disk.read_hits, disk.read_misses) == (4, 4)
+        assert 4 * chunk >= THREADED_READ  # all cached and large: the threaded path
+        assert await disk.read(0, 4 * chunk) == content[: 4 * chunk]
+        assert (disk.read_hits, disk.read_misses) == (8, 4)
+        assert disk.upstream.reads == 4

@@ -86,6 +86,11 @@ class DiskStatus:
     committed_epoch: int
     reconcile_pass: int = 0
     """The last reconcile pass begun (0: none); giving it again is always safe."""
+    read_hits: int = 0
+    read_misses: int = 0
+    bytes_shipped: int = 0
+    ship_failures: int = 0
+    chunks_resent: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +316,11 @@ class CloudCache:
             epochs_in_flight=tuple(sorted(store.held)),
             committed_epoch=store.committed,
             reconcile_pass=opened.reconciler.last_pass,
+            read_hits=opened.disk.read_hits,
+            read_misses=opened.disk.read_misses,
+            bytes_shipped=opened.shipper.bytes_shipped,
+            ship_failures=opened.shipper.failures,
+            chunks_resent=opened.shipper.mismatches,
         )
 
     def _opened(self, disk_id: str) -> _Open:

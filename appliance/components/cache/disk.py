@@ -96,6 +96,10 @@ class CacheDisk:
         """Set when a writer starts waiting for room (tests and figures)."""
         self.waited_for_room = 0
         """Writes that had to wait for an epoch commit (back-pressure), in all."""
+        self.read_hits = 0
+        """Chunk pieces of reads served by the cache (a slot or a known hole), in all."""
+        self.read_misses = 0
+        """Chunk pieces of reads fetched from on-prem, in all."""
 
     # -- Backend ---------------------------------------------------------------
 
@@ -125,6 +129,7 @@ class CacheDisk:
         if len(view) >= THREADED_READ and await self._read_hits_threaded(pieces, view):
             return
         misses = [piece for piece in pieces if not self._read_local(piece, view)]
+        self.read_hits += len(pieces) - len(misses)
         if misses:
             await asyncio.gather(*(self._read_miss(piece, view) for piece in misses))
 
@@ -142,6 +147,7 @@ class CacheDisk:
             return False
         for piece in pieces:
             self._read_local(piece, view)
+        self.read_hits += len(pieces)
         return True
 
     def write_inline(self, offset: int, data: memoryview) -> bool:
@@ -263,9 +269,11 @@ class CacheDisk:
         for piece in pieces:
             self.store.touch(piece.chunk)
         await self.store.read_pinned(reads)
+        self.read_hits += len(pieces)
         return True
 
     async def _read_miss(self, piece: Piece, out: memoryview) -> None:
+        self.read_misses += 1
         fetched = await self._fetch(piece.chunk)
         if not self._read_local(piece, out):
             out[piece.at : piece.at + piece.length] = fetched[

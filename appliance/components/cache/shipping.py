@@ -199,6 +199,8 @@ class EpochShipper:
         """Epochs found committed on-prem when staged (a lost commit reply), in all."""
         self.mismatches = 0
         """Chunks a hashed write found damaged on the way (and sent again), in all."""
+        self.bytes_shipped = 0
+        """Bytes written to on-prem staging, resends included, in all."""
         self.failed = asyncio.Event()
         """Set at each failed attempt (tests clear it)."""
         self.committed_event = asyncio.Event()
@@ -298,6 +300,7 @@ class EpochShipper:
                     await transfer.run()
                 finally:
                     self.mismatches += transfer.stats.mismatches
+                    self.bytes_shipped += transfer.stats.bytes_written
             finally:
                 await target.close()
         # Held slots never change, so a thread may read them while writes go on.

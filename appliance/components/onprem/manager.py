@@ -154,6 +154,12 @@ class OnpremIoManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tokens: dict[str, int] = {}
         self._work: set[asyncio.Task[None]] = set()
+        self.staged = staging.ByteTally()
+        """Data bytes written to staging areas since the process began (all disks)."""
+        self.epochs_applied = 0
+        """Epochs applied to a current image since the process began (all disks)."""
+        self.bytes_applied = 0
+        """Their data bytes (the manifests' ``data_bytes``)."""
 
     @property
     def address(self) -> NbdAddress:
@@ -225,6 +231,7 @@ class OnpremIoManager:
             name = staging_export(disk_id, epoch)
             if epoch not in opened.staged:
                 backend = await StagingBackend.create(opened.root, epoch, opened.disk.size)
+                backend.tally = self.staged
                 opened.staged[epoch] = backend
                 self._server.add_export(name, backend)
             return self._server.address, name
@@ -421,6 +428,8 @@ class OnpremIoManager:
         if dropped is not None:
             await dropped.close()
         await asyncio.to_thread(staging.discard, opened.root, epoch)
+        self.epochs_applied += 1
+        self.bytes_applied += manifest.data_bytes
         log.info("epoch committed", disk_id=disk_id, epoch=epoch, bytes=manifest.data_bytes)
         await self._step(disk_id, epoch, CommitStep.STAGING_DROPPED)
 

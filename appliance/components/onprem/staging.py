@@ -111,6 +111,13 @@ def _outside(landed: list[Extent], wanted: list[Extent]) -> Extent | None:
     return None
 
 
+@dataclass(slots=True)
+class ByteTally:
+    """Data bytes landed, shared by the staging areas one manager opens (its figures)."""
+
+    bytes: int = 0
+
+
 class StagingBackend:
     """One epoch's staging area as a writable block backend; build with create or open."""
 
@@ -127,6 +134,7 @@ class StagingBackend:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.tally = ByteTally()
 
     @classmethod
     async def create(cls, disk_root: Path, epoch: int, size: int) -> StagingBackend:
@@ -205,6 +213,7 @@ class StagingBackend:
             else:
                 digest = chunk_hash(view)
             self._landing(Landing(LandingKind.DATA, offset, len(view), digest))
+            self.tally.bytes += len(view)
 
     async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
         with self._landing_write():
