@@ -45,6 +45,7 @@ class ErrorCode(StrEnum):
     NOT_RESTING = "not_resting"  # migrate back or sync of a migration not resting in the cloud
     # The appliance could not do it (this time).
     UNAVAILABLE = "unavailable"
+    SERVICES_DEGRADED = "services_degraded"  # a component it needs is down: retry once Ready
     DATA_PATH = "data_path"
     OUT_OF_SPACE = "out_of_space"
     INTERNAL = "internal"

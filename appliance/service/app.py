@@ -30,7 +30,8 @@ from appliance.keys import load_or_create
 from appliance.logs import get_logger
 from appliance.orchestrator.cloud_control import any_on_components
 from appliance.orchestrator.scheduler import Scheduler
-from appliance.service.components import EmbeddedComponents
+from appliance.service.components import ComponentWatch, EmbeddedComponents
+from appliance.service.health import HealthEvents, heartbeat_reader, watched_elsewhere
 from appliance.service.heartbeat import HeartbeatPublisher
 from appliance.service.runtime import RuntimeInfo, clear_runtime, write_runtime
 from appliance.service.wiring import (
@@ -73,6 +74,7 @@ class Appliance:
         self.health.register("state_generation")
         self.health.register("bus")
         self.health.register("sites")
+        self.health_events = HealthEvents(self.health, self.clock)
         self.started = asyncio.Event()
         self._redis_url = ""
 
@@ -124,6 +126,12 @@ class Appliance:
                 if settings.embedded_components
                 else None
             )
+            others = watched_elsewhere(settings)
+            watch = (
+                ComponentWatch(heartbeat_reader(settings, store), self.health, others)
+                if others
+                else None
+            )
             self._write_runtime(sqs_endpoint, bus, keys.public.text)
             stack.callback(clear_runtime, settings.data_dir, os.getpid())
             log.info("appliance started", appliance_id=settings.appliance_id, key=keys.public.text)
@@ -133,8 +141,11 @@ class Appliance:
                 tasks.create_task(self._watch_state_store(store, stop))
                 tasks.create_task(scheduler.run(stop))
                 tasks.create_task(bus.consume(dispatcher.handle, stop, self._intake_gate))
+                tasks.create_task(self.health_events.run(EventLog(store), stop))
                 if components is not None:
                     tasks.create_task(components.run(stop))
+                if watch is not None:
+                    tasks.create_task(watch.run(stop))
             log.info("appliance stopped")
 
     async def _outside_systems(self, stack: AsyncExitStack) -> tuple[str, StateStore]:

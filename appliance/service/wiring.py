@@ -30,6 +30,7 @@ from appliance.orchestrator.requests import CloneRequests
 from appliance.orchestrator.resume import Resumes
 from appliance.orchestrator.scheduler import Scheduler, group_lease
 from appliance.sealing import Sealer
+from appliance.service.health import refuse_if_degraded, tbc_instances
 from appliance.settings import Settings
 from appliance.sink import EventSink
 from appliance.sites.lab.sample import cloud_site_config, onprem_site_config
@@ -238,13 +239,26 @@ def build_handlers(
     )
     return {
         "SourceInventoryRequest": answer_inventory,
-        "SourceCloneRequest": guarded(health, answer_clone),
+        "SourceCloneRequest": guarded(health, unless_degraded(health, settings, answer_clone)),
         "CancelRequest": guarded(health, answer_cancel),
         "SyncRequest": guarded(health, answer_sync),
         "MigrateBackRequest": guarded(health, answer_migrate_back),
         "CommitRequest": guarded(health, answer_commit),
         **admin.handlers(),
     }
+
+
+def unless_degraded(
+    health: HealthBoard, settings: Settings, handler: CommandHandler
+) -> CommandHandler:
+    """Refuse a new migration that needs a failed component (services_degraded)."""
+    components = tbc_instances(settings)
+
+    async def checked(command: Command) -> Sequence[Event]:
+        refuse_if_degraded(health, command, components)
+        return await handler(command)
+
+    return checked
 
 
 def guarded(health: HealthBoard, handler: CommandHandler) -> CommandHandler:

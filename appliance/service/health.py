@@ -1,0 +1,142 @@
+"""Detection: which components the appliance needs, its events when one fails or recovers,
+and the refusal of new operations that need a failed one.
+
+The health board (appliance/health.py) holds each component's state: the state store
+and the bus from their own probes, the sites once opened, each component (cloud cache,
+on-prem I/O manager) from its heartbeat (silent for ``component_timeout_s`` = failed).
+The components expected are the configured ones: those the appliance runs itself
+(``embedded_components``) and those run on their own hosts (``remote_components``);
+a cold-only setup names none and stays Ready without them. A new tbc or warm migration
+needs the ``tbc_components`` pair, when they are among the expected ones.
+
+Every change to or from *failed* is an event in the event log (the global Redis
+Stream ``{p}:events``), kinds in :class:`HealthEvent`; events noticed while the state
+store is down are written once it is back, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from enum import StrEnum
+
+from appliance.clock import Clock
+from appliance.components.heartbeat import ComponentHealth as HeartbeatReader
+from appliance.components.orders import ComponentId
+from appliance.errors import CommandRejected, StateStoreUnavailable
+from appliance.health import ComponentHealth, HealthBoard
+from appliance.logs import get_logger
+from appliance.settings import Settings
+from appliance.state.events import EventLog
+from appliance.state.store import StateStore
+from appliance.waiting import first_of
+from messages.commands import Command, SourceCloneRequest
+from messages.common import MigrationType
+from messages.errors import ErrorCode
+from messages.events import ComponentState
+
+log = get_logger(__name__)
+NOT_READY_PREFIX = "Services not ready or down "
+"""HDM's wording, followed by the comma-separated names of the components down."""
+SYSTEM_WIDE = ("state_store", "state_generation", "bus", "sites")
+"""Without these no new migration of any type is taken."""
+NEEDS_COMPONENTS = frozenset({MigrationType.TBC, MigrationType.WARM})
+
+
+class HealthEvent(StrEnum):
+    """The event kinds of detection, as written to the event log."""
+
+    COMPONENT_FAILED = "component_failed"
+    COMPONENT_RECOVERED = "component_recovered"
+
+
+def not_ready_line(down: Sequence[str]) -> str:
+    return NOT_READY_PREFIX + ", ".join(down)
+
+
+def tbc_instances(settings: Settings) -> tuple[ComponentId, ...]:
+    return tuple(ComponentId.parse(name) for name in settings.tbc_components.split(","))
+
+
+def expected_components(settings: Settings) -> tuple[ComponentId, ...]:
+    """The embedded ones and the remote ones (no duplicates)."""
+    names = [n for n in settings.embedded_components.split(",") if n]
+    names += [n for n in settings.remote_components.split(",") if n]
+    return tuple(ComponentId.parse(name) for name in dict.fromkeys(names))
+
+
+def watched_elsewhere(settings: Settings) -> tuple[ComponentId, ...]:
+    """The expected components the embedded supervisor does not watch."""
+    embedded = {n for n in settings.embedded_components.split(",") if n}
+    return tuple(i for i in expected_components(settings) if str(i) not in embedded)
+
+
+def heartbeat_reader(settings: Settings, store: StateStore) -> HeartbeatReader:
+    return HeartbeatReader(store, settings.component_timeout_s)
+
+
+class HealthEvents:
+    """Writes an event for each failure and each recovery the board sees."""
+
+    def __init__(self, board: HealthBoard, clock: Clock) -> None:
+        self._board = board
+        self._clock = clock
+        self._pending: asyncio.Queue[tuple[HealthEvent, ComponentHealth, str]] = asyncio.Queue()
+        board.subscribe(self._changed)
+
+    def _changed(self, before: ComponentHealth, after: ComponentHealth) -> None:
+        at = self._clock.now().isoformat()
+        if after.state is ComponentState.FAILED:
+            log.warning("component failed", component=after.name, detail=after.detail)
+            self._pending.put_nowait((HealthEvent.COMPONENT_FAILED, after, at))
+        elif before.state is ComponentState.FAILED and after.state is ComponentState.OK:
+            log.info("component recovered", component=after.name, detail=after.detail)
+            self._pending.put_nowait((HealthEvent.COMPONENT_RECOVERED, after, at))
+
+    async def run(self, events: EventLog, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            taken = await first_of(self._pending.get(), stop=stop)
+            if taken is None:
+                return
+            kind, component, at = taken
+            while not await self._write(events, kind, component, at):
+                await first_of(self._board.wait_ok("state_store"), stop=stop)
+                if stop.is_set():
+                    return
+
+    async def _write(
+        self, events: EventLog, kind: HealthEvent, component: ComponentHealth, at: str
+    ) -> bool:
+        try:
+            await events.append(kind.value, at, component=component.name, detail=component.detail)
+        except StateStoreUnavailable:
+            return False
+        return True
+
+
+class ServicesDegraded(CommandRejected):
+    """A new operation needs a component that is down."""
+
+    def __init__(self, down: Sequence[str]) -> None:
+        self.down = tuple(down)
+        super().__init__(
+            f"{not_ready_line(down)}: new operations disallowed until they are back",
+            ErrorCode.SERVICES_DEGRADED,
+        )
+
+
+def refuse_if_degraded(
+    board: HealthBoard, command: Command, components: Sequence[ComponentId]
+) -> None:
+    """Raise :class:`ServicesDegraded` when a new migration needs a component that is not ok:
+    the state store, bus and sites for any; the tbc components for a tbc or warm one.
+    A component not seen yet since the appliance started is given its timeout to show up."""
+    if not isinstance(command, SourceCloneRequest):
+        return
+    names = set(board.names())
+    needed = [n for n in SYSTEM_WIDE if n in names]
+    if command.body.migration_type in NEEDS_COMPONENTS:
+        needed += [str(i) for i in components if str(i) in names]
+    down = [n for n in needed if board.is_failed(n) and board.settled(n)]
+    if down:
+        raise ServicesDegraded(down)
