@@ -77,7 +77,9 @@ class HealthBoard:
 
     def failed(self, name: str, detail: str) -> None:
         component = self._components[name]
-        self._set(replace(component, state=ComponentState.FAILED, detail=detail))
+        # Not seen yet since we started, and its timeout not up: starting, not failed.
+        state = ComponentState.FAILED if self.settled(name) else ComponentState.DEGRADED
+        self._set(replace(component, state=state, detail=detail))
         self._ok_events[name].clear()
 
     def is_ok(self, name: str) -> bool:
@@ -103,7 +105,7 @@ class HealthBoard:
         for component in self._components.values():
             if component.timeout_s is None or component.state is ComponentState.FAILED:
                 continue
-            silent_since = component.last_ok_at
+            silent_since = component.last_ok_at or component.registered_at
             if (
                 silent_since is not None
                 and (now - silent_since).total_seconds() > component.timeout_s

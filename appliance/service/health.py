@@ -129,14 +129,13 @@ def refuse_if_degraded(
     board: HealthBoard, command: Command, components: Sequence[ComponentId]
 ) -> None:
     """Raise :class:`ServicesDegraded` when a new migration needs a component that is not ok:
-    the state store, bus and sites for any; the tbc components for a tbc or warm one.
-    A component not seen yet since the appliance started is given its timeout to show up."""
+    the state store, bus and sites for any; the tbc components for a tbc or warm one."""
     if not isinstance(command, SourceCloneRequest):
         return
     names = set(board.names())
     needed = [n for n in SYSTEM_WIDE if n in names]
     if command.body.migration_type in NEEDS_COMPONENTS:
         needed += [str(i) for i in components if str(i) in names]
-    down = [n for n in needed if board.is_failed(n) and board.settled(n)]
+    down = [n for n in needed if board.is_failed(n)]
     if down:
         raise ServicesDegraded(down)
