@@ -10,7 +10,7 @@ Waiters (the bus pausing intake while Redis is down) wait on an event, never pol
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -36,6 +36,14 @@ class ComponentHealth:
             last_ok_at=self.last_ok_at,
             required=self.required,
         )
+
+
+NOT_READY_PREFIX = "Services not ready or down "
+"""HDM's wording, followed by the comma-separated names of the components down."""
+
+
+def not_ready_line(down: Sequence[str]) -> str:
+    return NOT_READY_PREFIX + ", ".join(down)
 
 
 Changed = Callable[[ComponentHealth, ComponentHealth], None]
@@ -133,6 +141,11 @@ class HealthBoard:
             for c in self._components.values()
             if c.required and c.state is not ComponentState.OK
         )
+
+    def summary(self) -> tuple[str, ...]:
+        """Why not Ready: HDM's line naming every component down, then one line each."""
+        down = self.down()
+        return (not_ready_line(down), *self.details()) if down else ()
 
     def statuses(self) -> tuple[ComponentStatus, ...]:
         return tuple(c.as_status() for c in self._components.values())

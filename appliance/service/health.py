@@ -24,7 +24,7 @@ from appliance.clock import Clock
 from appliance.components.heartbeat import ComponentHealth as HeartbeatReader
 from appliance.components.orders import ComponentId
 from appliance.errors import CommandRejected, StateStoreUnavailable
-from appliance.health import ComponentHealth, HealthBoard
+from appliance.health import ComponentHealth, HealthBoard, not_ready_line
 from appliance.logs import get_logger
 from appliance.settings import Settings
 from appliance.state.events import EventLog
@@ -36,8 +36,6 @@ from messages.errors import ErrorCode
 from messages.events import ComponentState
 
 log = get_logger(__name__)
-NOT_READY_PREFIX = "Services not ready or down "
-"""HDM's wording, followed by the comma-separated names of the components down."""
 SYSTEM_WIDE = ("state_store", "state_generation", "bus", "sites")
 """Without these no new migration of any type is taken."""
 NEEDS_COMPONENTS = frozenset({MigrationType.TBC, MigrationType.WARM})
@@ -48,10 +46,6 @@ class HealthEvent(StrEnum):
 
     COMPONENT_FAILED = "component_failed"
     COMPONENT_RECOVERED = "component_recovered"
-
-
-def not_ready_line(down: Sequence[str]) -> str:
-    return NOT_READY_PREFIX + ", ".join(down)
 
 
 def tbc_instances(settings: Settings) -> tuple[ComponentId, ...]:

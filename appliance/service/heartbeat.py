@@ -11,7 +11,6 @@ from appliance.clock import Clock
 from appliance.errors import BusUnavailable, StateStoreUnavailable
 from appliance.health import HealthBoard
 from appliance.logs import get_logger
-from appliance.service.health import not_ready_line
 from appliance.sink import EventSink
 from messages.events import Heartbeat, HeartbeatBody, ReadyStatus
 
@@ -55,11 +54,9 @@ class HeartbeatPublisher:
                 counts = await self._counts()
         self._health.expire_silent()
         ready = self._health.ready and not extra_details
-        down = self._health.down()
-        headline = (not_ready_line(down),) if down else ()
         body = HeartbeatBody(
             status=ReadyStatus.READY if ready else ReadyStatus.NOT_READY,
-            status_details=headline + self._health.details() + extra_details,
+            status_details=self._health.summary() + extra_details,
             appliance_id=self._appliance_id,
             sequence=self._sequence,
             uptime_s=round(self._clock.monotonic() - self._started, 3),

@@ -16,6 +16,7 @@ from appliance.datapath.nbd.channel import NbdAddress
 from appliance.datapath.nbd.server import NbdServer
 from appliance.dispatch.admin import Admin
 from appliance.dispatch.dispatcher import CommandHandler
+from appliance.dispatch.event_log import EventsQuery
 from appliance.dispatch.inventory import Inventory
 from appliance.errors import CommandRejected
 from appliance.health import HealthBoard
@@ -244,6 +245,9 @@ def build_handlers(
         "SyncRequest": guarded(health, answer_sync),
         "MigrateBackRequest": guarded(health, answer_migrate_back),
         "CommitRequest": guarded(health, answer_commit),
+        "EventsRequest": EventsQuery(
+            settings.appliance_id, deps.events, settings.max_message_bytes
+        ).answer,
         **admin.handlers(),
     }
 
