@@ -27,12 +27,14 @@ from appliance.state.events import EventRecord, _record
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
 from clients.client import FerryClient, FerryError
+from messages.commands import EventsRequestBody
 from messages.common import MigrationState
 from messages.errors import ErrorCode
 from messages.events import ComponentState, Heartbeat, ReadyStatus
 from tests.integration.conftest import Harness, RunningAppliance
 from tests.integration.migration_helpers import clone_request, start_migration
 from tests.integration.tbc_helpers import tbc_request
+from tests.integration.test_cli_commands import ferry
 from tests.support.lab import MIB, build_lab, lab_vm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,6 +174,14 @@ async def test_a_killed_cache_turns_the_appliance_not_ready_and_refuses_new_tbc_
         assert "Services not ready or down cache/cache-1" in message
         assert "new operations disallowed" in message
 
+        # ferry health: the components and their states; exit 4 while Not Ready.
+        code, out = await ferry(harness, "health")
+        assert code == 4, out
+        assert "Services not ready or down cache/cache-1" in out
+        rows = {line.split()[1]: line for line in out.splitlines() if "/" in line[:20]}
+        assert "failed" in rows["cache/cache-1"] and "no heartbeat" in rows["cache/cache-1"]
+        assert " ok " in rows["onprem/onprem-1"]
+
         # A cold migration does not need the cache: taken and finished while it is down.
         follower = await start_migration(client, clone_request(client, [vm.vm_id]))
         (status,) = (await follower.finished(1)).values()
@@ -182,6 +192,18 @@ async def test_a_killed_cache_turns_the_appliance_not_ready_and_refuses_new_tbc_
         await components.start(CACHE)
         back = await beat_until(client, lambda b: b.body.status is ReadyStatus.READY)
         assert states(back)[str(CACHE)] is ComponentState.OK and back.body.status_details == ()
+        code, out = await ferry(harness, "health")
+        assert code == 0 and "Not Ready" not in out, out
+
+        await health_events_until(store, failed_then_recovered(str(CACHE)))
+        answer = await client.events(
+            EventsRequestBody(kinds=("component_failed", "component_recovered"))
+        )
+        wire = [(e.kind, e.fields["component"]) for e in answer.body.events]
+        assert wire == [("component_failed", str(CACHE)), ("component_recovered", str(CACHE))]
+        code, out = await ferry(harness, "events", "--kind", "component_failed")
+        assert code == 0 and "component_failed" in out and "cache/cache-1" in out, out
+        assert "component_recovered" not in out
 
     try:
         events = await health_events_until(store, failed_then_recovered(str(CACHE)))
