@@ -97,6 +97,11 @@ class HealthEvents:
                 await first_of(self._board.wait_ok("state_store"), stop=stop)
                 if stop.is_set():
                     return
+            self._pending.task_done()
+
+    async def written(self) -> None:
+        """Until every event noticed so far is in the log."""
+        await self._pending.join()
 
     async def _write(
         self, events: EventLog, kind: HealthEvent, component: ComponentHealth, at: str

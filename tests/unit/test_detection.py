@@ -1,0 +1,174 @@
+"""Detection on the health board: HDM's Not Ready line, a component's grace at startup, the
+refusal of new operations that need a failed component, and an event per failure and
+recovery (kept while the state store is down, written in order once it is back)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from appliance.clock import FakeClock
+from appliance.components.orders import ComponentId
+from appliance.errors import StateStoreUnavailable
+from appliance.health import HealthBoard
+from appliance.service.health import (
+    HealthEvent,
+    HealthEvents,
+    ServicesDegraded,
+    expected_components,
+    refuse_if_degraded,
+)
+from appliance.settings import Settings
+from appliance.state.events import EventLog
+from appliance.state.keys import Keys
+from appliance.state.store import StateStore
+from messages.commands import (
+    CloneVm,
+    GuestCredentials,
+    SourceCloneRequest,
+    SourceCloneRequestBody,
+    StatusRequest,
+)
+from messages.common import MigrationType
+from messages.errors import ErrorCode
+from messages.events import ComponentState
+
+CACHE = ComponentId("cache", "cache-1")
+ONPREM = ComponentId("onprem", "onprem-1")
+PAIR = (ONPREM, CACHE)
+
+
+def board_with_components(clock: FakeClock) -> HealthBoard:
+    board = HealthBoard(clock)
+    for name in ("state_store", "state_generation", "bus", "sites"):
+        board.register(name)
+        board.ok(name)
+    for instance in PAIR:
+        board.register(str(instance), timeout_s=120)
+        board.ok(str(instance), "pid 1")
+    return board
+
+
+def clone(kind: MigrationType) -> SourceCloneRequest:
+    body = SourceCloneRequestBody(
+        vms=(CloneVm(vm_id="vm-1"),),
+        migration_type=kind,
+        guest_credentials=GuestCredentials(sealed="x" * 100),
+    )
+    return SourceCloneRequest(body=body)
+
+
+def test_not_ready_names_every_component_down_in_hdm_s_words() -> None:
+    board = board_with_components(FakeClock())
+    assert board.ready and board.summary() == ()
+    board.failed(str(CACHE), "no heartbeat for 121.0s (timeout 120s)")
+    board.failed("bus", "unreachable")
+    assert not board.ready
+    assert board.summary() == (
+        "Services not ready or down bus, cache/cache-1",
+        "bus: unreachable",
+        "cache/cache-1: no heartbeat for 121.0s (timeout 120s)",
+    )
+    board.ok("bus")
+    board.ok(str(CACHE))
+    assert board.ready and board.summary() == ()
+
+
+def test_a_component_not_seen_yet_is_starting_until_its_timeout_then_failed() -> None:
+    clock = FakeClock()
+    board = HealthBoard(clock)
+    board.register(str(CACHE), timeout_s=120)
+    board.failed(str(CACHE), "no heartbeat")
+    assert board.statuses()[0].state is ComponentState.DEGRADED and not board.ready
+    clock.advance(119)
+    assert board.expire_silent() == []
+    clock.advance(2)
+    assert board.expire_silent() == [str(CACHE)]
+    assert board.is_failed(str(CACHE))
+
+
+def test_new_tbc_and_warm_migrations_are_refused_while_a_component_is_down() -> None:
+    board = board_with_components(FakeClock())
+    board.failed(str(CACHE), "no heartbeat")
+    for kind in (MigrationType.TBC, MigrationType.WARM):
+        with pytest.raises(ServicesDegraded) as refused:
+            refuse_if_degraded(board, clone(kind), PAIR)
+        assert refused.value.code is ErrorCode.SERVICES_DEGRADED
+        assert refused.value.down == (str(CACHE),)
+        assert str(refused.value) == (
+            "Services not ready or down cache/cache-1: new operations disallowed until they "
+            "are back"
+        )
+    refuse_if_degraded(board, clone(MigrationType.COLD), PAIR)  # cold needs no component
+    refuse_if_degraded(board, StatusRequest(), PAIR)  # status is always answered
+    board.ok(str(CACHE))
+    refuse_if_degraded(board, clone(MigrationType.TBC), PAIR)
+
+
+def test_a_failed_state_store_or_bus_refuses_every_new_migration() -> None:
+    board = board_with_components(FakeClock())
+    board.failed("state_store", "unreachable")
+    with pytest.raises(ServicesDegraded) as refused:
+        refuse_if_degraded(board, clone(MigrationType.COLD), PAIR)
+    assert refused.value.down == ("state_store",)
+
+
+def test_components_not_configured_are_not_needed() -> None:
+    board = HealthBoard(FakeClock())
+    board.register("state_store")
+    board.ok("state_store")
+    refuse_if_degraded(board, clone(MigrationType.TBC), PAIR)  # cold-only setup: not ours
+    assert expected_components(Settings()) == ()
+    both = Settings(embedded_components="cache/cache-1", remote_components=f"{ONPREM},{CACHE}")
+    assert expected_components(both) == (CACHE, ONPREM)
+
+
+class DownFirst(EventLog):
+    """The event log, unreachable until ``up`` is set (as Redis down, then back)."""
+
+    def __init__(self, store: StateStore, board: HealthBoard) -> None:
+        super().__init__(store)
+        self.board = board
+        self.up = False
+        self.tried = asyncio.Event()
+
+    async def append(
+        self, kind: str, at: str, migration_id: str | None = None, **fields: Any
+    ) -> None:
+        self.tried.set()
+        if not self.up:
+            self.board.failed("state_store", "unreachable")
+            raise StateStoreUnavailable(ConnectionError("down"))
+        await super().append(kind, at, migration_id, **fields)
+
+
+async def test_each_failure_and_recovery_is_an_event_written_once_the_store_is_back(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    clock = FakeClock()
+    board = board_with_components(clock)
+    events = HealthEvents(board, clock)
+    store = StateStore(redis, keys)
+    log = DownFirst(store, board)
+    stop = asyncio.Event()
+    task = asyncio.create_task(events.run(log, stop))
+    try:
+        board.failed(str(CACHE), "no heartbeat for 121.0s (timeout 120s)")
+        await asyncio.wait_for(log.tried.wait(), 10)  # the writer tried, and failed
+        board.ok(str(CACHE), "pid 2")
+        log.up = True
+        board.ok("state_store")
+        await asyncio.wait_for(events.written(), 10)
+    finally:
+        stop.set()
+        await task
+    written = [(e.kind, e.fields["component"]) for e in await log.read()]
+    assert written == [
+        (HealthEvent.COMPONENT_FAILED, str(CACHE)),
+        (HealthEvent.COMPONENT_FAILED, "state_store"),
+        (HealthEvent.COMPONENT_RECOVERED, str(CACHE)),
+        (HealthEvent.COMPONENT_RECOVERED, "state_store"),
+    ]
