@@ -31,7 +31,12 @@ from appliance.logs import get_logger
 from appliance.orchestrator.cloud_control import any_on_components
 from appliance.orchestrator.scheduler import Scheduler
 from appliance.service.components import ComponentWatch, EmbeddedComponents
-from appliance.service.health import HealthEvents, heartbeat_reader, watched_elsewhere
+from appliance.service.health import (
+    HealthEvents,
+    heartbeat_reader,
+    wan_probe,
+    watched_elsewhere,
+)
 from appliance.service.heartbeat import HeartbeatPublisher
 from appliance.service.runtime import RuntimeInfo, clear_runtime, write_runtime
 from appliance.service.wiring import (
@@ -132,6 +137,7 @@ class Appliance:
                 if others
                 else None
             )
+            wan = wan_probe(settings, store, self.health, self.clock)
             self._write_runtime(sqs_endpoint, bus, keys.public.text)
             stack.callback(clear_runtime, settings.data_dir, os.getpid())
             log.info("appliance started", appliance_id=settings.appliance_id, key=keys.public.text)
@@ -146,6 +152,8 @@ class Appliance:
                     tasks.create_task(components.run(stop))
                 if watch is not None:
                     tasks.create_task(watch.run(stop))
+                if wan is not None:
+                    tasks.create_task(wan.run(stop))
             log.info("appliance stopped")
 
     async def _outside_systems(self, stack: AsyncExitStack) -> tuple[str, StateStore]:

@@ -17,6 +17,7 @@ store is down are written once it is back, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from enum import StrEnum
 
@@ -113,6 +114,94 @@ class HealthEvents:
         return True
 
 
+WAN_LINK = "wan_link"
+PROBE_CONNECT_S = 5.0
+
+
+def tcp_address(text: str) -> tuple[str, int] | None:
+    host, _, port = text.rpartition(":")
+    return (host.strip("[]"), int(port)) if host and port.isdigit() else None
+
+
+class WanProbe:
+    """The WAN link between the sites: can the on-prem I/O manager's NBD address (as its
+    heartbeat gives it) be reached with TCP? Unreachable for the component timeout: failed.
+    While the I/O manager itself is silent the link is not judged (it has no address)."""
+
+    def __init__(
+        self,
+        reader: HeartbeatReader,
+        board: HealthBoard,
+        onprem: ComponentId,
+        *,
+        interval_s: float,
+        clock: Clock,
+    ) -> None:
+        self._reader = reader
+        self._board = board
+        self._onprem = onprem
+        self._interval_s = interval_s
+        self._clock = clock
+        self._last_ok = clock.monotonic()
+        board.register(WAN_LINK)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(StateStoreUnavailable):
+                await self.probe()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._interval_s)
+
+    async def probe(self) -> None:
+        report = await self._reader.report(self._onprem)
+        address = tcp_address(str(report.figures.get("address", "")))
+        if report.failed:
+            self._last_ok = self._clock.monotonic()  # nothing to judge the link by
+            return
+        if address is None:
+            self._last_ok = self._clock.monotonic()
+            self._board.ok(WAN_LINK, "not probed: the I/O manager gives no TCP address")
+            return
+        error = await _connect(*address)
+        if error is None:
+            self._last_ok = self._clock.monotonic()
+            self._board.ok(WAN_LINK, f"{address[0]}:{address[1]} reachable")
+            return
+        silent_s = self._clock.monotonic() - self._last_ok
+        if silent_s > self._reader.timeout_s:
+            detail = f"{address[0]}:{address[1]} unreachable for {silent_s:.1f}s: {error}"
+            self._board.failed(WAN_LINK, detail)
+
+
+async def _connect(host: str, port: int) -> str | None:
+    """None when a TCP connection opens, else why not."""
+    try:
+        async with asyncio.timeout(PROBE_CONNECT_S):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError) as error:
+        return f"{type(error).__name__}: {error}"
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return None
+
+
+def wan_probe(
+    settings: Settings, store: StateStore, board: HealthBoard, clock: Clock
+) -> WanProbe | None:
+    """The link's probe, when the tbc pair's I/O manager is one of the expected components."""
+    onprem = tbc_instances(settings)[0]
+    if onprem not in expected_components(settings):
+        return None
+    return WanProbe(
+        heartbeat_reader(settings, store),
+        board,
+        onprem,
+        interval_s=max(1.0, settings.component_heartbeat_interval_s),
+        clock=clock,
+    )
+
+
 class ServicesDegraded(CommandRejected):
     """A new operation needs a component that is down."""
 
@@ -134,7 +223,7 @@ def refuse_if_degraded(
     names = set(board.names())
     needed = [n for n in SYSTEM_WIDE if n in names]
     if command.body.migration_type in NEEDS_COMPONENTS:
-        needed += [str(i) for i in components if str(i) in names]
+        needed += [n for n in (*map(str, components), WAN_LINK) if n in names]
     down = [n for n in needed if board.is_failed(n)]
     if down:
         raise ServicesDegraded(down)

@@ -11,13 +11,18 @@ import pytest
 import redis.asyncio as aioredis
 
 from appliance.clock import FakeClock
+from appliance.components.heartbeat import ComponentHealth as HeartbeatReader
+from appliance.components.heartbeat import HeartbeatWriter
 from appliance.components.orders import ComponentId
+from appliance.datapath.nbd.server import NbdServer
 from appliance.errors import StateStoreUnavailable
 from appliance.health import HealthBoard
 from appliance.service.health import (
+    WAN_LINK,
     HealthEvent,
     HealthEvents,
     ServicesDegraded,
+    WanProbe,
     expected_components,
     refuse_if_degraded,
 )
@@ -172,3 +177,39 @@ async def test_each_failure_and_recovery_is_an_event_written_once_the_store_is_b
         (HealthEvent.COMPONENT_RECOVERED, str(CACHE)),
         (HealthEvent.COMPONENT_RECOVERED, "state_store"),
     ]
+
+
+async def test_the_wan_link_fails_when_the_i_o_manager_s_address_is_unreachable_too_long(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """A real NBD server stands for the I/O manager; its address travels in a real heartbeat."""
+    clock = FakeClock()
+    board = HealthBoard(clock)
+    store = StateStore(redis, keys)
+    figures: dict[str, object] = {}
+    writer = HeartbeatWriter(store, ONPREM, lambda: figures, interval_s=1, ttl_s=60)
+    probe = WanProbe(HeartbeatReader(store, 30), board, ONPREM, interval_s=1, clock=clock)
+    await writer.beat()
+    await probe.probe()  # no address given: nothing to probe, not held against the link
+    assert board.is_ok(WAN_LINK) and "not probed" in board.statuses()[0].detail
+
+    async with NbdServer() as first:
+        figures["address"] = str(first.address)
+        await writer.beat()
+        await probe.probe()
+        assert board.is_ok(WAN_LINK) and board.statuses()[0].detail.endswith("reachable")
+    await probe.probe()  # closed, but not for the timeout yet
+    assert board.is_ok(WAN_LINK)
+    clock.advance(31)
+    await probe.probe()
+    assert board.is_failed(WAN_LINK)
+    assert f"{first.address} unreachable for 31.0s" in board.statuses()[0].detail
+    with pytest.raises(ServicesDegraded) as refused:
+        refuse_if_degraded(board, clone(MigrationType.TBC), PAIR)
+    assert refused.value.down == (WAN_LINK,)
+
+    async with NbdServer() as second:  # the link is back (here: the I/O manager moved)
+        figures["address"] = str(second.address)
+        await writer.beat()
+        await probe.probe()
+        assert board.is_ok(WAN_LINK)
