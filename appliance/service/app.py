@@ -33,6 +33,7 @@ from appliance.orchestrator.scheduler import Scheduler
 from appliance.service.components import ComponentWatch, EmbeddedComponents
 from appliance.service.health import (
     HealthEvents,
+    SiteProbe,
     heartbeat_reader,
     wan_probe,
     watched_elsewhere,
@@ -98,6 +99,18 @@ class Appliance:
             for site in sites.values():
                 stack.push_async_callback(site.close)
             self.health.ok("sites", ", ".join(sorted(sites)))
+            site_probes = [
+                SiteProbe(
+                    site,
+                    self.health,
+                    interval_s=max(1.0, settings.component_heartbeat_interval_s),
+                    timeout_s=settings.component_timeout_s,
+                    clock=self.clock,
+                )
+                for site in sites.values()
+            ]
+            for probe in site_probes:
+                await probe.probe()
             nbd = await stack.enter_async_context(NbdServer())
             deps = build_deps(
                 settings,
@@ -154,6 +167,8 @@ class Appliance:
                     tasks.create_task(watch.run(stop))
                 if wan is not None:
                     tasks.create_task(wan.run(stop))
+                for probe in site_probes:
+                    tasks.create_task(probe.run(stop))
             log.info("appliance stopped")
 
     async def _outside_systems(self, stack: AsyncExitStack) -> tuple[str, StateStore]:

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 
 from appliance.clock import Clock
 from appliance.components.heartbeat import ComponentHealth as HeartbeatReader
 from appliance.components.orders import ComponentId
-from appliance.errors import CommandRejected, StateStoreUnavailable
+from appliance.errors import CommandRejected, SiteError, StateStoreUnavailable
 from appliance.health import ComponentHealth, HealthBoard, not_ready_line
 from appliance.logs import get_logger
 from appliance.settings import Settings
+from appliance.sites.protocol import Site
 from appliance.state.events import EventLog
 from appliance.state.store import StateStore
 from appliance.waiting import first_of
@@ -115,12 +116,49 @@ class HealthEvents:
 
 
 WAN_LINK = "wan_link"
+SITE_PREFIX = "site:"
 PROBE_CONNECT_S = 5.0
 
 
 def tcp_address(text: str) -> tuple[str, int] | None:
     host, _, port = text.rpartition(":")
     return (host.strip("[]"), int(port)) if host and port.isdigit() else None
+
+
+class Reachability:
+    """One probed component on the board: ok at each success, failed once the probe has
+    failed for longer than ``timeout_s`` (the component timeout) without a success."""
+
+    def __init__(self, board: HealthBoard, name: str, timeout_s: float, clock: Clock) -> None:
+        self.name = name
+        self._board = board
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._last_ok = clock.monotonic()
+        board.register(name)
+
+    def reached(self, detail: str) -> None:
+        self._last_ok = self._clock.monotonic()
+        self._board.ok(self.name, detail)
+
+    def unjudged(self) -> None:
+        """Nothing to probe now: the time without a success starts again."""
+        self._last_ok = self._clock.monotonic()
+
+    def missed(self, what: str, cause: str) -> None:
+        silent_s = self._clock.monotonic() - self._last_ok
+        if silent_s > self._timeout_s:
+            self._board.failed(self.name, f"{what} for {silent_s:.1f}s: {cause}")
+
+
+async def probe_every(
+    interval_s: float, probe: Callable[[], Awaitable[None]], stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(StateStoreUnavailable):
+            await probe()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)
 
 
 class WanProbe:
@@ -138,39 +176,47 @@ class WanProbe:
         clock: Clock,
     ) -> None:
         self._reader = reader
-        self._board = board
         self._onprem = onprem
         self._interval_s = interval_s
-        self._clock = clock
-        self._last_ok = clock.monotonic()
-        board.register(WAN_LINK)
+        self._link = Reachability(board, WAN_LINK, reader.timeout_s, clock)
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            with contextlib.suppress(StateStoreUnavailable):
-                await self.probe()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self._interval_s)
+        await probe_every(self._interval_s, self.probe, stop)
 
     async def probe(self) -> None:
         report = await self._reader.report(self._onprem)
         address = tcp_address(str(report.figures.get("address", "")))
         if report.failed:
-            self._last_ok = self._clock.monotonic()  # nothing to judge the link by
+            self._link.unjudged()
+        elif address is None:
+            self._link.reached("not probed: the I/O manager gives no TCP address")
+        elif (error := await _connect(*address)) is None:
+            self._link.reached(f"{address[0]}:{address[1]} reachable")
+        else:
+            self._link.missed(f"{address[0]}:{address[1]} unreachable", error)
+
+
+class SiteProbe:
+    """A site driver: does its site answer (its configuration read back)? Not for the
+    component timeout: failed. Named ``site:<name>``; every new migration needs both."""
+
+    def __init__(
+        self, site: Site, board: HealthBoard, *, interval_s: float, timeout_s: float, clock: Clock
+    ) -> None:
+        self._site = site
+        self._interval_s = interval_s
+        self._reach = Reachability(board, f"{SITE_PREFIX}{site.name}", timeout_s, clock)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await probe_every(self._interval_s, self.probe, stop)
+
+    async def probe(self) -> None:
+        try:
+            config = await self._site.config()
+        except (OSError, SiteError, ValueError) as error:
+            self._reach.missed("not answering", f"{type(error).__name__}: {error}")
             return
-        if address is None:
-            self._last_ok = self._clock.monotonic()
-            self._board.ok(WAN_LINK, "not probed: the I/O manager gives no TCP address")
-            return
-        error = await _connect(*address)
-        if error is None:
-            self._last_ok = self._clock.monotonic()
-            self._board.ok(WAN_LINK, f"{address[0]}:{address[1]} reachable")
-            return
-        silent_s = self._clock.monotonic() - self._last_ok
-        if silent_s > self._reader.timeout_s:
-            detail = f"{address[0]}:{address[1]} unreachable for {silent_s:.1f}s: {error}"
-            self._board.failed(WAN_LINK, detail)
+        self._reach.reached(f"{config.name} answers")
 
 
 async def _connect(host: str, port: int) -> str | None:
@@ -221,7 +267,7 @@ def refuse_if_degraded(
     if not isinstance(command, SourceCloneRequest):
         return
     names = set(board.names())
-    needed = [n for n in SYSTEM_WIDE if n in names]
+    needed = [n for n in names if n in SYSTEM_WIDE or n.startswith(SITE_PREFIX)]
     if command.body.migration_type in NEEDS_COMPONENTS:
         needed += [n for n in (*map(str, components), WAN_LINK) if n in names]
     down = [n for n in needed if board.is_failed(n)]

@@ -5,6 +5,7 @@ recovery (kept while the state store is down, written in order once it is back).
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,11 +23,13 @@ from appliance.service.health import (
     HealthEvent,
     HealthEvents,
     ServicesDegraded,
+    SiteProbe,
     WanProbe,
     expected_components,
     refuse_if_degraded,
 )
 from appliance.settings import Settings
+from appliance.sites.lab.site import LabSite
 from appliance.state.events import EventLog
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore
@@ -40,6 +43,7 @@ from messages.commands import (
 from messages.common import MigrationType
 from messages.errors import ErrorCode
 from messages.events import ComponentState
+from tests.support.lab import MIB, build_lab, lab_vm
 
 CACHE = ComponentId("cache", "cache-1")
 ONPREM = ComponentId("onprem", "onprem-1")
@@ -213,3 +217,31 @@ async def test_the_wan_link_fails_when_the_i_o_manager_s_address_is_unreachable_
         await writer.beat()
         await probe.probe()
         assert board.is_ok(WAN_LINK)
+
+
+async def test_a_site_that_stops_answering_fails_after_the_timeout_and_refuses_every_migration(
+    tmp_path: Path,
+) -> None:
+    await build_lab(tmp_path, [lab_vm(1, disks=1, disk_size=MIB)])
+    site = LabSite.open(tmp_path / "sites" / "onprem")
+    clock = FakeClock()
+    board = board_with_components(clock)
+    probe = SiteProbe(site, board, interval_s=1, timeout_s=30, clock=clock)
+    await probe.probe()
+    assert board.is_ok("site:onprem")
+
+    config = site.root / "site.json"
+    config.rename(site.root / "site.json.away")  # the site's API no longer answers
+    await probe.probe()
+    assert board.is_ok("site:onprem")  # not for the timeout yet
+    clock.advance(31)
+    await probe.probe()
+    assert board.is_failed("site:onprem")
+    assert board.summary()[0] == "Services not ready or down site:onprem"
+    with pytest.raises(ServicesDegraded) as refused:
+        refuse_if_degraded(board, clone(MigrationType.COLD), PAIR)
+    assert refused.value.down == ("site:onprem",)
+
+    (site.root / "site.json.away").rename(config)
+    await probe.probe()
+    assert board.is_ok("site:onprem") and board.ready
