@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from rich.markup import escape
 from rich.table import Table
@@ -11,18 +14,40 @@ from rich.table import Table
 from clients.client import FerryClient
 from clients.output import console
 from messages.commands import EventsRequestBody, StatusRequestBody
-from messages.events import ComponentState, EventsResponse, ReadyStatus, StatusResponse
+from messages.events import (
+    ComponentState,
+    ComponentStatus,
+    EventsResponse,
+    Heartbeat,
+    ReadyStatus,
+    StatusResponse,
+)
 
 NOT_READY_EXIT = 4
 _COLOUR = {ComponentState.OK: "green", ComponentState.DEGRADED: "yellow"}
 
 
-def health_table(answer: StatusResponse) -> Table:
-    body = answer.body
-    table = Table(title=f"Appliance {answer.appliance_id}: {body.status.value}")
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What a StatusResponse or a Heartbeat says about the appliance's health."""
+
+    appliance_id: str
+    status: ReadyStatus
+    details: tuple[str, ...]
+    components: tuple[ComponentStatus, ...]
+
+    @classmethod
+    def of(cls, answer: StatusResponse | Heartbeat) -> Health:
+        body = answer.body
+        details = body.status_details
+        return cls(answer.appliance_id or "-", body.status, details, body.components)
+
+
+def health_table(health: Health) -> Table:
+    table = Table(title=f"Appliance {health.appliance_id}: {health.status.value}")
     for column in ("Component", "State", "Detail", "Last ok"):
         table.add_column(column)
-    for component in body.components:
+    for component in health.components:
         colour = _COLOUR.get(component.state, "red")
         last_ok = f"{component.last_ok_at:%Y-%m-%d %H:%M:%S}" if component.last_ok_at else "-"
         table.add_row(
@@ -34,14 +59,42 @@ def health_table(answer: StatusResponse) -> Table:
     return table
 
 
-async def cmd_health(client: FerryClient, _args: argparse.Namespace) -> int:
+async def _next_heartbeat(client: FerryClient, after: datetime) -> Heartbeat:
+    """The first heartbeat sent after ``after`` (older ones may wait on the shared queue)."""
+    async for beat in client.heartbeats():
+        if beat.sent_at > after:
+            return beat
+    raise RuntimeError("heartbeats ended")  # pragma: no cover
+
+
+async def current_health(client: FerryClient, timeout_s: float) -> Health:
+    """The answer to a StatusRequest, or the next heartbeat if it comes first (a StatusRequest
+    waits on the queue while the appliance's state store is down; heartbeats do not)."""
+    status = asyncio.ensure_future(
+        client.status(StatusRequestBody(include_finished=False, page_size=1))
+    )
+    beat = asyncio.ensure_future(_next_heartbeat(client, datetime.now(UTC)))
+    try:
+        done, _ = await asyncio.wait(
+            (status, beat), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            raise TimeoutError(f"no status answer nor heartbeat within {timeout_s:.0f}s")
+        return Health.of(status.result() if status in done else beat.result())
+    finally:
+        for task in (status, beat):
+            task.cancel()
+        await asyncio.gather(status, beat, return_exceptions=True)
+
+
+async def cmd_health(client: FerryClient, args: argparse.Namespace) -> int:
     """Exit 0 when Ready, 4 when Not Ready (the first detail names what is down)."""
-    answer = await client.status(StatusRequestBody(include_finished=False, page_size=1))
-    console.print(health_table(answer))
-    if answer.body.status is ReadyStatus.READY:
+    health = await current_health(client, args.timeout)
+    console.print(health_table(health))
+    if health.status is ReadyStatus.READY:
         return 0
-    if answer.body.status_details:
-        console.print(f"[red]{escape(answer.body.status_details[0])}[/red]")
+    if health.details:
+        console.print(f"[red]{escape(health.details[0])}[/red]")
     return NOT_READY_EXIT
 
 
@@ -64,6 +117,9 @@ async def cmd_events(client: FerryClient, args: argparse.Namespace) -> int:
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     health = commands.add_parser(
         "health", help="the components and their states (exit 4 when Not Ready)"
+    )
+    health.add_argument(
+        "--timeout", type=float, default=60.0, help="how long to wait for an answer (s)"
     )
     health.set_defaults(func=cmd_health)
     events = commands.add_parser("events", help="the appliance's event log, newest last")

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from appliance.components.orders import ComponentId
+from appliance.embedded import RedisServer
 from appliance.service.components import component_command
 from appliance.service.health import HealthEvent
 from appliance.state.events import EventRecord, _record
@@ -213,3 +214,35 @@ async def test_a_killed_cache_turns_the_appliance_not_ready_and_refuses_new_tbc_
     assert [e.kind for e in cache_events] == ["component_failed", "component_recovered"]
     assert "no heartbeat" in cache_events[0].fields["detail"]
     assert not [e for e in events if e.fields.get("component") == str(ONPREM)]
+
+
+async def test_ferry_health_answers_from_the_heartbeat_while_the_state_store_is_down(
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path
+) -> None:
+    """Redis stopped: the heartbeat names it, ``ferry health`` still answers (a StatusRequest
+    waits on the queue, the heartbeat does not); back: Ready, and the failure and recovery
+    noticed while it was down are in the event log."""
+    redis = RedisServer(tmp_path / "own-redis")
+    await redis.start()
+    try:
+        await start_appliance(harness.settings(redis_url=redis.url))
+        async with FerryClient(harness.client_settings()) as client:
+            await beat_until(client, lambda b: b.body.status is ReadyStatus.READY)
+            await redis.stop()
+            down = await beat_until(client, lambda b: b.body.status is ReadyStatus.NOT_READY)
+            assert down.body.status_details[0] == "Services not ready or down state_store"
+            code, out = await ferry(harness, "health")
+            assert code == 4 and "Services not ready or down state_store" in out, out
+            await redis.start()
+            await beat_until(client, lambda b: b.body.status is ReadyStatus.READY)
+        store = StateStore(connect(redis.url), Keys(harness.prefix))
+        try:
+            events = await health_events_until(store, failed_then_recovered("state_store"))
+        finally:
+            await store.close()
+        assert [e.kind for e in events if e.fields["component"] == "state_store"] == [
+            "component_failed",
+            "component_recovered",
+        ]
+    finally:
+        await redis.stop()
