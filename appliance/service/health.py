@@ -6,8 +6,12 @@ and the bus from their own probes, the sites once opened, each component (cloud 
 on-prem I/O manager) from its heartbeat (silent for ``component_timeout_s`` = failed).
 The components expected are the configured ones: those the appliance runs itself
 (``embedded_components``) and those run on their own hosts (``remote_components``);
-a cold-only setup names none and stays Ready without them. A new tbc or warm migration
-needs the ``tbc_components`` pair, when they are among the expected ones.
+a cold-only setup names none and stays Ready without them. Probed the same way
+(:class:`Reachability`: failing for the component timeout = failed): each site driver
+(``site:<name>``) and, when the I/O manager is expected, the WAN link (``wan_link``: a
+TCP connect to the I/O manager's NBD address, as its heartbeat gives it). A new
+migration needs the state store, the bus and the sites; a tbc or warm one also the
+``tbc_components`` pair and the link, when they are among the expected ones.
 
 Every change to or from *failed* is an event in the event log (the global Redis
 Stream ``{p}:events``), kinds in :class:`HealthEvent`; events noticed while the state
