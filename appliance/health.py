@@ -10,6 +10,7 @@ Waiters (the bus pausing intake while Redis is down) wait on an event, never pol
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -25,6 +26,7 @@ class ComponentHealth:
     required: bool
     last_ok_at: datetime | None
     timeout_s: float | None  # silent longer than this: failed
+    registered_at: datetime | None = None
 
     def as_status(self) -> ComponentStatus:
         return ComponentStatus(
@@ -36,28 +38,56 @@ class ComponentHealth:
         )
 
 
+NOT_READY_PREFIX = "Services not ready or down "
+"""HDM's wording, followed by the comma-separated names of the components down."""
+
+
+def not_ready_line(down: Sequence[str]) -> str:
+    return NOT_READY_PREFIX + ", ".join(down)
+
+
+Changed = Callable[[ComponentHealth, ComponentHealth], None]
+
+
 class HealthBoard:
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._components: dict[str, ComponentHealth] = {}
         self._ok_events: dict[str, asyncio.Event] = {}
+        self._listeners: list[Changed] = []
+
+    def subscribe(self, listener: Changed) -> None:
+        """Call ``listener(before, after)`` on every change of a component's state."""
+        self._listeners.append(listener)
+
+    def _set(self, after: ComponentHealth) -> None:
+        before = self._components[after.name]
+        self._components[after.name] = after
+        if before.state is not after.state:
+            for listener in self._listeners:
+                listener(before, after)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._components)
 
     def register(self, name: str, *, required: bool = True, timeout_s: float | None = None) -> None:
         self._components[name] = ComponentHealth(
-            name, ComponentState.DEGRADED, "starting", required, None, timeout_s
+            name, ComponentState.DEGRADED, "starting", required, None, timeout_s, self._clock.now()
         )
         self._ok_events[name] = asyncio.Event()
 
     def ok(self, name: str, detail: str = "") -> None:
         component = self._components[name]
-        self._components[name] = replace(
-            component, state=ComponentState.OK, detail=detail, last_ok_at=self._clock.now()
+        self._set(
+            replace(component, state=ComponentState.OK, detail=detail, last_ok_at=self._clock.now())
         )
         self._ok_events[name].set()
 
     def failed(self, name: str, detail: str) -> None:
         component = self._components[name]
-        self._components[name] = replace(component, state=ComponentState.FAILED, detail=detail)
+        # Not seen yet since we started, and its timeout not up: starting, not failed.
+        state = ComponentState.FAILED if self.settled(name) else ComponentState.DEGRADED
+        self._set(replace(component, state=state, detail=detail))
         self._ok_events[name].clear()
 
     def is_ok(self, name: str) -> bool:
@@ -65,6 +95,13 @@ class HealthBoard:
 
     def is_failed(self, name: str) -> bool:
         return self._components[name].state is ComponentState.FAILED
+
+    def settled(self, name: str) -> bool:
+        """Seen ok once, or registered longer ago than its timeout: a failure is a failure."""
+        c = self._components[name]
+        if c.last_ok_at is not None or c.timeout_s is None or c.registered_at is None:
+            return True
+        return (self._clock.now() - c.registered_at).total_seconds() > c.timeout_s
 
     async def wait_ok(self, name: str) -> None:
         await self._ok_events[name].wait()
@@ -76,7 +113,7 @@ class HealthBoard:
         for component in self._components.values():
             if component.timeout_s is None or component.state is ComponentState.FAILED:
                 continue
-            silent_since = component.last_ok_at
+            silent_since = component.last_ok_at or component.registered_at
             if (
                 silent_since is not None
                 and (now - silent_since).total_seconds() > component.timeout_s
@@ -89,6 +126,14 @@ class HealthBoard:
     def ready(self) -> bool:
         return all(c.state is ComponentState.OK for c in self._components.values() if c.required)
 
+    def down(self) -> tuple[str, ...]:
+        """The required components that are not ok, in registration order."""
+        return tuple(
+            c.name
+            for c in self._components.values()
+            if c.required and c.state is not ComponentState.OK
+        )
+
     def details(self) -> tuple[str, ...]:
         """One line per required component that is not ok, naming it."""
         return tuple(
@@ -96,6 +141,11 @@ class HealthBoard:
             for c in self._components.values()
             if c.required and c.state is not ComponentState.OK
         )
+
+    def summary(self) -> tuple[str, ...]:
+        """Why not Ready: HDM's line naming every component down, then one line each."""
+        down = self.down()
+        return (not_ready_line(down), *self.details()) if down else ()
 
     def statuses(self) -> tuple[ComponentStatus, ...]:
         return tuple(c.as_status() for c in self._components.values())

@@ -130,6 +130,12 @@ class Settings(BaseSettings):
         pattern=rf"^({_INSTANCE}(,{_INSTANCE})*)?$",
         description="components the appliance runs as children: cache/cache-1,onprem/onprem-1",
     )
+    remote_components: str = Field(
+        default="",
+        pattern=rf"^({_INSTANCE}(,{_INSTANCE})*)?$",
+        description="components run elsewhere (their own hosts) that the appliance needs: "
+        "watched by heartbeat like the embedded ones, Not Ready while one is down",
+    )
     component_runtime: str = Field(
         default="", description="tests only (needs test_mode): module:Class every component runs"
     )

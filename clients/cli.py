@@ -1,4 +1,4 @@
-"""``ferry``: the operator's command line (inventory, status, watch)."""
+"""``ferry``: the operator's command line (inventory, status, watch, health, events)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
-from clients import cloud
+from clients import cloud, health
 from clients.client import FerryClient, FerryError, NoAnswer
 from clients.config import ClientSettings
 from clients.migrate import add_commands
@@ -129,6 +129,7 @@ def parser() -> argparse.ArgumentParser:
     watch.set_defaults(func=cmd_watch)
     add_commands(commands)
     cloud.add_commands(commands)
+    health.add_commands(commands)
     return root
 
 

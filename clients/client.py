@@ -51,6 +51,8 @@ from messages.commands import (
     Command,
     CommitRequest,
     CommitRequestBody,
+    EventsRequest,
+    EventsRequestBody,
     GuestCredentials,
     InventoryFilter,
     MigrateBackRequest,
@@ -71,6 +73,7 @@ from messages.events import (
     CommandResponse,
     ErrorResponse,
     Event,
+    EventsResponse,
     Heartbeat,
     SourceInventoryResponse,
     StatusResponse,
@@ -276,6 +279,13 @@ class FerryClient:
     async def status(self, body: StatusRequestBody | None = None) -> StatusResponse:
         answer = await self.request(StatusRequest(body=body or StatusRequestBody()))
         assert isinstance(answer, StatusResponse)
+        self.forget(answer.correlation_id)
+        return answer
+
+    async def events(self, body: EventsRequestBody | None = None) -> EventsResponse:
+        """The appliance's event log, newest last."""
+        answer = await self.request(EventsRequest(body=body or EventsRequestBody()))
+        assert isinstance(answer, EventsResponse)
         self.forget(answer.correlation_id)
         return answer
 

@@ -297,6 +297,23 @@ class StatusRequest(Command):
     body: StatusRequestBody = StatusRequestBody()
 
 
+class EventsRequestBody(WireModel):
+    migration_id: str | None = Field(
+        default=None, max_length=128, description="One migration's events (default: all)"
+    )
+    kinds: tuple[str, ...] = Field(
+        default=(), max_length=32, description="Only these kinds (default: every kind)"
+    )
+    count: StrictInt = Field(default=100, ge=1, le=1000, description="The newest this many")
+
+
+class EventsRequest(Command):
+    """The appliance's event log (failures, recoveries, steps...), newest last."""
+
+    message_type: Literal["EventsRequest"] = "EventsRequest"
+    body: EventsRequestBody = EventsRequestBody()
+
+
 COMMANDS: tuple[type[Command], ...] = (
     SourceInventoryRequest,
     SourceCloneRequest,
@@ -308,4 +325,5 @@ COMMANDS: tuple[type[Command], ...] = (
     SetPolicyRequest,
     ResetRequest,
     StatusRequest,
+    EventsRequest,
 )

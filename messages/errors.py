@@ -46,6 +46,7 @@ class ErrorCode(StrEnum):
     CUT_OVER = "cut_over"  # a warm VM cut over to its cloud volumes (or committed): no way back
     # The appliance could not do it (this time).
     UNAVAILABLE = "unavailable"
+    SERVICES_DEGRADED = "services_degraded"  # a component it needs is down: retry once Ready
     DATA_PATH = "data_path"
     OUT_OF_SPACE = "out_of_space"
     INTERNAL = "internal"

@@ -7,7 +7,15 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import AwareDatetime, BeforeValidator, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import (
+    AwareDatetime,
+    BeforeValidator,
+    Field,
+    JsonValue,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+)
 
 from messages.common import (
     ErrorInfo,
@@ -181,6 +189,12 @@ class StatusResponseBody(WireModel):
     next_page_token: str | None = None
     migration_counts: dict[str, StrictInt] = Field(default_factory=dict)
     policy: dict[str, StrictFloat | StrictInt | str | None] = Field(default_factory=dict)
+    status_details: tuple[str, ...] = Field(
+        default=(), description="As in the heartbeat: why Not Ready, naming what is down"
+    )
+    components: tuple[ComponentStatus, ...] = Field(
+        default=(), description="Every component the appliance needs, with its state"
+    )
 
 
 class StatusResponse(Event):
@@ -231,6 +245,28 @@ class ErrorResponse(Event):
     body: ErrorResponseBody
 
 
+class LoggedEvent(WireModel):
+    """One entry of the appliance's event log (the Redis Stream ``{prefix}:events``)."""
+
+    event_id: str = Field(max_length=64, description="The stream entry id")
+    kind: str = Field(max_length=64)
+    at: str = Field(max_length=64)
+    migration_id: str | None = Field(default=None, max_length=128)
+    fields: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class EventsResponseBody(WireModel):
+    events: tuple[LoggedEvent, ...] = ()
+    truncated: StrictBool = Field(
+        default=False, description="Older matching events were left out to fit one message"
+    )
+
+
+class EventsResponse(Event):
+    message_type: Literal["EventsResponse"] = "EventsResponse"
+    body: EventsResponseBody
+
+
 EVENTS: tuple[type[Event], ...] = (
     Heartbeat,
     SourceInventoryResponse,
@@ -238,4 +274,5 @@ EVENTS: tuple[type[Event], ...] = (
     StatusResponse,
     CommandResponse,
     ErrorResponse,
+    EventsResponse,
 )

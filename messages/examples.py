@@ -23,6 +23,8 @@ from messages.commands import (
     CloneVm,
     CommitRequest,
     CommitRequestBody,
+    EventsRequest,
+    EventsRequestBody,
     GuestCredentials,
     InventoryFilter,
     MigrateBackRequest,
@@ -65,8 +67,11 @@ from messages.events import (
     ComponentStatus,
     ErrorResponse,
     ErrorResponseBody,
+    EventsResponse,
+    EventsResponseBody,
     Heartbeat,
     HeartbeatBody,
+    LoggedEvent,
     MigrationStatus,
     PrepareCheck,
     ReadyStatus,
@@ -213,6 +218,22 @@ def _bodies() -> list[Envelope]:
                 message="no VM 'lnx-wbe-01' on site 'onprem'",
                 correlation_id="c0ffee00-0000-4000-8000-000000000001",
                 command_type="SourceCloneRequest",
+            )
+        ),
+        EventsRequest(body=EventsRequestBody(kinds=("component_failed",), count=20)),
+        EventsResponse(
+            body=EventsResponseBody(
+                events=(
+                    LoggedEvent(
+                        event_id="1764581523000-0",
+                        kind="component_failed",
+                        at="2026-12-01T09:32:03+00:00",
+                        fields={
+                            "component": "cache/cache-1",
+                            "detail": "no heartbeat for 120.4s (timeout 120s)",
+                        },
+                    ),
+                )
             )
         ),
     ]

@@ -84,6 +84,8 @@ class Admin:
             next_page_token=token,
             migration_counts=await self._counts(),
             policy=(await self._policies.effective()).as_dict(),
+            status_details=self._health.summary(),
+            components=self._health.statuses(),
         )
         return [
             StatusResponse(

@@ -32,7 +32,14 @@ from appliance.metrics import MetricsEndpoint
 from appliance.orchestrator.cloud_control import any_on_components
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.scheduler import Scheduler
-from appliance.service.components import EmbeddedComponents
+from appliance.service.components import ComponentWatch, EmbeddedComponents
+from appliance.service.health import (
+    HealthEvents,
+    SiteProbe,
+    heartbeat_reader,
+    wan_probe,
+    watched_elsewhere,
+)
 from appliance.service.heartbeat import HeartbeatPublisher
 from appliance.service.metrics import appliance_registry, build_collector
 from appliance.service.runtime import RuntimeInfo, clear_runtime, write_runtime
@@ -76,6 +83,7 @@ class Appliance:
         self.health.register("state_generation")
         self.health.register("bus")
         self.health.register("sites")
+        self.health_events = HealthEvents(self.health, self.clock)
         self.started = asyncio.Event()
         self._redis_url = ""
 
@@ -94,6 +102,18 @@ class Appliance:
             for site in sites.values():
                 stack.push_async_callback(site.close)
             self.health.ok("sites", ", ".join(sorted(sites)))
+            site_probes = [
+                SiteProbe(
+                    site,
+                    self.health,
+                    interval_s=max(1.0, settings.component_heartbeat_interval_s),
+                    timeout_s=settings.component_timeout_s,
+                    clock=self.clock,
+                )
+                for site in sites.values()
+            ]
+            for probe in site_probes:
+                await probe.probe()
             nbd = await stack.enter_async_context(NbdServer())
             deps = build_deps(
                 settings,
@@ -128,6 +148,13 @@ class Appliance:
                 else None
             )
             metrics = await self._metrics(stack, deps, store, components)
+            others = watched_elsewhere(settings)
+            watch = (
+                ComponentWatch(heartbeat_reader(settings, store), self.health, others)
+                if others
+                else None
+            )
+            wan = wan_probe(settings, store, self.health, self.clock)
             self._write_runtime(sqs_endpoint, bus, keys.public.text, metrics)
             stack.callback(clear_runtime, settings.data_dir, os.getpid())
             log.info("appliance started", appliance_id=settings.appliance_id, key=keys.public.text)
@@ -137,8 +164,15 @@ class Appliance:
                 tasks.create_task(self._watch_state_store(store, stop))
                 tasks.create_task(scheduler.run(stop))
                 tasks.create_task(bus.consume(dispatcher.handle, stop, self._intake_gate))
+                tasks.create_task(self.health_events.run(EventLog(store), stop))
                 if components is not None:
                     tasks.create_task(components.run(stop))
+                if watch is not None:
+                    tasks.create_task(watch.run(stop))
+                if wan is not None:
+                    tasks.create_task(wan.run(stop))
+                for probe in site_probes:
+                    tasks.create_task(probe.run(stop))
             log.info("appliance stopped")
 
     async def _outside_systems(self, stack: AsyncExitStack) -> tuple[str, StateStore]:

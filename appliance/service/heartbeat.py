@@ -56,7 +56,7 @@ class HeartbeatPublisher:
         ready = self._health.ready and not extra_details
         body = HeartbeatBody(
             status=ReadyStatus.READY if ready else ReadyStatus.NOT_READY,
-            status_details=self._health.details() + extra_details,
+            status_details=self._health.summary() + extra_details,
             appliance_id=self._appliance_id,
             sequence=self._sequence,
             uptime_s=round(self._clock.monotonic() - self._started, 3),

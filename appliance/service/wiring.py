@@ -17,6 +17,7 @@ from appliance.datapath.nbd.server import NbdServer
 from appliance.datapath.package import S3Access
 from appliance.dispatch.admin import Admin
 from appliance.dispatch.dispatcher import CommandHandler
+from appliance.dispatch.event_log import EventsQuery
 from appliance.dispatch.inventory import Inventory
 from appliance.errors import CommandRejected
 from appliance.health import HealthBoard
@@ -31,6 +32,7 @@ from appliance.orchestrator.requests import CloneRequests
 from appliance.orchestrator.resume import Resumes
 from appliance.orchestrator.scheduler import Scheduler, group_lease
 from appliance.sealing import Sealer
+from appliance.service.health import refuse_if_degraded, tbc_instances
 from appliance.settings import Settings
 from appliance.sink import EventSink
 from appliance.sites.lab.sample import cloud_site_config, onprem_site_config
@@ -249,14 +251,30 @@ def build_handlers(
     )
     return {
         "SourceInventoryRequest": answer_inventory,
-        "SourceCloneRequest": guarded(health, answer_clone),
+        "SourceCloneRequest": guarded(health, unless_degraded(health, settings, answer_clone)),
         "CancelRequest": guarded(health, answer_cancel),
         "SyncRequest": guarded(health, answer_sync),
         "MigrateBackRequest": guarded(health, answer_migrate_back),
         "CommitRequest": guarded(health, answer_commit),
         "BulkMigrationDoneRequest": guarded(health, answer_bulk_done),
+        "EventsRequest": EventsQuery(
+            settings.appliance_id, deps.events, settings.max_message_bytes
+        ).answer,
         **admin.handlers(),
     }
+
+
+def unless_degraded(
+    health: HealthBoard, settings: Settings, handler: CommandHandler
+) -> CommandHandler:
+    """Refuse a new migration that needs a failed component (services_degraded)."""
+    components = tbc_instances(settings)
+
+    async def checked(command: Command) -> Sequence[Event]:
+        refuse_if_degraded(health, command, components)
+        return await handler(command)
+
+    return checked
 
 
 def guarded(health: HealthBoard, handler: CommandHandler) -> CommandHandler:

@@ -1,0 +1,279 @@
+"""Detection: which components the appliance needs, its events when one fails or recovers,
+and the refusal of new operations that need a failed one.
+
+The health board (appliance/health.py) holds each component's state: the state store
+and the bus from their own probes, the sites once opened, each component (cloud cache,
+on-prem I/O manager) from its heartbeat (silent for ``component_timeout_s`` = failed).
+The components expected are the configured ones: those the appliance runs itself
+(``embedded_components``) and those run on their own hosts (``remote_components``);
+a cold-only setup names none and stays Ready without them. Probed the same way
+(:class:`Reachability`: failing for the component timeout = failed): each site driver
+(``site:<name>``) and, when the I/O manager is expected, the WAN link (``wan_link``: a
+TCP connect to the I/O manager's NBD address, as its heartbeat gives it). A new
+migration needs the state store, the bus and the sites; a tbc or warm one also the
+``tbc_components`` pair and the link, when they are among the expected ones.
+
+Every change to or from *failed* is an event in the event log (the global Redis
+Stream ``{p}:events``), kinds in :class:`HealthEvent`; events noticed while the state
+store is down are written once it is back, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from enum import StrEnum
+
+from appliance.clock import Clock
+from appliance.components.heartbeat import ComponentHealth as HeartbeatReader
+from appliance.components.orders import ComponentId
+from appliance.errors import CommandRejected, SiteError, StateStoreUnavailable
+from appliance.health import ComponentHealth, HealthBoard, not_ready_line
+from appliance.logs import get_logger
+from appliance.settings import Settings
+from appliance.sites.protocol import Site
+from appliance.state.events import EventLog
+from appliance.state.store import StateStore
+from appliance.waiting import first_of
+from messages.commands import Command, SourceCloneRequest
+from messages.common import MigrationType
+from messages.errors import ErrorCode
+from messages.events import ComponentState
+
+log = get_logger(__name__)
+SYSTEM_WIDE = ("state_store", "state_generation", "bus", "sites")
+"""Without these no new migration of any type is taken."""
+NEEDS_COMPONENTS = frozenset({MigrationType.TBC, MigrationType.WARM})
+
+
+class HealthEvent(StrEnum):
+    """The event kinds of detection, as written to the event log."""
+
+    COMPONENT_FAILED = "component_failed"
+    COMPONENT_RECOVERED = "component_recovered"
+
+
+def tbc_instances(settings: Settings) -> tuple[ComponentId, ...]:
+    return tuple(ComponentId.parse(name) for name in settings.tbc_components.split(","))
+
+
+def expected_components(settings: Settings) -> tuple[ComponentId, ...]:
+    """The embedded ones and the remote ones (no duplicates)."""
+    names = [n for n in settings.embedded_components.split(",") if n]
+    names += [n for n in settings.remote_components.split(",") if n]
+    return tuple(ComponentId.parse(name) for name in dict.fromkeys(names))
+
+
+def watched_elsewhere(settings: Settings) -> tuple[ComponentId, ...]:
+    """The expected components the embedded supervisor does not watch."""
+    embedded = {n for n in settings.embedded_components.split(",") if n}
+    return tuple(i for i in expected_components(settings) if str(i) not in embedded)
+
+
+def heartbeat_reader(settings: Settings, store: StateStore) -> HeartbeatReader:
+    return HeartbeatReader(store, settings.component_timeout_s)
+
+
+class HealthEvents:
+    """Writes an event for each failure and each recovery the board sees."""
+
+    def __init__(self, board: HealthBoard, clock: Clock) -> None:
+        self._board = board
+        self._clock = clock
+        self._pending: asyncio.Queue[tuple[HealthEvent, ComponentHealth, str]] = asyncio.Queue()
+        board.subscribe(self._changed)
+
+    def _changed(self, before: ComponentHealth, after: ComponentHealth) -> None:
+        at = self._clock.now().isoformat()
+        if after.state is ComponentState.FAILED:
+            log.warning("component failed", component=after.name, detail=after.detail)
+            self._pending.put_nowait((HealthEvent.COMPONENT_FAILED, after, at))
+        elif before.state is ComponentState.FAILED and after.state is ComponentState.OK:
+            log.info("component recovered", component=after.name, detail=after.detail)
+            self._pending.put_nowait((HealthEvent.COMPONENT_RECOVERED, after, at))
+
+    async def run(self, events: EventLog, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            taken = await first_of(self._pending.get(), stop=stop)
+            if taken is None:
+                return
+            kind, component, at = taken
+            while not await self._write(events, kind, component, at):
+                await first_of(self._board.wait_ok("state_store"), stop=stop)
+                if stop.is_set():
+                    return
+            self._pending.task_done()
+
+    async def written(self) -> None:
+        """Until every event noticed so far is in the log."""
+        await self._pending.join()
+
+    async def _write(
+        self, events: EventLog, kind: HealthEvent, component: ComponentHealth, at: str
+    ) -> bool:
+        try:
+            await events.append(kind.value, at, component=component.name, detail=component.detail)
+        except StateStoreUnavailable:
+            return False
+        return True
+
+
+WAN_LINK = "wan_link"
+SITE_PREFIX = "site:"
+PROBE_CONNECT_S = 5.0
+
+
+def tcp_address(text: str) -> tuple[str, int] | None:
+    host, _, port = text.rpartition(":")
+    return (host.strip("[]"), int(port)) if host and port.isdigit() else None
+
+
+class Reachability:
+    """One probed component on the board: ok at each success, failed once the probe has
+    failed for longer than ``timeout_s`` (the component timeout) without a success."""
+
+    def __init__(self, board: HealthBoard, name: str, timeout_s: float, clock: Clock) -> None:
+        self.name = name
+        self._board = board
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._last_ok = clock.monotonic()
+        board.register(name)
+
+    def reached(self, detail: str) -> None:
+        self._last_ok = self._clock.monotonic()
+        self._board.ok(self.name, detail)
+
+    def unjudged(self) -> None:
+        """Nothing to probe now: the time without a success starts again."""
+        self._last_ok = self._clock.monotonic()
+
+    def missed(self, what: str, cause: str) -> None:
+        silent_s = self._clock.monotonic() - self._last_ok
+        if silent_s > self._timeout_s:
+            self._board.failed(self.name, f"{what} for {silent_s:.1f}s: {cause}")
+
+
+async def probe_every(
+    interval_s: float, probe: Callable[[], Awaitable[None]], stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(StateStoreUnavailable):
+            await probe()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+
+
+class WanProbe:
+    """The WAN link between the sites: can the on-prem I/O manager's NBD address (as its
+    heartbeat gives it) be reached with TCP? Unreachable for the component timeout: failed.
+    While the I/O manager itself is silent the link is not judged (it has no address)."""
+
+    def __init__(
+        self,
+        reader: HeartbeatReader,
+        board: HealthBoard,
+        onprem: ComponentId,
+        *,
+        interval_s: float,
+        clock: Clock,
+    ) -> None:
+        self._reader = reader
+        self._onprem = onprem
+        self._interval_s = interval_s
+        self._link = Reachability(board, WAN_LINK, reader.timeout_s, clock)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await probe_every(self._interval_s, self.probe, stop)
+
+    async def probe(self) -> None:
+        report = await self._reader.report(self._onprem)
+        address = tcp_address(str(report.figures.get("address", "")))
+        if report.failed:
+            self._link.unjudged()
+        elif address is None:
+            self._link.reached("not probed: the I/O manager gives no TCP address")
+        elif (error := await _connect(*address)) is None:
+            self._link.reached(f"{address[0]}:{address[1]} reachable")
+        else:
+            self._link.missed(f"{address[0]}:{address[1]} unreachable", error)
+
+
+class SiteProbe:
+    """A site driver: does its site answer (its configuration read back)? Not for the
+    component timeout: failed. Named ``site:<name>``; every new migration needs both."""
+
+    def __init__(
+        self, site: Site, board: HealthBoard, *, interval_s: float, timeout_s: float, clock: Clock
+    ) -> None:
+        self._site = site
+        self._interval_s = interval_s
+        self._reach = Reachability(board, f"{SITE_PREFIX}{site.name}", timeout_s, clock)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await probe_every(self._interval_s, self.probe, stop)
+
+    async def probe(self) -> None:
+        try:
+            config = await self._site.config()
+        except (OSError, SiteError, ValueError) as error:
+            self._reach.missed("not answering", f"{type(error).__name__}: {error}")
+            return
+        self._reach.reached(f"{config.name} answers")
+
+
+async def _connect(host: str, port: int) -> str | None:
+    """None when a TCP connection opens, else why not."""
+    try:
+        async with asyncio.timeout(PROBE_CONNECT_S):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError) as error:
+        return f"{type(error).__name__}: {error}"
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return None
+
+
+def wan_probe(
+    settings: Settings, store: StateStore, board: HealthBoard, clock: Clock
+) -> WanProbe | None:
+    """The link's probe, when the tbc pair's I/O manager is one of the expected components."""
+    onprem = tbc_instances(settings)[0]
+    if onprem not in expected_components(settings):
+        return None
+    return WanProbe(
+        heartbeat_reader(settings, store),
+        board,
+        onprem,
+        interval_s=max(1.0, settings.component_heartbeat_interval_s),
+        clock=clock,
+    )
+
+
+class ServicesDegraded(CommandRejected):
+    """A new operation needs a component that is down."""
+
+    def __init__(self, down: Sequence[str]) -> None:
+        self.down = tuple(down)
+        super().__init__(
+            f"{not_ready_line(down)}: new operations disallowed until they are back",
+            ErrorCode.SERVICES_DEGRADED,
+        )
+
+
+def refuse_if_degraded(
+    board: HealthBoard, command: Command, components: Sequence[ComponentId]
+) -> None:
+    """Raise :class:`ServicesDegraded` when a new migration needs a component that is not ok:
+    the state store, bus and sites for any; the tbc components for a tbc or warm one."""
+    if not isinstance(command, SourceCloneRequest):
+        return
+    names = set(board.names())
+    needed = [n for n in names if n in SYSTEM_WIDE or n.startswith(SITE_PREFIX)]
+    if command.body.migration_type in NEEDS_COMPONENTS:
+        needed += [n for n in (*map(str, components), WAN_LINK) if n in names]
+    down = [n for n in needed if board.is_failed(n)]
+    if down:
+        raise ServicesDegraded(down)
