@@ -45,6 +45,9 @@ from appliance.storage.hashing import chunk_hash
 
 log = structlog.get_logger(__name__)
 
+THREADED_READ = 256 * 1024
+"""Epoch reads at least this large copy out of the slots in a worker thread."""
+
 
 @dataclass(frozen=True, slots=True)
 class ManifestEntry:
@@ -134,6 +137,29 @@ class EpochView:
             pos += size
         return bytes(out)
 
+    async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
+        """Fill ``buffer`` straight from the held slots (the data path's reads use this);
+        a large read in a thread: held slots never change."""
+        view = memoryview(buffer).cast("B")
+        check_range(self._name, self._size, offset, len(view))
+        if len(view) >= THREADED_READ:
+            await asyncio.to_thread(self._read_into, offset, view)
+        else:
+            self._read_into(offset, view)
+
+    def _read_into(self, offset: int, view: memoryview) -> None:
+        pos, end = offset, offset + len(view)
+        while pos < end:
+            chunk, start = divmod(pos, self._chunk)
+            size = min(self._chunk - start, end - pos)
+            target = view[pos - offset : pos - offset + size]
+            slot = self._held.get(chunk)
+            if slot is not None:
+                self._store.read_slot_into(slot, start, target)
+            else:
+                target[:] = bytes(size)
+            pos += size
+
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         raise read_only_error(self._name)
 
@@ -186,6 +212,7 @@ class EpochShipper:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._checkpoints: dict[int, MemoryCheckpointStore] = {}
+        self._manifests: dict[int, asyncio.Future[EpochManifest]] = {}
         self.shipping: int | None = None
         self.attempts = 0
         self.failures = 0
@@ -230,6 +257,9 @@ class EpochShipper:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for manifest in self._manifests.values():
+            manifest.cancel()
+        self._manifests.clear()
 
     async def wait_committed(self, epoch: int) -> None:
         while self._disk.store.committed < epoch:
@@ -266,6 +296,7 @@ class EpochShipper:
                 await self._disk.committed(epoch)
                 self.committed_mono = time.monotonic()
                 self._checkpoints.pop(epoch, None)
+                self._manifests.pop(epoch, None)
                 self.shipping = None
                 event, self.committed_event = self.committed_event, asyncio.Event()
                 event.set()
@@ -275,7 +306,26 @@ class EpochShipper:
         self.shipping = epoch
         view = EpochView(self._disk.store, epoch)
         token = self._token()
+        # Held slots never change, so a thread may hash them while the transfer reads them:
+        # the manifest is made alongside the transfer (which waits on the link), not after,
+        # once per epoch whatever the attempts.
+        manifest = self._manifests.get(epoch)
+        if manifest is None:
+            manifest = asyncio.ensure_future(asyncio.to_thread(view.manifest))
+            self._manifests[epoch] = manifest
         staged = await self._stage(epoch, token)
+        await self._send(epoch, view, staged)
+        try:
+            made = await asyncio.shield(manifest)
+        except Exception:
+            self._manifests.pop(epoch, None)  # made again by the next attempt
+            raise
+        await self.sink.commit(self._disk_id, epoch, token, made)
+
+    async def _send(
+        self, epoch: int, view: EpochView, staged: tuple[NbdAddress, str] | None
+    ) -> None:
+        """Copy the epoch's chunks to its staging export (nothing if on-prem has it)."""
         extents = view.chunk_extents()
         if extents and staged is not None:
             address, export = staged
@@ -300,9 +350,6 @@ class EpochShipper:
                     self.mismatches += transfer.stats.mismatches
             finally:
                 await target.close()
-        # Held slots never change, so a thread may read them while writes go on.
-        manifest = await asyncio.to_thread(view.manifest)
-        await self.sink.commit(self._disk_id, epoch, token, manifest)
 
     async def _stage(self, epoch: int, token: int) -> tuple[NbdAddress, str] | None:
         """The staging export of ``epoch``; None if on-prem has committed it already.

@@ -102,9 +102,13 @@ def _check_run(data: memoryview, run: tuple[ManifestEntry, ...]) -> ManifestEntr
 
 
 async def _apply_run(
-    disk: LayeredDisk, staging: StagingBackend, run: tuple[ManifestEntry, ...]
+    disk: LayeredDisk,
+    staging: StagingBackend,
+    run: tuple[ManifestEntry, ...],
+    buffer: bytearray,
 ) -> None:
-    """One run read from the staging file, every entry's bytes checked, then written."""
+    """One run read from the staging file into ``buffer``, every entry's bytes checked,
+    then written."""
     view = disk.active()
     first, last = run[0], run[-1]
     length = last.end - first.offset
@@ -112,7 +116,7 @@ async def _apply_run(
         await view.zero(first.offset, length, punch_hole=True)
         return
     if length <= APPLY_PIECE:
-        data = memoryview(bytearray(length))
+        data = memoryview(buffer)[:length]
         await staging.read_into(first.offset, data)
         if length > INLINE_HASH:
             wrong = await asyncio.to_thread(_check_run, data, run)
@@ -126,9 +130,9 @@ async def _apply_run(
     if await staging.entry_hash(entry) != entry.hash:
         raise StagedDamage(entry)
     for pos in range(entry.offset, entry.end, APPLY_PIECE):
-        piece = bytearray(min(APPLY_PIECE, entry.end - pos))
+        piece = memoryview(buffer)[: min(APPLY_PIECE, entry.end - pos)]
         await staging.read_into(pos, piece)
-        await view.write(pos, memoryview(piece))
+        await view.write(pos, piece)
 
 
 async def apply_entries(
@@ -137,17 +141,19 @@ async def apply_entries(
     entries: Sequence[ManifestEntry],
     concurrency: int = DEFAULT_APPLY_CONCURRENCY,
 ) -> None:
-    """Copy ``entries`` from the staging file to the disk, ``concurrency`` runs at a time."""
-    slots = asyncio.Semaphore(concurrency)
+    """Copy ``entries`` from the staging file to the disk: ``concurrency`` workers, each
+    applying one run at a time through a buffer of its own (reused, not reallocated)."""
+    runs = iter(apply_runs(entries))
 
-    async def one(run: tuple[ManifestEntry, ...]) -> None:
-        async with slots:
-            await _apply_run(disk, staging, run)
+    async def worker() -> None:
+        buffer = bytearray(APPLY_PIECE)
+        for run in runs:
+            await _apply_run(disk, staging, run, buffer)
 
     try:
         async with asyncio.TaskGroup() as group:
-            for run in apply_runs(entries):
-                group.create_task(one(run))
+            for _ in range(max(1, concurrency)):
+                group.create_task(worker())
     except BaseExceptionGroup as failed:  # the caller wants the error, not a group of one
         raise _first_error(failed) from None
 
