@@ -7,6 +7,9 @@ import random
 from pathlib import Path
 
 from appliance.components.cache.shipping import EpochView
+from appliance.datapath.checkpoint import MemoryCheckpointStore
+from appliance.datapath.transfer import Transfer, TransferOptions
+from appliance.storage.memory import MemoryBackend
 from tests.support.cachelab import KiB, MiB, cache_lab, image_bytes, small_settings
 
 SIZE = 4 * MiB + 12345
@@ -35,6 +38,19 @@ async def test_an_epoch_view_reads_into_a_buffer_as_it_reads(tmp_path: Path) -> 
             await view.read_into(offset, into)
             assert into == expected[offset : offset + length]
             assert await view.read(offset, length) == expected[offset : offset + length]
+        # The manifest from what a transfer of the view hashed equals the one hashed afresh.
+        checkpoint = MemoryCheckpointStore()
+        target = MemoryBackend(SIZE)
+        options = TransferOptions(chunk_size=CHUNK, whole_image_check=False)
+        extents = view.chunk_extents()
+        transfer = Transfer(
+            "t", view, target, checkpoints=checkpoint, extents=extents, options=options
+        )
+        await transfer.run()
+        assert view.manifest_from(checkpoint.records) == view.manifest()
+        assert len(view.manifest().entries) == len(writes) + 1
+        del checkpoint.records[5]
+        assert view.manifest_from(checkpoint.records) is None  # a chunk not sent: no manifest
         lab.sink.stage_gate.set()
         await lab.cache.wait_committed("disk-0", epoch)
         assert lab.sink.read_image() == apply_writes(content, writes, SIZE)

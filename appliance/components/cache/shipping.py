@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,9 +39,10 @@ from appliance.datapath.nbd.channel import NbdAddress
 from appliance.datapath.throttle import TokenBucket
 from appliance.datapath.transfer import Transfer, TransferOptions
 from appliance.errors import EpochOutOfOrder, EpochRejected, StaleToken
+from appliance.state.checkpoints import ChunkRecord
 from appliance.storage.extents import Extent, merge
 from appliance.storage.file import check_range, read_only_error
-from appliance.storage.hashing import chunk_hash
+from appliance.storage.hashing import chunk_hash, zero_hash
 
 log = structlog.get_logger(__name__)
 
@@ -122,6 +123,21 @@ class EpochView:
             length = min(self._chunk, self._size - offset)
             data = self._store.read_slot(self._held[chunk], 0, length)
             entries.append(ManifestEntry(offset, length, chunk_hash(data)))
+        return EpochManifest.of(tuple(entries))
+
+    def manifest_from(self, records: Mapping[int, ChunkRecord]) -> EpochManifest | None:
+        """The manifest from a finished transfer's checkpoint records (chunk index: the
+        hash of the chunk as read from its held slot, None if all zero); None if a held
+        chunk has no record (nothing was sent: the manifest must be hashed afresh)."""
+        entries = []
+        for chunk in sorted(self._held):
+            record = records.get(chunk)
+            if record is None:
+                return None
+            offset = chunk * self._chunk
+            length = min(self._chunk, self._size - offset)
+            digest = zero_hash(length) if record.digest is None else record.digest
+            entries.append(ManifestEntry(offset, length, digest))
         return EpochManifest.of(tuple(entries))
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -212,7 +228,6 @@ class EpochShipper:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._checkpoints: dict[int, MemoryCheckpointStore] = {}
-        self._manifests: dict[int, asyncio.Future[EpochManifest]] = {}
         self.shipping: int | None = None
         self.attempts = 0
         self.failures = 0
@@ -257,9 +272,6 @@ class EpochShipper:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for manifest in self._manifests.values():
-            manifest.cancel()
-        self._manifests.clear()
 
     async def wait_committed(self, epoch: int) -> None:
         while self._disk.store.committed < epoch:
@@ -296,7 +308,6 @@ class EpochShipper:
                 await self._disk.committed(epoch)
                 self.committed_mono = time.monotonic()
                 self._checkpoints.pop(epoch, None)
-                self._manifests.pop(epoch, None)
                 self.shipping = None
                 event, self.committed_event = self.committed_event, asyncio.Event()
                 event.set()
@@ -306,21 +317,16 @@ class EpochShipper:
         self.shipping = epoch
         view = EpochView(self._disk.store, epoch)
         token = self._token()
-        # Held slots never change, so a thread may hash them while the transfer reads them:
-        # the manifest is made alongside the transfer (which waits on the link), not after,
-        # once per epoch whatever the attempts.
-        manifest = self._manifests.get(epoch)
-        if manifest is None:
-            manifest = asyncio.ensure_future(asyncio.to_thread(view.manifest))
-            self._manifests[epoch] = manifest
         staged = await self._stage(epoch, token)
         await self._send(epoch, view, staged)
-        try:
-            made = await asyncio.shield(manifest)
-        except Exception:
-            self._manifests.pop(epoch, None)  # made again by the next attempt
-            raise
-        await self.sink.commit(self._disk_id, epoch, token, made)
+        # The transfer hashed every chunk it sent and verified (its checkpoint records):
+        # those are the manifest's hashes. Hashed afresh only if it sent nothing.
+        checkpoint = self._checkpoints.get(epoch)
+        manifest = view.manifest_from(checkpoint.records) if checkpoint is not None else None
+        if manifest is None:
+            # Held slots never change, so a thread may read them while writes go on.
+            manifest = await asyncio.to_thread(view.manifest)
+        await self.sink.commit(self._disk_id, epoch, token, manifest)
 
     async def _send(
         self, epoch: int, view: EpochView, staged: tuple[NbdAddress, str] | None

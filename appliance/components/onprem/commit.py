@@ -45,6 +45,8 @@ APPLY_PIECE = 4 << 20
 """Adjacent entries are read, checked and written together up to this size; a larger
 entry alone, in pieces."""
 DEFAULT_APPLY_CONCURRENCY = 4
+FLUSH_EVERY = 64 << 20
+"""The disk is flushed after about this many bytes applied (by the worker that passes it)."""
 
 
 class CommitStep(enum.StrEnum):
@@ -144,11 +146,20 @@ async def apply_entries(
     """Copy ``entries`` from the staging file to the disk: ``concurrency`` workers, each
     applying one run at a time through a buffer of its own (reused, not reallocated)."""
     runs = iter(apply_runs(entries))
+    unflushed = 0
 
     async def worker() -> None:
+        nonlocal unflushed
         buffer = bytearray(APPLY_PIECE)
         for run in runs:
             await _apply_run(disk, staging, run, buffer)
+            unflushed += run[-1].end - run[0].offset
+            if unflushed >= FLUSH_EVERY:
+                # Start the write-back of what is applied so far while the rest is copied,
+                # instead of leaving all of it to the final flush (an earlier flush only
+                # makes part of a committed epoch durable: recovery applies it again whole).
+                unflushed = 0
+                await disk.flush()
 
     try:
         async with asyncio.TaskGroup() as group:
