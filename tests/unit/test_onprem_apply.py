@@ -164,3 +164,25 @@ async def test_staged_bytes_damaged_at_rest_are_refused_before_they_reach_the_di
         # The run holding the damaged chunk was checked whole before any of it was written.
         assert await read_current(manager) == snapshot
         assert read_journal(manager.journal_path(DISK)).pending is not None
+
+
+async def test_an_applied_staging_area_is_set_aside_then_removed(
+    tmp_path: Path, lab: tuple[OnpremDiskOrder, bytes]
+) -> None:
+    order, snapshot = lab
+    epoch = {3: random.Random(9).randbytes(CHUNK)}
+    root = tmp_path / "onprem" / "disks" / DISK
+    async with OnpremIoManager(tmp_path / "onprem") as manager:
+        await manager.open_disk(order)
+        manifest, _ = await ship(manager, DISK, 1, order.token, SIZE, epoch)
+        await manager.commit_epoch(DISK, 1, order.token, manifest)
+        assert not (root / "stage-1").exists()  # gone from where staging areas live
+        assert await read_current(manager) == apply_to(snapshot, epoch)
+    assert not list(root.glob("applied-stage-*"))  # removed by the time the manager closed
+    # One left by a crash before its removal is removed at the next open.
+    (root / "applied-stage-1").mkdir()
+    (root / "applied-stage-1" / "data.raw").write_bytes(b"left over")
+    async with OnpremIoManager(tmp_path / "onprem") as manager:
+        await manager.open_disk(order)
+        assert not list(root.glob("applied-stage-*"))
+        assert manager.committed_epoch(DISK) == 1

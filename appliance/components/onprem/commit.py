@@ -17,7 +17,8 @@ The steps, each finished (and durable where it says so) before the next:
    refused here), then the disk flushed
    (``PARTLY_APPLIED`` half-way, when a hook is set; ``APPLIED``);
 5. *applied record* appended and fsynced (``APPLIED_RECORDED``);
-6. the staging area dropped (``STAGING_DROPPED``).
+6. the staging area dropped (``STAGING_DROPPED``): renamed aside at once,
+   its files removed in the background (or at the next open).
 
 A crash before 3 leaves the epoch uncommitted: its staging is discarded on
 the next open and the disk was never touched. A crash after 3 leaves it

@@ -56,6 +56,7 @@ from appliance.storage.hashing import chunk_hash, zero_hash
 
 DATA_FILE = "data.raw"
 LANDED_FILE = "landed.log"
+SET_ASIDE_PREFIX = "applied-stage-"
 _LANDED = struct.Struct(">BQQ16s")
 _LANDED_CHECK = struct.Struct(">Q")
 INLINE_HASH = 1 << 20
@@ -94,6 +95,36 @@ def staged_epochs(disk_root: Path) -> list[int]:
         if suffix.isdigit() and entry.is_dir():
             epochs.append(int(suffix))
     return sorted(epochs)
+
+
+def set_aside(disk_root: Path, epoch: int) -> Path | None:
+    """Rename an applied epoch's staging area out of the way (blocking, fast): it is no
+    longer a staging area, so its removal (``remove_set_aside``) may run later. None if
+    there is none. A crash before the rename is durable leaves ``stage-<epoch>``, which
+    the next open discards like any staging area of an applied epoch."""
+    directory = disk_root / staging_name(epoch)
+    if not directory.exists():
+        return None
+    aside = disk_root / f"{SET_ASIDE_PREFIX}{epoch}"
+    if aside.exists():
+        shutil.rmtree(aside)
+    directory.rename(aside)
+    durable.fsync_dir(disk_root)
+    return aside
+
+
+def remove_set_aside(disk_root: Path, directory: Path | None = None) -> None:
+    """Remove one set-aside area, or all of them under ``disk_root`` (blocking)."""
+    found = [directory] if directory is not None else disk_root.glob(f"{SET_ASIDE_PREFIX}*")
+    for aside in found:
+        shutil.rmtree(aside, onerror=_gone_is_fine)
+
+
+def _gone_is_fine(
+    function: object, path: str, exc_info: tuple[type[BaseException], BaseException, object]
+) -> None:
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
 
 
 def discard(disk_root: Path, epoch: int) -> None:
