@@ -2,7 +2,8 @@
 
 Reads: a chunk in the cache is read from its slot; a miss fetches the whole
 chunk from the on-prem current image (once, however many readers wait for
-it), keeps it clean when a slot can be had, and answers. A chunk that the
+it; adjacent missed chunks of one request with one upstream read of up to
+``MISS_RUN`` bytes), keeps it clean when a slot can be had, and answers. A chunk that the
 on-prem map showed as a hole when the disk was opened, and that was never
 written since, reads as zeroes without a fetch.
 
@@ -43,6 +44,8 @@ from appliance.storage.file import check_range
 EVICT_BATCH = 16
 THREADED_READ = 256 * 1024
 """Reads of cached data at least this large copy out of the page cache in a thread."""
+MISS_RUN = 4 << 20
+"""Adjacent missed chunks are fetched with one upstream read of up to this many bytes."""
 
 
 class _Outcome(enum.Enum):
@@ -75,6 +78,7 @@ class CacheDisk:
         self._dirty_limit = settings.dirty_limit_slots(geometry.slots)
         self._early_cut = settings.early_cut_slots(geometry.slots)
         self._fetches: dict[int, asyncio.Future[bytes]] = {}
+        self._miss_run = max(1, MISS_RUN // self._chunk)
         self._locks: dict[int, asyncio.Lock] = {}
         self._watch: dict[int, list[int]] = {}
         """Chunks being fetched: [writes that gave it a new slot, watchers]."""
@@ -131,7 +135,7 @@ class CacheDisk:
         misses = [piece for piece in pieces if not self._read_local(piece, view)]
         self.read_hits += len(pieces) - len(misses)
         if misses:
-            await asyncio.gather(*(self._read_miss(piece, view) for piece in misses))
+            await self._read_misses(misses, view)
 
     def read_inline(self, offset: int, view: memoryview) -> bool:
         """A read the cache holds whole (hits, known holes), served at once; else False.
@@ -272,13 +276,72 @@ class CacheDisk:
         self.read_hits += len(pieces)
         return True
 
-    async def _read_miss(self, piece: Piece, out: memoryview) -> None:
-        self.read_misses += 1
-        fetched = await self._fetch(piece.chunk)
-        if not self._read_local(piece, out):
-            out[piece.at : piece.at + piece.length] = fetched[
-                piece.start : piece.start + piece.length
-            ]
+    async def _read_misses(self, misses: list[Piece], out: memoryview) -> None:
+        """Fill the missed pieces: adjacent chunks nobody is fetching yet are claimed (one
+        fetch per chunk at once, as in ``_fetch``) and fetched as one upstream read of up
+        to ``MISS_RUN`` bytes; the others wait for the fetch under way."""
+        self.read_misses += len(misses)
+        loop = asyncio.get_running_loop()
+        runs: list[list[int]] = []
+        for piece in misses:  # no await until every claim is made
+            if piece.chunk in self._fetches:
+                continue
+            self._fetches[piece.chunk] = loop.create_future()
+            if runs and runs[-1][-1] + 1 == piece.chunk and len(runs[-1]) < self._miss_run:
+                runs[-1].append(piece.chunk)
+            else:
+                runs.append([piece.chunk])
+        futures = {piece.chunk: self._fetches[piece.chunk] for piece in misses}
+
+        async def fill(piece: Piece) -> None:
+            fetched = await asyncio.shield(futures[piece.chunk])
+            if not self._read_local(piece, out):  # a write may have landed since
+                out[piece.at : piece.at + piece.length] = fetched[
+                    piece.start : piece.start + piece.length
+                ]
+
+        await asyncio.gather(
+            *(self._fetch_run(run) for run in runs), *(fill(piece) for piece in misses)
+        )
+
+    async def _fetch_run(self, chunks: list[int]) -> None:
+        """Fetch claimed adjacent ``chunks`` with one upstream read, keep each clean and
+        settle its future; the claims are released whatever happens."""
+        futures = [self._fetches[chunk] for chunk in chunks]
+        try:
+            await self._fetch_run_current(chunks, futures)
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
+        except BaseException as exc:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+                    future.exception()  # retrieved: waiters that left need not see it logged
+            raise
+        finally:
+            for chunk, future in zip(chunks, futures, strict=True):
+                if self._fetches.get(chunk) is future:
+                    del self._fetches[chunk]
+
+    async def _fetch_run_current(
+        self, chunks: list[int], futures: list[asyncio.Future[bytes]]
+    ) -> None:
+        """One read of the run; a chunk a write overtook meanwhile is fetched again alone."""
+        length = sum(self._chunk_length(chunk) for chunk in chunks)
+        with contextlib.ExitStack() as watching:
+            watches = [watching.enter_context(self._watching(chunk)) for chunk in chunks]
+            data = await self.upstream.read(chunks[0] * self._chunk, length)
+            for index, chunk in enumerate(chunks):
+                overtaken = watches[index]
+                if overtaken():
+                    content = await self._fetch_current(chunk, keep=True)
+                else:
+                    at = index * self._chunk
+                    content = data[at : at + self._chunk].ljust(self._chunk, b"\0")
+                    await self._keep_clean(chunk, content, overtaken)
+                futures[index].set_result(content)
 
     async def _fetch(self, chunk: int, *, keep: bool = True) -> bytes:
         """The chunk's on-prem content (padded to a whole chunk); one fetch per chunk at once.

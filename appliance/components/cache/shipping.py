@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,11 +39,15 @@ from appliance.datapath.nbd.channel import NbdAddress
 from appliance.datapath.throttle import TokenBucket
 from appliance.datapath.transfer import Transfer, TransferOptions
 from appliance.errors import EpochOutOfOrder, EpochRejected, StaleToken
+from appliance.state.checkpoints import ChunkRecord
 from appliance.storage.extents import Extent, merge
 from appliance.storage.file import check_range, read_only_error
-from appliance.storage.hashing import chunk_hash
+from appliance.storage.hashing import chunk_hash, zero_hash
 
 log = structlog.get_logger(__name__)
+
+THREADED_READ = 256 * 1024
+"""Epoch reads at least this large copy out of the slots in a worker thread."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +125,21 @@ class EpochView:
             entries.append(ManifestEntry(offset, length, chunk_hash(data)))
         return EpochManifest.of(tuple(entries))
 
+    def manifest_from(self, records: Mapping[int, ChunkRecord]) -> EpochManifest | None:
+        """The manifest from a finished transfer's checkpoint records (chunk index: the
+        hash of the chunk as read from its held slot, None if all zero); None if a held
+        chunk has no record (nothing was sent: the manifest must be hashed afresh)."""
+        entries = []
+        for chunk in sorted(self._held):
+            record = records.get(chunk)
+            if record is None:
+                return None
+            offset = chunk * self._chunk
+            length = min(self._chunk, self._size - offset)
+            digest = zero_hash(length) if record.digest is None else record.digest
+            entries.append(ManifestEntry(offset, length, digest))
+        return EpochManifest.of(tuple(entries))
+
     async def read(self, offset: int, length: int) -> bytes:
         check_range(self._name, self._size, offset, length)
         out = bytearray(length)
@@ -133,6 +152,29 @@ class EpochView:
                 out[pos - offset : pos - offset + size] = self._store.read_slot(slot, start, size)
             pos += size
         return bytes(out)
+
+    async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
+        """Fill ``buffer`` straight from the held slots (the data path's reads use this);
+        a large read in a thread: held slots never change."""
+        view = memoryview(buffer).cast("B")
+        check_range(self._name, self._size, offset, len(view))
+        if len(view) >= THREADED_READ:
+            await asyncio.to_thread(self._read_into, offset, view)
+        else:
+            self._read_into(offset, view)
+
+    def _read_into(self, offset: int, view: memoryview) -> None:
+        pos, end = offset, offset + len(view)
+        while pos < end:
+            chunk, start = divmod(pos, self._chunk)
+            size = min(self._chunk - start, end - pos)
+            target = view[pos - offset : pos - offset + size]
+            slot = self._held.get(chunk)
+            if slot is not None:
+                self._store.read_slot_into(slot, start, target)
+            else:
+                target[:] = bytes(size)
+            pos += size
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         raise read_only_error(self._name)
@@ -278,6 +320,20 @@ class EpochShipper:
         view = EpochView(self._disk.store, epoch)
         token = self._token()
         staged = await self._stage(epoch, token)
+        await self._send(epoch, view, staged)
+        # The transfer hashed every chunk it sent and verified (its checkpoint records):
+        # those are the manifest's hashes. Hashed afresh only if it sent nothing.
+        checkpoint = self._checkpoints.get(epoch)
+        manifest = view.manifest_from(checkpoint.records) if checkpoint is not None else None
+        if manifest is None:
+            # Held slots never change, so a thread may read them while writes go on.
+            manifest = await asyncio.to_thread(view.manifest)
+        await self.sink.commit(self._disk_id, epoch, token, manifest)
+
+    async def _send(
+        self, epoch: int, view: EpochView, staged: tuple[NbdAddress, str] | None
+    ) -> None:
+        """Copy the epoch's chunks to its staging export (nothing if on-prem has it)."""
         extents = view.chunk_extents()
         if extents and staged is not None:
             address, export = staged
@@ -303,9 +359,6 @@ class EpochShipper:
                     self.bytes_shipped += transfer.stats.bytes_written
             finally:
                 await target.close()
-        # Held slots never change, so a thread may read them while writes go on.
-        manifest = await asyncio.to_thread(view.manifest)
-        await self.sink.commit(self._disk_id, epoch, token, manifest)
 
     async def _stage(self, epoch: int, token: int) -> tuple[NbdAddress, str] | None:
         """The staging export of ``epoch``; None if on-prem has committed it already.

@@ -3,16 +3,22 @@
 The steps, each finished (and durable where it says so) before the next:
 
 1. *verify*: nothing landed outside the manifest; every entry's staged
-   bytes hash to the entry's hash (``CommitStep.VERIFIED``);
+   bytes hash to the entry's hash, known from the hashes taken as they
+   landed where those cover the entry exactly, else read back and hashed
+   (``CommitStep.VERIFIED``);
 2. *staging durable*: fdatasync the staged data, fsync its landing records
    (``STAGING_DURABLE``);
 3. *commit record* appended to the disk's journal and fsynced
    (``COMMIT_RECORDED``): from here on the epoch *is* committed;
 4. *apply*: every entry copied from the staging file to the disk's current
-   layer (all-zero entries as zeroes), then the disk flushed
+   layer, adjacent entries merged into runs of up to ``APPLY_PIECE`` (all-zero
+   entries as zeroes); each entry's bytes are hashed again as they are read
+   and written only if they still match (damage at rest after landing is
+   refused here), then the disk flushed
    (``PARTLY_APPLIED`` half-way, when a hook is set; ``APPLIED``);
 5. *applied record* appended and fsynced (``APPLIED_RECORDED``);
-6. the staging area dropped (``STAGING_DROPPED``).
+6. the staging area dropped (``STAGING_DROPPED``): renamed aside at once,
+   its files removed in the background (or at the next open).
 
 A crash before 3 leaves the epoch uncommitted: its staging is discarded on
 the next open and the disk was never touched. A crash after 3 leaves it
@@ -32,13 +38,16 @@ import enum
 from collections.abc import Awaitable, Callable, Sequence
 
 from appliance.components.onprem.manifest import EpochManifest, ManifestEntry
-from appliance.components.onprem.staging import StagingBackend
+from appliance.components.onprem.staging import INLINE_HASH, StagingBackend
 from appliance.storage.hashing import chunk_hash, zero_hash
 from appliance.storage.layered import LayeredDisk
 
 APPLY_PIECE = 4 << 20
-"""Entries up to this size are read, checked and written at once; larger ones in pieces."""
+"""Adjacent entries are read, checked and written together up to this size; a larger
+entry alone, in pieces."""
 DEFAULT_APPLY_CONCURRENCY = 4
+FLUSH_EVERY = 64 << 20
+"""The disk is flushed after about this many bytes applied (by the worker that passes it)."""
 
 
 class CommitStep(enum.StrEnum):
@@ -63,24 +72,70 @@ class StagedDamage(Exception):
         self.entry = entry
 
 
-async def _apply_entry(disk: LayeredDisk, staging: StagingBackend, entry: ManifestEntry) -> None:
+def apply_runs(entries: Sequence[ManifestEntry]) -> list[tuple[ManifestEntry, ...]]:
+    """``entries`` grouped into runs applied as one: adjacent all-zero entries together,
+    adjacent data entries together up to ``APPLY_PIECE`` bytes; a larger entry alone."""
+    runs: list[list[ManifestEntry]] = []
+    size = 0
+    zero_run = False
+    for entry in entries:
+        zero = entry.hash == zero_hash(entry.length)
+        joins = (
+            runs
+            and runs[-1][-1].end == entry.offset
+            and zero == zero_run
+            and (zero or size + entry.length <= APPLY_PIECE)
+        )
+        if joins:
+            runs[-1].append(entry)
+            size += entry.length
+        else:
+            runs.append([entry])
+            size, zero_run = entry.length, zero
+    return [tuple(run) for run in runs]
+
+
+def _check_run(data: memoryview, run: tuple[ManifestEntry, ...]) -> ManifestEntry | None:
+    """The first entry of ``run`` whose bytes in ``data`` (the run's) do not match its hash."""
+    base = run[0].offset
+    for entry in run:
+        if chunk_hash(data[entry.offset - base : entry.end - base]) != entry.hash:
+            return entry
+    return None
+
+
+async def _apply_run(
+    disk: LayeredDisk,
+    staging: StagingBackend,
+    run: tuple[ManifestEntry, ...],
+    buffer: bytearray,
+) -> None:
+    """One run read from the staging file into ``buffer``, every entry's bytes checked,
+    then written."""
     view = disk.active()
-    if entry.hash == zero_hash(entry.length):
-        await view.zero(entry.offset, entry.length, punch_hole=True)
+    first, last = run[0], run[-1]
+    length = last.end - first.offset
+    if first.hash == zero_hash(first.length):
+        await view.zero(first.offset, length, punch_hole=True)
         return
-    if entry.length <= APPLY_PIECE:
-        data = bytearray(entry.length)
-        await staging.read_into(entry.offset, data)
-        if chunk_hash(data) != entry.hash:
-            raise StagedDamage(entry)
-        await view.write(entry.offset, memoryview(data))
+    if length <= APPLY_PIECE:
+        data = memoryview(buffer)[:length]
+        await staging.read_into(first.offset, data)
+        if length > INLINE_HASH:
+            wrong = await asyncio.to_thread(_check_run, data, run)
+        else:
+            wrong = _check_run(data, run)
+        if wrong is not None:
+            raise StagedDamage(wrong)
+        await view.write(first.offset, data)
         return
+    (entry,) = run  # only an entry larger than a piece makes a run this long
     if await staging.entry_hash(entry) != entry.hash:
         raise StagedDamage(entry)
     for pos in range(entry.offset, entry.end, APPLY_PIECE):
-        piece = bytearray(min(APPLY_PIECE, entry.end - pos))
+        piece = memoryview(buffer)[: min(APPLY_PIECE, entry.end - pos)]
         await staging.read_into(pos, piece)
-        await view.write(pos, memoryview(piece))
+        await view.write(pos, piece)
 
 
 async def apply_entries(
@@ -89,16 +144,39 @@ async def apply_entries(
     entries: Sequence[ManifestEntry],
     concurrency: int = DEFAULT_APPLY_CONCURRENCY,
 ) -> None:
-    """Copy ``entries`` from the staging file to the disk, ``concurrency`` at a time."""
-    slots = asyncio.Semaphore(concurrency)
+    """Copy ``entries`` from the staging file to the disk: ``concurrency`` workers, each
+    applying one run at a time through a buffer of its own (reused, not reallocated)."""
+    runs = iter(apply_runs(entries))
+    unflushed = 0
 
-    async def one(entry: ManifestEntry) -> None:
-        async with slots:
-            await _apply_entry(disk, staging, entry)
+    async def worker() -> None:
+        nonlocal unflushed
+        buffer = bytearray(APPLY_PIECE)
+        for run in runs:
+            await _apply_run(disk, staging, run, buffer)
+            unflushed += run[-1].end - run[0].offset
+            if unflushed >= FLUSH_EVERY:
+                # Start the write-back of what is applied so far while the rest is copied,
+                # instead of leaving all of it to the final flush (an earlier flush only
+                # makes part of a committed epoch durable: recovery applies it again whole).
+                unflushed = 0
+                await disk.flush()
 
-    async with asyncio.TaskGroup() as group:
-        for entry in entries:
-            group.create_task(one(entry))
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(max(1, concurrency)):
+                group.create_task(worker())
+    except BaseExceptionGroup as failed:  # the caller wants the error, not a group of one
+        raise _first_error(failed) from None
+
+
+def _first_error(failed: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a failed apply reports: damage first, else the first failure."""
+    damage = failed.subgroup(StagedDamage)
+    chosen: BaseException = damage if damage is not None else failed
+    while isinstance(chosen, BaseExceptionGroup):
+        chosen = chosen.exceptions[0]
+    return chosen
 
 
 async def apply_epoch(

@@ -26,6 +26,7 @@ Data directory::
     <data_dir>/disks/<disk_id>/order.json   the order the disk was last opened with
     <data_dir>/disks/<disk_id>/journal      the epoch journal (append-only)
     <data_dir>/disks/<disk_id>/stage-<N>/   epoch N's staging area
+    <data_dir>/disks/<disk_id>/applied-stage-<N>/   once N is applied, until removed
 
 Opening a disk recovers it: an epoch committed but not applied is applied
 again from its staging area, staging areas of uncommitted epochs are
@@ -153,7 +154,7 @@ class OnpremIoManager:
         self._disks: dict[str, _OpenDisk] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tokens: dict[str, int] = {}
-        self._work: set[asyncio.Task[None]] = set()
+        self._work: set[asyncio.Future[None]] = set()
         self.staged = staging.ByteTally()
         """Data bytes written to staging areas since the process began (all disks)."""
         self.epochs_applied = 0
@@ -245,8 +246,7 @@ class OnpremIoManager:
         the commit goes on to its end (the manager waits for it when it closes).
         """
         task = asyncio.ensure_future(self._commit(disk_id, epoch, token, manifest))
-        self._work.add(task)
-        task.add_done_callback(self._work_done)
+        self._track(task)
         await asyncio.shield(task)
 
     async def _commit(self, disk_id: str, epoch: int, token: int, manifest: EpochManifest) -> None:
@@ -331,7 +331,18 @@ class OnpremIoManager:
                 self._tokens[disk_id] = token
             yield
 
-    def _work_done(self, task: asyncio.Task[None]) -> None:
+    def _track(self, task: asyncio.Future[None]) -> None:
+        """Work that goes on whoever waits for it; the manager waits for it when it closes."""
+        self._work.add(task)
+        task.add_done_callback(self._work_done)
+
+    async def _remove_aside(self, root: Path, aside: Path) -> None:
+        try:
+            await asyncio.to_thread(staging.remove_set_aside, root, aside)
+        except OSError as exc:  # left for the next open to remove
+            log.warning("applied staging not removed", path=str(aside), error=repr(exc))
+
+    def _work_done(self, task: asyncio.Future[None]) -> None:
         self._work.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved here in case the caller stopped waiting
@@ -366,6 +377,7 @@ class OnpremIoManager:
             await self._apply(opened, epoch, opened.order.token, state.pending)
         for epoch in await asyncio.to_thread(staging.staged_epochs, opened.root):
             await asyncio.to_thread(staging.discard, opened.root, epoch)
+        await asyncio.to_thread(staging.remove_set_aside, opened.root)
 
     async def _verify(self, opened: _OpenDisk, epoch: int, manifest: EpochManifest) -> None:
         """Step 1, with the staging export withdrawn and sealed; reopened if it fails."""
@@ -427,7 +439,10 @@ class OnpremIoManager:
         dropped = opened.staged.pop(epoch, None)
         if dropped is not None:
             await dropped.close()
-        await asyncio.to_thread(staging.discard, opened.root, epoch)
+        # Renamed now, removed after the reply: freeing a GiB of staging takes a while.
+        aside = await asyncio.to_thread(staging.set_aside, opened.root, epoch)
+        if aside is not None:
+            self._track(asyncio.ensure_future(self._remove_aside(opened.root, aside)))
         self.epochs_applied += 1
         self.bytes_applied += manifest.data_bytes
         log.info("epoch committed", disk_id=disk_id, epoch=epoch, bytes=manifest.data_bytes)

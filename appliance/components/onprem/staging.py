@@ -5,7 +5,7 @@ the I/O manager's data dir, holding
 
 * ``data.raw``: a sparse file of the disk's size; the sender's writes land
   at their disk offsets, so a range reads back exactly as the epoch holds it;
-* ``landed.log``: what landed, one fixed record per write or zero request,
+* ``landed.log``: what landed, one fixed record per write piece (see below) or zero request,
   ``kind:u8 offset:u64 length:u64 hash:16 check:8`` (kind 1 data, 2 zero;
   ``hash`` the xxh3-128 of the bytes as they landed, of zeroes for a zero
   request; ``check`` the xxh3-64 of the record's first 33 bytes).
@@ -19,16 +19,21 @@ since and fsyncs them: data before the record that names it.
 
 At commit the area is sealed (writes in flight are waited for, later ones
 fail with EPERM) and checked against the manifest: nothing may have landed
-outside the manifest's ranges, and every entry's staged bytes, read back
-from the file, must hash to the entry's hash (so a staging file damaged
-after landing is caught too). The commit then applies entries from the
-file. A staging area of an epoch that was never committed is discarded
+outside the manifest's ranges, and every entry's staged bytes must hash to
+the entry's hash. A write lands as one record per ``LANDING_BLOCK``-aligned
+piece, each with the hash of the bytes as they were written, so an entry
+that exactly one piece's records cover is checked from those hashes
+without reading the file again; any other entry is read back and hashed.
+The commit then applies entries from the file, hashing every byte it reads
+once more before writing it (so a staging file damaged after landing is
+caught there, see ``commit``). A staging area of an epoch that was never committed is discarded
 when the disk is opened again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import enum
 import errno
@@ -51,10 +56,13 @@ from appliance.storage.hashing import chunk_hash, zero_hash
 
 DATA_FILE = "data.raw"
 LANDED_FILE = "landed.log"
+SET_ASIDE_PREFIX = "applied-stage-"
 _LANDED = struct.Struct(">BQQ16s")
 _LANDED_CHECK = struct.Struct(">Q")
 INLINE_HASH = 1 << 20
 HASH_PIECE = 4 << 20
+LANDING_BLOCK = 64 << 10
+"""A write lands as one record per piece of it on this grid (the cache's chunk size)."""
 VERIFY_CONCURRENCY = 4
 
 
@@ -87,6 +95,36 @@ def staged_epochs(disk_root: Path) -> list[int]:
         if suffix.isdigit() and entry.is_dir():
             epochs.append(int(suffix))
     return sorted(epochs)
+
+
+def set_aside(disk_root: Path, epoch: int) -> Path | None:
+    """Rename an applied epoch's staging area out of the way (blocking, fast): it is no
+    longer a staging area, so its removal (``remove_set_aside``) may run later. None if
+    there is none. A crash before the rename is durable leaves ``stage-<epoch>``, which
+    the next open discards like any staging area of an applied epoch."""
+    directory = disk_root / staging_name(epoch)
+    if not directory.exists():
+        return None
+    aside = disk_root / f"{SET_ASIDE_PREFIX}{epoch}"
+    if aside.exists():
+        shutil.rmtree(aside)
+    directory.rename(aside)
+    durable.fsync_dir(disk_root)
+    return aside
+
+
+def remove_set_aside(disk_root: Path, directory: Path | None = None) -> None:
+    """Remove one set-aside area, or all of them under ``disk_root`` (blocking)."""
+    found = [directory] if directory is not None else disk_root.glob(f"{SET_ASIDE_PREFIX}*")
+    for aside in found:
+        shutil.rmtree(aside, onerror=_gone_is_fine)
+
+
+def _gone_is_fine(
+    function: object, path: str, exc_info: tuple[type[BaseException], BaseException, object]
+) -> None:
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
 
 
 def discard(disk_root: Path, epoch: int) -> None:
@@ -209,10 +247,11 @@ class StagingBackend:
             await self._file.write(offset, data)
             view = memoryview(data).cast("B")
             if len(view) > INLINE_HASH:
-                digest = await asyncio.to_thread(chunk_hash, view)
+                landings = await asyncio.to_thread(_data_landings, offset, view)
             else:
-                digest = chunk_hash(view)
-            self._landing(Landing(LandingKind.DATA, offset, len(view), digest))
+                landings = _data_landings(offset, view)
+            for landing in landings:
+                self._landing(landing)
             self.tally.bytes += len(view)
 
     async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
@@ -285,6 +324,7 @@ class StagingBackend:
         """
         slots = asyncio.Semaphore(concurrency)
         wrong: list[ManifestEntry] = []
+        unproven = self.unproven(manifest)
 
         async def check(entry: ManifestEntry) -> None:
             async with slots:
@@ -292,9 +332,35 @@ class StagingBackend:
                     wrong.append(entry)
 
         async with asyncio.TaskGroup() as group:
-            for entry in manifest.entries:
+            for entry in unproven:
                 group.create_task(check(entry))
         return min(wrong, key=lambda entry: entry.offset) if wrong else None
+
+    def unproven(self, manifest: EpochManifest) -> list[ManifestEntry]:
+        """The entries whose staged bytes the landing records do not prove.
+
+        An entry is proven when every landing that touches its range covers
+        exactly that range and carries the entry's hash: those bytes were
+        hashed as they landed, and nothing else wrote there since (the
+        staging file is only written through this backend). Any other entry
+        (several writes in it, a wider zero request, nothing landed) must be
+        read back and hashed.
+        """
+        exact: dict[tuple[int, int], list[bytes]] = {}
+        for landing in self._landed:
+            exact.setdefault((landing.offset, landing.length), []).append(landing.hash)
+        starts = sorted(landing.offset for landing in self._landed)
+        ends = sorted(landing.offset + landing.length for landing in self._landed)
+        unproven: list[ManifestEntry] = []
+        for entry in manifest.entries:
+            hashes = exact.get((entry.offset, entry.length), [])
+            # Landings touching [offset, end): started before its end, not ended by its start.
+            touching = bisect.bisect_left(starts, entry.end) - bisect.bisect_right(
+                ends, entry.offset
+            )
+            if not hashes or touching != len(hashes) or any(h != entry.hash for h in hashes):
+                unproven.append(entry)
+        return unproven
 
     async def entry_hash(self, entry: ManifestEntry) -> bytes:
         """chunk_hash of the staged bytes of one entry, hashed in the file's thread pool."""
@@ -348,6 +414,19 @@ class StagingBackend:
         while view:
             view = view[os.write(self._landed_fd, view) :]
         os.fsync(self._landed_fd)
+
+
+def _data_landings(offset: int, data: memoryview) -> list[Landing]:
+    """The landing records of one write: one per ``LANDING_BLOCK``-aligned piece of it, so
+    that a manifest entry on that grid is proven by its own record (see ``unproven``)."""
+    landings: list[Landing] = []
+    pos, end = offset, offset + len(data)
+    while pos < end:
+        stop = min(end, (pos // LANDING_BLOCK + 1) * LANDING_BLOCK)
+        piece = data[pos - offset : stop - offset]
+        landings.append(Landing(LandingKind.DATA, pos, stop - pos, chunk_hash(piece)))
+        pos = stop
+    return landings
 
 
 def _union(extents: list[Extent]) -> list[Extent]:
