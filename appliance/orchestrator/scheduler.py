@@ -41,6 +41,7 @@ from appliance.state.migrations import GroupInfo, StoredMigration
 from appliance.waiting import first_of
 
 log = get_logger(__name__)
+STOP_RECANCEL_S = 1.0
 ADMISSION = "admission"
 PAUSED_RETRY_S = 10.0
 """Longest wait before a paused run (Redis away, a disk still held elsewhere) is retried."""
@@ -135,10 +136,19 @@ class Scheduler:
             await self.stop_all()
 
     async def stop_all(self) -> None:
-        """Stop local runs (they resume from their checkpoints, here or elsewhere)."""
+        """Stop local runs (they resume from their checkpoints, here or elsewhere).
+
+        A run still going a second after its cancel is cancelled again: a cancel can be
+        lost (Python 3.11's ``wait_for`` drops one that races its inner future finishing),
+        and a resting run, which never ends by itself, would then hold the stop forever."""
         tasks = list(self._running.values())
-        for task in tasks:
-            task.cancel()
+        pending = set(tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=STOP_RECANCEL_S)
+            if pending:
+                log.warning("runs still going after a cancel: cancelled again", runs=len(pending))
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def tick(self) -> None:

@@ -323,3 +323,35 @@ async def test_the_room_counts_hdm_s_defaults_per_node(env: Env) -> None:
     assert not await room.fits([tbc[20]]), "20 on the node: the next waits"
     unnamed = Room(policies, [_at(_record(1, MigrationType.WARM, None, None), Step.PREPARING)])
     assert unnamed.held[(Limit.CACHE_IN_PROGRESS, DEFAULT_CACHE_NODE)] == 1
+
+
+@dataclass
+class StubbornRun:
+    """A run that loses the first cancel it gets (as a lost cancel would) and goes on."""
+
+    started: asyncio.Event
+    swallowed: asyncio.Event
+
+    async def run(self) -> None:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.swallowed.set()
+        await asyncio.Event().wait()  # resting forever, until cancelled again
+
+
+async def test_a_run_that_lost_its_cancel_is_cancelled_again_at_stop(env: Env) -> None:
+    started, swallowed = asyncio.Event(), asyncio.Event()
+
+    def make(_deps: Deps, _lease: Lease, _info: GroupInfo, _cancel: asyncio.Event) -> StubbornRun:
+        return StubbornRun(started, swallowed)
+
+    scheduler = Scheduler(env.deps, make, RESTING)
+    stop = asyncio.Event()
+    await env.queue(MigrationType.COLD)
+    running = asyncio.create_task(scheduler.run(stop))
+    await asyncio.wait_for(started.wait(), timeout=30)
+    stop.set()
+    await asyncio.wait_for(running, timeout=30)  # without the second cancel: never
+    assert swallowed.is_set()
