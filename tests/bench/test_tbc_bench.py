@@ -19,15 +19,17 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from appliance.components.heartbeat import ComponentHealth
+from appliance.components.heartbeat import ComponentHealth, ComponentReport
 from appliance.datapath.nbd import NbdBackend
 from appliance.embedded import RedisServer
 from appliance.storage.layered import LayeredDisk
 from clients.client import FerryClient
+from messages.commands import SetPolicyRequest, SetPolicyRequestBody
 from messages.common import MigrationState, Phase
 from tests.integration.conftest import (
     Harness,
@@ -39,6 +41,7 @@ from tests.integration.tbc_helpers import (
     CACHE,
     ONPREM,
     TBC_SETTINGS,
+    Guest,
     cloud_export,
     components_up,
     migrate_back,
@@ -128,3 +131,90 @@ async def test_tbc_migrate_back_of_a_4_gib_disk_with_5_percent_dirty(
     out = Path(".bench")
     out.mkdir(exist_ok=True)
     (out / "tbc.txt").write_text(text + "\n")
+
+
+INTERVAL_S = 10
+WATCH_S = 65.0
+
+
+def _newer_than(sequence: int) -> Callable[[ComponentReport], bool]:
+    return lambda report: report.sequence > sequence
+
+
+def _windows(beats: list[tuple[float, int, int]]) -> tuple[list[float], list[float]]:
+    """From heartbeats ``(time, open epoch, committed epoch)``: the loss window at each
+    beat (now minus the cut of the newest committed epoch: what a crash now would lose)
+    and each epoch's cut-to-commit time. A cut is seen when the open epoch moves past it."""
+    cut_at: dict[int, float] = {}
+    committed_at: dict[int, float] = {}
+    start = beats[0][0]
+    for at, open_epoch, committed in beats:
+        for epoch in range(1, open_epoch):
+            cut_at.setdefault(epoch, at)
+        committed_at.setdefault(committed, at)
+    windows = [at - cut_at.get(committed, start) for at, _, committed in beats if at > start]
+    commits = [committed_at[e] - cut_at[e] for e in committed_at if e in cut_at and e > 0]
+    return windows, commits
+
+
+async def test_tbc_loss_window_with_a_10_s_interval_under_the_workload(
+    bench_harness: Harness, tmp_path: Path
+) -> None:
+    harness = bench_harness
+    vm = lab_vm(1, disks=1, disk_size=256 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    running = await RunningAppliance(harness.settings(**TBC_SETTINGS)).start()
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        await components_up(store)
+        policy = SetPolicyRequestBody(cluster="cluster-a", rto_rpo_interval_s=INTERVAL_S)
+        await client.request(SetPolicyRequest(body=policy))
+        follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
+        await follower.until(
+            lambda latest: all(s.phase is Phase.IN_CLOUD for s in latest.values()), 600
+        )
+        (status,) = follower.latest.values()
+        disk = f"{status.migration_id}-disk-0"
+        address, export = await cloud_export(harness.data_dir, status.migration_id, "disk-0")
+        guest = await Guest.start(address, export, tmp_path / "guest.log", seed=17)
+        health = ComponentHealth(store, 120)
+        beats: list[tuple[float, int, int]] = []
+        seen = -1
+        until = time.monotonic() + WATCH_S
+        while time.monotonic() < until:
+            report = await health.wait_until(CACHE, _newer_than(seen), 30)
+            seen = report.sequence
+            figures = report.figures
+            beats.append(
+                (
+                    time.monotonic(),
+                    int(figures["open_epoch"][disk]),
+                    int(figures["committed_epoch"][disk]),
+                )
+            )
+        writes = await guest.writes()
+        await guest.halt()
+        await client.request(migrate_back([status.migration_id]))
+        await follower.until(
+            lambda latest: all(s.state is MigrationState.MIGRATED_BACK for s in latest.values()),
+            600,
+        )
+    await running.shutdown()
+    windows, commits = _windows(beats)
+    windows.sort()
+    worst_commit = max(commits)
+    bound = INTERVAL_S + worst_commit
+    lines = [
+        f"tbc loss window: {INTERVAL_S} s interval, the workload writing ({writes} writes), "
+        f"{WATCH_S:.0f} s watched at every cache heartbeat ({len(windows)} moments)",
+        f"  epochs committed:         {len(commits)}, cut to commit "
+        f"{min(commits):.2f}-{worst_commit:.2f} s",
+        f"  loss window p50/p95/max:  {windows[len(windows) // 2]:.2f} / "
+        f"{windows[int(len(windows) * 0.95)]:.2f} / {windows[-1]:.2f} s",
+        f"  target: max <= interval + time to commit one epoch = {bound:.2f} s: "
+        f"{'met' if windows[-1] <= bound + 0.4 else 'NOT met'} (seen at heartbeats every 0.2 s)",
+    ]
+    text = "\n".join(lines)
+    print("\n" + text)
+    out = Path(".bench")
+    out.mkdir(exist_ok=True)
+    (out / "tbc-loss-window.txt").write_text(text + "\n")
