@@ -378,6 +378,17 @@ class DiskNotOpen(ComponentError):
         super().__init__(f"disk {disk_id} is not open here")
 
 
+class CacheDiscardRefused(ComponentError):
+    """A close asked to remove a cache disk that still holds what on-prem has not committed."""
+
+    def __init__(self, disk_id: str, dirty_bytes: int) -> None:
+        self.disk_id = disk_id
+        self.dirty_bytes = dirty_bytes
+        super().__init__(
+            f"disk {disk_id}: not removed, {dirty_bytes} bytes are not committed on-prem yet"
+        )
+
+
 class OrderConflict(ComponentError):
     code = ErrorCode.CONFLICT
 

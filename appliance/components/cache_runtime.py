@@ -40,7 +40,7 @@ from types import TracebackType
 from typing import Self
 
 from appliance.components.adapter_state import AdapterState
-from appliance.components.cache.cache import CacheDiskOrder, CacheStatus, CloudCache
+from appliance.components.cache.cache import CacheDiskOrder, CacheStatus, CloudCache, Discard
 from appliance.components.cache.image import image_export
 from appliance.components.cache.sizing import CacheSettings, Profile
 from appliance.components.epochs import RedisEpochSink, parse_address
@@ -190,7 +190,11 @@ class CacheRuntime:
         if order.action is OrderAction.OPEN:
             return await self._open(order)
         if order.action is OrderAction.CLOSE:
-            await self.cache.close_disk(order.disk_id, order.token)
+            wanted = str(order.params.get("discard", Discard.KEEP.value))
+            if wanted not in set(Discard):
+                reason = f"discard must be one of {', '.join(Discard)}, not {wanted!r}"
+                return OrderOutcome.refused(order, OutcomeCode.INVALID, reason)
+            await self.cache.close_disk(order.disk_id, order.token, discard=Discard(wanted))
             self._sinks.pop(order.disk_id, None)
             await self._state.closed(order.disk_id)
             return OrderOutcome.applied(order)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from appliance.clock import SystemClock
+from appliance.components.cache.cache import Discard
 from appliance.components.epochs import parse_address
 from appliance.datapath.chunks import ChunkTable
 from appliance.datapath.imagecheck import RangeHasher, hash_image, image_digest
@@ -129,8 +130,8 @@ async def back_remove_cloud(
 ) -> MigrationRecord:
     await deps.site(record.target_site).delete_vm(record.cloud_vm_id or record.migration_id)
     disks = served(deps, journal)
-    for disk in record.disks:
-        await disks.close_cache(record, disk)
+    for disk in record.disks:  # the final epoch is committed: nothing of it is only here
+        await disks.close_cache(record, disk, Discard.IF_CLEAN)
     return record
 
 

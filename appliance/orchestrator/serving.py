@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from appliance.components.cache.cache import Discard
 from appliance.components.control import ComponentOrders
 from appliance.components.heartbeat import ComponentHealth, ComponentReport
 from appliance.components.orders import ComponentId, Order, OrderAction, OrderOutcome, OutcomeKind
@@ -103,8 +104,16 @@ class ServedDisks:
         outcome = await self._applied(self._cache, order)
         return int(str(outcome.result["epoch"]))
 
-    async def close_cache(self, record: MigrationRecord, disk: DiskPlan) -> None:
-        await self._applied(self._cache, self._order(record, disk, OrderAction.CLOSE))
+    async def close_cache(
+        self, record: MigrationRecord, disk: DiskPlan, discard: Discard = Discard.KEEP
+    ) -> None:
+        """Stop serving; ``discard``: also remove the disk's cache files (when its data is
+        safe on-prem, or in a verified volume)."""
+        params: dict[str, str | int] = {}
+        if discard is not Discard.KEEP:
+            params["discard"] = discard.value
+        order = self._order(record, disk, OrderAction.CLOSE, params=params)
+        await self._applied(self._cache, order)
 
     async def close_onprem(self, record: MigrationRecord, disk: DiskPlan) -> None:
         await self._applied(self._onprem, self._order(record, disk, OrderAction.CLOSE))

@@ -28,6 +28,7 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
+from appliance.components.cache.cache import Discard
 from appliance.components.cache.image import image_export
 from appliance.components.cache.reconcile import PassResult, VolumeTarget
 from appliance.components.control import ComponentOrders
@@ -299,8 +300,8 @@ async def until_commit(deps: Deps, records: dict[str, MigrationRecord]) -> None:
 async def commit(deps: Deps, journal: Journal, record: MigrationRecord) -> MigrationRecord:
     """The cache disks and the migrate-time snapshot go (as HDM cleans up); idempotent."""
     served = ServedDisks(deps, journal.lease)
-    for disk in record.disks:
-        await served.close_cache(record, disk)
+    for disk in record.disks:  # cut over: the volume, checked whole, holds the disk
+        await served.close_cache(record, disk, Discard.ALWAYS)
         await served.close_onprem(record, disk)
     onprem = deps.site(record.site)
     if record.snapshot_name is not None:

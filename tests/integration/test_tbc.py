@@ -155,6 +155,8 @@ async def test_tbc_runs_in_the_cloud_flushes_by_policy_and_migrates_back_losing_
     assert await onprem.vm_snapshot_names(vm.vm_id) == []
     await onprem.close()
     assert not (harness.data_dir / "sites" / "cloud" / "vms" / migration_id).exists()
+    cache_disks = harness.data_dir / "components" / "cache" / "cache-1" / "disks" / migration_id
+    assert not (cache_disks / disk).exists()  # its cache disk removed, not just closed
     image = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
     expected = await expected_after(base, tmp_path / "guest.log")
     assert expected != base  # the guest did write

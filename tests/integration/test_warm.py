@@ -215,6 +215,8 @@ async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_an
             CACHE, lambda r: disk not in r.figures.get("exports", []), 30
         )
         assert disk not in cache.figures.get("exports", [])
+        cache_dir = harness.data_dir / "components" / "cache" / "cache-1" / "disks"
+        assert not (cache_dir / migration_id / disk).exists()  # removed, as HDM cleans up
         with pytest.raises(FerryError) as after:
             await client.request(migrate_back([migration_id]))
         assert after.value.code is ErrorCode.CUT_OVER

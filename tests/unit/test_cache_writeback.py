@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.components.cache.cache import CloudCache
-from appliance.errors import Conflict, StaleToken
+from appliance.components.cache.cache import CloudCache, Discard
+from appliance.errors import CacheDiscardRefused, Conflict, StaleToken
 from tests.support.cachelab import KiB, MiB, cache_lab, image_bytes, small_settings
 
 SIZE = 4 * MiB + 12345
@@ -284,3 +284,40 @@ async def test_epochs_are_cut_at_the_interval_set_live(tmp_path: Path) -> None:
         await lab.cache.wait_committed("disk-0", 1)
         lab.cache.set_epoch_interval(None)
         assert lab.sink.read_image() == model
+
+
+async def test_a_close_removes_the_disk_s_cache_only_once_on_prem_holds_it(
+    tmp_path: Path,
+) -> None:
+    content = image_bytes(SIZE)
+    disk_dir = tmp_path / "cache" / "disks" / "mig-1" / "disk-0"
+    async with cache_lab(tmp_path, content, small_settings(scale=1 / 256)) as lab:
+        await lab.vm.write(0, b"x" * CHUNK)
+        await lab.vm.flush()
+        await lab.vm.close()
+        assert disk_dir.is_dir()
+        with pytest.raises(CacheDiscardRefused) as refused:
+            await lab.cache.close_disk("disk-0", 1, discard=Discard.IF_CLEAN)
+        assert refused.value.dirty_bytes == CHUNK
+        assert lab.cache.status().exports == ("disk-0",)  # still served, nothing lost
+        await lab.cache.wait_committed("disk-0", await lab.cache.cut_epoch("disk-0", 1))
+        await lab.cache.close_disk("disk-0", 1, discard=Discard.IF_CLEAN)
+        assert lab.cache.status().exports == ()
+        assert not disk_dir.exists()
+        assert lab.sink.read_image()[:CHUNK] == b"x" * CHUNK
+
+
+async def test_a_close_keeps_the_cache_unless_told_and_always_removes_it_when_told(
+    tmp_path: Path,
+) -> None:
+    content = image_bytes(SIZE)
+    disk_dir = tmp_path / "cache" / "disks" / "mig-1" / "disk-0"
+    async with cache_lab(tmp_path, content, small_settings(scale=1 / 256)) as lab:
+        await lab.vm.write(0, b"y" * CHUNK)
+        await lab.vm.flush()
+        await lab.vm.close()
+        await lab.cache.close_disk("disk-0", 1)
+        assert disk_dir.is_dir()  # kept for a reopen
+        await lab.cache.open_disk(lab.order)
+        await lab.cache.close_disk("disk-0", 1, discard=Discard.ALWAYS)  # dirty, but told
+        assert not disk_dir.exists()

@@ -26,9 +26,11 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -51,12 +53,20 @@ from appliance.datapath.nbd.channel import NbdAddress
 from appliance.datapath.nbd.server import NbdServer
 from appliance.datapath.progress import TransferProgress
 from appliance.datapath.throttle import TokenBucket
-from appliance.errors import Conflict, StaleToken, UnsafeName
+from appliance.errors import CacheDiscardRefused, Conflict, StaleToken, UnsafeName
 from appliance.storage.bitmap import write_atomically
 
 log = structlog.get_logger(__name__)
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class Discard(StrEnum):
+    """What a close does with the disk's cache files (a close order's ``discard`` param)."""
+
+    KEEP = "keep"
+    IF_CLEAN = "if_clean"
+    ALWAYS = "always"
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,12 +265,27 @@ class CloudCache:
             opened = self._opened(disk_id)
         return await opened.reconciler.run_pass(pass_no, target, workers=workers)
 
-    async def close_disk(self, disk_id: str, token: int) -> None:
-        """Stop serving and shipping the disk; its cache stays on disk for a reopen."""
+    async def close_disk(
+        self, disk_id: str, token: int, *, discard: Discard = Discard.KEEP
+    ) -> None:
+        """Stop serving and shipping the disk; its cache stays on disk for a reopen unless
+        ``discard`` says to remove it: ``IF_CLEAN`` only when nothing in it is waiting for
+        an on-prem commit (else :class:`CacheDiscardRefused`, and the disk stays open),
+        ``ALWAYS`` when its data is safe elsewhere (a warm VM's verified volume)."""
         async with self._lock:
             await self._accept(disk_id, token)
-            if disk_id in self._disks:
+            opened = self._disks.get(disk_id)
+            if opened is not None and discard is Discard.IF_CLEAN:
+                status = self._disk_status(opened)
+                if status.dirty_bytes or status.epochs_in_flight:
+                    raise CacheDiscardRefused(disk_id, status.dirty_bytes)
+            migration_id = opened.order.migration_id if opened is not None else None
+            if opened is not None:
                 await self._shut(disk_id)
+            if discard is not Discard.KEEP and migration_id is not None:
+                where = self._dir / "disks" / migration_id / disk_id
+                await asyncio.to_thread(_remove_disk_dir, where)
+                log.info("cache disk discarded", disk_id=disk_id, path=str(where))
 
     async def wait_committed(self, disk_id: str, epoch: int) -> None:
         await self._opened(disk_id).shipper.wait_committed(epoch)
@@ -349,6 +374,13 @@ class CloudCache:
         await opened.disk.shutdown()
         await opened.disk.upstream.close()
         opened.disk.store.close()
+
+
+def _remove_disk_dir(where: Path) -> None:
+    """The disk's cache files, and its migration's directory once no disk is left in it."""
+    shutil.rmtree(where, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        where.parent.rmdir()
 
 
 def _check_id(disk_id: str) -> None:
