@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -151,6 +151,8 @@ class Guest:
     log: WriteLog
     stop: asyncio.Event
     task: asyncio.Task[None] | None = None
+    wrote: asyncio.Condition = field(default_factory=asyncio.Condition)
+    """Notified after each batch of operations, and when the guest stops."""
 
     @classmethod
     async def start(cls, address: TcpAddress, export: str, log_path: Path, seed: int) -> Guest:
@@ -162,18 +164,25 @@ class Guest:
         return guest
 
     async def _run(self) -> None:
-        while not self.stop.is_set():
-            await self.workload.run(count=10, rate=100, flush_every=8)
+        try:
+            while not self.stop.is_set():
+                await self.workload.run(count=10, rate=100, flush_every=8)
+                async with self.wrote:
+                    self.wrote.notify_all()
+        finally:
+            async with self.wrote:
+                self.wrote.notify_all()
 
     async def writes(self) -> int:
         return self.workload.stats().writes
 
     async def wait_writes(self, count: int, within_s: float) -> None:
-        """Until the guest has written ``count`` times (it runs on its own: a bounded watch)."""
-        async with asyncio.timeout(within_s):
-            while self.workload.stats().writes < count:
-                assert self.task is not None and not self.task.done(), "the guest stopped"
-                await asyncio.sleep(0.05)
+        """Until the guest has written ``count`` times (woken after each batch it writes)."""
+        task = self.task
+        assert task is not None
+        async with asyncio.timeout(within_s), self.wrote:
+            await self.wrote.wait_for(lambda: self.workload.stats().writes >= count or task.done())
+        assert self.workload.stats().writes >= count, "the guest stopped"
 
     async def halt(self) -> int:
         """Stop writing (like the guest of a VM being powered off); the last sequence."""
