@@ -5,6 +5,12 @@ the cloud cache) reports ``ok`` or ``failed`` as it notices; components that
 report periodically are marked failed when they have been silent for longer
 than their timeout. The appliance is Ready when every required component is ok.
 Waiters (the bus pausing intake while Redis is down) wait on an event, never poll.
+
+For recovery (appliance/service/repair.py marks, the recovery reads):
+``failed_since(name)`` is when a component turned failed (None while it is not),
+``unrepairable(name)`` whether its repair gave up before it came back (the reason in
+``unrepairable_reason``), and ``wait_unrepairable(name)`` wakes when it does. Both are
+cleared when the component is ok again.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ class ComponentHealth:
     last_ok_at: datetime | None
     timeout_s: float | None  # silent longer than this: failed
     registered_at: datetime | None = None
+    failed_at: datetime | None = None  # when it last turned failed (None while not failed)
+    unrepairable: str = ""  # why its repair gave up (empty: not given up), until it is ok
 
     def as_status(self) -> ComponentStatus:
         return ComponentStatus(
@@ -54,6 +62,7 @@ class HealthBoard:
         self._clock = clock
         self._components: dict[str, ComponentHealth] = {}
         self._ok_events: dict[str, asyncio.Event] = {}
+        self._gave_up: dict[str, asyncio.Event] = {}
         self._listeners: list[Changed] = []
 
     def subscribe(self, listener: Changed) -> None:
@@ -75,20 +84,54 @@ class HealthBoard:
             name, ComponentState.DEGRADED, "starting", required, None, timeout_s, self._clock.now()
         )
         self._ok_events[name] = asyncio.Event()
+        self._gave_up[name] = asyncio.Event()
 
     def ok(self, name: str, detail: str = "") -> None:
         component = self._components[name]
+        now = self._clock.now()
         self._set(
-            replace(component, state=ComponentState.OK, detail=detail, last_ok_at=self._clock.now())
+            replace(
+                component,
+                state=ComponentState.OK,
+                detail=detail,
+                last_ok_at=now,
+                failed_at=None,
+                unrepairable="",
+            )
         )
         self._ok_events[name].set()
+        self._gave_up[name].clear()
 
     def failed(self, name: str, detail: str) -> None:
         component = self._components[name]
         # Not seen yet since we started, and its timeout not up: starting, not failed.
         state = ComponentState.FAILED if self.settled(name) else ComponentState.DEGRADED
-        self._set(replace(component, state=state, detail=detail))
+        failed_at = component.failed_at
+        if state is ComponentState.FAILED and failed_at is None:
+            failed_at = self._clock.now()
+        self._set(replace(component, state=state, detail=detail, failed_at=failed_at))
         self._ok_events[name].clear()
+
+    def failed_since(self, name: str) -> datetime | None:
+        """When the component turned failed; None while it is not failed."""
+        component = self._components[name]
+        return component.failed_at if component.state is ComponentState.FAILED else None
+
+    def mark_unrepairable(self, name: str, reason: str) -> None:
+        """Its repair gave up (the deadline passed): recovery may take its VMs home. The
+        heartbeat's line for it says so; cleared when it is ok again."""
+        component = self._components[name]
+        self._set(replace(component, unrepairable=reason, detail=f"unrepairable: {reason}"))
+        self._gave_up[name].set()
+
+    def unrepairable(self, name: str) -> bool:
+        return bool(self._components[name].unrepairable)
+
+    def unrepairable_reason(self, name: str) -> str:
+        return self._components[name].unrepairable
+
+    async def wait_unrepairable(self, name: str) -> None:
+        await self._gave_up[name].wait()
 
     def is_ok(self, name: str) -> bool:
         return self._components[name].state is ComponentState.OK

@@ -125,6 +125,23 @@ class Settings(BaseSettings):
     )
     component_restart_backoff_s: float = Field(default=1.0, gt=0)
     component_restart_backoff_max_s: float = Field(default=30.0, gt=0)
+    # Repair (appliance/service/repair.py; components/README.md, "Repair"): a component the
+    # health board marks failed is restarted (an embedded one: its child process; one in
+    # remote_components: by this command), again after a backoff that doubles up to its
+    # max, until it beats again or the repair timeout passes: then it is unrepairable.
+    component_repair_command: str = Field(
+        default="",
+        description="restarts a remote component: argv template (no shell) with {kind}, "
+        "{name}, {instance}; e.g. 'ssh {name}.example systemctl restart ferry-{kind}@{name}'",
+    )
+    component_repair_backoff_s: float = Field(default=10.0, gt=0)
+    component_repair_backoff_max_s: float = Field(default=120.0, gt=0)
+    component_repair_timeout_s: float = Field(
+        default=600.0, gt=0, description="failed this long and not repaired: unrepairable"
+    )
+    component_repair_command_timeout_s: float = Field(
+        default=120.0, gt=0, description="one run of the repair command, at most"
+    )
     embedded_components: str = Field(
         default="",
         pattern=rf"^({_INSTANCE}(,{_INSTANCE})*)?$",

@@ -42,6 +42,7 @@ from appliance.service.health import (
 )
 from appliance.service.heartbeat import HeartbeatPublisher
 from appliance.service.metrics import appliance_registry, build_collector
+from appliance.service.repair import Repairer, RepairPolicy, repair_ways
 from appliance.service.runtime import RuntimeInfo, clear_runtime, write_runtime
 from appliance.service.wiring import (
     CloudDataPlane,
@@ -84,6 +85,10 @@ class Appliance:
         self.health.register("bus")
         self.health.register("sites")
         self.health_events = HealthEvents(self.health, self.clock)
+        # After the events: a failure's event is queued before its repair's.
+        self.repairer = Repairer(
+            self.health, self.health_events, self.clock, RepairPolicy.from_settings(settings)
+        )
         self.started = asyncio.Event()
         self._redis_url = ""
 
@@ -154,6 +159,8 @@ class Appliance:
                 if others
                 else None
             )
+            for instance, way in repair_ways(settings, components):
+                self.repairer.watch(instance, way)
             wan = wan_probe(settings, store, self.health, self.clock)
             self._write_runtime(sqs_endpoint, bus, keys.public.text, metrics)
             stack.callback(clear_runtime, settings.data_dir, os.getpid())
@@ -165,6 +172,7 @@ class Appliance:
                 tasks.create_task(scheduler.run(stop))
                 tasks.create_task(bus.consume(dispatcher.handle, stop, self._intake_gate))
                 tasks.create_task(self.health_events.run(EventLog(store), stop))
+                tasks.create_task(self.repairer.run(stop))
                 if components is not None:
                     tasks.create_task(components.run(stop))
                 if watch is not None:
@@ -253,7 +261,9 @@ class Appliance:
         settings = self.settings
         if not settings.metrics_bind:
             return None
-        collector = build_collector(settings, deps, store, self.clock, components)
+        collector = build_collector(
+            settings, deps, store, self.clock, components, self.repairer.counts
+        )
         registry = appliance_registry(collector)
         endpoint = MetricsEndpoint(registry, settings.metrics_bind, collector.refresh)
         return (await stack.enter_async_context(endpoint)).address

@@ -8,6 +8,14 @@ reaches the appliance only, which then stops them in order), restarts one that
 exits after a backoff that doubles while it keeps failing quickly (counted and
 logged), and at shutdown stops each by its PID: SIGTERM, then SIGKILL after a
 grace period.
+
+For repair (appliance/service/repair.py): :meth:`Supervisor.restart` kills a child that
+is alive but failed (hung, stopped) and starts a new one without waiting for the
+backoff; a child whose NBD server was bound to port 0 is restarted on the address it had
+(:meth:`Supervisor.keep_address`), so the cloud VMs' disks (``nbd://HOST:PORT/...``) and
+the cache's upstream still point at it. :class:`ComponentWatch` marks a component failed
+at once when the child that was beating exits (the supervisor tells it), rather than
+after the heartbeat timeout, and takes no later beat of that dead process for a recovery.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from appliance.components.heartbeat import ComponentHealth, ComponentReport, Liveness
@@ -33,6 +41,9 @@ from appliance.waiting import first_of
 log = get_logger(__name__)
 
 
+NBD_BIND_FLAG = "--nbd-bind"
+
+
 @dataclass(frozen=True, slots=True)
 class ComponentCommand:
     """How to start one component process."""
@@ -42,6 +53,18 @@ class ComponentCommand:
     env: Mapping[str, str]
     log_file: Path
     cwd: Path | None = None
+
+    @property
+    def nbd_bind(self) -> str | None:
+        argv = self.argv
+        at = argv.index(NBD_BIND_FLAG) if NBD_BIND_FLAG in argv else -1
+        return argv[at + 1] if 0 <= at < len(argv) - 1 else None
+
+    def bound_to(self, address: str) -> ComponentCommand:
+        """The same command with its NBD server on ``address`` (HOST:PORT)."""
+        argv = list(self.argv)
+        argv[argv.index(NBD_BIND_FLAG) + 1] = address
+        return replace(self, argv=tuple(argv))
 
 
 def component_command(
@@ -59,10 +82,14 @@ def component_command(
         sys.executable, "-m", "appliance.cli", "component", instance.kind,
         "--name", instance.name,
         "--data-dir", str(data_dir),
-        "--nbd-bind", nbd_bind,
+        NBD_BIND_FLAG, nbd_bind,
         *extra,
     )  # fmt: skip
     return ComponentCommand(instance, argv, dict(env), log_file, cwd)
+
+
+Exited = Callable[[ComponentId, int, int], None]
+"""Told ``(instance, pid, exit code)`` each time a child exits, before it is restarted."""
 
 
 @dataclass(slots=True)
@@ -73,6 +100,8 @@ class _Child:
     restarts: int = 0
     exit_codes: list[int] = field(default_factory=list)
     backoffs: list[float] = field(default_factory=list)
+    started_at: float = 0.0  # loop time of the last start
+    now: asyncio.Event = field(default_factory=asyncio.Event)  # restart without the backoff
 
 
 class Supervisor:
@@ -85,9 +114,11 @@ class Supervisor:
         stop_grace_s: float = 10.0,
         stable_after_s: float = 30.0,
         keep_serving: Callable[[], Awaitable[bool]] | None = None,
+        on_exit: Exited | None = None,
     ) -> None:
         self._children = {str(c.instance): _Child(c) for c in commands}
         self._keep_serving = keep_serving
+        self._on_exit = on_exit
         self._backoff_s = backoff_s
         self._backoff_max_s = max(backoff_s, backoff_max_s)
         self._grace_s = stop_grace_s
@@ -107,6 +138,44 @@ class Supervisor:
     def backoffs(self, instance: ComponentId) -> list[float]:
         """The backoff waited before each restart so far."""
         return list(self._children[str(instance)].backoffs)
+
+    def command(self, instance: ComponentId) -> ComponentCommand:
+        """How the component is started next."""
+        return self._children[str(instance)].command
+
+    def keep_address(self, instance: ComponentId, address: str) -> None:
+        """Restart it on ``address`` (its NBD server's HOST:PORT) when its bind asked for any
+        free port: the VMs' disks and the cache's upstream point at that address."""
+        child = self._children[str(instance)]
+        bind = child.command.nbd_bind
+        host, _, port = address.rpartition(":")
+        if bind is None or not bind.endswith(":0") or not host or not port.isdigit():
+            return
+        if bind.rpartition(":")[0] in ("", host):
+            child.command = child.command.bound_to(address)
+            log.info("component keeps its address", component=str(instance), address=address)
+
+    def restart(
+        self, instance: ComponentId, *, started_before: float, grace_s: float
+    ) -> str | None:
+        """A repair: kill the child if it is alive (hung, stopped) and start a new one now,
+        or start it now if it exited and waits for its backoff. A child started since
+        ``started_before`` (loop time) and younger than ``grace_s`` is left to start: None.
+        Otherwise what was done."""
+        child = self._children[str(instance)]
+        process = child.process
+        age = asyncio.get_running_loop().time() - child.started_at
+        if process is not None and process.returncode is None:
+            if child.started_at >= started_before and age < grace_s:
+                return None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+            child.now.set()
+            log.warning("component killed for repair", component=str(instance), pid=process.pid)
+            return f"killed pid {process.pid} (alive, not beating) and restarted it"
+        child.now.set()
+        code = child.exit_codes[-1] if child.exit_codes else None
+        return f"restarted it (it had exited with code {code})"
 
     async def wait_exits(self, instance: ComponentId, count: int, *, timeout_s: float) -> None:
         """Until the component has exited ``count`` times."""
@@ -141,7 +210,7 @@ class Supervisor:
         bound = log.bind(component=str(child.command.instance))
         while not stop.is_set():
             process = await self._start(child)
-            started_at = loop.time()
+            started_at = child.started_at
             try:
                 stopped = await first_of(process.wait(), stop=stop) is None
             except BaseException:
@@ -160,11 +229,13 @@ class Supervisor:
             child.exit_codes.append(code if code is not None else 0)
             child.restarts += 1
             child.backoffs.append(backoff)
+            if self._on_exit is not None:
+                self._on_exit(child.command.instance, process.pid, child.exit_codes[-1])
             await self._notify()
             bound.warning("component exited; restarting", code=code, restarts=child.restarts,
                           backoff_s=backoff)  # fmt: skip
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=backoff)
+                await asyncio.wait_for(first_of(stop.wait(), child.now.wait()), timeout=backoff)
             backoff = min(backoff * 2, self._backoff_max_s)
 
     async def _must_keep_serving(self) -> bool:
@@ -192,7 +263,9 @@ class Supervisor:
                 start_new_session=True,
             )
         child.process = process
+        child.started_at = asyncio.get_running_loop().time()
         child.starts += 1
+        child.now.clear()
         log.info("component started", component=str(command.instance), pid=process.pid)
         await self._notify()
         return process
@@ -222,16 +295,42 @@ WATCH_STEP_S = 2.0
 
 class ComponentWatch:
     """Feeds the appliance's health board from component heartbeats: each component is a
-    required part of the appliance, ok while it beats, failed when silent for the timeout."""
+    required part of the appliance, ok while it beats, failed when silent for the timeout
+    or (a child of ours) when the process that was beating exits."""
 
     def __init__(
-        self, reader: ComponentHealth, board: HealthBoard, instances: Sequence[ComponentId]
+        self,
+        reader: ComponentHealth,
+        board: HealthBoard,
+        instances: Sequence[ComponentId],
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._reader = reader
         self._board = board
+        self._supervisor = supervisor
         self.instances = tuple(instances)
+        self._beating: dict[ComponentId, int] = {}  # the pid of its last ok heartbeat
+        self._dead: dict[ComponentId, int] = {}  # the pid that beat, then exited
         for instance in self.instances:
             board.register(str(instance), timeout_s=reader.timeout_s)
+
+    def exited(self, instance: ComponentId, pid: int, code: int) -> None:
+        """A child exited: failed now, if it is the process that was beating (not one that
+        found its data directory busy: another process of it still serves)."""
+        if self._beating.get(instance) != pid:
+            return
+        self._dead[instance] = pid
+        self._board.failed(str(instance), f"pid {pid} exited with code {code}")
+
+    def _ok(self, instance: ComponentId, report: ComponentReport) -> None:
+        if report.pid is not None and report.pid == self._dead.get(instance):
+            return  # a beat the dead process wrote before it died: not a recovery
+        if report.pid is not None:
+            self._beating[instance] = report.pid
+        address = report.figures.get("address")
+        if self._supervisor is not None and isinstance(address, str):
+            self._supervisor.keep_address(instance, address)
+        self._board.ok(str(instance), f"pid {report.pid} on {report.host}")
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tasks:
@@ -255,7 +354,7 @@ class ComponentWatch:
                 continue
             last = (report.pid, report.sequence, report.liveness)
             if report.liveness is Liveness.OK:
-                self._board.ok(str(instance), f"pid {report.pid} on {report.host}")
+                self._ok(instance, report)
             else:
                 self._board.failed(str(instance), report.detail)
 
@@ -309,10 +408,17 @@ class EmbeddedComponents:
             backoff_s=settings.component_restart_backoff_s,
             backoff_max_s=settings.component_restart_backoff_max_s,
             keep_serving=keep_serving,
+            on_exit=self._exited,
         )
         self.watch = ComponentWatch(
-            ComponentHealth(store, settings.component_timeout_s), board, instances
+            ComponentHealth(store, settings.component_timeout_s),
+            board,
+            instances,
+            self.supervisor,
         )
+
+    def _exited(self, instance: ComponentId, pid: int, code: int) -> None:
+        self.watch.exited(instance, pid, code)
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tasks:

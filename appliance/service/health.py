@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
+from typing import Any
 
 from appliance.clock import Clock
 from appliance.components.heartbeat import ComponentHealth as HeartbeatReader
@@ -48,10 +49,14 @@ NEEDS_COMPONENTS = frozenset({MigrationType.TBC, MigrationType.WARM})
 
 
 class HealthEvent(StrEnum):
-    """The event kinds of detection, as written to the event log."""
+    """The event kinds of detection and repair, as written to the event log."""
 
     COMPONENT_FAILED = "component_failed"
     COMPONENT_RECOVERED = "component_recovered"
+    # Repair (appliance/service/repair.py): fields component, attempt(s), seconds, ...
+    COMPONENT_REPAIR_STARTED = "component_repair_started"
+    COMPONENT_REPAIRED = "component_repaired"
+    COMPONENT_REPAIR_GAVE_UP = "component_repair_gave_up"
 
 
 def tbc_instances(settings: Settings) -> tuple[ComponentId, ...]:
@@ -81,25 +86,29 @@ class HealthEvents:
     def __init__(self, board: HealthBoard, clock: Clock) -> None:
         self._board = board
         self._clock = clock
-        self._pending: asyncio.Queue[tuple[HealthEvent, ComponentHealth, str]] = asyncio.Queue()
+        self._pending: asyncio.Queue[tuple[HealthEvent, str, dict[str, Any]]] = asyncio.Queue()
         board.subscribe(self._changed)
 
-    def _changed(self, before: ComponentHealth, after: ComponentHealth) -> None:
+    def note(self, kind: HealthEvent, component: str, **fields: object) -> None:
+        """An event about a component (a repair's), written in order with the others."""
         at = self._clock.now().isoformat()
+        self._pending.put_nowait((kind, at, {"component": component, **fields}))
+
+    def _changed(self, before: ComponentHealth, after: ComponentHealth) -> None:
         if after.state is ComponentState.FAILED:
             log.warning("component failed", component=after.name, detail=after.detail)
-            self._pending.put_nowait((HealthEvent.COMPONENT_FAILED, after, at))
+            self.note(HealthEvent.COMPONENT_FAILED, after.name, detail=after.detail)
         elif before.state is ComponentState.FAILED and after.state is ComponentState.OK:
             log.info("component recovered", component=after.name, detail=after.detail)
-            self._pending.put_nowait((HealthEvent.COMPONENT_RECOVERED, after, at))
+            self.note(HealthEvent.COMPONENT_RECOVERED, after.name, detail=after.detail)
 
     async def run(self, events: EventLog, stop: asyncio.Event) -> None:
         while not stop.is_set():
             taken = await first_of(self._pending.get(), stop=stop)
             if taken is None:
                 return
-            kind, component, at = taken
-            while not await self._write(events, kind, component, at):
+            kind, at, fields = taken
+            while not await self._write(events, kind, at, fields):
                 await first_of(self._board.wait_ok("state_store"), stop=stop)
                 if stop.is_set():
                     return
@@ -110,10 +119,10 @@ class HealthEvents:
         await self._pending.join()
 
     async def _write(
-        self, events: EventLog, kind: HealthEvent, component: ComponentHealth, at: str
+        self, events: EventLog, kind: HealthEvent, at: str, fields: dict[str, Any]
     ) -> bool:
         try:
-            await events.append(kind.value, at, component=component.name, detail=component.detail)
+            await events.append(kind.value, at, **fields)
         except StateStoreUnavailable:
             return False
         return True

@@ -5,7 +5,8 @@ scrape, on the loop): the migration counts hash (every migration by public
 state, O(states)), the records of the active groups' members (the migrations
 not yet finished: by type and state, the bytes done and the transfer rates,
 each resting VM's RPO lag from its cache's heartbeat), each component's
-heartbeat liveness and the supervisor's restart counts. Nothing is counted
+heartbeat liveness, the supervisor's restart counts, and the failures and repairs
+the repairer saw (appliance/service/repair.py) since the appliance started. Nothing is counted
 twice: the figures are the ones the status answers and heartbeats already give.
 """
 
@@ -29,6 +30,7 @@ from appliance.orchestrator.figures import CacheFigureReader
 from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.states import RESTING, Step
 from appliance.service.components import EmbeddedComponents
+from appliance.service.repair import RepairCounts
 from appliance.settings import Settings
 from appliance.state.migrations import MigrationStore
 from appliance.state.store import StateStore
@@ -57,7 +59,9 @@ class ApplianceCollector(Collector):
         figures: CacheFigureReader,
         components: Sequence[ComponentId],
         restarts: Restarts | None = None,
+        repairs: RepairCounts | None = None,
     ) -> None:
+        self._repairs = repairs
         self._migrations = migrations
         self._health = health
         self._figures = figures
@@ -93,6 +97,8 @@ class ApplianceCollector(Collector):
         )
         yield from self._migration_metrics(snap)
         yield from self._component_metrics(snap)
+        if self._repairs is not None:
+            yield from repair_metrics(self._repairs)
 
     def _migration_metrics(self, snap: _Snapshot) -> Iterator[Metric]:
         states = GaugeMetricFamily(
@@ -154,6 +160,29 @@ class ApplianceCollector(Collector):
         yield restarts
 
 
+def repair_metrics(counts: RepairCounts) -> Iterator[Metric]:
+    """Failures (any part of the board turning failed) and repairs, by board name."""
+    failures = CounterMetricFamily(
+        "ferry_component_failures", "Times the part turned failed", labels=["component"]
+    )
+    for name, count in sorted(counts.failures.items()):
+        failures.add_metric([name], count)
+    attempts = CounterMetricFamily(
+        "ferry_component_repair_attempts", "Repair attempts (restarts, command runs)",
+        labels=["component"],
+    )  # fmt: skip
+    for name, count in sorted(counts.attempts.items()):
+        attempts.add_metric([name], count)
+    repairs = CounterMetricFamily(
+        "ferry_component_repairs", "Repairs ended: repaired, or gave up at the deadline",
+        labels=["component", "outcome"],
+    )  # fmt: skip
+    for outcome, counter in (("repaired", counts.repaired), ("gave_up", counts.gave_up)):
+        for name, count in sorted(counter.items()):
+            repairs.add_metric([name, outcome], count)
+    yield from (failures, attempts, repairs)
+
+
 def appliance_registry(collector: ApplianceCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
@@ -166,6 +195,7 @@ def build_collector(
     store: StateStore,
     clock: Clock,
     components: EmbeddedComponents | None,
+    repairs: RepairCounts | None = None,
 ) -> ApplianceCollector:
     """The collector for the tbc components and the embedded ones (their restarts too)."""
     health = ComponentHealth(store, settings.component_timeout_s)
@@ -180,4 +210,4 @@ def build_collector(
 
         restarts = counted
     figures = CacheFigureReader(health, clock)
-    return ApplianceCollector(deps.migrations, health, figures, instances, restarts)
+    return ApplianceCollector(deps.migrations, health, figures, instances, restarts, repairs)

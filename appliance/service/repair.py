@@ -1,0 +1,338 @@
+"""Repair: a component the health board marks failed is restarted, with backoff, until it
+beats again or its repair deadline passes; then it is *unrepairable*.
+
+Who repairs what (:func:`repair_ways`):
+
+* an embedded component (a child of the appliance): :class:`ChildRestart`. The supervisor
+  already restarts a child that exits; an attempt kills a child that is alive but failed
+  (hung, SIGSTOPped: silent past the timeout) and starts a new one without waiting for the
+  supervisor's backoff, and starts one that exited at once. A child started since the
+  failure and younger than the component timeout is left to start (no attempt yet).
+* a component on its own host (``remote_components``): :class:`CommandRestart` runs
+  ``component_repair_command``, an argv template (split like a shell would, run without
+  one) with ``{kind}``, ``{name}`` and ``{instance}``; its exit code and the tail of its
+  output (known secrets cut out) go to the log and the event. No command configured:
+  nothing is attempted (the host's service manager restarts it), the deadline still holds.
+
+One repair, by :class:`Repairer`: the board marks X failed → attempt 1 at once → wait up
+to ``component_repair_backoff_s`` for X to be ok → attempt 2 → ... the wait doubling up
+to ``component_repair_backoff_max_s``. X ok again: *repaired* (attempts, seconds since it
+failed). ``component_repair_timeout_s`` after it failed and not ok: *gave up*; the board
+marks it unrepairable (``HealthBoard.unrepairable``, ``failed_since``,
+``wait_unrepairable``: what the recovery reads) and no more attempts are made; a later
+recovery by itself clears it.
+
+Events (kinds in :class:`~appliance.service.health.HealthEvent`, in the global stream,
+in order with ``component_failed`` and ``component_recovered``):
+``component_repair_started`` (component, attempt, action, exit_code, output),
+``component_repaired`` (component, attempts, seconds), ``component_repair_gave_up``
+(component, attempts, seconds, reason). :class:`RepairCounts` feeds the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Protocol
+
+from appliance.clock import Clock
+from appliance.components.orders import ComponentId
+from appliance.errors import NotConfigured
+from appliance.health import ComponentHealth, HealthBoard
+from appliance.logs import SECRETS, get_logger
+from appliance.service.components import EmbeddedComponents, Supervisor
+from appliance.service.health import HealthEvent, watched_elsewhere
+from appliance.settings import Settings
+from appliance.waiting import first_of
+from messages.events import ComponentState
+
+log = get_logger(__name__)
+OUTPUT_TAIL = 2000
+"""Characters of a repair command's output kept (the end: where errors are)."""
+OUTPUT_DRAIN_S = 1.0
+"""How long the output is read after the command exited (a child it left may hold it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one repair attempt did."""
+
+    action: str
+    exit_code: int | None = None  # a command's; None: no command, or it did not finish
+    output: str = ""  # the tail of a command's output, secrets cut out
+
+
+class RepairWay(Protocol):
+    def begin(self, instance: ComponentId) -> None:
+        """A new failure: the next attempt is the first of its repair."""
+
+    async def attempt(self, instance: ComponentId) -> Attempt | None:
+        """Try to bring it back; None when there is nothing to do yet (it is starting)."""
+
+
+class EventNotes(Protocol):
+    def note(self, kind: HealthEvent, component: str, **fields: object) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RepairPolicy:
+    backoff_s: float
+    backoff_max_s: float
+    timeout_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RepairPolicy:
+        return cls(
+            settings.component_repair_backoff_s,
+            max(settings.component_repair_backoff_s, settings.component_repair_backoff_max_s),
+            settings.component_repair_timeout_s,
+        )
+
+
+@dataclass(slots=True)
+class RepairCounts:
+    """Since the appliance started, by board name."""
+
+    failures: Counter[str] = field(default_factory=Counter)
+    attempts: Counter[str] = field(default_factory=Counter)
+    repaired: Counter[str] = field(default_factory=Counter)
+    gave_up: Counter[str] = field(default_factory=Counter)
+
+
+class Repairer:
+    """Repairs the components it is given when the board marks them failed."""
+
+    def __init__(
+        self, board: HealthBoard, notes: EventNotes, clock: Clock, policy: RepairPolicy
+    ) -> None:
+        self._board = board
+        self._notes = notes
+        self._clock = clock
+        self._policy = policy
+        self._ways: dict[str, tuple[ComponentId, RepairWay | None]] = {}
+        self._failed: asyncio.Queue[str] = asyncio.Queue()
+        self._active: set[str] = set()
+        self.counts = RepairCounts()
+        board.subscribe(self._changed)
+
+    def watch(self, instance: ComponentId, way: RepairWay | None) -> None:
+        """Repair ``instance`` by ``way`` (None: nothing to attempt, only the deadline)."""
+        name = str(instance)
+        self._ways[name] = (instance, way)
+        if self._board.is_failed(name):
+            self._failed.put_nowait(name)
+
+    def _changed(self, before: ComponentHealth, after: ComponentHealth) -> None:
+        if after.state is not ComponentState.FAILED:
+            return
+        self.counts.failures[after.name] += 1
+        if after.name in self._ways:
+            self._failed.put_nowait(after.name)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            while not stop.is_set():
+                name = await first_of(self._failed.get(), stop=stop)
+                if name is None:
+                    return
+                if name in self._active or not self._board.is_failed(name):
+                    continue
+                self._active.add(name)
+                tasks.create_task(self._repair_one(name, stop))
+
+    async def _repair_one(self, name: str, stop: asyncio.Event) -> None:
+        try:
+            await self._repair(name, stop)
+        finally:
+            self._active.discard(name)
+
+    async def _repair(self, name: str, stop: asyncio.Event) -> None:
+        instance, way = self._ways[name]
+        failed_at = self._board.failed_since(name) or self._clock.now()
+        deadline = failed_at + timedelta(seconds=self._policy.timeout_s)
+        backoff, attempts, last = self._policy.backoff_s, 0, "none"
+        if way is not None:
+            way.begin(instance)
+        while not stop.is_set():
+            now = self._clock.now()
+            if self._board.is_ok(name):
+                if attempts:
+                    self._repaired(name, attempts, (now - failed_at).total_seconds())
+                return
+            if not self._board.is_failed(name):
+                return  # starting again (not failed, not ok yet): judged by the board
+            remaining = (deadline - now).total_seconds()
+            if remaining <= 0:
+                self._give_up(name, attempts, (now - failed_at).total_seconds(), last)
+                return
+            wait = min(self._policy.backoff_s, remaining)
+            done = await way.attempt(instance) if way is not None else None
+            if done is not None:
+                attempts += 1
+                last = done.action
+                self._attempted(name, attempts, done)
+                wait = min(backoff, remaining)
+                backoff = min(backoff * 2, self._policy.backoff_max_s)
+            await first_of(self._board.wait_ok(name), self._clock.sleep(wait), stop=stop)
+
+    def _attempted(self, name: str, attempt: int, done: Attempt) -> None:
+        self.counts.attempts[name] += 1
+        log.warning(
+            "component repair attempt",
+            component=name,
+            attempt=attempt,
+            action=done.action,
+            exit_code=done.exit_code,
+            output=done.output,
+        )
+        self._notes.note(
+            HealthEvent.COMPONENT_REPAIR_STARTED,
+            name,
+            attempt=attempt,
+            action=done.action,
+            exit_code=done.exit_code,
+            output=done.output,
+        )
+
+    def _repaired(self, name: str, attempts: int, seconds: float) -> None:
+        self.counts.repaired[name] += 1
+        log.info("component repaired", component=name, attempts=attempts, seconds=seconds)
+        self._notes.note(
+            HealthEvent.COMPONENT_REPAIRED, name, attempts=attempts, seconds=round(seconds, 3)
+        )
+
+    def _give_up(self, name: str, attempts: int, seconds: float, last: str) -> None:
+        reason = (
+            f"not back {seconds:.1f}s after it failed (repair timeout "
+            f"{self._policy.timeout_s:g}s) after {attempts} repair attempts (last: {last})"
+        )
+        self.counts.gave_up[name] += 1
+        log.error("component repair gave up", component=name, reason=reason)
+        self._board.mark_unrepairable(name, reason)
+        self._notes.note(
+            HealthEvent.COMPONENT_REPAIR_GAVE_UP,
+            name,
+            attempts=attempts,
+            seconds=round(seconds, 3),
+            reason=reason,
+        )
+
+
+class ChildRestart:
+    """The embedded default: the supervisor kills and restarts the child."""
+
+    def __init__(self, supervisor: Supervisor, grace_s: float) -> None:
+        self._supervisor = supervisor
+        self._grace_s = grace_s  # a new child this young is still starting
+        self._since: dict[ComponentId, float] = {}
+
+    def begin(self, instance: ComponentId) -> None:
+        self._since[instance] = asyncio.get_running_loop().time()
+
+    async def attempt(self, instance: ComponentId) -> Attempt | None:
+        since = self._since.get(instance, asyncio.get_running_loop().time())
+        action = self._supervisor.restart(instance, started_before=since, grace_s=self._grace_s)
+        return Attempt(action) if action is not None else None
+
+
+class CommandRestart:
+    """Production: a configured command restarts the component (``systemctl restart``
+    over ssh, a cloud API call...). Run without a shell, in its own session, with the
+    appliance's environment less the bus token, for at most ``timeout_s``."""
+
+    def __init__(self, template: str, *, timeout_s: float, env: Mapping[str, str]) -> None:
+        try:
+            self._template = tuple(shlex.split(template))
+        except ValueError as error:
+            raise NotConfigured("FERRY_COMPONENT_REPAIR_COMMAND", str(error)) from None
+        if not self._template:
+            raise NotConfigured("FERRY_COMPONENT_REPAIR_COMMAND", "empty")
+        try:
+            self.argv(ComponentId("cache", "check"))
+        except (KeyError, IndexError, ValueError) as error:
+            reason = f"only {{kind}}, {{name}} and {{instance}} may be filled in: {error!r}"
+            raise NotConfigured("FERRY_COMPONENT_REPAIR_COMMAND", reason) from None
+        self._timeout_s = timeout_s
+        self._env = {k: v for k, v in env.items() if k != "FERRY_BUS_TOKEN"}
+
+    def argv(self, instance: ComponentId) -> tuple[str, ...]:
+        fill = {"kind": instance.kind, "name": instance.name, "instance": str(instance)}
+        return tuple(part.format(**fill) for part in self._template)
+
+    def begin(self, instance: ComponentId) -> None:
+        pass  # every attempt runs the command
+
+    async def attempt(self, instance: ComponentId) -> Attempt:
+        argv = self.argv(instance)
+        action = SECRETS.scrub(f"ran {shlex.join(argv)}")
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self._env,
+                start_new_session=True,
+            )
+        except OSError as error:
+            return Attempt(action, None, SECRETS.scrub(f"{type(error).__name__}: {error}"))
+        output = bytearray()
+        reader = asyncio.create_task(_read_tail(process, output))
+        try:
+            code: int | None = await asyncio.wait_for(process.wait(), self._timeout_s)
+        except TimeoutError:
+            code = None
+            _kill_group(process.pid)
+            await process.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reader), OUTPUT_DRAIN_S)
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        text = output.decode("utf-8", "replace")[-OUTPUT_TAIL:]
+        if code is None:
+            text += f"\n(killed: still running after {self._timeout_s:g}s)"
+        return Attempt(action, code, SECRETS.scrub(text))
+
+
+async def _read_tail(process: asyncio.subprocess.Process, into: bytearray) -> None:
+    """Read the output to its end, keeping only the tail."""
+    assert process.stdout is not None
+    while block := await process.stdout.read(65536):
+        into += block
+        del into[: max(0, len(into) - 4 * OUTPUT_TAIL)]
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def repair_ways(
+    settings: Settings, embedded: EmbeddedComponents | None
+) -> list[tuple[ComponentId, RepairWay | None]]:
+    """Each expected component and how it is repaired: the embedded ones by their
+    supervisor, the remote ones by the repair command (none configured: no attempt)."""
+    ways: list[tuple[ComponentId, RepairWay | None]] = []
+    if embedded is not None:
+        child = ChildRestart(embedded.supervisor, settings.component_timeout_s)
+        ways += [(instance, child) for instance in embedded.watch.instances]
+    remote: Sequence[ComponentId] = watched_elsewhere(settings)
+    command = (
+        CommandRestart(
+            settings.component_repair_command,
+            timeout_s=settings.component_repair_command_timeout_s,
+            env=os.environ,
+        )
+        if settings.component_repair_command and remote
+        else None
+    )
+    ways += [(instance, command) for instance in remote]
+    return ways
