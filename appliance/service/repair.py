@@ -36,11 +36,12 @@ import contextlib
 import os
 import shlex
 import signal
+import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Protocol
+from datetime import datetime
+from typing import IO, Protocol
 
 from appliance.clock import Clock
 from appliance.components.orders import ComponentId
@@ -56,8 +57,6 @@ from messages.events import ComponentState
 log = get_logger(__name__)
 OUTPUT_TAIL = 2000
 """Characters of a repair command's output kept (the end: where errors are)."""
-OUTPUT_DRAIN_S = 1.0
-"""How long the output is read after the command exited (a child it left may hold it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +105,20 @@ class RepairCounts:
     gave_up: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass(slots=True)
+class _Episode:
+    """One failure of a component and its repair so far."""
+
+    failed_at: datetime
+    attempts: int = 0
+    backoff_s: float = 0.0
+    last: str = "none"
+    begun: bool = False
+    attempting: bool = False
+    done: bool = False  # ok again, or given up
+    repaired_s: float | None = None  # ok again this long after it failed
+
+
 class Repairer:
     """Repairs the components it is given when the board marks them failed."""
 
@@ -117,6 +130,8 @@ class Repairer:
         self._clock = clock
         self._policy = policy
         self._ways: dict[str, tuple[ComponentId, RepairWay | None]] = {}
+        self._episodes: dict[str, _Episode] = {}
+        self._kicks: dict[str, asyncio.Event] = {}
         self._failed: asyncio.Queue[str] = asyncio.Queue()
         self._active: set[str] = set()
         self.counts = RepairCounts()
@@ -126,15 +141,32 @@ class Repairer:
         """Repair ``instance`` by ``way`` (None: nothing to attempt, only the deadline)."""
         name = str(instance)
         self._ways[name] = (instance, way)
+        self._kicks[name] = asyncio.Event()
         if self._board.is_failed(name):
-            self._failed.put_nowait(name)
+            self._begin(name)
+
+    def _begin(self, name: str) -> None:
+        failed_at = self._board.failed_since(name) or self._clock.now()
+        self._episodes[name] = _Episode(failed_at, backoff_s=self._policy.backoff_s)
+        self._failed.put_nowait(name)
 
     def _changed(self, before: ComponentHealth, after: ComponentHealth) -> None:
-        if after.state is not ComponentState.FAILED:
+        """Called by the board, after the events' listener: a failure's event, then its
+        repair's; the recovery's, then the repaired one."""
+        name = after.name
+        if after.state is ComponentState.FAILED:
+            self.counts.failures[name] += 1
+        if name not in self._ways:
             return
-        self.counts.failures[after.name] += 1
-        if after.name in self._ways:
-            self._failed.put_nowait(after.name)
+        self._kicks[name].set()
+        episode = self._episodes.get(name)
+        if after.state is ComponentState.FAILED and (episode is None or episode.done):
+            self._begin(name)
+        elif after.state is ComponentState.OK and episode is not None and not episode.done:
+            episode.done = True
+            episode.repaired_s = (self._clock.now() - episode.failed_at).total_seconds()
+            if episode.attempts and not episode.attempting:
+                self._repaired(name, episode.attempts, episode.repaired_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tasks:
@@ -142,45 +174,58 @@ class Repairer:
                 name = await first_of(self._failed.get(), stop=stop)
                 if name is None:
                     return
-                if name in self._active or not self._board.is_failed(name):
-                    continue
-                self._active.add(name)
-                tasks.create_task(self._repair_one(name, stop))
+                if name not in self._active:
+                    self._active.add(name)
+                    tasks.create_task(self._repair_one(name, stop))
 
     async def _repair_one(self, name: str, stop: asyncio.Event) -> None:
         try:
             await self._repair(name, stop)
         finally:
             self._active.discard(name)
+            if not stop.is_set() and not self._episodes[name].done:
+                self._failed.put_nowait(name)  # failed again as this run ended
 
     async def _repair(self, name: str, stop: asyncio.Event) -> None:
         instance, way = self._ways[name]
-        failed_at = self._board.failed_since(name) or self._clock.now()
-        deadline = failed_at + timedelta(seconds=self._policy.timeout_s)
-        backoff, attempts, last = self._policy.backoff_s, 0, "none"
-        if way is not None:
-            way.begin(instance)
+        kick = self._kicks[name]
         while not stop.is_set():
-            now = self._clock.now()
-            if self._board.is_ok(name):
-                if attempts:
-                    self._repaired(name, attempts, (now - failed_at).total_seconds())
+            kick.clear()
+            episode = self._episodes[name]
+            if episode.done:
                 return
-            if not self._board.is_failed(name):
-                return  # starting again (not failed, not ok yet): judged by the board
-            remaining = (deadline - now).total_seconds()
+            elapsed = (self._clock.now() - episode.failed_at).total_seconds()
+            remaining = self._policy.timeout_s - elapsed
             if remaining <= 0:
-                self._give_up(name, attempts, (now - failed_at).total_seconds(), last)
+                self._give_up(name, episode, elapsed)
                 return
+            if way is not None and not episode.begun:
+                way.begin(instance)
+            episode.begun = True
             wait = min(self._policy.backoff_s, remaining)
-            done = await way.attempt(instance) if way is not None else None
+            done = await self._attempt(name, instance, way, episode)
             if done is not None:
-                attempts += 1
-                last = done.action
-                self._attempted(name, attempts, done)
-                wait = min(backoff, remaining)
-                backoff = min(backoff * 2, self._policy.backoff_max_s)
-            await first_of(self._board.wait_ok(name), self._clock.sleep(wait), stop=stop)
+                wait = min(episode.backoff_s, remaining)
+                episode.backoff_s = min(episode.backoff_s * 2, self._policy.backoff_max_s)
+            await first_of(kick.wait(), self._clock.sleep(wait), stop=stop)
+
+    async def _attempt(
+        self, name: str, instance: ComponentId, way: RepairWay | None, episode: _Episode
+    ) -> Attempt | None:
+        if way is None:
+            return None
+        episode.attempting = True
+        try:
+            done = await way.attempt(instance)
+        finally:
+            episode.attempting = False
+        if done is not None:
+            episode.attempts += 1
+            episode.last = done.action
+            self._attempted(name, episode.attempts, done)
+        if episode.repaired_s is not None and episode.attempts:
+            self._repaired(name, episode.attempts, episode.repaired_s)  # back meanwhile
+        return done
 
     def _attempted(self, name: str, attempt: int, done: Attempt) -> None:
         self.counts.attempts[name] += 1
@@ -208,10 +253,12 @@ class Repairer:
             HealthEvent.COMPONENT_REPAIRED, name, attempts=attempts, seconds=round(seconds, 3)
         )
 
-    def _give_up(self, name: str, attempts: int, seconds: float, last: str) -> None:
+    def _give_up(self, name: str, episode: _Episode, seconds: float) -> None:
+        episode.done = True
         reason = (
             f"not back {seconds:.1f}s after it failed (repair timeout "
-            f"{self._policy.timeout_s:g}s) after {attempts} repair attempts (last: {last})"
+            f"{self._policy.timeout_s:g}s) after {episode.attempts} repair attempts "
+            f"(last: {episode.last})"
         )
         self.counts.gave_up[name] += 1
         log.error("component repair gave up", component=name, reason=reason)
@@ -219,7 +266,7 @@ class Repairer:
         self._notes.note(
             HealthEvent.COMPONENT_REPAIR_GAVE_UP,
             name,
-            attempts=attempts,
+            attempts=episode.attempts,
             seconds=round(seconds, 3),
             reason=reason,
         )
@@ -272,42 +319,37 @@ class CommandRestart:
     async def attempt(self, instance: ComponentId) -> Attempt:
         argv = self.argv(instance)
         action = SECRETS.scrub(f"ran {shlex.join(argv)}")
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=self._env,
-                start_new_session=True,
-            )
-        except OSError as error:
-            return Attempt(action, None, SECRETS.scrub(f"{type(error).__name__}: {error}"))
-        output = bytearray()
-        reader = asyncio.create_task(_read_tail(process, output))
-        try:
-            code: int | None = await asyncio.wait_for(process.wait(), self._timeout_s)
-        except TimeoutError:
-            code = None
-            _kill_group(process.pid)
-            await process.wait()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(reader), OUTPUT_DRAIN_S)
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
-        text = output.decode("utf-8", "replace")[-OUTPUT_TAIL:]
+        # Its output goes to a file, not a pipe: a process it leaves running (the
+        # component it started) may keep its output open; the command's exit is the end.
+        with tempfile.TemporaryFile() as output:
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=output,
+                    env=self._env,
+                    start_new_session=True,
+                )
+            except OSError as error:
+                return Attempt(action, None, SECRETS.scrub(f"{type(error).__name__}: {error}"))
+            try:
+                code: int | None = await asyncio.wait_for(process.wait(), self._timeout_s)
+            except TimeoutError:
+                code = None
+                _kill_group(process.pid)
+                await process.wait()
+            text = await asyncio.to_thread(_tail, output)
         if code is None:
             text += f"\n(killed: still running after {self._timeout_s:g}s)"
         return Attempt(action, code, SECRETS.scrub(text))
 
 
-async def _read_tail(process: asyncio.subprocess.Process, into: bytearray) -> None:
-    """Read the output to its end, keeping only the tail."""
-    assert process.stdout is not None
-    while block := await process.stdout.read(65536):
-        into += block
-        del into[: max(0, len(into) - 4 * OUTPUT_TAIL)]
+def _tail(output: IO[bytes]) -> str:
+    output.seek(0, os.SEEK_END)
+    size = output.tell()
+    output.seek(max(0, size - 4 * OUTPUT_TAIL))
+    return output.read().decode("utf-8", "replace")[-OUTPUT_TAIL:]
 
 
 def _kill_group(pid: int) -> None:
