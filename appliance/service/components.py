@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,7 @@ log = get_logger(__name__)
 
 
 NBD_BIND_FLAG = "--nbd-bind"
+DATA_DIR_FLAG = "--data-dir"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,19 @@ class ComponentCommand:
         argv = self.argv
         at = argv.index(NBD_BIND_FLAG) if NBD_BIND_FLAG in argv else -1
         return argv[at + 1] if 0 <= at < len(argv) - 1 else None
+
+    def runs_as(self, pid: int) -> bool:
+        """Is ``pid`` a process of this component on this host (a child of an appliance
+        before us, left serving): ``component`` with this data directory in its argv?"""
+        at = self.argv.index(DATA_DIR_FLAG) if DATA_DIR_FLAG in self.argv else -1
+        if at < 0 or at + 1 >= len(self.argv):
+            return False
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        wanted = (b"component", os.fsencode(self.argv[at + 1]))
+        return all(part in argv for part in wanted)
 
     def bound_to(self, address: str) -> ComponentCommand:
         """The same command with its NBD server on ``address`` (HOST:PORT)."""
@@ -81,7 +96,7 @@ def component_command(
     argv = (
         sys.executable, "-m", "appliance.cli", "component", instance.kind,
         "--name", instance.name,
-        "--data-dir", str(data_dir),
+        DATA_DIR_FLAG, str(data_dir),
         NBD_BIND_FLAG, nbd_bind,
         *extra,
     )  # fmt: skip
@@ -156,14 +171,28 @@ class Supervisor:
             log.info("component keeps its address", component=str(instance), address=address)
 
     def restart(
-        self, instance: ComponentId, *, started_before: float, grace_s: float
+        self,
+        instance: ComponentId,
+        *,
+        started_before: float,
+        grace_s: float,
+        beating: int | None = None,
     ) -> str | None:
         """A repair: kill the child if it is alive (hung, stopped) and start a new one now,
         or start it now if it exited and waits for its backoff. A child started since
         ``started_before`` (loop time) and younger than ``grace_s`` is left to start: None.
-        Otherwise what was done."""
+        ``beating``: the pid whose heartbeat went silent, when on this host; not our child
+        but a process of this component (left serving by an appliance before us, holding
+        its data directory): killed too. Otherwise what was done."""
         child = self._children[str(instance)]
         process = child.process
+        ours = process.pid if process is not None else None
+        if beating is not None and beating != ours and child.command.runs_as(beating):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(beating, signal.SIGKILL)
+            child.now.set()
+            log.warning("component killed for repair", component=str(instance), pid=beating)
+            return f"killed pid {beating} (left by an earlier appliance, not beating)"
         age = asyncio.get_running_loop().time() - child.started_at
         if process is not None and process.returncode is None:
             if child.started_at >= started_before and age < grace_s:
@@ -311,8 +340,14 @@ class ComponentWatch:
         self.instances = tuple(instances)
         self._beating: dict[ComponentId, int] = {}  # the pid of its last ok heartbeat
         self._dead: dict[ComponentId, int] = {}  # the pid that beat, then exited
+        self._hosts: dict[ComponentId, str] = {}
         for instance in self.instances:
             board.register(str(instance), timeout_s=reader.timeout_s)
+
+    def beating_pid(self, instance: ComponentId) -> int | None:
+        """The pid of its last ok heartbeat, when that process runs on this host."""
+        pid = self._beating.get(instance)
+        return pid if self._hosts.get(instance) == socket.gethostname() else None
 
     def exited(self, instance: ComponentId, pid: int, code: int) -> None:
         """A child exited: failed now, if it is the process that was beating (not one that
@@ -322,11 +357,13 @@ class ComponentWatch:
         self._dead[instance] = pid
         self._board.failed(str(instance), f"pid {pid} exited with code {code}")
 
-    def _ok(self, instance: ComponentId, report: ComponentReport) -> None:
+    def seen_ok(self, instance: ComponentId, report: ComponentReport) -> None:
+        """An ok heartbeat: the component is ok, unless the process that wrote it exited."""
         if report.pid is not None and report.pid == self._dead.get(instance):
             return  # a beat the dead process wrote before it died: not a recovery
         if report.pid is not None:
             self._beating[instance] = report.pid
+            self._hosts[instance] = report.host
         address = report.figures.get("address")
         if self._supervisor is not None and isinstance(address, str):
             self._supervisor.keep_address(instance, address)
@@ -354,7 +391,7 @@ class ComponentWatch:
                 continue
             last = (report.pid, report.sequence, report.liveness)
             if report.liveness is Liveness.OK:
-                self._ok(instance, report)
+                self.seen_ok(instance, report)
             else:
                 self._board.failed(str(instance), report.detail)
 

@@ -48,7 +48,7 @@ from appliance.components.orders import ComponentId
 from appliance.errors import NotConfigured
 from appliance.health import ComponentHealth, HealthBoard
 from appliance.logs import SECRETS, get_logger
-from appliance.service.components import EmbeddedComponents, Supervisor
+from appliance.service.components import ComponentWatch, EmbeddedComponents, Supervisor
 from appliance.service.health import HealthEvent, watched_elsewhere
 from appliance.settings import Settings
 from appliance.waiting import first_of
@@ -275,8 +275,9 @@ class Repairer:
 class ChildRestart:
     """The embedded default: the supervisor kills and restarts the child."""
 
-    def __init__(self, supervisor: Supervisor, grace_s: float) -> None:
+    def __init__(self, supervisor: Supervisor, watch: ComponentWatch, grace_s: float) -> None:
         self._supervisor = supervisor
+        self._watch = watch
         self._grace_s = grace_s  # a new child this young is still starting
         self._since: dict[ComponentId, float] = {}
 
@@ -285,7 +286,12 @@ class ChildRestart:
 
     async def attempt(self, instance: ComponentId) -> Attempt | None:
         since = self._since.get(instance, asyncio.get_running_loop().time())
-        action = self._supervisor.restart(instance, started_before=since, grace_s=self._grace_s)
+        action = self._supervisor.restart(
+            instance,
+            started_before=since,
+            grace_s=self._grace_s,
+            beating=self._watch.beating_pid(instance),
+        )
         return Attempt(action) if action is not None else None
 
 
@@ -364,7 +370,7 @@ def repair_ways(
     supervisor, the remote ones by the repair command (none configured: no attempt)."""
     ways: list[tuple[ComponentId, RepairWay | None]] = []
     if embedded is not None:
-        child = ChildRestart(embedded.supervisor, settings.component_timeout_s)
+        child = ChildRestart(embedded.supervisor, embedded.watch, settings.component_timeout_s)
         ways += [(instance, child) for instance in embedded.watch.instances]
     remote: Sequence[ComponentId] = watched_elsewhere(settings)
     command = (

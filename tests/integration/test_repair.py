@@ -32,6 +32,7 @@ from appliance.state.store import StateStore, connect
 from clients.client import FerryClient
 from messages.events import ComponentState, ReadyStatus
 from tests.integration.conftest import TOKEN, Harness, RunningAppliance
+from tests.integration.migration_helpers import ApplianceProcess
 from tests.integration.tbc_helpers import kill_pids
 from tests.integration.test_health import beat_until, health_events_until, states
 from tests.support.scrape import scrape
@@ -273,4 +274,70 @@ async def test_a_repair_command_that_keeps_failing_is_retried_with_backoff_then_
         await running.shutdown()
     finally:
         kill_pids(pids, tmp_path)
+        await store.close()
+
+
+def gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody reaped yet."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+async def test_a_hung_component_left_by_an_earlier_appliance_is_killed_and_replaced(
+    harness: Harness,
+    start_appliance: StartAppliance,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The appliance that started the component died; its child kept serving, and ours
+    keep finding the data directory busy (not a failure). Then that process hangs: the
+    repair kills it (a process of this component on this host) and ours takes over."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    overrides: dict[str, object] = {
+        "embedded_components": str(CACHE),
+        "component_runtime": ECHO,
+        "test_mode": True,
+        "component_heartbeat_interval_s": 0.2,
+        "component_timeout_s": TIMEOUT_S,
+        "component_restart_backoff_s": 0.2,
+        "component_repair_backoff_s": TIMEOUT_S,
+    }
+    earlier = ApplianceProcess(harness, tmp_path / "appliance-0.log", **overrides)
+    store = StateStore(connect(harness.redis_url), Keys(harness.prefix))
+    pids: list[int] = []
+    try:
+        await earlier.start()
+        health = ComponentHealth(store, TIMEOUT_S)
+        left = await health.wait_until(CACHE, alive, WAIT_S)
+        assert left.pid is not None
+        pids.append(left.pid)
+        earlier.kill()
+        running = await start_appliance(harness.settings(**overrides))
+        board = running.appliance.health
+        await asyncio.wait_for(board.wait_ok(str(CACHE)), WAIT_S)  # the one left serving
+        os.kill(left.pid, signal.SIGSTOP)
+
+        events = await health_events_until(store, repaired(str(CACHE)))
+        assert kinds_of(events, str(CACHE)) == [
+            "component_failed",
+            "component_repair_started",
+            "component_recovered",
+            "component_repaired",
+        ]
+        (started,) = [e for e in events if e.kind == "component_repair_started"]
+        assert started.fields["action"] == (
+            f"killed pid {left.pid} (left by an earlier appliance, not beating)"
+        )
+        ours = await health.wait_until(CACHE, lambda r: alive(r) and r.pid != left.pid, WAIT_S)
+        assert ours.pid is not None
+        pids.append(ours.pid)
+        assert gone(left.pid)
+        await running.shutdown()
+        assert gone(ours.pid)  # ours: stopped with the appliance
+    finally:
+        earlier.kill()
+        kill_pids(pids, harness.data_dir)
         await store.close()
