@@ -7,6 +7,9 @@ secrets, a deadline of its own, a child it leaves behind not waited for."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,12 +17,17 @@ from pathlib import Path
 import pytest
 
 from appliance.clock import FakeClock
+from appliance.components.heartbeat import ComponentHealth as HeartbeatReader
+from appliance.components.heartbeat import ComponentReport, Liveness
 from appliance.components.orders import ComponentId
 from appliance.errors import NotConfigured
 from appliance.health import HealthBoard
 from appliance.logs import MASK, secrets_in_flight
+from appliance.service.components import ComponentWatch, Supervisor, component_command
 from appliance.service.health import HealthEvent
 from appliance.service.repair import Attempt, CommandRestart, Repairer, RepairPolicy
+from appliance.state.keys import Keys
+from appliance.state.store import StateStore, connect
 
 CACHE = ComponentId("cache", "cache-1")
 NAME = str(CACHE)
@@ -280,9 +288,6 @@ async def test_the_repair_command_has_a_deadline_and_a_child_it_leaves_is_not_wa
         assert done.exit_code == 0 and "started" in done.output
         Path(f"/proc/{pid}").stat()  # the child it left still runs (and holds its output)
     finally:
-        import os
-        import signal
-
         os.kill(pid, signal.SIGKILL)
 
 
@@ -291,3 +296,50 @@ def test_a_bad_repair_command_is_refused_at_startup(template: str) -> None:
     with pytest.raises(NotConfigured) as refused:
         CommandRestart(template, timeout_s=1, env={})
     assert refused.value.setting == "FERRY_COMPONENT_REPAIR_COMMAND"
+
+
+# -- the supervisor's side: exits, addresses ------------------------------------------------------
+
+
+def beat(pid: int, address: str = "127.0.0.1:40001") -> ComponentReport:
+    return ComponentReport(
+        CACHE, Liveness.OK, "", 0.1, pid=pid, host=socket.gethostname(), sequence=pid,
+        figures={"address": address},
+    )  # fmt: skip
+
+
+async def test_the_exit_of_the_beating_child_is_a_failure_and_its_address_is_kept(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    board = HealthBoard(clock)
+    command = component_command(
+        CACHE, data_dir=tmp_path / "c", nbd_bind="127.0.0.1:0", env={}, log_file=tmp_path / "l"
+    )
+    supervisor = Supervisor([command], backoff_s=1, backoff_max_s=2)
+    store = StateStore(connect("redis://127.0.0.1:1/0"), Keys("unused"))  # never called
+    watch = ComponentWatch(HeartbeatReader(store, 5), board, [CACHE], supervisor)
+    watch.seen_ok(CACHE, beat(10))
+    assert board.is_ok(NAME) and watch.beating_pid(CACHE) == 10
+    assert supervisor.command(CACHE).nbd_bind == "127.0.0.1:40001"  # restarted there
+
+    watch.exited(CACHE, 11, 1)  # a child that found its data directory busy: not a failure
+    assert board.is_ok(NAME)
+    watch.exited(CACHE, 10, -9)
+    assert board.is_failed(NAME) and board.statuses()[0].detail == "pid 10 exited with code -9"
+    watch.seen_ok(CACHE, beat(10))  # a beat it wrote before it died: no recovery
+    assert board.is_failed(NAME)
+    watch.seen_ok(CACHE, beat(12, "127.0.0.1:40001"))
+    assert board.is_ok(NAME) and watch.beating_pid(CACHE) == 12
+    await store.close()
+
+    fixed = component_command(
+        CACHE, data_dir=tmp_path / "c", nbd_bind="127.0.0.1:10809", env={}, log_file=tmp_path
+    )
+    other_host = component_command(
+        CACHE, data_dir=tmp_path / "c", nbd_bind="10.0.0.1:0", env={}, log_file=tmp_path
+    )
+    for given in (fixed, other_host):
+        kept = Supervisor([given], backoff_s=1, backoff_max_s=2)
+        kept.keep_address(CACHE, "127.0.0.1:40001")
+        assert kept.command(CACHE).nbd_bind == given.nbd_bind  # only a port-0 bind moves
