@@ -182,7 +182,7 @@ async def test_a_killed_cache_comes_back_with_its_dirty_data_and_nothing_migrate
     base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
     settings = harness.settings(
         **TBC_SETTINGS,
-        component_timeout_s=10.0,
+        component_timeout_s=30.0,  # the kill is seen at the exit, not by the timeout
         component_restart_backoff_s=0.2,
         metrics_bind="127.0.0.1:0",
     )
