@@ -223,6 +223,7 @@ async def test_a_killed_cache_comes_back_with_its_dirty_data_and_nothing_migrate
         assert events[0].fields["detail"] == f"pid {cache_pid} exited with code -9"
         assert events[1].fields["action"] == "restarted it (it had exited with code -9)"
         assert events[3].fields["attempts"] == 1
+        print(f"cache SIGKILL: repaired {events[3].fields['seconds']:.2f}s after it failed")
 
         def serving(report: ComponentReport) -> bool:
             return (

@@ -115,6 +115,8 @@ async def test_an_embedded_component_hung_past_its_timeout_is_killed_and_restart
         assert started.fields["attempt"] == 1
         assert started.fields["action"].startswith(f"killed pid {first.pid}")
         assert done.fields["attempts"] == 1 and 0 < done.fields["seconds"] < back_s
+        print(f"SIGSTOP: failed {failed.at}, repaired {done.fields['seconds']:.2f}s later, "
+              f"{back_s:.2f}s after the stop (timeout {TIMEOUT_S}s)")  # fmt: skip
         again = await health.wait_until(CACHE, lambda r: alive(r) and r.pid != first.pid, WAIT_S)
         assert again.pid is not None
         pids.append(again.pid)
@@ -215,6 +217,7 @@ async def test_a_remote_component_is_restarted_by_the_repair_command(
         assert started.fields["action"] == f"ran {template.format(kind='cache', name='cache-1')}"
         assert started.fields["output"] == f"started cache/cache-1 as pid {again.pid}\n"
         assert done.fields["attempts"] == 1 and done.fields["seconds"] >= 0
+        print(f"repair command: repaired {done.fields['seconds']:.2f}s after it failed")
         await running.shutdown()
     finally:
         kill_pids(pids, tmp_path)
