@@ -7,7 +7,9 @@ committed on-prem). The supervisor sees the child exit (failed at once), the rep
 restarts it on the address it had, it reopens its disk from its data directory, and:
 every write the guest flushed before the kill reads back through it; the guest goes on;
 epochs commit again; nothing migrated back; and a planned migrate back leaves on-prem
-equal to the replay of the guest's whole write log. Real processes, LocalStack, Redis.
+equal to the replay of the guest's whole write log. The I/O manager killed the same way
+comes back on its address (the cache's upstream), and the epochs resume. Real processes,
+LocalStack, Redis.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from appliance.components.heartbeat import ComponentHealth, ComponentReport, Liveness
+from appliance.components.orders import ComponentId
 from appliance.datapath.nbd import NbdBackend
 from appliance.datapath.nbd.channel import TcpAddress
 from appliance.errors import FerryError
@@ -34,12 +38,13 @@ from appliance.sites.lab.site import LabSite
 from appliance.sites.lab.workload import GuestWorkload, WorkloadSpec, WriteLog, read_write_log
 from appliance.state.events import EventRecord
 from appliance.state.migrations import MigrationStore
+from appliance.state.store import StateStore
 from appliance.storage.extents import Extent
 from clients.client import FerryClient
 from messages.commands import SetPolicyRequest, SetPolicyRequestBody
 from messages.common import PowerState
 from tests.integration.conftest import Harness, RunningAppliance
-from tests.integration.migration_helpers import start_migration
+from tests.integration.migration_helpers import Follower, start_migration
 from tests.integration.tbc_helpers import (
     CACHE,
     ONPREM,
@@ -160,29 +165,42 @@ def component_pids(data_dir: Path) -> Iterator[list[int]]:
     kill_pids(pids, data_dir)
 
 
-def of_cache(events: list[EventRecord]) -> list[EventRecord]:
-    return [e for e in events if e.fields.get("component") == str(CACHE)]
-
-
-def repaired(events: list[EventRecord]) -> bool:
-    return HealthEvent.COMPONENT_REPAIRED in [e.kind for e in of_cache(events)]
-
-
 async def read_export(address: str, export: str) -> bytes:
     host, _, port = address.rpartition(":")
     async with await NbdBackend.connect(TcpAddress(host, int(port)), export) as source:
         return await source.read(0, source.size)
 
 
-async def test_a_killed_cache_comes_back_with_its_dirty_data_and_nothing_migrates_back(
+@dataclass
+class RestingVm:
+    """A tbc VM resting in the cloud, its guest writing: the parts a test uses."""
+
+    client: FerryClient
+    store: StateStore
+    follower: Follower
+    migration_id: str
+    disk: str
+    address: TcpAddress
+    export: str
+    guest: RecoveringGuest
+    guest_disk: GuestDisk
+    base: bytes
+    pids: dict[str, int]
+    committed: int
+
+
+@asynccontextmanager
+async def resting_vm(
     harness: Harness, start_appliance: StartAppliance, tmp_path: Path, component_pids: list[int]
-) -> None:
+) -> AsyncIterator[RestingVm]:
+    """Its guest wrote, an epoch (a sync) committed, then the guest wrote and flushed more:
+    that exists only in the cache. Epochs only when asked: nothing is cut by time."""
     vm = lab_vm(1, disks=1, disk_size=8 * MIB)
     await build_lab(harness.data_dir, [vm])
     base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
     settings = harness.settings(
         **TBC_SETTINGS,
-        component_timeout_s=30.0,  # the kill is seen at the exit, not by the timeout
+        component_timeout_s=30.0,  # a kill is seen at the exit, not by the timeout
         component_restart_backoff_s=0.2,
         metrics_bind="127.0.0.1:0",
     )
@@ -190,8 +208,6 @@ async def test_a_killed_cache_comes_back_with_its_dirty_data_and_nothing_migrate
     async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
         pids = await components_up(store)
         component_pids += pids.values()
-        # Epochs only when asked (a sync): what the guest writes after one stays dirty in
-        # the cache, on no other disk.
         policy = SetPolicyRequestBody(cluster="cluster-a", rto_rpo_interval_s=3600)
         await client.request(SetPolicyRequest(body=policy))
         follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
@@ -205,57 +221,10 @@ async def test_a_killed_cache_comes_back_with_its_dirty_data_and_nothing_migrate
         committed = await committed_epoch(store, disk)
         assert committed >= 1
         await guest.wait_writes(await guest.writes() + 40, within_s=60)  # flushed, dirty
-
-        health = ComponentHealth(store, 120)
-        before = await health.report(CACHE)
-        cache_pid = pids[str(CACHE)]
-        os.kill(cache_pid, signal.SIGKILL)
-        await asyncio.wait_for(guest_disk.stalled.wait(), WAIT_S)
-
-        # The repair: failed at the exit, restarted at once, on the same address.
-        events = of_cache(await health_events_until(store, repaired))
-        assert [e.kind for e in events] == [
-            "component_failed",
-            "component_repair_started",
-            "component_recovered",
-            "component_repaired",
-        ]
-        assert events[0].fields["detail"] == f"pid {cache_pid} exited with code -9"
-        assert events[1].fields["action"] == "restarted it (it had exited with code -9)"
-        assert events[3].fields["attempts"] == 1
-        print(f"cache SIGKILL: repaired {events[3].fields['seconds']:.2f}s after it failed")
-
-        def serving(report: ComponentReport) -> bool:
-            return (
-                report.liveness is Liveness.OK
-                and report.pid != cache_pid
-                and disk in report.figures.get("exports", [])
-            )
-
-        back = await health.wait_until(CACHE, serving, WAIT_S)
-        assert back.pid is not None
-        component_pids.append(back.pid)
-        assert back.figures["address"] == before.figures["address"] == str(address)
-
-        # Every write the guest flushed before the kill reads back through the cache...
-        await guest.log.sync()
-        log = await read_write_log(tmp_path / "guest.log")
-        assert last_flush(log) >= 70
-        seen = await read_export(str(address), export)
-        assert lost_flushed_writes(seen, base, log, guest_disk.in_flight) == ([], [])
-        # ... though on-prem (its last committed epoch) lacks some: they lived in the cache.
-        onprem = (await health.report(ONPREM)).figures["address"]
-        current = await read_export(str(onprem), f"cur/{disk}")
-        lost_on_prem, _ = lost_flushed_writes(current, base, log, guest_disk.in_flight)
-        assert lost_on_prem
-        assert await committed_epoch(store, disk) == committed
-
-        # The guest goes on; epochs commit again.
-        guest_disk.resume.set()
-        await guest.wait_writes(await guest.writes() + 40, within_s=60)
-        assert guest_disk.stalls == 1
-        await client.request(sync([migration_id]), timeout_s=120)
-        assert await committed_epoch(store, disk) > committed
+        yield RestingVm(
+            client, store, follower, migration_id, disk, address, export, guest, guest_disk,
+            base, pids, committed,
+        )  # fmt: skip
 
         # Nothing migrated back: still resting in the cloud, the on-prem VM still parked.
         (stored,) = await MigrationStore(store).get_many([migration_id])
@@ -270,15 +239,6 @@ async def test_a_killed_cache_comes_back_with_its_dirty_data_and_nothing_migrate
             assert (await cloud_site.get_vm(migration_id)).power_state is PowerState.ON
         finally:
             await cloud_site.close()
-        kinds = {e.kind for e in of_cache(await health_events_until(store, repaired))}
-        assert HealthEvent.COMPONENT_REPAIR_GAVE_UP not in kinds
-
-        runtime = json.loads((harness.data_dir / RUNTIME_FILE).read_text())
-        samples = await scrape(runtime["metrics_address"])
-        component = (("component", str(CACHE)),)
-        assert samples[("ferry_component_failures_total", component)] == 1
-        outcome = (*component, ("outcome", "repaired"))
-        assert samples[("ferry_component_repairs_total", outcome)] == 1
 
         # A planned migrate back loses nothing the guest wrote, before or after the kill.
         await guest.halt()
@@ -289,3 +249,114 @@ async def test_a_killed_cache_comes_back_with_its_dirty_data_and_nothing_migrate
     expected = await expected_after(base, tmp_path / "guest.log")
     assert expected != base
     assert image == expected
+
+
+def of(instance: ComponentId, events: list[EventRecord]) -> list[EventRecord]:
+    return [e for e in events if e.fields.get("component") == str(instance)]
+
+
+def repaired(instance: ComponentId) -> Callable[[list[EventRecord]], bool]:
+    return lambda events: HealthEvent.COMPONENT_REPAIRED in [e.kind for e in of(instance, events)]
+
+
+async def repair_events(vm: RestingVm, instance: ComponentId) -> list[EventRecord]:
+    """Failed at the exit, restarted at once (the repair), back."""
+    pid = vm.pids[str(instance)]
+    events = of(instance, await health_events_until(vm.store, repaired(instance)))
+    assert [e.kind for e in events] == [
+        "component_failed",
+        "component_repair_started",
+        "component_recovered",
+        "component_repaired",
+    ]
+    assert events[0].fields["detail"] == f"pid {pid} exited with code -9"
+    assert events[1].fields["action"] == "restarted it (it had exited with code -9)"
+    assert events[3].fields["attempts"] == 1
+    print(f"{instance} SIGKILL: repaired {events[3].fields['seconds']:.2f}s after it failed")
+    return events
+
+
+async def counted(instance: ComponentId, data_dir: Path) -> None:
+    runtime = json.loads((data_dir / RUNTIME_FILE).read_text())
+    samples = await scrape(runtime["metrics_address"])
+    component = (("component", str(instance)),)
+    assert samples[("ferry_component_failures_total", component)] == 1
+    outcome = (*component, ("outcome", "repaired"))
+    assert samples[("ferry_component_repairs_total", outcome)] == 1
+
+
+async def test_a_killed_cache_comes_back_with_its_dirty_data_and_nothing_migrates_back(
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path, component_pids: list[int]
+) -> None:
+    async with resting_vm(harness, start_appliance, tmp_path, component_pids) as vm:
+        health = ComponentHealth(vm.store, 120)
+        before = await health.report(CACHE)
+        cache_pid = vm.pids[str(CACHE)]
+        os.kill(cache_pid, signal.SIGKILL)
+        await asyncio.wait_for(vm.guest_disk.stalled.wait(), WAIT_S)
+        await repair_events(vm, CACHE)
+
+        def serving(report: ComponentReport) -> bool:
+            return (
+                report.liveness is Liveness.OK
+                and report.pid != cache_pid
+                and vm.disk in report.figures.get("exports", [])
+            )
+
+        back = await health.wait_until(CACHE, serving, WAIT_S)
+        assert back.pid is not None
+        component_pids.append(back.pid)
+        assert back.figures["address"] == before.figures["address"] == str(vm.address)
+
+        # Every write the guest flushed before the kill reads back through the cache...
+        await vm.guest.log.sync()
+        log = await read_write_log(tmp_path / "guest.log")
+        assert last_flush(log) >= 70
+        in_flight = vm.guest_disk.in_flight
+        seen = await read_export(str(vm.address), vm.export)
+        assert lost_flushed_writes(seen, vm.base, log, in_flight) == ([], [])
+        # ... though on-prem (its last committed epoch) lacks some: they lived in the cache.
+        onprem = (await health.report(ONPREM)).figures["address"]
+        current = await read_export(str(onprem), f"cur/{vm.disk}")
+        lost_on_prem, _ = lost_flushed_writes(current, vm.base, log, in_flight)
+        assert lost_on_prem
+        assert await committed_epoch(vm.store, vm.disk) == vm.committed
+
+        # The guest goes on; epochs commit again.
+        vm.guest_disk.resume.set()
+        await vm.guest.wait_writes(await vm.guest.writes() + 40, within_s=60)
+        assert vm.guest_disk.stalls == 1
+        await vm.client.request(sync([vm.migration_id]), timeout_s=120)
+        assert await committed_epoch(vm.store, vm.disk) > vm.committed
+        await counted(CACHE, harness.data_dir)
+
+
+async def test_a_killed_io_manager_comes_back_on_its_address_and_the_epochs_resume(
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path, component_pids: list[int]
+) -> None:
+    """The cache keeps serving the guest meanwhile; its upstream (the I/O manager's
+    address, given in its open order) still points at the restarted process."""
+    async with resting_vm(harness, start_appliance, tmp_path, component_pids) as vm:
+        health = ComponentHealth(vm.store, 120)
+        before = await health.report(ONPREM)
+        onprem_pid = vm.pids[str(ONPREM)]
+        os.kill(onprem_pid, signal.SIGKILL)
+        written = await vm.guest.writes()
+        await repair_events(vm, ONPREM)
+
+        def serving(report: ComponentReport) -> bool:
+            return (
+                report.liveness is Liveness.OK
+                and report.pid != onprem_pid
+                and f"cur/{vm.disk}" in report.figures.get("exports", [])
+            )
+
+        back = await health.wait_until(ONPREM, serving, WAIT_S)
+        assert back.pid is not None
+        component_pids.append(back.pid)
+        assert back.figures["address"] == before.figures["address"]
+        await vm.guest.wait_writes(written + 40, within_s=60)
+        assert vm.guest_disk.stalls == 0  # the cache served it all along
+        await vm.client.request(sync([vm.migration_id]), timeout_s=120)
+        assert await committed_epoch(vm.store, vm.disk) > vm.committed
+        await counted(ONPREM, harness.data_dir)
