@@ -64,6 +64,11 @@ class RedisServer:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def exit_code(self) -> int | None:
+        """None while it runs (or was never started); else how it ended."""
+        return self._process.poll() if self._process else None
+
     def _command(self) -> list[str]:
         return [
             redis_server_binary(),

@@ -91,6 +91,7 @@ class Appliance:
         )
         self.started = asyncio.Event()
         self._redis_url = ""
+        self.embedded_redis: RedisServer | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
@@ -159,8 +160,9 @@ class Appliance:
                 if others
                 else None
             )
-            for instance, way in repair_ways(settings, components):
-                self.repairer.watch(instance, way)
+            ways = repair_ways(settings, components, self.embedded_redis, self.health, self.clock)
+            for name, way in ways:
+                self.repairer.watch(name, way)
             wan = wan_probe(settings, store, self.health, self.clock)
             self._write_runtime(sqs_endpoint, bus, keys.public.text, metrics)
             stack.callback(clear_runtime, settings.data_dir, os.getpid())
@@ -194,6 +196,7 @@ class Appliance:
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
         if redis_url is None:
             redis = await stack.enter_async_context(RedisServer(settings.data_dir / "redis"))
+            self.embedded_redis = redis
             redis_url = redis.url
             log.info("embedded redis-server", port=redis.port, pid=redis.pid)
         self._redis_url = redis_url

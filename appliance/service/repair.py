@@ -13,6 +13,8 @@ Who repairs what (:func:`repair_ways`):
   one) with ``{kind}``, ``{name}`` and ``{instance}``; its exit code and the tail of its
   output (known secrets cut out) go to the log and the event. No command configured:
   nothing is attempted (the host's service manager restarts it), the deadline still holds.
+* the embedded state store (``state_store``: the appliance's own redis-server):
+  :class:`RedisRestart` starts it again on its port and data directory.
 
 One repair, by :class:`Repairer`: the board marks X failed → attempt 1 at once → wait up
 to ``component_repair_backoff_s`` for X to be ok → attempt 2 → ... the wait doubling up
@@ -24,7 +26,8 @@ recovery by itself clears it.
 
 Events (kinds in :class:`~appliance.service.health.HealthEvent`, in the global stream,
 in order with ``component_failed`` and ``component_recovered``):
-``component_repair_started`` (component, attempt, action, exit_code, output),
+``component_repair_started`` (component, attempt, action, exit_code, output: written
+once the attempt has run, so after ``component_recovered`` if it was back meanwhile),
 ``component_repaired`` (component, attempts, seconds), ``component_repair_gave_up``
 (component, attempts, seconds, reason). :class:`RepairCounts` feeds the metrics.
 """
@@ -45,6 +48,7 @@ from typing import IO, Protocol
 
 from appliance.clock import Clock
 from appliance.components.orders import ComponentId
+from appliance.embedded import RedisServer
 from appliance.errors import NotConfigured
 from appliance.health import ComponentHealth, HealthBoard
 from appliance.logs import SECRETS, get_logger
@@ -69,10 +73,13 @@ class Attempt:
 
 
 class RepairWay(Protocol):
-    def begin(self, instance: ComponentId) -> None:
+    """How one part of the board (named as there: ``cache/cache-1``, ``state_store``) is
+    repaired."""
+
+    def begin(self, name: str) -> None:
         """A new failure: the next attempt is the first of its repair."""
 
-    async def attempt(self, instance: ComponentId) -> Attempt | None:
+    async def attempt(self, name: str) -> Attempt | None:
         """Try to bring it back; None when there is nothing to do yet (it is starting)."""
 
 
@@ -129,7 +136,7 @@ class Repairer:
         self._notes = notes
         self._clock = clock
         self._policy = policy
-        self._ways: dict[str, tuple[ComponentId, RepairWay | None]] = {}
+        self._ways: dict[str, RepairWay | None] = {}
         self._episodes: dict[str, _Episode] = {}
         self._kicks: dict[str, asyncio.Event] = {}
         self._failed: asyncio.Queue[str] = asyncio.Queue()
@@ -137,10 +144,10 @@ class Repairer:
         self.counts = RepairCounts()
         board.subscribe(self._changed)
 
-    def watch(self, instance: ComponentId, way: RepairWay | None) -> None:
-        """Repair ``instance`` by ``way`` (None: nothing to attempt, only the deadline)."""
-        name = str(instance)
-        self._ways[name] = (instance, way)
+    def watch(self, part: ComponentId | str, way: RepairWay | None) -> None:
+        """Repair ``part`` by ``way`` (None: nothing to attempt, only the deadline)."""
+        name = str(part)
+        self._ways[name] = way
         self._kicks[name] = asyncio.Event()
         if self._board.is_failed(name):
             self._begin(name)
@@ -187,7 +194,7 @@ class Repairer:
                 self._failed.put_nowait(name)  # failed again as this run ended
 
     async def _repair(self, name: str, stop: asyncio.Event) -> None:
-        instance, way = self._ways[name]
+        way = self._ways[name]
         kick = self._kicks[name]
         while not stop.is_set():
             kick.clear()
@@ -200,23 +207,21 @@ class Repairer:
                 self._give_up(name, episode, elapsed)
                 return
             if way is not None and not episode.begun:
-                way.begin(instance)
+                way.begin(name)
             episode.begun = True
             wait = min(self._policy.backoff_s, remaining)
-            done = await self._attempt(name, instance, way, episode)
+            done = await self._attempt(name, way, episode)
             if done is not None:
                 wait = min(episode.backoff_s, remaining)
                 episode.backoff_s = min(episode.backoff_s * 2, self._policy.backoff_max_s)
             await first_of(kick.wait(), self._clock.sleep(wait), stop=stop)
 
-    async def _attempt(
-        self, name: str, instance: ComponentId, way: RepairWay | None, episode: _Episode
-    ) -> Attempt | None:
+    async def _attempt(self, name: str, way: RepairWay | None, episode: _Episode) -> Attempt | None:
         if way is None:
             return None
         episode.attempting = True
         try:
-            done = await way.attempt(instance)
+            done = await way.attempt(name)
         finally:
             episode.attempting = False
         if done is not None:
@@ -281,10 +286,11 @@ class ChildRestart:
         self._grace_s = grace_s  # a new child this young is still starting
         self._since: dict[ComponentId, float] = {}
 
-    def begin(self, instance: ComponentId) -> None:
-        self._since[instance] = asyncio.get_running_loop().time()
+    def begin(self, name: str) -> None:
+        self._since[ComponentId.parse(name)] = asyncio.get_running_loop().time()
 
-    async def attempt(self, instance: ComponentId) -> Attempt | None:
+    async def attempt(self, name: str) -> Attempt | None:
+        instance = ComponentId.parse(name)
         since = self._since.get(instance, asyncio.get_running_loop().time())
         action = self._supervisor.restart(
             instance,
@@ -319,11 +325,11 @@ class CommandRestart:
         fill = {"kind": instance.kind, "name": instance.name, "instance": str(instance)}
         return tuple(part.format(**fill) for part in self._template)
 
-    def begin(self, instance: ComponentId) -> None:
+    def begin(self, name: str) -> None:
         pass  # every attempt runs the command
 
-    async def attempt(self, instance: ComponentId) -> Attempt:
-        argv = self.argv(instance)
+    async def attempt(self, name: str) -> Attempt:
+        argv = self.argv(ComponentId.parse(name))
         action = SECRETS.scrub(f"ran {shlex.join(argv)}")
         # Its output goes to a file, not a pipe: a process it leaves running (the
         # component it started) may keep its output open; the command's exit is the end.
@@ -363,15 +369,61 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+class RedisRestart:
+    """The embedded state store (``state_store``): the appliance's redis-server child,
+    started again on its port and data directory (its append-only file brings the data
+    back: a SIGKILL loses nothing written). One that runs but does not answer is killed
+    only once failed for ``grace_s`` (the component timeout): a blip is not a failure."""
+
+    STATE_STORE = "state_store"
+
+    def __init__(
+        self, redis: RedisServer, board: HealthBoard, clock: Clock, grace_s: float
+    ) -> None:
+        self._redis = redis
+        self._board = board
+        self._clock = clock
+        self._grace_s = grace_s
+
+    def begin(self, name: str) -> None:
+        pass
+
+    async def attempt(self, name: str) -> Attempt | None:
+        redis, pid = self._redis, self._redis.pid
+        code = redis.exit_code
+        if pid is not None and code is None:
+            since = self._board.failed_since(name)
+            if since is None or (self._clock.now() - since).total_seconds() < self._grace_s:
+                return None
+            redis.kill()
+            action = f"killed redis-server pid {pid} (running, not answering) and restarted it"
+        else:
+            action = f"restarted redis-server (it had exited with code {code})"
+        try:
+            await redis.start()
+        except (OSError, RuntimeError) as error:
+            return Attempt(action, None, SECRETS.scrub(f"{type(error).__name__}: {error}"))
+        log.warning("state store restarted", pid=redis.pid, port=redis.port)
+        return Attempt(action)
+
+
 def repair_ways(
-    settings: Settings, embedded: EmbeddedComponents | None
-) -> list[tuple[ComponentId, RepairWay | None]]:
-    """Each expected component and how it is repaired: the embedded ones by their
-    supervisor, the remote ones by the repair command (none configured: no attempt)."""
-    ways: list[tuple[ComponentId, RepairWay | None]] = []
+    settings: Settings,
+    embedded: EmbeddedComponents | None,
+    redis: RedisServer | None = None,
+    board: HealthBoard | None = None,
+    clock: Clock | None = None,
+) -> list[tuple[str, RepairWay | None]]:
+    """Each part and how it is repaired: the embedded components by their supervisor,
+    the remote ones by the repair command (none configured: no attempt), the embedded
+    state store (``redis``, with the ``board`` and ``clock``) by starting it again."""
+    ways: list[tuple[str, RepairWay | None]] = []
+    if redis is not None and board is not None and clock is not None:
+        grace = settings.component_timeout_s
+        ways.append((RedisRestart.STATE_STORE, RedisRestart(redis, board, clock, grace)))
     if embedded is not None:
         child = ChildRestart(embedded.supervisor, embedded.watch, settings.component_timeout_s)
-        ways += [(instance, child) for instance in embedded.watch.instances]
+        ways += [(str(instance), child) for instance in embedded.watch.instances]
     remote: Sequence[ComponentId] = watched_elsewhere(settings)
     command = (
         CommandRestart(
@@ -382,5 +434,5 @@ def repair_ways(
         if settings.component_repair_command and remote
         else None
     )
-    ways += [(instance, command) for instance in remote]
+    ways += [(str(instance), command) for instance in remote]
     return ways

@@ -22,6 +22,7 @@ import pytest
 
 from appliance.components.heartbeat import ComponentHealth, ComponentReport, Liveness
 from appliance.components.orders import ComponentId
+from appliance.health import ComponentHealth as ComponentHealth_
 from appliance.logs import MASK
 from appliance.service.components import ComponentCommand, component_command
 from appliance.service.health import HealthEvent
@@ -360,3 +361,45 @@ async def test_a_hung_component_left_by_an_earlier_appliance_is_killed_and_repla
         earlier.kill()
         kill_pids(pids, harness.data_dir)
         await store.close()
+
+
+async def test_the_embedded_state_store_is_restarted_with_its_data(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    """The appliance's own redis-server (no FERRY_REDIS_URL) is SIGKILLed: the repair starts
+    it again on its port and data directory; the state (the generation marker) is there,
+    and the events noticed while it was down are written once it is back, in order."""
+    running = await start_appliance(harness.settings(redis_url=None))
+    board = running.appliance.health
+    redis = running.appliance.embedded_redis
+    assert redis is not None and redis.pid is not None
+    failed, back = asyncio.Event(), asyncio.Event()
+
+    def changed(before: ComponentHealth_, after: ComponentHealth_) -> None:
+        if after.name == "state_store" and after.state is ComponentState.FAILED:
+            failed.set()
+        elif after.name == "state_store" and failed.is_set() and after.state is ComponentState.OK:
+            back.set()
+
+    board.subscribe(changed)
+    await asyncio.wait_for(board.wait_ok("state_store"), WAIT_S)
+    assert board.is_ok("state_generation")
+    old = redis.pid
+    at = datetime.now(UTC)
+    os.kill(old, signal.SIGKILL)
+    await asyncio.wait_for(back.wait(), WAIT_S)
+    assert redis.pid is not None and redis.pid != old
+    store = StateStore(connect(redis.url), Keys(harness.prefix))
+    try:
+        events = await events_since(store, at, repaired("state_store"))
+    finally:
+        await store.close()
+    kinds = kinds_of(events, "state_store")
+    assert kinds[0] == "component_failed" and kinds[-1] == "component_repaired"
+    # Back while the attempt still ran (it waits until redis-server listens): an attempt's
+    # event is written once it has run.
+    assert sorted(kinds[1:-1]) == ["component_recovered", "component_repair_started"]
+    (started,) = [e for e in events if e.kind == "component_repair_started"]
+    assert started.fields["action"] == "restarted redis-server (it had exited with code -9)"
+    assert board.is_ok("state_generation")  # its data came back: not a Redis that lost it
+    await running.shutdown()

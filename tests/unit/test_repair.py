@@ -92,17 +92,17 @@ class ScriptedWay:
                 self._tried.clear()
                 await self._tried.wait()
 
-    def begin(self, instance: ComponentId) -> None:
+    def begin(self, name: str) -> None:
         self.begun += 1
 
-    async def attempt(self, instance: ComponentId) -> Attempt | None:
+    async def attempt(self, name: str) -> Attempt | None:
         if self._deferring:
             self._deferring -= 1
             return None
         self.at.append(self._clock.monotonic())
         self._tried.set()
         if len(self.at) == self._fixes_on:
-            self._board.ok(str(instance), "pid 2")
+            self._board.ok(name, "pid 2")
         return Attempt(f"restart {len(self.at)}")
 
 
@@ -263,7 +263,7 @@ async def test_the_repair_command_is_filled_in_run_without_a_shell_and_its_outpu
     command = CommandRestart(template, timeout_s=60, env=env)
     assert command.argv(CACHE)[-3:] == ("cache", "cache-1", "cache/cache-1; echo no shell")
     with secrets_in_flight("hunter2-value"):
-        done = await command.attempt(CACHE)
+        done = await command.attempt(NAME)
     assert done.exit_code == 3
     assert "args ['cache', 'cache-1', 'cache/cache-1; echo no shell']" in done.output
     assert "token absent" in done.output  # the bus token is not passed on
@@ -275,14 +275,14 @@ async def test_the_repair_command_has_a_deadline_and_a_child_it_leaves_is_not_wa
     tmp_path: Path,
 ) -> None:
     hung = CommandRestart(python_command("import time; time.sleep(60)"), timeout_s=0.5, env={})
-    done = await hung.attempt(CACHE)
+    done = await hung.attempt(NAME)
     assert done.exit_code is None and "killed: still running after 0.5s" in done.output
 
     pid_file = tmp_path / "pid"
     leaves = CommandRestart(
         f"sh -c 'sleep 60 & echo $! > {pid_file}; echo started'", timeout_s=60, env={}
     )
-    done = await leaves.attempt(CACHE)
+    done = await leaves.attempt(NAME)
     pid = int(pid_file.read_text())
     try:
         assert done.exit_code == 0 and "started" in done.output
