@@ -99,7 +99,7 @@ class GuestDisk:
     def readonly(self) -> bool:
         return False
 
-    async def _again(self, failed: FerryError | OSError, in_flight: list[Range]) -> None:
+    async def _again(self, in_flight: list[Range]) -> None:
         self.stalls += 1
         self.in_flight = in_flight
         self.stalled.set()
@@ -110,24 +110,24 @@ class GuestDisk:
     async def read(self, offset: int, length: int) -> bytes:
         try:
             return await self._backend.read(offset, length)
-        except (FerryError, OSError) as error:
-            await self._again(error, [])
+        except (FerryError, OSError):
+            await self._again([])
             return await self._backend.read(offset, length)
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         kept = bytes(data)
         try:
             await self._backend.write(offset, kept)
-        except (FerryError, OSError) as error:
-            await self._again(error, [(offset, offset + len(kept))])
+        except (FerryError, OSError):
+            await self._again([(offset, offset + len(kept))])
             await self._backend.write(offset, kept)
         self._unflushed.append((offset, kept))
 
     async def flush(self) -> None:
         try:
             await self._backend.flush()
-        except (FerryError, OSError) as error:
-            await self._again(error, [])
+        except (FerryError, OSError):
+            await self._again([])
             await self._backend.flush()
         self._unflushed.clear()
 
