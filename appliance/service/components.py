@@ -43,6 +43,8 @@ log = get_logger(__name__)
 
 
 NBD_BIND_FLAG = "--nbd-bind"
+ZSTD_BIND_ENV = "FERRY_LINK_ZSTD_BIND"
+DEFAULT_ZSTD_BIND = "127.0.0.1:0"  # Settings.link_zstd_bind's default
 DATA_DIR_FLAG = "--data-dir"
 
 
@@ -103,6 +105,14 @@ def component_command(
     return ComponentCommand(instance, argv, dict(env), log_file, cwd)
 
 
+def _same_any_port(bind: str, address: str) -> bool:
+    """Did ``bind`` (HOST:0) ask for any free port, on the host ``address`` is on?"""
+    host, _, port = address.rpartition(":")
+    if not bind.endswith(":0") or not host or not port.isdigit():
+        return False
+    return bind.rpartition(":")[0] in ("", host)
+
+
 Exited = Callable[[ComponentId, int, int], None]
 """Told ``(instance, pid, exit code)`` each time a child exits, before it is restarted."""
 
@@ -158,17 +168,20 @@ class Supervisor:
         """How the component is started next."""
         return self._children[str(instance)].command
 
-    def keep_address(self, instance: ComponentId, address: str) -> None:
+    def keep_address(self, instance: ComponentId, address: str, zstd: str | None = None) -> None:
         """Restart it on ``address`` (its NBD server's HOST:PORT) when its bind asked for any
-        free port: the VMs' disks and the cache's upstream point at that address."""
+        free port: the VMs' disks and the cache's upstream point at that address. ``zstd``:
+        an I/O manager's compressed listener (``zstd_address``), kept the same way."""
         child = self._children[str(instance)]
         bind = child.command.nbd_bind
-        host, _, port = address.rpartition(":")
-        if bind is None or not bind.endswith(":0") or not host or not port.isdigit():
-            return
-        if bind.rpartition(":")[0] in ("", host):
+        if bind is not None and _same_any_port(bind, address):
             child.command = child.command.bound_to(address)
             log.info("component keeps its address", component=str(instance), address=address)
+        zstd_bind = child.command.env.get(ZSTD_BIND_ENV, DEFAULT_ZSTD_BIND)
+        if zstd is not None and _same_any_port(zstd_bind, zstd):
+            env = {**child.command.env, ZSTD_BIND_ENV: zstd}
+            child.command = replace(child.command, env=env)
+            log.info("component keeps its zstd address", component=str(instance), address=zstd)
 
     def restart(
         self,
@@ -364,9 +377,10 @@ class ComponentWatch:
         if report.pid is not None:
             self._beating[instance] = report.pid
             self._hosts[instance] = report.host
-        address = report.figures.get("address")
+        address, zstd = report.figures.get("address"), report.figures.get("zstd_address")
         if self._supervisor is not None and isinstance(address, str):
-            self._supervisor.keep_address(instance, address)
+            zstd = zstd if isinstance(zstd, str) else None
+            self._supervisor.keep_address(instance, address, zstd)
         self._board.ok(str(instance), f"pid {report.pid} on {report.host}")
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -304,7 +304,7 @@ def test_a_bad_repair_command_is_refused_at_startup(template: str) -> None:
 def beat(pid: int, address: str = "127.0.0.1:40001") -> ComponentReport:
     return ComponentReport(
         CACHE, Liveness.OK, "", 0.1, pid=pid, host=socket.gethostname(), sequence=pid,
-        figures={"address": address},
+        figures={"address": address, "zstd_address": "127.0.0.1:40002"},
     )  # fmt: skip
 
 
@@ -322,6 +322,7 @@ async def test_the_exit_of_the_beating_child_is_a_failure_and_its_address_is_kep
     watch.seen_ok(CACHE, beat(10))
     assert board.is_ok(NAME) and watch.beating_pid(CACHE) == 10
     assert supervisor.command(CACHE).nbd_bind == "127.0.0.1:40001"  # restarted there
+    assert supervisor.command(CACHE).env["FERRY_LINK_ZSTD_BIND"] == "127.0.0.1:40002"
 
     watch.exited(CACHE, 11, 1)  # a child that found its data directory busy: not a failure
     assert board.is_ok(NAME)
