@@ -86,7 +86,9 @@ async def _guests(harness: Harness, tmp_path: Path, ids: list[str]) -> list[Gues
     return guests
 
 
-async def _write_commit_write(client: FerryClient, guests: list[Guest], ids: list[str]) -> list[int]:
+async def _write_commit_write(
+    client: FerryClient, guests: list[Guest], ids: list[str]
+) -> list[int]:
     """Writes, an epoch committed (a sync), more writes only the cache holds; the guests
     stop. The last sequence each guest had acknowledged before the sync."""
     for guest in guests:
