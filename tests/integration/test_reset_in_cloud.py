@@ -23,10 +23,14 @@ from pathlib import Path
 
 import pytest
 
+from appliance.components.control import ComponentOrders
 from appliance.components.heartbeat import ComponentHealth, Liveness
-from appliance.components.orders import ComponentKeys, Order
+from appliance.components.orders import ComponentKeys, Order, OrderAction, OutcomeKind
+from appliance.orchestrator.record import load
+from appliance.orchestrator.states import Step
 from appliance.sites.lab.site import LabSite
 from appliance.sites.lab.workload import read_write_log
+from appliance.state.migrations import MigrationStore
 from appliance.state.store import StateStore
 from clients.client import FerryClient, FerryError
 from messages.commands import ResetRequest, ResetRequestBody
@@ -266,3 +270,62 @@ async def test_a_reset_with_the_cache_killed_still_brings_the_vm_home(
         assert (await ComponentHealth(store, 5.0).report(ONPREM)).liveness is Liveness.OK
     await running.shutdown()
     await _check_home(harness, vm.vm_id, migration_id, base, tmp_path / "g0.log", floor)
+
+
+async def _step(store: StateStore, migration_id: str, step: Step) -> None:
+    """A bounded watch on the persisted record until it reaches ``step``."""
+    async with asyncio.timeout(120):
+        while True:
+            stored = await MigrationStore(store).get(migration_id)
+            assert stored is not None
+            if load(stored.record).step is step:
+                return
+            await asyncio.sleep(0.1)
+
+
+async def test_a_reset_mid_migrate_back_with_the_cache_stopped_leaves_it_a_close_order(
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path, component_pids: list[int]
+) -> None:
+    """The migrate back waits for its final epoch (the cache is SIGSTOPped): the reset brings
+    the VM home to the last committed epoch without it; resumed, the cache carries out the
+    close order the reset left for it and removes the disk's files itself."""
+    vm = lab_vm(1, disks=1, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    settings = harness.settings(**TBC_SETTINGS, component_timeout_s=5.0)
+    running = await start_appliance(settings)
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        pids = await components_up(store)
+        component_pids += pids.values()
+        follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
+        await _in_cloud(follower, 1)
+        (migration_id,) = follower.latest
+        disk = f"{migration_id}-disk-0"
+        guests = await _guests(harness, tmp_path, [migration_id])
+        (floor,) = await _write_commit_write(client, guests, [migration_id])
+        epoch = await committed_epoch(store, disk)
+
+        cache_pid = pids[str(CACHE)]
+        os.kill(cache_pid, signal.SIGSTOP)
+        try:
+            await client.request(migrate_back([migration_id]))
+            await _step(store, migration_id, Step.BACK_FINAL_EPOCH)  # its cut cannot happen
+            health = ComponentHealth(store, 5.0)
+            await health.wait_until(CACHE, lambda r: r.liveness is Liveness.FAILED, 60)
+            answer = await _reset(client)
+        finally:
+            os.kill(cache_pid, signal.SIGCONT)
+        item = _returned(answer, migration_id)
+        assert item.epoch == epoch
+        assert f"{CACHE} is down: its close orders wait for it" in item.actions
+        await _check_home(harness, vm.vm_id, migration_id, base, tmp_path / "g0.log", floor)
+
+        # Resumed, the cache closes the disk as the order left for it says, and discards it.
+        orders = ComponentOrders(store, CACHE)
+        order = await orders.desired(disk)
+        assert order is not None and order.action is OrderAction.CLOSE
+        outcome = await orders.wait(order, 60)
+        assert outcome.kind is OutcomeKind.APPLIED, outcome
+        cache_disk = harness.data_dir / "components" / "cache" / "cache-1" / "disks"
+        assert not (cache_disk / migration_id / disk).exists()
+    await running.shutdown()
