@@ -108,8 +108,10 @@ async def test_a_reset_keeps_a_cut_over_warm_vm_and_brings_a_reconciling_one_hom
         assert items[held].epoch is not None
         assert f"deleted cloud volume {held}-disk-0" in items[held].actions
         latest = await follower.until(
-            lambda latest: latest[done].state is MigrationState.COMPLETED
-            and latest[held].state is MigrationState.FAILED
+            lambda latest: (
+                latest[done].state is MigrationState.COMPLETED
+                and latest[held].state is MigrationState.FAILED
+            )
         )
         error = latest[held].error
         assert error is not None and error.code == "reset"
