@@ -104,7 +104,7 @@ def served(record: MigrationRecord) -> bool:
     )
 
 
-def _how(record: MigrationRecord) -> str:
+def how_handled(record: MigrationRecord) -> str:
     machine = machine_for(record.migration_type)
     if record.step is Step.ROLLING_BACK or machine.rolls_back(record.step):
         return ROLLBACK
@@ -179,7 +179,7 @@ class ReturnHome:
             holder = await self._leases.holder(f"group:{group_id}")
             why = f"its group is driven by another appliance ({holder}): reset that one too"
             return [
-                Returned(r.migration_id, r.vm_id, _how(r), error=why, vm_name=r.vm_name)
+                Returned(r.migration_id, r.vm_id, how_handled(r), error=why, vm_name=r.vm_name)
                 for r in members
             ]
         results: list[Returned] = []
@@ -210,7 +210,7 @@ class ReturnHome:
         fresh = await self._deps.migrations.get_many([record.migration_id])
         if fresh:
             record = load(fresh[0].record)  # as the stopped run left it
-        item = Returned(record.migration_id, record.vm_id, _how(record), vm_name=record.vm_name)
+        item = Returned(record.migration_id, record.vm_id, how_handled(record), vm_name=record.vm_name)
         try:
             if item.how == RETURNED:
                 await self._remove_cloud_vm(record, item)
