@@ -210,7 +210,8 @@ class ReturnHome:
         fresh = await self._deps.migrations.get_many([record.migration_id])
         if fresh:
             record = load(fresh[0].record)  # as the stopped run left it
-        item = Returned(record.migration_id, record.vm_id, how_handled(record), vm_name=record.vm_name)
+        how = how_handled(record)
+        item = Returned(record.migration_id, record.vm_id, how, vm_name=record.vm_name)
         try:
             if item.how == RETURNED:
                 await self._remove_cloud_vm(record, item)
