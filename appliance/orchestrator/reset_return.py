@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from appliance.components.cache.cache import Discard
 from appliance.components.control import ComponentOrders
@@ -76,9 +77,17 @@ TAKE_ATTEMPTS = 5
 """Times the reset stops this process's runs again when its scheduler resumed a group first."""
 _BEFORE_COMPONENTS = frozenset({Step.QUEUED, Step.PREPARING, Step.POWERING_OFF, Step.SNAPSHOTTING})
 _CUT_OVER = frozenset({Step.CUT_OVER, Step.COMMITTING})
-ROLLBACK = "rollback"
-RETURNED = "returned"
-KEPT_IN_CLOUD = "kept_in_cloud"
+
+
+class Handling(StrEnum):
+    """What a reset does with a migration the components serve."""
+
+    ROLLBACK = "rollback"  # not yet in the cloud: undone, the source as it was
+    RETURNED = "returned"  # home to its last committed epoch, in the migrate pool
+    KEPT_IN_CLOUD = "kept_in_cloud"  # cut over: the cloud copy stays, finished
+
+
+ROLLBACK, RETURNED, KEPT_IN_CLOUD = Handling.ROLLBACK, Handling.RETURNED, Handling.KEPT_IN_CLOUD
 
 
 @dataclass
@@ -87,7 +96,7 @@ class Returned:
 
     migration_id: str
     vm_id: str
-    how: str  # "rollback" | "returned" | "kept_in_cloud"
+    how: Handling
     actions: list[str] = field(default_factory=list)
     epoch: int | None = None
     error: str | None = None
@@ -104,7 +113,7 @@ def served(record: MigrationRecord) -> bool:
     )
 
 
-def how_handled(record: MigrationRecord) -> str:
+def how_handled(record: MigrationRecord) -> Handling:
     machine = machine_for(record.migration_type)
     if record.step is Step.ROLLING_BACK or machine.rolls_back(record.step):
         return ROLLBACK

@@ -11,6 +11,7 @@ from appliance.orchestrator.reset_return import (
     KEPT_IN_CLOUD,
     RETURNED,
     ROLLBACK,
+    Handling,
     how_handled,
     served,
 )
@@ -64,7 +65,7 @@ def test_what_never_reached_the_components_or_is_over_is_not_theirs(
     ],
 )
 def test_a_vm_the_components_serve_goes_home_unless_it_cut_over(
-    kind: MigrationType, step: Step, how: str
+    kind: MigrationType, step: Step, how: Handling
 ) -> None:
     record = _record(kind, step)
     assert served(record)
