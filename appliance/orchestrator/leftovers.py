@@ -80,6 +80,7 @@ class _Work:
     vm_name: str = ""
     request: tags.RequestTag | None = None
     finished: bool = False
+    outcome: ResetOutcome | None = None
 
     def done(self, error: str | None = None) -> Undone:
         return Undone(
@@ -90,7 +91,7 @@ class _Work:
             self.vm_name,
             self.request,
             self.finished,
-            ResetOutcome.KEPT_IN_CLOUD if self.finished else ResetOutcome.UNDONE,
+            self.outcome or (ResetOutcome.KEPT_IN_CLOUD if self.finished else ResetOutcome.UNDONE),
         )
 
 
@@ -126,6 +127,9 @@ class Leftovers:
     async def _one(self, vm: VmConfig, migration_id: str, volumes: list[VolumeInfo]) -> Undone:
         work = _Work(migration_id, vm.vm_id, vm_name=vm.name, request=tags.RequestTag.of(vm))
         try:
+            if await self._on_cache(migration_id):
+                await self._home_without_record(vm, migration_id, volumes, work)
+                return work.done(_components_keep_disks(migration_id))
             if vm.tag(tags.STAGE) == tags.CUTOVER:
                 await self._finish(vm, work)
             else:
@@ -135,6 +139,32 @@ class Leftovers:
             # The tags stay: a later reset tries again. Redis being down is not caught here.
             return work.done(f"{type(error).__name__}: {error}")
         return work.done()
+
+    async def _on_cache(self, migration_id: str) -> bool:
+        """Does its cloud VM run on the cache's exports (tbc, or warm before its cut-over)?"""
+        try:
+            vm = await self._deps.site(self._cloud).get_vm(migration_id)
+        except UnknownVm:
+            return False
+        return any(disk.nbd_export for disk in vm.disks)
+
+    async def _home_without_record(
+        self, vm: VmConfig, migration_id: str, volumes: list[VolumeInfo], work: _Work
+    ) -> None:
+        """Its record is lost, so its disks cannot be taken back from the components (no
+        order can be given without its token): the cloud VM goes (the guest stops writing),
+        the source waits powered off in the migrate pool with its snapshot, never powered
+        on nor stripped of the snapshot while the I/O manager may hold its disks."""
+        await self._undo_cloud(migration_id, volumes, work)
+        onprem = self._deps.site(self._onprem)
+        if vm.power_state is not PowerState.OFF:
+            await onprem.set_power(vm.vm_id, PowerState.OFF)
+        pool = self._deps.config.migrate_pool
+        if vm.resource_pool != pool:
+            await onprem.move_to_pool(vm.vm_id, pool)
+        work.actions.append(f"on-prem VM powered off in {pool}, its snapshot kept")
+        await onprem.tag_vm(vm.vm_id, tags.cleared())  # a later reset must not undo it
+        work.outcome = ResetOutcome.RETURNED
 
     async def _undo_cloud(self, migration_id: str, volumes: list[VolumeInfo], work: _Work) -> None:
         cloud = self._deps.site(self._cloud)
@@ -200,6 +230,16 @@ class Leftovers:
             await cloud.delete_volume(volume.volume_id)
             work.actions.append(f"deleted unattached cloud volume {volume.volume_id}")
         return [work.done() for work in strays.values()]
+
+
+def _components_keep_disks(migration_id: str) -> str:
+    return (
+        "its record was lost with the state store, so the cache and the I/O manager could "
+        "not be told to let go of its disks: its cloud VM is gone and its source is parked, "
+        "but its disks are the I/O manager's until it closes them; stop both components and "
+        f"remove the disks {migration_id}-* from their data directories before powering "
+        "the VM on or migrating it again"
+    )
 
 
 def _belongs(volume: VolumeInfo, migration_id: str) -> bool:
@@ -286,7 +326,8 @@ class ResetCleanup:
             return
         what = "; ".join(item.actions) if item and item.actions else "nothing was left"
         if item is not None and item.outcome is ResetOutcome.RETURNED:
-            what = f"brought home to epoch {item.epoch} (no final epoch): {what}"
+            at = "an unknown epoch" if item.epoch is None else f"epoch {item.epoch}"
+            what = f"brought home to {at} (no final epoch): {what}"
         if item is not None and item.error:
             what = f"{what}; {item.error}"
         why = "reset" if code == RESET_CODE else "reset after the state store lost its data"

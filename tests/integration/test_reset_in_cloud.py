@@ -329,3 +329,52 @@ async def test_a_reset_mid_migrate_back_with_the_cache_stopped_leaves_it_a_close
         cache_disk = harness.data_dir / "components" / "cache" / "cache-1" / "disks"
         assert not (cache_disk / migration_id / disk).exists()
     await running.shutdown()
+
+
+async def _state_loss_noticed(client: FerryClient) -> None:
+    async for heartbeat in client.heartbeats():
+        if heartbeat.body.status is ReadyStatus.NOT_READY and any(
+            "state_generation" in detail for detail in heartbeat.body.status_details
+        ):
+            return
+
+
+async def test_a_reset_after_redis_lost_a_resting_vm_s_record_parks_it_and_says_why(
+    harness: Harness, start_appliance: StartAppliance, component_pids: list[int]
+) -> None:
+    """No record, no token: the components cannot be told to let go of the disk. The cloud
+    VM goes, the source is parked powered off with its snapshot (never powered on while the
+    I/O manager may hold its disk), and the answer says what is left to do."""
+    vm = lab_vm(1, disks=1, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    running = await start_appliance(harness.settings(**TBC_SETTINGS))
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        component_pids += (await components_up(store)).values()
+        follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
+        await _in_cloud(follower, 1)
+        (migration_id,) = follower.latest
+        async for key in store.redis.scan_iter(match=store.keys.pattern):
+            await store.redis.delete(key)  # Redis comes back empty
+        await asyncio.wait_for(_state_loss_noticed(client), timeout=60)
+
+        answer = await _reset(client)
+        (item,) = answer.body.undone
+        assert item.migration_id == migration_id
+        assert item.outcome is ResetOutcome.RETURNED
+        assert item.error is not None and "its record was lost" in item.error
+        assert f"deleted cloud VM {migration_id}" in item.actions
+        latest = await follower.until(
+            lambda latest: latest[migration_id].state is MigrationState.FAILED
+        )
+        error = latest[migration_id].error
+        assert error is not None and error.code == "state_lost"
+        assert await _cloud_vms(harness) == []
+    await running.shutdown()
+    onprem = LabSite.open(harness.data_dir / "sites" / "onprem")
+    try:
+        source = await onprem.get_vm(vm.vm_id)
+        assert source.resource_pool == "_HDM_MIGRATEPOOL"
+        assert source.power_state is PowerState.OFF
+        assert await onprem.vm_snapshot_names(vm.vm_id) == [f"ferry-{migration_id}"]
+    finally:
+        await onprem.close()
