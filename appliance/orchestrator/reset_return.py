@@ -65,6 +65,7 @@ from appliance.logs import get_logger
 from appliance.orchestrator import tags
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.record import DiskPlan, MigrationRecord, load
+from appliance.orchestrator.scheduler import group_lease
 from appliance.orchestrator.serving import component_disk
 from appliance.orchestrator.states import TERMINAL, Step, machine_for
 from appliance.orchestrator.warm import SWAPPED
@@ -183,9 +184,9 @@ class ReturnHome:
     async def _group(
         self, group_id: str, members: list[MigrationRecord], components: _Components
     ) -> list[Returned]:
-        lease = await self._take(f"group:{group_id}")
+        lease = await self._take(group_lease(group_id))
         if lease is None:
-            holder = await self._leases.holder(f"group:{group_id}")
+            holder = await self._leases.holder(group_lease(group_id))
             why = f"its group is driven by another appliance ({holder}): reset that one too"
             return [
                 Returned(r.migration_id, r.vm_id, how_handled(r), error=why, vm_name=r.vm_name)
