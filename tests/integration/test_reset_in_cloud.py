@@ -29,7 +29,7 @@ from appliance.components.orders import ComponentKeys, Order, OrderAction, Outco
 from appliance.orchestrator.record import load
 from appliance.orchestrator.states import Step
 from appliance.sites.lab.site import LabSite
-from appliance.sites.lab.workload import read_write_log
+from appliance.sites.lab.workload import WorkloadLog, read_write_log
 from appliance.state.migrations import MigrationStore
 from appliance.state.store import StateStore
 from clients.client import FerryClient, FerryError
@@ -127,9 +127,26 @@ async def _check_home(
     image = await read_onprem(harness.data_dir, vm_id, "disk-0")
     log = await read_write_log(log_path)
     prefix = find_prefix(image, base, log, floor)
-    assert prefix is not None, "the on-prem disk is not a prefix of the guest's write log"
+    assert prefix is not None, _not_a_prefix(image, base, log, floor)
     assert prefix < log.last_sequence  # what the cache alone held is gone: no final epoch
     assert image != bytes(replay(base, log, log.last_sequence))
+
+
+def _not_a_prefix(image: bytes, base: bytes, log: WorkloadLog, floor: int) -> str:
+    """Why the image is no prefix at or after ``floor``: what it is, where it differs."""
+    anywhere = find_prefix(image, base, log, 0)
+    at_floor = replay(base, log, floor)
+    blocks = range(0, len(image), 4096)
+    differs = [i for i in blocks if image[i : i + 4096] != at_floor[i : i + 4096]]
+    touching = sorted(
+        {w.sequence for w in log.writes for i in differs[:64] if w.offset <= i + 4095
+         and i < w.offset + w.length}
+    )  # fmt: skip
+    return (
+        f"the on-prem disk is not a prefix of the write log at or after {floor} (last "
+        f"{log.last_sequence}); a prefix at all: {anywhere}; 4 KiB blocks differing from the "
+        f"replay to {floor}: {len(differs)}, first {differs[:8]}; writes there: {touching[:40]}"
+    )
 
 
 async def _cloud_vms(harness: Harness) -> list[str]:
