@@ -1,4 +1,4 @@
-"""``ferry``: the operator's command line (inventory, status, watch, health, events)."""
+"""``ferry``: the operator's command line (inventory, status, watch, health, events, reset)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
-from clients import cloud, health
+from clients import cloud, health, reset
 from clients.client import FerryClient, FerryError, NoAnswer
 from clients.config import ClientSettings
 from clients.migrate import add_commands
@@ -130,6 +130,7 @@ def parser() -> argparse.ArgumentParser:
     add_commands(commands)
     cloud.add_commands(commands)
     health.add_commands(commands)
+    reset.add_commands(commands)
     return root
 
 

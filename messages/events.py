@@ -202,13 +202,33 @@ class StatusResponse(Event):
     body: StatusResponseBody
 
 
+class ResetOutcome(StrEnum):
+    """What a reset made of one unfinished migration."""
+
+    UNDONE = "undone"
+    """It had not started running in the cloud: its source is as it was before it."""
+    RETURNED = "returned"
+    """It ran in the cloud (tbc, or warm before its cut-over): brought home to its last
+    committed epoch, powered off in the migrate pool, its migrate-time snapshot kept."""
+    KEPT_IN_CLOUD = "kept_in_cloud"
+    """Past its cut-over: the cloud copy is the finished one and keeps running; the
+    source is finished as a commit would (migrate pool, off, no snapshot)."""
+
+
 class UndoneMigration(WireModel):
-    """What a reset did about one unfinished migration's leftovers on the sites."""
+    """What a reset did about one unfinished migration (its VM, the sites, the components)."""
 
     migration_id: str = Field(max_length=128)
     vm_id: str = Field(max_length=255)
     actions: tuple[str, ...] = ()
     error: str | None = Field(default=None, max_length=1024)
+    outcome: ResetOutcome = ResetOutcome.UNDONE
+    epoch: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        description="returned: the committed epoch its on-prem disks were left at (the lowest "
+        "over its disks; 0: the migrate-time snapshot); absent when not known",
+    )
 
 
 class CommandResponseBody(WireModel):
@@ -220,8 +240,9 @@ class CommandResponseBody(WireModel):
     migration_ids: tuple[str, ...] = ()
     undone: tuple[UndoneMigration, ...] = Field(
         default=(),
-        description="ResetRequest: unfinished migrations found on the sites, and what was "
-        "undone for each (a finished cloud copy is never removed)",
+        description="ResetRequest: each unfinished migration (Redis's, and those found on the "
+        "sites), what was done about it and what became of it (a finished cloud copy is "
+        "never removed)",
     )
 
 

@@ -156,9 +156,10 @@ class OnpremRuntime:
             reason = f"the on-prem I/O manager does not {order.action.value}: the cache does"
             return OrderOutcome.refused(order, OutcomeCode.INVALID, reason)
         if order.action is OrderAction.CLOSE:
-            await self.manager.close_disk(order.disk_id, order.token)
+            epoch = await self.manager.close_disk(order.disk_id, order.token)
             await self._state.closed(order.disk_id)
-            return OrderOutcome.applied(order)
+            # The epoch its image was left at (a reset reports it): only when it was open.
+            return OrderOutcome.applied(order, **({} if epoch is None else {"epoch": epoch}))
         wanted = disk_order(order)
         if isinstance(wanted, str):
             return OrderOutcome.refused(order, OutcomeCode.INVALID, wanted)

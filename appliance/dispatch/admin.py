@@ -22,6 +22,7 @@ from messages.events import (
     Event,
     MigrationStatus,
     ReadyStatus,
+    ResetOutcome,
     StatusResponse,
     StatusResponseBody,
     UndoneMigration,
@@ -114,34 +115,27 @@ class Admin:
         return [self._ack(command, detail)]
 
     async def reset(self, command: Command) -> Sequence[Event]:
-        """Stop local runs, forget every record, then undo what unfinished migrations left
-        on the sites (found by their tags, not in Redis) and say what was undone."""
+        """Stop local runs; bring the VMs the components serve home to their last committed
+        epoch (a warm VM cut over stays on its volumes); forget every record and the
+        components' orders; undo what other unfinished migrations left on the sites (found
+        by their tags, not in Redis); say, per VM, what was done (see orchestrator/
+        reset_return.py for what "component state removed" means)."""
         assert isinstance(command, ResetRequest)
         if not command.body.confirm:
             raise CommandRejected("ResetRequest needs confirm: true")
         cleanup = self._reset_cleanup
         unfinished = await cleanup.stop() if cleanup is not None else []
+        returned = await cleanup.bring_home(unfinished) if cleanup is not None else []
         deleted = await self._delete_all_but(command.message_id)
         generation = await self._store.adopt_new_generation(self._generation_file)
         self._health.ok("state_generation", generation)
-        undone = await cleanup.undo(unfinished) if cleanup is not None else []
-        for item in undone:
-            await self._events.append(
-                "leftovers_undone",
-                self._clock.now().isoformat(),
-                migration_id=item.migration_id,
-                vm_id=item.vm_id,
-                actions=list(item.actions),
-                error=item.error,
-            )
-        log.warning("state reset", keys_deleted=deleted, leftovers=len(undone))
-        detail = (
-            f"state reset: {deleted} keys removed, new generation started; "
-            f"{len(undone)} unfinished migration(s) undone on the sites"
-        )
+        undone = await cleanup.undo(unfinished, returned) if cleanup is not None else []
+        await self._record(undone)
+        down = cleanup.components_down if cleanup is not None else []
+        log.warning("state reset", keys_deleted=deleted, leftovers=len(undone), down=down)
         body = CommandResponseBody(
             command_type=command.message_type,
-            detail=detail,
+            detail=_detail(deleted, undone, down),
             migration_ids=tuple(item.migration_id for item in undone),
             undone=tuple(_wire(item) for item in undone),
         )
@@ -151,15 +145,33 @@ class Admin:
             )
         ]
 
+    async def _record(self, undone: Sequence[Undone]) -> None:
+        for item in undone:
+            await self._events.append(
+                "leftovers_undone",
+                self._clock.now().isoformat(),
+                migration_id=item.migration_id,
+                vm_id=item.vm_id,
+                actions=list(item.actions),
+                error=item.error,
+                outcome=item.outcome.value,
+                epoch=item.epoch,
+            )
+
     async def _delete_all_but(self, message_id: str) -> int:
-        """Every key of our prefix, except this command's own record (it is being answered)."""
-        keep = self._store.keys.command(message_id).encode()
+        """Every key of our prefix, except this command's own record (it is being answered)
+        and what the reset leaves of the components (their heartbeats; a down one's orders)."""
+        keep = self._store.keys.command(message_id)
         pattern = self._store.keys.pattern
+        cleanup = self._reset_cleanup
+
+        def kept(key: str) -> bool:
+            return key == keep or (cleanup is not None and cleanup.keeps(key))
 
         async def delete(r: Redis) -> int:
             count = 0
             async for key in r.scan_iter(match=pattern, count=1000):
-                if key != keep:
+                if not kept(key.decode() if isinstance(key, bytes) else str(key)):
                     count += await r.delete(key)
             return count
 
@@ -178,4 +190,23 @@ def _wire(item: Undone) -> UndoneMigration:
         vm_id=item.vm_id[:255],
         actions=item.actions,
         error=item.error[:1024] if item.error else None,
+        outcome=item.outcome,
+        epoch=item.epoch,
     )
+
+
+def _detail(deleted: int, undone: Sequence[Undone], down: Sequence[str]) -> str:
+    returned = sum(1 for item in undone if item.outcome is ResetOutcome.RETURNED)
+    kept = sum(1 for item in undone if item.outcome is ResetOutcome.KEPT_IN_CLOUD)
+    failed = sum(1 for item in undone if item.error)
+    detail = (
+        f"state reset: {deleted} keys removed, new generation started; "
+        f"{len(undone)} unfinished migration(s): {returned} brought home to their last "
+        f"committed epoch, {kept} kept in the cloud, {len(undone) - returned - kept} undone "
+        "on the sites"
+    )
+    if failed:
+        detail += f"; {failed} with an error"
+    if down:
+        detail += f"; down: {', '.join(down)} (its close orders wait for it)"
+    return detail

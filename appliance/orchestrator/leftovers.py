@@ -20,9 +20,14 @@ removed too (a finished copy's volumes are attached to its cloud VM, never unatt
 Everything it does is returned, per migration, to be reported.
 
 :class:`ResetCleanup` is what a ResetRequest runs around forgetting the records: stop
-the local runs and note the unfinished migrations Redis still knows, then (records
-gone) stop runs again, undo the leftovers, and report each noted migration failed on
-its request's correlation id (one Redis had lost is reported from its source's tags).
+the local runs and note the unfinished migrations Redis still knows; bring home the VMs
+the components serve (``reset_return``: to their last committed epoch, in the migrate
+pool; a warm VM cut over keeps running on its volumes) while their records say where
+everything is; then (records gone) stop runs again, undo the leftovers of the others,
+and report each noted migration on its request's correlation id: failed (code
+``reset``, saying what was done and, for a VM brought home, at which epoch), or
+completed for one past its cut-over (one Redis had lost is reported from its source's
+tags).
 """
 
 from __future__ import annotations
@@ -30,16 +35,24 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from appliance.errors import CommandRejected, PermanentError, UnknownVm
+from appliance.errors import PermanentError, UnknownVm
 from appliance.logs import get_logger
 from appliance.orchestrator import tags
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.record import MigrationRecord, TransferOptions, load
-from appliance.orchestrator.states import TERMINAL, Step, machine_for
+from appliance.orchestrator.reset_return import (
+    KEPT_IN_CLOUD,
+    RETURNED,
+    ROLLBACK,
+    Returned,
+    ReturnHome,
+    kept_keys,
+)
+from appliance.orchestrator.states import TERMINAL, Step
 from appliance.sites.model import VmConfig, VolumeInfo
 from appliance.sites.protocol import Site
 from messages.common import MigrationType, PowerState
-from messages.errors import ErrorCode
+from messages.events import ResetOutcome
 
 log = get_logger(__name__)
 
@@ -55,6 +68,8 @@ class Undone:
     vm_name: str = ""
     request: tags.RequestTag | None = None  # from the source's tags: who asked for it
     finished: bool = False  # past the cut-over: the migration is complete, not undone
+    outcome: ResetOutcome = ResetOutcome.UNDONE
+    epoch: int | None = None  # returned: the committed epoch its disks were left at
 
 
 @dataclass
@@ -65,6 +80,7 @@ class _Work:
     vm_name: str = ""
     request: tags.RequestTag | None = None
     finished: bool = False
+    outcome: ResetOutcome | None = None
 
     def done(self, error: str | None = None) -> Undone:
         return Undone(
@@ -75,6 +91,7 @@ class _Work:
             self.vm_name,
             self.request,
             self.finished,
+            self.outcome or (ResetOutcome.KEPT_IN_CLOUD if self.finished else ResetOutcome.UNDONE),
         )
 
 
@@ -84,14 +101,15 @@ class Leftovers:
         self._onprem = onprem
         self._cloud = cloud
 
-    async def undo_all(self) -> list[Undone]:
+    async def undo_all(self, handled: frozenset[str] = frozenset()) -> list[Undone]:
+        """``handled``: migrations the reset already brought home or kept (reset_return)."""
         onprem = self._deps.site(self._onprem)
         volumes = await self._deps.site(self._cloud).list_volumes()
         results: list[Undone] = []
-        pending: set[str] = set()
+        pending: set[str] = set(handled)
         for vm in await onprem.list_vms():
             migration_id = tags.pending_migration(vm)
-            if migration_id is None:
+            if migration_id is None or migration_id in handled:
                 continue
             pending.add(migration_id)
             results.append(await self._one(vm, migration_id, volumes))
@@ -109,6 +127,9 @@ class Leftovers:
     async def _one(self, vm: VmConfig, migration_id: str, volumes: list[VolumeInfo]) -> Undone:
         work = _Work(migration_id, vm.vm_id, vm_name=vm.name, request=tags.RequestTag.of(vm))
         try:
+            if await self._on_cache(migration_id):
+                await self._home_without_record(vm, migration_id, volumes, work)
+                return work.done(_components_keep_disks(migration_id))
             if vm.tag(tags.STAGE) == tags.CUTOVER:
                 await self._finish(vm, work)
             else:
@@ -118,6 +139,32 @@ class Leftovers:
             # The tags stay: a later reset tries again. Redis being down is not caught here.
             return work.done(f"{type(error).__name__}: {error}")
         return work.done()
+
+    async def _on_cache(self, migration_id: str) -> bool:
+        """Does its cloud VM run on the cache's exports (tbc, or warm before its cut-over)?"""
+        try:
+            vm = await self._deps.site(self._cloud).get_vm(migration_id)
+        except UnknownVm:
+            return False
+        return any(disk.nbd_export for disk in vm.disks)
+
+    async def _home_without_record(
+        self, vm: VmConfig, migration_id: str, volumes: list[VolumeInfo], work: _Work
+    ) -> None:
+        """Its record is lost, so its disks cannot be taken back from the components (no
+        order can be given without its token): the cloud VM goes (the guest stops writing),
+        the source waits powered off in the migrate pool with its snapshot, never powered
+        on nor stripped of the snapshot while the I/O manager may hold its disks."""
+        await self._undo_cloud(migration_id, volumes, work)
+        onprem = self._deps.site(self._onprem)
+        if vm.power_state is not PowerState.OFF:
+            await onprem.set_power(vm.vm_id, PowerState.OFF)
+        pool = self._deps.config.migrate_pool
+        if vm.resource_pool != pool:
+            await onprem.move_to_pool(vm.vm_id, pool)
+        work.actions.append(f"on-prem VM powered off in {pool}, its snapshot kept")
+        await onprem.tag_vm(vm.vm_id, tags.cleared())  # a later reset must not undo it
+        work.outcome = ResetOutcome.RETURNED
 
     async def _undo_cloud(self, migration_id: str, volumes: list[VolumeInfo], work: _Work) -> None:
         cloud = self._deps.site(self._cloud)
@@ -185,6 +232,16 @@ class Leftovers:
         return [work.done() for work in strays.values()]
 
 
+def _components_keep_disks(migration_id: str) -> str:
+    return (
+        "its record was lost with the state store, so the cache and the I/O manager could "
+        "not be told to let go of its disks: its cloud VM is gone and its source is parked, "
+        "but its disks are the I/O manager's until it closes them; stop both components and "
+        f"remove the disks {migration_id}-* from their data directories before powering "
+        "the VM on or migrating it again"
+    )
+
+
 def _belongs(volume: VolumeInfo, migration_id: str) -> bool:
     """Tagged with the migration, or (a crash between creating and tagging) named after it."""
     return volume.tag(tags.MIGRATION) == migration_id or volume.volume_id.startswith(
@@ -202,14 +259,10 @@ class ResetCleanup:
     def __init__(self, deps: Deps, stop_runs: Callable[[], Awaitable[None]]) -> None:
         self._deps = deps
         self._stop_runs = stop_runs
+        self._down: set[str] = set()
 
     async def stop(self) -> list[MigrationRecord]:
-        """Stop local runs; the unfinished migrations Redis knows of (none if it lost them).
-
-        Refused while a VM runs on the components (tbc, in the cloud or on its way there or
-        back): undoing it from the sites would drop what its guest wrote since the last
-        epoch, and the components would go on serving it. Migrate it back first."""
-        _refuse_served(await self._unfinished())
+        """Stop local runs; the unfinished migrations Redis knows of (none if it lost them)."""
         await self._stop_runs()
         return await self._unfinished()
 
@@ -226,10 +279,30 @@ class ResetCleanup:
                     unfinished.append(record)
         return unfinished
 
-    async def undo(self, unfinished: Sequence[MigrationRecord]) -> list[Undone]:
+    async def bring_home(self, unfinished: Sequence[MigrationRecord]) -> list[Returned]:
+        """Records still known: the VMs the components serve go home or stay cut over, and
+        the components let go of their disks (``reset_return``)."""
+        home = ReturnHome(self._deps, self._stop_runs)
+        returned = await home.run(unfinished)
+        self._down |= home.down
+        return returned
+
+    @property
+    def components_down(self) -> list[str]:
+        return sorted(self._down)
+
+    def keeps(self, key: str) -> bool:
+        """A key the reset leaves (component heartbeats; a down component's orders)."""
+        exact, prefixes = kept_keys(self._deps.store.keys, self._down)
+        return key in exact or key.startswith(prefixes)
+
+    async def undo(
+        self, unfinished: Sequence[MigrationRecord], returned: Sequence[Returned] = ()
+    ) -> list[Undone]:
         """Records forgotten: stop what the scheduler resumed meanwhile, undo, report."""
         await self._stop_runs()
-        undone = await Leftovers(self._deps).undo_all()
+        handled = frozenset(r.migration_id for r in returned if r.how != ROLLBACK)
+        undone = _merged(await Leftovers(self._deps).undo_all(handled), returned)
         done = {item.migration_id: item for item in undone}
         now = self._deps.clock.now().isoformat()
         for record in unfinished:
@@ -252,31 +325,49 @@ class ResetCleanup:
             await self._deps.reporter.publish(done)
             return
         what = "; ".join(item.actions) if item and item.actions else "nothing was left"
+        if item is not None and item.outcome is ResetOutcome.RETURNED:
+            at = "an unknown epoch" if item.epoch is None else f"epoch {item.epoch}"
+            what = f"brought home to {at} (no final epoch): {what}"
+        if item is not None and item.error:
+            what = f"{what}; {item.error}"
         why = "reset" if code == RESET_CODE else "reset after the state store lost its data"
         failed = replace(
             record,
             step=Step.FAILED,
             error_code=code,
-            error_message=f"the appliance was {why} while this migration ran: {what}",
+            error_message=f"the appliance was {why} while this migration ran: {what}"[:4000],
             updated_at=now,
         )
         await self._deps.reporter.publish(failed)
 
 
-def _refuse_served(unfinished: Sequence[MigrationRecord]) -> None:
-    served = [
-        r
-        for r in unfinished
-        if Step.OPENING_DISKS in machine_for(r.migration_type).steps
-        and r.step not in (Step.QUEUED, Step.PREPARING, Step.POWERING_OFF, Step.SNAPSHOTTING)
-    ]
-    if served:
-        listed = ", ".join(f"{r.migration_id} is {r.step.value}" for r in served)
-        raise CommandRejected(
-            f"reset refused: VMs run on the cache ({listed}); migrate them back first, "
-            "or their guests' writes since the last epoch would be lost",
-            ErrorCode.RESTING_IN_CLOUD,
+def _merged(undone: list[Undone], returned: Sequence[Returned]) -> list[Undone]:
+    """One entry per migration: what the reset did on the components, then on the sites."""
+    found = {item.migration_id: item for item in undone}
+    merged: list[Undone] = []
+    for item in returned:
+        sites = found.pop(item.migration_id, None)
+        actions = (*item.actions, *(sites.actions if sites else ()))
+        error = item.error or (sites.error if sites else None)
+        outcome = {
+            ROLLBACK: ResetOutcome.UNDONE,
+            RETURNED: ResetOutcome.RETURNED,
+            KEPT_IN_CLOUD: ResetOutcome.KEPT_IN_CLOUD,
+        }[item.how]
+        merged.append(
+            Undone(
+                item.migration_id,
+                item.vm_id,
+                actions,
+                error,
+                item.vm_name,
+                sites.request if sites else None,
+                finished=item.how == KEPT_IN_CLOUD,
+                outcome=outcome,
+                epoch=item.epoch,
+            )
         )
+    return merged + [item for item in undone if item.migration_id in found]
 
 
 def _record_from_tags(item: Undone, now: str) -> MigrationRecord | None:

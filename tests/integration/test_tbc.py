@@ -23,8 +23,6 @@ from messages.commands import (
     CancelRequest,
     CancelRequestBody,
     MigrationSelector,
-    ResetRequest,
-    ResetRequestBody,
     SetPolicyRequest,
     SetPolicyRequestBody,
 )
@@ -130,11 +128,6 @@ async def test_tbc_runs_in_the_cloud_flushes_by_policy_and_migrates_back_losing_
         answer = await client.request(sync([migration_id]), timeout_s=120)
         assert isinstance(answer, SourceCloneResponse)
         assert await committed_epoch(store, disk) > before
-
-        # A reset would drop what the guest wrote since the last epoch: refused.
-        with pytest.raises(FerryError) as reset:
-            await client.request(ResetRequest(body=ResetRequestBody(confirm=True)))
-        assert reset.value.code is ErrorCode.RESTING_IN_CLOUD
 
         # A second migration of the VM resting in the cloud is refused with its own code.
         with pytest.raises(FerryError) as refused:

@@ -287,16 +287,21 @@ class OnpremIoManager:
         """What the journal says: last applied epoch, any epoch pending, committed prefix."""
         return self._open_disk(disk_id).journal.state
 
-    async def close_disk(self, disk_id: str, token: int) -> None:
-        """Stop serving the disk: exports removed, journal kept; closing twice is a no-op."""
+    async def close_disk(self, disk_id: str, token: int) -> int | None:
+        """Stop serving the disk: exports removed, journal kept; closing twice is a no-op.
+        The epoch the disk's image was left at (every epoch up to it applied), when it was
+        open: once closed, no epoch lands in it."""
         known = await asyncio.to_thread((self.disk_root(disk_id) / "token").exists)
         if not known and disk_id not in self._disks:
-            return
+            return None
         async with self._ordered(disk_id, token):
             opened = self._disks.pop(disk_id, None)
-            if opened is not None:
-                await self._close(opened)
-                log.info("disk closed", disk_id=disk_id)
+            if opened is None:
+                return None
+            await self._close(opened)
+            applied = opened.journal.state.applied_epoch
+            log.info("disk closed", disk_id=disk_id, epoch=applied)
+            return applied
 
     def status(self) -> OnpremStatus:
         disks = tuple(
