@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     # health board marks failed is restarted (an embedded one: its child process; one in
     # remote_components: by this command), again after a backoff that doubles up to its
     # max, until it beats again or the repair timeout passes: then it is unrepairable.
+    component_repair: bool = Field(
+        default=True,
+        description="off: no repair attempt (a failed component comes back by itself or is "
+        "unrepairable at the repair timeout); for maintenance and for tests that keep one down",
+    )
     component_repair_command: str = Field(
         default="",
         description="restarts a remote component: argv template (no shell) with {kind}, "

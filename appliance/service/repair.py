@@ -422,8 +422,13 @@ def repair_ways(
         grace = settings.component_timeout_s
         ways.append((RedisRestart.STATE_STORE, RedisRestart(redis, board, clock, grace)))
     if embedded is not None:
-        child = ChildRestart(embedded.supervisor, embedded.watch, settings.component_timeout_s)
-        ways += [(str(instance), child) for instance in embedded.watch.instances]
+        child: RepairWay | None = ChildRestart(
+            embedded.supervisor, embedded.watch, settings.component_timeout_s
+        )
+        ways += [
+            (str(instance), child if settings.component_repair else None)
+            for instance in embedded.watch.instances
+        ]
     remote: Sequence[ComponentId] = watched_elsewhere(settings)
     command = (
         CommandRestart(
@@ -431,7 +436,7 @@ def repair_ways(
             timeout_s=settings.component_repair_command_timeout_s,
             env=os.environ,
         )
-        if settings.component_repair_command and remote
+        if settings.component_repair and settings.component_repair_command and remote
         else None
     )
     ways += [(str(instance), command) for instance in remote]

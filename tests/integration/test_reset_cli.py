@@ -116,7 +116,8 @@ async def test_ferry_reset_exits_1_when_a_vm_cannot_be_brought_all_the_way_home(
     settings = harness.settings(
         **TBC_SETTINGS,
         component_timeout_s=5.0,
-        component_restart_backoff_s=3600.0,  # the killed I/O manager is not restarted
+        component_repair=False,  # the killed I/O manager is not repaired, nor restarted
+        component_restart_backoff_s=3600.0,
         component_restart_backoff_max_s=3600.0,
     )
     running = await start_appliance(settings)

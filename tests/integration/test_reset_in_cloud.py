@@ -251,7 +251,8 @@ async def test_a_reset_with_the_cache_killed_still_brings_the_vm_home(
     settings = harness.settings(
         **TBC_SETTINGS,
         component_timeout_s=5.0,
-        component_restart_backoff_s=3600.0,  # the killed cache is not restarted
+        component_repair=False,  # the killed cache is not repaired, nor restarted
+        component_restart_backoff_s=3600.0,
         component_restart_backoff_max_s=3600.0,
     )
     running = await start_appliance(settings)
@@ -309,7 +310,11 @@ async def test_a_reset_mid_migrate_back_with_the_cache_stopped_leaves_it_a_close
     vm = lab_vm(1, disks=1, disk_size=8 * MIB)
     await build_lab(harness.data_dir, [vm])
     base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
-    settings = harness.settings(**TBC_SETTINGS, component_timeout_s=5.0)
+    settings = harness.settings(
+        **TBC_SETTINGS,
+        component_timeout_s=5.0,
+        component_repair=False,  # stays stopped
+    )
     running = await start_appliance(settings)
     async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
         pids = await components_up(store)
