@@ -10,6 +10,7 @@ Waiters (the bus pausing intake while Redis is down) wait on an event, never pol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -27,6 +28,14 @@ class ComponentHealth:
     last_ok_at: datetime | None
     timeout_s: float | None  # silent longer than this: failed
     registered_at: datetime | None = None
+    tolerated: bool = False
+    """Degraded but within its threshold (the WAN link down for less than it): shown in
+    the component list, not counted against Ready, not a failure."""
+
+    @property
+    def counts_down(self) -> bool:
+        """Required and not ok (a tolerated degradation is not down)."""
+        return self.required and self.state is not ComponentState.OK and not self.tolerated
 
     def as_status(self) -> ComponentStatus:
         return ComponentStatus(
@@ -67,6 +76,10 @@ class HealthBoard:
             for listener in self._listeners:
                 listener(before, after)
 
+    def unsubscribe(self, listener: Changed) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
     def names(self) -> tuple[str, ...]:
         return tuple(self._components)
 
@@ -79,15 +92,28 @@ class HealthBoard:
     def ok(self, name: str, detail: str = "") -> None:
         component = self._components[name]
         self._set(
-            replace(component, state=ComponentState.OK, detail=detail, last_ok_at=self._clock.now())
+            replace(
+                component,
+                state=ComponentState.OK,
+                detail=detail,
+                last_ok_at=self._clock.now(),
+                tolerated=False,
+            )
         )
         self._ok_events[name].set()
+
+    def degraded(self, name: str, detail: str) -> None:
+        """Not working, but within the time it is allowed to be down: shown as degraded,
+        while the appliance stays Ready (what needs it waits or retries)."""
+        component = self._components[name]
+        self._set(replace(component, state=ComponentState.DEGRADED, detail=detail, tolerated=True))
+        self._ok_events[name].clear()
 
     def failed(self, name: str, detail: str) -> None:
         component = self._components[name]
         # Not seen yet since we started, and its timeout not up: starting, not failed.
         state = ComponentState.FAILED if self.settled(name) else ComponentState.DEGRADED
-        self._set(replace(component, state=state, detail=detail))
+        self._set(replace(component, state=state, detail=detail, tolerated=False))
         self._ok_events[name].clear()
 
     def is_ok(self, name: str) -> bool:
@@ -124,22 +150,18 @@ class HealthBoard:
 
     @property
     def ready(self) -> bool:
-        return all(c.state is ComponentState.OK for c in self._components.values() if c.required)
+        return not any(c.counts_down for c in self._components.values())
 
     def down(self) -> tuple[str, ...]:
         """The required components that are not ok, in registration order."""
-        return tuple(
-            c.name
-            for c in self._components.values()
-            if c.required and c.state is not ComponentState.OK
-        )
+        return tuple(c.name for c in self._components.values() if c.counts_down)
 
     def details(self) -> tuple[str, ...]:
         """One line per required component that is not ok, naming it."""
         return tuple(
             f"{c.name}: {c.detail or c.state.value}"
             for c in self._components.values()
-            if c.required and c.state is not ComponentState.OK
+            if c.counts_down
         )
 
     def summary(self) -> tuple[str, ...]:

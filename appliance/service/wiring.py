@@ -12,7 +12,7 @@ from appliance.components.heartbeat import ComponentHealth
 from appliance.datapath.buffers import BufferBudget
 from appliance.datapath.checkpoint import CheckpointStore
 from appliance.datapath.chunks import MAX_DATA_RUN
-from appliance.datapath.nbd.channel import NbdAddress
+from appliance.datapath.nbd.channel import NbdAddress, TcpAddress
 from appliance.datapath.nbd.server import NbdServer
 from appliance.datapath.package import S3Access
 from appliance.dispatch.admin import Admin
@@ -80,6 +80,15 @@ class CloudDataPlane:
     async def unexport(self, volume_id: str) -> None:
         self._server.remove_export(volume_id)
 
+    async def dialled(self) -> TcpAddress | None:
+        """Where the data path dials while a copy runs (a volume is exported), else None:
+        the WAN probe's view of the cold copies' link."""
+        if not self._server.exports:
+            return None
+        address = self._server.address
+        dialled = await self._wan(address) if self._wan else address
+        return dialled if isinstance(dialled, TcpAddress) else None
+
 
 async def open_site(root: Path, default: SiteConfig) -> LabSite:
     if (root / "site.json").is_file():
@@ -113,6 +122,7 @@ def build_deps(
     cloud: CloudDataPlane,
     clock: Clock,
     keys: ApplianceKeyPair,
+    health: HealthBoard | None = None,
 ) -> Deps:
     config = OrchestratorConfig(
         appliance_id=settings.appliance_id,
@@ -130,6 +140,7 @@ def build_deps(
         reconcile_threshold_bytes=settings.warm_reconcile_threshold_bytes,
         reconcile_max_passes=settings.warm_reconcile_max_passes,
         cutover_gate=settings.debug_warm_cutover_gate,
+        wan_upstream=settings.wan_upstream,
         package_s3=S3Access.from_settings(settings),
     )
 
@@ -158,6 +169,7 @@ def build_deps(
         sealer=Sealer(keys),
         clock=clock,
         buffers=BufferBudget(settings.transfer_buffers, MAX_DATA_RUN),
+        health=health,
     )
 
 
