@@ -126,8 +126,10 @@ async def test_a_blackhole_shorter_than_the_threshold_stalls_reads_and_loses_not
                 # (Older heartbeats may still wait in the queue: wait for a current one.)
                 await beat_until(
                     client,
-                    lambda b: b.body.status is ReadyStatus.READY
-                    and states(b).get(WAN_LINK) is ComponentState.OK,
+                    lambda b: (
+                        b.body.status is ReadyStatus.READY
+                        and states(b).get(WAN_LINK) is ComponentState.OK
+                    ),
                 )
 
                 wan.blackhole()
