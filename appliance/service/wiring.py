@@ -70,23 +70,25 @@ class CloudDataPlane:
         self._server = server
         self._cloud = cloud
         self._wan = wan
+        self._dialled: NbdAddress | None = None  # what the last export handed the data path
 
     async def export(self, volume_id: str) -> tuple[NbdAddress, str]:
         if volume_id not in self._server.exports:
             self._server.add_export(volume_id, await self._cloud.open_volume(volume_id))
         address = self._server.address
-        return (await self._wan(address) if self._wan else address), volume_id
+        dialled = await self._wan(address) if self._wan else address
+        self._dialled = dialled
+        return dialled, volume_id
 
     async def unexport(self, volume_id: str) -> None:
         self._server.remove_export(volume_id)
 
     async def dialled(self) -> TcpAddress | None:
         """Where the data path dials while a copy runs (a volume is exported), else None:
-        the WAN probe's view of the cold copies' link."""
+        the WAN probe's view of the cold copies' link (the address the last export gave)."""
         if not self._server.exports:
             return None
-        address = self._server.address
-        dialled = await self._wan(address) if self._wan else address
+        dialled = self._dialled
         return dialled if isinstance(dialled, TcpAddress) else None
 
 
