@@ -27,7 +27,15 @@ from collections.abc import Callable, Coroutine
 from enum import StrEnum
 from typing import Any
 
-from appliance.errors import LeaseLost, MigrationCancelled, StateStoreUnavailable
+from appliance.errors import (
+    LeaseLost,
+    MigrationCancelled,
+    SiteError,
+    StateStoreUnavailable,
+    TransferCancelled,
+    TransferFailed,
+    TransientError,
+)
 from appliance.health import ComponentHealth, HealthBoard
 from appliance.logs import get_logger
 from appliance.orchestrator.context import Deps
@@ -44,6 +52,11 @@ component that went down with it (the WAN probe runs every second or so)."""
 
 
 Step = Callable[[MigrationRecord], Coroutine[Any, Any, MigrationRecord]]
+
+
+OUTAGE_LIKE = (TransientError, OSError, TimeoutError, TransferFailed, SiteError)
+"""Failures an outage of a needed component can cause (the board may notice it a moment
+later); anything else with everything ok fails at once."""
 
 
 class PauseEvent(StrEnum):
@@ -100,13 +113,15 @@ class Pausing:
                 record = await self._resume(record, names)
             try:
                 return await self._attempt(record, step, names)
-            except (LeaseLost, MigrationCancelled, StateStoreUnavailable):
+            except (LeaseLost, MigrationCancelled, StateStoreUnavailable, TransferCancelled):
                 raise
             except Exception as error:
                 down = await self._down_after(error, names)
-                if not down:
+                if down:
+                    record = await self._pause(record, down, error)
+                elif not isinstance(error, _Failed):
                     raise
-                record = await self._pause(record, down, error)
+                # else: stopped for a component that is back already: the step runs again
 
     async def _attempt(
         self,
@@ -145,7 +160,7 @@ class Pausing:
     async def _down_after(self, error: BaseException, names: tuple[str, ...]) -> list[str]:
         """The needed components not ok now, or within ``SETTLE_S`` of a failed step."""
         down = [n for n in names if not self._board.is_ok(n)]
-        if down or isinstance(error, _Failed):
+        if down or not isinstance(error, OUTAGE_LIKE):
             return down
         went_down = asyncio.Event()
 

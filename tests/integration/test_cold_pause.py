@@ -128,3 +128,43 @@ async def test_a_cold_copy_pauses_while_the_wan_is_down_and_resumes_from_its_che
         f"bytes; after resuming, {stats['bytes_written']} written, "
         f"{stats['chunks_skipped']} chunks skipped"
     )
+
+
+async def test_a_copy_whose_retries_run_out_on_a_link_still_within_its_threshold_waits(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    """A link that refuses everything (every connection cut at once) for longer than the
+    copy's retries last, but less than the WAN threshold: the link is degraded, not
+    failed; the copy's failure is put down to it, so the run pauses instead of failing."""
+    vm = lab_vm(1, disks=1, disk_size=16 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    wan = BlackholedWan()
+    settings = harness.settings(
+        wan_down_threshold_s=240.0, component_heartbeat_interval_s=0.5, progress_interval_s=0.3
+    )
+    running = await start_appliance(settings, wan=wan)
+    try:
+        async with FerryClient(harness.client_settings()) as client:
+            request = clone_request(client, [vm.vm_id], bandwidth_mbps=20)
+            follower = await start_migration(client, request)
+            await follower.until(copying)
+            proxy = wan.proxy
+            assert proxy is not None
+            proxy.drop_every(0)
+            proxy.drop_now()
+            (stopped,) = (await follower.until(paused, within_s=120)).values()
+            assert stopped.pause_reason is not None
+            assert stopped.pause_reason.startswith("waiting for wan_link degraded:")
+            beat = await beat_until(
+                client, lambda b: states(b).get(WAN_LINK) is ComponentState.DEGRADED
+            )
+            assert beat.body.status is ReadyStatus.READY  # within the threshold: tolerated
+            proxy.drop_every(None)
+            (status,) = (await follower.finished(1, within_s=180)).values()
+        assert status.state is MigrationState.COMPLETED, status.error
+    finally:
+        await running.shutdown()
+        await wan.close()
+    source = onprem_disk(harness.data_dir, vm.vm_id, "disk-0")
+    target = cloud_volume(harness.data_dir, f"{status.migration_id}-disk-0")
+    assert await disk_digest(source) == await disk_digest(target)
