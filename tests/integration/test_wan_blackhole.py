@@ -21,10 +21,13 @@ from appliance.components.epochs import parse_address
 from appliance.components.heartbeat import ComponentHealth
 from appliance.components.onprem.manager import current_export
 from appliance.datapath.nbd import NbdBackend
-from appliance.service.health import WAN_LINK
+from appliance.errors import NbdCommandError
+from appliance.service.health import WAN_LINK, HealthEvent
 from appliance.sites.lab.workload import GuestWorkload, WorkloadSpec, WriteLog, read_write_log
-from clients.client import FerryClient
+from appliance.state.events import EventLog
+from clients.client import FerryClient, FerryError
 from messages.common import MigrationState, Phase
+from messages.errors import ErrorCode
 from messages.events import ComponentState, ReadyStatus, SourceCloneResponse
 from tests.integration.conftest import Harness
 from tests.integration.migration_helpers import Follower, start_migration
@@ -195,3 +198,73 @@ async def test_a_blackhole_shorter_than_the_threshold_stalls_reads_and_loses_not
 async def read_current(address: object, disk: str) -> bytes:
     async with await NbdBackend.connect(address, current_export(disk)) as current:  # type: ignore[arg-type]
         return await current.read(0, current.size)
+
+
+SHORT_THRESHOLD_S = 6.0
+
+
+async def test_a_blackhole_longer_than_the_threshold_fails_the_link_until_it_returns(
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path, component_pids: list[int]
+) -> None:
+    """Past the threshold the link is failed: an event, Not Ready naming it, new tbc
+    migrations refused, and a miss that waited that long fails (not before); guest writes
+    still land. Once the link is back: recovered, Ready, misses served again."""
+    vm = lab_vm(1, disks=1, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm, lab_vm(2, disks=1, disk_size=MIB)])
+    base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    uncached = uncached_chunk(base)
+    async with BlackholeProxy("127.0.0.1", 9) as wan:
+        settings = harness.settings(
+            **TBC_SETTINGS,
+            wan_upstream=f"127.0.0.1:{wan.port}",
+            wan_down_threshold_s=SHORT_THRESHOLD_S,
+        )
+        running = await start_appliance(settings)
+        async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+            component_pids += (await components_up(store)).values()
+            onprem = await ComponentHealth(store, 120).report(ONPREM)
+            onprem_address = parse_address(str(onprem.figures["address"]))
+            wan.retarget(onprem_address.host, onprem_address.port)
+            follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
+            migration_id = await in_cloud(follower)
+            address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
+            async with await NbdBackend.connect(address, export) as other:
+                assert await other.read(0, HOT) == base[:HOT]
+                guest = await hot_guest(address, export, tmp_path / "guest.log", seed=22)
+                await guest.wait_writes(10, within_s=60)
+
+                wan.blackhole()
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                with pytest.raises(NbdCommandError):  # EIO, once the threshold has passed
+                    await other.read(uncached, CHUNK)
+                assert loop.time() - started >= SHORT_THRESHOLD_S - 0.5
+                down = await beat_until(
+                    client, lambda b: states(b).get(WAN_LINK) is ComponentState.FAILED
+                )
+                assert down.body.status is ReadyStatus.NOT_READY
+                assert down.body.status_details[0] == "Services not ready or down wan_link"
+                with pytest.raises(FerryError) as refused:
+                    await client.request(tbc_request(client, ["vm-0002"]), timeout_s=60)
+                assert refused.value.code is ErrorCode.SERVICES_DEGRADED
+                written = await guest.writes()
+                await guest.wait_writes(written + 20, within_s=60)  # still writing
+
+                wan.heal()
+                back = await beat_until(
+                    client,
+                    lambda b: (
+                        b.body.status is ReadyStatus.READY
+                        and states(b).get(WAN_LINK) is ComponentState.OK
+                    ),
+                )
+                assert back.body.status_details == ()
+                assert await other.read(uncached, CHUNK) == base[uncached : uncached + CHUNK]
+                await guest.halt()
+            logged = await EventLog(store).read(count=1000)
+            events = [e for e in logged if e.fields.get("component") == WAN_LINK]
+        await running.shutdown()
+    kinds = [e.kind for e in events]
+    assert HealthEvent.COMPONENT_FAILED in kinds
+    assert kinds.index(HealthEvent.COMPONENT_FAILED) < len(kinds) - 1
+    assert kinds[-1] == HealthEvent.COMPONENT_RECOVERED

@@ -20,7 +20,7 @@ from appliance.components.orders import ComponentId
 from appliance.datapath.link import LinkWatch
 from appliance.datapath.nbd.channel import TcpAddress
 from appliance.datapath.nbd.server import NbdServer
-from appliance.errors import ConnectionDropped
+from appliance.errors import LinkDown
 from appliance.health import HealthBoard
 from appliance.service.health import (
     WAN_LINK,
@@ -99,7 +99,7 @@ async def test_a_miss_fails_only_once_the_blackhole_outlasts_the_threshold() -> 
             wan.blackhole()
             loop = asyncio.get_running_loop()
             started = loop.time()
-            with pytest.raises(ConnectionDropped, match=r"no answer from on-prem in 1\.0s"):
+            with pytest.raises(LinkDown, match=r"unreachable for 1\.0s: no answer from on-prem"):
                 await upstream.read(1 << 20, 4096)
             assert loop.time() - started >= 1.0  # not before the threshold
             wan.heal()

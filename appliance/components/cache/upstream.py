@@ -18,7 +18,7 @@ import structlog
 
 from appliance.datapath.nbd.backend import NbdBackend
 from appliance.datapath.nbd.channel import NbdAddress
-from appliance.errors import ConnectionDropped, TransientError
+from appliance.errors import LinkDown, TransientError
 from appliance.storage.extents import Extent
 
 log = structlog.get_logger(__name__)
@@ -64,13 +64,12 @@ class Upstream:
             except TimeoutError as exc:
                 self.retrying.set()
                 await self._drop(backend)
-                raise ConnectionDropped(
-                    str(self.address), f"no answer from on-prem in {self._timeout_s:.1f}s"
-                ) from exc
+                cause = "no answer from on-prem"
+                raise LinkDown(str(self.address), self._timeout_s, cause) from exc
             except (TransientError, OSError) as exc:
                 self.retrying.set()
                 if loop.time() >= deadline:
-                    raise
+                    raise LinkDown(str(self.address), self._timeout_s, exc) from exc
                 log.info("upstream unreachable; retrying", export=self.export, error=repr(exc))
                 await asyncio.sleep(min(self._retry_delay_s, max(0.0, deadline - loop.time())))
             except ValueError:
