@@ -14,9 +14,16 @@ import pytest
 from appliance.datapath.nbd.channel import NbdAddress, TcpAddress
 from appliance.orchestrator.pausing import PauseEvent
 from appliance.service.health import WAN_LINK
+from appliance.sites.lab.site import LabSite
 from appliance.state.events import EventLog
 from clients.client import FerryClient
-from messages.commands import StatusRequest, StatusRequestBody
+from messages.commands import (
+    CancelRequest,
+    CancelRequestBody,
+    MigrationSelector,
+    StatusRequest,
+    StatusRequestBody,
+)
 from messages.common import MigrationState, Phase
 from messages.events import ComponentState, MigrationStatus, ReadyStatus, StatusResponse
 from tests.integration.conftest import Harness
@@ -168,3 +175,41 @@ async def test_a_copy_whose_retries_run_out_on_a_link_still_within_its_threshold
     source = onprem_disk(harness.data_dir, vm.vm_id, "disk-0")
     target = cloud_volume(harness.data_dir, f"{status.migration_id}-disk-0")
     assert await disk_digest(source) == await disk_digest(target)
+
+
+async def test_a_cancel_while_paused_rolls_back_and_leaves_the_source_as_it_was(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    vm = lab_vm(1, disks=1, disk_size=16 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    wan = BlackholedWan()
+    settings = harness.settings(
+        wan_down_threshold_s=THRESHOLD_S,
+        component_heartbeat_interval_s=0.5,
+        progress_interval_s=0.3,
+    )
+    running = await start_appliance(settings, wan=wan)
+    try:
+        async with FerryClient(harness.client_settings()) as client:
+            follower = await start_migration(
+                client, clone_request(client, [vm.vm_id], bandwidth_mbps=20)
+            )
+            await follower.until(copying)
+            assert wan.proxy is not None
+            wan.proxy.blackhole()
+            (stopped,) = (await follower.until(paused, within_s=120)).values()
+            selector = MigrationSelector(migration_ids=(stopped.migration_id,))
+            await client.request(CancelRequest(body=CancelRequestBody(select=selector)))
+            (status,) = (await follower.finished(1, within_s=120)).values()
+        assert status.state is MigrationState.CANCELLED, status.error
+    finally:
+        await running.shutdown()
+        await wan.close()
+    onprem = LabSite.open(harness.data_dir / "sites" / "onprem")
+    try:
+        back = await onprem.get_vm(vm.vm_id)
+        assert back.power_state is vm.power_state and back.resource_pool == vm.resource_pool
+    finally:
+        await onprem.close()
+    volumes = harness.data_dir / "sites" / "cloud" / "volumes"
+    assert not volumes.exists() or list(volumes.iterdir()) == []
