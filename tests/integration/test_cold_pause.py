@@ -61,6 +61,11 @@ def copying(latest: dict[str, MigrationStatus]) -> bool:
     return any(s.phase is Phase.TRANSFER and s.bytes_done > 0 for s in latest.values())
 
 
+def halfway(latest: dict[str, MigrationStatus]) -> bool:
+    return any(s.phase is Phase.TRANSFER and 2 * s.bytes_done >= s.bytes_total > 0
+               for s in latest.values())  # fmt: skip
+
+
 def paused(latest: dict[str, MigrationStatus]) -> bool:
     return any(s.state is MigrationState.PAUSED for s in latest.values())
 
@@ -71,13 +76,18 @@ async def test_a_cold_copy_pauses_while_the_wan_is_down_and_resumes_from_its_che
     vm = lab_vm(1, disks=1, disk_size=32 * MIB)
     await build_lab(harness.data_dir, [vm])
     wan = BlackholedWan()
-    settings = harness.settings(wan_down_threshold_s=THRESHOLD_S, progress_interval_s=0.3)
+    settings = harness.settings(
+        wan_down_threshold_s=THRESHOLD_S,
+        component_heartbeat_interval_s=0.5,
+        progress_interval_s=0.3,
+    )
     running = await start_appliance(settings, wan=wan)
     try:
         async with FerryClient(harness.client_settings()) as client:
-            request = clone_request(client, [vm.vm_id], bandwidth_mbps=40)
+            request = clone_request(client, [vm.vm_id], bandwidth_mbps=24)
             follower = await start_migration(client, request)
-            await follower.until(copying)
+            # Half-way (the checkpoint is synced every second: some of it is durable).
+            await follower.until(halfway)
             proxy = wan.proxy
             assert proxy is not None
             proxy.blackhole()
@@ -85,7 +95,8 @@ async def test_a_cold_copy_pauses_while_the_wan_is_down_and_resumes_from_its_che
             (stopped,) = (await follower.until(paused, within_s=120)).values()
             assert stopped.phase is Phase.TRANSFER and stopped.error is None
             assert stopped.pause_reason is not None
-            assert stopped.pause_reason.startswith("waiting for wan_link failed:")
+            # Failed (the copy hung), or degraded when a new connection's timeout came first.
+            assert stopped.pause_reason.startswith("waiting for wan_link ")
             assert "cloud data path" in stopped.pause_reason
             assert 0 < stopped.bytes_done < stopped.bytes_total  # its progress, kept
             down = await beat_until(
