@@ -24,7 +24,6 @@ from appliance.datapath.nbd import NbdBackend
 from appliance.errors import NbdCommandError
 from appliance.service.health import WAN_LINK, HealthEvent
 from appliance.sites.lab.workload import GuestWorkload, WorkloadSpec, WriteLog, read_write_log
-from appliance.state.events import EventLog
 from clients.client import FerryClient, FerryError
 from messages.common import MigrationState, Phase
 from messages.errors import ErrorCode
@@ -48,7 +47,12 @@ from tests.integration.tbc_helpers import (
     tbc_request,
 )
 from tests.integration.test_bus import StartAppliance
-from tests.integration.test_health import beat_until, states
+from tests.integration.test_health import (
+    beat_until,
+    failed_then_recovered,
+    health_events_until,
+    states,
+)
 from tests.support.blackhole import BlackholeProxy
 from tests.support.lab import MIB, build_lab, lab_vm
 from tests.support.replay import find_prefix
@@ -261,10 +265,33 @@ async def test_a_blackhole_longer_than_the_threshold_fails_the_link_until_it_ret
                 assert back.body.status_details == ()
                 assert await other.read(uncached, CHUNK) == base[uncached : uncached + CHUNK]
                 await guest.halt()
-            logged = await EventLog(store).read(count=1000)
+            # Events are written as they are noticed: wait for the recovery's.
+            logged = await health_events_until(store, failed_then_recovered(WAN_LINK))
             events = [e for e in logged if e.fields.get("component") == WAN_LINK]
+            # Home again (the components stop with the appliance once nothing rests on them).
+            await migrated_back(client, follower, migration_id)
         await running.shutdown()
     kinds = [e.kind for e in events]
     assert HealthEvent.COMPONENT_FAILED in kinds
     assert kinds.index(HealthEvent.COMPONENT_FAILED) < len(kinds) - 1
     assert kinds[-1] == HealthEvent.COMPONENT_RECOVERED
+    # The link's outage lost nothing the guest wrote.
+    assert await read_onprem(harness.data_dir, vm.vm_id, "disk-0") == await expected_after(
+        base, tmp_path / "guest.log"
+    )
+
+
+async def migrated_back(client: FerryClient, follower: Follower, migration_id: str) -> None:
+    try:
+        await client.request(migrate_back([migration_id]))
+    except FerryError as error:  # an automatic recovery may have begun one already
+        assert error.code is ErrorCode.MIGRATING_BACK, error
+    final = await follower.until(
+        lambda latest: all(
+            s.state in (MigrationState.MIGRATED_BACK, MigrationState.FAILED)
+            for s in latest.values()
+        ),
+        within_s=180,
+    )
+    (status,) = final.values()
+    assert status.state is MigrationState.MIGRATED_BACK, status.error
