@@ -3,7 +3,9 @@
 Each component (the state store, the bus, later the on-prem I/O manager and
 the cloud cache) reports ``ok`` or ``failed`` as it notices; components that
 report periodically are marked failed when they have been silent for longer
-than their timeout. The appliance is Ready when every required component is ok.
+than their timeout. The appliance is Ready when every required component is ok, or
+*degraded* within what it tolerates (``degraded``: the WAN link down for less than its
+threshold is listed so, and is neither down nor failed).
 Waiters (the bus pausing intake while Redis is down) wait on an event, never poll.
 """
 
