@@ -11,6 +11,7 @@
     │   ├── PackageStoreUnavailable     a package's directory or S3 bucket cannot be reached now
     │   └── TransientDataPathError      a link dropped, a peer timed out
     │       ├── ConnectionDropped
+    │       ├── LinkDown                the WAN link stayed down past its threshold (a miss gave up)
     │       └── ReconcileUnavailable    a reconcile pass failed for now (give the next one later)
     └── PermanentError                  reject, report, dead-letter; never retried
         ├── CommandRejected             a command that cannot be carried out (has an ErrorCode)
@@ -135,6 +136,17 @@ class ConnectionDropped(TransientDataPathError):
         self.peer = peer
         self.cause = cause
         super().__init__(f"connection to {peer} dropped: {cause}")
+
+
+class LinkDown(TransientDataPathError):
+    """Not a ConnectionDropped: an NBD server takes that for its own client gone and does
+    not answer, while this must reach the guest as an I/O error."""
+
+    def __init__(self, peer: str, waited_s: float, cause: BaseException | str) -> None:
+        self.peer = peer
+        self.waited_s = waited_s
+        self.cause = cause
+        super().__init__(f"{peer} unreachable for {waited_s:.1f}s: {cause}")
 
 
 class ReconcileUnavailable(TransientDataPathError):

@@ -3,7 +3,9 @@
 Each component (the state store, the bus, later the on-prem I/O manager and
 the cloud cache) reports ``ok`` or ``failed`` as it notices; components that
 report periodically are marked failed when they have been silent for longer
-than their timeout. The appliance is Ready when every required component is ok.
+than their timeout. The appliance is Ready when every required component is ok, or
+*degraded* within what it tolerates (``degraded``: the WAN link down for less than its
+threshold is listed so, and is neither down nor failed).
 Waiters (the bus pausing intake while Redis is down) wait on an event, never poll.
 
 For recovery (appliance/service/repair.py marks, the recovery reads):
@@ -16,6 +18,7 @@ cleared when the component is ok again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -35,6 +38,14 @@ class ComponentHealth:
     registered_at: datetime | None = None
     failed_at: datetime | None = None  # when it last turned failed (None while not failed)
     unrepairable: str = ""  # why its repair gave up (empty: not given up), until it is ok
+    tolerated: bool = False
+    """Degraded but within its threshold (the WAN link down for less than it): shown in
+    the component list, not counted against Ready, not a failure."""
+
+    @property
+    def counts_down(self) -> bool:
+        """Required and not ok (a tolerated degradation is not down)."""
+        return self.required and self.state is not ComponentState.OK and not self.tolerated
 
     def as_status(self) -> ComponentStatus:
         return ComponentStatus(
@@ -76,6 +87,10 @@ class HealthBoard:
             for listener in self._listeners:
                 listener(before, after)
 
+    def unsubscribe(self, listener: Changed) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
     def names(self) -> tuple[str, ...]:
         return tuple(self._components)
 
@@ -97,10 +112,18 @@ class HealthBoard:
                 last_ok_at=now,
                 failed_at=None,
                 unrepairable="",
+                tolerated=False,
             )
         )
         self._ok_events[name].set()
         self._gave_up[name].clear()
+
+    def degraded(self, name: str, detail: str) -> None:
+        """Not working, but within the time it is allowed to be down: shown as degraded,
+        while the appliance stays Ready (what needs it waits or retries)."""
+        component = self._components[name]
+        self._set(replace(component, state=ComponentState.DEGRADED, detail=detail, tolerated=True))
+        self._ok_events[name].clear()
 
     def failed(self, name: str, detail: str) -> None:
         component = self._components[name]
@@ -109,7 +132,9 @@ class HealthBoard:
         failed_at = component.failed_at
         if state is ComponentState.FAILED and failed_at is None:
             failed_at = self._clock.now()
-        self._set(replace(component, state=state, detail=detail, failed_at=failed_at))
+        self._set(
+            replace(component, state=state, detail=detail, failed_at=failed_at, tolerated=False)
+        )
         self._ok_events[name].clear()
 
     def failed_since(self, name: str) -> datetime | None:
@@ -167,22 +192,18 @@ class HealthBoard:
 
     @property
     def ready(self) -> bool:
-        return all(c.state is ComponentState.OK for c in self._components.values() if c.required)
+        return not any(c.counts_down for c in self._components.values())
 
     def down(self) -> tuple[str, ...]:
         """The required components that are not ok, in registration order."""
-        return tuple(
-            c.name
-            for c in self._components.values()
-            if c.required and c.state is not ComponentState.OK
-        )
+        return tuple(c.name for c in self._components.values() if c.counts_down)
 
     def details(self) -> tuple[str, ...]:
         """One line per required component that is not ok, naming it."""
         return tuple(
             f"{c.name}: {c.detail or c.state.value}"
             for c in self._components.values()
-            if c.required and c.state is not ComponentState.OK
+            if c.counts_down
         )
 
     def summary(self) -> tuple[str, ...]:

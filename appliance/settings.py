@@ -170,7 +170,11 @@ class Settings(BaseSettings):
     cache_ship_workers: int = Field(default=4, ge=1, le=64)
     cache_bandwidth_bytes_per_s: float | None = Field(default=None, gt=0)
     cache_retry_delay_s: float = Field(default=1.0, gt=0)
-    cache_upstream_timeout_s: float = Field(default=300.0, gt=0)
+    cache_upstream_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="how long a cache miss waits for on-prem; default: wan_down_threshold_s",
+    )
     component_epoch_timeout_s: float = Field(
         default=60.0, gt=0, description="how long the cache waits for on-prem to answer"
     )
@@ -181,6 +185,18 @@ class Settings(BaseSettings):
     link_zstd: bool = Field(default=False, description="compress the cache<->on-prem link")
     link_zstd_level: int = Field(default=3, ge=1, le=19)
     link_zstd_bind: str = Field(default="127.0.0.1:0", pattern=r"^[^\s:]*:\d{1,5}$")
+    # The WAN link between the sites (the cache's upstream, the cold copy's data path):
+    # down for less than the threshold, misses stall, writes stay in the cache and epochs
+    # and copies wait; longer, the link is failed (README "The WAN link").
+    wan_down_threshold_s: float = Field(
+        default=300.0, gt=0, description="the WAN link down longer than this: failed"
+    )
+    wan_upstream: str = Field(
+        default="",
+        pattern=r"^([^\s:]*:\d{1,5})?$",
+        description="HOST:PORT the cloud cache dials to reach the I/O manager (a WAN gateway, "
+        "a NAT); empty: the address the I/O manager gives",
+    )
     test_mode: bool = Field(
         default=False, description="tests only: lets a component run a runtime named by --runtime"
     )

@@ -142,7 +142,8 @@ def migrations_table(statuses: Sequence[MigrationStatus], title: str = "Migratio
     for column in columns:
         table.add_column(column, overflow="fold")
     for s in statuses:
-        colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(s.state, "")
+        colours = {"completed": "green", "failed": "red", "cancelled": "yellow", "paused": "yellow"}
+        colour = colours.get(s.state, "")
         table.add_row(
             s.migration_id,
             s.vm_name,
@@ -152,7 +153,7 @@ def migrations_table(statuses: Sequence[MigrationStatus], title: str = "Migratio
             f"{s.progress_percent:.1f}% of {s.bytes_total / 2**20:.0f} MiB",
             rpo_text(s),
             str(s.queue_position or ""),
-            f"{s.error.code}: {s.error.message}" if s.error else "",
+            f"{s.error.code}: {s.error.message}" if s.error else (s.pause_reason or ""),
         )
     return table
 

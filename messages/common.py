@@ -70,6 +70,9 @@ class MigrationState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     WAITING = "waiting"
+    PAUSED = "paused"
+    """A cold migration waiting for a component it needs (pause_reason says which); it
+    resumes from its checkpoint once that component is back."""
     CANCELLING = "cancelling"
     COMPLETED = "completed"
     FAILED = "failed"

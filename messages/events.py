@@ -150,6 +150,11 @@ class MigrationStatus(WireModel):
     )
     checks: tuple[PrepareCheck, ...] = ()
     error: ErrorInfo | None = None
+    pause_reason: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="While paused: the components it waits for and why they are down",
+    )
     updated_at: datetime
     # Warm and tbc, while the VM runs on the cloud cache (null for cold, and when the
     # cache's heartbeat does not say): how far on-prem is behind the VM.

@@ -55,7 +55,7 @@ from appliance.components.orders import (
 )
 from appliance.components.reconciling import parse_pass, parse_volume
 from appliance.components.runtimes import ComponentConfig
-from appliance.datapath.link import ZstdRelay
+from appliance.datapath.link import LinkWatch, ZstdRelay
 from appliance.datapath.nbd.channel import TcpAddress
 from appliance.errors import DiskNotOpen, FerryError
 from appliance.logs import get_logger
@@ -79,8 +79,15 @@ def cache_settings(settings: Settings) -> CacheSettings:
         ship_workers=settings.cache_ship_workers,
         bandwidth_bytes_per_s=settings.cache_bandwidth_bytes_per_s,
         retry_delay_s=settings.cache_retry_delay_s,
-        upstream_timeout_s=settings.cache_upstream_timeout_s,
+        upstream_timeout_s=settings.cache_upstream_timeout_s or settings.wan_down_threshold_s,
     )
+
+
+def link_watch(settings: Settings) -> LinkWatch:
+    """The WAN link's probes, as often as the heartbeat; a greeting late by a few beats
+    (at least 1 s, at most 10 s) counts as down."""
+    interval = settings.component_heartbeat_interval_s
+    return LinkWatch(interval_s=interval, probe_s=min(10.0, max(1.0, 4 * interval)))
 
 
 class CacheRuntime:
@@ -93,6 +100,8 @@ class CacheRuntime:
         self._sinks: dict[str, RedisEpochSink] = {}
         self._relays: dict[TcpAddress, ZstdRelay] = {}
         self._restoring: asyncio.Task[None] | None = None
+        self._link = link_watch(config.settings)
+        self._link_stop = asyncio.Event()
 
     @property
     def cache(self) -> CloudCache:
@@ -114,6 +123,8 @@ class CacheRuntime:
             )
             await self._state.load()
             self._restoring = asyncio.create_task(self._restore())
+            watching = asyncio.create_task(self._link.run(self._link_stop))
+            stack.push_async_callback(_stopped, watching, self._link_stop)
             self._stack = stack.pop_all()
         return self
 
@@ -166,6 +177,7 @@ class CacheRuntime:
             return str(error)
         if self._config.settings.link_zstd:
             address = await self._through_zstd(address)
+        self._link.use(order.disk_id, address)
         assert self._store is not None
         sink = RedisEpochSink(
             self._store,
@@ -196,6 +208,7 @@ class CacheRuntime:
                 return OrderOutcome.refused(order, OutcomeCode.INVALID, reason)
             await self.cache.close_disk(order.disk_id, order.token, discard=Discard(wanted))
             self._sinks.pop(order.disk_id, None)
+            self._link.release(order.disk_id)
             await self._state.closed(order.disk_id)
             return OrderOutcome.applied(order)
         entry = self._state.disks.get(order.disk_id)
@@ -295,9 +308,15 @@ class CacheRuntime:
                 str(upstream): {"plain_bytes": relay.plain_bytes, "wire_bytes": relay.wire_bytes}
                 for upstream, relay in self._relays.items()
             },
+            "wan_link": self._link.report(),
             "shipping_refused": {
                 disk: sink.refused[disk]
                 for disk, sink in self._sinks.items()
                 if disk in sink.refused
             },
         }
+
+
+async def _stopped(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    stop.set()
+    await task

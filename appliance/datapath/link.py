@@ -20,18 +20,33 @@ garbage and drops the connection.
 Counters add up over every connection: ``plain_bytes`` (what the
 applications sent, both ways) and ``wire_bytes`` (what crossed the WAN
 side, both ways).
+
+Whether the link works is :class:`LinkWatch`'s to say: the cloud cache probes
+each on-prem address its disks read from (a new connection must bring the NBD
+server's greeting within ``probe_s``), every ``interval_s``, and reports which
+are down and since when in its heartbeat (``wan_link``). A blackholed link
+(packets dropped, nothing refused) hangs a connection rather than failing it,
+so a probe that times out counts as down, like one refused. What uses the link
+meanwhile (misses, epoch shipping) waits and retries at its own edge
+(``components/cache/upstream.py``, ``shipping.py``); the control plane decides
+from the report whether the link is degraded (down for less than
+``wan_down_threshold_s``) or failed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Self
 
 import structlog
 import zstandard
 
+from appliance.datapath.nbd import protocol
 from appliance.datapath.nbd.channel import TcpAddress
 
 log = structlog.get_logger(__name__)
@@ -189,3 +204,98 @@ class ZstdRelay:
             cut()
         except (ConnectionError, OSError):
             cut()
+
+
+async def greeted(address: TcpAddress, timeout_s: float) -> str | None:
+    """None when the NBD server at ``address`` sends its greeting within ``timeout_s``
+    (connection included), else why not."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(address.host, address.port)
+            greeting = await reader.readexactly(8)
+    except TimeoutError:
+        return f"no NBD greeting within {timeout_s:.1f}s"
+    except (OSError, asyncio.IncompleteReadError) as error:
+        return f"{type(error).__name__}: {error}"
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+    if int.from_bytes(greeting, "big") != protocol.NBDMAGIC:
+        return "not an NBD server"
+    return None
+
+
+@dataclass(slots=True)
+class _Peer:
+    users: set[str]
+    down_since: float | None = None
+    detail: str = ""
+
+
+class LinkWatch:
+    """The WAN link as the cloud cache sees it: each on-prem address in use, probed.
+
+    ``use(user, address)`` / ``release(user)`` say which addresses are in use (a user
+    is a disk); :meth:`run` probes them every ``interval_s``; :meth:`report` gives the
+    heartbeat's ``wan_link`` figure: ``peers`` (addresses in use), ``down`` (address:
+    ``{"down_s", "detail"}``, down since the first probe that failed after a success).
+    """
+
+    def __init__(
+        self,
+        *,
+        interval_s: float,
+        probe_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._interval_s = interval_s
+        self._probe_s = probe_s
+        self._clock = clock
+        self._peers: dict[TcpAddress, _Peer] = {}
+        self.probes = 0
+
+    def use(self, user: str, address: TcpAddress) -> None:
+        self.release(user)
+        self._peers.setdefault(address, _Peer(set())).users.add(user)
+
+    def release(self, user: str) -> None:
+        for address, peer in list(self._peers.items()):
+            peer.users.discard(user)
+            if not peer.users:
+                del self._peers[address]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.probe()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._interval_s)
+
+    async def probe(self) -> None:
+        """Probe every address in use once (side by side)."""
+        addresses = list(self._peers)
+        started = self._clock()
+        answers = await asyncio.gather(*(greeted(a, self._probe_s) for a in addresses))
+        self.probes += 1
+        for address, why in zip(addresses, answers, strict=True):
+            peer = self._peers.get(address)
+            if peer is None:
+                continue  # released meanwhile
+            if why is None:
+                if peer.down_since is not None:
+                    log.info("wan link back", peer=str(address))
+                peer.down_since, peer.detail = None, ""
+            else:
+                if peer.down_since is None:
+                    log.warning("wan link down", peer=str(address), error=why)
+                    peer.down_since = started
+                peer.detail = why
+
+    def report(self) -> dict[str, object]:
+        now = self._clock()
+        down = {
+            str(address): {"down_s": round(now - peer.down_since, 3), "detail": peer.detail}
+            for address, peer in self._peers.items()
+            if peer.down_since is not None
+        }
+        return {"peers": sorted(map(str, self._peers)), "down": down}

@@ -11,6 +11,7 @@ from appliance.datapath.buffers import BufferBudget
 from appliance.datapath.checkpoint import CheckpointStore
 from appliance.datapath.nbd.channel import NbdAddress
 from appliance.datapath.package import S3Access
+from appliance.health import HealthBoard
 from appliance.orchestrator.reporting import Reporter
 from appliance.sealing import Sealer
 from appliance.sites.protocol import Site
@@ -60,6 +61,8 @@ class OrchestratorConfig:
     """Passes before a warm VM cuts over whatever remains (its last pass, VM off, copies it)."""
     package_s3: S3Access | None = None
     """Where offline packages on S3 are reached (endpoint, credentials)."""
+    wan_upstream: str = ""
+    """HOST:PORT the cloud cache dials to reach the I/O manager (empty: the address it gives)."""
     cutover_gate: bool = False
     """Tests only: a warm VM waits for the ask ``cutover`` before it cuts over, and for
     ``cutover_off`` once its cloud VM is off (a crash test holds it there)."""
@@ -82,6 +85,8 @@ class Deps:
     clock: Clock
     buffers: BufferBudget
     """Chunk buffers shared by every transfer: the data path's memory, whatever runs."""
+    health: HealthBoard | None = None
+    """What is up and what is down (a cold copy pauses while what it needs is down)."""
 
     def site(self, name: str) -> Site:
         return self.sites[name]

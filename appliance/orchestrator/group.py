@@ -34,12 +34,14 @@ from appliance.orchestrator import serve_steps, steps, tags, warm, warm_offline
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.copying import DiskCopy
 from appliance.orchestrator.journal import Journal
+from appliance.orchestrator.pausing import Pausing
 from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.resting import ASK_BACK, Resting
 from appliance.orchestrator.resume import snapshot_step
 from appliance.orchestrator.states import TERMINAL, Machine, Step, machine_for
 from appliance.state.leases import Lease
 from appliance.state.migrations import GroupInfo
+from messages.common import MigrationType
 
 log = get_logger(__name__)
 Action = Callable[[Deps, Journal, MigrationRecord], Awaitable[MigrationRecord]]
@@ -178,14 +180,21 @@ class GroupRun:
             if record.step is not Step.COMPLETED:
                 await self._deps.site(record.site).tag_vm(record.vm_id, {tags.STAGE: tags.CUTOVER})
 
+    async def _step(self, record: MigrationRecord) -> MigrationRecord:
+        if record.step is Step.TRANSFERRING:
+            return await DiskCopy(self._deps, self._journal, record, self._cancel).run()
+        action = ACTIONS.get(record.step, serve_steps.not_built)
+        return await action(self._deps, self._journal, record)
+
     async def _act(self, record: MigrationRecord) -> None:
+        board = self._deps.health
         try:
-            if record.step is Step.TRANSFERRING:
-                done = await DiskCopy(self._deps, self._journal, record, self._cancel).run()
+            if record.migration_type is MigrationType.COLD and board is not None:
+                # A cold run waits out an outage of what it needs (orchestrator/pausing.py).
+                pausing = Pausing(self._deps, self._journal, board, self._cancel)
+                done = await pausing.run(record, self._step)
             else:
-                done = await ACTIONS.get(record.step, serve_steps.not_built)(
-                    self._deps, self._journal, record
-                )
+                done = await self._step(record)
         except TransferCancelled:
             raise MigrationCancelled(record.migration_id) from None
         except Exception as error:

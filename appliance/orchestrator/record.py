@@ -13,6 +13,8 @@ from messages.events import PrepareCheck
 
 CUTOVER_SECONDS = "cutover_seconds"
 """``extra``: a warm VM's cutover, cloud VM off → on, on its volumes (seconds)."""
+PAUSED_REASON = "paused_reason"
+"""``extra``: a cold run paused for a component that is down: which, and why (pausing.py)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,10 +8,10 @@ from appliance.clock import Clock
 from appliance.errors import BusUnavailable
 from appliance.logs import get_logger
 from appliance.orchestrator.figures import CacheFigureReader, CacheFigures
-from appliance.orchestrator.record import CUTOVER_SECONDS, MigrationRecord
+from appliance.orchestrator.record import CUTOVER_SECONDS, PAUSED_REASON, MigrationRecord
 from appliance.orchestrator.states import Step, phase_of, public_state
 from appliance.sink import EventSink
-from messages.common import ErrorInfo
+from messages.common import ErrorInfo, MigrationState
 from messages.events import MigrationStatus, SourceCloneResponse
 
 log = get_logger(__name__)
@@ -40,13 +40,17 @@ def status_of(
     error = None
     if record.error_code is not None:
         error = ErrorInfo(code=record.error_code, message=(record.error_message or "")[:4096])
+    state = public_state(record.step, cancel_requested)
+    paused = record.extra.get(PAUSED_REASON)
+    if not isinstance(paused, str) or state is not MigrationState.RUNNING:
+        paused = None
     return MigrationStatus(
         migration_id=record.migration_id,
         request_id=record.request_id,
         vm_id=record.vm_id,
         vm_name=record.vm_name,
         migration_type=record.migration_type,
-        state=public_state(record.step, cancel_requested),
+        state=MigrationState.PAUSED if paused else state,
         phase=phase_of(record.step),
         group_id=record.group_id,
         queue_position=queue_position if record.step is Step.QUEUED else None,
@@ -58,6 +62,7 @@ def status_of(
         bandwidth_cap_bps=record.bandwidth_cap_bps if record.step is Step.TRANSFERRING else None,
         checks=tuple(check.wire() for check in record.checks),
         error=error,
+        pause_reason=paused[:1024] if paused else None,
         updated_at=datetime.fromisoformat(record.updated_at),
         committed_epoch=cache.committed_epoch,
         last_epoch_at=cache.last_epoch_at,

@@ -53,7 +53,8 @@ async def open_disks(deps: Deps, journal: Journal, record: MigrationRecord) -> M
     for disk in record.disks:
         location = onprem.disk_location(record.vm_id, disk.disk_id)
         address = await disks.open_onprem(record, disk, location)
-        opened = await disks.open_cache(record, disk, address)
+        # The cache reaches on-prem across the WAN: at a gateway's address when one is set.
+        opened = await disks.open_cache(record, disk, deps.config.wan_upstream or address)
         changed = replace(
             disk, onprem_address=address, cache_address=opened.address, cache_export=opened.export
         )

@@ -121,14 +121,9 @@ class Appliance:
             for probe in site_probes:
                 await probe.probe()
             nbd = await stack.enter_async_context(NbdServer())
+            cloud = CloudDataPlane(nbd, sites["cloud"], self.wan)
             deps = build_deps(
-                settings,
-                store,
-                bus.publisher,
-                sites,
-                CloudDataPlane(nbd, sites["cloud"], self.wan),
-                self.clock,
-                keys,
+                settings, store, bus.publisher, sites, cloud, self.clock, keys, self.health
             )
             scheduler = Scheduler(deps)
             handlers = build_handlers(settings, deps, scheduler, self.health, sites["onprem"])
@@ -163,7 +158,7 @@ class Appliance:
             ways = repair_ways(settings, components, self.embedded_redis, self.health, self.clock)
             for name, way in ways:
                 self.repairer.watch(name, way)
-            wan = wan_probe(settings, store, self.health, self.clock)
+            wan = wan_probe(settings, store, self.health, self.clock, cloud.dialled)
             self._write_runtime(sqs_endpoint, bus, keys.public.text, metrics)
             stack.callback(clear_runtime, settings.data_dir, os.getpid())
             log.info("appliance started", appliance_id=settings.appliance_id, key=keys.public.text)
@@ -179,8 +174,7 @@ class Appliance:
                     tasks.create_task(components.run(stop))
                 if watch is not None:
                     tasks.create_task(watch.run(stop))
-                if wan is not None:
-                    tasks.create_task(wan.run(stop))
+                tasks.create_task(wan.run(stop))
                 for probe in site_probes:
                     tasks.create_task(probe.run(stop))
             log.info("appliance stopped")

@@ -426,6 +426,8 @@ def component_env(settings: Settings, redis_url: str) -> dict[str, str]:
         "FERRY_TEST_MODE": "1" if settings.test_mode else "0",
         "FERRY_LOG_LEVEL": settings.log_level,
         "FERRY_LOG_FORMAT": settings.log_format,
+        # The cache's misses wait for the WAN link as long as the appliance tolerates it.
+        "FERRY_WAN_DOWN_THRESHOLD_S": str(settings.wan_down_threshold_s),
     }
 
 

@@ -8,10 +8,14 @@ The components expected are the configured ones: those the appliance runs itself
 (``embedded_components``) and those run on their own hosts (``remote_components``);
 a cold-only setup names none and stays Ready without them. Probed the same way
 (:class:`Reachability`: failing for the component timeout = failed): each site driver
-(``site:<name>``) and, when the I/O manager is expected, the WAN link (``wan_link``: a
-TCP connect to the I/O manager's NBD address, as its heartbeat gives it). A new
-migration needs the state store, the bus and the sites; a tbc or warm one also the
-``tbc_components`` pair and the link, when they are among the expected ones.
+(``site:<name>``). The WAN link (``wan_link``, :class:`WanProbe`) is judged from what
+crosses it: the cloud cache's own probes of the on-prem addresses its disks read
+from, else a TCP connect to the I/O manager's address, and while a copy to the cloud
+runs, the cloud NBD server as the copy dials it. Down for less than
+``wan_down_threshold_s`` the link is *degraded*: listed so, the appliance stays Ready,
+misses stall and copies wait; longer, it is *failed* like any component. A new
+migration needs the state store, the bus, the sites and the link (once failed); a tbc
+or warm one also the ``tbc_components`` pair, when they are among the expected ones.
 
 Every change to or from *failed* is an event in the event log (the global Redis
 Stream ``{p}:events``), kinds in :class:`HealthEvent`; events noticed while the state
@@ -23,12 +27,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from appliance.clock import Clock
 from appliance.components.heartbeat import ComponentHealth as HeartbeatReader
 from appliance.components.orders import ComponentId
+from appliance.datapath.link import greeted
+from appliance.datapath.nbd.channel import TcpAddress
 from appliance.errors import CommandRejected, SiteError, StateStoreUnavailable
 from appliance.health import ComponentHealth, HealthBoard, not_ready_line
 from appliance.logs import get_logger
@@ -57,6 +64,10 @@ class HealthEvent(StrEnum):
     COMPONENT_REPAIR_STARTED = "component_repair_started"
     COMPONENT_REPAIRED = "component_repaired"
     COMPONENT_REPAIR_GAVE_UP = "component_repair_gave_up"
+    COMPONENT_DEGRADED = "component_degraded"
+    """Down, but for less than its threshold (the WAN link): tolerated, not a failure."""
+    COMPONENT_RESTORED = "component_restored"
+    """Back from a tolerated degradation without having failed."""
 
 
 def tbc_instances(settings: Settings) -> tuple[ComponentId, ...]:
@@ -101,6 +112,12 @@ class HealthEvents:
         elif before.state is ComponentState.FAILED and after.state is ComponentState.OK:
             log.info("component recovered", component=after.name, detail=after.detail)
             self.note(HealthEvent.COMPONENT_RECOVERED, after.name, detail=after.detail)
+        elif after.tolerated and before.state is ComponentState.OK:
+            log.warning("component degraded", component=after.name, detail=after.detail)
+            self.note(HealthEvent.COMPONENT_DEGRADED, after.name, detail=after.detail)
+        elif before.tolerated and after.state is ComponentState.OK:
+            log.info("component restored", component=after.name, detail=after.detail)
+            self.note(HealthEvent.COMPONENT_RESTORED, after.name, detail=after.detail)
 
     async def run(self, events: EventLog, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -140,13 +157,23 @@ def tcp_address(text: str) -> tuple[str, int] | None:
 
 class Reachability:
     """One probed component on the board: ok at each success, failed once the probe has
-    failed for longer than ``timeout_s`` (the component timeout) without a success."""
+    failed for longer than ``timeout_s`` (the component timeout) without a success.
+    ``degrade``: meanwhile shown as degraded (tolerated: Ready is kept), not left ok."""
 
-    def __init__(self, board: HealthBoard, name: str, timeout_s: float, clock: Clock) -> None:
+    def __init__(
+        self,
+        board: HealthBoard,
+        name: str,
+        timeout_s: float,
+        clock: Clock,
+        *,
+        degrade: bool = False,
+    ) -> None:
         self.name = name
         self._board = board
         self._timeout_s = timeout_s
         self._clock = clock
+        self._degrade = degrade
         self._last_ok = clock.monotonic()
         board.register(name)
 
@@ -158,10 +185,16 @@ class Reachability:
         """Nothing to probe now: the time without a success starts again."""
         self._last_ok = self._clock.monotonic()
 
-    def missed(self, what: str, cause: str) -> None:
-        silent_s = self._clock.monotonic() - self._last_ok
+    def missed(self, what: str, cause: str, *, silent_s: float = 0.0) -> None:
+        """A failed probe; ``silent_s``: how long the far end itself has seen it down."""
+        silent_s = max(silent_s, self._clock.monotonic() - self._last_ok)
         if silent_s > self._timeout_s:
             self._board.failed(self.name, f"{what} for {silent_s:.1f}s: {cause}")
+        elif self._degrade:
+            self._board.degraded(
+                self.name,
+                f"{what} for {silent_s:.1f}s (failed after {self._timeout_s:.0f}s): {cause}",
+            )
 
 
 async def probe_every(
@@ -174,39 +207,116 @@ async def probe_every(
             await asyncio.wait_for(stop.wait(), timeout=interval_s)
 
 
+@dataclass(frozen=True, slots=True)
+class LinkSeen:
+    """One path across the WAN as last probed: up, down (for ``down_s`` as its far end
+    saw it), or nothing to judge."""
+
+    up: bool | None
+    detail: str
+    down_s: float = 0.0
+    cause: str = ""
+
+
+CopyLink = Callable[[], Awaitable[TcpAddress | None]]
+"""The cloud NBD server's address as the data path dials it while a copy runs, else None."""
+
+
 class WanProbe:
-    """The WAN link between the sites: can the on-prem I/O manager's NBD address (as its
-    heartbeat gives it) be reached with TCP? Unreachable for the component timeout: failed.
-    While the I/O manager itself is silent the link is not judged (it has no address)."""
+    """The WAN link between the sites, from the paths that cross it:
+
+    * the cloud cache's view (its heartbeat's ``wan_link``: it probes every on-prem
+      address its disks read from), when it reports any;
+    * else a TCP connect to the I/O manager's address, as its heartbeat gives it (not
+      judged while the I/O manager is silent);
+    * while a copy to the cloud runs (``copy_link``), an NBD greeting from the cloud
+      NBD server at the address the copy dials.
+
+    Any path down: the link is down; degraded for ``threshold_s`` (the WAN threshold),
+    failed after."""
 
     def __init__(
         self,
         reader: HeartbeatReader,
         board: HealthBoard,
-        onprem: ComponentId,
+        onprem: ComponentId | None,
         *,
         interval_s: float,
         clock: Clock,
+        threshold_s: float | None = None,
+        cache: ComponentId | None = None,
+        copy_link: CopyLink | None = None,
     ) -> None:
         self._reader = reader
         self._onprem = onprem
+        self._cache = cache
+        self._copy_link = copy_link
         self._interval_s = interval_s
-        self._link = Reachability(board, WAN_LINK, reader.timeout_s, clock)
+        timeout_s = threshold_s if threshold_s is not None else reader.timeout_s
+        self._probe_s = min(PROBE_CONNECT_S, max(1.0, interval_s))
+        self._link = Reachability(board, WAN_LINK, timeout_s, clock, degrade=True)
 
     async def run(self, stop: asyncio.Event) -> None:
         await probe_every(self._interval_s, self.probe, stop)
 
     async def probe(self) -> None:
+        seen = [await self._cache_view()]
+        if seen[0] is None:
+            seen[0] = await self._onprem_view()
+        seen.append(await self._copy_view())
+        paths = [s for s in seen if s is not None]
+        down = [s for s in paths if s.up is False]
+        if down:
+            what = ", ".join(s.detail for s in down)
+            cause = "; ".join(s.cause for s in down)
+            self._link.missed(what, cause, silent_s=max(s.down_s for s in down))
+        elif any(s.up for s in paths):
+            self._link.reached("; ".join(s.detail for s in paths if s.up))
+        elif paths:
+            self._link.unjudged()
+        else:
+            self._link.reached("not probed: nothing crosses it now")
+
+    async def _cache_view(self) -> LinkSeen | None:
+        """The cache's own probes of its upstreams; None when it reports none."""
+        if self._cache is None:
+            return None
+        report = await self._reader.report(self._cache)
+        figure = report.figures.get("wan_link")
+        if report.failed or not isinstance(figure, dict) or not figure.get("peers"):
+            return None
+        down = figure.get("down")
+        if not isinstance(down, dict) or not down:
+            return LinkSeen(True, f"{', '.join(map(str, figure['peers']))} reached by the cache")
+        infos = {str(peer): info for peer, info in down.items() if isinstance(info, dict)}
+        down_s = max((float(i.get("down_s", 0.0)) for i in infos.values()), default=0.0)
+        what = f"{', '.join(infos)} unreachable from the cache"
+        return LinkSeen(
+            False, what, down_s, "; ".join(str(i.get("detail")) for i in infos.values())
+        )
+
+    async def _onprem_view(self) -> LinkSeen | None:
+        if self._onprem is None:
+            return None
         report = await self._reader.report(self._onprem)
         address = tcp_address(str(report.figures.get("address", "")))
         if report.failed:
-            self._link.unjudged()
-        elif address is None:
-            self._link.reached("not probed: the I/O manager gives no TCP address")
-        elif (error := await _connect(*address)) is None:
-            self._link.reached(f"{address[0]}:{address[1]} reachable")
-        else:
-            self._link.missed(f"{address[0]}:{address[1]} unreachable", error)
+            return LinkSeen(None, "the I/O manager is silent")
+        if address is None:
+            return None  # not probed: the I/O manager gives no TCP address
+        if (error := await _connect(*address)) is None:
+            return LinkSeen(True, f"{address[0]}:{address[1]} reachable")
+        return LinkSeen(False, f"{address[0]}:{address[1]} unreachable", cause=error)
+
+    async def _copy_view(self) -> LinkSeen | None:
+        if self._copy_link is None:
+            return None
+        address = await self._copy_link()
+        if address is None:
+            return None
+        if (error := await greeted(address, self._probe_s)) is None:
+            return LinkSeen(True, f"cloud data path {address} answers")
+        return LinkSeen(False, f"cloud data path {address} unreachable", cause=error)
 
 
 class SiteProbe:
@@ -246,17 +356,23 @@ async def _connect(host: str, port: int) -> str | None:
 
 
 def wan_probe(
-    settings: Settings, store: StateStore, board: HealthBoard, clock: Clock
-) -> WanProbe | None:
-    """The link's probe, when the tbc pair's I/O manager is one of the expected components."""
-    onprem = tbc_instances(settings)[0]
-    if onprem not in expected_components(settings):
-        return None
+    settings: Settings,
+    store: StateStore,
+    board: HealthBoard,
+    clock: Clock,
+    copy_link: CopyLink | None = None,
+) -> WanProbe:
+    """The link's probe: through the tbc pair when they are expected, and the copies."""
+    expected = expected_components(settings)
+    onprem, cache = tbc_instances(settings)
     return WanProbe(
         heartbeat_reader(settings, store),
         board,
-        onprem,
+        onprem if onprem in expected else None,
+        cache=cache if cache in expected else None,
+        copy_link=copy_link,
         interval_s=max(1.0, settings.component_heartbeat_interval_s),
+        threshold_s=settings.wan_down_threshold_s,
         clock=clock,
     )
 
@@ -280,9 +396,9 @@ def refuse_if_degraded(
     if not isinstance(command, SourceCloneRequest):
         return
     names = set(board.names())
-    needed = [n for n in names if n in SYSTEM_WIDE or n.startswith(SITE_PREFIX)]
+    needed = [n for n in names if n in (*SYSTEM_WIDE, WAN_LINK) or n.startswith(SITE_PREFIX)]
     if command.body.migration_type in NEEDS_COMPONENTS:
-        needed += [n for n in (*map(str, components), WAN_LINK) if n in names]
+        needed += [n for n in map(str, components) if n in names]
     down = [n for n in needed if board.is_failed(n)]
     if down:
         raise ServicesDegraded(down)

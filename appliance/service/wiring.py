@@ -12,7 +12,7 @@ from appliance.components.heartbeat import ComponentHealth
 from appliance.datapath.buffers import BufferBudget
 from appliance.datapath.checkpoint import CheckpointStore
 from appliance.datapath.chunks import MAX_DATA_RUN
-from appliance.datapath.nbd.channel import NbdAddress
+from appliance.datapath.nbd.channel import NbdAddress, TcpAddress
 from appliance.datapath.nbd.server import NbdServer
 from appliance.datapath.package import S3Access
 from appliance.dispatch.admin import Admin
@@ -70,15 +70,26 @@ class CloudDataPlane:
         self._server = server
         self._cloud = cloud
         self._wan = wan
+        self._dialled: NbdAddress | None = None  # what the last export handed the data path
 
     async def export(self, volume_id: str) -> tuple[NbdAddress, str]:
         if volume_id not in self._server.exports:
             self._server.add_export(volume_id, await self._cloud.open_volume(volume_id))
         address = self._server.address
-        return (await self._wan(address) if self._wan else address), volume_id
+        dialled = await self._wan(address) if self._wan else address
+        self._dialled = dialled
+        return dialled, volume_id
 
     async def unexport(self, volume_id: str) -> None:
         self._server.remove_export(volume_id)
+
+    async def dialled(self) -> TcpAddress | None:
+        """Where the data path dials while a copy runs (a volume is exported), else None:
+        the WAN probe's view of the cold copies' link (the address the last export gave)."""
+        if not self._server.exports:
+            return None
+        dialled = self._dialled
+        return dialled if isinstance(dialled, TcpAddress) else None
 
 
 async def open_site(root: Path, default: SiteConfig) -> LabSite:
@@ -113,6 +124,7 @@ def build_deps(
     cloud: CloudDataPlane,
     clock: Clock,
     keys: ApplianceKeyPair,
+    health: HealthBoard | None = None,
 ) -> Deps:
     config = OrchestratorConfig(
         appliance_id=settings.appliance_id,
@@ -130,6 +142,7 @@ def build_deps(
         reconcile_threshold_bytes=settings.warm_reconcile_threshold_bytes,
         reconcile_max_passes=settings.warm_reconcile_max_passes,
         cutover_gate=settings.debug_warm_cutover_gate,
+        wan_upstream=settings.wan_upstream,
         package_s3=S3Access.from_settings(settings),
     )
 
@@ -158,6 +171,7 @@ def build_deps(
         sealer=Sealer(keys),
         clock=clock,
         buffers=BufferBudget(settings.transfer_buffers, MAX_DATA_RUN),
+        health=health,
     )
 
 

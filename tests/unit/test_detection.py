@@ -202,8 +202,11 @@ async def test_the_wan_link_fails_when_the_i_o_manager_s_address_is_unreachable_
         await writer.beat()
         await probe.probe()
         assert board.is_ok(WAN_LINK) and board.statuses()[0].detail.endswith("reachable")
-    await probe.probe()  # closed, but not for the timeout yet
-    assert board.is_ok(WAN_LINK)
+    await probe.probe()  # closed, but not for the timeout yet: degraded, still Ready
+    (link,) = board.statuses()
+    assert link.state is ComponentState.DEGRADED and "failed after 30s" in link.detail
+    assert board.ready and board.down() == () and not board.is_failed(WAN_LINK)
+    refuse_if_degraded(board, clone(MigrationType.TBC), PAIR)  # not a failure: taken
     clock.advance(31)
     await probe.probe()
     assert board.is_failed(WAN_LINK)
