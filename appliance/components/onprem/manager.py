@@ -25,12 +25,15 @@ Data directory::
     <data_dir>/disks/<disk_id>/token        {"token": n}: the highest accepted
     <data_dir>/disks/<disk_id>/order.json   the order the disk was last opened with
     <data_dir>/disks/<disk_id>/journal      the epoch journal (append-only)
-    <data_dir>/disks/<disk_id>/stage-<N>/   epoch N's staging area
-    <data_dir>/disks/<disk_id>/applied-stage-<N>/   once N is applied, until removed
+    <data_dir>/disks/<disk_id>/stage-<N>/   epoch N's staging area (landing records)
+    <disk_dir>/staged-<hex>.raw             epoch N's data, in the disk's own directory,
+                                            until the commit makes it a layer of the disk
 
-Opening a disk recovers it: an epoch committed but not applied is applied
-again from its staging area, staging areas of uncommitted epochs are
-discarded. Orders for one disk run one at a time (a lock per disk).
+Opening a disk recovers it: an epoch committed but not applied is linked
+again from its staged file, staging areas of uncommitted epochs are
+discarded with their files. Orders for one disk run one at a time (a lock
+per disk). After each commit (and each open) layers of the disk that no
+snapshot freezes are folded together in the background.
 """
 
 from __future__ import annotations
@@ -48,13 +51,7 @@ from typing import Self
 import structlog
 
 from appliance.components.onprem import durable, staging
-from appliance.components.onprem.commit import (
-    DEFAULT_APPLY_CONCURRENCY,
-    CommitHook,
-    CommitStep,
-    StagedDamage,
-    apply_epoch,
-)
+from appliance.components.onprem.commit import CommitHook, CommitStep, apply_epoch
 from appliance.components.onprem.journal import EpochJournal, JournalState
 from appliance.components.onprem.manifest import EpochManifest
 from appliance.components.onprem.staging import StagingBackend
@@ -145,16 +142,15 @@ class OnpremIoManager:
         *,
         address: NbdAddress | None = None,
         commit_hook: CommitHook | None = None,
-        apply_concurrency: int = DEFAULT_APPLY_CONCURRENCY,
     ) -> None:
         self._data_dir = Path(data_dir)
         self._server = NbdServer(address=address or TcpAddress("127.0.0.1", 0))
         self._hook = commit_hook
-        self._apply_concurrency = apply_concurrency
         self._disks: dict[str, _OpenDisk] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tokens: dict[str, int] = {}
         self._work: set[asyncio.Future[None]] = set()
+        self._compactions: set[asyncio.Future[None]] = set()
         self.staged = staging.ByteTally()
         """Data bytes written to staging areas since the process began (all disks)."""
         self.epochs_applied = 0
@@ -194,7 +190,9 @@ class OnpremIoManager:
                 await asyncio.gather(*self._work, return_exceptions=True)
         finally:
             for disk_id in list(self._disks):
-                await self._close(self._disks.pop(disk_id))
+                await self._close(self._disks.pop(disk_id))  # stops their compactions
+            if self._compactions:
+                await asyncio.gather(*self._compactions, return_exceptions=True)
 
     # -- orders ------------------------------------------------------------------------------
 
@@ -231,7 +229,9 @@ class OnpremIoManager:
                 raise EpochOutOfOrder(disk_id, epoch, committed + 1)
             name = staging_export(disk_id, epoch)
             if epoch not in opened.staged:
-                backend = await StagingBackend.create(opened.root, epoch, opened.disk.size)
+                backend = await StagingBackend.create(
+                    opened.root, epoch, opened.disk.size, opened.disk.staged_path()
+                )
                 backend.tally = self.staged
                 opened.staged[epoch] = backend
                 self._server.add_export(name, backend)
@@ -336,11 +336,21 @@ class OnpremIoManager:
         self._work.add(task)
         task.add_done_callback(self._work_done)
 
-    async def _remove_aside(self, root: Path, aside: Path) -> None:
-        try:
-            await asyncio.to_thread(staging.remove_set_aside, root, aside)
-        except OSError as exc:  # left for the next open to remove
-            log.warning("applied staging not removed", path=str(aside), error=repr(exc))
+    def _compact(self, opened: _OpenDisk) -> None:
+        """Fold the disk's unfrozen layers in the background (the disk's close stops it)."""
+
+        async def compact() -> None:
+            try:
+                removed = await opened.disk.compact()
+            except (OSError, ValueError) as exc:  # left for the next commit or open
+                log.warning("layers not compacted", disk_id=opened.order.disk_id, error=repr(exc))
+                return
+            if removed:
+                log.info("layers compacted", disk_id=opened.order.disk_id, removed=removed)
+
+        task = asyncio.ensure_future(compact())
+        self._compactions.add(task)
+        task.add_done_callback(self._compactions.discard)
 
     def _work_done(self, task: asyncio.Future[None]) -> None:
         self._work.discard(task)
@@ -361,6 +371,7 @@ class OnpremIoManager:
             journal = await asyncio.to_thread(EpochJournal.open, root / "journal")
             opened = _OpenDisk(order, root, disk, journal)
             await self._recover(opened)
+            self._compact(opened)
             return opened
         except BaseException:
             if journal is not None:
@@ -377,7 +388,7 @@ class OnpremIoManager:
             await self._apply(opened, epoch, opened.order.token, state.pending)
         for epoch in await asyncio.to_thread(staging.staged_epochs, opened.root):
             await asyncio.to_thread(staging.discard, opened.root, epoch)
-        await asyncio.to_thread(staging.remove_set_aside, opened.root)
+        await opened.disk.discard_staged()  # any a crash left unnamed
 
     async def _verify(self, opened: _OpenDisk, epoch: int, manifest: EpochManifest) -> None:
         """Step 1, with the staging export withdrawn and sealed; reopened if it fails."""
@@ -411,42 +422,43 @@ class OnpremIoManager:
     ) -> None:
         """Steps 4 to 6 for an epoch whose commit record is durable."""
         disk_id = opened.order.disk_id
-        backend = opened.staged.get(epoch)
-        if backend is None and manifest.entries:
-            try:
-                backend = await StagingBackend.open(opened.root, epoch)
-            except FileNotFoundError as missing:
-                raise EpochRejected(
-                    disk_id, epoch, "committed, but its staging is gone"
-                ) from missing
-            opened.staged[epoch] = backend
+        staged = await self._staged_file(opened, epoch) if manifest.entries else None
 
         async def checkpoint(step: CommitStep) -> None:
             await self._step(disk_id, epoch, step)
 
         try:
             await apply_epoch(
-                opened.disk,
-                backend if manifest.entries else None,
-                manifest,
-                checkpoint if self._hook is not None else None,
-                self._apply_concurrency,
+                opened.disk, staged, manifest, checkpoint if self._hook is not None else None
             )
-        except StagedDamage as damage:
-            raise EpochRejected(disk_id, epoch, str(damage)) from damage
+        except FileNotFoundError as missing:
+            raise EpochRejected(disk_id, epoch, "committed, but its staged file is gone") from (
+                missing
+            )
         await asyncio.to_thread(opened.journal.append_applied, epoch, token)
         await self._step(disk_id, epoch, CommitStep.APPLIED_RECORDED)
         dropped = opened.staged.pop(epoch, None)
         if dropped is not None:
             await dropped.close()
-        # Renamed now, removed after the reply: freeing a GiB of staging takes a while.
-        aside = await asyncio.to_thread(staging.set_aside, opened.root, epoch)
-        if aside is not None:
-            self._track(asyncio.ensure_future(self._remove_aside(opened.root, aside)))
+        # The landing records only: the data file is a layer of the disk now.
+        await asyncio.to_thread(staging.discard, opened.root, epoch, data=False)
+        self._compact(opened)
         self.epochs_applied += 1
         self.bytes_applied += manifest.data_bytes
         log.info("epoch committed", disk_id=disk_id, epoch=epoch, bytes=manifest.data_bytes)
         await self._step(disk_id, epoch, CommitStep.STAGING_DROPPED)
+
+    async def _staged_file(self, opened: _OpenDisk, epoch: int) -> Path:
+        """Where the committed ``epoch``'s data file is (or was, if it is linked already)."""
+        backend = opened.staged.get(epoch)
+        if backend is not None:
+            return backend.data_path
+        directory = opened.root / staging.staging_name(epoch)
+        if not await asyncio.to_thread(directory.is_dir):
+            raise EpochRejected(
+                opened.order.disk_id, epoch, "committed, but its staging area is gone"
+            )
+        return await asyncio.to_thread(staging.data_path, directory)
 
     async def _step(self, disk_id: str, epoch: int, step: CommitStep) -> None:
         if self._hook is not None:
