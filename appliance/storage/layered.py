@@ -41,12 +41,10 @@ and a change list always covers every block that reads differently.
 from __future__ import annotations
 
 import asyncio
-import enum
-import errno
 import os
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -62,8 +60,10 @@ from appliance.storage.disk_manifest import (
     SnapshotInfo,
     SnapshotRecord,
 )
+from appliance.storage.disk_view import DiskView
 from appliance.storage.extents import Extent
 from appliance.storage.layer_files import Layer, OpenFiles
+from appliance.storage.layer_links import LinkStep, StagedLayers
 from appliance.storage.layer_map import Geometry, map_view, owner_runs, whole_blocks
 from appliance.storage.locks import BlockRangeLocks, SharedExclusiveLock
 
@@ -74,21 +74,6 @@ TRANSFER_CHUNK = 1024 * 1024
 MIN_GRANULARITY = 4096
 
 _T = TypeVar("_T")
-FOLD_PIECE = 64 << 20
-"""``compact`` copies about this many bytes per piece, letting I/O and close in between."""
-
-
-class LinkStep(enum.StrEnum):
-    PREPARED = "prepared"
-    """The staged file is filled, durable and hard-linked beside its bitmap; not named."""
-    LINKED = "linked"
-    """The manifest names it; the staged name is not removed yet."""
-    FOLDED = "folded"
-    """``compact``: a lower layer holds an upper one's blocks, durably; not yet dropped."""
-
-
-Checkpoint = Callable[[LinkStep], Awaitable[None]]
-"""Called after a step of ``link_layer`` or ``compact`` (tests stop them there)."""
 
 
 def _check_range(name: str, size: int, offset: int, length: int) -> None:
@@ -105,7 +90,7 @@ def _check_geometry(size: int, granularity: int) -> None:
         raise ValueError(f"granularity {granularity} must divide the {TRANSFER_CHUNK} byte chunk")
 
 
-class LayeredDisk:
+class LayeredDisk(StagedLayers):
     """A disk with snapshots; build with :meth:`create` or :meth:`open`, then use its views."""
 
     def __init__(
@@ -245,43 +230,6 @@ class LayeredDisk:
         if not self._closed:
             self._closing = True  # a compaction stops at its next piece
             await self._guarded(self._close_now())
-
-    # -- staged layers ---------------------------------------------------------------------------
-
-    def staged_path(self) -> Path:
-        """A new name, in the disk's directory, for a file to stage and later link."""
-        return self._directory / layer_files.staged_name()
-
-    async def discard_staged(self, keep: Sequence[Path] = ()) -> None:
-        """Remove every staged file but ``keep``."""
-        found = await asyncio.to_thread(layer_files.staged_files, self._directory)
-        doomed = [path for path in found if path not in keep]
-        await asyncio.to_thread(layer_files.remove_staged, self._directory, doomed)
-
-    async def link_layer(
-        self,
-        staged: Path,
-        extents: Sequence[tuple[int, int]],
-        checkpoint: Checkpoint | None = None,
-    ) -> bool:
-        """Make ``staged`` (from ``staged_path``, every write to it finished) the new top
-        layer, owning the blocks that the byte ranges ``(offset, length)`` touch; the
-        rest of a partly covered block is filled from the disk as it is. Nothing is copied
-        but those edges. Crash-safe and idempotent: False if ``staged`` was the file last
-        linked (its name is then removed if a crash left it)."""
-        if not layer_files.is_staged(self._directory, staged):
-            raise ValueError(f"{staged} is not a staged file of {self.name}")
-        return await self._guarded(self._link_now(staged, list(extents), checkpoint))
-
-    async def compact(self, checkpoint: Checkpoint | None = None) -> int:
-        """Fold layers that no snapshot freezes into the one below, until none is left but
-        the top; the number of layers removed. An empty one is dropped; otherwise the upper
-        layer's blocks are copied down (``FOLD_PIECE`` at a time, reads and writes going on:
-        neither layer is the top, the lower one ends no view, so every view reads the same
-        throughout), the lower's bitmap saved, then the manifest swapped. A crash anywhere
-        leaves both layers named and reading as before; the next compaction does it again.
-        Stops between pieces when the disk is being closed."""
-        return await self._guarded(self._compact_now(checkpoint))
 
     # -- I/O for the views ----------------------------------------------------------------------
 
@@ -561,113 +509,6 @@ class LayeredDisk:
     async def _drop(self, layers: list[Layer]) -> None:
         await asyncio.to_thread(layer_files.drop_layers, self._directory, layers, self._files)
 
-    async def _link_now(
-        self, staged: Path, extents: list[tuple[int, int]], checkpoint: Checkpoint | None
-    ) -> bool:
-        async with self._gate.exclusive():
-            self._check_open()
-            if self._last_link == staged.name:
-                await asyncio.to_thread(layer_files.remove_staged, self._directory, [staged])
-                return False
-            await self._flush_top()  # the layer that stops taking writes is durable first
-            number = self._next_layer
-            layer = await asyncio.to_thread(
-                layer_files.link_staged,
-                self._directory,
-                staged,
-                number,
-                self._geometry,
-                list(self._layers),
-                extents,
-                self._files,
-            )
-            try:
-                if checkpoint is not None:
-                    await checkpoint(LinkStep.PREPARED)
-                manifest = self._manifest(
-                    next_layer=number + 1,
-                    layers=(*(layer.number for layer in self._layers), number),
-                    last_link=staged.name,
-                )
-                await self._save_manifest(manifest)
-            except BaseException:
-                self._files.close(layer.fd)  # its files are strays until linked again
-                raise
-            self._next_layer, self._last_link = number + 1, staged.name
-            self._layers.append(layer)
-            if checkpoint is not None:
-                await checkpoint(LinkStep.LINKED)
-            await asyncio.to_thread(layer_files.remove_staged, self._directory, [staged])
-            return True
-
-    def _foldable(self) -> tuple[Layer, Layer] | None:
-        """The first (lower, upper) pair that ``compact`` can join: the lower frozen by no
-        snapshot, and either empty (not the base) or below an upper that is not the top."""
-        frozen = {record.layer for record in self._snapshots}
-        for index in range(1, len(self._layers)):
-            lower, upper = self._layers[index - 1], self._layers[index]
-            if lower.number in frozen:
-                continue
-            if not lower.is_base and not lower.bitmap.count():
-                return lower, upper
-            if index < len(self._layers) - 1:
-                return lower, upper
-        return None
-
-    async def _compact_now(self, checkpoint: Checkpoint | None) -> int:
-        removed = 0
-        async with self._compacting:
-            while not self._closing and (pair := self._foldable()) is not None:
-                lower, upper = pair
-                if lower.is_base or lower.bitmap.count():
-                    if not await self._fold_pieces(upper, lower):
-                        break
-                    if checkpoint is not None:
-                        await checkpoint(LinkStep.FOLDED)
-                    await self._drop_folded(upper, lower)
-                else:
-                    await self._drop_folded(lower, None)
-                removed += 1
-        return removed
-
-    async def _fold_pieces(self, upper: Layer, lower: Layer) -> bool:
-        """Copy ``upper``'s blocks into ``lower`` a piece at a time, then save ``lower``'s
-        bitmap (its data is durable first); False if the disk began closing meanwhile."""
-        zeroed: list[tuple[int, int]] = []
-        per_piece = max(1, FOLD_PIECE // self.granularity)
-        for first, stop in upper.bitmap.runs():
-            for start in range(first, stop, per_piece):
-                if self._closing:
-                    return False
-                run = (start, min(stop, start + per_piece))
-                async with self._gate.shared():
-                    self._check_open()
-                    zeroed += await asyncio.to_thread(
-                        layer_files.fold, self._geometry, [(upper, [run])], lower
-                    )
-        async with self._gate.exclusive():
-            self._check_open()
-            if lower.is_base:
-                for run in zeroed:
-                    lower.bitmap.set_range(*run)
-            else:
-                lower.bitmap.update(upper.bitmap)
-            await self._save_bitmap(lower)
-        return True
-
-    async def _drop_folded(self, gone: Layer, into: Layer | None) -> None:
-        """Name ``gone`` no more (its snapshots now freeze ``into``), then remove its files."""
-        async with self._gate.exclusive():
-            self._check_open()
-            self._layers.remove(gone)
-            if into is not None:
-                self._snapshots = [
-                    replace(record, layer=into.number) if record.layer == gone.number else record
-                    for record in self._snapshots
-                ]
-            await self._save_manifest(self._manifest())
-            await self._drop([gone])
-
     async def _close_now(self) -> None:
         async with self._compacting, self._gate.exclusive():
             if self._closed:
@@ -677,70 +518,3 @@ class LayeredDisk:
             finally:
                 self._closed = True
                 self._close_files()
-
-
-class DiskView:
-    """A :class:`LayeredDisk` through the Backend protocol: now (read-write) or a snapshot."""
-
-    def __init__(self, disk: LayeredDisk, snapshot_id: str | None) -> None:
-        self._disk = disk
-        self._snapshot_id = snapshot_id
-
-    @property
-    def name(self) -> str:
-        suffix = "" if self._snapshot_id is None else f"@{self._snapshot_id}"
-        return f"{self._disk.name}{suffix}"
-
-    @property
-    def size(self) -> int:
-        return self._disk.size
-
-    @property
-    def readonly(self) -> bool:
-        return self._snapshot_id is not None
-
-    @property
-    def snapshot_id(self) -> str | None:
-        return self._snapshot_id
-
-    def _check_writable(self) -> None:
-        if self.readonly:
-            raise PermissionError(errno.EPERM, f"{self.name} is a snapshot, read-only")
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self._disk._read(self._snapshot_id, offset, length)
-
-    async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
-        """Fill ``buffer`` from ``offset`` (``read`` without allocating the result)."""
-        await self._disk._read_into(self._snapshot_id, offset, memoryview(buffer).cast("B"))
-
-    async def write(self, offset: int, data: bytes | memoryview) -> None:
-        self._check_writable()
-        await self._disk._write(offset, data)
-
-    async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
-        self._check_writable()
-        await self._disk._zero(offset, length, punch_hole)
-
-    async def flush(self) -> None:
-        if not self.readonly:
-            await self._disk.flush()
-
-    async def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
-        if length is None:
-            length = self.size - offset
-        return await self._disk._extents(self._snapshot_id, offset, length)
-
-    async def close(self) -> None:
-        """A view holds nothing of its own; the disk is closed by its owner."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
