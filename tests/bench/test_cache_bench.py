@@ -34,7 +34,7 @@ small request is measured and printed. One table:
    from a local raw file to Ferry's NBD server exporting a fresh raw file,
    through the same link. The epoch's time is split at on-prem's reply to
    the stage request and the cache's commit request (transfer and manifest,
-   then on-prem's verify and apply).
+   then on-prem's commit: verify, then link the staged epoch as a layer of the disk).
 4. Peak RSS (VmHWM) of each component process under the fio load of 1 and 2
    (reset through ``clear_refs`` after the epoch phase), and over the whole run.
 
@@ -475,7 +475,7 @@ class Report:
                 f"{self.epoch.write.mb_s:,.1f} MB/s (then FLUSH); cut to on-prem commit "
                 f"{self.epoch.cut_to_commit_s:.2f} s: cut to staged "
                 f"{self.epoch.cut_to_staged_s:.2f} s, transfer and manifest "
-                f"{self.epoch.shipping_s:.2f} s, on-prem commit (verify, apply) "
+                f"{self.epoch.shipping_s:.2f} s, on-prem commit (verify, link) "
                 f"{self.epoch.onprem_commit_s:.2f} s; on-prem cur/ equals the cache's bytes"
             )
             lines.append(

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -258,3 +261,61 @@ async def test_closing_stops_a_compaction_between_pieces(
     await closing
     assert layers_of(directory) == layers
     assert await read_all(directory) == images[-1]
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from appliance.storage import layer_links
+    from appliance.storage.layered import LayeredDisk
+
+    async def main(directory, step):
+        layer_links.FOLD_PIECE = 128 * 1024
+
+        async def hook(at):
+            if at == step:
+                print("stopped", at, flush=True)
+                await asyncio.Event().wait()  # the parent kills us here
+
+        disk = await LayeredDisk.open(directory)
+        await disk.compact(hook)
+        print("finished", flush=True)
+
+    asyncio.run(main(*sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.parametrize("step", [LinkStep.FOLDED_PART, LinkStep.FOLDED])
+async def test_a_compaction_killed_after_a_step_reads_the_same_and_finishes_later(
+    tmp_path: Path, step: LinkStep
+) -> None:
+    directory = tmp_path / "disk"
+    snapshot_id, images = await linked_chain(directory, 3, seed=8)
+    frozen = await read_all(directory, snapshot_id)
+    layers = layers_of(directory)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CHILD,
+        str(directory),
+        step.value,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).parents[2],
+    )
+    assert child.stdout is not None
+    try:
+        line = (await asyncio.wait_for(child.stdout.readline(), 60)).decode()
+        assert line.split() == ["stopped", step.value], line
+    finally:
+        if child.returncode is None:
+            child.send_signal(signal.SIGKILL)
+        await child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert layers_of(directory) == layers
+    assert await read_all(directory) == images[-1]
+    assert await read_all(directory, snapshot_id) == frozen
+    async with await LayeredDisk.open(directory) as disk:
+        assert await disk.compact() == 2
+        assert await disk.active().read(0, SIZE) == images[-1]
+        assert await disk.at(snapshot_id).read(0, SIZE) == frozen

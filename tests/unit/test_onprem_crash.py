@@ -68,6 +68,7 @@ async def check_recovered(
         assert manager.committed_epoch(DISK) == (2 if committed else 1)
         assert manager.journal_state(DISK).committed_prefix
         assert not list((data_dir / "disks" / DISK).glob("stage-*"))
+        assert not list(order.disk_dir.glob("staged-*"))  # linked, or discarded
         if not committed:
             await ship(manager, DISK, 2, TOKEN, SIZE, SECOND)
         await manager.commit_epoch(DISK, 2, TOKEN, manifest_of(SECOND))

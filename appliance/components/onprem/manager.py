@@ -279,6 +279,11 @@ class OnpremIoManager:
             await self._step(disk_id, epoch, CommitStep.COMMIT_RECORDED)
             await self._apply(opened, epoch, token, manifest)
 
+    async def compacted(self) -> None:
+        """Wait for the background compactions begun so far (tests and benches)."""
+        if self._compactions:
+            await asyncio.gather(*list(self._compactions), return_exceptions=True)
+
     def committed_epoch(self, disk_id: str) -> int:
         """The last epoch applied to ``disk_id``'s current image (0: none)."""
         return self._open_disk(disk_id).journal.state.applied_epoch
