@@ -92,11 +92,10 @@ class StagedLayers:
         """A new name, in the disk's directory, for a file to stage and later link."""
         return self._directory / layer_files.staged_name()
 
-    async def discard_staged(self, keep: Sequence[Path] = ()) -> None:
-        """Remove every staged file but ``keep``."""
+    async def discard_staged(self) -> None:
+        """Remove every staged file (their owner has none it still needs)."""
         found = await asyncio.to_thread(layer_files.staged_files, self._directory)
-        doomed = [path for path in found if path not in keep]
-        await asyncio.to_thread(layer_files.remove_staged, self._directory, doomed)
+        await asyncio.to_thread(layer_files.remove_staged, self._directory, found)
 
     async def link_layer(
         self,

@@ -463,7 +463,10 @@ class OnpremIoManager:
             raise EpochRejected(
                 opened.order.disk_id, epoch, "committed, but its staging area is gone"
             )
-        return await asyncio.to_thread(staging.data_path, directory)
+        # By name in the disk's directory as opened now (the path recorded may be spelt
+        # otherwise: a disk_dir given through another path to the same directory).
+        recorded = await asyncio.to_thread(staging.data_path, directory)
+        return opened.disk.directory / recorded.name
 
     async def _step(self, disk_id: str, epoch: int, step: CommitStep) -> None:
         if self._hook is not None:
