@@ -385,11 +385,12 @@ class OnpremIoManager:
             raise
 
     async def _recover(self, opened: _OpenDisk) -> None:
-        """Apply a committed, unapplied epoch again; discard every other staging area."""
+        """Link a committed, unapplied epoch again; discard every other staging area."""
         state = opened.journal.state
         if state.pending is not None:
             epoch = state.committed_epoch
-            log.warning("re-applying a committed epoch", disk_id=opened.order.disk_id, epoch=epoch)
+            disk_id = opened.order.disk_id
+            log.warning("linking a committed epoch again", disk_id=disk_id, epoch=epoch)
             await self._apply(opened, epoch, opened.order.token, state.pending)
         for epoch in await asyncio.to_thread(staging.staged_epochs, opened.root):
             await asyncio.to_thread(staging.discard, opened.root, epoch)

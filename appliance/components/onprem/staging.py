@@ -142,7 +142,7 @@ class ByteTally:
 
 
 class StagingBackend:
-    """One epoch's staging area as a writable block backend; build with create or open."""
+    """One epoch's staging area as a writable block backend; build with create."""
 
     def __init__(
         self, directory: Path, epoch: int, file: FileBackend, landed_fd: int, data: Path
@@ -187,22 +187,6 @@ class StagingBackend:
 
         file, landed = await asyncio.to_thread(build)
         return cls(directory, epoch, file, landed, where)
-
-    @classmethod
-    async def open(cls, disk_root: Path, epoch: int) -> StagingBackend:
-        """An existing staging area, to apply it again (sealed: read-only)."""
-        directory = disk_root / staging_name(epoch)
-
-        def reopen() -> tuple[FileBackend, int, Path]:
-            where = data_path(directory)
-            file = FileBackend.open(where)
-            landed = os.open(directory / LANDED_FILE, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            return file, landed, where
-
-        file, landed, where = await asyncio.to_thread(reopen)
-        backend = cls(directory, epoch, file, landed, where)
-        await backend.seal()
-        return backend
 
     # -- the block backend protocol ---------------------------------------------------------
 
