@@ -447,6 +447,11 @@ class Report:
                 f"{verdict(self.epoch.mb_s / self.copy.mb_s >= 0.9)}"
             )
             lines.append(f"{'  vs data path full copy (Transfer)':46}{self.copy.mb_s:>11,.1f} MB/s")
+            transfer = self.epoch.cut_to_staged_s + self.epoch.shipping_s
+            lines.append(
+                f"{'  split: transfer, on-prem commit':46}{transfer:>13.2f} s"
+                f"{self.epoch.onprem_commit_s:>14.2f} s  (full copy {self.copy.elapsed_s:.2f} s)"
+            )
         lines += ["", f"{'server CPU per request (user+system)':46}"]
         for workload in HITS:
             used = [f.cpu_us[(name, workload.name)] for name in (FERRY, COR, RAW)]
