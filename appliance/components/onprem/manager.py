@@ -344,18 +344,22 @@ class OnpremIoManager:
     def _compact(self, opened: _OpenDisk) -> None:
         """Fold the disk's unfrozen layers in the background (the disk's close stops it)."""
 
+        disk_id = opened.order.disk_id
+
         async def compact() -> None:
-            try:
-                removed = await opened.disk.compact()
-            except (OSError, ValueError) as exc:  # left for the next commit or open
-                log.warning("layers not compacted", disk_id=opened.order.disk_id, error=repr(exc))
-                return
+            removed = await opened.disk.compact()
             if removed:
-                log.info("layers compacted", disk_id=opened.order.disk_id, removed=removed)
+                log.info("layers compacted", disk_id=disk_id, removed=removed)
+
+        def done(task: asyncio.Future[None]) -> None:
+            self._compactions.discard(task)
+            failed = None if task.cancelled() else task.exception()
+            if failed is not None:  # harmless: the next commit or open compacts again
+                log.warning("layers not compacted", disk_id=disk_id, error=repr(failed))
 
         task = asyncio.ensure_future(compact())
         self._compactions.add(task)
-        task.add_done_callback(self._compactions.discard)
+        task.add_done_callback(done)
 
     def _work_done(self, task: asyncio.Future[None]) -> None:
         self._work.discard(task)
