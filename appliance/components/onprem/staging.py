@@ -120,17 +120,20 @@ def discard(disk_root: Path, epoch: int, *, data: bool = True) -> None:
     durable.fsync_dir(disk_root)
 
 
-def _outside(landed: list[Extent], wanted: list[Extent]) -> Extent | None:
-    """The first landed extent not inside ``wanted`` (both merged, sorted), or None."""
+Span = tuple[int, int]
+"""``(start, end)``: a plain byte range (plain tuples: an epoch has tens of thousands)."""
+
+
+def _outside(landed: list[Span], wanted: list[Span]) -> Span | None:
+    """The first landed range not inside ``wanted`` (both merged, sorted), or None."""
     index = 0
-    for extent in landed:
-        while index < len(wanted) and wanted[index].end <= extent.start:
+    for start, end in landed:
+        while index < len(wanted) and wanted[index][1] <= start:
             index += 1
         if index == len(wanted):
-            return extent
-        covering = wanted[index]
-        if covering.start > extent.start or covering.end < extent.end:
-            return extent
+            return start, end
+        if wanted[index][0] > start or wanted[index][1] < end:
+            return start, end
     return None
 
 
@@ -288,13 +291,11 @@ class StagingBackend:
 
     def problem(self, manifest: EpochManifest) -> str | None:
         """Why what landed cannot be this manifest's epoch (ranges only), or None."""
-        landed = _union(
-            sorted((Extent(x.offset, x.length) for x in self._landed), key=lambda e: e.start)
-        )
-        wanted = _union([Extent(e.offset, e.length) for e in manifest.entries])
+        landed = _union(sorted((x.offset, x.offset + x.length) for x in self._landed))
+        wanted = _union([(e.offset, e.end) for e in manifest.entries])
         stray = _outside(landed, wanted)
         if stray is not None:
-            return f"{stray.length} bytes at {stray.start} landed outside the manifest"
+            return f"{stray[1] - stray[0]} bytes at {stray[0]} landed outside the manifest"
         return None
 
     async def mismatch(
@@ -412,13 +413,13 @@ def _data_landings(offset: int, data: memoryview) -> list[Landing]:
     return landings
 
 
-def _union(extents: list[Extent]) -> list[Extent]:
-    """Adjacent extents joined whatever their state: plain ranges."""
-    joined: list[Extent] = []
-    for extent in extents:
-        if joined and joined[-1].end >= extent.start:
-            last = joined[-1]
-            joined[-1] = Extent(last.start, max(last.end, extent.end) - last.start)
+def _union(spans: list[Span]) -> list[Span]:
+    """Sorted ranges with the overlapping and adjacent ones joined."""
+    joined: list[Span] = []
+    for start, end in spans:
+        if joined and joined[-1][1] >= start:
+            if end > joined[-1][1]:
+                joined[-1] = (joined[-1][0], end)
         else:
-            joined.append(Extent(extent.start, extent.length))
+            joined.append((start, end))
     return joined
