@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -265,8 +266,10 @@ class OnpremIoManager:
             problem = manifest.problem(opened.disk.size)
             if problem is not None:
                 raise EpochRejected(disk_id, epoch, problem)
+            started = time.monotonic()
             try:
                 await self._verify(opened, epoch, manifest)
+                verified = time.monotonic()
                 backend = opened.staged.get(epoch)
                 if backend is not None:
                     await backend.durable()
@@ -276,8 +279,17 @@ class OnpremIoManager:
                 if opened.journal.state.committed_epoch < epoch:
                     self._reopen_staging(opened, epoch)  # not committed: the sender may retry
                 raise
+            recorded = time.monotonic()
             await self._step(disk_id, epoch, CommitStep.COMMIT_RECORDED)
             await self._apply(opened, epoch, token, manifest)
+            log.info(
+                "epoch commit timed",
+                disk_id=disk_id,
+                epoch=epoch,
+                verify_s=round(verified - started, 3),
+                durable_and_record_s=round(recorded - verified, 3),
+                link_and_applied_s=round(time.monotonic() - recorded, 3),
+            )
 
     async def compacted(self) -> None:
         """Wait for the background compactions begun so far (tests and benches)."""
