@@ -39,7 +39,6 @@ snapshot freezes are folded together in the background.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -208,7 +207,13 @@ class OnpremIoManager:
                     )
                 return
             root = self.disk_root(order.disk_id)
-            await asyncio.to_thread(_save_order, root, order)
+            record = {
+                "migration_id": order.migration_id,
+                "disk_id": order.disk_id,
+                "disk_dir": str(order.disk_dir),
+                "snapshot_id": order.snapshot_id,
+            }
+            await asyncio.to_thread(durable.save_json, root / "order.json", record)
             self._disks[order.disk_id] = opened = await self._open(order, root)
             snapshot = opened.disk.at(order.snapshot_id)
             self._server.add_export(snapshot_export(order.disk_id), snapshot, readonly=True)
@@ -339,12 +344,12 @@ class OnpremIoManager:
         async with lock:
             highest = self._tokens.get(disk_id)
             if highest is None:
-                highest = await asyncio.to_thread(_load_token, root)
+                highest = await asyncio.to_thread(durable.load_token, root / "token")
                 self._tokens[disk_id] = highest
             if token < highest:
                 raise StaleToken(disk_id, token, highest)
             if token > highest:
-                await asyncio.to_thread(_save_token, root, token)
+                await asyncio.to_thread(durable.save_json, root / "token", {"token": token})
                 self._tokens[disk_id] = token
             yield
 
@@ -505,29 +510,3 @@ def _checked_id(disk_id: str) -> str:
     if not _SAFE_ID.fullmatch(disk_id) or ".." in disk_id:
         raise UnsafeName(COMPONENT, disk_id)
     return disk_id
-
-
-def _load_token(root: Path) -> int:
-    try:
-        token = json.loads((root / "token").read_text())["token"]
-    except FileNotFoundError:
-        return 0
-    if not isinstance(token, int):
-        raise ValueError(f"{root / 'token'} holds no integer token")
-    return token
-
-
-def _save_token(root: Path, token: int) -> None:
-    durable.make_dirs(root)
-    durable.atomic_write(root / "token", json.dumps({"token": token}).encode())
-
-
-def _save_order(root: Path, order: OnpremDiskOrder) -> None:
-    durable.make_dirs(root)
-    record = {
-        "migration_id": order.migration_id,
-        "disk_id": order.disk_id,
-        "disk_dir": str(order.disk_dir),
-        "snapshot_id": order.snapshot_id,
-    }
-    durable.atomic_write(root / "order.json", json.dumps(record, sort_keys=True).encode())
