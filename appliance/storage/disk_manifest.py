@@ -5,6 +5,11 @@ no name from outside, such as a snapshot name, ever becomes a path. Snapshot
 ``i`` freezes layer ``i``: the disk as it was is layers ``0..i``. A pending
 merge or consolidation is recorded before any layer is changed and finished
 on the next open, so a crash in the middle never leaves a half-merged disk.
+
+A layer no snapshot freezes, below the top, is a *linked* one: a staged file
+made a layer whole (``LayeredDisk.link_layer``; the on-prem I/O manager's
+epochs). ``last_link`` names the staged file last linked, so that linking it
+again after a crash is recognised and does nothing.
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ class Manifest:
     layers: tuple[int, ...] = (BASE_LAYER,)
     snapshots: tuple[SnapshotRecord, ...] = ()
     pending: Pending = field(default=None)
+    last_link: str | None = None
+    """The name of the staged file last linked as a layer (see ``LayeredDisk.link_layer``)."""
 
     def to_json(self) -> bytes:
         document: dict[str, Any] = {
@@ -91,6 +98,8 @@ class Manifest:
             ],
             "pending": _pending_to_json(self.pending),
         }
+        if self.last_link is not None:
+            document["last_link"] = self.last_link
         return json.dumps(document, indent=1).encode() + b"\n"
 
 
@@ -133,6 +142,7 @@ def _parse(document: dict[str, Any]) -> Manifest:
         layers=tuple(int(layer) for layer in document["layers"]),
         snapshots=snapshots,
         pending=_pending_from_json(document["pending"]),
+        last_link=None if document.get("last_link") is None else str(document["last_link"]),
     )
 
 
@@ -156,8 +166,6 @@ def check(manifest: Manifest) -> str | None:
     pending = manifest.pending
     if isinstance(pending, PendingMerge) and not _adjacent(layers, pending.lower, pending.upper):
         return "a pending merge must join two adjacent layers"
-    if pending is None and len(positions) != len(layers) - 1:
-        return "every layer but the top must be frozen by a snapshot"
     return None
 
 

@@ -3,7 +3,15 @@
 A ``Layer`` is one sparse raw file plus its bitmap. This module creates and
 opens a disk's directory (taking an ``flock`` so one process at a time owns
 it), plans reads and copy-on-write writes across layers, folds one layer's
-blocks into another, and removes files the manifest no longer names.
+blocks into another, makes a staged file a layer, and removes files the
+manifest no longer names.
+
+A *staged* file (``staged-<hex>.raw`` in the disk's directory, never a stray:
+only its owner removes it) is written by someone else (the on-prem I/O
+manager lands an epoch there) and then linked as a new top layer: its
+partly covered blocks are filled from the layers below, it is hard-linked
+under the layer's name (same inode: nothing is copied) next to a bitmap of
+the blocks it covers, and the manifest then names it.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import errno
 import fcntl
 import os
 import re
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +39,7 @@ from appliance.storage.disk_manifest import (
 from appliance.storage.layer_map import Geometry, LayerState, Run
 
 _STRAY_FILE = re.compile(r"overlay-(\d{6})\.(?:raw|bitmap)")
+_STAGED_FILE = re.compile(r"staged-[0-9a-f]{32}\.raw")
 _TEMPORARY_FILE = re.compile(r"(?:manifest\.json|base\.zeroed|overlay-\d{6}\.bitmap)\.tmp")
 
 ReadPlan = list[tuple[int, int, int]]
@@ -269,3 +280,115 @@ def remove_strays(directory: Path, layers: set[int]) -> None:
             removed = True
     if removed:
         fsync_directory(directory)
+
+
+# -- staged files -------------------------------------------------------------------------------
+
+
+def staged_name() -> str:
+    """A fresh name for a staged file."""
+    return f"staged-{uuid.uuid4().hex}.raw"
+
+
+def is_staged(directory: Path, path: Path) -> bool:
+    return path.parent == directory and _STAGED_FILE.fullmatch(path.name) is not None
+
+
+def staged_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if _STAGED_FILE.fullmatch(p.name))
+
+
+def remove_staged(directory: Path, paths: Sequence[Path]) -> None:
+    """Remove staged files (absent is fine), durably."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+    if paths:
+        fsync_directory(directory)
+
+
+def covered_runs(geometry: Geometry, extents: Sequence[tuple[int, int]]) -> list[Run]:
+    """The block runs that byte ranges ``(offset, length)`` touch, merged."""
+    runs: list[Run] = []
+    for offset, length in sorted(extents):
+        first, stop = geometry.block_range(offset, offset + length)
+        if runs and runs[-1][1] >= first:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], stop))
+        else:
+            runs.append((first, stop))
+    return runs
+
+
+def _partial_blocks(
+    geometry: Geometry, extents: Sequence[tuple[int, int]]
+) -> dict[int, list[tuple[int, int]]]:
+    """The blocks the ranges cover only in part: block -> the byte ranges covered in it."""
+    touched: dict[int, list[tuple[int, int]]] = {}
+    for offset, length in extents:
+        end = offset + length
+        first, stop = geometry.block_range(offset, end)
+        for block in {first, stop - 1}:
+            lo, hi = geometry.byte_range((block, block + 1))
+            touched.setdefault(block, []).append((max(lo, offset), min(hi, end)))
+    partial: dict[int, list[tuple[int, int]]] = {}
+    for block, pieces in touched.items():
+        lo, hi = geometry.byte_range((block, block + 1))
+        position = lo
+        for start, end in sorted(pieces):
+            if start > position:
+                break
+            position = max(position, end)
+        if position < hi:
+            partial[block] = sorted(pieces)
+    return partial
+
+
+def fill_partial_blocks(
+    layers: list[Layer], geometry: Geometry, fd: int, extents: Sequence[tuple[int, int]]
+) -> int:
+    """Make every block the ranges touch whole in the staged file ``fd``: the bytes of a
+    partly covered block outside the ranges come from ``layers`` (the disk before the
+    link), so the block reads right once the file owns it. Repeating it changes nothing.
+    Returns the number of blocks filled."""
+    partial = _partial_blocks(geometry, extents)
+    for block, pieces in partial.items():
+        lo, hi = geometry.byte_range((block, block + 1))
+        below = bytearray(read_pieces(plan_read(layers, geometry, lo, hi)))
+        for start, end in pieces:  # the staged bytes win where the ranges cover the block
+            below[start - lo : end - lo] = sparse.read_exact(fd, start, end - start)
+        sparse.write_all(fd, lo, below)
+    return len(partial)
+
+
+def link_staged(
+    directory: Path,
+    staged: Path,
+    number: int,
+    geometry: Geometry,
+    below: list[Layer],
+    extents: Sequence[tuple[int, int]],
+    files: OpenFiles,
+) -> Layer:
+    """Layer ``number`` made of ``staged`` (not named by the manifest yet): filled, durable,
+    hard-linked under the layer's name beside its bitmap, and opened. Files of an earlier
+    attempt under that name are replaced; the staged name is left to the caller."""
+    fd = os.open(staged, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size != geometry.size:
+            raise DiskCorrupt(staged, f"staged file is not {geometry.size} bytes long")
+        fill_partial_blocks(below, geometry, fd, extents)
+        os.fdatasync(fd)  # the data is durable before the bitmap that points at it
+    finally:
+        os.close(fd)
+    data_path = directory / data_file_name(number)
+    data_path.unlink(missing_ok=True)
+    os.link(staged, data_path)
+    blocks = Bitmap(geometry.blocks)
+    for run in covered_runs(geometry, extents):
+        blocks.set_range(*run)
+    # Its save fsyncs the directory: the hard link is durable with it.
+    bitmap.save(
+        directory / bitmap_file_name(number), blocks.to_bytes(), blocks.nbits, geometry.granularity
+    )
+    layer_fd = os.open(data_path, os.O_RDWR | os.O_CLOEXEC)
+    files.fds.add(layer_fd)
+    return Layer(directory, number, layer_fd, blocks)

@@ -19,6 +19,13 @@ Deleting a snapshot copies the layer above it down (the changes since, not
 the disk) and consolidating copies every overlay into the base; both hold
 I/O back while they copy.
 
+A file staged in the disk's directory by someone else (``staged_path``) can
+become the new top layer without a copy (``link_layer``: hard-linked, then
+named by the manifest; linking the same file again is recognised and does
+nothing). Layers no snapshot freezes are folded together in the background
+by ``compact``, which copies while I/O goes on (every view reads the same
+before and after each piece) and holds I/O back only to swap the manifest.
+
 Durability (DESIGN.md §9, data before the metadata that points at it):
 ``flush`` fdatasyncs the top layer, then replaces its bitmap atomically; the
 manifest is replaced atomically after the layer files it names exist, and
@@ -34,7 +41,6 @@ and a change list always covers every block that reads differently.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import uuid
 import weakref
@@ -54,12 +60,14 @@ from appliance.storage.disk_manifest import (
     SnapshotInfo,
     SnapshotRecord,
 )
+from appliance.storage.disk_view import DiskView
 from appliance.storage.extents import Extent
 from appliance.storage.layer_files import Layer, OpenFiles
+from appliance.storage.layer_links import LinkStep, StagedLayers
 from appliance.storage.layer_map import Geometry, map_view, owner_runs, whole_blocks
 from appliance.storage.locks import BlockRangeLocks, SharedExclusiveLock
 
-__all__ = ["DEFAULT_GRANULARITY", "DiskView", "LayeredDisk", "SnapshotInfo"]
+__all__ = ["DEFAULT_GRANULARITY", "DiskView", "LayeredDisk", "LinkStep", "SnapshotInfo"]
 
 DEFAULT_GRANULARITY = 64 * 1024
 TRANSFER_CHUNK = 1024 * 1024
@@ -82,7 +90,7 @@ def _check_geometry(size: int, granularity: int) -> None:
         raise ValueError(f"granularity {granularity} must divide the {TRANSFER_CHUNK} byte chunk")
 
 
-class LayeredDisk:
+class LayeredDisk(StagedLayers):
     """A disk with snapshots; build with :meth:`create` or :meth:`open`, then use its views."""
 
     def __init__(
@@ -106,6 +114,11 @@ class LayeredDisk:
         self._flush_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._closing = False
+        self._last_link = manifest.last_link
+        self._compacting = asyncio.Lock()
+        """Held by ``compact`` throughout, and by whatever drops layers (delete, consolidate,
+        close), so that no layer it copies from or into goes away under it."""
 
     # -- building -------------------------------------------------------------------------------
 
@@ -215,6 +228,7 @@ class LayeredDisk:
 
     async def close(self) -> None:
         if not self._closed:
+            self._closing = True  # a compaction stops at its next piece
             await self._guarded(self._close_now())
 
     # -- I/O for the views ----------------------------------------------------------------------
@@ -296,6 +310,7 @@ class LayeredDisk:
             next_layer=self._next_layer,
             layers=tuple(layer.number for layer in self._layers),
             snapshots=tuple(self._snapshots),
+            last_link=self._last_link,
         )
         return replace(current, **changes)
 
@@ -431,7 +446,7 @@ class LayeredDisk:
             return info
 
     async def _delete_now(self, snapshot_id: str) -> None:
-        async with self._gate.exclusive():
+        async with self._compacting, self._gate.exclusive():
             self._check_open()
             record = self._record(snapshot_id)
             position = self._position(record.layer)
@@ -464,7 +479,7 @@ class LayeredDisk:
         await self._drop([upper])
 
     async def _consolidate_now(self) -> None:
-        async with self._gate.exclusive():
+        async with self._compacting, self._gate.exclusive():
             self._check_open()
             await self._flush_top()
             if len(self._layers) == 1:
@@ -495,7 +510,7 @@ class LayeredDisk:
         await asyncio.to_thread(layer_files.drop_layers, self._directory, layers, self._files)
 
     async def _close_now(self) -> None:
-        async with self._gate.exclusive():
+        async with self._compacting, self._gate.exclusive():
             if self._closed:
                 return
             try:
@@ -503,70 +518,3 @@ class LayeredDisk:
             finally:
                 self._closed = True
                 self._close_files()
-
-
-class DiskView:
-    """A :class:`LayeredDisk` through the Backend protocol: now (read-write) or a snapshot."""
-
-    def __init__(self, disk: LayeredDisk, snapshot_id: str | None) -> None:
-        self._disk = disk
-        self._snapshot_id = snapshot_id
-
-    @property
-    def name(self) -> str:
-        suffix = "" if self._snapshot_id is None else f"@{self._snapshot_id}"
-        return f"{self._disk.name}{suffix}"
-
-    @property
-    def size(self) -> int:
-        return self._disk.size
-
-    @property
-    def readonly(self) -> bool:
-        return self._snapshot_id is not None
-
-    @property
-    def snapshot_id(self) -> str | None:
-        return self._snapshot_id
-
-    def _check_writable(self) -> None:
-        if self.readonly:
-            raise PermissionError(errno.EPERM, f"{self.name} is a snapshot, read-only")
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self._disk._read(self._snapshot_id, offset, length)
-
-    async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
-        """Fill ``buffer`` from ``offset`` (``read`` without allocating the result)."""
-        await self._disk._read_into(self._snapshot_id, offset, memoryview(buffer).cast("B"))
-
-    async def write(self, offset: int, data: bytes | memoryview) -> None:
-        self._check_writable()
-        await self._disk._write(offset, data)
-
-    async def zero(self, offset: int, length: int, *, punch_hole: bool = False) -> None:
-        self._check_writable()
-        await self._disk._zero(offset, length, punch_hole)
-
-    async def flush(self) -> None:
-        if not self.readonly:
-            await self._disk.flush()
-
-    async def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
-        if length is None:
-            length = self.size - offset
-        return await self._disk._extents(self._snapshot_id, offset, length)
-
-    async def close(self) -> None:
-        """A view holds nothing of its own; the disk is closed by its owner."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()

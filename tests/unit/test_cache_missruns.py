@@ -6,7 +6,7 @@ import asyncio
 import random
 from pathlib import Path
 
-from appliance.components.cache.disk import MISS_RUN
+from appliance.components.cache.fetching import MISS_RUN
 from tests.support.cachelab import KiB, MiB, cache_lab, small_settings
 
 SIZE = 4 * MiB + 12345  # an unaligned tail chunk

@@ -1,7 +1,8 @@
-"""Verifying an epoch from its landing hashes, and applying it in merged runs."""
+"""Verifying an epoch from its landing hashes, and applying it by linking its staged file."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -14,12 +15,9 @@ from appliance.components.onprem import (
     OnpremIoManager,
     StagingBackend,
     current_export,
-    read_journal,
 )
-from appliance.components.onprem.commit import APPLY_PIECE, apply_runs
 from appliance.components.onprem.staging import LANDING_BLOCK
 from appliance.datapath.nbd import NbdBackend
-from appliance.errors import EpochRejected
 from appliance.storage.backend import Backend
 from appliance.storage.hashing import chunk_hash, zero_hash
 from appliance.storage.layered import LayeredDisk
@@ -83,21 +81,6 @@ async def read(staging: StagingBackend) -> bytes:
     return await staging.read(20 * LANDING_BLOCK, LANDING_BLOCK)
 
 
-def test_adjacent_entries_merge_into_runs_of_at_most_a_piece() -> None:
-    data = [entry(i * CHUNK, bytes([i + 1]) * CHUNK) for i in range(70)]  # 70 x 64 KiB
-    zeroes = [zero_entry(100 * CHUNK + i * CHUNK, CHUNK) for i in range(3)]
-    gap = entry(200 * CHUNK, b"g" * CHUNK)
-    big = entry(300 * CHUNK, b"b" * (APPLY_PIECE + CHUNK))
-    runs = apply_runs([*data, *zeroes, gap, big])
-    per_piece = APPLY_PIECE // CHUNK
-    assert [len(run) for run in runs] == [per_piece, 70 - per_piece, 3, 1, 1]
-    assert runs[0] == tuple(data[:per_piece])
-    assert runs[2] == tuple(zeroes)
-    # Data next to zeroes does not join them.
-    mixed = apply_runs([data[0], zero_entry(CHUNK, CHUNK), entry(2 * CHUNK, b"z" * CHUNK)])
-    assert [len(run) for run in mixed] == [1, 1, 1]
-
-
 @pytest.fixture
 async def lab(tmp_path: Path) -> tuple[OnpremDiskOrder, bytes]:
     snapshot_id, content = await make_lab_disk(tmp_path / "lab-disk", SIZE)
@@ -109,7 +92,7 @@ async def read_current(manager: OnpremIoManager) -> bytes:
         return await backend.read(0, backend.size)
 
 
-async def test_an_epoch_applies_in_merged_runs_and_matches_byte_for_byte(
+async def test_an_epoch_becomes_a_layer_of_the_disk_without_a_copy(
     tmp_path: Path, lab: tuple[OnpremDiskOrder, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     order, snapshot = lab
@@ -133,56 +116,39 @@ async def test_an_epoch_applies_in_merged_runs_and_matches_byte_for_byte(
     async with OnpremIoManager(tmp_path / "onprem") as manager:
         await manager.open_disk(order)
         manifest, _ = await ship(manager, DISK, 1, order.token, SIZE, epoch)
+        (staged,) = order.disk_dir.glob("staged-*.raw")  # it landed in the disk's directory
+        inode = staged.stat().st_ino
         monkeypatch.setattr(LayeredDisk, "active", counting_active)
         await manager.commit_epoch(DISK, 1, order.token, manifest)
         monkeypatch.undo()
         assert await read_current(manager) == apply_to(snapshot, epoch)
-    # 80 adjacent chunks: one 4 MiB run and one of the rest; the lone chunk alone.
-    assert sorted(writes) == [
-        (10 * CHUNK, APPLY_PIECE),
-        (74 * CHUNK, 16 * CHUNK),
-        (120 * CHUNK, CHUNK),
-    ]
+        assert not list(order.disk_dir.glob("staged-*"))
+        assert not (tmp_path / "onprem" / "disks" / DISK / "stage-1").exists()
+    assert writes == []  # not one byte written through the disk: no apply copy
+    # The staged file is the disk's top layer now: the same inode.
+    layers = json.loads((order.disk_dir / "manifest.json").read_text())["layers"]
+    top = order.disk_dir / f"overlay-{layers[-1]:06d}.raw"
+    assert top.stat().st_ino == inode
+    async with await LayeredDisk.open(order.disk_dir) as disk:  # the disk alone holds it
+        assert await disk.active().read(0, SIZE) == apply_to(snapshot, epoch)
 
 
-async def test_staged_bytes_damaged_at_rest_are_refused_before_they_reach_the_disk(
-    tmp_path: Path, lab: tuple[OnpremDiskOrder, bytes]
-) -> None:
-    order, snapshot = lab
-    rng = random.Random(8)
-    epoch = {index: rng.randbytes(CHUNK) for index in range(4)}
-    async with OnpremIoManager(tmp_path / "onprem") as manager:
-        await manager.open_disk(order)
-        manifest, _ = await ship(manager, DISK, 1, order.token, SIZE, epoch)
-        raw = tmp_path / "onprem" / "disks" / DISK / "stage-1" / "data.raw"
-        with raw.open("r+b") as staged:  # behind the backend's back: no landing record
-            staged.seek(2 * CHUNK + 9)
-            staged.write(b"\xee")
-        with pytest.raises(EpochRejected) as refused:
-            await manager.commit_epoch(DISK, 1, order.token, manifest)
-        assert "changed after commit" in str(refused.value)
-        # The run holding the damaged chunk was checked whole before any of it was written.
-        assert await read_current(manager) == snapshot
-        assert read_journal(manager.journal_path(DISK)).pending is not None
-
-
-async def test_an_applied_staging_area_is_set_aside_then_removed(
+async def test_staged_files_of_uncommitted_epochs_are_discarded_on_open(
     tmp_path: Path, lab: tuple[OnpremDiskOrder, bytes]
 ) -> None:
     order, snapshot = lab
     epoch = {3: random.Random(9).randbytes(CHUNK)}
-    root = tmp_path / "onprem" / "disks" / DISK
     async with OnpremIoManager(tmp_path / "onprem") as manager:
         await manager.open_disk(order)
+        await ship(manager, DISK, 1, order.token, SIZE, epoch)  # staged, never committed
+    assert len(list(order.disk_dir.glob("staged-*.raw"))) == 1
+    (order.disk_dir / ("staged-" + "ab" * 16 + ".raw")).write_bytes(b"left unnamed")
+    async with OnpremIoManager(tmp_path / "onprem") as manager:
+        await manager.open_disk(order)
+        assert not list(order.disk_dir.glob("staged-*"))
+        assert not list((tmp_path / "onprem" / "disks" / DISK).glob("stage-*"))
+        assert manager.committed_epoch(DISK) == 0
+        assert await read_current(manager) == snapshot
         manifest, _ = await ship(manager, DISK, 1, order.token, SIZE, epoch)
         await manager.commit_epoch(DISK, 1, order.token, manifest)
-        assert not (root / "stage-1").exists()  # gone from where staging areas live
         assert await read_current(manager) == apply_to(snapshot, epoch)
-    assert not list(root.glob("applied-stage-*"))  # removed by the time the manager closed
-    # One left by a crash before its removal is removed at the next open.
-    (root / "applied-stage-1").mkdir()
-    (root / "applied-stage-1" / "data.raw").write_bytes(b"left over")
-    async with OnpremIoManager(tmp_path / "onprem") as manager:
-        await manager.open_disk(order)
-        assert not list(root.glob("applied-stage-*"))
-        assert manager.committed_epoch(DISK) == 1

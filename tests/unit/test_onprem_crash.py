@@ -37,6 +37,8 @@ SECOND: Epoch = {
 }
 BEFORE_COMMIT = (CommitStep.VERIFIED, CommitStep.STAGING_DURABLE)
 AFTER_APPLIED = (CommitStep.APPLIED_RECORDED, CommitStep.STAGING_DROPPED)
+UNLINKED = (*BEFORE_COMMIT, CommitStep.COMMIT_RECORDED, CommitStep.LAYER_PREPARED)
+"""Steps after which the disk itself (its manifest) does not name the epoch's layer yet."""
 
 
 class Crash(Exception):
@@ -66,6 +68,7 @@ async def check_recovered(
         assert manager.committed_epoch(DISK) == (2 if committed else 1)
         assert manager.journal_state(DISK).committed_prefix
         assert not list((data_dir / "disks" / DISK).glob("stage-*"))
+        assert not list(order.disk_dir.glob("staged-*"))  # linked, or discarded
         if not committed:
             await ship(manager, DISK, 2, TOKEN, SIZE, SECOND)
         await manager.commit_epoch(DISK, 2, TOKEN, manifest_of(SECOND))
@@ -190,11 +193,11 @@ async def test_a_manager_killed_after_any_step_of_a_commit_recovers_whole(
             child.send_signal(signal.SIGKILL)
         await child.wait()
     assert child.returncode == -signal.SIGKILL
-    if step == CommitStep.PARTLY_APPLIED:
-        # The kill left a mix on disk: only the journal's replay can make it whole.
-        async with await LayeredDisk.open(order.disk_dir) as disk:
-            torn = await disk.active().read(0, SIZE)
-        assert torn not in (before, after)
+    # The disk alone, without the journal's replay, is never a mix: before the epoch until
+    # its manifest names the epoch's layer, after it from then on.
+    async with await LayeredDisk.open(order.disk_dir) as disk:
+        alone = await disk.active().read(0, SIZE)
+    assert alone == (before if step in UNLINKED else after)
     await check_recovered(order, data_dir, step, before, after)
 
 
@@ -203,7 +206,7 @@ async def test_a_cancelled_caller_does_not_stop_a_commit_half_way(tmp_path: Path
     reached, gate = asyncio.Event(), asyncio.Event()
 
     async def hook(disk_id: str, epoch: int, at: CommitStep) -> None:
-        if epoch == 2 and at == CommitStep.PARTLY_APPLIED:
+        if epoch == 2 and at == CommitStep.LAYER_PREPARED:
             reached.set()
             await gate.wait()
 

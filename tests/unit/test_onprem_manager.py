@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -291,6 +292,11 @@ async def test_twenty_epochs_in_a_row_match_a_reference_model(tmp_path: Path, si
             model = apply_to(model, epoch)
             assert await read_export(manager, current_export(DISK)) == model, number
         assert (size - 1) // CHUNK in touched  # the last (maybe clipped) chunk was shipped
+        # Each epoch was a layer of its own; the background compactions folded them down to
+        # the snapshot's layer, the epochs before the last, and the last (the top).
+        await manager.compacted()
+        assert len(json.loads((order.disk_dir / "manifest.json").read_text())["layers"]) == 3
+        assert await read_export(manager, current_export(DISK)) == model
         assert await read_export(manager, snapshot_export(DISK)) == snapshot
         await manager.close_disk(DISK, order.token)
         assert manager.status().exports == ()

@@ -3,9 +3,10 @@
 Reads: a chunk in the cache is read from its slot; a miss fetches the whole
 chunk from the on-prem current image (once, however many readers wait for
 it; adjacent missed chunks of one request with one upstream read of up to
-``MISS_RUN`` bytes), keeps it clean when a slot can be had, and answers. A chunk that the
-on-prem map showed as a hole when the disk was opened, and that was never
-written since, reads as zeroes without a fetch.
+``MISS_RUN`` bytes; see ``fetching``), keeps it clean when a slot can be
+had, and answers. A chunk that the on-prem map showed as a hole when the
+disk was opened, and that was never written since, reads as zeroes without
+a fetch.
 
 Writes: a chunk dirty in the open epoch is written in place; any other chunk
 (clean, held by a cut epoch, or absent) gets a fresh slot holding its old
@@ -32,8 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+from appliance.components.cache.fetching import ChunkFetcher
 from appliance.components.cache.pieces import Piece, hole_chunks, in_batches, pieces_of
 from appliance.components.cache.sizing import CacheSettings
 from appliance.components.cache.store import CacheStore
@@ -44,8 +46,6 @@ from appliance.storage.file import check_range
 EVICT_BATCH = 16
 THREADED_READ = 256 * 1024
 """Reads of cached data at least this large copy out of the page cache in a thread."""
-MISS_RUN = 4 << 20
-"""Adjacent missed chunks are fetched with one upstream read of up to this many bytes."""
 
 
 class _Outcome(enum.Enum):
@@ -77,11 +77,8 @@ class CacheDisk:
         self._scratch = bytearray(self._chunk)
         self._dirty_limit = settings.dirty_limit_slots(geometry.slots)
         self._early_cut = settings.early_cut_slots(geometry.slots)
-        self._fetches: dict[int, asyncio.Future[bytes]] = {}
-        self._miss_run = max(1, MISS_RUN // self._chunk)
         self._locks: dict[int, asyncio.Lock] = {}
-        self._watch: dict[int, list[int]] = {}
-        """Chunks being fetched: [writes that gave it a new slot, watchers]."""
+        self._fetcher = ChunkFetcher(store, upstream, self._reclaim, self._read_local)
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -135,7 +132,8 @@ class CacheDisk:
         misses = [piece for piece in pieces if not self._read_local(piece, view)]
         self.read_hits += len(pieces) - len(misses)
         if misses:
-            await self._read_misses(misses, view)
+            self.read_misses += len(misses)
+            await self._fetcher.read_misses(misses, view)
 
     def read_inline(self, offset: int, view: memoryview) -> bool:
         """A read the cache holds whole (hits, known holes), served at once; else False.
@@ -238,9 +236,6 @@ class CacheDisk:
 
     # -- reads -----------------------------------------------------------------
 
-    def _chunk_length(self, chunk: int) -> int:
-        return min(self._chunk, self._size - chunk * self._chunk)
-
     def _known_hole(self, chunk: int) -> bool:
         return bool(self._holes[chunk >> 3] & (1 << (chunk & 7))) and not self.store.is_written(
             chunk
@@ -276,141 +271,6 @@ class CacheDisk:
         self.read_hits += len(pieces)
         return True
 
-    async def _read_misses(self, misses: list[Piece], out: memoryview) -> None:
-        """Fill the missed pieces: adjacent chunks nobody is fetching yet are claimed (one
-        fetch per chunk at once, as in ``_fetch``) and fetched as one upstream read of up
-        to ``MISS_RUN`` bytes; the others wait for the fetch under way."""
-        self.read_misses += len(misses)
-        loop = asyncio.get_running_loop()
-        runs: list[list[int]] = []
-        for piece in misses:  # no await until every claim is made
-            if piece.chunk in self._fetches:
-                continue
-            self._fetches[piece.chunk] = loop.create_future()
-            if runs and runs[-1][-1] + 1 == piece.chunk and len(runs[-1]) < self._miss_run:
-                runs[-1].append(piece.chunk)
-            else:
-                runs.append([piece.chunk])
-        futures = {piece.chunk: self._fetches[piece.chunk] for piece in misses}
-
-        async def fill(piece: Piece) -> None:
-            fetched = await asyncio.shield(futures[piece.chunk])
-            if not self._read_local(piece, out):  # a write may have landed since
-                out[piece.at : piece.at + piece.length] = fetched[
-                    piece.start : piece.start + piece.length
-                ]
-
-        await asyncio.gather(
-            *(self._fetch_run(run) for run in runs), *(fill(piece) for piece in misses)
-        )
-
-    async def _fetch_run(self, chunks: list[int]) -> None:
-        """Fetch claimed adjacent ``chunks`` with one upstream read, keep each clean and
-        settle its future; the claims are released whatever happens."""
-        futures = [self._fetches[chunk] for chunk in chunks]
-        try:
-            await self._fetch_run_current(chunks, futures)
-        except asyncio.CancelledError:
-            for future in futures:
-                future.cancel()
-            raise
-        except BaseException as exc:
-            for future in futures:
-                if not future.done():
-                    future.set_exception(exc)
-                    future.exception()  # retrieved: waiters that left need not see it logged
-            raise
-        finally:
-            for chunk, future in zip(chunks, futures, strict=True):
-                if self._fetches.get(chunk) is future:
-                    del self._fetches[chunk]
-
-    async def _fetch_run_current(
-        self, chunks: list[int], futures: list[asyncio.Future[bytes]]
-    ) -> None:
-        """One read of the run; a chunk a write overtook meanwhile is fetched again alone."""
-        length = sum(self._chunk_length(chunk) for chunk in chunks)
-        with contextlib.ExitStack() as watching:
-            watches = [watching.enter_context(self._watching(chunk)) for chunk in chunks]
-            data = await self.upstream.read(chunks[0] * self._chunk, length)
-            for index, chunk in enumerate(chunks):
-                overtaken = watches[index]
-                if overtaken():
-                    content = await self._fetch_current(chunk, keep=True)
-                else:
-                    at = index * self._chunk
-                    content = data[at : at + self._chunk].ljust(self._chunk, b"\0")
-                    await self._keep_clean(chunk, content, overtaken)
-                futures[index].set_result(content)
-
-    async def _fetch(self, chunk: int, *, keep: bool = True) -> bytes:
-        """The chunk's on-prem content (padded to a whole chunk); one fetch per chunk at once.
-
-        ``keep``: kept clean in a slot (for reads). A write that fetches its chunk
-        writes the merged content into a slot of its own instead: keeping a clean
-        copy first would cost a second slot, a second 64 KiB write and a record."""
-        future = self._fetches.get(chunk)
-        if future is not None:
-            return await asyncio.shield(future)
-        future = asyncio.get_running_loop().create_future()
-        self._fetches[chunk] = future
-        try:
-            data = await self._fetch_current(chunk, keep=keep)
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters that left need not see it logged
-            raise
-        finally:
-            del self._fetches[chunk]
-        future.set_result(data)
-        return data
-
-    async def _fetch_current(self, chunk: int, *, keep: bool) -> bytes:
-        """Fetch until no write to the chunk overtook the fetch, then keep it clean."""
-        while True:
-            with self._watching(chunk) as overtaken:
-                data = await self.upstream.read(chunk * self._chunk, self._chunk_length(chunk))
-                if overtaken():
-                    continue  # written (and maybe committed and evicted) meanwhile: stale
-                data = data.ljust(self._chunk, b"\0")
-                if keep:
-                    await self._keep_clean(chunk, data, overtaken)
-                return data
-
-    async def _keep_clean(self, chunk: int, data: bytes, overtaken: Callable[[], bool]) -> None:
-        if chunk in self.store.live:
-            return
-        slot = self.store.allocate()
-        if slot is None and await self._reclaim():
-            slot = self.store.allocate()
-        if slot is None:
-            return  # served without keeping it: reads never wait for room
-        if chunk in self.store.live or overtaken():
-            self.store.unused(slot)  # a write landed while we reclaimed
-            return
-        self.store.write_slot(slot, 0, data)
-        self.store.map(chunk, slot, 0)
-
-    @contextlib.contextmanager
-    def _watching(self, chunk: int) -> Iterator[Callable[[], bool]]:
-        """While inside, the callable tells whether a write gave the chunk a new slot.
-
-        Only chunks someone is fetching are watched, so this costs nothing per
-        chunk otherwise.
-        """
-        watch = self._watch.setdefault(chunk, [0, 0])  # [writes seen, watchers]
-        watch[1] += 1
-        seen = watch[0]
-        try:
-            yield lambda: watch[0] != seen
-        finally:
-            watch[1] -= 1
-            if not watch[1]:
-                del self._watch[chunk]
-
     async def _reclaim(self) -> bool:
         """Evict clean chunks (LRU) and make that durable, so their slots can be reused."""
         busy = self._busy
@@ -429,14 +289,14 @@ class CacheDisk:
     # -- writes ----------------------------------------------------------------
 
     async def _write_piece(self, piece: Piece, data: memoryview) -> None:
-        whole = piece.start == 0 and piece.length == self._chunk_length(piece.chunk)
+        whole = piece.start == 0 and piece.length == self._fetcher.chunk_length(piece.chunk)
         while True:
-            with self._watching(piece.chunk) as overtaken:
+            with self._fetcher.watching(piece.chunk) as overtaken:
                 base: bytes | None = None
                 if not whole and piece.chunk not in self.store.live:
                     base = self._zeroes if self._known_hole(piece.chunk) else None
                     if base is None:
-                        base = await self._fetch(piece.chunk, keep=False)
+                        base = await self._fetcher.fetch(piece.chunk, keep=False)
                 room = self._room
                 async with self._writing(), self._chunk_lock(piece.chunk):
                     outcome = await self._apply_write(piece, data, base, overtaken, whole=whole)
@@ -504,9 +364,7 @@ class CacheDisk:
         content[piece.start : piece.start + piece.length] = data
         store.write_slot(slot, 0, content)
         store.map(piece.chunk, slot, store.open_epoch)
-        watch = self._watch.get(piece.chunk)
-        if watch is not None:
-            watch[0] += 1
+        self._fetcher.overtake(piece.chunk)
 
     def _write_now(self, piece: Piece, data: memoryview) -> bool:
         """``write_inline`` of one piece: in place, or copy on write into a free slot."""
@@ -516,7 +374,7 @@ class CacheDisk:
             store.write_slot(slot, piece.start, data)
             return True
         chunk = piece.chunk
-        whole = piece.start == 0 and piece.length == self._chunk_length(chunk)
+        whole = piece.start == 0 and piece.length == self._fetcher.chunk_length(chunk)
         if (
             self._busy(chunk)
             or store.dirty_slots >= self._dirty_limit

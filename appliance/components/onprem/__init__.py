@@ -1,7 +1,7 @@
 """The on-prem I/O manager: NBD exports of disks in migration, epochs committed atomically.
 
 Modules: ``manager`` (:class:`OnpremIoManager`, orders, status), ``staging``
-(where an epoch lands), ``commit`` (the commit steps and applying),
+(where an epoch lands), ``commit`` (the commit steps: verify, record, link),
 ``journal`` (the per-disk epoch journal), ``manifest`` (what an epoch
 holds), ``durable`` (atomic writes). Formats are described in each module
 and in ``appliance/components/README.md``.

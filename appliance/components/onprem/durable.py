@@ -7,7 +7,9 @@ over the old one, fsync the directory (the rename itself is metadata).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from appliance.storage.bitmap import fsync_directory, write_atomically
 
@@ -26,3 +28,20 @@ def make_dirs(directory: Path) -> None:
     for created in reversed(missing):
         created.mkdir(mode=0o700, exist_ok=True)
         fsync_dir(created.parent)
+
+
+def save_json(path: Path, record: dict[str, Any]) -> None:
+    """``record`` as JSON at ``path``, atomically, its directory made first if missing."""
+    make_dirs(path.parent)
+    atomic_write(path, json.dumps(record, sort_keys=True).encode())
+
+
+def load_token(path: Path) -> int:
+    """The token saved at ``path`` by ``save_json(path, {"token": n})``; 0 if none."""
+    try:
+        token = json.loads(path.read_text())["token"]
+    except FileNotFoundError:
+        return 0
+    if not isinstance(token, int):
+        raise ValueError(f"{path} holds no integer token")
+    return token

@@ -3,8 +3,12 @@
 A staging area is a directory ``stage-<epoch>`` under the disk's directory in
 the I/O manager's data dir, holding
 
-* ``data.raw``: a sparse file of the disk's size; the sender's writes land
-  at their disk offsets, so a range reads back exactly as the epoch holds it;
+* the *data file*: a sparse file of the disk's size; the sender's writes land
+  at their disk offsets, so a range reads back exactly as the epoch holds it.
+  The manager puts it in the disk's own directory (a file from
+  ``LayeredDisk.staged_path``, named in ``data.path``) so that the commit
+  makes it a layer of the disk without a copy; otherwise it is ``data.raw``
+  in the staging area;
 * ``landed.log``: what landed, one fixed record per write piece (see below) or zero request,
   ``kind:u8 offset:u64 length:u64 hash:16 check:8`` (kind 1 data, 2 zero;
   ``hash`` the xxh3-128 of the bytes as they landed, of zeroes for a zero
@@ -24,10 +28,9 @@ the entry's hash. A write lands as one record per ``LANDING_BLOCK``-aligned
 piece, each with the hash of the bytes as they were written, so an entry
 that exactly one piece's records cover is checked from those hashes
 without reading the file again; any other entry is read back and hashed.
-The commit then applies entries from the file, hashing every byte it reads
-once more before writing it (so a staging file damaged after landing is
-caught there, see ``commit``). A staging area of an epoch that was never committed is discarded
-when the disk is opened again.
+The commit then links the data file into the disk (see ``commit``). A
+staging area of an epoch that was never committed is discarded, data file
+included, when the disk is opened again.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ from appliance.storage.file import FileBackend
 from appliance.storage.hashing import chunk_hash, zero_hash
 
 DATA_FILE = "data.raw"
+DATA_PATH_FILE = "data.path"
 LANDED_FILE = "landed.log"
-SET_ASIDE_PREFIX = "applied-stage-"
 _LANDED = struct.Struct(">BQQ16s")
 _LANDED_CHECK = struct.Struct(">Q")
 INLINE_HASH = 1 << 20
@@ -97,55 +100,40 @@ def staged_epochs(disk_root: Path) -> list[int]:
     return sorted(epochs)
 
 
-def set_aside(disk_root: Path, epoch: int) -> Path | None:
-    """Rename an applied epoch's staging area out of the way (blocking, fast): it is no
-    longer a staging area, so its removal (``remove_set_aside``) may run later. None if
-    there is none. A crash before the rename is durable leaves ``stage-<epoch>``, which
-    the next open discards like any staging area of an applied epoch."""
+def data_path(directory: Path) -> Path:
+    """Where the data file of the staging area ``directory`` is (blocking)."""
+    try:
+        return Path((directory / DATA_PATH_FILE).read_text())
+    except FileNotFoundError:
+        return directory / DATA_FILE
+
+
+def discard(disk_root: Path, epoch: int, *, data: bool = True) -> None:
+    """Remove a staging area (blocking), and its data file unless ``data`` is False (a
+    committed epoch's file is the disk's now); absent is fine."""
     directory = disk_root / staging_name(epoch)
     if not directory.exists():
-        return None
-    aside = disk_root / f"{SET_ASIDE_PREFIX}{epoch}"
-    if aside.exists():
-        shutil.rmtree(aside)
-    directory.rename(aside)
+        return
+    if data:
+        data_path(directory).unlink(missing_ok=True)
+    shutil.rmtree(directory)
     durable.fsync_dir(disk_root)
-    return aside
 
 
-def remove_set_aside(disk_root: Path, directory: Path | None = None) -> None:
-    """Remove one set-aside area, or all of them under ``disk_root`` (blocking)."""
-    found = [directory] if directory is not None else disk_root.glob(f"{SET_ASIDE_PREFIX}*")
-    for aside in found:
-        shutil.rmtree(aside, onerror=_gone_is_fine)
+Span = tuple[int, int]
+"""``(start, end)``: a plain byte range (plain tuples: an epoch has tens of thousands)."""
 
 
-def _gone_is_fine(
-    function: object, path: str, exc_info: tuple[type[BaseException], BaseException, object]
-) -> None:
-    if not isinstance(exc_info[1], FileNotFoundError):
-        raise exc_info[1]
-
-
-def discard(disk_root: Path, epoch: int) -> None:
-    """Remove a staging area (blocking); absent is fine."""
-    directory = disk_root / staging_name(epoch)
-    if directory.exists():
-        shutil.rmtree(directory)
-        durable.fsync_dir(disk_root)
-
-
-def _outside(landed: list[Extent], wanted: list[Extent]) -> Extent | None:
-    """The first landed extent not inside ``wanted`` (both merged, sorted), or None."""
+def _outside(landed: list[Span], wanted: list[Span]) -> Span | None:
+    """The first landed range not inside ``wanted`` (both merged, sorted), or None."""
     index = 0
-    for extent in landed:
-        while index < len(wanted) and wanted[index].end <= extent.start:
+    for start, end in landed:
+        while index < len(wanted) and wanted[index][1] <= start:
             index += 1
         if index == len(wanted):
-            return extent
-        covering = wanted[index]
-        if covering.start > extent.start or covering.end < extent.end:
-            return extent
+            return start, end
+        if wanted[index][0] > start or wanted[index][1] < end:
+            return start, end
     return None
 
 
@@ -157,11 +145,14 @@ class ByteTally:
 
 
 class StagingBackend:
-    """One epoch's staging area as a writable block backend; build with create or open."""
+    """One epoch's staging area as a writable block backend; build with create."""
 
-    def __init__(self, directory: Path, epoch: int, file: FileBackend, landed_fd: int) -> None:
+    def __init__(
+        self, directory: Path, epoch: int, file: FileBackend, landed_fd: int, data: Path
+    ) -> None:
         self._directory = directory
         self._epoch = epoch
+        self._data = data
         self._file = file
         self._landed_fd = landed_fd
         self._landed: list[Landing] = []
@@ -175,15 +166,20 @@ class StagingBackend:
         self.tally = ByteTally()
 
     @classmethod
-    async def create(cls, disk_root: Path, epoch: int, size: int) -> StagingBackend:
-        """A new, empty staging area for ``epoch`` (an old one is replaced)."""
+    async def create(
+        cls, disk_root: Path, epoch: int, size: int, data: Path | None = None
+    ) -> StagingBackend:
+        """A new, empty staging area for ``epoch`` (an old one is replaced), its data file
+        at ``data`` (the area's ``data.raw`` if None)."""
         directory = disk_root / staging_name(epoch)
+        where = directory / DATA_FILE if data is None else data
 
         def build() -> tuple[FileBackend, int]:
-            if directory.exists():
-                shutil.rmtree(directory)
+            discard(disk_root, epoch)
             durable.make_dirs(directory)
-            file = FileBackend.create(directory / DATA_FILE, size)
+            if data is not None:  # named before it exists: a discard always finds it
+                durable.atomic_write(directory / DATA_PATH_FILE, str(data).encode())
+            file = FileBackend.create(where, size)
             landed = os.open(
                 directory / LANDED_FILE,
                 os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
@@ -193,22 +189,7 @@ class StagingBackend:
             return file, landed
 
         file, landed = await asyncio.to_thread(build)
-        return cls(directory, epoch, file, landed)
-
-    @classmethod
-    async def open(cls, disk_root: Path, epoch: int) -> StagingBackend:
-        """An existing staging area, to apply it again (sealed: read-only)."""
-        directory = disk_root / staging_name(epoch)
-
-        def reopen() -> tuple[FileBackend, int]:
-            file = FileBackend.open(directory / DATA_FILE)
-            landed = os.open(directory / LANDED_FILE, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            return file, landed
-
-        file, landed = await asyncio.to_thread(reopen)
-        backend = cls(directory, epoch, file, landed)
-        await backend.seal()
-        return backend
+        return cls(directory, epoch, file, landed, where)
 
     # -- the block backend protocol ---------------------------------------------------------
 
@@ -227,6 +208,11 @@ class StagingBackend:
     @property
     def epoch(self) -> int:
         return self._epoch
+
+    @property
+    def data_path(self) -> Path:
+        """The data file: the epoch's bytes at their disk offsets."""
+        return self._data
 
     @property
     def sealed(self) -> bool:
@@ -305,13 +291,11 @@ class StagingBackend:
 
     def problem(self, manifest: EpochManifest) -> str | None:
         """Why what landed cannot be this manifest's epoch (ranges only), or None."""
-        landed = _union(
-            sorted((Extent(x.offset, x.length) for x in self._landed), key=lambda e: e.start)
-        )
-        wanted = _union([Extent(e.offset, e.length) for e in manifest.entries])
+        landed = _union(sorted((x.offset, x.offset + x.length) for x in self._landed))
+        wanted = _union([(e.offset, e.end) for e in manifest.entries])
         stray = _outside(landed, wanted)
         if stray is not None:
-            return f"{stray.length} bytes at {stray.start} landed outside the manifest"
+            return f"{stray[1] - stray[0]} bytes at {stray[0]} landed outside the manifest"
         return None
 
     async def mismatch(
@@ -429,13 +413,13 @@ def _data_landings(offset: int, data: memoryview) -> list[Landing]:
     return landings
 
 
-def _union(extents: list[Extent]) -> list[Extent]:
-    """Adjacent extents joined whatever their state: plain ranges."""
-    joined: list[Extent] = []
-    for extent in extents:
-        if joined and joined[-1].end >= extent.start:
-            last = joined[-1]
-            joined[-1] = Extent(last.start, max(last.end, extent.end) - last.start)
+def _union(spans: list[Span]) -> list[Span]:
+    """Sorted ranges with the overlapping and adjacent ones joined."""
+    joined: list[Span] = []
+    for start, end in spans:
+        if joined and joined[-1][1] >= start:
+            if end > joined[-1][1]:
+                joined[-1] = (joined[-1][0], end)
         else:
-            joined.append(Extent(extent.start, extent.length))
+            joined.append((start, end))
     return joined
