@@ -38,6 +38,7 @@ from messages.commands import (
 )
 from messages.common import MigrationState, MigrationType, Phase, PowerState
 from messages.errors import ErrorCode
+from messages.events import MigrationStatus
 from tests.integration.conftest import Harness
 from tests.integration.migration_helpers import ApplianceProcess, Follower, start_migration
 from tests.integration.tbc_helpers import (
@@ -169,13 +170,20 @@ async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_an
         await _cap(client, 10_000.0)
 
         # Reconcile: passes go on while the guest writes (the gate holds the cutover).
+        bulk = await _until_record(store, migration_id, "reconciling", _reconciling)
+        bulk_bytes = int(bulk.extra["reconcile"]["bulk_bytes"])
+        assert bulk_bytes == copying.bytes_total  # kept for the finished figures
         reconciling = await _until_record(
             store, migration_id, "two passes", lambda r: _passes(r) >= 2
         )
         assert reconciling.step is Step.RECONCILING
-        # Its progress: bytes copied by the passes of what they found, rate, ETA.
-        assert 0 < reconciling.bytes_done <= reconciling.bytes_total
-        assert reconciling.rate_bytes_per_s > 0
+        # Its progress, pass by pass, as cold's: the pass's bytes of what it found, rate, ETA.
+        await follower.until(lambda _: _a_pass_shown(follower.history), within_s=60)
+        shown_pass = _a_pass_shown(follower.history)
+        assert shown_pass is not None and shown_pass.reconcile_pass is not None
+        assert shown_pass.progress_percent == 100.0 and shown_pass.eta_seconds == 0.0
+        assert 0 < shown_pass.bytes_done == shown_pass.bytes_total
+        assert shown_pass.rate_bytes_per_s > 0
         written = await guest.writes()
         await guest.wait_writes(written + 20, within_s=30)
         await _until_record(
@@ -194,6 +202,14 @@ async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_an
         (shown,) = answer.body.migrations
         assert shown.cutover_s == float(record.extra["cutover_seconds"])
         volume_id = record.disks[0].volume_id
+        assert volume_id == f"{vm.name}_ARM"  # named after the VM, as HDM names it
+        assert shown.volumes == (volume_id,)
+        # The finished figures, not zeros: the bulk copy's bytes and every pass's.
+        copied = int(record.extra["reconcile"]["copied_bytes"])
+        assert copied > 0
+        assert shown.progress_percent == 100.0
+        assert shown.bytes_done == shown.bytes_total == bulk_bytes + copied
+        assert shown.reconcile_pass is not None and shown.reconcile_pass >= 3
         cloud = LabSite.open(harness.data_dir / "sites" / "cloud")
         cloud_vm = await cloud.get_vm(migration_id)
         await cloud.close()
@@ -235,6 +251,25 @@ async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_an
     (tmp_path / "expected.raw").write_bytes(expected)
     code, output = await qemu_img_compare(tmp_path / "volume.raw", tmp_path / "expected.raw")
     assert code == 0, output
+
+
+def _reconciling(record: MigrationRecord) -> bool:
+    return record.step is Step.RECONCILING and "bulk_bytes" in record.extra.get("reconcile", {})
+
+
+def _a_pass_shown(history: list[MigrationStatus]) -> MigrationStatus | None:
+    """A status published at the end of a reconcile pass that copied something."""
+    return next(
+        (
+            s
+            for s in history
+            if s.reconcile_pass is not None
+            and s.phase is Phase.TRANSFER
+            and s.bytes_total > 0
+            and s.bytes_done == s.bytes_total
+        ),
+        None,
+    )
 
 
 async def qemu_img_compare(left: Path, right: Path) -> tuple[int, str]:

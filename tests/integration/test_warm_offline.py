@@ -26,6 +26,7 @@ from messages.commands import (
     NetworkMapping,
     SourceCloneRequest,
     SourceCloneRequestBody,
+    StatusRequestBody,
 )
 from messages.common import BulkTransferMode, MigrationState, MigrationType, Phase
 from messages.events import SourceCloneResponse
@@ -152,7 +153,8 @@ async def test_warm_offline_through_an_s3_package_waits_for_a_corrected_import(
 
     expected = await expected_after(base, tmp_path / "guest.log")
     assert expected != base
-    assert await _read_volume(harness.data_dir, cut.disks[0].volume_id) == expected
+    assert cut.disks[0].volume_id == f"{vm.name}_ARM"
+    assert await _read_volume(harness.data_dir, f"{vm.name}_ARM") == expected
 
 
 async def test_sigkill_while_waiting_for_the_package_resumes_waiting_from_a_directory(
@@ -192,10 +194,19 @@ async def test_sigkill_while_waiting_for_the_package_resumes_waiting_from_a_dire
                 store, migration_id, "cut over", lambda r: r.step is Step.CUT_OVER
             )
             assert cut.extra["package_sha256"] == waiting.extra["package_sha256"]
+            # Its volumes, named after the VM; the finished figures (no guest wrote: the
+            # passes found nothing, the package's bytes are all there is), not zeros.
+            answer = await client.status(StatusRequestBody(migration_ids=(migration_id,)))
+            (shown,) = answer.body.migrations
+            assert shown.volumes == (f"{vm.name}_ARM", f"{vm.name}_ARM_2")
+            assert shown.progress_percent == 100.0
+            assert shown.bytes_done == shown.bytes_total == sum(d.capacity_bytes for d in vm.disks)
         await appliances[1].stop()
     finally:
         for appliance in appliances:
             appliance.kill()
         kill_pids(orphans, harness.data_dir)
-    for disk in cut.disks:
-        assert await _read_volume(harness.data_dir, disk.volume_id) == bases[disk.disk_id]
+    volumes = {"disk-0": f"{vm.name}_ARM", "disk-1": f"{vm.name}_ARM_2"}
+    assert {disk.disk_id: disk.volume_id for disk in cut.disks} == volumes
+    for disk_id, volume in volumes.items():
+        assert await _read_volume(harness.data_dir, volume) == bases[disk_id]
