@@ -178,7 +178,7 @@ async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_an
         )
         assert reconciling.step is Step.RECONCILING
         # Its progress, pass by pass, as cold's: the pass's bytes of what it found, rate, ETA.
-        await follower.until(lambda _: _a_pass_shown(follower.history), within_s=60)
+        await follower.until(lambda _: _a_pass_shown(follower.history) is not None, within_s=60)
         shown_pass = _a_pass_shown(follower.history)
         assert shown_pass is not None and shown_pass.reconcile_pass is not None
         assert shown_pass.progress_percent == 100.0 and shown_pass.eta_seconds == 0.0
