@@ -43,8 +43,8 @@ from appliance.components.reconciling import (
 from appliance.datapath.nbd import NbdBackend
 from appliance.errors import ComponentError, ReconcileUnavailable
 from appliance.logs import get_logger
+from appliance.orchestrator import holds, tags
 from appliance.orchestrator import reconcile_figures as figures
-from appliance.orchestrator import tags
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.copying import DiskCopy
 from appliance.orchestrator.journal import Journal
@@ -320,6 +320,7 @@ async def commit(deps: Deps, journal: Journal, record: MigrationRecord) -> Migra
     for disk in record.disks:  # cut over: the volume, checked whole, holds the disk
         await served.close_cache(record, disk, Discard.ALWAYS)
         await served.close_onprem(record, disk)
+    await holds.hold(deps, record, holds.COMMIT)
     onprem = deps.site(record.site)
     if record.snapshot_name is not None:
         await onprem.delete_vm_snapshot(record.vm_id, record.snapshot_name)

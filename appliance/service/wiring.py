@@ -130,6 +130,7 @@ def build_deps(
         reconcile_threshold_bytes=settings.warm_reconcile_threshold_bytes,
         reconcile_max_passes=settings.warm_reconcile_max_passes,
         cutover_gate=settings.debug_warm_cutover_gate,
+        holds=frozenset(filter(None, settings.debug_warm_holds.split(","))),
         package_s3=S3Access.from_settings(settings),
     )
 
