@@ -17,6 +17,7 @@ from appliance.orchestrator.reporting import Reporter, percent, status_of
 from appliance.orchestrator.scheduler import group_lease
 from appliance.orchestrator.states import Step
 from appliance.sink import MemorySink
+from clients.migrate import progress_text
 from messages.events import Event, SourceCloneResponse
 from tests.support.lab import MIB
 from tests.unit.test_clone_requests import Env, clone, env, records
@@ -118,6 +119,7 @@ async def test_figures_are_read_from_the_cache_while_a_pass_runs_then_finished(e
     shown = status_of(_at(during, Step.RECONCILING), False)
     assert (shown.progress_percent, shown.reconcile_pass) == (75.0, 1)
     assert shown.rate_bytes_per_s == MIB and shown.eta_seconds == 1.0
+    assert progress_text(shown) == "75.0% of 4 MiB (pass 1)"  # ferry migrations
     (event,) = sink.events  # published as it went
     assert isinstance(event, SourceCloneResponse) and event.body.bytes_done == 3 * MIB
 
