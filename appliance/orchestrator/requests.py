@@ -82,9 +82,9 @@ class CloneRequests:
                 self._deps.sealer.check(body.guest_credentials.sealed)
             groups = await self._plan(request_id, body)
             vms = [vm for group in groups for vm in group.vms]
-            await self._check_volumes(request_id, body, vms)
-            await self._lock(vms, request_id)
+            await self._lock(vms, request_id)  # a VM's own migration answers first, by code
             try:
+                await self._check_volumes(request_id, body, vms)
                 await self._create(request_id, command, groups)
             except TransientError:
                 raise  # redelivered: the same locks are taken again (or lapse by themselves)

@@ -12,14 +12,19 @@
   with the VM off, copies the rest). The next pass number per disk is persisted after
   each pass, so a restarted run continues the count (the same number again answers the
   stored result; a pass the cache could not make for now is followed by the next one).
+  Each pass's figures (percent, bytes, rate, ETA) are read from the cache's heartbeat
+  while it runs and shown per pass (``reconcile_figures.py``).
 * CUTTING_OVER: the cloud VM powers off, the last pass and the whole-image check (the
   cache's view against the volume; ``CertificationFailed`` names the first differing
   byte), its disks are swapped from the cache's exports to the volumes, it powers on.
   The cutover pass numbers are persisted before they are given: a rerun asks for the same.
 * CUT_OVER (resting: no migration slot) until a CommitRequest asks ``commit``, then
-  COMMITTING: the cache and the I/O manager let go of the disks, the migrate-time
-  snapshot and the checkpoints go, the source's tags are cleared; migrate back is refused
-  from CUT_OVER on (``cut_over``).
+  COMMITTING: the cache and the I/O manager let go of the disks (the cache removes them),
+  the migrate-time snapshot and the checkpoints go, the source's tags are cleared; each
+  part is idempotent, so a commit cut short runs again from the top (tests hold it
+  between the two halves: ``holds.COMMIT``). Migrate back is refused from CUT_OVER on
+  (``cut_over``). Once cut over the record shows the finished figures: every byte
+  written into the volumes, at 100 %.
 """
 
 from __future__ import annotations

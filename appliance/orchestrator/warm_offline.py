@@ -14,6 +14,11 @@
   BulkMigrationDoneRequest, which reads and writes only what was missing or bad (the
   import's checkpoints). A store that cannot be reached now (``PackageStoreUnavailable``,
   transient) is retried by the run from this step.
+
+Progress: the export's and the import's, as the data path measures them (percent,
+bytes, rate, ETA); between them, while the package travels, 100 % of the export at
+rate 0. Tests only: the hold ``export`` (``holds.py``) stops the export once its first
+``HELD_AFTER`` chunks are stored, so a crash test kills it there.
 """
 
 from __future__ import annotations
@@ -165,7 +170,12 @@ async def export_bulk(
     total = sum(d.capacity_bytes for d in record.disks)
     extra = {**record.extra, PACKAGE_SHA256: result.manifest_sha256, BULK_DONE_HANDLED: 0}
     return await journal.update(
-        record, extra=extra, bytes_done=total, bytes_total=total, eta_seconds=0.0
+        record,
+        extra=extra,
+        bytes_done=total,
+        bytes_total=total,
+        rate_bytes_per_s=0.0,  # nothing moves while the package travels
+        eta_seconds=0.0,
     )
 
 
@@ -224,6 +234,7 @@ async def _import(
         error_code=None,
         error_message=None,
         bytes_done=record.bytes_total,
+        rate_bytes_per_s=0.0,
         eta_seconds=0.0,
     )
     return record, True

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import pytest
 
+from appliance.components.heartbeat import HeartbeatWriter
+from appliance.components.orders import ComponentId
 from appliance.errors import Conflict, UnsafeName
 from appliance.orchestrator.requests import migration_id_for
 from appliance.orchestrator.volumes import check_free, planned_volumes, volume_names
 from appliance.sites.lab.site import LabSite
 from appliance.sites.model import check_volume_id
+from messages.commands import CloneVm, SourceCloneRequest
 from messages.common import MigrationType
 from tests.support.lab import MIB
 from tests.unit.test_clone_requests import Env, clone, env, records
@@ -76,3 +79,28 @@ async def test_a_migration_in_progress_holds_its_planned_names(env: Env) -> None
         await check_free(env.deps, "cloud", [(planned, "m-other", "lnx-test-03")])
     assert record.migration_id in str(taken.value)
     await check_free(env.deps, "cloud", [(planned, record.migration_id, "lnx-test-03")])
+
+
+async def test_a_warm_request_whose_volume_is_taken_is_refused_and_locks_nothing(
+    env: Env,
+) -> None:
+    for name in (env.deps.config.onprem_component, env.deps.config.cache_component):
+        writer = HeartbeatWriter(
+            env.deps.store, ComponentId.parse(name), dict, interval_s=1, ttl_s=30
+        )
+        await writer.beat()  # both components alive, as a warm request needs
+    cloud = env.deps.site("cloud")
+    await cloud.create_volume("lnx-test-02_ARM", MIB, tags={"ferry.migration": "m-done"})
+    request = clone(["vm-0001", "vm-0002"], migration_type=MigrationType.WARM)
+    with pytest.raises(Conflict) as taken:
+        await env.clones.handle(request)
+    assert "lnx-test-02_ARM" in str(taken.value) and "m-done" in str(taken.value)
+    assert set((await env.locks()).values()) == {None}  # no VM stays locked
+    # Under another cloud name it goes: its volumes are that name's.
+    body = request.body.model_copy(
+        update={"vms": (CloneVm(vm_id="vm-0002", target_name="lnx-test-02b"),)}
+    )
+    (answer,) = await env.clones.handle(SourceCloneRequest(body=body))
+    (record,) = await records(env, [answer.body.migration_id])
+    assert [d.volume_id for d in record.disks] == ["lnx-test-02b_ARM"]
+    assert [d.served_as for d in record.disks] == [f"{record.migration_id}-disk-0"]
