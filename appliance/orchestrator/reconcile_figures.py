@@ -69,8 +69,11 @@ class Figures:
         }
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+def _count(value: object) -> float | None:
+    """A figure of the heartbeat: a number, not negative (JSON gives ints or floats)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None
 
 
 def live_pass(figures: Mapping[str, Any], disk_key: str, pass_no: int) -> LivePass | None:
@@ -79,12 +82,12 @@ def live_pass(figures: Mapping[str, Any], disk_key: str, pass_no: int) -> LivePa
     entry = under_way.get(disk_key) if isinstance(under_way, Mapping) else None
     if not isinstance(entry, Mapping) or entry.get("pass") != pass_no:
         return None
-    done, total, rate = (entry.get(k) for k in ("bytes_done", "bytes_total", "rate_bytes_per_s"))
-    if not (_number(done) and _number(total) and _number(rate)):
+    done, total, rate = (
+        _count(entry.get(k)) for k in ("bytes_done", "bytes_total", "rate_bytes_per_s")
+    )
+    if done is None or total is None or rate is None:
         return None
-    assert isinstance(done, int | float) and isinstance(total, int | float)
-    assert isinstance(rate, int | float)
-    return LivePass(int(done), int(total), float(rate))
+    return LivePass(int(done), int(total), rate)
 
 
 @dataclass
