@@ -529,3 +529,43 @@ async def _snapshots(data_dir: Path, vm_id: str) -> list[str]:
         return await onprem.vm_snapshot_names(vm_id)
     finally:
         await onprem.close()
+
+
+async def test_a_vm_migrated_back_migrates_again_as_warm_into_its_arm_volume(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    """A tbc migration goes to the cloud and back; the same VM then migrates warm. Its
+    volume has the same name (<vm>_ARM: the tbc made none), while the components know each
+    migration's disk by its own id, so nothing the first left in the cache is met again;
+    it cuts over onto a volume equal to the on-prem disk, and commits."""
+    vm = lab_vm(1, disks=1, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    running = await start_appliance(harness.settings(**WARM_SETTINGS))
+    cache_dir = harness.data_dir / "components" / "cache" / "cache-1" / "disks"
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        await components_up(store)
+        first = await start_migration(client, tbc_request(client, [vm.vm_id]))
+        (tbc_id,) = first.latest
+        await _until_record(
+            store, tbc_id, "in the cloud", lambda r: r.step is Step.RUNNING_IN_CLOUD
+        )
+        await client.request(migrate_back([tbc_id], power_on=True))
+        await _until_record(store, tbc_id, "back", lambda r: r.step is Step.MIGRATED_BACK)
+        base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+
+        second = await start_migration(client, warm_request(client, vm.vm_id))
+        (warm_id,) = second.latest
+        assert warm_id != tbc_id
+        await open_gates(store, warm_id)
+        cut = await _until_record(store, warm_id, "cut over", lambda r: r.step is Step.CUT_OVER)
+        tbc = await _record(store, tbc_id)
+        assert tbc.disks[0].volume_id == cut.disks[0].volume_id == f"{vm.name}_ARM"
+        assert tbc.disks[0].served_as == f"{tbc_id}-disk-0"
+        assert cut.disks[0].served_as == f"{warm_id}-disk-0"
+        await client.request(commit_request([warm_id]))
+        (done,) = (await second.finished(1)).values()
+        assert done.state is MigrationState.COMPLETED
+        assert not (cache_dir / tbc_id).joinpath(f"{tbc_id}-disk-0").exists()
+        assert not (cache_dir / warm_id).joinpath(f"{warm_id}-disk-0").exists()
+    await running.shutdown()
+    assert await _read_volume(harness.data_dir, f"{vm.name}_ARM") == base
