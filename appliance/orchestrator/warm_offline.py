@@ -99,7 +99,9 @@ class _HeldStore:
     """Tests only: a package store that stores the first ``after`` chunks, then holds every
     other write at the hold ``export`` (once they are durable) until it is let go."""
 
-    def __init__(self, store: PackageStore, after: int, held: Callable[[], Awaitable[None]]):
+    def __init__(
+        self, store: PackageStore, after: int, held: Callable[[], Awaitable[None]]
+    ) -> None:
         self._store = store
         self._after = after
         self._held = held
