@@ -13,6 +13,7 @@ defect the dispatcher dead-letters) drops its pending locks at once.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from appliance.orchestrator.states import (
     machine_for,
     public_state,
 )
-from appliance.orchestrator.volumes import check_free, component_id, planned_volumes
+from appliance.orchestrator.volumes import check_free, component_id, naming, planned_volumes
 from appliance.sites.model import VmConfig
 from appliance.sites.protocol import Site
 from appliance.state.migrations import NewMigration
@@ -69,6 +70,7 @@ class CloneRequests:
     def __init__(self, deps: Deps, onprem: str = "onprem") -> None:
         self._deps = deps
         self._onprem = onprem
+        self._naming = asyncio.Lock()  # one request at a time takes volume names
 
     async def handle(self, command: SourceCloneRequest) -> list[SourceCloneResponse]:
         body = command.body
@@ -84,8 +86,9 @@ class CloneRequests:
             vms = [vm for group in groups for vm in group.vms]
             await self._lock(vms, request_id)  # a VM's own migration answers first, by code
             try:
-                await self._check_volumes(request_id, body, vms)
-                await self._create(request_id, command, groups)
+                async with naming(self._deps, body.migration_type, self._naming):
+                    await self._check_volumes(request_id, body, vms)
+                    await self._create(request_id, command, groups)
             except TransientError:
                 raise  # redelivered: the same locks are taken again (or lapse by themselves)
             except BaseException:

@@ -25,22 +25,29 @@ A name is checked when the request is planned: a volume of that name in the
 cloud made for another migration (a finished copy, or leftovers), or planned by
 another migration in progress, or by another VM of the same request, refuses
 the request (``conflict``, naming the holder) rather than write over it. The
-operator gives the VM another ``target_name``, or removes the old volume.
+operator gives the VM another ``target_name``, or removes the old volume. One
+request at a time checks its names and makes its records (:func:`naming`, a short
+lease), so two requests never both find a name free; one that finds the lease
+held is delivered again (``VolumeNamesBusy``, transient).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
-from appliance.errors import Conflict
+from appliance.errors import Conflict, VolumeNamesBusy
 from appliance.orchestrator import tags
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.record import load
 from messages.common import MigrationType
 
 SUFFIX = "_ARM"
+NAMING = "volume-names"
+"""The lease a request holds while it checks its names and makes its records."""
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_.-]")
 _KEPT = 55
@@ -108,3 +115,24 @@ async def check_free(deps: Deps, cloud: str, planned: Sequence[tuple[str, str, s
                 f"cloud volume {name!r} for VM {vm_name!r} is taken by migration {holder}: "
                 "give the VM another target_name, or remove that volume first"
             )
+
+
+@contextlib.asynccontextmanager
+async def naming(
+    deps: Deps, migration_type: MigrationType, here: asyncio.Lock
+) -> AsyncIterator[None]:
+    """Warm and tbc: while the names are checked and the records (which then hold the
+    names) are made, hold ``here`` (the handlers of this process) and the naming lease
+    (other appliances; it is this appliance's, so it does not part this process's
+    handlers); VolumeNamesBusy when another appliance holds it."""
+    if migration_type is MigrationType.COLD:  # its names carry the migration id
+        yield
+        return
+    async with here:
+        lease = await deps.leases.acquire(NAMING)
+        if lease is None:
+            raise VolumeNamesBusy(await deps.leases.holder(NAMING))
+        try:
+            yield
+        finally:
+            await deps.leases.release(lease)

@@ -3,15 +3,18 @@ VM is called, never another migration's (a real redis-server and a real lab site
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from appliance.components.heartbeat import HeartbeatWriter
 from appliance.components.orders import ComponentId
-from appliance.errors import Conflict, UnsafeName
+from appliance.errors import Conflict, TransientError, UnsafeName, VolumeNamesBusy
 from appliance.orchestrator.requests import migration_id_for
-from appliance.orchestrator.volumes import check_free, planned_volumes, volume_names
+from appliance.orchestrator.volumes import NAMING, check_free, planned_volumes, volume_names
 from appliance.sites.lab.site import LabSite
 from appliance.sites.model import check_volume_id
+from appliance.state.leases import Leases
 from messages.commands import CloneVm, SourceCloneRequest
 from messages.common import MigrationType
 from tests.support.lab import MIB
@@ -104,3 +107,46 @@ async def test_a_warm_request_whose_volume_is_taken_is_refused_and_locks_nothing
     (record,) = await records(env, [answer.body.migration_id])
     assert [d.volume_id for d in record.disks] == ["lnx-test-02b_ARM"]
     assert [d.served_as for d in record.disks] == [f"{record.migration_id}-disk-0"]
+
+
+async def _components_alive(env: Env) -> None:
+    for name in (env.deps.config.onprem_component, env.deps.config.cache_component):
+        writer = HeartbeatWriter(
+            env.deps.store, ComponentId.parse(name), dict, interval_s=1, ttl_s=30
+        )
+        await writer.beat()
+
+
+def _named(request_id: str, vm_id: str, target_name: str) -> SourceCloneRequest:
+    body = clone([vm_id], request_id=request_id, migration_type=MigrationType.WARM).body
+    vms = (CloneVm(vm_id=vm_id, target_name=target_name),)
+    return SourceCloneRequest(body=body.model_copy(update={"vms": vms}))
+
+
+async def test_two_requests_at_once_for_one_name_one_wins(env: Env) -> None:
+    """Two warm requests handled at the same moment, two VMs given one cloud name: the names
+    are checked and the records made one request at a time, so exactly one is refused."""
+    await _components_alive(env)
+    outcomes = await asyncio.gather(
+        env.clones.handle(_named("req-a", "vm-0001", "shared")),
+        env.clones.handle(_named("req-b", "vm-0003", "shared")),
+        return_exceptions=True,
+    )
+    refused = [o for o in outcomes if isinstance(o, Conflict)]
+    made = [o for o in outcomes if isinstance(o, list)]
+    assert len(refused) == 1 and len(made) == 1, outcomes
+    assert "shared_ARM" in str(refused[0])
+
+
+async def test_while_another_appliance_takes_names_the_request_comes_again(env: Env) -> None:
+    await _components_alive(env)
+    other = Leases(env.deps.store, "ferry-other", 15.0)
+    lease = await other.acquire(NAMING)
+    assert lease is not None
+    with pytest.raises(VolumeNamesBusy) as busy:
+        await env.clones.handle(_named("req-c", "vm-0001", "web"))
+    assert busy.value.holder == "ferry-other" and isinstance(busy.value, TransientError)
+    await other.release(lease)
+    (answer,) = await env.clones.handle(_named("req-c", "vm-0001", "web"))  # redelivered
+    (record,) = await records(env, [answer.body.migration_id])
+    assert [d.volume_id for d in record.disks] == ["web_ARM", "web_ARM_2"]
