@@ -365,6 +365,15 @@ class UnknownSnapshot(DataPathError):
         super().__init__(f"disk {disk}: no snapshot {snapshot_id!r}")
 
 
+class VolumeNamesBusy(TransientError):
+    """Another request is checking and taking cloud volume names now (for a moment): the
+    command is delivered again and goes on then."""
+
+    def __init__(self, holder: str | None) -> None:
+        self.holder = holder
+        super().__init__(f"cloud volume names are being taken by {holder or 'another request'}")
+
+
 class DiskInUse(TransientError):
     """Worth waiting for: the holder is typically a migration's previous owner letting go."""
 

@@ -123,6 +123,14 @@ class Settings(BaseSettings):
         description="tests only: a warm VM waits for the asks 'cutover' (before cutting "
         "over) and 'cutover_off' (its cloud VM off)",
     )
+    debug_warm_holds: str = Field(
+        default="",
+        pattern=r"^((export|commit)(,(export|commit))*)?$",
+        description="tests only: where a warm VM holds until the ask '<point>_go' (a crash "
+        "test kills the appliance there): 'export' (an offline package with its first "
+        "chunks stored), 'commit' (the components' disks closed, the snapshot not yet "
+        "deleted); each writes extra['held'] = point first",
+    )
     component_restart_backoff_s: float = Field(default=1.0, gt=0)
     component_restart_backoff_max_s: float = Field(default=30.0, gt=0)
     # Repair (appliance/service/repair.py; components/README.md, "Repair"): a component the

@@ -136,6 +136,14 @@ def rpo_text(status: MigrationStatus) -> str:
     return ", ".join(parts)
 
 
+def progress_text(status: MigrationStatus) -> str:
+    """Percent of the bytes; a warm VM reconciling: of the pass under way, named."""
+    text = f"{status.progress_percent:.1f}% of {status.bytes_total / 2**20:.0f} MiB"
+    if status.reconcile_pass is not None and status.phase is Phase.TRANSFER:
+        text += f" (pass {status.reconcile_pass})"
+    return text
+
+
 def migrations_table(statuses: Sequence[MigrationStatus], title: str = "Migrations") -> Table:
     table = Table(title=title)
     columns = ("Migration", "VM", "Type", "State", "Phase", "Progress", "RPO lag", "Queue", "Error")
@@ -150,7 +158,7 @@ def migrations_table(statuses: Sequence[MigrationStatus], title: str = "Migratio
             s.migration_type.value,
             f"[{colour}]{s.state.value}[/{colour}]" if colour else s.state.value,
             s.phase.value,
-            f"{s.progress_percent:.1f}% of {s.bytes_total / 2**20:.0f} MiB",
+            progress_text(s),
             rpo_text(s),
             str(s.queue_position or ""),
             f"{s.error.code}: {s.error.message}" if s.error else (s.pause_reason or ""),

@@ -181,6 +181,17 @@ class MigrationStatus(WireModel):
         description="A warm VM cut over: seconds from its cloud VM powered off to powered on, "
         "on its volumes",
     )
+    volumes: tuple[str, ...] = Field(
+        default=(),
+        description="The cloud volumes the VM's disks are copied into, in its disk order: "
+        "<vm>_ARM, <vm>_ARM_2, ... (warm, tbc); <migration>-<disk> (cold)",
+    )
+    reconcile_pass: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        description="A warm VM: the reconcile pass under way (or the last one made); "
+        "bytes, rate and ETA are then that pass's",
+    )
 
 
 class SourceCloneResponse(Event):

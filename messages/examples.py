@@ -128,6 +128,7 @@ _STATUS = MigrationStatus(
     eta_seconds=5.9,
     checks=(PrepareCheck(name="tools_running", passed=True, reason=""),),
     updated_at=AT,
+    volumes=("mig-5b1e0c2a-disk-0",),
 )
 
 _IN_CLOUD = MigrationStatus(
@@ -145,6 +146,7 @@ _IN_CLOUD = MigrationStatus(
     rpo_lag_s=600.0,
     dirty_bytes=734_003_200,
     cache_bytes=3_221_225_472,
+    volumes=("lnx-db-01_ARM", "lnx-db-01_ARM_2"),
 )
 
 

@@ -106,6 +106,8 @@ class CloudCommands:
         command = "MigrateBackRequest"
         named = await self._records(migration_ids)
         await self._refuse_going_back(command, named)
+        # Asked to commit: cut_over, whether the VM still rests or has gone on as warm.
+        await self._refuse_committed(command, named)
         for record in named:
             _refuse_not_resting(command, record)
         if not body.planned:

@@ -66,6 +66,9 @@ class OrchestratorConfig:
     cutover_gate: bool = False
     """Tests only: a warm VM waits for the ask ``cutover`` before it cuts over, and for
     ``cutover_off`` once its cloud VM is off (a crash test holds it there)."""
+    holds: frozenset[str] = frozenset()
+    """Tests only: where a warm VM holds until the ask ``<point>_go`` (``export``,
+    ``commit``: orchestrator/warm.py, warm_offline.py), a crash test killing it there."""
 
 
 @dataclass(frozen=True, slots=True)

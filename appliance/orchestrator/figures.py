@@ -39,8 +39,8 @@ CACHE_KIND = "cache"
 
 
 def component_disk(disk: DiskPlan) -> str:
-    """The id the components know a disk by: its cloud volume's (unique per migration)."""
-    return disk.volume_id
+    """The id the components know a disk by: ``<migration>-<disk>`` (unique per migration)."""
+    return disk.served_as
 
 
 @dataclass(frozen=True, slots=True)

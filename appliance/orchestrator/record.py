@@ -26,6 +26,11 @@ class DiskPlan:
     capacity_bytes: int
     boot: bool
     volume_id: str
+    """The cloud volume's name: ``<vm>_ARM`` (warm, tbc), ``<migration>-<disk>`` (cold);
+    see orchestrator/volumes.py."""
+    component_id: str = ""
+    """The id the components (the cache, the I/O manager) know the disk by, unique per
+    migration: ``<migration>-<disk>``; empty in records made when it was the volume id."""
     snapshot_id: str | None = None
     bytes_to_copy: int = 0  # allocated bytes of the source snapshot (data and zero runs)
     source_digest: str | None = None  # whole-image digest (hash of chunk hashes), source
@@ -38,6 +43,11 @@ class DiskPlan:
     epoch_requests: int = 0
     epoch_cut: int = 0
     epoch_committed: int = 0
+
+    @property
+    def served_as(self) -> str:
+        """The disk's id on the components (:attr:`component_id`)."""
+        return self.component_id or self.volume_id
 
 
 @dataclass(frozen=True, slots=True)

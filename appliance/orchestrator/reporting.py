@@ -8,6 +8,7 @@ from appliance.clock import Clock
 from appliance.errors import BusUnavailable
 from appliance.logs import get_logger
 from appliance.orchestrator.figures import CacheFigureReader, CacheFigures
+from appliance.orchestrator.reconcile_figures import round_of
 from appliance.orchestrator.record import CUTOVER_SECONDS, PAUSED_REASON, MigrationRecord
 from appliance.orchestrator.states import Step, phase_of, public_state
 from appliance.sink import EventSink
@@ -17,15 +18,22 @@ from messages.events import MigrationStatus, SourceCloneResponse
 log = get_logger(__name__)
 
 
-COPYING = frozenset({Step.TRANSFERRING, Step.BULK_COPYING, Step.RECONCILING})
+COPYING = frozenset(
+    {Step.TRANSFERRING, Step.BULK_COPYING, Step.AWAITING_BULK, Step.RECONCILING, Step.CUTTING_OVER}
+)
 """Steps that move data: their rate and ETA are shown."""
+NOTHING_TO_COPY_IS_DONE = frozenset(
+    {Step.RECONCILING, Step.CUTTING_OVER, Step.CUT_OVER, Step.COMMITTING}
+)
+"""Steps where figures of 0 bytes mean a pass found nothing to copy (done), not "not yet
+planned"."""
 
 
 def percent(record: MigrationRecord) -> float:
     if record.step is Step.COMPLETED:
         return 100.0
     if record.bytes_total <= 0:
-        return 0.0
+        return 100.0 if record.step in NOTHING_TO_COPY_IS_DONE else 0.0
     return round(min(100.0, 100.0 * record.bytes_done / record.bytes_total), 2)
 
 
@@ -70,6 +78,8 @@ def status_of(
         dirty_bytes=cache.dirty_bytes,
         cache_bytes=cache.cache_bytes,
         cutover_s=_seconds(record.extra.get(CUTOVER_SECONDS)),
+        volumes=tuple(disk.volume_id for disk in record.disks),
+        reconcile_pass=round_of(record),
     )
 
 

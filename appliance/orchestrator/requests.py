@@ -13,6 +13,7 @@ defect the dispatcher dead-letters) drops its pending locks at once.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from appliance.orchestrator.states import (
     machine_for,
     public_state,
 )
+from appliance.orchestrator.volumes import check_free, component_id, naming, planned_volumes
 from appliance.sites.model import VmConfig
 from appliance.sites.protocol import Site
 from appliance.state.migrations import NewMigration
@@ -68,6 +70,7 @@ class CloneRequests:
     def __init__(self, deps: Deps, onprem: str = "onprem") -> None:
         self._deps = deps
         self._onprem = onprem
+        self._naming = asyncio.Lock()  # one request at a time takes volume names
 
     async def handle(self, command: SourceCloneRequest) -> list[SourceCloneResponse]:
         body = command.body
@@ -81,9 +84,11 @@ class CloneRequests:
                 self._deps.sealer.check(body.guest_credentials.sealed)
             groups = await self._plan(request_id, body)
             vms = [vm for group in groups for vm in group.vms]
-            await self._lock(vms, request_id)
+            await self._lock(vms, request_id)  # a VM's own migration answers first, by code
             try:
-                await self._create(request_id, command, groups)
+                async with naming(self._deps, body.migration_type, self._naming):
+                    await self._check_volumes(request_id, body, vms)
+                    await self._create(request_id, command, groups)
             except TransientError:
                 raise  # redelivered: the same locks are taken again (or lapse by themselves)
             except BaseException:
@@ -100,6 +105,18 @@ class CloneRequests:
         if migration_type is MigrationType.COLD:
             return None
         return ComponentId.parse(self._deps.config.cache_component).name
+
+    async def _check_volumes(
+        self, request_id: str, body: SourceCloneRequestBody, vms: list[VmConfig]
+    ) -> None:
+        """No volume name of this request is another migration's (orchestrator/volumes.py)."""
+        planned = []
+        for vm in vms:
+            mine = migration_id_for(request_id, vm.vm_id)
+            for name in _volumes(body, vm, mine):
+                planned.append((name, mine, vm.name))
+        if body.migration_type is not MigrationType.COLD:  # cold's carry the migration id
+            await check_free(self._deps, body.target.site, planned)
 
     async def _check_components(self) -> None:
         """A VM that will run on the cache and the I/O manager needs both alive now."""
@@ -248,10 +265,7 @@ class CloneRequests:
         body = command.body
         migration_id = migration_id_for(request_id, vm.vm_id)
         options = body.options
-        # Each VM is named once in the request (checked), by id or by its (unique) name.
-        target_name = next(
-            (r.target_name for r in body.vms if r.key in _keys(vm) and r.target_name), vm.name
-        )
+        volumes = _volumes(body, vm, migration_id)
         return MigrationRecord(
             migration_id=migration_id,
             request_id=request_id,
@@ -265,7 +279,7 @@ class CloneRequests:
             step=Step.QUEUED,
             target_site=body.target.site,
             target_pool=body.target.resource_pool,
-            target_name=target_name,
+            target_name=_target_name(body, vm),
             network_map=tuple((m.source, m.target) for m in body.network_map),
             options=TransferOptions(
                 verify=options.verify,
@@ -282,9 +296,10 @@ class CloneRequests:
                     label=d.label,
                     capacity_bytes=d.capacity_bytes,
                     boot=d.boot,
-                    volume_id=f"{migration_id}-{d.disk_id}",
+                    volume_id=volume,
+                    component_id=component_id(migration_id, d.disk_id),
                 )
-                for d in vm.disks
+                for d, volume in zip(vm.disks, volumes, strict=True)
             ),
             has_credentials=body.guest_credentials is not None,
             cache_node=self._cache_node(body.migration_type),
@@ -307,6 +322,16 @@ class CloneRequests:
             )
             for s in stored
         ]
+
+
+def _target_name(body: SourceCloneRequestBody, vm: VmConfig) -> str:
+    """Each VM is named once in the request (checked), by id or by its (unique) name."""
+    return next((r.target_name for r in body.vms if r.key in _keys(vm) and r.target_name), vm.name)
+
+
+def _volumes(body: SourceCloneRequestBody, vm: VmConfig, migration_id: str) -> tuple[str, ...]:
+    disk_ids = [d.disk_id for d in vm.disks]
+    return planned_volumes(body.migration_type, migration_id, _target_name(body, vm), disk_ids)
 
 
 def _keys(vm: VmConfig) -> tuple[tuple[str, str], ...]:

@@ -4,8 +4,8 @@ The on-prem I/O manager opens the VM's lab disk at its migrate-time snapshot
 and serves its current image; the cloud cache opens a read-write export on
 top of it, which the cloud VM runs on. Every order carries the group lease's
 fencing token (``ComponentOrders`` refuses to give one when the lease is not
-held). A disk's id on the components is its cloud volume id
-(``<migration>-<disk>``): unique per migration.
+held). A disk's id on the components is ``<migration>-<disk>`` (``DiskPlan.component_id``):
+unique per migration, so a second migration of a VM never meets the first one's cache disk.
 
 Epochs: a ``cut_epoch`` order with the disk's counter one higher cuts one; the
 on-prem heartbeat's ``committed_epoch`` says when it is on-prem.
@@ -33,7 +33,7 @@ class Opened:
 
 
 def component_disk(disk: DiskPlan) -> str:
-    return disk.volume_id
+    return disk.served_as
 
 
 class ServedDisks:

@@ -254,7 +254,8 @@ def on_components(migration_type: MigrationType, step: Step) -> bool:
         return True
     if step not in path:
         return False
-    last = Step.BACK_RESTORING_DISKS if machine.back else path[-1]
+    # tbc: until the way back restores the disks; warm: until its commit closes them.
+    last = Step.BACK_RESTORING_DISKS if Step.BACK_RESTORING_DISKS in path else path[-2]
     return path.index(Step.OPENING_DISKS) <= path.index(step) <= path.index(last)
 
 

@@ -12,14 +12,19 @@
   with the VM off, copies the rest). The next pass number per disk is persisted after
   each pass, so a restarted run continues the count (the same number again answers the
   stored result; a pass the cache could not make for now is followed by the next one).
+  Each pass's figures (percent, bytes, rate, ETA) are read from the cache's heartbeat
+  while it runs and shown per pass (``reconcile_figures.py``).
 * CUTTING_OVER: the cloud VM powers off, the last pass and the whole-image check (the
   cache's view against the volume; ``CertificationFailed`` names the first differing
   byte), its disks are swapped from the cache's exports to the volumes, it powers on.
   The cutover pass numbers are persisted before they are given: a rerun asks for the same.
 * CUT_OVER (resting: no migration slot) until a CommitRequest asks ``commit``, then
-  COMMITTING: the cache and the I/O manager let go of the disks, the migrate-time
-  snapshot and the checkpoints go, the source's tags are cleared; migrate back is refused
-  from CUT_OVER on (``cut_over``).
+  COMMITTING: the cache and the I/O manager let go of the disks (the cache removes them),
+  the migrate-time snapshot and the checkpoints go, the source's tags are cleared; each
+  part is idempotent, so a commit cut short runs again from the top (tests hold it
+  between the two halves: ``holds.COMMIT``). Migrate back is refused from CUT_OVER on
+  (``cut_over``). Once cut over the record shows the finished figures: every byte
+  written into the volumes, at 100 %.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ from appliance.components.reconciling import (
 from appliance.datapath.nbd import NbdBackend
 from appliance.errors import ComponentError, ReconcileUnavailable
 from appliance.logs import get_logger
-from appliance.orchestrator import tags
+from appliance.orchestrator import holds, tags
+from appliance.orchestrator import reconcile_figures as figures
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.copying import DiskCopy
 from appliance.orchestrator.journal import Journal
@@ -65,7 +71,6 @@ ASK_OFF = "cutover_off"  # tests only (``cutover_gate``): go on past the cloud V
 NEXT_PASS = "reconcile_next_pass"  # extra: {disk_id: the next pass number}
 CUTOVER_PASS = "cutover_pass"  # extra: {disk_id: the cutover's pass number}
 SWAPPED = "disks_swapped"  # extra: the cloud VM runs on its volumes
-RECONCILE = "reconcile"  # extra: {"passes", "copied_bytes", "remainder_bytes"}
 
 
 def _orders(deps: Deps) -> ComponentOrders:
@@ -115,14 +120,17 @@ async def bulk_copy(deps: Deps, journal: Journal, record: MigrationRecord) -> Mi
 
 
 async def reconcile(deps: Deps, journal: Journal, record: MigrationRecord) -> MigrationRecord:
-    """Passes until the remainder is under the threshold (and, in tests, the gate is open)."""
+    """Passes until the remainder is under the threshold (and, in tests, the gate is open);
+    each round's figures shown as it goes (``reconcile_figures``)."""
     config = deps.config
     orders = _orders(deps)
     made = 0
     while True:
+        extra, live_round = figures.begin_round(record)
+        record = await journal.update(record, extra=extra, **live_round.figures().changes())
         remainder = 0
         for disk in record.disks:
-            record, result = await _pass(deps, journal, orders, record, disk)
+            record, result = await _pass(deps, journal, orders, record, disk, live_round)
             remainder += result.remainder_bytes if result is not None else disk.capacity_bytes
         made += 1
         await deps.reporter.publish(record, False)
@@ -150,34 +158,40 @@ def _next_pass(record: MigrationRecord, disk: DiskPlan) -> int:
 
 
 async def _pass(
-    deps: Deps, journal: Journal, orders: ComponentOrders, record: MigrationRecord, disk: DiskPlan
+    deps: Deps,
+    journal: Journal,
+    orders: ComponentOrders,
+    record: MigrationRecord,
+    disk: DiskPlan,
+    live_round: figures.Round,
 ) -> tuple[MigrationRecord, PassResult | None]:
-    """One pass on one disk; the next number and the progress persisted after it."""
+    """One pass on one disk, its figures shown while it runs; the next number and the
+    progress persisted after it."""
     pass_no = _next_pass(record, disk)
     volume = await _volume(deps, disk)
+    served = (disk.disk_id, component_disk(disk))
     try:
-        result = await reconcile_pass(
-            orders, _reconcile_disk(journal, record, disk), volume, pass_no
-        )
+        async with figures.watching(deps, journal, record, live_round, served, pass_no):
+            result = await reconcile_pass(
+                orders, _reconcile_disk(journal, record, disk), volume, pass_no
+            )
     except ReconcileUnavailable as error:  # the next pass makes up for it
         log.warning("reconcile pass failed for now", error=str(error))
         extra = _extra(record, NEXT_PASS, disk.disk_id, pass_no + 1)
         return await journal.update(record, extra=extra), None
-    return await _note_pass(journal, record, disk, result), result
+    return await _note_pass(journal, record, disk, result, live_round), result
 
 
 async def _note_pass(
-    journal: Journal, record: MigrationRecord, disk: DiskPlan, result: PassResult
+    journal: Journal,
+    record: MigrationRecord,
+    disk: DiskPlan,
+    result: PassResult,
+    live_round: figures.Round,
 ) -> MigrationRecord:
+    live_round.done(disk.disk_id, result)
+    record = replace(record, extra=figures.note_pass(record, disk.disk_id, result))
     extra = _extra(record, NEXT_PASS, disk.disk_id, result.pass_no + 1)
-    seen = dict(extra.get(RECONCILE) or {})
-    copied = int(seen.get("copied_bytes", 0)) + result.bytes
-    extra[RECONCILE] = {
-        "passes": int(seen.get("passes", 0)) + 1,
-        "copied_bytes": copied,
-        "remainder_bytes": result.remainder_bytes,
-    }
-    rate = result.bytes / result.seconds if result.seconds > 0 else 0.0
     log.info(
         "reconcile pass",
         migration_id=record.migration_id,
@@ -186,14 +200,7 @@ async def _note_pass(
         bytes=result.bytes,
         remainder=result.remainder_bytes,
     )
-    return await journal.update(
-        record,
-        extra=extra,
-        bytes_done=copied,
-        bytes_total=copied + result.remainder_bytes,
-        rate_bytes_per_s=rate,
-        eta_seconds=result.remainder_bytes / rate if rate > 0 else None,
-    )
+    return await journal.update(record, extra=extra, **live_round.figures().changes())
 
 
 # -- CUTTING_OVER --------------------------------------------------------------------------
@@ -210,12 +217,15 @@ async def cut_over(deps: Deps, journal: Journal, record: MigrationRecord) -> Mig
             await cloud.set_power(vm_id, PowerState.OFF)
         await _gate(deps, record, ASK_OFF)
         orders = _orders(deps)
+        extra, last_round = figures.begin_round(record)
+        record = await journal.update(record, extra=extra, **last_round.figures().changes())
         for disk in record.disks:
-            record = await _last_pass(deps, journal, orders, record, disk)
+            record = await _last_pass(deps, journal, orders, record, disk, last_round)
         for disk in record.disks:
             await deps.cloud.unexport(disk.volume_id)
         await cloud.replace_disks(vm_id, tuple(_on_volume(d) for d in record.disks))
-        record = await journal.update(record, extra={**record.extra, SWAPPED: True})
+        done = figures.finished(record).changes()
+        record = await journal.update(record, extra={**record.extra, SWAPPED: True}, **done)
     vm = await cloud.get_vm(vm_id)
     if vm.power_state is not PowerState.ON:
         await cloud.set_power(vm_id, PowerState.ON)
@@ -227,7 +237,12 @@ async def cut_over(deps: Deps, journal: Journal, record: MigrationRecord) -> Mig
 
 
 async def _last_pass(
-    deps: Deps, journal: Journal, orders: ComponentOrders, record: MigrationRecord, disk: DiskPlan
+    deps: Deps,
+    journal: Journal,
+    orders: ComponentOrders,
+    record: MigrationRecord,
+    disk: DiskPlan,
+    last_round: figures.Round,
 ) -> MigrationRecord:
     asked = (record.extra.get(CUTOVER_PASS) or {}).get(disk.disk_id)
     if asked is None:
@@ -237,14 +252,16 @@ async def _last_pass(
         )
     if disk.cache_address is None:
         raise ComponentError(f"{disk.disk_id}: the cache does not serve it")
-    done = await cutover_pass(
-        orders,
-        _reconcile_disk(journal, record, disk),
-        await _volume(deps, disk),
-        int(asked),
-        cache=parse_address(disk.cache_address),
-        image=image_export(component_disk(disk)),
-    )
+    served = (disk.disk_id, component_disk(disk))
+    async with figures.watching(deps, journal, record, last_round, served, int(asked)):
+        done = await cutover_pass(
+            orders,
+            _reconcile_disk(journal, record, disk),
+            await _volume(deps, disk),
+            int(asked),
+            cache=parse_address(disk.cache_address),
+            image=image_export(component_disk(disk)),
+        )
     log.info(
         "cutover pass",
         migration_id=record.migration_id,
@@ -253,9 +270,14 @@ async def _last_pass(
         digest=done.check.left_digest.hex(),
     )
     checked = replace(disk, target_digest=done.check.right_digest.hex())
-    record = record.with_disk(checked)
+    last_round.done(disk.disk_id, done.last)
+    record = replace(
+        record.with_disk(checked), extra=figures.note_pass(record, disk.disk_id, done.last)
+    )
     extra = _extra(record, NEXT_PASS, disk.disk_id, int(asked) + 1)
-    return await journal.update(record, disks=record.disks, extra=extra)
+    return await journal.update(
+        record, disks=record.disks, extra=extra, **last_round.figures().changes()
+    )
 
 
 def _on_volume(disk: DiskPlan) -> DiskConfig:
@@ -303,6 +325,7 @@ async def commit(deps: Deps, journal: Journal, record: MigrationRecord) -> Migra
     for disk in record.disks:  # cut over: the volume, checked whole, holds the disk
         await served.close_cache(record, disk, Discard.ALWAYS)
         await served.close_onprem(record, disk)
+    await holds.hold(deps, record, holds.COMMIT)
     onprem = deps.site(record.site)
     if record.snapshot_name is not None:
         await onprem.delete_vm_snapshot(record.vm_id, record.snapshot_name)

@@ -14,20 +14,28 @@
   BulkMigrationDoneRequest, which reads and writes only what was missing or bad (the
   import's checkpoints). A store that cannot be reached now (``PackageStoreUnavailable``,
   transient) is retried by the run from this step.
+
+Progress: the export's and the import's, as the data path measures them (percent,
+bytes, rate, ETA); between them, while the package travels, 100 % of the export at
+rate 0. Tests only: the hold ``export`` (``holds.py``) stops the export once its first
+``HELD_AFTER`` chunks are stored, so a crash test kills it there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from appliance.datapath.checkpoint import CheckpointStore
 from appliance.datapath.package import (
+    MANIFEST_NAME,
     ExportDisk,
     ExportOptions,
     ImportOptions,
+    PackageStore,
     export_package,
     import_package,
     open_store,
@@ -35,7 +43,7 @@ from appliance.datapath.package import (
 from appliance.datapath.progress import TransferProgress
 from appliance.errors import PackageLocationInvalid, PackageNeedsCorrection
 from appliance.logs import get_logger
-from appliance.orchestrator import tags
+from appliance.orchestrator import holds, tags
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.record import MigrationRecord
@@ -83,6 +91,57 @@ async def _reporting(
         await task  # not cancelled mid-command: it ends after its current report
 
 
+HELD_AFTER = 2
+"""Tests only (the hold ``export``): chunks stored before the export holds."""
+
+
+class _HeldStore:
+    """Tests only: a package store that stores the first ``after`` chunks, then holds every
+    other write at the hold ``export`` (once they are durable) until it is let go."""
+
+    def __init__(
+        self, store: PackageStore, after: int, held: Callable[[], Awaitable[None]]
+    ) -> None:
+        self._store = store
+        self._after = after
+        self._held = held
+        self._started = 0
+        self._stored = 0
+        self._first = asyncio.Event()  # the first ``after`` chunks are stored
+        self._gone_on = asyncio.Lock()  # one holder; the others wait behind it
+        self._released = False
+
+    @property
+    def location(self) -> str:
+        return self._store.location
+
+    async def list(self) -> dict[str, int]:
+        return await self._store.list()
+
+    async def get(self, name: str) -> bytes | None:
+        return await self._store.get(name)
+
+    async def sync(self) -> None:
+        await self._store.sync()
+
+    async def put(self, name: str, data: bytes | memoryview) -> None:
+        self._started += 1
+        if self._started <= self._after and name != MANIFEST_NAME:
+            await self._store.put(name, data)
+            self._stored += 1
+            if self._stored == self._after:
+                self._first.set()
+            return
+        if name != MANIFEST_NAME:  # a package with fewer chunks holds at its manifest
+            await self._first.wait()
+        async with self._gone_on:
+            if not self._released:
+                await self._store.sync()
+                await self._held()
+                self._released = True
+        await self._store.put(name, data)
+
+
 async def export_bulk(
     deps: Deps,
     journal: Journal,
@@ -99,6 +158,8 @@ async def export_bulk(
         open_store(record.package_location, deps.config.package_s3) as store,
         _reporting(deps, journal, record) as progress,
     ):
+        if holds.holding(deps, holds.EXPORT):
+            store = _HeldStore(store, HELD_AFTER, partial(holds.hold, deps, record, holds.EXPORT))
         result = await export_package(
             record.migration_id, disks, store, options=options, progress=progress
         )
@@ -111,7 +172,12 @@ async def export_bulk(
     total = sum(d.capacity_bytes for d in record.disks)
     extra = {**record.extra, PACKAGE_SHA256: result.manifest_sha256, BULK_DONE_HANDLED: 0}
     return await journal.update(
-        record, extra=extra, bytes_done=total, bytes_total=total, eta_seconds=0.0
+        record,
+        extra=extra,
+        bytes_done=total,
+        bytes_total=total,
+        rate_bytes_per_s=0.0,  # nothing moves while the package travels
+        eta_seconds=0.0,
     )
 
 
@@ -170,6 +236,7 @@ async def _import(
         error_code=None,
         error_message=None,
         bytes_done=record.bytes_total,
+        rate_bytes_per_s=0.0,
         eta_seconds=0.0,
     )
     return record, True

@@ -143,6 +143,7 @@ def build_deps(
         reconcile_max_passes=settings.warm_reconcile_max_passes,
         cutover_gate=settings.debug_warm_cutover_gate,
         wan_upstream=settings.wan_upstream,
+        holds=frozenset(filter(None, settings.debug_warm_holds.split(","))),
         package_s3=S3Access.from_settings(settings),
     )
 

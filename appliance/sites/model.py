@@ -10,6 +10,8 @@ from appliance.errors import UnsafeName
 from messages.common import Firmware, GuestOsFamily, PowerState, ToolsStatus
 
 _SAFE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_SAFE_VOLUME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+"""Volume ids are names people read (``web-01_ARM``): a wider alphabet, still no path."""
 
 
 def check_id(site: str, value: str) -> str:
@@ -17,6 +19,22 @@ def check_id(site: str, value: str) -> str:
     if not _SAFE_ID.fullmatch(value):
         raise UnsafeName(site, value)
     return value
+
+
+def check_volume_id(site: str, value: str) -> str:
+    """A cloud volume's id: letters, digits, ``_ . -``, up to 80, starting with one of the
+    first two (so never ``.`` or ``..``)."""
+    if not _SAFE_VOLUME.fullmatch(value):
+        raise UnsafeName(site, value)
+    return value
+
+
+def volume_path(site: str, root: Path, volume_id: str) -> Path:
+    """``root/volume_id`` for a checked volume id, proven to stay inside ``root``."""
+    path = root / check_volume_id(site, volume_id)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UnsafeName(site, volume_id)
+    return path
 
 
 def child_path(site: str, root: Path, *ids: str) -> Path:

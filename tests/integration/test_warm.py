@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 
 from appliance.components.heartbeat import ComponentHealth
+from appliance.orchestrator import tags
 from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.states import Step
 from appliance.sites.lab.site import LabSite
+from appliance.state.events import EventLog
 from appliance.state.migrations import MigrationStore
 from appliance.state.store import StateStore
 from clients.client import FerryClient, FerryError
@@ -38,6 +40,7 @@ from messages.commands import (
 )
 from messages.common import MigrationState, MigrationType, Phase, PowerState
 from messages.errors import ErrorCode
+from messages.events import MigrationStatus
 from tests.integration.conftest import Harness
 from tests.integration.migration_helpers import ApplianceProcess, Follower, start_migration
 from tests.integration.tbc_helpers import (
@@ -169,13 +172,20 @@ async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_an
         await _cap(client, 10_000.0)
 
         # Reconcile: passes go on while the guest writes (the gate holds the cutover).
+        bulk = await _until_record(store, migration_id, "reconciling", _reconciling)
+        bulk_bytes = int(bulk.extra["reconcile"]["bulk_bytes"])
+        assert bulk_bytes == copying.bytes_total  # kept for the finished figures
         reconciling = await _until_record(
             store, migration_id, "two passes", lambda r: _passes(r) >= 2
         )
         assert reconciling.step is Step.RECONCILING
-        # Its progress: bytes copied by the passes of what they found, rate, ETA.
-        assert 0 < reconciling.bytes_done <= reconciling.bytes_total
-        assert reconciling.rate_bytes_per_s > 0
+        # Its progress, pass by pass, as cold's: the pass's bytes of what it found, rate, ETA.
+        await follower.until(lambda _: _a_pass_shown(follower.history) is not None, within_s=60)
+        shown_pass = _a_pass_shown(follower.history)
+        assert shown_pass is not None and shown_pass.reconcile_pass is not None
+        assert shown_pass.progress_percent == 100.0 and shown_pass.eta_seconds == 0.0
+        assert 0 < shown_pass.bytes_done == shown_pass.bytes_total
+        assert shown_pass.rate_bytes_per_s > 0
         written = await guest.writes()
         await guest.wait_writes(written + 20, within_s=30)
         await _until_record(
@@ -194,6 +204,14 @@ async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_an
         (shown,) = answer.body.migrations
         assert shown.cutover_s == float(record.extra["cutover_seconds"])
         volume_id = record.disks[0].volume_id
+        assert volume_id == f"{vm.name}_ARM"  # named after the VM, as HDM names it
+        assert shown.volumes == (volume_id,)
+        # The finished figures, not zeros: the bulk copy's bytes and every pass's.
+        copied = int(record.extra["reconcile"]["copied_bytes"])
+        assert copied > 0
+        assert shown.progress_percent == 100.0
+        assert shown.bytes_done == shown.bytes_total == bulk_bytes + copied
+        assert shown.reconcile_pass is not None and shown.reconcile_pass >= 3
         cloud = LabSite.open(harness.data_dir / "sites" / "cloud")
         cloud_vm = await cloud.get_vm(migration_id)
         await cloud.close()
@@ -235,6 +253,25 @@ async def test_warm_online_copies_reconciles_while_the_guest_writes_cuts_over_an
     (tmp_path / "expected.raw").write_bytes(expected)
     code, output = await qemu_img_compare(tmp_path / "volume.raw", tmp_path / "expected.raw")
     assert code == 0, output
+
+
+def _reconciling(record: MigrationRecord) -> bool:
+    return record.step is Step.RECONCILING and "bulk_bytes" in record.extra.get("reconcile", {})
+
+
+def _a_pass_shown(history: list[MigrationStatus]) -> MigrationStatus | None:
+    """A status published at the end of a reconcile pass that copied something."""
+    return next(
+        (
+            s
+            for s in history
+            if s.reconcile_pass is not None
+            and s.phase is Phase.TRANSFER
+            and s.bytes_total > 0
+            and s.bytes_done == s.bytes_total
+        ),
+        None,
+    )
 
 
 async def qemu_img_compare(left: Path, right: Path) -> tuple[int, str]:
@@ -394,3 +431,141 @@ async def test_a_tbc_vm_committed_while_resting_goes_on_as_warm_and_cuts_over(
     expected = await expected_after(base, tmp_path / "guest.log")
     assert expected != base
     assert await _read_volume(harness.data_dir, record.disks[0].volume_id) == expected
+
+
+async def _held(store: StateStore, migration_id: str, point: str, times: int) -> None:
+    """Until the run has reached the hold ``point`` ``times`` times (its event log says)."""
+    events = EventLog(store)
+    async with asyncio.timeout(120):
+        while True:
+            found = await events.read(migration_id, count=1000)
+            if sum(e.kind == "held" and e.fields.get("point") == point for e in found) >= times:
+                return
+            await asyncio.sleep(0.1)
+
+
+async def test_sigkill_while_committing_resumes_and_cleans_up_once(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The appliance dies in COMMITTING, held after the cache and the I/O manager let go of
+    the disks and before the migrate-time snapshot goes; the next one runs the commit again
+    from the top: the closes are answered as done (the cache removed each disk once), the
+    snapshot, the checkpoints and the tags go, and the VM runs on, on its volumes."""
+    vm = lab_vm(1, disks=2, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    bases = {d.disk_id: await read_onprem(harness.data_dir, vm.vm_id, d.disk_id) for d in vm.disks}
+    overrides = {**WARM_SETTINGS, "lease_ttl_s": 3.0, "debug_warm_holds": "commit"}
+    logs = [tmp_path / f"appliance-{n}.log" for n in range(3)]
+    appliances = [ApplianceProcess(harness, log, **overrides) for log in logs]
+    orphans: list[int] = []
+    cache_dir = harness.data_dir / "components" / "cache" / "cache-1" / "disks"
+    try:
+        await appliances[0].start()
+        async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+            orphans += (await components_up(store)).values()
+            follower = await start_migration(client, warm_request(client, vm.vm_id))
+            (migration_id,) = follower.latest
+            disks = [f"{migration_id}-{d.disk_id}" for d in vm.disks]
+            await open_gates(store, migration_id)
+            await _until_record(store, migration_id, "cut over", lambda r: r.step is Step.CUT_OVER)
+            assert all((cache_dir / migration_id / disk).is_dir() for disk in disks)
+            await client.request(commit_request([migration_id]))
+
+            # Held in COMMITTING: the cache disks are gone, the snapshot is still there.
+            await _held(store, migration_id, "commit", 1)
+            held = await _record(store, migration_id)
+            assert held.step is Step.COMMITTING
+            assert not any((cache_dir / migration_id / disk).exists() for disk in disks)
+            assert await _snapshots(harness.data_dir, vm.vm_id) != []
+            appliances[0].kill()
+            await appliances[1].start()
+            await _held(store, migration_id, "commit", 2)  # the commit ran again from the top
+            # A clean stop there too: it leaves the components serving (a warm VM in
+            # COMMITTING is on them), and the next appliance goes on.
+            assert await appliances[1].stop() == 0
+            await appliances[2].start()
+            await _held(store, migration_id, "commit", 3)
+            await MigrationStore(store).ask(migration_id, "commit_go", "1")
+            (done,) = (await follower.finished(1, within_s=120)).values()
+            assert done.state is MigrationState.COMPLETED
+            cache = await ComponentHealth(store, 120).wait_until(
+                CACHE, lambda r: not set(disks) & set(r.figures.get("exports", [])), 30
+            )
+            assert not set(disks) & set(cache.figures.get("exports", []))
+            record = await _record(store, migration_id)
+        await appliances[2].stop()
+    finally:
+        for appliance in appliances:
+            appliance.kill()
+        kill_pids(orphans, harness.data_dir)
+    assert record.step is Step.COMPLETED and record.error_code is None
+    assert await _snapshots(harness.data_dir, vm.vm_id) == []
+    # Each cache disk removed exactly once, though the commit ran twice.
+    cache_log = (harness.data_dir / "logs" / "cache-cache-1.log").read_text()
+    for disk in disks:
+        removed = [
+            line
+            for line in cache_log.splitlines()
+            if "cache disk discarded" in line and disk in line
+        ]
+        assert len(removed) == 1, removed
+    onprem = LabSite.open(harness.data_dir / "sites" / "onprem")
+    parked = await onprem.get_vm(vm.vm_id)
+    await onprem.close()
+    assert parked.resource_pool == "_HDM_MIGRATEPOOL" and parked.power_state is PowerState.OFF
+    assert tags.pending_migration(parked) is None
+    cloud = LabSite.open(harness.data_dir / "sites" / "cloud")
+    cloud_vm = await cloud.get_vm(migration_id)
+    await cloud.close()
+    assert cloud_vm.power_state is PowerState.ON
+    assert [d.volume_id for d in cloud_vm.disks] == [f"{vm.name}_ARM", f"{vm.name}_ARM_2"]
+    for plan in record.disks:
+        assert await _read_volume(harness.data_dir, plan.volume_id) == bases[plan.disk_id]
+
+
+async def _snapshots(data_dir: Path, vm_id: str) -> list[str]:
+    onprem = LabSite.open(data_dir / "sites" / "onprem")
+    try:
+        return await onprem.vm_snapshot_names(vm_id)
+    finally:
+        await onprem.close()
+
+
+async def test_a_vm_migrated_back_migrates_again_as_warm_into_its_arm_volume(
+    harness: Harness, start_appliance: StartAppliance
+) -> None:
+    """A tbc migration goes to the cloud and back; the same VM then migrates warm. Its
+    volume has the same name (<vm>_ARM: the tbc made none), while the components know each
+    migration's disk by its own id, so nothing the first left in the cache is met again;
+    it cuts over onto a volume equal to the on-prem disk, and commits."""
+    vm = lab_vm(1, disks=1, disk_size=8 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    running = await start_appliance(harness.settings(**WARM_SETTINGS))
+    cache_dir = harness.data_dir / "components" / "cache" / "cache-1" / "disks"
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        await components_up(store)
+        first = await start_migration(client, tbc_request(client, [vm.vm_id]))
+        (tbc_id,) = first.latest
+        await _until_record(
+            store, tbc_id, "in the cloud", lambda r: r.step is Step.RUNNING_IN_CLOUD
+        )
+        await client.request(migrate_back([tbc_id], power_on=True))
+        await _until_record(store, tbc_id, "back", lambda r: r.step is Step.MIGRATED_BACK)
+        base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+
+        second = await start_migration(client, warm_request(client, vm.vm_id))
+        (warm_id,) = second.latest
+        assert warm_id != tbc_id
+        await open_gates(store, warm_id)
+        cut = await _until_record(store, warm_id, "cut over", lambda r: r.step is Step.CUT_OVER)
+        tbc = await _record(store, tbc_id)
+        assert tbc.disks[0].volume_id == cut.disks[0].volume_id == f"{vm.name}_ARM"
+        assert tbc.disks[0].served_as == f"{tbc_id}-disk-0"
+        assert cut.disks[0].served_as == f"{warm_id}-disk-0"
+        await client.request(commit_request([warm_id]))
+        (done,) = (await second.finished(1)).values()
+        assert done.state is MigrationState.COMPLETED
+        assert not (cache_dir / tbc_id).joinpath(f"{tbc_id}-disk-0").exists()
+        assert not (cache_dir / warm_id).joinpath(f"{warm_id}-disk-0").exists()
+    await running.shutdown()
+    assert await _read_volume(harness.data_dir, f"{vm.name}_ARM") == base

@@ -10,12 +10,17 @@ migration reconciles what the guest wrote meanwhile, cuts over and commits.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from appliance.datapath.package import S3Access
+from appliance.datapath.package import S3Access, load_manifest, open_store, verify_package
+from appliance.datapath.package.manifest import object_name
 from appliance.orchestrator.states import Step
+from appliance.orchestrator.warm_offline import HELD_AFTER
+from appliance.state.migrations import MigrationStore
+from appliance.storage.hashing import chunk_hash
 from clients.client import FerryClient
 from messages.commands import (
     BulkMigrationDoneRequest,
@@ -26,6 +31,7 @@ from messages.commands import (
     NetworkMapping,
     SourceCloneRequest,
     SourceCloneRequestBody,
+    StatusRequestBody,
 )
 from messages.common import BulkTransferMode, MigrationState, MigrationType, Phase
 from messages.events import SourceCloneResponse
@@ -45,6 +51,7 @@ from tests.integration.test_bus import StartAppliance
 from tests.integration.test_package import bucket, s3_client
 from tests.integration.test_warm import (
     WARM_SETTINGS,
+    _held,
     _passes,
     _read_volume,
     _until_record,
@@ -152,7 +159,8 @@ async def test_warm_offline_through_an_s3_package_waits_for_a_corrected_import(
 
     expected = await expected_after(base, tmp_path / "guest.log")
     assert expected != base
-    assert await _read_volume(harness.data_dir, cut.disks[0].volume_id) == expected
+    assert cut.disks[0].volume_id == f"{vm.name}_ARM"
+    assert await _read_volume(harness.data_dir, f"{vm.name}_ARM") == expected
 
 
 async def test_sigkill_while_waiting_for_the_package_resumes_waiting_from_a_directory(
@@ -192,10 +200,109 @@ async def test_sigkill_while_waiting_for_the_package_resumes_waiting_from_a_dire
                 store, migration_id, "cut over", lambda r: r.step is Step.CUT_OVER
             )
             assert cut.extra["package_sha256"] == waiting.extra["package_sha256"]
+            # Its volumes, named after the VM; the finished figures (no guest wrote: the
+            # passes found nothing, the package's bytes are all there is), not zeros.
+            answer = await client.status(StatusRequestBody(migration_ids=(migration_id,)))
+            (shown,) = answer.body.migrations
+            assert shown.volumes == (f"{vm.name}_ARM", f"{vm.name}_ARM_2")
+            assert shown.progress_percent == 100.0
+            assert shown.bytes_done == shown.bytes_total == sum(d.capacity_bytes for d in vm.disks)
         await appliances[1].stop()
     finally:
         for appliance in appliances:
             appliance.kill()
         kill_pids(orphans, harness.data_dir)
+    volumes = {"disk-0": f"{vm.name}_ARM", "disk-1": f"{vm.name}_ARM_2"}
+    assert {disk.disk_id: disk.volume_id for disk in cut.disks} == volumes
+    for disk_id, volume in volumes.items():
+        assert await _read_volume(harness.data_dir, volume) == bases[disk_id]
+
+
+async def test_sigkill_while_exporting_the_package_resumes_it_whole(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The appliance dies in the middle of the export (held with its first chunks stored);
+    while it is down one stored chunk is damaged (a torn write on a disk without atomic
+    renames). The next one resumes the export: the chunks already there and right are not
+    written again, the damaged one is, and the package verifies whole, with exactly the
+    manifest's objects (no duplicate, no temporary, nothing corrupt); imported, it gives
+    the volumes the snapshot's bytes."""
+    vm = lab_vm(1, disks=2, disk_size=16 * MIB)  # a dozen data chunks or so
+    await build_lab(harness.data_dir, [vm])
+    bases = {d.disk_id: await read_onprem(harness.data_dir, vm.vm_id, d.disk_id) for d in vm.disks}
+    overrides = {**WARM_SETTINGS, "lease_ttl_s": 3.0, "debug_warm_holds": "export"}
+    logs = [tmp_path / f"appliance-{n}.log" for n in range(2)]
+    appliances = [ApplianceProcess(harness, log, **overrides) for log in logs]
+    orphans: list[int] = []
+    packages = tmp_path / "packages"
+    try:
+        await appliances[0].start()
+        async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+            orphans += (await components_up(store)).values()
+            follower = await start_migration(
+                client, offline_request(client, vm.vm_id, str(packages))
+            )
+            (migration_id,) = follower.latest
+            package = packages / migration_id
+            await _held(store, migration_id, "export", 1)
+            held = await _until_record(store, migration_id, "exporting", lambda r: True)
+            assert held.step is Step.BULK_COPYING and "package_sha256" not in held.extra
+            stored = sorted(package.rglob("*.chunk"))
+            assert len(stored) == HELD_AFTER and not (package / "manifest.json").exists()
+            appliances[0].kill()
+            damaged = stored[0]
+            damaged.write_bytes(damaged.read_bytes()[: MIB // 2])
+            # And the temporary a write cut short by the kill would leave (half a chunk).
+            later = next(n for n in _chunk_names(bases) if not (package / n).exists())
+            torn = package / later
+            torn.parent.mkdir(parents=True, exist_ok=True)
+            torn.with_name(f".{torn.name}.tmp").write_bytes(b"\x01" * (MIB // 2))
+
+            await appliances[1].start()
+            await _held(store, migration_id, "export", 2)
+            await MigrationStore(store).ask(migration_id, "export_go", "1")
+            waiting = await _until_record(
+                store, migration_id, "exported", lambda r: r.step is Step.AWAITING_BULK
+            )
+            digest = str(waiting.extra["package_sha256"])
+            async with open_store(str(package)) as opened:
+                report = await verify_package(opened, digest)
+                manifest, _ = await load_manifest(opened, digest)
+            assert report.ok and report.defects == () and report.unknown_objects == ()
+            objects = {c.object for d in manifest.disks for c in d.chunks}
+            on_disk = {p.relative_to(package).as_posix() for p in package.rglob("*") if p.is_file()}
+            assert on_disk == objects | {"manifest.json"}  # no duplicate, no temporary
+            assert report.chunks_checked == len(objects) > HELD_AFTER
+
+            answer = await client.request(bulk_done(migration_id, str(package)), timeout_s=120)
+            assert isinstance(answer, SourceCloneResponse) and answer.body.error is None
+            await open_gates(store, migration_id)
+            cut = await _until_record(
+                store, migration_id, "cut over", lambda r: r.step is Step.CUT_OVER
+            )
+        await appliances[1].stop()
+    finally:
+        for appliance in appliances:
+            appliance.kill()
+        kill_pids(orphans, harness.data_dir)
+    # The resumed export kept the chunk it found right and rewrote the damaged one.
+    exported = next(
+        line
+        for line in logs[1].read_text().splitlines()
+        if "package exported" in line and "chunks_present" in line
+    )
+    assert re.search(r"chunks_present=1\b", exported), exported
+    assert re.search(r"chunks_repaired=1\b", exported), exported
     for disk in cut.disks:
         assert await _read_volume(harness.data_dir, disk.volume_id) == bases[disk.disk_id]
+
+
+def _chunk_names(bases: dict[str, bytes]) -> list[str]:
+    """Every data chunk's object name, as the export names them (1 MiB chunks)."""
+    names = []
+    for disk_id, image in bases.items():
+        for offset in range(0, len(image), MIB):
+            data = image[offset : offset + MIB]
+            if any(data):
+                names.append(object_name(disk_id, offset, chunk_hash(data).hex()))
+    return names

@@ -142,3 +142,11 @@ def test_which_steps_run_on_the_components() -> None:
         Step.BACK_REMOVING_CLOUD, Step.BACK_RESTORING_DISKS, Step.ROLLING_BACK,
     }  # fmt: skip
     assert not any(on_components(MigrationType.COLD, s) for s in Step)
+    # Warm: from the opening of its disks until its commit closes them (a restart asks
+    # this of every migration in progress, so no step of it may be left out).
+    warm = {s for s in Step if on_components(MigrationType.WARM, s)}
+    assert warm == {
+        Step.OPENING_DISKS, Step.CREATING_TARGET, Step.PARKING, Step.POWERING_ON,
+        Step.BULK_COPYING, Step.AWAITING_BULK, Step.RECONCILING, Step.CUTTING_OVER,
+        Step.CUT_OVER, Step.COMMITTING, Step.ROLLING_BACK,
+    }  # fmt: skip

@@ -42,6 +42,7 @@ from appliance.sites.model import (
     check_id,
     child_path,
     safe_label,
+    volume_path,
 )
 from appliance.storage.backend import Backend
 from appliance.storage.extents import Extent
@@ -77,7 +78,7 @@ class LabSite:
         return child_path(self._name, self.vm_dir(vm_id) / "disks", disk_id)
 
     def volume_dir(self, volume_id: str) -> Path:
-        return child_path(self._name, self.root / "volumes", volume_id)
+        return volume_path(self._name, self.root / "volumes", volume_id)
 
     @classmethod
     async def create(cls, root: Path, config: SiteConfig) -> Self:
