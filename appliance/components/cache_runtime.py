@@ -15,6 +15,11 @@
   Shipping and the on-prem commit follow in the background: the heartbeat's
   ``committed_epoch`` says when it is done.
 * ``close``: stops serving and shipping the disk (its cache stays on disk).
+* Data lost: an order for a disk this instance served before (its outcome is in Redis) whose
+  files are gone (the data directory lost with its dirty data) is not carried out: a fresh
+  empty cache would silently roll the VM's disk back to on-prem's last epoch. It fails with
+  code ``data_lost`` and the heartbeat's ``data_lost`` {disk: migration} names it: the
+  appliance sends the VMs on it back to their last committed epoch (recovery).
 * ``reconcile``: a reconcile pass to the volume ``params`` name (``pass``, ``volume``
   and ``volume_export`` or ``volume_path``, optional ``workers``;
   :mod:`appliance.components.reconciling`); ``result``: the pass's figures.
@@ -47,11 +52,13 @@ from appliance.components.epochs import RedisEpochSink, parse_address
 from appliance.components.onprem import current_export
 from appliance.components.orders import (
     ComponentId,
+    ComponentKeys,
     ComponentKind,
     Order,
     OrderAction,
     OrderOutcome,
     OutcomeCode,
+    OutcomeKind,
 )
 from appliance.components.reconciling import parse_pass, parse_volume
 from appliance.components.runtimes import ComponentConfig
@@ -93,6 +100,7 @@ class CacheRuntime:
         self._sinks: dict[str, RedisEpochSink] = {}
         self._relays: dict[TcpAddress, ZstdRelay] = {}
         self._restoring: asyncio.Task[None] | None = None
+        self._lost: dict[str, str] = {}  # disk -> migration: served before, its data gone
 
     @property
     def cache(self) -> CloudCache:
@@ -187,6 +195,11 @@ class CacheRuntime:
 
     async def apply(self, order: Order) -> OrderOutcome:
         await self._ready()
+        lost = await self._data_lost(order)
+        if lost is not None:
+            self._lost[order.disk_id] = order.migration_id
+            log.error("disk data lost", disk_id=order.disk_id, reason=lost)
+            return OrderOutcome.data_lost(order, lost)
         if order.action is OrderAction.OPEN:
             return await self._open(order)
         if order.action is OrderAction.CLOSE:
@@ -208,6 +221,27 @@ class CacheRuntime:
         epoch = await self.cache.cut_epoch(order.disk_id, order.token)
         await self._state.cut(order.disk_id, order.epoch_request, epoch)
         return OrderOutcome.applied(order, epoch=epoch)
+
+    async def _data_lost(self, order: Order) -> str | None:
+        """Why this disk cannot be served (an earlier run of this instance served it and its
+        files are gone), or None. A close is always carried out."""
+        if order.action is OrderAction.CLOSE or order.disk_id in self._state.disks:
+            return None
+        where = self._config.data_dir / "disks" / order.migration_id / order.disk_id
+        if await asyncio.to_thread(where.exists):
+            return None  # closed, kept: a reopen
+        assert self._store is not None
+        key = ComponentKeys(self._store.keys, self._config.instance).outcomes
+        raw = await self._store.run(lambda r: r.hget(key, order.disk_id))
+        if raw is None:
+            return None  # never served here: a first open
+        before = OrderOutcome.from_json(raw)
+        if before.kind is not OutcomeKind.APPLIED and before.code is not OutcomeCode.DATA_LOST:
+            return None
+        return (
+            f"{self._config.instance} served {order.disk_id} before (token {before.token}) "
+            "and its data directory no longer holds it: what was not committed on-prem is lost"
+        )
 
     async def _reconcile(self, order: Order) -> OrderOutcome:
         wanted, volume = parse_pass(order.params), parse_volume(order.params)
@@ -300,4 +334,5 @@ class CacheRuntime:
                 for disk, sink in self._sinks.items()
                 if disk in sink.refused
             },
+            "data_lost": dict(self._lost),
         }

@@ -7,7 +7,10 @@
   host) and ``snapshot_id`` (its migrate-time snapshot); serves
   ``snap/<disk>`` and ``cur/<disk>``; ``result``: ``address`` (HOST:PORT of
   the NBD server), ``current``, ``snapshot`` (export names);
-* ``close``: stops serving the disk (its journal stays);
+* ``close``: stops serving the disk (its journal stays); ``result``: what the journal
+  says once it is closed (``journal``: ``ok``, ``absent`` or ``corrupt``;
+  ``applied_epoch``; ``committed_prefix``: true when the image is exactly the snapshot
+  plus epochs 1..applied_epoch, nothing half-applied): a recovery's verdict;
 * ``cut_epoch``: refused ``invalid``: epochs are cut by the cache.
 
 With ``link_zstd`` on, the NBD server is also reached compressed through a
@@ -40,13 +43,14 @@ from appliance.components.onprem import (
     OnpremDiskOrder,
     OnpremIoManager,
     current_export,
+    read_journal,
     snapshot_export,
 )
 from appliance.components.orders import Order, OrderAction, OrderOutcome, OutcomeCode
 from appliance.components.runtimes import ComponentConfig
 from appliance.datapath.link import ZstdRelay
 from appliance.datapath.nbd.channel import TcpAddress
-from appliance.errors import FerryError
+from appliance.errors import FerryError, JournalCorrupt
 from appliance.logs import get_logger
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
@@ -158,7 +162,7 @@ class OnpremRuntime:
         if order.action is OrderAction.CLOSE:
             await self.manager.close_disk(order.disk_id, order.token)
             await self._state.closed(order.disk_id)
-            return OrderOutcome.applied(order)
+            return OrderOutcome.applied(order, **await self._verdict(order.disk_id))
         wanted = disk_order(order)
         if isinstance(wanted, str):
             return OrderOutcome.refused(order, OutcomeCode.INVALID, wanted)
@@ -173,6 +177,21 @@ class OnpremRuntime:
             **zstd,
         )
 
+    async def _verdict(self, disk_id: str) -> dict[str, str | int | bool]:
+        """What the disk's journal says, read once the disk is closed (nothing changes it)."""
+        path = self.manager.journal_path(disk_id)
+        if not await asyncio.to_thread(path.exists):
+            return {"journal": "absent", "applied_epoch": 0, "committed_prefix": True}
+        try:
+            state = await asyncio.to_thread(read_journal, path)
+        except JournalCorrupt as error:
+            return {"journal": "corrupt", "reason": str(error)[:500], "committed_prefix": False}
+        return {
+            "journal": "ok",
+            "applied_epoch": state.applied_epoch,
+            "committed_prefix": state.committed_prefix,
+        }
+
     def status(self) -> Mapping[str, object]:
         if self._manager is None:
             return {"runtime": "onprem", "state": "starting"}
@@ -184,6 +203,7 @@ class OnpremRuntime:
             "committed_epoch": status.committed_epochs,
             "epochs_staged": {disk: list(epochs) for disk, epochs in status.epochs_staged.items()},
             "epoch_requests_answered": self._service.answered if self._service else 0,
+            "epochs_refused_stale": dict(self._service.refused_stale) if self._service else {},
             "epochs_applied": self._manager.epochs_applied,
             "bytes_applied": self._manager.bytes_applied,
             "bytes_staged": self._manager.staged.bytes,

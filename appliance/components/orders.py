@@ -125,6 +125,9 @@ class OutcomeCode(StrEnum):
     ERROR = "error"
     UNAVAILABLE = "unavailable"
     NOT_IMPLEMENTED = "not_implemented"
+    DATA_LOST = "data_lost"
+    """The disk was served by an earlier run of this component whose data directory is
+    gone (its dirty data with it): it is not served again from an empty cache."""
 
 
 def _frozen(values: Mapping[str, ParamValue]) -> Mapping[str, ParamValue]:
@@ -245,6 +248,13 @@ class OrderOutcome:
             reason,
             retryable=retryable,
         )
+
+    @classmethod
+    def data_lost(cls, order: Order, reason: str) -> OrderOutcome:
+        return cls(
+            order.order_id, order.disk_id, OutcomeKind.FAILED, order.token, OutcomeCode.DATA_LOST,
+            reason,
+        )  # fmt: skip
 
     @classmethod
     def not_implemented(cls, order: Order, reason: str) -> OrderOutcome:

@@ -12,7 +12,7 @@ from appliance.orchestrator.record import CUTOVER_SECONDS, MigrationRecord
 from appliance.orchestrator.states import Step, phase_of, public_state
 from appliance.sink import EventSink
 from messages.common import ErrorInfo
-from messages.events import MigrationStatus, SourceCloneResponse
+from messages.events import MigrationStatus, RecoveryInfo, SourceCloneResponse
 
 log = get_logger(__name__)
 
@@ -65,6 +65,18 @@ def status_of(
         dirty_bytes=cache.dirty_bytes,
         cache_bytes=cache.cache_bytes,
         cutover_s=_seconds(record.extra.get(CUTOVER_SECONDS)),
+        recovery=_recovery(record),
+    )
+
+
+def _recovery(record: MigrationRecord) -> RecoveryInfo | None:
+    if record.recovery_component is None:
+        return None
+    return RecoveryInfo(
+        component=record.recovery_component,
+        reason=(record.recovery_reason or "")[:4096],
+        pool=record.recovery_pool,
+        verdict=record.recovery_verdict[:4096],
     )
 
 

@@ -42,6 +42,7 @@ from appliance.service.health import (
 )
 from appliance.service.heartbeat import HeartbeatPublisher
 from appliance.service.metrics import appliance_registry, build_collector
+from appliance.service.recovery import recovery_trigger
 from appliance.service.runtime import RuntimeInfo, clear_runtime, write_runtime
 from appliance.service.wiring import (
     CloudDataPlane,
@@ -155,6 +156,9 @@ class Appliance:
                 else None
             )
             wan = wan_probe(settings, store, self.health, self.clock)
+            recovery = recovery_trigger(
+                settings, deps, heartbeat_reader(settings, store), self.clock
+            )
             self._write_runtime(sqs_endpoint, bus, keys.public.text, metrics)
             stack.callback(clear_runtime, settings.data_dir, os.getpid())
             log.info("appliance started", appliance_id=settings.appliance_id, key=keys.public.text)
@@ -171,6 +175,8 @@ class Appliance:
                     tasks.create_task(watch.run(stop))
                 if wan is not None:
                     tasks.create_task(wan.run(stop))
+                if recovery is not None:
+                    tasks.create_task(recovery.run(stop))
                 for probe in site_probes:
                     tasks.create_task(probe.run(stop))
             log.info("appliance stopped")

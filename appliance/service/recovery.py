@@ -1,0 +1,185 @@
+"""The recovery trigger: when is a component lost, and which migrations does that send back.
+
+Every ``interval_s`` it reads the tbc components' heartbeats and their order outcomes:
+
+* a component failed (silent past ``component_timeout_s``) for longer than the recovery
+  deadline (``recovery_after_s``; 0: the component timeout plus
+  ``recovery_repair_allowance_s``, the time repair gets) could not be repaired in time:
+  every migration that depends on it is lost with it;
+* a cache whose outcome for a disk says ``data_lost`` (restarted without the data directory
+  that held the disk's dirty data) has lost that disk: the migrations owning such disks.
+
+Each such migration's whole dependency group is asked to recover (``ask:recover``, with the
+component and the reason) and a ``recovery_started`` event names them; the group's run
+does the rest (orchestrator/recovery.py). Migrations that do not depend on the component
+(cold ones, a warm VM cut over to its volumes, VMs on another cache node) are untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from appliance.clock import Clock
+from appliance.components.heartbeat import ComponentHealth as HeartbeatReader
+from appliance.components.orders import ComponentId, ComponentKeys, OrderOutcome, OutcomeCode
+from appliance.logs import get_logger
+from appliance.orchestrator.context import Deps
+from appliance.orchestrator.record import MigrationRecord, load
+from appliance.orchestrator.recovery import ASK_RECOVER, Lost, RecoveryEvent, depends_on
+from appliance.orchestrator.serving import component_disk
+from appliance.service.health import expected_components, probe_every, tbc_instances
+from appliance.settings import Settings
+from appliance.state.store import text
+
+log = get_logger(__name__)
+
+
+def recovery_after_s(settings: Settings) -> float:
+    """How long a component may stay failed before the VMs on it are sent back."""
+    if settings.recovery_after_s > 0:
+        return settings.recovery_after_s
+    return settings.component_timeout_s + settings.recovery_repair_allowance_s
+
+
+@dataclass(frozen=True, slots=True)
+class Loss:
+    """A lost component: why, and (data lost) which of its disks; None: all of them."""
+
+    instance: ComponentId
+    reason: str
+    disks: frozenset[str] | None = None
+
+
+class RecoveryTrigger:
+    def __init__(
+        self,
+        deps: Deps,
+        reader: HeartbeatReader,
+        instances: Sequence[ComponentId],
+        *,
+        after_s: float,
+        interval_s: float,
+        clock: Clock,
+    ) -> None:
+        self._deps = deps
+        self._reader = reader
+        self._instances = tuple(instances)
+        self._after_s = after_s
+        self._interval_s = interval_s
+        self._clock = clock
+        self._failing_since: dict[ComponentId, float] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await probe_every(self._interval_s, self._check, stop)
+
+    async def _check(self) -> None:
+        await self.check()
+
+    async def check(self) -> list[str]:
+        """Ask the groups that depend on a lost component to recover; the migrations asked."""
+        losses = [loss for i in self._instances for loss in await self._losses(i)]
+        if not losses:
+            return []
+        asked: list[str] = []
+        for members in await self._groups():
+            for loss in losses:
+                if any(self._depends(record, loss) for record in members):
+                    asked += await self._ask(members, loss)
+                    break
+        return asked
+
+    async def _losses(self, instance: ComponentId) -> list[Loss]:
+        found = []
+        report = await self._reader.report(instance)
+        if not report.failed:
+            self._failing_since.pop(instance, None)
+        else:
+            now = self._clock.monotonic()
+            # Silent since its last beat; without one (gone past its TTL) since we noticed.
+            silent = report.silent_s
+            if silent is None:
+                since = self._failing_since.setdefault(instance, now - self._reader.timeout_s)
+                silent = now - since
+            if silent > self._after_s:
+                reason = (
+                    f"failed for {silent:.0f} s ({report.detail}), not repaired within "
+                    f"{self._after_s:g} s"
+                )
+                found.append(Loss(instance, reason))
+        lost = await self._data_lost(instance)
+        if lost:
+            found.append(Loss(instance, lost[1], frozenset(lost[0])))
+        return found
+
+    async def _data_lost(self, instance: ComponentId) -> tuple[list[str], str] | None:
+        key = ComponentKeys(self._deps.store.keys, instance).outcomes
+        raw = await self._deps.store.run(lambda r: r.hgetall(key))
+        disks, reason = [], ""
+        for disk, value in raw.items():
+            try:
+                outcome = OrderOutcome.from_json(value)
+            except ValueError:
+                continue
+            if outcome.code is OutcomeCode.DATA_LOST:
+                disks.append(text(disk))
+                reason = f"its data is lost: {outcome.reason}"
+        return (disks, reason) if disks else None
+
+    def _depends(self, record: MigrationRecord, loss: Loss) -> bool:
+        if not depends_on(record, loss.instance, self._deps.config.onprem_component):
+            return False
+        return loss.disks is None or any(component_disk(d) in loss.disks for d in record.disks)
+
+    async def _groups(self) -> list[list[MigrationRecord]]:
+        migrations = self._deps.migrations
+        groups = []
+        for group_id in await migrations.active_groups():
+            info = await migrations.group(group_id)
+            if info is None:
+                continue
+            stored = await migrations.get_many(list(info.members))
+            groups.append([load(s.record) for s in stored])
+        return groups
+
+    async def _ask(self, members: list[MigrationRecord], loss: Loss) -> list[str]:
+        """Every member of the group, once; the event names those newly asked."""
+        migrations = self._deps.migrations
+        asked = []
+        lost = Lost(str(loss.instance), loss.reason)
+        for record in members:
+            if ASK_RECOVER in await migrations.asks(record.migration_id):
+                continue
+            await migrations.ask(record.migration_id, ASK_RECOVER, lost.encode())
+            asked.append(record.migration_id)
+        if asked:
+            log.warning(
+                "component lost: its VMs go back", component=lost.component, migrations=asked
+            )
+            await self._deps.events.append(
+                RecoveryEvent.RECOVERY_STARTED.value,
+                self._clock.now().isoformat(),
+                component=lost.component,
+                reason=lost.reason,
+                migrations=",".join(asked),
+            )
+        return asked
+
+
+def recovery_trigger(
+    settings: Settings, deps: Deps, reader: HeartbeatReader, clock: Clock
+) -> RecoveryTrigger | None:
+    """The trigger, when the appliance expects the tbc components (else: nothing to lose)."""
+    expected = set(expected_components(settings))
+    instances = [i for i in tbc_instances(settings) if i in expected]
+    if not instances:
+        return None
+    return RecoveryTrigger(
+        deps,
+        reader,
+        instances,
+        after_s=recovery_after_s(settings),
+        interval_s=max(0.2, min(settings.component_heartbeat_interval_s, 5.0)),
+        clock=clock,
+    )
