@@ -9,6 +9,7 @@ An *instance* is one component process, named ``{kind}/{name}`` (``cache/cache-1
     {p}:component-order-events:{kind}/{name}     stream  "order changed" notifications (disk)
     {p}:component-outcomes:{kind}/{name}         hash    disk id -> outcome of its latest order
     {p}:component-outcome-events:{kind}/{name}   stream  "outcome recorded" notifications
+    {p}:component-outcomes-refused:{kind}/{name} hash    disk id -> stale outcomes refused
 
 The order and outcome JSON are the wire between hosts: pydantic models, strict,
 ``extra="forbid"``. Inside, :class:`Order` and :class:`OrderOutcome` are frozen
@@ -98,6 +99,11 @@ class ComponentKeys:
     @property
     def outcome_events(self) -> str:
         return self._key("component-outcome-events")
+
+    @property
+    def outcomes_refused(self) -> str:
+        """disk id -> outcomes refused for a stale token (a paused component resumed)."""
+        return self._key("component-outcomes-refused")
 
 
 class OrderAction(StrEnum):

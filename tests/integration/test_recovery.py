@@ -321,8 +321,8 @@ async def test_a_cache_paused_past_the_deadline_and_resumed_writes_nothing_on_pr
     await build_lab(harness.data_dir, [vm])
     settings = {
         **TBC_SETTINGS,
-        "component_timeout_s": 3.0,
-        "recovery_after_s": 6.0,
+        "component_timeout_s": 5.0,
+        "recovery_after_s": 8.0,
         "cache_bandwidth_bytes_per_s": 128 * 1024,  # an epoch of MiBs ships for many seconds
     }
     running = await start_appliance(harness.settings(**settings))
@@ -366,7 +366,7 @@ async def test_a_cache_paused_past_the_deadline_and_resumed_writes_nothing_on_pr
         def refused(report: ComponentReport) -> bool:
             return int(report.figures.get("epochs_refused_stale", {}).get(disk, 0)) >= 1
 
-        await health.wait_until(ONPREM, refused, 60)
+        await health.wait_until(ONPREM, refused, 120)
         cache = await health.wait_until(
             CACHE, lambda r: disk in r.figures.get("shipping_refused", {}), 60
         )
