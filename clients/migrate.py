@@ -44,7 +44,13 @@ from messages.common import BulkTransferMode, MigrationState, MigrationType, Pha
 from messages.events import ErrorResponse, MigrationStatus, SourceCloneResponse
 from messages.keys import AppliancePublicKey, CannotOpen
 
-FINISHED = {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELLED}
+FINISHED = {
+    MigrationState.COMPLETED,
+    MigrationState.FAILED,
+    MigrationState.CANCELLED,
+    MigrationState.RECOVERED,
+    MigrationState.RECOVERY_FAILED,
+}
 
 
 def settled(status: MigrationStatus) -> bool:
