@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,20 @@ async def record_of(store: StateStore, migration_id: str) -> MigrationRecord:
     return load(stored.record)
 
 
+def print_figures(case: str, lost_at: datetime, events: list[EventRecord]) -> None:
+    """Seconds from the loss to the trigger, and to each VM back (shown with ``pytest -s``)."""
+    started = next(e for e in events if e.kind == RecoveryEvent.RECOVERY_STARTED)
+    back = [e for e in events if e.kind in set(RecoveryEvent) - {started.kind}]
+
+    def after(event: EventRecord) -> float:
+        return (datetime.fromisoformat(event.at) - lost_at).total_seconds()
+
+    print(
+        f"\nrecovery figures ({case}): recovery started {after(started):.2f} s after the loss; "
+        + ", ".join(f"{e.migration_id} back after {after(e):.2f} s" for e in back)
+    )
+
+
 def check_recovered(status: MigrationStatus, pool: str) -> None:
     assert status.phase is Phase.DONE
     assert status.recovery is not None, status
@@ -156,9 +171,11 @@ async def test_a_cache_lost_with_its_data_sends_its_group_back_to_the_last_commi
         await guest.wait_writes(written + 40, within_s=60)  # these stay in the cache only
         await guest.halt()
 
+        lost_at = datetime.now(UTC)
         lose_cache(harness.data_dir, pids[str(CACHE)])
         await new_pid(store, pids[str(CACHE)], component_pids)
         await back_on_prem(follower, 2)
+        print_figures("data lost", lost_at, await global_events(store))
         for status in follower.latest.values():
             assert status.state is MigrationState.RECOVERED, status
             check_recovered(status, SUCCESS)
@@ -349,6 +366,7 @@ async def test_a_cache_paused_past_the_deadline_and_resumed_writes_nothing_on_pr
 
         in_flight = await health.wait_until(CACHE, shipping, 60)
         (epoch, *_) = in_flight.figures["epochs_in_flight"][disk]
+        lost_at = datetime.now(UTC)
         os.kill(pids[str(CACHE)], signal.SIGSTOP)
         try:
             onprem = await health.report(ONPREM)
@@ -358,6 +376,7 @@ async def test_a_cache_paused_past_the_deadline_and_resumed_writes_nothing_on_pr
             assert status.state is MigrationState.RECOVERED, status
             check_recovered(status, SUCCESS)
             assert status.recovery is not None and "not repaired" in status.recovery.reason
+            print_figures("paused past the deadline", lost_at, await global_events(store))
             before = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
         finally:
             os.kill(pids[str(CACHE)], signal.SIGCONT)
