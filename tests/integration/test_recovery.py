@@ -332,16 +332,18 @@ async def test_a_warm_migration_caught_reconciling_fails_and_goes_back(
 
 
 async def test_a_cache_paused_past_the_deadline_and_resumed_writes_nothing_on_prem(
-    harness: Harness, start_appliance: StartAppliance, tmp_path: Path, component_pids: list[int]
+    harness: Harness,
+    start_appliance: StartAppliance,
+    tmp_path: Path,
+    component_pids: list[int],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     vm = lab_vm(1, disks=1, disk_size=8 * MIB)
     await build_lab(harness.data_dir, [vm])
-    settings = {
-        **TBC_SETTINGS,
-        "component_timeout_s": 5.0,
-        "recovery_after_s": 8.0,
-        "cache_bandwidth_bytes_per_s": 128 * 1024,  # an epoch of MiBs ships for many seconds
-    }
+    # The cache's own setting (its environment, inherited): an epoch of MiBs ships for many
+    # seconds, so the cache is paused in the middle of it.
+    monkeypatch.setenv("FERRY_CACHE_BANDWIDTH_BYTES_PER_S", str(128 * 1024))
+    settings = {**TBC_SETTINGS, "component_timeout_s": 5.0, "recovery_after_s": 8.0}
     running = await start_appliance(harness.settings(**settings))
     async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
         pids = await components_up(store)
@@ -366,10 +368,12 @@ async def test_a_cache_paused_past_the_deadline_and_resumed_writes_nothing_on_pr
 
         in_flight = await health.wait_until(CACHE, shipping, 60)
         (epoch, *_) = in_flight.figures["epochs_in_flight"][disk]
+        assert int(in_flight.figures["dirty_bytes_per_disk"][disk]) >= 2 * MIB  # 16 s at least
         lost_at = datetime.now(UTC)
         os.kill(pids[str(CACHE)], signal.SIGSTOP)
         try:
-            onprem = await health.report(ONPREM)
+            seen = (await health.report(ONPREM)).sequence
+            onprem = await health.wait_until(ONPREM, lambda r: r.sequence > seen, 30)
             assert int(onprem.figures["committed_epoch"].get(disk, 0)) < epoch, "shipped already"
             await back_on_prem(follower, 1)
             (status,) = follower.latest.values()
