@@ -44,7 +44,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Self
 
-from appliance.components.adapter_state import AdapterState
+from appliance.components.adapter_state import AdapterState, data_lost
 from appliance.components.cache.cache import CacheDiskOrder, CacheStatus, CloudCache, Discard
 from appliance.components.cache.image import image_export
 from appliance.components.cache.sizing import CacheSettings, Profile
@@ -52,13 +52,11 @@ from appliance.components.epochs import RedisEpochSink, parse_address
 from appliance.components.onprem import current_export
 from appliance.components.orders import (
     ComponentId,
-    ComponentKeys,
     ComponentKind,
     Order,
     OrderAction,
     OrderOutcome,
     OutcomeCode,
-    OutcomeKind,
 )
 from appliance.components.reconciling import parse_pass, parse_volume
 from appliance.components.runtimes import ComponentConfig
@@ -224,24 +222,13 @@ class CacheRuntime:
 
     async def _data_lost(self, order: Order) -> str | None:
         """Why this disk cannot be served (an earlier run of this instance served it and its
-        files are gone), or None. A close is always carried out."""
-        if order.action is OrderAction.CLOSE or order.disk_id in self._state.disks:
+        files are gone), or None."""
+        if order.disk_id in self._state.disks:
             return None
         where = self._config.data_dir / "disks" / order.migration_id / order.disk_id
-        if await asyncio.to_thread(where.exists):
-            return None  # closed, kept: a reopen
         assert self._store is not None
-        key = ComponentKeys(self._store.keys, self._config.instance).outcomes
-        raw = await self._store.run(lambda r: r.hget(key, order.disk_id))
-        if raw is None:
-            return None  # never served here: a first open
-        before = OrderOutcome.from_json(raw)
-        if before.kind is not OutcomeKind.APPLIED and before.code is not OutcomeCode.DATA_LOST:
-            return None
-        return (
-            f"{self._config.instance} served {order.disk_id} before (token {before.token}) "
-            "and its data directory no longer holds it: what was not committed on-prem is lost"
-        )
+        exists = await asyncio.to_thread(where.exists)  # closed, kept: a reopen
+        return await data_lost(self._store, self._config.instance, order, exists)
 
     async def _reconcile(self, order: Order) -> OrderOutcome:
         wanted, volume = parse_pass(order.params), parse_volume(order.params)

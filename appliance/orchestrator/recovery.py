@@ -205,11 +205,14 @@ class Recovery:
         config = self._deps.config
         onprem_id = ComponentId.parse(config.onprem_component)
         onprem = ComponentOrders(self._deps.store, onprem_id)
+        # The I/O manager itself lost and silent: its close is given (carried out if it
+        # comes back) and nothing vouches for the image.
+        silent = self._lost.component == str(onprem_id) and not await self._alive(onprem_id)
         verdicts: dict[str, dict[str, Any]] = dict(record.extra.get(VERDICTS, {}))
         for disk in record.disks:
             order = self._order(record, disk, OrderAction.CLOSE)
-            if self._lost.component == str(onprem_id):
-                await onprem.give(order)  # carried out if it ever comes back
+            if silent:
+                await onprem.give(order)
                 verdicts[disk.disk_id] = {"journal": "unreachable", "committed_prefix": False}
                 continue
             outcome = await onprem.give_and_wait(order, config.component_order_timeout_s)
@@ -222,15 +225,17 @@ class Recovery:
         await self._close_cache(record)
         return record
 
+    async def _alive(self, instance: ComponentId) -> bool:
+        timeout_s = self._deps.config.component_timeout_s
+        report = await ComponentHealth(self._deps.store, timeout_s).report(instance)
+        return report.liveness is Liveness.OK
+
     async def _close_cache(self, record: MigrationRecord) -> None:
         """A cache that is alive drops the disks (discards them when it is the one lost: what
         it holds is untrusted or empty); a silent one is given nothing."""
         config = self._deps.config
         instance = ComponentId.parse(config.cache_component)
-        report = await ComponentHealth(self._deps.store, config.component_timeout_s).report(
-            instance
-        )
-        if report.liveness is not Liveness.OK:
+        if not await self._alive(instance):
             self._log.warning(
                 "cache silent: its disks are not closed (a resumed cache is refused on-prem)",
                 migration_id=record.migration_id,

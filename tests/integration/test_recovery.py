@@ -128,10 +128,10 @@ def print_figures(case: str, lost_at: datetime, events: list[EventRecord]) -> No
     )
 
 
-def check_recovered(status: MigrationStatus, pool: str) -> None:
+def check_recovered(status: MigrationStatus, pool: str, lost: str = str(CACHE)) -> None:
     assert status.phase is Phase.DONE
     assert status.recovery is not None, status
-    assert status.recovery.component == str(CACHE)
+    assert status.recovery.component == lost
     assert status.recovery.pool == pool
     assert status.error is not None and status.error.code == "component_lost"
 
@@ -275,6 +275,53 @@ async def test_a_half_applied_epoch_on_prem_lands_in_recovery_failed_with_the_sn
         assert await onprem.vm_snapshot_names(vm.vm_id) == [record.snapshot_name]
     finally:
         await onprem.close()
+
+
+async def test_an_io_manager_lost_with_its_journal_lands_in_recovery_failed(
+    harness: Harness, start_appliance: StartAppliance, tmp_path: Path, component_pids: list[int]
+) -> None:
+    vm = lab_vm(1, disks=1, disk_size=4 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    running = await start_appliance(harness.settings(**DATA_LOST_SETTINGS))
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        pids = await components_up(store)
+        component_pids += pids.values()
+        follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
+        await follower.until(
+            lambda latest: all(s.phase is Phase.IN_CLOUD for s in latest.values()), within_s=120
+        )
+        (migration_id,) = follower.latest
+        address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
+        guest = await Guest.start(address, export, tmp_path / "guest.log", seed=53)
+        await guest.wait_writes(30, within_s=60)
+        await client.request(sync([migration_id]), timeout_s=120)
+        await guest.halt()
+
+        # The I/O manager dies with its data directory (its journals): restarted empty, it
+        # cannot say which epochs the on-prem image holds.
+        os.kill(pids[str(ONPREM)], signal.SIGSTOP)
+        shutil.rmtree(component_dir(harness.data_dir, "onprem", "onprem-1"))
+        os.kill(pids[str(ONPREM)], signal.SIGKILL)
+        await back_on_prem(follower, 1)
+        (status,) = follower.latest.values()
+        assert status.state is MigrationState.RECOVERY_FAILED, status
+        check_recovered(status, FAILED, lost=str(ONPREM))
+        assert status.recovery is not None and "journal is gone" in status.recovery.verdict
+        record = await record_of(store, migration_id)
+        health = ComponentHealth(store, 120)
+        restarted = await health.report(ONPREM)
+        assert restarted.pid is not None
+        component_pids.append(restarted.pid)
+    await running.shutdown()
+
+    onprem = LabSite.open(harness.data_dir / "sites" / "onprem")
+    try:
+        back = await onprem.get_vm(vm.vm_id)
+        assert back.resource_pool == FAILED and back.power_state is PowerState.OFF
+        assert await onprem.vm_snapshot_names(vm.vm_id) == [record.snapshot_name]
+    finally:
+        await onprem.close()
+    assert not (harness.data_dir / "sites" / "cloud" / "vms" / migration_id).exists()
 
 
 async def test_a_warm_migration_caught_reconciling_fails_and_goes_back(
