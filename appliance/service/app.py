@@ -157,7 +157,7 @@ class Appliance:
             )
             wan = wan_probe(settings, store, self.health, self.clock)
             recovery = recovery_trigger(
-                settings, deps, heartbeat_reader(settings, store), self.clock
+                settings, store, heartbeat_reader(settings, store), self.clock
             )
             self._write_runtime(sqs_endpoint, bus, keys.public.text, metrics)
             stack.callback(clear_runtime, settings.data_dir, os.getpid())

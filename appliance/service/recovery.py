@@ -25,13 +25,14 @@ from appliance.clock import Clock
 from appliance.components.heartbeat import ComponentHealth as HeartbeatReader
 from appliance.components.orders import ComponentId, ComponentKeys, OrderOutcome, OutcomeCode
 from appliance.logs import get_logger
-from appliance.orchestrator.context import Deps
 from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.recovery import ASK_RECOVER, Lost, RecoveryEvent, depends_on
 from appliance.orchestrator.serving import component_disk
 from appliance.service.health import expected_components, probe_every, tbc_instances
 from appliance.settings import Settings
-from appliance.state.store import text
+from appliance.state.events import EventLog
+from appliance.state.migrations import MigrationStore
+from appliance.state.store import StateStore, text
 
 log = get_logger(__name__)
 
@@ -55,15 +56,19 @@ class Loss:
 class RecoveryTrigger:
     def __init__(
         self,
-        deps: Deps,
+        store: StateStore,
         reader: HeartbeatReader,
         instances: Sequence[ComponentId],
         *,
+        onprem: str,
         after_s: float,
         interval_s: float,
         clock: Clock,
     ) -> None:
-        self._deps = deps
+        self._store = store
+        self._migrations = MigrationStore(store)
+        self._events = EventLog(store)
+        self._onprem = onprem  # the I/O manager the tbc VMs' disks are on
         self._reader = reader
         self._instances = tuple(instances)
         self._after_s = after_s
@@ -114,8 +119,8 @@ class RecoveryTrigger:
         return found
 
     async def _data_lost(self, instance: ComponentId) -> tuple[list[str], str] | None:
-        key = ComponentKeys(self._deps.store.keys, instance).outcomes
-        raw = await self._deps.store.run(lambda r: r.hgetall(key))
+        key = ComponentKeys(self._store.keys, instance).outcomes
+        raw = await self._store.run(lambda r: r.hgetall(key))
         disks, reason = [], ""
         for disk, value in raw.items():
             try:
@@ -128,12 +133,12 @@ class RecoveryTrigger:
         return (disks, reason) if disks else None
 
     def _depends(self, record: MigrationRecord, loss: Loss) -> bool:
-        if not depends_on(record, loss.instance, self._deps.config.onprem_component):
+        if not depends_on(record, loss.instance, self._onprem):
             return False
         return loss.disks is None or any(component_disk(d) in loss.disks for d in record.disks)
 
     async def _groups(self) -> list[list[MigrationRecord]]:
-        migrations = self._deps.migrations
+        migrations = self._migrations
         groups = []
         for group_id in await migrations.active_groups():
             info = await migrations.group(group_id)
@@ -145,7 +150,7 @@ class RecoveryTrigger:
 
     async def _ask(self, members: list[MigrationRecord], loss: Loss) -> list[str]:
         """Every member of the group, once; the event names those newly asked."""
-        migrations = self._deps.migrations
+        migrations = self._migrations
         asked = []
         lost = Lost(str(loss.instance), loss.reason)
         for record in members:
@@ -157,7 +162,7 @@ class RecoveryTrigger:
             log.warning(
                 "component lost: its VMs go back", component=lost.component, migrations=asked
             )
-            await self._deps.events.append(
+            await self._events.append(
                 RecoveryEvent.RECOVERY_STARTED.value,
                 self._clock.now().isoformat(),
                 component=lost.component,
@@ -168,7 +173,7 @@ class RecoveryTrigger:
 
 
 def recovery_trigger(
-    settings: Settings, deps: Deps, reader: HeartbeatReader, clock: Clock
+    settings: Settings, store: StateStore, reader: HeartbeatReader, clock: Clock
 ) -> RecoveryTrigger | None:
     """The trigger, when the appliance expects the tbc components (else: nothing to lose)."""
     expected = set(expected_components(settings))
@@ -176,9 +181,10 @@ def recovery_trigger(
     if not instances:
         return None
     return RecoveryTrigger(
-        deps,
+        store,
         reader,
         instances,
+        onprem=str(tbc_instances(settings)[0]),
         after_s=recovery_after_s(settings),
         interval_s=max(0.2, min(settings.component_heartbeat_interval_s, 5.0)),
         clock=clock,

@@ -26,11 +26,13 @@ from typing import Any
 
 import pytest
 
+from appliance.clock import SystemClock
 from appliance.components.heartbeat import ComponentHealth, ComponentReport, Liveness
 from appliance.components.onprem.journal import EpochJournal
 from appliance.components.onprem.manifest import EpochManifest, ManifestEntry
 from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.recovery import RecoveryEvent
+from appliance.service.recovery import recovery_trigger
 from appliance.sites.lab.site import LabSite
 from appliance.sites.lab.workload import read_write_log
 from appliance.state.events import EventRecord, _record
@@ -48,6 +50,7 @@ from tests.integration.tbc_helpers import (
     TBC_SETTINGS,
     Guest,
     cloud_export,
+    commit_request,
     components_up,
     kill_pids,
     read_onprem,
@@ -56,7 +59,7 @@ from tests.integration.tbc_helpers import (
     tbc_request,
 )
 from tests.integration.test_bus import StartAppliance
-from tests.integration.test_warm import WARM_SETTINGS, warm_request
+from tests.integration.test_warm import WARM_SETTINGS, open_gates, warm_request
 from tests.support.lab import MIB, build_lab, lab_vm
 from tests.support.replay import find_prefix, replay
 
@@ -376,6 +379,45 @@ async def test_a_warm_migration_caught_reconciling_fails_and_goes_back(
     log = await read_write_log(tmp_path / "guest.log")
     image = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
     assert find_prefix(image, base, log, 0) is not None
+
+
+async def test_a_warm_vm_cut_over_to_its_volumes_is_untouched_by_the_cache_s_loss(
+    harness: Harness, start_appliance: StartAppliance, component_pids: list[int]
+) -> None:
+    vm = lab_vm(1, disks=1, disk_size=4 * MIB)
+    await build_lab(harness.data_dir, [vm])
+    settings = harness.settings(**{**WARM_SETTINGS, "recovery_after_s": 600.0})
+    running = await start_appliance(settings)
+    async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
+        pids = await components_up(store)
+        component_pids += pids.values()
+        follower = await start_migration(client, warm_request(client, vm.vm_id))
+        (migration_id,) = follower.latest
+        await open_gates(store, migration_id)
+        await follower.until(
+            lambda latest: (
+                latest[migration_id].phase is Phase.IN_CLOUD
+                and latest[migration_id].state is MigrationState.RUNNING
+            ),
+            within_s=120,
+        )
+        assert (await record_of(store, migration_id)).step.value == "cut_over"
+        disk = f"{migration_id}-disk-0"
+
+        lose_cache(harness.data_dir, pids[str(CACHE)])
+        await new_pid(store, pids[str(CACHE)], component_pids)
+        health = ComponentHealth(store, 120)
+        await health.wait_until(CACHE, lambda r: disk in r.figures.get("data_lost", {}), 60)
+        # The trigger sees the disk lost, and the VM on its volumes: nothing to send back.
+        trigger = recovery_trigger(settings, store, health, SystemClock())
+        assert trigger is not None
+        assert await trigger.check() == []
+        assert "recover" not in await MigrationStore(store).asks(migration_id)
+        # It goes on: the commit cleans up (the restarted cache closes what it lost).
+        await client.request(commit_request([migration_id]))
+        (done,) = (await follower.finished(1)).values()
+        assert done.state is MigrationState.COMPLETED and done.recovery is None
+    await running.shutdown()
 
 
 async def test_a_cache_paused_past_the_deadline_and_resumed_writes_nothing_on_prem(
