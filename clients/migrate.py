@@ -148,7 +148,13 @@ def migrations_table(statuses: Sequence[MigrationStatus], title: str = "Migratio
     for column in columns:
         table.add_column(column, overflow="fold")
     for s in statuses:
-        colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(s.state, "")
+        colour = {
+            "completed": "green",
+            "failed": "red",
+            "cancelled": "yellow",
+            "recovered": "yellow",  # back on-prem by itself: a component was lost
+            "recovery_failed": "red",  # ...and its image needs a restore from the snapshot
+        }.get(s.state, "")
         table.add_row(
             s.migration_id,
             s.vm_name,
