@@ -13,6 +13,11 @@ Each such migration's whole dependency group is asked to recover (``ask:recover`
 component and the reason) and a ``recovery_started`` event names them; the group's run
 does the rest (orchestrator/recovery.py). Migrations that do not depend on the component
 (cold ones, a warm VM cut over to its volumes, VMs on another cache node) are untouched.
+
+A cache that was silent during a recovery (paused, cut off) is given no order then. When it
+lives again and still serves a disk of a migration recovered meanwhile, once it has shown
+itself fenced (its shipping refused on-prem for a stale token) or has nothing to ship, the
+trigger takes the group's lease (a new token) and orders the disk closed and discarded.
 """
 
 from __future__ import annotations
@@ -22,15 +27,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from appliance.clock import Clock
+from appliance.components.cache.cache import Discard
+from appliance.components.control import ComponentOrders
 from appliance.components.heartbeat import ComponentHealth as HeartbeatReader
-from appliance.components.orders import ComponentId, ComponentKeys, OrderOutcome, OutcomeCode
+from appliance.components.heartbeat import ComponentReport
+from appliance.components.orders import (
+    ComponentId,
+    ComponentKeys,
+    ComponentKind,
+    Order,
+    OrderAction,
+    OrderOutcome,
+    OutcomeCode,
+)
 from appliance.logs import get_logger
 from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.recovery import ASK_RECOVER, Lost, RecoveryEvent, depends_on
 from appliance.orchestrator.serving import component_disk
+from appliance.orchestrator.states import RECOVERY_ENDS
 from appliance.service.health import expected_components, probe_every, tbc_instances
 from appliance.settings import Settings
 from appliance.state.events import EventLog
+from appliance.state.leases import Leases
 from appliance.state.migrations import MigrationStore
 from appliance.state.store import StateStore, text
 
@@ -75,6 +93,7 @@ class RecoveryTrigger:
         self._interval_s = interval_s
         self._clock = clock
         self._failing_since: dict[ComponentId, float] = {}
+        self._leases = Leases(store, "recovery-tidy", ttl_s=30.0)
 
     async def run(self, stop: asyncio.Event) -> None:
         await probe_every(self._interval_s, self._check, stop)
@@ -100,6 +119,8 @@ class RecoveryTrigger:
         report = await self._reader.report(instance)
         if not report.failed:
             self._failing_since.pop(instance, None)
+            if instance.kind == ComponentKind.CACHE.value:
+                await self._tidy(instance, report)
         else:
             now = self._clock.monotonic()
             # Silent since its last beat; without one (gone past its TTL) since we noticed.
@@ -117,6 +138,46 @@ class RecoveryTrigger:
         if lost:
             found.append(Loss(instance, lost[1], frozenset(lost[0])))
         return found
+
+    async def _tidy(self, instance: ComponentId, report: ComponentReport) -> None:
+        """Close and discard the disks a live cache still serves for recovered migrations,
+        once it is fenced (shipping refused) or has nothing in flight for them."""
+        figures = report.figures
+        exports = figures.get("exports") or []
+        refused = figures.get("shipping_refused") or {}
+        in_flight = figures.get("epochs_in_flight") or {}
+        if not exports:
+            return
+        orders = ComponentOrders(self._store, instance)
+        for disk in exports:
+            if disk not in refused and in_flight.get(disk):
+                continue  # its shipper will meet the new token on-prem first
+            desired = await orders.desired(disk)
+            if desired is None or desired.action is OrderAction.CLOSE:
+                continue
+            stored = await self._migrations.get(desired.migration_id)
+            if stored is None or load(stored.record).step not in RECOVERY_ENDS:
+                continue
+            await self._close(orders, desired)
+
+    async def _close(self, orders: ComponentOrders, desired: Order) -> None:
+        lease = await self._leases.acquire(desired.lease)
+        if lease is None:
+            return  # a run holds the group: it is not ours to touch
+        try:
+            params = {"discard": Discard.ALWAYS.value}
+            order = Order(
+                desired.disk_id,
+                OrderAction.CLOSE,
+                desired.migration_id,
+                lease.token,
+                lease.resource,
+                params=params,
+            )
+            await orders.give(order)
+            log.info("recovered disk closed on a cache back to life", disk=desired.disk_id)
+        finally:
+            await self._leases.release(lease)
 
     async def _data_lost(self, instance: ComponentId) -> tuple[list[str], str] | None:
         key = ComponentKeys(self._store.keys, instance).outcomes

@@ -485,6 +485,10 @@ async def test_a_cache_paused_past_the_deadline_and_resumed_writes_nothing_on_pr
         record = await record_of(store, migration_id)
         assert cache.figures["shipping_refused"][disk] > 0
         assert record.recovery_pool == SUCCESS
+        # Fenced, the cache is then ordered to close and discard what it held.
+        await health.wait_until(CACHE, lambda r: disk not in r.figures.get("exports", []), 60)
+        cache_disks = component_dir(harness.data_dir, "cache", "cache-1") / "disks"
+        assert not (cache_disks / migration_id / disk).exists()
         syncing.cancel()
         await asyncio.gather(syncing, return_exceptions=True)
     await running.shutdown()
