@@ -109,6 +109,8 @@ async def data_lost(
     if raw is None:
         return None  # never served here: a first open
     before = OrderOutcome.from_json(raw)
+    if before.result.get("closed"):
+        return None  # closed (and maybe discarded) on order: a reopen starts afresh
     if before.kind is not OutcomeKind.APPLIED and before.code is not OutcomeCode.DATA_LOST:
         return None
     return (

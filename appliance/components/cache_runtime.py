@@ -208,7 +208,7 @@ class CacheRuntime:
             await self.cache.close_disk(order.disk_id, order.token, discard=Discard(wanted))
             self._sinks.pop(order.disk_id, None)
             await self._state.closed(order.disk_id)
-            return OrderOutcome.applied(order)
+            return OrderOutcome.applied(order, closed=True)
         entry = self._state.disks.get(order.disk_id)
         if entry is None or order.disk_id not in self.cache.status().exports:
             raise DiskNotOpen(order.disk_id)

@@ -168,7 +168,8 @@ class OnpremRuntime:
         if order.action is OrderAction.CLOSE:
             await self.manager.close_disk(order.disk_id, order.token)
             await self._state.closed(order.disk_id)
-            return OrderOutcome.applied(order, **await self._verdict(order.disk_id))
+            verdict = await self._verdict(order.disk_id)
+            return OrderOutcome.applied(order, closed=True, **verdict)
         wanted = disk_order(order)
         if isinstance(wanted, str):
             return OrderOutcome.refused(order, OutcomeCode.INVALID, wanted)
