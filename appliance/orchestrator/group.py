@@ -25,6 +25,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 from appliance.errors import (
+    ComponentError,
     FerryError,
     LeaseLost,
     MigrationCancelled,
@@ -41,7 +42,7 @@ from appliance.orchestrator.journal import Journal
 from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.resting import ASK_BACK, Resting
 from appliance.orchestrator.resume import snapshot_step
-from appliance.orchestrator.states import TERMINAL, Machine, Step, machine_for
+from appliance.orchestrator.states import RECOVERY_ENDS, TERMINAL, Machine, Step, machine_for
 from appliance.state.leases import Lease
 from appliance.state.migrations import GroupInfo
 
@@ -111,6 +112,16 @@ class GroupRun:
         machine = self._machine
         if any(r.step in (Step.ROLLING_BACK, Step.FAILED, Step.CANCELLED) for r in records):
             await self._rollback_all(None)
+            return
+        recovered = [r for r in records if r.step in RECOVERY_ENDS]
+        if recovered:  # members not yet on the components when it went back: rolled back
+            lost = recovered[0]
+            await self._rollback_all(
+                ComponentError(
+                    f"group member {lost.migration_id} went back: "
+                    f"{lost.recovery_component} lost ({lost.recovery_reason})"
+                )
+            )
             return
         try:
             solo_end = self._position(machine.solo[-1])
