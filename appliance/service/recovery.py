@@ -40,6 +40,7 @@ from appliance.components.orders import (
     OrderOutcome,
     OutcomeCode,
 )
+from appliance.errors import StateStoreUnavailable
 from appliance.logs import get_logger
 from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.recovery import ASK_RECOVER, Lost, RecoveryEvent, depends_on
@@ -99,7 +100,12 @@ class RecoveryTrigger:
         await probe_every(self._interval_s, self._check, stop)
 
     async def _check(self) -> None:
-        await self.check()
+        try:
+            await self.check()
+        except StateStoreUnavailable:
+            raise  # the probe loop waits for the state store
+        except Exception:  # a defect must not stop the appliance: the next pass tries again
+            log.exception("recovery check failed")
 
     async def check(self) -> list[str]:
         """Ask the groups that depend on a lost component to recover; the migrations asked."""
