@@ -31,6 +31,7 @@ from appliance.errors import (
     MigrationCancelled,
     OutOfSpace,
     PermanentError,
+    StateStoreUnavailable,
     TransferCancelled,
     TransientError,
 )
@@ -243,10 +244,15 @@ class GroupRun:
     async def _watch(self, drive: asyncio.Task[None]) -> None:
         while not drive.done():
             await asyncio.sleep(self._deps.config.cancel_poll_s)
-            stored = await self._deps.migrations.get_many(list(self._group.members))
+            try:
+                stored = await self._deps.migrations.get_many(list(self._group.members))
+                records = {s.migration_id: load(s.record) for s in stored}
+                lost = await recovery.asked(self._deps, records)
+            except StateStoreUnavailable:
+                continue  # the drive meets it too; the watch goes on
             if any(s.cancel_requested for s in stored):
                 self._cancel.set()
-            if await recovery.asked(self._deps, {s.migration_id: load(s.record) for s in stored}):
+            if lost is not None:
                 self._recovery_asked = True
                 drive.cancel()
                 return
