@@ -155,6 +155,15 @@ class Settings(BaseSettings):
     component_repair_command_timeout_s: float = Field(
         default=120.0, gt=0, description="one run of the repair command, at most"
     )
+    # Recovery (appliance/service/recovery.py, orchestrator/recovery.py): a component failed
+    # for longer than this (0: component_timeout_s + recovery_repair_allowance_s), or one
+    # whose data is lost, sends the VMs that depend on it back to their last committed epoch.
+    recovery_after_s: float = Field(
+        default=0.0, ge=0, description="failed this long: the component is given up (0: auto)"
+    )
+    recovery_repair_allowance_s: float = Field(
+        default=300.0, ge=0, description="time for repair beyond the component timeout"
+    )
     embedded_components: str = Field(
         default="",
         pattern=rf"^({_INSTANCE}(,{_INSTANCE})*)?$",

@@ -25,8 +25,10 @@ from messages.commands import MigrationSelector, SetPolicyRequestBody, StatusReq
 from messages.common import MigrationState
 from messages.events import CommandResponse, Event, MigrationStatus, SourceCloneResponse
 
-BACK_DONE = frozenset({MigrationState.MIGRATED_BACK, MigrationState.FAILED})
-COMMIT_DONE = frozenset({MigrationState.COMPLETED, MigrationState.FAILED})
+RECOVERY_DONE = frozenset({MigrationState.RECOVERED, MigrationState.RECOVERY_FAILED})
+"""A lost component sent the VM back by itself (the status's ``recovery`` says why)."""
+BACK_DONE = frozenset({MigrationState.MIGRATED_BACK, MigrationState.FAILED, *RECOVERY_DONE})
+COMMIT_DONE = frozenset({MigrationState.COMPLETED, MigrationState.FAILED, *RECOVERY_DONE})
 
 LIMITS = {
     "cold": "max_concurrent_migrations",

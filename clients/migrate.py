@@ -44,7 +44,13 @@ from messages.common import BulkTransferMode, MigrationState, MigrationType, Pha
 from messages.events import ErrorResponse, MigrationStatus, SourceCloneResponse
 from messages.keys import AppliancePublicKey, CannotOpen
 
-FINISHED = {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELLED}
+FINISHED = {
+    MigrationState.COMPLETED,
+    MigrationState.FAILED,
+    MigrationState.CANCELLED,
+    MigrationState.RECOVERED,
+    MigrationState.RECOVERY_FAILED,
+}
 
 
 def settled(status: MigrationStatus) -> bool:
@@ -150,7 +156,14 @@ def migrations_table(statuses: Sequence[MigrationStatus], title: str = "Migratio
     for column in columns:
         table.add_column(column, overflow="fold")
     for s in statuses:
-        colours = {"completed": "green", "failed": "red", "cancelled": "yellow", "paused": "yellow"}
+        colours = {
+            "completed": "green",
+            "failed": "red",
+            "cancelled": "yellow",
+            "paused": "yellow",
+            "recovered": "yellow",  # back on-prem by itself: a component was lost
+            "recovery_failed": "red",  # ...and its image needs a restore from the snapshot
+        }
         colour = colours.get(s.state, "")
         table.add_row(
             s.migration_id,

@@ -80,6 +80,13 @@ class MigrationState(StrEnum):
     MIGRATING_BACK = "migrating_back"
     MIGRATED_BACK = "migrated_back"
     COMMITTED = "committed"
+    RECOVERING = "recovering"
+    """A component the VM depended on is lost: going back to its last committed epoch."""
+    RECOVERED = "recovered"
+    """Back on-prem at its last committed epoch (pool ``_HDM_RECOVERYSUCCESS``)."""
+    RECOVERY_FAILED = "recovery_failed"
+    """Back on-prem, its image not proven a committed prefix (``_HDM_RECOVERYFAILED``;
+    restore from the migrate-time snapshot, kept)."""
 
 
 class Phase(StrEnum):
@@ -99,6 +106,7 @@ class Phase(StrEnum):
     AWAIT_BULK_DONE = "await_bulk_done"  # warm offline: the package is shipped, then imported
     IN_CLOUD = "in_cloud"
     MIGRATE_BACK = "migrate_back"
+    RECOVER = "recover"
     CLEANUP = "cleanup"
     DONE = "done"
 

@@ -125,6 +125,28 @@ class PrepareCheck(WireModel):
     reason: str = Field(default="", max_length=1024)
 
 
+class RecoveryInfo(WireModel):
+    """Why a VM was sent back on-prem by itself, and where it landed."""
+
+    component: str = Field(
+        max_length=200, description="The lost component, e.g. cache/cache-1 (kind/name)"
+    )
+    reason: str = Field(max_length=4096, description="Why it counts as lost")
+    pool: str | None = Field(
+        default=None,
+        max_length=255,
+        description="Where the on-prem VM landed: _HDM_RECOVERYSUCCESS (its image is the "
+        "last committed epoch) or _HDM_RECOVERYFAILED (restore it from the migrate-time "
+        "snapshot, kept); null until decided",
+    )
+    verdict: str = Field(
+        default="",
+        max_length=4096,
+        description="What the I/O manager's journal said of each disk (committed prefix, "
+        "applied epoch), or why it could not say",
+    )
+
+
 class MigrationStatus(WireModel):
     """Everything a client needs to show one VM's migration."""
 
@@ -191,6 +213,11 @@ class MigrationStatus(WireModel):
         ge=1,
         description="A warm VM: the reconcile pass under way (or the last one made); "
         "bytes, rate and ETA are then that pass's",
+    )
+    recovery: RecoveryInfo | None = Field(
+        default=None,
+        description="Set when a lost component sent the VM back on its own (state "
+        "recovering, recovered or recovery_failed)",
     )
 
 

@@ -8,6 +8,12 @@ itself from ``adapter-disks.json`` in its data directory::
                           "cut_request": 3, "cut_epoch": 3}}}
 
 Written to a temporary file, fsynced, renamed, directory fsynced.
+
+Data lost: the data directory may go (a disk failed, a host rebuilt) while Redis still
+holds the orders. A restarted component would then carry out a disk's desired order from
+nothing: a cache would serve an empty disk over on-prem's last epoch, silently dropping
+what the VM wrote since. :func:`data_lost` tells that case apart (the component's own
+outcome for the disk is in Redis, its files are not) so the runtime refuses instead.
 """
 
 from __future__ import annotations
@@ -17,7 +23,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.components.orders import Order
+from appliance.components.orders import (
+    ComponentId,
+    ComponentKeys,
+    Order,
+    OrderAction,
+    OrderOutcome,
+    OutcomeCode,
+    OutcomeKind,
+)
+from appliance.state.store import StateStore
 from appliance.storage.bitmap import write_atomically
 
 STATE_FILE = "adapter-disks.json"
@@ -79,3 +94,26 @@ class AdapterState:
             }
         }
         await asyncio.to_thread(write_atomically, self._path, json.dumps(body).encode())
+
+
+async def data_lost(
+    store: StateStore, instance: ComponentId, order: Order, files_exist: bool
+) -> str | None:
+    """Why ``order`` must not be carried out (this instance served the disk before and its
+    files are gone), or None. ``files_exist``: the disk's own files are in the data
+    directory. A close is always carried out."""
+    if order.action is OrderAction.CLOSE or files_exist:
+        return None
+    key = ComponentKeys(store.keys, instance).outcomes
+    raw = await store.run(lambda r: r.hget(key, order.disk_id))
+    if raw is None:
+        return None  # never served here: a first open
+    before = OrderOutcome.from_json(raw)
+    if before.result.get("closed"):
+        return None  # closed (and maybe discarded) on order: a reopen starts afresh
+    if before.kind is not OutcomeKind.APPLIED and before.code is not OutcomeCode.DATA_LOST:
+        return None
+    return (
+        f"{instance} served {order.disk_id} before (token {before.token}) and its data "
+        "directory no longer holds it: what was not committed on-prem is lost"
+    )

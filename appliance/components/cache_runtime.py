@@ -15,6 +15,11 @@
   Shipping and the on-prem commit follow in the background: the heartbeat's
   ``committed_epoch`` says when it is done.
 * ``close``: stops serving and shipping the disk (its cache stays on disk).
+* Data lost: an order for a disk this instance served before (its outcome is in Redis) whose
+  files are gone (the data directory lost with its dirty data) is not carried out: a fresh
+  empty cache would silently roll the VM's disk back to on-prem's last epoch. It fails with
+  code ``data_lost`` and the heartbeat's ``data_lost`` {disk: migration} names it: the
+  appliance sends the VMs on it back to their last committed epoch (recovery).
 * ``reconcile``: a reconcile pass to the volume ``params`` name (``pass``, ``volume``
   and ``volume_export`` or ``volume_path``, optional ``workers``;
   :mod:`appliance.components.reconciling`); ``result``: the pass's figures.
@@ -39,7 +44,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Self
 
-from appliance.components.adapter_state import AdapterState
+from appliance.components.adapter_state import AdapterState, data_lost
 from appliance.components.cache.cache import CacheDiskOrder, CacheStatus, CloudCache, Discard
 from appliance.components.cache.image import image_export
 from appliance.components.cache.sizing import CacheSettings, Profile
@@ -102,6 +107,7 @@ class CacheRuntime:
         self._restoring: asyncio.Task[None] | None = None
         self._link = link_watch(config.settings)
         self._link_stop = asyncio.Event()
+        self._lost: dict[str, str] = {}  # disk -> migration: served before, its data gone
 
     @property
     def cache(self) -> CloudCache:
@@ -199,6 +205,11 @@ class CacheRuntime:
 
     async def apply(self, order: Order) -> OrderOutcome:
         await self._ready()
+        lost = await self._data_lost(order)
+        if lost is not None:
+            self._lost[order.disk_id] = order.migration_id
+            log.error("disk data lost", disk_id=order.disk_id, reason=lost)
+            return OrderOutcome.data_lost(order, lost)
         if order.action is OrderAction.OPEN:
             return await self._open(order)
         if order.action is OrderAction.CLOSE:
@@ -210,7 +221,7 @@ class CacheRuntime:
             self._sinks.pop(order.disk_id, None)
             self._link.release(order.disk_id)
             await self._state.closed(order.disk_id)
-            return OrderOutcome.applied(order)
+            return OrderOutcome.applied(order, closed=True)
         entry = self._state.disks.get(order.disk_id)
         if entry is None or order.disk_id not in self.cache.status().exports:
             raise DiskNotOpen(order.disk_id)
@@ -221,6 +232,16 @@ class CacheRuntime:
         epoch = await self.cache.cut_epoch(order.disk_id, order.token)
         await self._state.cut(order.disk_id, order.epoch_request, epoch)
         return OrderOutcome.applied(order, epoch=epoch)
+
+    async def _data_lost(self, order: Order) -> str | None:
+        """Why this disk cannot be served (an earlier run of this instance served it and its
+        files are gone), or None."""
+        if order.disk_id in self._state.disks:
+            return None
+        where = self._config.data_dir / "disks" / order.migration_id / order.disk_id
+        assert self._store is not None
+        exists = await asyncio.to_thread(where.exists)  # closed, kept: a reopen
+        return await data_lost(self._store, self._config.instance, order, exists)
 
     async def _reconcile(self, order: Order) -> OrderOutcome:
         wanted, volume = parse_pass(order.params), parse_volume(order.params)
@@ -314,6 +335,7 @@ class CacheRuntime:
                 for disk, sink in self._sinks.items()
                 if disk in sink.refused
             },
+            "data_lost": dict(self._lost),
         }
 
 

@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.typing import EncodableT
 
 from appliance.components.ledger import Ledger
@@ -89,6 +88,26 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'disk', ARGV[1])
 return {1, ''}
+"""
+
+# KEYS: outcomes hash, outcome events stream, orders hash, refused-outcomes hash.
+# ARGV: disk id, outcome JSON, token, stream maxlen.
+# Returns 1 recorded, 0 refused: the disk's desired order carries a higher token (a newer
+# owner spoke while this component was paused), so this outcome is stale and not recorded.
+_PUBLISH = """
+local current = redis.call('HGET', KEYS[3], ARGV[1])
+if current and tonumber(ARGV[3]) > 0 then
+  local ok, decoded = pcall(cjson.decode, current)
+  local held = ok and type(decoded) == 'table' and tonumber(decoded['token']) or 0
+  if held > tonumber(ARGV[3]) then
+    redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'disk', ARGV[1], 'order_id', ARGV[5],
+           'outcome', ARGV[2])
+return 1
 """
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
@@ -218,7 +237,10 @@ class OrderDesk:
         self._interval = reconcile_interval_s
         self._invalid_seen: set[str] = set()
         self.counts: dict[str, int] = {kind.value: 0 for kind in OutcomeKind}
+        self.stale_outcomes = 0
+        """Outcomes not recorded: a newer owner's order had replaced theirs meanwhile."""
         self.ready = asyncio.Event()
+        self._record = store.redis.register_script(_PUBLISH)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile everything, then every notified disk, and everything again each interval."""
@@ -346,21 +368,29 @@ class OrderDesk:
         await self._publish(outcome)
 
     async def _publish(self, outcome: OrderOutcome) -> None:
-        self.counts[outcome.kind.value] += 1
-
-        async def write(r: aioredis.Redis) -> None:
-            pipe = r.pipeline(transaction=True)
-            pipe.hset(self._keys.outcomes, outcome.disk_id, outcome.to_json())
-            pipe.xadd(
-                self._keys.outcome_events,
-                {
-                    "disk": outcome.disk_id,
-                    "order_id": outcome.order_id,
-                    "outcome": outcome.to_json(),
-                },
-                maxlen=STREAM_MAXLEN,
-                approximate=True,
-            )
-            await pipe.execute()
-
-        await self._store.run(write)
+        """Record the outcome and wake its waiter, unless a newer owner's order (a higher
+        token) replaced the one it answers: then it is refused (counted per disk)."""
+        keys = [
+            self._keys.outcomes,
+            self._keys.outcome_events,
+            self._keys.orders,
+            self._keys.outcomes_refused,
+        ]
+        args: list[EncodableT] = [
+            outcome.disk_id,
+            outcome.to_json(),
+            outcome.token,
+            STREAM_MAXLEN,
+            outcome.order_id,
+        ]
+        recorded = await self._store.run(lambda r: self._record(keys=keys, args=args, client=r))
+        if int(recorded):
+            self.counts[outcome.kind.value] += 1
+            return
+        self.stale_outcomes += 1
+        log.warning(
+            "outcome refused: stale token",
+            instance=str(self.instance),
+            disk=outcome.disk_id,
+            token=outcome.token,
+        )

@@ -245,6 +245,8 @@ class EpochService:
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._work: set[asyncio.Task[None]] = set()
         self.answered = 0
+        self.refused_stale: dict[str, int] = {}
+        """Per disk, the epoch requests refused for a stale token (a fenced-out sender)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Answer requests until ``stop``: first those read before a restart, then new ones."""
@@ -348,6 +350,7 @@ class EpochService:
             return EpochReply(request_id=request.request_id)
         except StaleToken as error:
             bound.warning("epoch request refused: stale token", error=str(error))
+            self.refused_stale[request.disk_id] = self.refused_stale.get(request.disk_id, 0) + 1
             code, reason, highest = ReplyCode.STALE_TOKEN, str(error), error.highest
         except EpochOutOfOrder as error:
             bound.info("epoch request out of order", error=str(error))

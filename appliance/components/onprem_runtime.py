@@ -7,8 +7,14 @@
   host) and ``snapshot_id`` (its migrate-time snapshot); serves
   ``snap/<disk>`` and ``cur/<disk>``; ``result``: ``address`` (HOST:PORT of
   the NBD server), ``current``, ``snapshot`` (export names);
-* ``close``: stops serving the disk (its journal stays);
+* ``close``: stops serving the disk (its journal stays); ``result``: what the journal
+  says once it is closed (``journal``: ``ok``, ``absent`` or ``corrupt``;
+  ``applied_epoch``; ``committed_prefix``: true when the image is exactly the snapshot
+  plus epochs 1..applied_epoch, nothing half-applied): a recovery's verdict;
 * ``cut_epoch``: refused ``invalid``: epochs are cut by the cache.
+* Data lost: an ``open`` of a disk this instance served before whose journal is gone (the
+  data directory lost) fails ``data_lost``: nothing can say any more which epochs its
+  image holds (the appliance sends the VMs on it back, to ``_HDM_RECOVERYFAILED``).
 
 With ``link_zstd`` on, the NBD server is also reached compressed through a
 :class:`~appliance.datapath.link.ZstdRelay` listening at ``link_zstd_bind``;
@@ -34,19 +40,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from appliance.components.adapter_state import AdapterState
+from appliance.components.adapter_state import AdapterState, data_lost
 from appliance.components.epochs import EpochService, parse_address
 from appliance.components.onprem import (
     OnpremDiskOrder,
     OnpremIoManager,
     current_export,
+    read_journal,
     snapshot_export,
 )
 from appliance.components.orders import Order, OrderAction, OrderOutcome, OutcomeCode
 from appliance.components.runtimes import ComponentConfig
 from appliance.datapath.link import ZstdRelay
 from appliance.datapath.nbd.channel import TcpAddress
-from appliance.errors import FerryError
+from appliance.errors import FerryError, JournalCorrupt
 from appliance.logs import get_logger
 from appliance.state.keys import Keys
 from appliance.state.store import StateStore, connect
@@ -82,6 +89,8 @@ class OnpremRuntime:
         self._manager: OnpremIoManager | None = None
         self._service: EpochService | None = None
         self._relay: ZstdRelay | None = None
+        self._store: StateStore | None = None
+        self._lost: dict[str, str] = {}  # disk -> migration: served before, its journal gone
 
     @property
     def manager(self) -> OnpremIoManager:
@@ -94,6 +103,7 @@ class OnpremRuntime:
         async with AsyncExitStack() as stack:
             store = StateStore(connect(config.redis_url), Keys(config.redis_prefix))
             stack.push_async_callback(store.close)
+            self._store = store
             address = TcpAddress(config.nbd_host, config.nbd_port)
             self._manager = await stack.enter_async_context(
                 OnpremIoManager(config.data_dir, address=address)
@@ -158,11 +168,19 @@ class OnpremRuntime:
         if order.action is OrderAction.CLOSE:
             epoch = await self.manager.close_disk(order.disk_id, order.token)
             await self._state.closed(order.disk_id)
-            # The epoch its image was left at (a reset reports it): only when it was open.
-            return OrderOutcome.applied(order, **({} if epoch is None else {"epoch": epoch}))
+            # The epoch its image was left at (a reset reports it): only when it was open;
+            # and what its journal says (a recovery's verdict).
+            verdict = await self._verdict(order.disk_id)
+            left_at = {} if epoch is None else {"epoch": epoch}
+            return OrderOutcome.applied(order, closed=True, **verdict, **left_at)
         wanted = disk_order(order)
         if isinstance(wanted, str):
             return OrderOutcome.refused(order, OutcomeCode.INVALID, wanted)
+        lost = await self._data_lost(order)
+        if lost is not None:
+            self._lost[order.disk_id] = order.migration_id
+            log.error("disk data lost", disk_id=order.disk_id, reason=lost)
+            return OrderOutcome.data_lost(order, lost)
         await self.manager.open_disk(wanted)
         await self._state.opened(order)
         zstd = {} if self._relay is None else {"zstd_address": str(self._relay.address)}
@@ -173,6 +191,28 @@ class OnpremRuntime:
             snapshot=snapshot_export(order.disk_id),
             **zstd,
         )
+
+    async def _data_lost(self, order: Order) -> str | None:
+        if order.disk_id in self._state.disks or self._store is None:
+            return None
+        journal = self.manager.journal_path(order.disk_id)
+        exists = await asyncio.to_thread(journal.exists)
+        return await data_lost(self._store, self._config.instance, order, exists)
+
+    async def _verdict(self, disk_id: str) -> dict[str, str | int | bool]:
+        """What the disk's journal says, read once the disk is closed (nothing changes it)."""
+        path = self.manager.journal_path(disk_id)
+        if not await asyncio.to_thread(path.exists):
+            return {"journal": "absent", "applied_epoch": 0, "committed_prefix": True}
+        try:
+            state = await asyncio.to_thread(read_journal, path)
+        except JournalCorrupt as error:
+            return {"journal": "corrupt", "reason": str(error)[:500], "committed_prefix": False}
+        return {
+            "journal": "ok",
+            "applied_epoch": state.applied_epoch,
+            "committed_prefix": state.committed_prefix,
+        }
 
     def status(self) -> Mapping[str, object]:
         if self._manager is None:
@@ -185,6 +225,8 @@ class OnpremRuntime:
             "committed_epoch": status.committed_epochs,
             "epochs_staged": {disk: list(epochs) for disk, epochs in status.epochs_staged.items()},
             "epoch_requests_answered": self._service.answered if self._service else 0,
+            "epochs_refused_stale": dict(self._service.refused_stale) if self._service else {},
+            "data_lost": dict(self._lost),
             "epochs_applied": self._manager.epochs_applied,
             "bytes_applied": self._manager.bytes_applied,
             "bytes_staged": self._manager.staged.bytes,

@@ -9,6 +9,7 @@ An *instance* is one component process, named ``{kind}/{name}`` (``cache/cache-1
     {p}:component-order-events:{kind}/{name}     stream  "order changed" notifications (disk)
     {p}:component-outcomes:{kind}/{name}         hash    disk id -> outcome of its latest order
     {p}:component-outcome-events:{kind}/{name}   stream  "outcome recorded" notifications
+    {p}:component-outcomes-refused:{kind}/{name} hash    disk id -> stale outcomes refused
 
 The order and outcome JSON are the wire between hosts: pydantic models, strict,
 ``extra="forbid"``. Inside, :class:`Order` and :class:`OrderOutcome` are frozen
@@ -99,6 +100,11 @@ class ComponentKeys:
     def outcome_events(self) -> str:
         return self._key("component-outcome-events")
 
+    @property
+    def outcomes_refused(self) -> str:
+        """disk id -> outcomes refused for a stale token (a paused component resumed)."""
+        return self._key("component-outcomes-refused")
+
 
 class OrderAction(StrEnum):
     OPEN = "open"
@@ -125,6 +131,9 @@ class OutcomeCode(StrEnum):
     ERROR = "error"
     UNAVAILABLE = "unavailable"
     NOT_IMPLEMENTED = "not_implemented"
+    DATA_LOST = "data_lost"
+    """The disk was served by an earlier run of this component whose data directory is
+    gone (its dirty data with it): it is not served again from an empty cache."""
 
 
 def _frozen(values: Mapping[str, ParamValue]) -> Mapping[str, ParamValue]:
@@ -245,6 +254,13 @@ class OrderOutcome:
             reason,
             retryable=retryable,
         )
+
+    @classmethod
+    def data_lost(cls, order: Order, reason: str) -> OrderOutcome:
+        return cls(
+            order.order_id, order.disk_id, OutcomeKind.FAILED, order.token, OutcomeCode.DATA_LOST,
+            reason,
+        )  # fmt: skip
 
     @classmethod
     def not_implemented(cls, order: Order, reason: str) -> OrderOutcome:

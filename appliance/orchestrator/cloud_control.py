@@ -34,6 +34,8 @@ from appliance.orchestrator.resting import (
 )
 from appliance.orchestrator.states import (
     MIGRATING_BACK,
+    RECOVERY,
+    RECOVERY_ENDS,
     RESTING,
     Step,
     machine_for,
@@ -45,7 +47,8 @@ from messages.commands import MigrateBackRequestBody
 from messages.common import MigrationType
 from messages.errors import ErrorCode
 
-BACK_OR_DONE = frozenset({*MIGRATING_BACK, Step.MIGRATED_BACK})
+BACK_OR_DONE = frozenset({*MIGRATING_BACK, Step.MIGRATED_BACK, *RECOVERY, *RECOVERY_ENDS})
+"""Going back or gone back: planned, or sent back by a recovery (a component lost)."""
 
 
 def _refuse_back(command: str, record: MigrationRecord, asked: bool = False) -> None:

@@ -63,6 +63,10 @@ class OrchestratorConfig:
     """Where offline packages on S3 are reached (endpoint, credentials)."""
     wan_upstream: str = ""
     """HOST:PORT the cloud cache dials to reach the I/O manager (empty: the address it gives)."""
+    recovery_success_pool: str = "_HDM_RECOVERYSUCCESS"
+    """Where a recovered on-prem VM lands when its image is a committed prefix."""
+    recovery_failed_pool: str = "_HDM_RECOVERYFAILED"
+    """... and when it is not (or cannot be told): restore from its migrate-time snapshot."""
     cutover_gate: bool = False
     """Tests only: a warm VM waits for the ask ``cutover`` before it cuts over, and for
     ``cutover_off`` once its cloud VM is off (a crash test holds it there)."""

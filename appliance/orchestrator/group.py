@@ -12,6 +12,10 @@ back is asked for, then takes the way back together, step by step.
 On a restart the run picks up from the persisted steps: an interrupted step's
 action runs again (each is idempotent), members already at a together step
 wait for the others, and a group found rolling back finishes rolling back.
+
+A recovery asked of the group (a component it depends on is lost: ``recovery.py``) ends
+the run at once, wherever it is; the next run, under a new fencing token, takes the group
+down the recovery path instead.
 """
 
 from __future__ import annotations
@@ -21,16 +25,18 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 from appliance.errors import (
+    ComponentError,
     FerryError,
     LeaseLost,
     MigrationCancelled,
     OutOfSpace,
     PermanentError,
+    StateStoreUnavailable,
     TransferCancelled,
     TransientError,
 )
 from appliance.logs import get_logger
-from appliance.orchestrator import serve_steps, steps, tags, warm, warm_offline
+from appliance.orchestrator import recovery, serve_steps, steps, tags, warm, warm_offline
 from appliance.orchestrator.context import Deps
 from appliance.orchestrator.copying import DiskCopy
 from appliance.orchestrator.journal import Journal
@@ -38,7 +44,7 @@ from appliance.orchestrator.pausing import Pausing
 from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.resting import ASK_BACK, Resting
 from appliance.orchestrator.resume import snapshot_step
-from appliance.orchestrator.states import TERMINAL, Machine, Step, machine_for
+from appliance.orchestrator.states import RECOVERY_ENDS, TERMINAL, Machine, Step, machine_for
 from appliance.state.leases import Lease
 from appliance.state.migrations import GroupInfo
 from messages.common import MigrationType
@@ -55,22 +61,41 @@ class GroupRun:
         self._cancel = cancel
         self._records: dict[str, MigrationRecord] = {}
         self._failed: str | None = None  # the member whose step failed first
+        self._recovery_asked = False
         self._log = log.bind(group_id=group.group_id)
 
     async def run(self) -> None:
         stored = await self._deps.migrations.get_many(list(self._group.members))
         self._records = {s.migration_id: load(s.record) for s in stored}
-        if any(s.cancel_requested for s in stored):
-            self._cancel.set()
-        watcher = asyncio.create_task(self._watch_cancel())
+        # Asked before this run gave any order: its token is newer than any the lost
+        # component was given, so it may fence it.
+        lost = await recovery.asked(self._deps, self._records)
+        if lost is not None:
+            await recovery.Recovery(self._deps, self._journal, self._records, lost).run()
+        else:
+            if any(s.cancel_requested for s in stored):
+                self._cancel.set()
+            await self._drive_watched()
+        if all(record.step in TERMINAL for record in self._records.values()):
+            await self._deps.migrations.finish_group(self._group.group_id)
+
+    async def _drive_watched(self) -> None:
+        """Drive, watching for a cancel and for a recovery asked meanwhile (which ends this
+        run: the next one takes the lease with a new token)."""
+        drive = asyncio.create_task(self._drive())
+        watcher = asyncio.create_task(self._watch(drive))
         try:
-            await self._drive()
+            await drive
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not self._recovery_asked or (current is not None and current.cancelling()):
+                raise
+            # Only the drive was cancelled, by the watcher: this run is over.
+            self._log.warning("recovery asked: this run ends, the next one recovers")
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        if all(record.step in TERMINAL for record in self._records.values()):
-            await self._deps.migrations.finish_group(self._group.group_id)
 
     @property
     def _machine(self) -> Machine:
@@ -90,6 +115,16 @@ class GroupRun:
         machine = self._machine
         if any(r.step in (Step.ROLLING_BACK, Step.FAILED, Step.CANCELLED) for r in records):
             await self._rollback_all(None)
+            return
+        recovered = [r for r in records if r.step in RECOVERY_ENDS]
+        if recovered:  # members not yet on the components when it went back: rolled back
+            lost = recovered[0]
+            await self._rollback_all(
+                ComponentError(
+                    f"group member {lost.migration_id} went back: "
+                    f"{lost.recovery_component} lost ({lost.recovery_reason})"
+                )
+            )
             return
         try:
             solo_end = self._position(machine.solo[-1])
@@ -215,12 +250,21 @@ class GroupRun:
         if self._cancel.is_set():
             raise MigrationCancelled(self._group.group_id)
 
-    async def _watch_cancel(self) -> None:
-        while not self._cancel.is_set():
+    async def _watch(self, drive: asyncio.Task[None]) -> None:
+        while not drive.done():
             await asyncio.sleep(self._deps.config.cancel_poll_s)
-            stored = await self._deps.migrations.get_many(list(self._group.members))
+            try:
+                stored = await self._deps.migrations.get_many(list(self._group.members))
+                records = {s.migration_id: load(s.record) for s in stored}
+                lost = await recovery.asked(self._deps, records)
+            except StateStoreUnavailable:
+                continue  # the drive meets it too; the watch goes on
             if any(s.cancel_requested for s in stored):
                 self._cancel.set()
+            if lost is not None:
+                self._recovery_asked = True
+                drive.cancel()
+                return
 
     # -- backward -----------------------------------------------------------------
 

@@ -126,6 +126,12 @@ class MigrationRecord:
     # Warm offline bulk: the package exported there (a directory or s3://bucket/prefix).
     bulk_offline: bool = False
     package_location: str | None = None
+    # Recovery (orchestrator/recovery.py): the component lost, why, the journal's verdict
+    # and the pool the on-prem VM lands in (None until decided).
+    recovery_component: str | None = None
+    recovery_reason: str | None = None
+    recovery_verdict: str = ""
+    recovery_pool: str | None = None
 
     def with_step(self, step: Step, at: str) -> MigrationRecord:
         return replace(self, step=step, updated_at=at)

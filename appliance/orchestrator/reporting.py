@@ -13,7 +13,7 @@ from appliance.orchestrator.record import CUTOVER_SECONDS, PAUSED_REASON, Migrat
 from appliance.orchestrator.states import Step, phase_of, public_state
 from appliance.sink import EventSink
 from messages.common import ErrorInfo, MigrationState
-from messages.events import MigrationStatus, SourceCloneResponse
+from messages.events import MigrationStatus, RecoveryInfo, SourceCloneResponse
 
 log = get_logger(__name__)
 
@@ -80,6 +80,18 @@ def status_of(
         cutover_s=_seconds(record.extra.get(CUTOVER_SECONDS)),
         volumes=tuple(disk.volume_id for disk in record.disks),
         reconcile_pass=round_of(record),
+        recovery=_recovery(record),
+    )
+
+
+def _recovery(record: MigrationRecord) -> RecoveryInfo | None:
+    if record.recovery_component is None:
+        return None
+    return RecoveryInfo(
+        component=record.recovery_component,
+        reason=(record.recovery_reason or "")[:4096],
+        pool=record.recovery_pool,
+        verdict=record.recovery_verdict[:4096],
     )
 
 

@@ -19,6 +19,11 @@ tbc (try before commit)::
       ─▶ BACK_RESTORING_DISKS ─▶ BACK_RETURNING ─▶ MIGRATED_BACK         (migrate back)
     any step before RUNNING_IN_CLOUD ─▶ ROLLING_BACK ─▶ FAILED | CANCELLED
 
+recovery (tbc and warm, a component they depend on lost; orchestrator/recovery.py)::
+
+    any step of ``recover_from`` ─▶ RECOVERY_FENCING ─▶ RECOVERY_REMOVING_CLOUD
+      ─▶ RECOVERY_CHECKING_DISKS ─▶ RECOVERY_RETURNING ─▶ RECOVERED | RECOVERY_FAILED
+
 warm: tbc's first steps, then (the VM running over the cache) BULK_COPYING ─▶ AWAITING_BULK
     (offline: the package's import at the cloud; online: passes through) ─▶ RECONCILING
     ─▶ CUTTING_OVER ─▶ CUT_OVER (resting on its volumes, awaiting a CommitRequest)
@@ -73,6 +78,13 @@ class Step(StrEnum):
     ROLLING_BACK = "rolling_back"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Recovery (orchestrator/recovery.py): a component the VM depends on is lost.
+    RECOVERY_FENCING = "recovery_fencing"
+    RECOVERY_REMOVING_CLOUD = "recovery_removing_cloud"
+    RECOVERY_CHECKING_DISKS = "recovery_checking_disks"
+    RECOVERY_RETURNING = "recovery_returning"
+    RECOVERED = "recovered"
+    RECOVERY_FAILED = "recovery_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +106,9 @@ class Machine:
     """FAILED may go back to QUEUED (a resume after a failure that kept the data)."""
     entries: tuple[tuple[Step, Step], ...] = ()
     """Ways into this table from another's step (a tbc VM committed goes on as warm)."""
+    recover_from: frozenset[Step] = frozenset()
+    """Steps at which the VM depends on the cache and the I/O manager: losing one sends it
+    down the recovery path (RECOVERY) to its last committed epoch."""
 
     @property
     def forward(self) -> tuple[Step, ...]:
@@ -105,7 +120,8 @@ class Machine:
 
     @property
     def steps(self) -> frozenset[Step]:
-        return frozenset((*self.forward, *self.back, *_ENDS))
+        recovery = (*RECOVERY, *RECOVERY_ENDS) if self.recover_from else ()
+        return frozenset((*self.forward, *self.back, *_ENDS, *recovery))
 
     @property
     def transitions(self) -> dict[Step, frozenset[Step]]:
@@ -139,6 +155,12 @@ def _transitions(machine: Machine) -> dict[Step, frozenset[Step]]:
             table[step].add(Step.ROLLING_BACK)
     for step, following in machine.entries:
         table[step].add(following)
+    if machine.recover_from:
+        for step in machine.recover_from:
+            table[step].add(RECOVERY[0])
+        for step, following in itertools.pairwise(RECOVERY):
+            table[step].add(following)
+        table[RECOVERY[-1]].update(RECOVERY_ENDS)
     table[Step.QUEUED].add(Step.CANCELLED)
     table[Step.ROLLING_BACK] = {Step.FAILED, Step.CANCELLED}
     if machine.resumable:
@@ -147,6 +169,15 @@ def _transitions(machine: Machine) -> dict[Step, frozenset[Step]]:
 
 
 _START = (Step.QUEUED, Step.PREPARING, Step.POWERING_OFF, Step.SNAPSHOTTING)
+
+RECOVERY = (
+    Step.RECOVERY_FENCING,
+    Step.RECOVERY_REMOVING_CLOUD,
+    Step.RECOVERY_CHECKING_DISKS,
+    Step.RECOVERY_RETURNING,
+)
+"""The way back to the last committed epoch when a component is lost (recovery.py)."""
+RECOVERY_ENDS = (Step.RECOVERED, Step.RECOVERY_FAILED)
 
 COLD = Machine(
     name="cold",
@@ -173,6 +204,18 @@ TBC = Machine(
     arrive=Step.RUNNING_IN_CLOUD,
     no_rollback=frozenset({Step.RUNNING_IN_CLOUD, *BACK}),
     back=BACK,
+    recover_from=frozenset(
+        {
+            Step.OPENING_DISKS,
+            Step.CREATING_TARGET,
+            Step.PARKING,
+            Step.POWERING_ON,
+            Step.RUNNING_IN_CLOUD,
+            Step.BACK_POWERING_OFF,
+            Step.BACK_FINAL_EPOCH,
+            Step.BACK_REMOVING_CLOUD,
+        }
+    ),
 )
 
 WARM = Machine(
@@ -201,6 +244,19 @@ WARM = Machine(
     ),
     back=(Step.COMMITTING, Step.COMPLETED),
     entries=((Step.RUNNING_IN_CLOUD, Step.BULK_COPYING),),
+    # Before its cutover the VM runs on the cache: caught in the middle, it fails and goes
+    # back. From CUTTING_OVER on its volumes hold it (the cutover's own checks): untouched.
+    recover_from=frozenset(
+        {
+            Step.OPENING_DISKS,
+            Step.CREATING_TARGET,
+            Step.PARKING,
+            Step.POWERING_ON,
+            Step.BULK_COPYING,
+            Step.AWAITING_BULK,
+            Step.RECONCILING,
+        }
+    ),
 )
 
 MACHINES: dict[MigrationType, Machine] = {
@@ -224,7 +280,7 @@ CUTOVER: frozenset[Step] = frozenset(COLD.together)
 A cancel is still honoured before FINALIZING; from there on the group completes."""
 
 TERMINAL: frozenset[Step] = frozenset(
-    {Step.COMPLETED, Step.MIGRATED_BACK, Step.FAILED, Step.CANCELLED}
+    {Step.COMPLETED, Step.MIGRATED_BACK, Step.FAILED, Step.CANCELLED, *RECOVERY_ENDS}
 )
 
 RESTING: frozenset[Step] = frozenset(m.resting for m in MACHINES.values() if m.resting)
@@ -250,7 +306,7 @@ def on_components(migration_type: MigrationType, step: Step) -> bool:
     if Step.OPENING_DISKS not in machine.steps:
         return False
     path = (*machine.forward, *machine.back)
-    if step is Step.ROLLING_BACK:
+    if step is Step.ROLLING_BACK or step in RECOVERY[:-1]:
         return True
     if step not in path:
         return False
@@ -289,6 +345,8 @@ _PHASES: dict[Step, Phase] = {
     Step.ROLLING_BACK: Phase.CLEANUP,
     Step.FAILED: Phase.DONE,
     Step.CANCELLED: Phase.DONE,
+    **{step: Phase.RECOVER for step in RECOVERY},
+    **{step: Phase.DONE for step in RECOVERY_ENDS},
 }
 
 
@@ -306,9 +364,13 @@ def public_state(step: Step, cancel_requested: bool) -> MigrationState:
         Step.CANCELLED: MigrationState.CANCELLED,
         Step.MIGRATED_BACK: MigrationState.MIGRATED_BACK,
         Step.RUNNING_IN_CLOUD: MigrationState.RUNNING,
+        Step.RECOVERED: MigrationState.RECOVERED,
+        Step.RECOVERY_FAILED: MigrationState.RECOVERY_FAILED,
     }
     if step in fixed:
         return fixed[step]
+    if step in RECOVERY:
+        return MigrationState.RECOVERING
     if step in MIGRATING_BACK:
         return MigrationState.MIGRATING_BACK
     if cancel_requested and step not in {Step.FINALIZING, *WARM.no_rollback}:

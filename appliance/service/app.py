@@ -42,6 +42,7 @@ from appliance.service.health import (
 )
 from appliance.service.heartbeat import HeartbeatPublisher
 from appliance.service.metrics import appliance_registry, build_collector
+from appliance.service.recovery import recovery_trigger
 from appliance.service.repair import Repairer, RepairPolicy, repair_ways
 from appliance.service.runtime import RuntimeInfo, clear_runtime, write_runtime
 from appliance.service.wiring import (
@@ -159,6 +160,9 @@ class Appliance:
             for name, way in ways:
                 self.repairer.watch(name, way)
             wan = wan_probe(settings, store, self.health, self.clock, cloud.dialled)
+            recovery = recovery_trigger(
+                settings, store, heartbeat_reader(settings, store), self.clock
+            )
             self._write_runtime(sqs_endpoint, bus, keys.public.text, metrics)
             stack.callback(clear_runtime, settings.data_dir, os.getpid())
             log.info("appliance started", appliance_id=settings.appliance_id, key=keys.public.text)
@@ -174,7 +178,10 @@ class Appliance:
                     tasks.create_task(components.run(stop))
                 if watch is not None:
                     tasks.create_task(watch.run(stop))
-                tasks.create_task(wan.run(stop))
+                if wan is not None:
+                    tasks.create_task(wan.run(stop))
+                if recovery is not None:
+                    tasks.create_task(recovery.run(stop))
                 for probe in site_probes:
                     tasks.create_task(probe.run(stop))
             log.info("appliance stopped")

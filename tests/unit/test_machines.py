@@ -48,7 +48,7 @@ def test_tbc_goes_to_the_cloud_rests_and_comes_back_step_by_step() -> None:
         walked.append(TBC.next_step(walked[-1]))
     assert tuple(walked) == (*TBC_FORWARD, *BACK)
     table = TBC.transitions
-    assert table[Step.RUNNING_IN_CLOUD] == {Step.BACK_POWERING_OFF}
+    assert table[Step.RUNNING_IN_CLOUD] == {Step.BACK_POWERING_OFF, Step.RECOVERY_FENCING}
     assert table[Step.MIGRATED_BACK] == frozenset()
 
 
@@ -140,6 +140,7 @@ def test_which_steps_run_on_the_components() -> None:
         Step.OPENING_DISKS, Step.CREATING_TARGET, Step.PARKING, Step.POWERING_ON,
         Step.RUNNING_IN_CLOUD, Step.BACK_POWERING_OFF, Step.BACK_FINAL_EPOCH,
         Step.BACK_REMOVING_CLOUD, Step.BACK_RESTORING_DISKS, Step.ROLLING_BACK,
+        Step.RECOVERY_FENCING, Step.RECOVERY_REMOVING_CLOUD, Step.RECOVERY_CHECKING_DISKS,
     }  # fmt: skip
     assert not any(on_components(MigrationType.COLD, s) for s in Step)
     # Warm: from the opening of its disks until its commit closes them (a restart asks
