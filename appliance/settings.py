@@ -150,7 +150,7 @@ class Settings(BaseSettings):
     component_repair_backoff_s: float = Field(default=10.0, gt=0)
     component_repair_backoff_max_s: float = Field(default=120.0, gt=0)
     component_repair_timeout_s: float = Field(
-        default=600.0, gt=0, description="failed this long and not repaired: unrepairable"
+        default=300.0, gt=0, description="failed this long and not repaired: unrepairable"
     )
     component_repair_command_timeout_s: float = Field(
         default=120.0, gt=0, description="one run of the repair command, at most"

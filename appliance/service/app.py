@@ -161,7 +161,7 @@ class Appliance:
                 self.repairer.watch(name, way)
             wan = wan_probe(settings, store, self.health, self.clock, cloud.dialled)
             recovery = recovery_trigger(
-                settings, store, heartbeat_reader(settings, store), self.clock
+                settings, store, heartbeat_reader(settings, store), self.clock, self.health
             )
             self._write_runtime(sqs_endpoint, bus, keys.public.text, metrics)
             stack.callback(clear_runtime, settings.data_dir, os.getpid())

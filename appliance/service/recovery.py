@@ -6,6 +6,10 @@ Every ``interval_s`` it reads the tbc components' heartbeats and their order out
   deadline (``recovery_after_s``; 0: the component timeout plus
   ``recovery_repair_allowance_s``, the time repair gets) could not be repaired in time:
   every migration that depends on it is lost with it;
+* a component whose repair gave up (``HealthBoard.unrepairable``: the repair deadline,
+  ``component_repair_timeout_s``, passed) is lost at once, whatever the deadline above;
+* the WAN link failed (down past ``wan_down_threshold_s``): once it is back, every cache's
+  VMs are lost with it (their on-prem image is as old as the outage; HDM's failure path);
 * a cache whose outcome for a disk says ``data_lost`` (restarted without the data directory
   that held the disk's dirty data) has lost that disk: the migrations owning such disks.
 
@@ -41,6 +45,7 @@ from appliance.components.orders import (
     OutcomeCode,
 )
 from appliance.errors import StateStoreUnavailable
+from appliance.health import HealthBoard
 from appliance.logs import get_logger
 from appliance.orchestrator.record import MigrationRecord, load
 from appliance.orchestrator.recovery import ASK_RECOVER, Lost, RecoveryEvent, depends_on
@@ -54,6 +59,7 @@ from appliance.state.migrations import MigrationStore
 from appliance.state.store import StateStore, text
 
 log = get_logger(__name__)
+WAN_LINK = "wan_link"
 
 
 def recovery_after_s(settings: Settings) -> float:
@@ -83,8 +89,11 @@ class RecoveryTrigger:
         after_s: float,
         interval_s: float,
         clock: Clock,
+        board: HealthBoard | None = None,
     ) -> None:
         self._store = store
+        self._board = board  # repair's verdicts and the WAN link's state, when given
+        self._wan_failed = False
         self._migrations = MigrationStore(store)
         self._events = EventLog(store)
         self._onprem = onprem  # the I/O manager the tbc VMs' disks are on
@@ -110,6 +119,7 @@ class RecoveryTrigger:
     async def check(self) -> list[str]:
         """Ask the groups that depend on a lost component to recover; the migrations asked."""
         losses = [loss for i in self._instances for loss in await self._losses(i)]
+        losses += self._wan_losses()
         if not losses:
             return []
         asked: list[str] = []
@@ -134,7 +144,10 @@ class RecoveryTrigger:
             if silent is None:
                 since = self._failing_since.setdefault(instance, now - self._reader.timeout_s)
                 silent = now - since
-            if silent > self._after_s:
+            why = self._gave_up(str(instance))
+            if why is not None:
+                found.append(Loss(instance, f"failed, and its repair gave up: {why}"))
+            elif silent > self._after_s:
                 reason = (
                     f"failed for {silent:.0f} s ({report.detail}), not repaired within "
                     f"{self._after_s:g} s"
@@ -144,6 +157,28 @@ class RecoveryTrigger:
         if lost:
             found.append(Loss(instance, lost[1], frozenset(lost[0])))
         return found
+
+    def _gave_up(self, name: str) -> str | None:
+        """Why the component's repair gave up; None if it did not (or no board knows)."""
+        board = self._board
+        if board is None or name not in board.names() or not board.unrepairable(name):
+            return None
+        return board.unrepairable_reason(name)
+
+    def _wan_losses(self) -> list[Loss]:
+        """The WAN link failed (past its threshold) and is back: every cache's VMs."""
+        board = self._board
+        if board is None or WAN_LINK not in board.names():
+            return []
+        if board.failed_since(WAN_LINK) is not None:
+            self._wan_failed = True
+            return []
+        if not (self._wan_failed and board.is_ok(WAN_LINK)):
+            return []
+        self._wan_failed = False
+        reason = "the WAN link was down past its threshold: the on-prem image is behind"
+        caches = [i for i in self._instances if i.kind == ComponentKind.CACHE.value]
+        return [Loss(instance, reason) for instance in caches]
 
     async def _tidy(self, instance: ComponentId, report: ComponentReport) -> None:
         """Close and discard the disks a live cache still serves for recovered migrations,
@@ -240,7 +275,11 @@ class RecoveryTrigger:
 
 
 def recovery_trigger(
-    settings: Settings, store: StateStore, reader: HeartbeatReader, clock: Clock
+    settings: Settings,
+    store: StateStore,
+    reader: HeartbeatReader,
+    clock: Clock,
+    board: HealthBoard | None = None,
 ) -> RecoveryTrigger | None:
     """The trigger, when the appliance expects the tbc components (else: nothing to lose)."""
     expected = set(expected_components(settings))
@@ -255,4 +294,5 @@ def recovery_trigger(
         after_s=recovery_after_s(settings),
         interval_s=max(0.2, min(settings.component_heartbeat_interval_s, 5.0)),
         clock=clock,
+        board=board,
     )

@@ -18,6 +18,7 @@ from appliance.components.orders import (
     OrderOutcome,
 )
 from appliance.embedded import RedisServer
+from appliance.health import HealthBoard
 from appliance.orchestrator.record import DiskPlan, MigrationRecord, TransferOptions, dump
 from appliance.orchestrator.recovery import ASK_RECOVER, Lost, RecoveryEvent
 from appliance.orchestrator.states import Step, public_state
@@ -74,7 +75,12 @@ async def lab(store: StateStore) -> None:
     await add_group(store, "g-5", [record(6, "g-5", cold, Step.TRANSFERRING, "cache-1")])
 
 
-def trigger(store: StateStore, instances: list[ComponentId], after_s: float) -> RecoveryTrigger:
+def trigger(
+    store: StateStore,
+    instances: list[ComponentId],
+    after_s: float,
+    board: HealthBoard | None = None,
+) -> RecoveryTrigger:
     return RecoveryTrigger(
         store,
         ComponentHealth(store, 1.0),
@@ -83,6 +89,7 @@ def trigger(store: StateStore, instances: list[ComponentId], after_s: float) -> 
         after_s=after_s,
         interval_s=1.0,
         clock=FakeClock(),
+        board=board,
     )
 
 
@@ -132,3 +139,43 @@ async def test_a_cache_failed_past_the_deadline_sends_back_every_vm_on_it(
     assert sorted(await trigger(store, [CACHE_1], after_s=0.0).check()) == ["m-1", "m-2", "m-5"]
     reason = (await asked(store))["m-5"].reason
     assert "not repaired within 0 s" in reason
+
+
+def board_with(*names: str) -> HealthBoard:
+    board = HealthBoard(FakeClock())
+    for name in names:
+        board.register(name, timeout_s=1.0)
+        board.ok(name)
+    return board
+
+
+async def test_a_component_whose_repair_gave_up_is_lost_before_the_deadline(
+    store: StateStore,
+) -> None:
+    await lab(store)
+    board = board_with(str(CACHE_2))
+    board.failed(str(CACHE_2), "silent")
+    sender = trigger(store, [CACHE_2], after_s=600.0, board=board)
+    assert await sender.check() == []  # failed, not yet given up, the deadline far off
+    board.mark_unrepairable(str(CACHE_2), "3 attempts in 300 s")
+    assert await sender.check() == ["m-3"]
+    reason = (await asked(store))["m-3"].reason
+    assert "repair gave up" in reason and "3 attempts" in reason
+
+
+async def test_the_wan_link_failed_past_its_threshold_sends_the_caches_vms_back_once_it_returns(
+    store: StateStore,
+) -> None:
+    await lab(store)
+    board = board_with("wan_link", str(CACHE_1))
+    sender = trigger(store, [ONPREM, CACHE_1], after_s=600.0, board=board)
+    board.degraded("wan_link", "down 10 s")  # within its threshold: tolerated
+    assert await sender.check() == []
+    board.ok("wan_link")
+    assert await sender.check() == []
+    board.failed("wan_link", "down past its threshold")
+    assert await sender.check() == []  # nothing crosses the link yet: wait for it
+    board.ok("wan_link")
+    assert sorted(await sender.check()) == ["m-1", "m-2", "m-5"]
+    assert "WAN link" in (await asked(store))["m-1"].reason
+    assert await sender.check() == []  # once
