@@ -1,0 +1,359 @@
+"""The fault cases, as data: one row each, one fault each, run by the same harness.
+
+``inject(rig)`` starts the fault once the VM rests in the cloud with the guest
+writing and a first epoch committed (``rig.fault_begins()`` marks the moment),
+and returns once the fault is over (the case's own condition: a process back, a
+link healed, a held commit finished). Then the harness takes the planned way home
+(``needs_recovery`` False) or waits for the automatic recovery (True).
+
+``watch``: the components whose *failed* state in the appliance's heartbeat counts
+as the fault's detection. ``undetected``: the fault stays under the timeout and
+must not be reported failed at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.components.heartbeat import ComponentReport, Liveness
+from appliance.components.onprem import CommitStep
+from tests.faults import scale
+from tests.faults.harness import Environment, Rig, recovered_home
+from tests.faults.runtime import held_stream, hold_key
+from tests.integration.tbc_helpers import CACHE, ONPREM, read_onprem
+
+Inject = Callable[[Rig], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class FaultCase:
+    name: str
+    fault: str
+    inject: Inject
+    watch: tuple[str, ...]
+    environment: Environment = Environment()  # noqa: RUF009 - frozen: one shared default is safe
+    needs_recovery: bool = False
+    undetected: bool = False
+
+
+async def _fresh_beat(rig: Rig, pid: int) -> None:
+    """Until ``pid`` beats again (after a SIGCONT): a beat newer than the last one seen."""
+    seen = (await rig.report(CACHE)).sequence
+
+    def fresh(report: ComponentReport) -> bool:
+        return report.liveness is Liveness.OK and report.pid == pid and report.sequence > seen
+
+    await rig.wait_component(CACHE, fresh)
+
+
+# -- sub-timeout faults: repaired in place, the VM stays in the cloud ------------------------------
+
+
+async def cache_sigkill_restarted(rig: Rig) -> None:
+    pid = await rig.pid(CACHE)
+    os.kill(pid, signal.SIGKILL)
+    rig.fault_begins()
+    await rig.serving_again(CACHE, not_pids={pid})  # the supervisor's restart
+
+
+async def onprem_killed_mid_commit(rig: Rig) -> None:
+    """The I/O manager held half-way through applying an epoch (the disk torn), then killed;
+    the supervisor restarts it, the journal's replay applies the epoch whole."""
+    prefix = rig.harness.prefix
+    await rig.store.redis.set(hold_key(prefix), CommitStep.PARTLY_APPLIED.value)
+    pending = rig.sync_soon()  # an epoch of the guest's writes, committed on-prem
+    fields = await _held(rig)
+    pid = int(fields[b"pid"])
+    rig.measures.notes.append(
+        f"held at {fields[b'step'].decode()} of epoch {fields[b'epoch'].decode()}"
+    )
+    os.kill(pid, signal.SIGKILL)
+    rig.fault_begins()
+    await rig.serving_again(ONPREM, not_pids={pid})
+    await pending  # the sync whose commit was cut short: answered after the replay
+
+
+async def _held(rig: Rig) -> dict[bytes, bytes]:
+    """The I/O manager's word that it holds a commit (a blocking read of its stream)."""
+    stream = held_stream(rig.harness.prefix)
+    async with asyncio.timeout(scale.WAIT_S):
+        while True:
+            rows: Any = await rig.store.redis.xread({stream: "0"}, block=1000)
+            for _, entries in rows or []:
+                for _, fields in entries:
+                    return dict(fields)
+
+
+async def sigstop_cache_under_timeout(rig: Rig) -> None:
+    pid = await rig.pid(CACHE)
+    os.kill(pid, signal.SIGSTOP)
+    rig.fault_begins()
+    try:
+        await rig.hold(0.6 * scale.PRODUCTION_COMPONENT_TIMEOUT_S)  # 72 s of 120 s
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await _fresh_beat(rig, pid)
+
+
+async def wan_blackhole_short(rig: Rig) -> None:
+    """Half the WAN threshold (150 s of 300 s): past the component timeout, so the link is
+    reported down, but short of the threshold: retried, no VM goes home."""
+    wan = rig.wan
+    assert wan is not None
+    await wan.blackhole()
+    rig.fault_begins()
+    pending = rig.sync_soon()  # its epoch waits for the link
+    try:
+        await rig.hold(0.5 * scale.PRODUCTION_WAN_THRESHOLD_S)
+    finally:
+        await wan.heal()
+    await pending
+
+
+async def wan_resets_mid_chunk(rig: Rig) -> None:
+    """Three resets, each 40 KiB into a connection's bytes towards on-prem (inside a 64 KiB
+    chunk of an epoch being shipped); the link then heals by itself."""
+    wan = rig.wan
+    assert wan is not None
+    wan.reset_mid_chunk(after=40 * 1024, times=3)
+    rig.fault_begins()
+    pending = rig.sync_soon()
+    async with asyncio.timeout(scale.WAIT_S):
+        await wan.reset_done.wait()
+    await pending
+    rig.measures.notes.append(f"{wan.resets} resets mid-chunk")
+
+
+async def wan_latency(rig: Rig) -> None:
+    """200 ms ± 100 ms each way: the guest writes on, an epoch ships and commits through it."""
+    wan = rig.wan
+    assert wan is not None
+    wan.latency(0.2, 0.1)
+    rig.fault_begins()
+    try:
+        await rig.g.wait_writes(30, within_s=scale.WAIT_S)
+        started = time.monotonic()
+        await rig.sync()
+        rig.measures.notes.append(f"sync over the slow link {time.monotonic() - started:.2f} s")
+    finally:
+        await wan.heal()
+
+
+def redis_stopped(production_s: float) -> Inject:
+    async def inject(rig: Rig) -> None:
+        redis = rig.redis
+        assert redis is not None
+        await redis.stop()  # SIGTERM: the append-only file is kept
+        rig.fault_begins()
+        pending = rig.sync_soon()  # asked while it is down: taken once it is back
+        try:
+            await rig.hold(production_s)
+        finally:
+            await redis.start()
+        await pending
+
+    return inject
+
+
+async def cache_disk_full(rig: Rig) -> None:
+    """The cache's data directory (a small tmpfs) filled up by ballast: the guest gets a clear
+    error, nothing acknowledged and flushed is lost; space freed, it goes on."""
+    cache_dir = rig.harness.data_dir / "components" / "cache" / "cache-1"
+    rig.guest_resumes = asyncio.Event()
+    ballast = cache_dir / "ballast"
+    await asyncio.to_thread(_fill, ballast)
+    rig.fault_begins()
+    try:
+        error = await rig.g.wait_error(within_s=scale.WAIT_S)
+        rig.measures.detected_at = error.at
+        rig.measures.notes.append(f"guest saw: {error.error[:120]}")
+    finally:
+        ballast.unlink(missing_ok=True)
+        rig.guest_resumes.set()
+    rig.guest_resumes = None
+
+
+def _fill(path: Path) -> None:
+    """Write until the file system is full."""
+    block = b"\xff" * (64 * 1024)
+    with open(path, "wb") as ballast:
+        try:
+            while True:
+                ballast.write(block)
+                ballast.flush()
+        except OSError:
+            pass
+
+
+async def second_failure_during_repair(rig: Rig) -> None:
+    """The cache killed; its restarted process killed again as soon as it beats (before it
+    serves the disk again); the third one repairs."""
+    first = await rig.pid(CACHE)
+    os.kill(first, signal.SIGKILL)
+    rig.fault_begins()
+    second = await rig.pid_other_than(CACHE, {first})
+    os.kill(second, signal.SIGKILL)
+    rig.measures.notes.append("killed again during its restart")
+    await rig.serving_again(CACHE, not_pids={first, second})
+
+
+# -- faults past the timeout: the VMs go home by themselves (automatic recovery) -------------------
+
+
+async def cache_killed_data_lost(rig: Rig) -> None:
+    pid = await rig.pid(CACHE)
+    os.kill(pid, signal.SIGSTOP)  # held while its directory goes: the next process finds none
+    shutil.rmtree(rig.harness.data_dir / "components" / "cache" / "cache-1", ignore_errors=True)
+    os.kill(pid, signal.SIGKILL)
+    rig.fault_begins()
+    await recovered_home(rig)
+
+
+async def sigstop_cache_over_timeout(rig: Rig) -> None:
+    """Paused past the timeout; resumed after its VM went home: it writes nothing on-prem."""
+    pid = await rig.pid(CACHE)
+    os.kill(pid, signal.SIGSTOP)
+    rig.fault_begins()
+    try:
+        await recovered_home(rig)
+        image = await read_onprem(rig.harness.data_dir, rig.vm_id, "disk-0")
+    finally:
+        _resume(pid)
+    if _alive(pid):
+        await _fresh_beat(rig, pid)
+        await _fresh_beat(rig, pid)  # its shipper has had its retries: refused (stale token)
+    assert await read_onprem(rig.harness.data_dir, rig.vm_id, "disk-0") == image
+
+
+def _resume(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def wan_blackhole_long(rig: Rig) -> None:
+    """One and a half times the WAN threshold (450 s of 300 s); the VM goes home once the
+    link is back."""
+    wan = rig.wan
+    assert wan is not None
+    await wan.blackhole()
+    rig.fault_begins()
+    try:
+        await rig.hold(1.5 * scale.PRODUCTION_WAN_THRESHOLD_S)
+    finally:
+        await wan.heal()
+    await recovered_home(rig)
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+WAN = Environment(wan=True)
+OWN_REDIS = Environment(own_redis=True)
+CASES: tuple[FaultCase, ...] = (
+    FaultCase(
+        "cache_sigkill_restarted",
+        "cache SIGKILLed, restarted by the supervisor within the timeout",
+        cache_sigkill_restarted,
+        (str(CACHE),),
+    ),
+    FaultCase(
+        "onprem_killed_mid_commit",
+        "I/O manager SIGKILLed half-way through applying an epoch",
+        onprem_killed_mid_commit,
+        (str(ONPREM),),
+    ),
+    FaultCase(
+        "sigstop_cache_under_timeout",
+        "cache SIGSTOPped for 0.6 x the timeout",
+        sigstop_cache_under_timeout,
+        (str(CACHE),),
+        undetected=True,
+    ),
+    FaultCase(
+        "wan_blackhole_short",
+        "WAN blackhole for 0.5 x the WAN threshold",
+        wan_blackhole_short,
+        ("wan_link",),
+        WAN,
+    ),
+    FaultCase(
+        "wan_resets_mid_chunk",
+        "WAN resets 40 KiB into an epoch's chunks, 3 times",
+        wan_resets_mid_chunk,
+        ("wan_link",),
+        WAN,
+    ),
+    FaultCase(
+        "wan_latency_200ms",
+        "WAN latency 200 ms +- 100 ms each way",
+        wan_latency,
+        ("wan_link",),
+        WAN,
+    ),
+    FaultCase(
+        "redis_stopped_10s",
+        "Redis stopped for 10 s (scaled) mid-epoch",
+        redis_stopped(10.0),
+        ("state_store",),
+        OWN_REDIS,
+    ),
+    FaultCase(
+        "redis_stopped_60s",
+        "Redis stopped for 60 s (scaled) mid-epoch",
+        redis_stopped(60.0),
+        ("state_store",),
+        OWN_REDIS,
+    ),
+    FaultCase(
+        "cache_disk_full",
+        "the cache's data directory (16 MiB tmpfs) filled up",
+        cache_disk_full,
+        (str(CACHE),),
+        Environment(cache_tmpfs_mib=16),
+    ),
+    FaultCase(
+        "second_failure_during_repair",
+        "cache SIGKILLed, then its restarted process SIGKILLed again",
+        second_failure_during_repair,
+        (str(CACHE),),
+    ),
+    FaultCase(
+        "cache_killed_data_lost",
+        "cache SIGKILLed and its data directory removed",
+        cache_killed_data_lost,
+        (str(CACHE),),
+        needs_recovery=True,
+    ),
+    FaultCase(
+        "sigstop_cache_over_timeout",
+        "cache SIGSTOPped past the timeout, resumed after its VM went home",
+        sigstop_cache_over_timeout,
+        (str(CACHE),),
+        needs_recovery=True,
+    ),
+    FaultCase(
+        "wan_blackhole_long",
+        "WAN blackhole for 1.5 x the WAN threshold",
+        wan_blackhole_long,
+        ("wan_link",),
+        WAN,
+        needs_recovery=True,
+    ),
+)
