@@ -53,6 +53,7 @@ from tests.integration.tbc_helpers import (
     COMPONENTS,
     ONPREM,
     cloud_export,
+    components_up,
     kill_pids,
     migrate_back,
     read_onprem,
@@ -339,6 +340,8 @@ async def running_rig(
         timeline = Timeline(client)
         watching = asyncio.create_task(timeline.run())
         stack.callback(watching.cancel)
+        pids = await components_up(store, within_s=scale.WAIT_S)
+        stack.callback(kill_pids, list(pids.values()), harness.data_dir)
         follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
         rig = Rig(
             harness, client, store, appliance, timeline, tmp_path, vm.vm_id, vm.name, base,
@@ -346,8 +349,6 @@ async def running_rig(
         )  # fmt: skip
         stack.callback(_pids_killer, lambda: sorted(rig.pids), harness.data_dir)
         try:
-            for instance in (ONPREM, CACHE):
-                await rig.pid(instance)
             await follower.until(
                 lambda latest: all(s.phase is Phase.IN_CLOUD for s in latest.values()),
                 within_s=scale.WAIT_S,
@@ -438,6 +439,8 @@ class Row:
 
 def row_of(name: str, fault: str, needs_recovery: bool, rig: Rig, check: ImageCheck) -> Row:
     m = rig.measures
+    errors = rig.g.disk.errors
+    guest = f"guest: {len(errors)} disk errors ridden out" if errors else "guest: no disk error"
     return Row(
         case=name,
         fault=fault,
@@ -451,7 +454,7 @@ def row_of(name: str, fault: str, needs_recovery: bool, rig: Rig, check: ImageCh
         lost_flushed_writes=check.lost_flushed,
         prefix=check.describe(),
         prefix_ok=check.prefix_ok,
-        notes=list(m.notes),
+        notes=[*m.notes, guest],
     )
 
 
