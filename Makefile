@@ -7,7 +7,7 @@ LS_VENV := .localstack-venv
 LS_STAMP := $(LS_VENV)/.installed
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: demo test lint typecheck format unit integration interop bench \
+.PHONY: demo test lint typecheck format unit integration interop bench faults \
         localstack-up localstack-down localstack-venv system-packages schema clean
 
 $(STAMP): pyproject.toml
@@ -35,8 +35,13 @@ system-packages:
 demo: $(STAMP)
 	$(VENV)/bin/ferry-appliance demo
 
+# The fault cases that need automatic recovery (VMs migrated back to _HDM_RECOVERYSUCCESS:
+# tests/faults/cases.py, needs_recovery) are deselected until it lands; the lead empties
+# this when it does. The only exception to "never skip": every other test always runs.
+NOT_YET := and not needs_recovery
+
 test: $(STAMP) $(LS_STAMP) system-packages lint typecheck
-	$(PYTEST) tests/unit tests/integration tests/interop -m "not bench"
+	$(PYTEST) tests/unit tests/integration tests/interop tests/faults -m "not bench $(NOT_YET)"
 
 unit: $(STAMP)
 	$(PYTEST) tests/unit
@@ -64,6 +69,14 @@ schema: $(STAMP)
 
 bench: $(STAMP) $(LS_STAMP) system-packages
 	$(PYTEST) tests/bench -m bench -s --timeout 3600
+	$(MAKE) faults
+
+# The fault suite and its report (build/faults/report.json): detection, repair, migrate
+# back, loss window and lost writes per case. FERRY_FAULT_SCALE scales every time in it.
+faults: $(STAMP) $(LS_STAMP)
+	rm -rf build/faults
+	$(PYTEST) tests/faults -m "not bench $(NOT_YET)"; status=$$?; \
+	$(PY) -m tests.faults.report || status=1; exit $$status
 
 localstack-up: $(STAMP) $(LS_STAMP)
 	$(PY) localstack/run.py up
