@@ -9,7 +9,8 @@
   committed bound for a VM recovered to its last epoch) whose bytes the image
   lacks where no later write could have changed them. Must be 0.
 * **Loss window**: how much of the guest's writing the image lacks, in the
-  guest's time: the time of the last logged write minus that of write ``p``.
+  guest's time: from write ``p`` to the last logged write, or to ``at`` (the moment
+  the image was read while the guest went on writing).
 """
 
 from __future__ import annotations
@@ -71,24 +72,37 @@ def lost_writes(image: bytes, base: bytes, log: WorkloadLog, upto: int) -> list[
     return sorted(lost)
 
 
-def _window(log: WorkloadLog, prefix: int | None) -> float | None:
+def _window(log: WorkloadLog, prefix: int | None, at: float | None) -> float | None:
     if prefix is None or not log.writes:
         return None
-    if prefix >= log.last_sequence:
-        return 0.0
     times = {w.sequence: w.time for w in log.writes}
     since = times.get(prefix, log.writes[0].time)
+    if at is not None:
+        return max(0.0, at - since)
+    if prefix >= log.last_sequence:
+        return 0.0
     return max(0.0, log.writes[-1].time - since)
 
 
-def _check(image: bytes, base: bytes, log: WorkloadLog, bound: int, planned: bool) -> ImageCheck:
+def _check(
+    image: bytes, base: bytes, log: WorkloadLog, bound: int, planned: bool, at: float | None
+) -> ImageCheck:
     promised = last_flush(log) if planned else min(bound, last_flush(log))
     prefix = find_prefix(image, base, log, min(bound, log.last_sequence))
     lost = lost_writes(image, base, log, promised)
-    return ImageCheck(prefix, bound, promised, log.last_sequence, len(lost), _window(log, prefix))
+    window = _window(log, prefix, at)
+    return ImageCheck(prefix, bound, promised, log.last_sequence, len(lost), window)
 
 
 async def check_image(
-    image: bytes, base: bytes, log: WorkloadLog, bound: int, *, planned: bool
+    image: bytes,
+    base: bytes,
+    log: WorkloadLog,
+    bound: int,
+    *,
+    planned: bool,
+    at: float | None = None,
 ) -> ImageCheck:
-    return await asyncio.to_thread(_check, image, base, log, bound, planned)
+    """``at``: when the image was read, if the guest wrote on afterwards (its loss window
+    runs to then, not to the end of the log)."""
+    return await asyncio.to_thread(_check, image, base, log, bound, planned, at)

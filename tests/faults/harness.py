@@ -9,7 +9,7 @@ then either the planned way home (a sync proves the data path whole again, the
 guest writes on, halts, and the VM migrates back) or, for the cases that need
 automatic recovery, the wait for the VM to land on-prem in ``_HDM_RECOVERYSUCCESS``.
 The on-prem image then gets the prefix check and the lost-writes count
-(tests/faults/checks.py), and the case's row goes to build/faults/rows/.
+(tests/faults/checks.py), and the case's row goes to build/faults/rows/ (rows.py).
 
 Times are taken with ``time.monotonic()`` by the test: detection is the first
 appliance heartbeat (as a monitor reads it from the response queue) naming the
@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.components.epochs import parse_address
 from appliance.components.heartbeat import ComponentHealth, ComponentReport, Liveness
+from appliance.components.onprem import current_export
 from appliance.components.orders import ComponentId
+from appliance.datapath.nbd import NbdBackend
 from appliance.embedded import RedisServer
 from appliance.sites.lab.site import LabSite
 from appliance.sites.lab.workload import read_write_log
@@ -62,8 +63,6 @@ from tests.integration.tbc_helpers import (
 )
 from tests.support.lab import MIB, build_lab, lab_vm
 
-ROOT = Path(__file__).resolve().parents[2]
-ROWS = ROOT / "build" / "faults" / "rows"
 RECOVERY_SUCCESS_POOL = "_HDM_RECOVERYSUCCESS"
 ENDED = {
     MigrationState.MIGRATED_BACK,
@@ -140,6 +139,13 @@ class Measures:
         return round(at - self.fault_at, 2)
 
 
+@dataclass(frozen=True, slots=True)
+class Midway:
+    image: bytes
+    bound: int
+    at: float  # wall clock, as the write log's times
+
+
 @dataclass
 class Rig:
     """One case's running system, as its fault and its checks see it."""
@@ -164,6 +170,8 @@ class Rig:
     """Set by a case whose guest must wait for it (not for the cache) after a disk error."""
     measures: Measures = field(default_factory=Measures)
     pids: set[int] = field(default_factory=set)
+    midway: Midway | None = None
+    """The on-prem image right after the repair, while the VM still runs in the cloud."""
 
     @property
     def disk(self) -> str:
@@ -379,6 +387,7 @@ async def planned_way_home(rig: Rig) -> None:
     migrates back as planned: nothing it wrote may be lost."""
     await rig.sync()
     rig.measures.repaired_at = time.monotonic()
+    rig.midway = Midway(await onprem_current(rig), rig.bound, time.time())
     await rig.g.wait_writes(20, within_s=scale.WAIT_S)
     last = await rig.g.halt()
     started = time.monotonic()
@@ -390,6 +399,16 @@ async def planned_way_home(rig: Rig) -> None:
     (status,) = latest.values()
     assert status.state is MigrationState.MIGRATED_BACK, status.error
     rig.bound = last  # the final epoch holds everything the guest wrote
+
+
+async def onprem_current(rig: Rig) -> bytes:
+    """The I/O manager's current image of the disk (snapshot + committed epochs), read from
+    its ``cur/`` export. Right after a sync is answered no commit is under way (no policy
+    interval is set and no dirty threshold is near), so the read sees whole epochs."""
+    figures = (await rig.report(ONPREM)).figures
+    address = parse_address(str(figures.get("nbd_address") or figures["address"]))
+    async with await NbdBackend.connect(address, current_export(rig.disk)) as current:
+        return await current.read(0, current.size)
 
 
 async def recovered_home(rig: Rig) -> MigrationStatus:
@@ -410,61 +429,14 @@ async def recovered_home(rig: Rig) -> MigrationStatus:
     return status
 
 
-async def final_check(rig: Rig, *, planned: bool) -> ImageCheck:
+async def final_check(rig: Rig, *, planned: bool) -> tuple[ImageCheck, ImageCheck | None]:
+    """The image on-prem at the end, and (planned way) the one right after the repair."""
     await rig.appliance.shutdown()
     image = await read_onprem(rig.harness.data_dir, rig.vm_id, "disk-0")
     log = await read_write_log(rig.g.log_path)
-    return await check_image(image, rig.base, log, rig.bound, planned=planned)
-
-
-# -- the report row -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    case: str
-    fault: str
-    needs_recovery: bool
-    scale: str
-    detection_s: float | None
-    repair_s: float | None
-    held_s: float | None
-    migrate_back_s: dict[str, float]
-    loss_window_s: float | None
-    lost_flushed_writes: int
-    prefix: str
-    prefix_ok: bool
-    notes: list[str]
-
-
-def row_of(name: str, fault: str, needs_recovery: bool, rig: Rig, check: ImageCheck) -> Row:
-    m = rig.measures
-    errors = rig.g.disk.errors
-    guest = f"guest: {len(errors)} disk errors ridden out" if errors else "guest: no disk error"
-    return Row(
-        case=name,
-        fault=fault,
-        needs_recovery=needs_recovery,
-        scale=scale.describe(),
-        detection_s=m.since_fault(m.detected_at),
-        repair_s=m.since_fault(m.repaired_at),
-        held_s=m.held_s,
-        migrate_back_s=dict(m.back_s),
-        loss_window_s=None if check.loss_window_s is None else round(check.loss_window_s, 2),
-        lost_flushed_writes=check.lost_flushed,
-        prefix=check.describe(),
-        prefix_ok=check.prefix_ok,
-        notes=[*m.notes, guest],
-    )
-
-
-def write_row(row: Row) -> Path:
-    ROWS.mkdir(parents=True, exist_ok=True)
-    path = ROWS / f"{row.case}.json"
-    path.write_text(json.dumps(asdict(row), indent=2) + "\n")
-    return path
-
-
-def remove_tree(path: Path) -> None:
-    """A component's data directory gone, as a lost disk leaves it."""
-    shutil.rmtree(path, ignore_errors=True)
+    final = await check_image(image, rig.base, log, rig.bound, planned=planned)
+    midway = None
+    if rig.midway is not None:
+        mid = rig.midway
+        midway = await check_image(mid.image, rig.base, log, mid.bound, planned=False, at=mid.at)
+    return final, midway

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from tests.faults import scale
 from tests.faults.cases import CASES
+from tests.faults.rows import ROOT, ROWS
 
-ROOT = Path(__file__).resolve().parents[2]
-ROWS = ROOT / "build" / "faults" / "rows"
 REPORT = ROOT / "build" / "faults" / "report.json"
 COLUMNS = ("case", "detect s", "repair s", "held s", "migrate back s", "loss s", "lost", "prefix")
 

@@ -15,14 +15,8 @@ import pytest
 
 from tests.faults import scale
 from tests.faults.cases import CASES, FaultCase
-from tests.faults.harness import (
-    StartAppliance,
-    final_check,
-    planned_way_home,
-    row_of,
-    running_rig,
-    write_row,
-)
+from tests.faults.harness import StartAppliance, final_check, planned_way_home, running_rig
+from tests.faults.rows import row_of, write_row
 from tests.integration.conftest import Harness
 
 pytestmark = pytest.mark.timeout(240)
@@ -45,13 +39,13 @@ async def test_fault(
         assert rig.measures.fault_at is not None, "the case never began its fault"
         if not case.needs_recovery:
             await planned_way_home(rig)
-        check = await final_check(rig, planned=not case.needs_recovery)
+        checks = await final_check(rig, planned=not case.needs_recovery)
     if rig.measures.detected_at is None:
         rig.measures.detected_at = rig.timeline.first_failed(case.watch, rig.measures.fault_at)
-    row = row_of(case.name, case.fault, case.needs_recovery, rig, check)
+    row = row_of(case.name, case.fault, case.needs_recovery, rig, checks)
     write_row(row)
     print(f"\n{case.name}: {row}  ({scale.describe()})")
-    assert check.lost_flushed == 0, row
-    assert check.prefix_ok, row
+    assert row.lost_flushed_writes == 0, row
+    assert row.prefix_ok, row
     if case.undetected:
         assert row.detection_s is None, f"reported failed though under the timeout: {row}"
