@@ -27,7 +27,7 @@ from appliance.components.heartbeat import ComponentReport, Liveness
 from appliance.components.onprem import CommitStep
 from tests.faults import scale
 from tests.faults.harness import Environment, Rig, recovered_home
-from tests.faults.runtime import held_stream, hold_key
+from tests.faults.runtime import RELEASE, held_stream, hold_key, release_key
 from tests.integration.tbc_helpers import CACHE, ONPREM, read_onprem
 
 Inject = Callable[[Rig], Awaitable[None]]
@@ -164,33 +164,62 @@ def redis_stopped(production_s: float) -> Inject:
 
 
 async def cache_disk_full(rig: Rig) -> None:
-    """The cache's data directory (a small tmpfs) filled up by ballast: the guest gets a clear
-    error, nothing acknowledged and flushed is lost; space freed, it goes on."""
-    cache_dir = rig.harness.data_dir / "components" / "cache" / "cache-1"
+    """Back-pressure, then a clear failure, nothing lost. An epoch's commit is held on-prem
+    (after its verification; reads are still served), so no epoch commits: the guest's
+    dirty data fills the cache (3 MiB here) up to its dirty limit and its writes wait
+    (back-pressure, no error). The cache's data directory (a 16 MiB tmpfs) is then filled
+    up by ballast and the commit let go: commits free room, the guest writes on, and the
+    cache's disk has none: the guest gets a clear error (ENOSPC); space freed, it goes on
+    (its failed write sent again). Nothing acknowledged and flushed is lost."""
+    prefix = rig.harness.prefix
+    ballast = rig.harness.data_dir / "components" / "cache" / "cache-1" / "ballast"
     rig.guest_resumes = asyncio.Event()
-    ballast = cache_dir / "ballast"
-    await asyncio.to_thread(_fill, ballast)
+    await rig.store.redis.set(hold_key(prefix), CommitStep.VERIFIED.value + RELEASE)
+    pending = rig.sync_soon()
+    await _held(rig)
     rig.fault_begins()
+    try:
+        full = await rig.wait_component(CACHE, _at_dirty_limit)
+        dirty, capacity = full.figures["dirty_bytes"], full.figures["capacity_bytes"]
+        rig.measures.notes.append(
+            f"back-pressure: {dirty} of {capacity} bytes dirty, "
+            f"the guest held at write {rig.g.last_sequence} with no error"
+        )
+        assert not rig.g.disk.errors
+        await asyncio.to_thread(_fill, ballast)
+    finally:
+        await rig.store.redis.rpush(release_key(prefix), "go")
     try:
         error = await rig.g.wait_error(within_s=scale.WAIT_S)
         rig.measures.detected_at = error.at
-        rig.measures.notes.append(f"guest saw: {error.error[:120]}")
+        rig.measures.notes.append(f"then the guest saw: {error.error[:110]}")
     finally:
         ballast.unlink(missing_ok=True)
         rig.guest_resumes.set()
     rig.guest_resumes = None
+    await pending
+
+
+def _at_dirty_limit(report: ComponentReport) -> bool:
+    """Dirty data at the cache's dirty limit (90% of its slots): writers wait for room."""
+    capacity = int(report.figures.get("capacity_bytes", 0) or 0)
+    return capacity > 0 and int(report.figures.get("dirty_bytes", 0)) >= 0.85 * capacity
 
 
 def _fill(path: Path) -> None:
-    """Write until the file system is full."""
-    block = b"\xff" * (64 * 1024)
-    with open(path, "wb") as ballast:
-        try:
-            while True:
-                ballast.write(block)
-                ballast.flush()
-        except OSError:
-            pass
+    """Write until the file system is full, to the last page."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (1 << 20, 64 << 10, 4 << 10, 512):
+            block = b"\xff" * size
+            try:
+                while True:
+                    os.write(fd, block)
+            except OSError:
+                continue
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 async def second_failure_during_repair(rig: Rig) -> None:
@@ -323,10 +352,10 @@ CASES: tuple[FaultCase, ...] = (
     ),
     FaultCase(
         "cache_disk_full",
-        "the cache's data directory (16 MiB tmpfs) filled up",
+        "commits held to the cache's dirty limit, then the cache's disk (tmpfs) full",
         cache_disk_full,
         (str(CACHE),),
-        Environment(cache_tmpfs_mib=16),
+        Environment(cache_tmpfs_mib=16, component_env=(("FERRY_CACHE_SCALE", str(1 / 1024)),)),
     ),
     FaultCase(
         "second_failure_during_repair",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -271,6 +272,25 @@ class Environment:
     own_redis: bool = False
     cache_tmpfs_mib: int | None = None
     settings: tuple[tuple[str, object], ...] = ()
+    component_env: tuple[tuple[str, str], ...] = ()
+    """FERRY_* settings for the component processes: the embedded supervisor hands them the
+    appliance's environment, and only some of its settings (appliance/service/components.py,
+    ``component_env``: not the cache's sizing), so these go through the environment."""
+
+
+@contextlib.contextmanager
+def environment_set(values: tuple[tuple[str, str], ...]) -> Any:
+    """``os.environ`` with ``values`` for the case (the children inherit it), then as it was."""
+    saved = {name: os.environ.get(name) for name, _ in values}
+    os.environ.update(dict(values))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -329,6 +349,7 @@ async def running_rig(
             )
         else:
             redis = None
+        stack.enter_context(environment_set(environment.component_env))
         if environment.cache_tmpfs_mib is not None:
             cache_dir = harness.data_dir / "components" / "cache" / "cache-1"
             stack.enter_context(tmpfs(cache_dir, environment.cache_tmpfs_mib))

@@ -6,10 +6,11 @@ the real :class:`CacheRuntime` unchanged. The I/O manager runs the real
 :class:`OnpremRuntime` with:
 
 * a commit hook that holds one commit at a step when the test arms it: the test
-  sets ``{prefix}:faults:hold-commit`` to a :class:`CommitStep`; the first commit
-  reaching that step takes the arm (GETDEL: once), says so on the stream
+  sets ``{prefix}:faults:hold-commit`` to a :class:`CommitStep` value; the first
+  commit reaching that step takes the arm (once), says so on the stream
   ``{prefix}:faults:held`` (disk, epoch, step, pid) and blocks there until the
-  test kills the process;
+  test kills the process, or, armed as ``<step>+release``, until the test pushes
+  to ``{prefix}:faults:release`` (a blocking pop: no polling);
 * with a WAN link in the plan (``fault-plan.json`` in the appliance's data
   directory, written by the test before the appliance starts), the link's address
   reported as its own NBD address, in its ``open`` results and its heartbeat (a
@@ -68,6 +69,13 @@ def held_stream(prefix: str) -> str:
     return f"{prefix}:faults:held"
 
 
+def release_key(prefix: str) -> str:
+    return f"{prefix}:faults:release"
+
+
+RELEASE = "+release"
+
+
 def fault_runtime(config: ComponentConfig) -> AbstractAsyncContextManager[ComponentRuntime]:
     if config.instance.kind == "cache":
         return CacheRuntime(config)
@@ -82,14 +90,19 @@ class HookedOnprem:
         self._inner = OnpremRuntime(config, commit_hook=self._hook)
 
     async def _hook(self, disk_id: str, epoch: int, step: CommitStep) -> None:
-        key = hold_key(self._config.redis_prefix)
+        prefix = self._config.redis_prefix
         try:
-            armed = await self._redis.get(key)
-            taken = armed == step.value.encode() and await self._redis.delete(key)
-            if not taken:
+            armed = await self._redis.get(hold_key(prefix))
+            released = armed == (step.value + RELEASE).encode()
+            if armed != step.value.encode() and not released:
+                return
+            if not await self._redis.delete(hold_key(prefix)):
                 return
             fields = {"disk": disk_id, "epoch": epoch, "step": step.value, "pid": os.getpid()}
-            await self._redis.xadd(held_stream(self._config.redis_prefix), fields)  # type: ignore[arg-type]
+            await self._redis.xadd(held_stream(prefix), fields)  # type: ignore[arg-type]
+            if released:
+                await self._redis.blpop([release_key(prefix)])
+                return
         except (RedisError, OSError):
             return  # Redis down (another fault): no hold, the commit goes on
         await asyncio.Event().wait()  # held: the test kills this process here
