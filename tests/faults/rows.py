@@ -45,7 +45,9 @@ def row_of(
         prefix = f"after the repair {midway.describe()}; migrated back {final.describe()}"
     m = rig.measures
     errors = rig.g.disk.errors
-    guest = f"guest: {len(errors)} disk errors ridden out" if errors else "guest: no disk error"
+    guest = "guest: no disk error"
+    if errors:
+        guest = f"guest: {len(errors)} disk errors ridden out (first: {errors[0].error[:100]})"
     return Row(
         case=name,
         fault=fault,
