@@ -332,7 +332,6 @@ async def _onprem_address(store: StateStore) -> tuple[str, int]:
 
 @contextlib.asynccontextmanager
 async def running_rig(
-    name: str,
     environment: Environment,
     harness: Harness,
     start_appliance: StartAppliance,

@@ -34,7 +34,7 @@ def _param(case: FaultCase) -> object:
 async def test_fault(
     case: FaultCase, harness: Harness, start_appliance: StartAppliance, tmp_path: Path
 ) -> None:
-    async with running_rig(case.name, case.environment, harness, start_appliance, tmp_path) as rig:
+    async with running_rig(case.environment, harness, start_appliance, tmp_path) as rig:
         await case.inject(rig)
         assert rig.measures.fault_at is not None, "the case never began its fault"
         if not case.needs_recovery:
