@@ -25,6 +25,7 @@ from typing import Any
 
 from appliance.components.heartbeat import ComponentReport, Liveness
 from appliance.components.onprem import CommitStep
+from appliance.components.orders import ComponentId
 from tests.faults import scale
 from tests.faults.harness import Environment, Rig, recovered_home
 from tests.faults.runtime import RELEASE, held_stream, hold_key, release_key
@@ -44,14 +45,14 @@ class FaultCase:
     undetected: bool = False
 
 
-async def _fresh_beat(rig: Rig, pid: int) -> None:
+async def _fresh_beat(rig: Rig, pid: int, instance: ComponentId = CACHE) -> None:
     """Until ``pid`` beats again (after a SIGCONT): a beat newer than the last one seen."""
-    seen = (await rig.report(CACHE)).sequence
+    seen = (await rig.report(instance)).sequence
 
     def fresh(report: ComponentReport) -> bool:
         return report.liveness is Liveness.OK and report.pid == pid and report.sequence > seen
 
-    await rig.wait_component(CACHE, fresh)
+    await rig.wait_component(instance, fresh)
 
 
 # -- sub-timeout faults: repaired in place, the VM stays in the cloud ------------------------------
@@ -92,15 +93,18 @@ async def _held(rig: Rig) -> dict[bytes, bytes]:
                     return dict(fields)
 
 
-async def sigstop_cache_under_timeout(rig: Rig) -> None:
-    pid = await rig.pid(CACHE)
-    os.kill(pid, signal.SIGSTOP)
-    rig.fault_begins()
-    try:
-        await rig.hold(0.6 * scale.PRODUCTION_COMPONENT_TIMEOUT_S)  # 72 s of 120 s
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    await _fresh_beat(rig, pid)
+def sigstop_under_timeout(instance: ComponentId) -> Inject:
+    async def inject(rig: Rig) -> None:
+        pid = await rig.pid(instance)
+        os.kill(pid, signal.SIGSTOP)
+        rig.fault_begins()
+        try:
+            await rig.hold(0.6 * scale.PRODUCTION_COMPONENT_TIMEOUT_S)  # 72 s of 120 s
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await _fresh_beat(rig, pid, instance)
+
+    return inject
 
 
 async def wan_blackhole_short(rig: Rig) -> None:
@@ -311,8 +315,15 @@ CASES: tuple[FaultCase, ...] = (
     FaultCase(
         "sigstop_cache_under_timeout",
         "cache SIGSTOPped for 0.6 x the timeout",
-        sigstop_cache_under_timeout,
+        sigstop_under_timeout(CACHE),
         (str(CACHE),),
+        undetected=True,
+    ),
+    FaultCase(
+        "sigstop_onprem_under_timeout",
+        "I/O manager SIGSTOPped for 0.6 x the timeout",
+        sigstop_under_timeout(ONPREM),
+        (str(ONPREM),),
         undetected=True,
     ),
     FaultCase(
