@@ -2,7 +2,9 @@
 
 The address comes in the open order; whatever lies between (the WAN link, a
 fault-injecting proxy in tests) is transparent. A dropped link is retried
-here, at the edge, every ``retry_delay_s`` until ``timeout_s`` has passed.
+here, at the edge, every ``retry_delay_s`` until ``timeout_s`` has passed; so is
+an export the server refuses (an I/O manager that restarted listens on its port
+before it has reopened its disks).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import structlog
 
 from appliance.datapath.nbd.backend import NbdBackend
 from appliance.datapath.nbd.channel import NbdAddress
-from appliance.errors import TransientError
+from appliance.errors import NbdExportRefused, TransientError
 from appliance.storage.extents import Extent
 
 log = structlog.get_logger(__name__)
@@ -50,7 +52,7 @@ class Upstream:
         while True:
             try:
                 return await call(await self._connected())
-            except (TransientError, OSError) as exc:
+            except (TransientError, OSError, NbdExportRefused) as exc:
                 self.retrying.set()
                 if time.monotonic() >= deadline:
                     raise
