@@ -17,6 +17,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -157,14 +158,25 @@ def redis_stopped(production_s: float) -> Inject:
         assert redis is not None
         await redis.stop()  # SIGTERM: the append-only file is kept
         rig.fault_begins()
+        port = _hold_port(redis.port)  # down, its port kept from other sockets meanwhile
         pending = rig.sync_soon()  # asked while it is down: taken once it is back
         try:
             await rig.hold(production_s)
         finally:
+            port.close()
             await redis.start()
         await pending
 
     return inject
+
+
+def _hold_port(port: int) -> socket.socket:
+    """A socket bound to ``port`` (not listening: connects are refused), so that no
+    outgoing connection takes it as its local port while its server is down."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", port))
+    return holder
 
 
 async def cache_disk_full(rig: Rig) -> None:

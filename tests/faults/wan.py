@@ -10,7 +10,8 @@ I/O manager is found wherever it listens.
   connections stall (what a real blackhole does to TCP: retransmits, then
   delivery once the path is back) and new ones are refused (the listener is
   closed: a connect fails instead of timing out, which only makes failures seen
-  sooner). ``heal`` listens again on the same port and lets the held bytes go.
+  sooner; a bound socket keeps the port ours meanwhile). ``heal`` listens again
+  on the same port and lets the held bytes go.
 * ``reset_mid_chunk(after, times)``: each connection is reset (both sides see
   an abort) once it forwarded ``after`` bytes from the cache towards on-prem;
   ``times`` resets, then the link heals itself. ``resets`` counts them and
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -70,6 +72,7 @@ class WanLink:
     def __init__(self, resolve: Resolve, *, seed: int = 1) -> None:
         self._resolve = resolve
         self._server: asyncio.Server | None = None
+        self._placeholder: socket.socket | None = None
         self._links: set[_Link] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._open = asyncio.Event()
@@ -92,10 +95,16 @@ class WanLink:
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
+        if self._placeholder is not None:
+            self._placeholder.close()
+            self._placeholder = None
 
     async def stop(self) -> None:
         self._open.set()
         await self._close_listener()
+        if self._placeholder is not None:
+            self._placeholder.close()
+            self._placeholder = None
         for link in list(self._links):
             link.cut()
         tasks = list(self._tasks)
@@ -120,6 +129,10 @@ class WanLink:
     async def blackhole(self) -> None:
         self._open.clear()
         await self._close_listener()
+        # Bound, not listening: connects are refused and no other socket can take the port.
+        self._placeholder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._placeholder.bind(("127.0.0.1", self.port))
 
     async def heal(self) -> None:
         """The path is back: held bytes go, the listener is up again, no fault armed."""
