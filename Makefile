@@ -7,7 +7,7 @@ LS_VENV := .localstack-venv
 LS_STAMP := $(LS_VENV)/.installed
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: demo test lint typecheck format unit integration interop bench \
+.PHONY: demo test lint typecheck format unit integration interop bench faults \
         localstack-up localstack-down localstack-venv system-packages schema clean
 
 $(STAMP): pyproject.toml
@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ferry-appliance demo
 
 test: $(STAMP) $(LS_STAMP) system-packages lint typecheck
-	$(PYTEST) tests/unit tests/integration tests/interop -m "not bench"
+	$(PYTEST) tests/unit tests/integration tests/interop tests/faults -m "not bench"
 
 unit: $(STAMP)
 	$(PYTEST) tests/unit
@@ -64,6 +64,14 @@ schema: $(STAMP)
 
 bench: $(STAMP) $(LS_STAMP) system-packages
 	$(PYTEST) tests/bench -m bench -s --timeout 3600
+	$(MAKE) faults
+
+# The fault suite and its report (build/faults/report.json): detection, repair, migrate
+# back, loss window and lost writes per case. FERRY_FAULT_SCALE scales every time in it.
+faults: $(STAMP) $(LS_STAMP)
+	rm -rf build/faults
+	$(PYTEST) tests/faults -m "not bench"; status=$$?; \
+	$(PY) -m tests.faults.report || status=1; exit $$status
 
 localstack-up: $(STAMP) $(LS_STAMP)
 	$(PY) localstack/run.py up

@@ -36,6 +36,7 @@
             ├── ChunkMismatch           a chunk's hash differs at the target
             ├── CertificationFailed     the whole-image compare found a difference
             ├── NbdProtocolError        a peer broke the NBD protocol
+            │   └── NbdExportRefused    the server has no such export (now: it may be restarting)
             ├── NbdCommandError         a peer answered an NBD request with an error
             ├── OutOfSpace              the target has no room
             ├── TransferFailed          retries exhausted; names the chunk and the cause
@@ -322,6 +323,16 @@ class NbdProtocolError(DataPathError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(f"NBD protocol error: {reason}")
+
+
+class NbdExportRefused(NbdProtocolError):
+    """The server refused the export by name (NBD_REP_ERR_UNKNOWN): a wrong name, or a server
+    that restarted and serves it again in a moment (the cache's upstream retries it)."""
+
+    def __init__(self, export: str, reply: str) -> None:
+        self.export = export
+        self.reply = reply
+        super().__init__(f"server refused export {export!r}: {reply}")
 
 
 class NbdCommandError(DataPathError):

@@ -43,6 +43,7 @@ from typing import Self
 from appliance.components.adapter_state import AdapterState, data_lost
 from appliance.components.epochs import EpochService, parse_address
 from appliance.components.onprem import (
+    CommitHook,
     OnpremDiskOrder,
     OnpremIoManager,
     current_export,
@@ -79,8 +80,11 @@ def disk_order(order: Order) -> OnpremDiskOrder | str:
 
 
 class OnpremRuntime:
-    def __init__(self, config: ComponentConfig) -> None:
+    def __init__(self, config: ComponentConfig, commit_hook: CommitHook | None = None) -> None:
+        """``commit_hook``: called after each step of an epoch's commit (the fault suite
+        holds a commit there to kill the process; see appliance/components/onprem/commit.py)."""
         self._config = config
+        self._commit_hook = commit_hook
         self._stack = AsyncExitStack()
         self._state = AdapterState(config.data_dir)
         self._stop = asyncio.Event()
@@ -106,7 +110,7 @@ class OnpremRuntime:
             self._store = store
             address = TcpAddress(config.nbd_host, config.nbd_port)
             self._manager = await stack.enter_async_context(
-                OnpremIoManager(config.data_dir, address=address)
+                OnpremIoManager(config.data_dir, address=address, commit_hook=self._commit_hook)
             )
             if config.settings.link_zstd:
                 self._relay = await stack.enter_async_context(

@@ -6,15 +6,23 @@ the runtime is entered first (it may open its NBD server and recover its disks),
 then the desk reconciles the desired orders and the heartbeat starts, both in one
 TaskGroup; ``stop`` ends both, a last heartbeat says ``stopping``, and the
 runtime is closed.
+
+A component told to bind port 0 (the embedded default) keeps the port it got across
+restarts (``nbd-port`` in its data directory): the cloud VM's disk names the cache's
+address and the cache's upstream the I/O manager's, so a component restarted by its
+supervisor must come back where its clients reconnect. Only a port taken meanwhile
+by another process gives a fresh one (logged).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import AsyncExitStack, contextmanager
+from dataclasses import replace
 
 from appliance.components.control import OrderDesk
 from appliance.components.heartbeat import Figures, HeartbeatWriter
@@ -30,6 +38,7 @@ from appliance.state.store import StateStore, connect
 
 log = get_logger(__name__)
 LOCK_FILE = "component.lock"
+PORT_FILE = "nbd-port"
 
 
 @contextmanager
@@ -47,6 +56,45 @@ def locked_data_dir(config: ComponentConfig) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _remembered(config: ComponentConfig) -> ComponentConfig | None:
+    """The config with the port a port-0 component had last time, if it had one."""
+    if config.nbd_port != 0:
+        return None
+    try:
+        port = int((config.data_dir / PORT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return replace(config, nbd_port=port) if 0 < port < 65536 else None
+
+
+def _remember(config: ComponentConfig, runtime: ComponentRuntime) -> None:
+    """Note the port the runtime's NBD server got (atomically), for the next start."""
+    if config.nbd_port != 0:
+        return
+    port = str(runtime.status().get("address", "")).rpartition(":")[2]
+    if not port.isdigit():
+        return
+    temporary = config.data_dir / f"{PORT_FILE}.tmp"
+    temporary.write_text(f"{port}\n")
+    temporary.replace(config.data_dir / PORT_FILE)
+
+
+async def _enter_runtime(
+    stack: AsyncExitStack, config: ComponentConfig, factory: RuntimeFactory
+) -> ComponentRuntime:
+    remembered = _remembered(config)
+    if remembered is not None:
+        try:
+            return await stack.enter_async_context(factory(remembered))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            log.warning("the port of the last run is taken: a new one", port=remembered.nbd_port)
+    runtime = await stack.enter_async_context(factory(config))
+    _remember(config, runtime)
+    return runtime
 
 
 def figures(runtime: ComponentRuntime, desk: OrderDesk) -> Mapping[str, object]:
@@ -75,7 +123,7 @@ async def run_component(
             stack.push_async_callback(store.close)
             ledger = Ledger(config.data_dir)
             await ledger.load()
-            runtime = await stack.enter_async_context(factory(config))
+            runtime = await _enter_runtime(stack, config, factory)
             desk = OrderDesk(
                 store,
                 config.instance,

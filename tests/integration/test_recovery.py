@@ -67,8 +67,14 @@ pytestmark = pytest.mark.timeout(300)
 
 SUCCESS, FAILED = "_HDM_RECOVERYSUCCESS", "_HDM_RECOVERYFAILED"
 OVER = {MigrationState.RECOVERED, MigrationState.RECOVERY_FAILED}
-# Data lost is the only trigger here: the deadline is far away.
-DATA_LOST_SETTINGS: dict[str, Any] = {**TBC_SETTINGS, "recovery_after_s": 600.0}
+# Data lost is the only trigger here: the deadline is far away. No repair: these tests hold a
+# component stopped (SIGSTOP) on purpose, which a repair would kill and restart (an exited
+# child is still restarted by the supervisor).
+DATA_LOST_SETTINGS: dict[str, Any] = {
+    **TBC_SETTINGS,
+    "recovery_after_s": 600.0,
+    "component_repair": False,
+}
 
 
 @pytest.fixture
@@ -432,7 +438,12 @@ async def test_a_cache_paused_past_the_deadline_and_resumed_writes_nothing_on_pr
     # The cache's own setting (its environment, inherited): an epoch of MiBs ships for many
     # seconds, so the cache is paused in the middle of it.
     monkeypatch.setenv("FERRY_CACHE_BANDWIDTH_BYTES_PER_S", str(128 * 1024))
-    settings = {**TBC_SETTINGS, "component_timeout_s": 5.0, "recovery_after_s": 8.0}
+    settings = {
+        **TBC_SETTINGS,
+        "component_timeout_s": 5.0,
+        "recovery_after_s": 8.0,
+        "component_repair": False,  # a cache that cannot be repaired (a remote host lost)
+    }
     running = await start_appliance(harness.settings(**settings))
     async with FerryClient(harness.client_settings()) as client, state_store(harness) as store:
         pids = await components_up(store)

@@ -150,4 +150,5 @@ def test_which_steps_run_on_the_components() -> None:
         Step.OPENING_DISKS, Step.CREATING_TARGET, Step.PARKING, Step.POWERING_ON,
         Step.BULK_COPYING, Step.AWAITING_BULK, Step.RECONCILING, Step.CUTTING_OVER,
         Step.CUT_OVER, Step.COMMITTING, Step.ROLLING_BACK,
+        Step.RECOVERY_FENCING, Step.RECOVERY_REMOVING_CLOUD, Step.RECOVERY_CHECKING_DISKS,
     }  # fmt: skip

@@ -362,7 +362,11 @@ class CacheDisk:
         else:
             content[:] = base if base is not None else self._zeroes
         content[piece.start : piece.start + piece.length] = data
-        store.write_slot(slot, 0, content)
+        try:
+            store.write_slot(slot, 0, content)
+        except OSError:
+            store.unused(slot)  # nothing points at it: leaked, it would count as dirty forever
+            raise
         store.map(piece.chunk, slot, store.open_epoch)
         self._fetcher.overtake(piece.chunk)
 

@@ -289,6 +289,10 @@ class EpochShipper:
                 epoch = min(store.held)
                 try:
                     await self._ship(epoch)
+                    # Recorded here only once on-prem has it; a failure to record it (the
+                    # cache's disk full) is retried like a failed shipment: on-prem's replay
+                    # of a committed epoch is idempotent.
+                    await self._disk.committed(epoch)
                 except StaleToken as exc:
                     self.stale = True
                     self.fenced_by = exc.highest
@@ -307,7 +311,6 @@ class EpochShipper:
                     log.info("epoch not shipped; retrying", epoch=epoch, error=repr(exc))
                     await asyncio.sleep(self._settings.retry_delay_s)
                     continue
-                await self._disk.committed(epoch)
                 self.committed_mono = time.monotonic()
                 self._checkpoints.pop(epoch, None)
                 self.shipping = None

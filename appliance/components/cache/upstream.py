@@ -4,7 +4,9 @@ The address comes in the open order; whatever lies between (the WAN link, a
 fault-injecting proxy in tests) is transparent. A dropped link is retried
 here, at the edge, every ``retry_delay_s``, and a hung one waited for, until
 ``timeout_s`` (the WAN threshold, ``wan_down_threshold_s``) has passed: a miss
-stalls while the link is down for less than that, and fails after.
+stalls while the link is down for less than that, and fails after. So is an export
+the server refuses (an I/O manager that restarted listens on its port before it has
+reopened its disks).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import structlog
 
 from appliance.datapath.nbd.backend import NbdBackend
 from appliance.datapath.nbd.channel import NbdAddress
-from appliance.errors import LinkDown, TransientError
+from appliance.errors import LinkDown, NbdExportRefused, TransientError
 from appliance.storage.extents import Extent
 
 log = structlog.get_logger(__name__)
@@ -66,7 +68,7 @@ class Upstream:
                 await self._drop(backend)
                 cause = "no answer from on-prem"
                 raise LinkDown(str(self.address), self._timeout_s, cause) from exc
-            except (TransientError, OSError) as exc:
+            except (TransientError, OSError, NbdExportRefused) as exc:
                 self.retrying.set()
                 if loop.time() >= deadline:
                     raise LinkDown(str(self.address), self._timeout_s, exc) from exc

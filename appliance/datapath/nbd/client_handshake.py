@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from appliance.datapath.nbd import protocol as p
 from appliance.datapath.nbd.channel import Channel
-from appliance.errors import NbdProtocolError
+from appliance.errors import NbdExportRefused, NbdProtocolError
 
 MAX_OPTION_REPLY = 64 * 1024
 
@@ -137,6 +137,8 @@ class ClientHandshake:
             if reply.reply == p.Reply.ERR_UNSUP:
                 size, flags = await self._export_name()
                 break
+            if reply.reply == p.Reply.ERR_UNKNOWN:
+                raise NbdExportRefused(self._export, reply.describe())
             if reply.error:
                 raise NbdProtocolError(
                     f"server refused export {self._export!r}: {reply.describe()}"

@@ -258,8 +258,14 @@ class ServerConnection:
             or length > INLINE_MAX
             or self._batched >= BATCH_BYTES
             or p.overflows(offset, length, self._size)
-            or not backend.write_inline(offset, payload[:length])
         ):
+            return False
+        try:
+            if not backend.write_inline(offset, payload[:length]):
+                return False
+        except OSError:
+            # A full disk (ENOSPC) must not end the connection: the ordinary path does the
+            # write again and answers its errno, a clear error the client can act on.
             return False
         at = self._batched
         p.SIMPLE_REPLY.pack_into(self._batch, at, p.SIMPLE_REPLY_MAGIC, 0, request.handle)
