@@ -447,6 +447,10 @@ async def recovered_home(rig: Rig) -> MigrationStatus:
     rig.measures.back_s[rig.vm_name] = round(time.monotonic() - rig.measures.fault_at, 2)
     await rig.g.abandon()
     (status,) = latest.values()
+    # Recovered, not ended some other way: a migration that failed or migrated back as
+    # planned is no proof that the trigger and the recovery run did their part.
+    assert status.state is MigrationState.RECOVERED, (status.state, status.error)
+    assert status.recovery is not None and status.recovery.pool == RECOVERY_SUCCESS_POOL, status
     onprem = LabSite.open(rig.harness.data_dir / "sites" / "onprem")
     try:
         vm = await onprem.get_vm(rig.vm_id)
