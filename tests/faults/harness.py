@@ -27,6 +27,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,14 @@ class Timeline:
             if any(states.get(name) is ComponentState.FAILED for name in names):
                 return at
         return None
+
+    async def caught_up(self, since: datetime, within_s: float) -> None:
+        """Until a beat sent at or after ``since`` has arrived: the beats sent before it have
+        too (the queue delivers in order in practice; a late one only blurs a figure)."""
+        async with asyncio.timeout(within_s), self._changed:
+            await self._changed.wait_for(
+                lambda: any(beat.sent_at >= since for _, beat in self.beats)
+            )
 
     async def wait_failed(self, names: Sequence[str], since: float, within_s: float) -> float:
         async with asyncio.timeout(within_s), self._changed:
