@@ -343,15 +343,18 @@ class SiteProbe:
 
 
 async def _connect(host: str, port: int) -> str | None:
-    """None when a TCP connection opens, else why not."""
+    """None when a TCP connection opens, else why not. The connection is aborted at once,
+    with no await after it opens: a cancellation (the probe's own timeout firing just as the
+    connect completes, or a stop) cannot leave its socket open."""
+    writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(PROBE_CONNECT_S):
             _, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError) as error:
         return f"{type(error).__name__}: {error}"
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+    finally:
+        if writer is not None:
+            writer.transport.abort()
     return None
 
 

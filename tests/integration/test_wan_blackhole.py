@@ -7,6 +7,8 @@ cache, a read of a chunk the cache does not hold waits, and an epoch cut (a sync
 to ship. Once the link is back the read answers with on-prem's bytes, the epoch commits
 (on-prem then equals a replay of a prefix of the guest's log that holds every write
 acknowledged before the cut), and a migrate back loses nothing.
+Blackholed past the threshold the link is failed, and once it returns the cache's VM goes
+home by itself to its last committed epoch (issue 11's failure path).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from appliance.components.onprem.manager import current_export
 from appliance.datapath.nbd import NbdBackend
 from appliance.errors import NbdCommandError
 from appliance.service.health import WAN_LINK, HealthEvent
+from appliance.sites.lab.site import LabSite
 from appliance.sites.lab.workload import GuestWorkload, WorkloadSpec, WriteLog, read_write_log
 from clients.client import FerryClient, FerryError
-from messages.common import MigrationState, Phase
+from messages.common import MigrationState, Phase, PowerState
 from messages.errors import ErrorCode
-from messages.events import ComponentState, ReadyStatus, SourceCloneResponse
+from messages.events import ComponentState, MigrationStatus, ReadyStatus, SourceCloneResponse
 from tests.integration.conftest import Harness
 from tests.integration.migration_helpers import Follower, start_migration
 from tests.integration.tbc_helpers import (
@@ -205,14 +208,17 @@ async def read_current(address: object, disk: str) -> bytes:
 
 
 SHORT_THRESHOLD_S = 6.0
+RECOVERY_SUCCESS = "_HDM_RECOVERYSUCCESS"
 
 
-async def test_a_blackhole_longer_than_the_threshold_fails_the_link_until_it_returns(
+async def test_a_blackhole_longer_than_the_threshold_fails_the_link_then_sends_the_vm_home(
     harness: Harness, start_appliance: StartAppliance, tmp_path: Path, component_pids: list[int]
 ) -> None:
     """Past the threshold the link is failed: an event, Not Ready naming it, new tbc
     migrations refused, and a miss that waited that long fails (not before); guest writes
-    still land. Once the link is back: recovered, Ready, misses served again."""
+    still land. Once the link is back (issue 11: "Longer: the failure path above, once the
+    link returns"): recovered, Ready, and the cache's VM goes home by itself to its last
+    committed epoch (``_HDM_RECOVERYSUCCESS``), nothing acknowledged before it lost."""
     vm = lab_vm(1, disks=1, disk_size=8 * MIB)
     await build_lab(harness.data_dir, [vm, lab_vm(2, disks=1, disk_size=MIB)])
     base = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
@@ -231,11 +237,17 @@ async def test_a_blackhole_longer_than_the_threshold_fails_the_link_until_it_ret
             wan.retarget(onprem_address.host, onprem_address.port)
             follower = await start_migration(client, tbc_request(client, [vm.vm_id]))
             migration_id = await in_cloud(follower)
+            disk = f"{migration_id}-disk-0"
             address, export = await cloud_export(harness.data_dir, migration_id, "disk-0")
             async with await NbdBackend.connect(address, export) as other:
                 assert await other.read(0, HOT) == base[:HOT]
                 guest = await hot_guest(address, export, tmp_path / "guest.log", seed=22)
                 await guest.wait_writes(10, within_s=60)
+                # Every write acknowledged now is in the epoch the sync cuts, committed on-prem.
+                acknowledged = guest.workload.stats().last_sequence
+                await client.request(sync([migration_id]), timeout_s=120)
+                committed = await committed_epoch(store, disk)
+                assert committed >= 1
 
                 wan.blackhole()
                 loop = asyncio.get_running_loop()
@@ -253,6 +265,9 @@ async def test_a_blackhole_longer_than_the_threshold_fails_the_link_until_it_ret
                 assert refused.value.code is ErrorCode.SERVICES_DEGRADED
                 written = await guest.writes()
                 await guest.wait_writes(written + 20, within_s=60)  # still writing
+                # The guest stops before the link returns: its VM is about to go home.
+                last = await guest.halt()
+                assert await committed_epoch(store, disk) == committed  # nothing shipped
 
                 wan.heal()
                 back = await beat_until(
@@ -263,35 +278,44 @@ async def test_a_blackhole_longer_than_the_threshold_fails_the_link_until_it_ret
                     ),
                 )
                 assert back.body.status_details == ()
-                assert await other.read(uncached, CHUNK) == base[uncached : uncached + CHUNK]
-                await guest.halt()
             # Events are written as they are noticed: wait for the recovery's.
             logged = await health_events_until(store, failed_then_recovered(WAN_LINK))
             events = [e for e in logged if e.fields.get("component") == WAN_LINK]
-            # Home again (the components stop with the appliance once nothing rests on them).
-            await migrated_back(client, follower, migration_id)
+            status = await recovered(follower)
         await running.shutdown()
     kinds = [e.kind for e in events]
     assert HealthEvent.COMPONENT_FAILED in kinds
     assert kinds.index(HealthEvent.COMPONENT_FAILED) < len(kinds) - 1
     assert kinds[-1] == HealthEvent.COMPONENT_RECOVERED
-    # The link's outage lost nothing the guest wrote.
-    assert await read_onprem(harness.data_dir, vm.vm_id, "disk-0") == await expected_after(
-        base, tmp_path / "guest.log"
-    )
-
-
-async def migrated_back(client: FerryClient, follower: Follower, migration_id: str) -> None:
+    assert status.recovery is not None and status.recovery.pool == RECOVERY_SUCCESS, status
+    assert status.recovery.component == str(CACHE)
+    assert "WAN link" in status.recovery.reason
+    onprem_site = LabSite.open(harness.data_dir / "sites" / "onprem")
     try:
-        await client.request(migrate_back([migration_id]))
-    except FerryError as error:  # an automatic recovery may have begun one already
-        assert error.code is ErrorCode.MIGRATING_BACK, error
+        home = await onprem_site.get_vm(vm.vm_id)
+    finally:
+        await onprem_site.close()
+    assert home.resource_pool == RECOVERY_SUCCESS and home.power_state is PowerState.OFF
+    # On-prem holds the last committed epoch: a prefix of the guest's log that holds every
+    # write acknowledged before the sync; the writes made in the cache after it are gone.
+    log = await read_write_log(tmp_path / "guest.log")
+    image = await read_onprem(harness.data_dir, vm.vm_id, "disk-0")
+    prefix = find_prefix(image, base, log, acknowledged)
+    assert prefix is not None, "on-prem is not a replay of a prefix of the guest's log"
+    assert acknowledged <= prefix < last
+    print(f"wan blackhole past the threshold: home at epoch {committed}, prefix {prefix}/{last}")
+
+
+async def recovered(follower: Follower) -> MigrationStatus:
+    """The migration went home by itself (recovery), not by a migrate back."""
     final = await follower.until(
         lambda latest: all(
-            s.state in (MigrationState.MIGRATED_BACK, MigrationState.FAILED)
+            s.state in (MigrationState.RECOVERED, MigrationState.RECOVERY_FAILED)
             for s in latest.values()
         ),
         within_s=180,
     )
     (status,) = final.values()
-    assert status.state is MigrationState.MIGRATED_BACK, status.error
+    assert status.state is MigrationState.RECOVERED, status
+    assert status.phase is Phase.DONE
+    return status

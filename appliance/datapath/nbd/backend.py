@@ -254,13 +254,18 @@ class NbdBackend:
         new = await NbdClient.connect(
             self._address, self._export, connect_timeout=self._connect_timeout
         )
+        if self._closed:  # closed while this reconnected: the new client is not kept
+            await new.close()
+            raise ValueError(f"{self._name} is closed")
         if new.size != self._size:
             await new.close()
             raise NbdProtocolError(
                 f"export {self._export!r} changed size from {self._size} to {new.size}"
             )
+        # The new client is in place before any await: a close (or a cancellation) from
+        # here on closes it rather than leaving its socket open.
+        self._client = new
+        self.reconnects += 1
         await old.close()
         self._retired_sent += old.bytes_sent
         self._retired_received += old.bytes_received
-        self._client = new
-        self.reconnects += 1

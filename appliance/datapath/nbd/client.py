@@ -187,20 +187,30 @@ class NbdClient:
         return [digests[at : at + DIGEST_SIZE] for at in range(0, len(digests), DIGEST_SIZE)]
 
     async def close(self) -> None:
-        """Wait for requests in flight (bounded), say NBD_CMD_DISC, close the socket."""
-        if self._failure is None:
-            futures = [pending.future for pending in self._pending.values()]
-            if futures:
-                await asyncio.wait(futures, timeout=CLOSE_TIMEOUT)
-            with contextlib.suppress(ConnectionDropped):
-                await self._channel.send(p.pack_request(p.Command.DISC, next(self._handles), 0, 0))
+        """Wait for requests in flight (bounded), say NBD_CMD_DISC, close the socket.
+
+        The socket is closed whatever happens on the way, a cancellation of this close
+        included (a caller's timeout, a stop): a client closed is never left to the garbage
+        collector with its socket open."""
+        try:
+            if self._failure is None:
+                futures = [pending.future for pending in self._pending.values()]
+                if futures:
+                    await asyncio.wait(futures, timeout=CLOSE_TIMEOUT)
+                with contextlib.suppress(ConnectionDropped):
+                    disc = p.pack_request(p.Command.DISC, next(self._handles), 0, 0)
+                    await self._channel.send(disc)
             self._fail(ConnectionDropped(self.peer, "client closed the connection"))
-        self._channel.shutdown()
-        if not self._reader.done():
-            self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
-        self._channel.close()
+            self._channel.shutdown()
+            if not self._reader.done():
+                self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        finally:
+            self._fail(ConnectionDropped(self.peer, "client closed the connection"))
+            if not self._reader.done():
+                self._reader.cancel()
+            self._channel.close()
 
     async def __aenter__(self) -> Self:
         return self
