@@ -305,6 +305,67 @@ async def test_caller_cancelling_a_request_leaves_the_connection_usable(
         assert await client.read(4096, 3) == bytes(3)
 
 
+async def test_a_close_cancelled_while_requests_are_in_flight_still_closes_the_socket(
+    server: NbdServer,
+) -> None:
+    """A close waits (bounded) for requests in flight; cancelled there (a caller's timeout,
+    a stop), it must still close its socket, not leave it to the garbage collector."""
+    gate = Gate()
+
+    class Stalling(MemoryBackend):
+        async def read_into(self, offset: int, buffer: bytearray | memoryview) -> None:
+            await gate.passage()
+            await super().read_into(offset, buffer)
+
+    server.add_export("stall", Stalling(MiB))
+    client = await NbdClient.connect(server.address, "stall")
+    sock = client._channel._sock
+    reading = asyncio.create_task(client.read(0, 6))
+    await gate.reached(1)  # at the server, unanswered: the close waits for it
+    closing = asyncio.create_task(client.close())
+    await asyncio.sleep(0)  # the close is waiting for the read
+    assert not closing.done()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert sock.fileno() == -1  # closed, not leaked
+    assert client.closed
+    with pytest.raises(ConnectionDropped):
+        await reading
+    gate.open()
+
+
+async def test_a_backend_closed_while_it_reconnects_closes_the_new_connection(
+    proxy: DroppingProxy, server: NbdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = await NbdBackend.connect(proxy.address, "disk")
+    assert await backend.read(MiB, 4)  # connected
+    proxy.drop()
+    with pytest.raises(ConnectionDropped):
+        await backend.read(MiB, 4)
+    connected = asyncio.Event()
+    release = asyncio.Event()
+    made: list[NbdClient] = []
+    real = NbdClient.connect
+
+    async def held(*args: object, **kwargs: object) -> NbdClient:
+        client = await real(*args, **kwargs)  # type: ignore[arg-type]
+        made.append(client)
+        connected.set()
+        await release.wait()
+        return client
+
+    monkeypatch.setattr(NbdClient, "connect", held)
+    reading = asyncio.create_task(backend.read(MiB, 4))
+    await connected.wait()  # the reconnect has its new connection, not yet in place
+    await backend.close()
+    release.set()
+    with pytest.raises(ValueError, match="closed"):
+        await reading
+    (new,) = made
+    assert new.closed and new._channel.closed  # not left open behind a closed backend
+
+
 # A server that lies, to check the client hangs up instead of trusting it.
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
