@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -124,12 +125,14 @@ class Admin:
         if not command.body.confirm:
             raise CommandRejected("ResetRequest needs confirm: true")
         cleanup = self._reset_cleanup
-        unfinished = await cleanup.stop() if cleanup is not None else []
-        returned = await cleanup.bring_home(unfinished) if cleanup is not None else []
-        deleted = await self._delete_all_but(command.message_id)
-        generation = await self._store.adopt_new_generation(self._generation_file)
-        self._health.ok("state_generation", generation)
-        undone = await cleanup.undo(unfinished, returned) if cleanup is not None else []
+        # No run starts here until the reset is over (its leases are the groups' then).
+        async with cleanup.runs_held() if cleanup is not None else contextlib.nullcontext():
+            unfinished = await cleanup.stop() if cleanup is not None else []
+            returned = await cleanup.bring_home(unfinished) if cleanup is not None else []
+            deleted = await self._delete_all_but(command.message_id)
+            generation = await self._store.adopt_new_generation(self._generation_file)
+            self._health.ok("state_generation", generation)
+            undone = await cleanup.undo(unfinished, returned) if cleanup is not None else []
         await self._record(undone)
         down = cleanup.components_down if cleanup is not None else []
         log.warning("state reset", keys_deleted=deleted, leftovers=len(undone), down=down)

@@ -32,7 +32,9 @@ tags).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 
 from appliance.errors import PermanentError, UnknownVm
@@ -256,10 +258,23 @@ STATE_LOST_CODE = "state_lost"
 class ResetCleanup:
     """The orchestrator's part of a reset, before and after the records are forgotten."""
 
-    def __init__(self, deps: Deps, stop_runs: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        deps: Deps,
+        stop_runs: Callable[[], Awaitable[None]],
+        hold_runs: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+    ) -> None:
         self._deps = deps
         self._stop_runs = stop_runs
+        self._hold_runs = hold_runs
         self._down: set[str] = set()
+
+    def runs_held(self) -> AbstractAsyncContextManager[None]:
+        """For the whole reset: this process starts no run (the scheduler's ``held``), so
+        the reset takes each group's lease without racing the scheduler's own resumes."""
+        if self._hold_runs is None:
+            return contextlib.nullcontext()
+        return self._hold_runs()
 
     async def stop(self) -> list[MigrationRecord]:
         """Stop local runs; the unfinished migrations Redis knows of (none if it lost them)."""

@@ -2,7 +2,9 @@
 
 A reset is what an operator does when things are wrong, so it cuts no final epoch and
 trusts no component to take part: whatever the cache holds beyond the last epoch the
-I/O manager committed is dropped. Runs are stopped first; then, for each group, under
+I/O manager committed is dropped. Runs are stopped first, and this process starts none
+until the reset is over (the scheduler is held: otherwise it resumes a group stopped by
+the reset before the reset takes its lease); then, for each group, under
 the group's lease taken by the reset (a fencing token newer than any run's, and an owner
 of its own, so no scheduler resumes the group meanwhile), each unfinished migration
 whose disks the components may serve is handled by what it had reached:
@@ -75,7 +77,7 @@ from messages.common import PowerState
 
 log = get_logger(__name__)
 TAKE_ATTEMPTS = 5
-"""Times the reset stops this process's runs again when its scheduler resumed a group first."""
+"""Times the reset asks again for a group's lease held by this process's own run (stopped)."""
 _BEFORE_COMPONENTS = frozenset({Step.QUEUED, Step.PREPARING, Step.POWERING_OFF, Step.SNAPSHOTTING})
 _CUT_OVER = frozenset({Step.CUT_OVER, Step.COMMITTING})
 
@@ -204,15 +206,22 @@ class ReturnHome:
         return results
 
     async def _take(self, resource: str) -> Lease | None:
-        """The group's lease for the reset; a run this process resumed meanwhile is stopped."""
+        """The group's lease for the reset; None while another appliance holds it.
+
+        The scheduler is held for the whole reset (``ResetCleanup.runs_held``), so no run of
+        this process holds it after the first stop; still, a run found holding it is
+        stopped and the lease asked again, and a lease let go of between the ask and the
+        look at its holder is asked again too (it is nobody's: never "another appliance")."""
         for _ in range(TAKE_ATTEMPTS):
             lease = await self._leases.acquire(resource)
             if lease is not None:
                 return lease
-            if await self._leases.holder(resource) != self._deps.leases.owner:
+            holder = await self._leases.holder(resource)
+            if holder is not None and holder != self._deps.leases.owner:
                 return None
-            await self._stop_runs()
-        return None
+            if holder is not None:
+                await self._stop_runs()
+        return await self._leases.acquire(resource)
 
     async def _one(
         self, lease: Lease, record: MigrationRecord, components: _Components

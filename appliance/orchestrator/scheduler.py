@@ -18,13 +18,17 @@ A group's run holds the group's lease (renewed by a LeaseKeeper, which
 cancels the run the moment renewal fails or a fenced write is refused); its
 writes are fenced by it. A run leaves the running set only after its lease
 is released, so no tick can start a second run under the same token.
+
+A reset holds the scheduler (``held``): the local runs are stopped and no tick starts one
+(neither a takeover nor an admission) until the reset is over, so the reset can take the
+groups' leases itself without racing this process's own resumes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -105,6 +109,8 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._positions: dict[str, int] = {}
         self._not_before: dict[str, tuple[float, float]] = {}  # group -> (retry at, last delay)
+        self._holds = 0  # resets at work: no run starts while above 0
+        self._leases: dict[str, Lease] = {}  # the lease of each run in ``_running``
 
     def wake(self) -> None:
         self._wake.set()
@@ -150,8 +156,45 @@ class Scheduler:
             if pending:
                 log.warning("runs still going after a cancel: cancelled again", runs=len(pending))
         await asyncio.gather(*tasks, return_exceptions=True)
+        for group_id, task in list(self._running.items()):
+            if task in tasks:  # cancelled before its first step: its ``finally`` never ran
+                await self._forget(group_id)
+
+    async def _forget(self, group_id: str) -> None:
+        """What ``_supervise``'s ``finally`` does, for a run that never started."""
+        lease = self._leases.pop(group_id, None)
+        try:
+            if lease is not None:
+                with contextlib.suppress(TransientError):
+                    await self._deps.leases.release(lease)
+        finally:
+            self._running.pop(group_id, None)
+            self._cancels.pop(group_id, None)
+            self.wake()
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """No run starts here meanwhile (a reset at work): the local runs are stopped first;
+        a tick under way lets go of any lease it takes, later ticks do nothing."""
+        self._holds += 1
+        try:
+            await self.stop_all()
+            yield
+        finally:
+            self._holds -= 1
+            self.wake()
+
+    async def _let_go_if_held(self, lease: Lease) -> bool:
+        """A lease a tick took while the scheduler is held goes back at once."""
+        if not self._holds:
+            return False
+        with contextlib.suppress(TransientError):
+            await self._deps.leases.release(lease)
+        return True
 
     async def tick(self) -> None:
+        if self._holds:
+            return
         views = await self._views()
         await self._resume_orphans(views)
         queued = [v for v in views if v.queued and v.info.group_id not in self._running]
@@ -197,7 +240,7 @@ class Scheduler:
             if self._backing_off(view.info.group_id):
                 continue
             lease = await self._deps.leases.acquire(group_lease(view.info.group_id))
-            if lease is not None:
+            if lease is not None and not await self._let_go_if_held(lease):
                 log.info("taking over group", group_id=view.info.group_id, token=lease.token)
                 self._start(view.info, lease)
 
@@ -213,12 +256,13 @@ class Scheduler:
                 if not view.cancel_requested and not await room.fits(members):
                     continue  # a limit it needs is full: it waits, in order, on that limit
                 lease = await leases.acquire(group_lease(view.info.group_id))
-                if lease is None:
+                if lease is None or await self._let_go_if_held(lease):
                     continue
                 if not view.cancel_requested:
                     await self._mark_admitted(view, lease)
                     room.take(members)
-                self._start(view.info, lease)
+                if not await self._let_go_if_held(lease):  # a hold began meanwhile
+                    self._start(view.info, lease)
             await self._announce_positions(
                 [v for v in queued if v.info.group_id not in self._running]
             )
@@ -249,6 +293,7 @@ class Scheduler:
         keeper = LeaseKeeper(self._deps.leases, lease)
         task = asyncio.create_task(self._supervise(info, keeper, run, lease))
         self._running[info.group_id] = task
+        self._leases[info.group_id] = lease
 
     async def _let_go(self, group: GroupInfo) -> None:
         """Close what this process holds open for a group it lost (disks, exports), so the
@@ -290,6 +335,7 @@ class Scheduler:
                     await self._deps.leases.release(lease)
             finally:
                 self._running.pop(group_id, None)
+                self._leases.pop(group_id, None)
                 self._cancels.pop(group_id, None)
                 self.wake()
 

@@ -259,7 +259,7 @@ def build_handlers(
         generation_file=settings.data_dir / "state-generation",
         status_page=control.status_page,
         counts=control.counts,
-        reset_cleanup=ResetCleanup(deps, scheduler.stop_all),
+        reset_cleanup=ResetCleanup(deps, scheduler.stop_all, scheduler.held),
         clock=deps.clock,
         policies=deps.policies,
         on_policy_change=scheduler.wake,

@@ -97,7 +97,7 @@ async def test_a_reset_keeps_a_cut_over_warm_vm_and_brings_a_reconciling_one_hom
         for gate in ("cutover", "cutover_off"):
             await MigrationStore(store).ask(done, gate, "1")
         cut = await _until(store, done, lambda r: r.step is Step.CUT_OVER)
-        await _until(store, held, lambda r: r.step is Step.RECONCILING)
+        reconciling = await _until(store, held, lambda r: r.step is Step.RECONCILING)
 
         answer = await client.request(ResetRequest(body=ResetRequestBody(confirm=True)), 240)
         assert isinstance(answer, CommandResponse)
@@ -106,7 +106,9 @@ async def test_a_reset_keeps_a_cut_over_warm_vm_and_brings_a_reconciling_one_hom
         assert "kept the finished cloud copy running on its volumes" in items[done].actions
         assert items[held].outcome is ResetOutcome.RETURNED and items[held].error is None
         assert items[held].epoch is not None
-        assert f"deleted cloud volume {held}-disk-0" in items[held].actions
+        volume = reconciling.disks[0].volume_id
+        assert volume == f"{vms[1].name}_ARM"  # warm volumes are named after their VM
+        assert f"deleted cloud volume {volume}" in items[held].actions
         latest = await follower.until(
             lambda latest: (
                 latest[done].state is MigrationState.COMPLETED

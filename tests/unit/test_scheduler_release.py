@@ -27,7 +27,7 @@ from appliance.orchestrator.context import Deps, OrchestratorConfig
 from appliance.orchestrator.record import load
 from appliance.orchestrator.reporting import Reporter
 from appliance.orchestrator.requests import CloneRequests
-from appliance.orchestrator.scheduler import PAUSED_RETRY_S, Scheduler, group_lease
+from appliance.orchestrator.scheduler import PAUSED_RETRY_S, Run, Scheduler, group_lease
 from appliance.sealing import Sealer
 from appliance.sink import MemorySink
 from appliance.sites.lab.site import LabSite
@@ -36,7 +36,7 @@ from appliance.state.checkpoints import RedisCheckpointStore
 from appliance.state.events import EventLog
 from appliance.state.keys import Keys
 from appliance.state.leases import Lease, Leases
-from appliance.state.migrations import MigrationStore
+from appliance.state.migrations import GroupInfo, MigrationStore
 from appliance.state.policy import Policies
 from appliance.state.store import StateStore, connect
 from tests.support.lab import build_lab
@@ -164,4 +164,52 @@ async def test_a_tick_while_a_run_releases_its_lease_starts_nothing(env: Env) ->
         assert await env.leases.renew(Lease(group_lease(record.group_id), OWNER, token))
     finally:
         env.leases.gate.set()
+        await scheduler.stop_all()
+
+
+class WaitingRuns:
+    """Runs that wait until stopped; counts the starts per group."""
+
+    def __init__(self) -> None:
+        self.starts: dict[str, int] = {}
+
+    def __call__(self, deps: Deps, lease: Lease, group: GroupInfo, cancel: asyncio.Event) -> Run:
+        self.starts[group.group_id] = self.starts.get(group.group_id, 0) + 1
+        return _WaitingRun()
+
+
+class _WaitingRun:
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+
+@pytest.mark.timeout(60)
+async def test_a_held_scheduler_starts_no_run_until_the_hold_ends(env: Env) -> None:
+    """A reset holds the scheduler: its runs stop, and a tick meanwhile resumes none (before,
+    the tick a stopped run's end woke took the group again, and the reset, asking for the
+    group's lease, met this process's own new run). Runs stopped before their first step
+    (just started by a tick) let go of their leases too."""
+    await CloneRequests(env.deps).handle(clone(["vm-0001", "vm-0002"]))
+    env.leases.gate.set()  # releases go through at once here
+    runs = WaitingRuns()
+    scheduler = Scheduler(env.deps, runs)
+    try:
+        await scheduler.tick()
+        groups = scheduler.running_groups
+        assert len(groups) == 2
+        async with scheduler.held():  # stops the runs, which had not even started
+            assert scheduler.running_groups == []
+            for group_id in groups:
+                assert await env.redis.exists(env.keys.lease(group_lease(group_id))) == 0
+            await scheduler.tick()
+            assert scheduler.running_groups == []
+            assert runs.starts == dict.fromkeys(groups, 1)
+            reset = Leases(env.deps.store, f"{OWNER}/reset", 30.0)
+            taken = await reset.acquire(group_lease(groups[0]))
+            assert taken is not None
+            await reset.release(taken)
+        await scheduler.tick()  # the hold over, the groups are taken up again
+        assert scheduler.running_groups == groups
+        assert runs.starts == dict.fromkeys(groups, 2)
+    finally:
         await scheduler.stop_all()
