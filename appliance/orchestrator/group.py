@@ -263,7 +263,7 @@ class GroupRun:
                 self._cancel.set()
             if lost is not None:
                 self._recovery_asked = True
-                drive.cancel()
+                await _cancel_until_done(drive)
                 return
 
     # -- backward -----------------------------------------------------------------
@@ -361,3 +361,16 @@ ACTIONS: dict[Step, Action] = {
     Step.BACK_RETURNING: serve_steps.back_return,
 }
 """Every step's action; a step without one answers not_implemented."""
+
+
+RECANCEL_S = 1.0
+
+
+async def _cancel_until_done(drive: asyncio.Task[None]) -> None:
+    """Cancel the drive, again each ``RECANCEL_S`` while it goes on: a cancel can be lost
+    (Python 3.11's ``wait_for`` drops one that races its inner future finishing), and a
+    resting drive, which never ends by itself, would then keep the VM in the cloud with its
+    recovery asked and no run to do it (as the scheduler's ``stop_all`` does for a stop)."""
+    while not drive.done():
+        drive.cancel()
+        await asyncio.wait({drive}, timeout=RECANCEL_S)
