@@ -61,6 +61,7 @@ from tests.integration.tbc_helpers import (
 from tests.integration.test_bus import StartAppliance
 from tests.integration.test_warm import WARM_SETTINGS, open_gates, warm_request
 from tests.support.lab import MIB, build_lab, lab_vm
+from tests.support.records import until_record
 from tests.support.replay import find_prefix, replay
 
 pytestmark = pytest.mark.timeout(300)
@@ -354,15 +355,10 @@ async def test_a_warm_migration_caught_reconciling_fails_and_goes_back(
         await guest.wait_writes(30, within_s=60)
         await guest.halt()
 
-        async def reconciling() -> MigrationRecord:
-            async with asyncio.timeout(120):
-                while True:  # the cutover gate holds it there
-                    record = await record_of(store, migration_id)
-                    if int((record.extra.get("reconcile") or {}).get("passes", 0)) >= 1:
-                        return record
-                    await asyncio.sleep(0.1)
+        def reconciled_once(record: MigrationRecord) -> bool:  # the cutover gate holds it there
+            return int((record.extra.get("reconcile") or {}).get("passes", 0)) >= 1
 
-        caught = await reconciling()
+        caught = await until_record(store, migration_id, reconciled_once)
         assert caught.step.value == "reconciling"
         volume_id = caught.disks[0].volume_id
         lose_cache(harness.data_dir, pids[str(CACHE)])

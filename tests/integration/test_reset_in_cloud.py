@@ -26,11 +26,9 @@ import pytest
 from appliance.components.control import ComponentOrders
 from appliance.components.heartbeat import ComponentHealth, Liveness
 from appliance.components.orders import ComponentKeys, Order, OrderAction, OutcomeKind
-from appliance.orchestrator.record import load
 from appliance.orchestrator.states import Step
 from appliance.sites.lab.site import LabSite
 from appliance.sites.lab.workload import WorkloadLog, read_write_log
-from appliance.state.migrations import MigrationStore
 from appliance.state.store import StateStore
 from clients.client import FerryClient, FerryError
 from messages.commands import ResetRequest, ResetRequestBody
@@ -55,6 +53,7 @@ from tests.integration.tbc_helpers import (
 )
 from tests.integration.test_bus import StartAppliance
 from tests.support.lab import MIB, build_lab, lab_vm
+from tests.support.records import until_record
 from tests.support.replay import find_prefix, replay
 
 pytestmark = pytest.mark.timeout(300)
@@ -292,13 +291,7 @@ async def test_a_reset_with_the_cache_killed_still_brings_the_vm_home(
 
 async def _step(store: StateStore, migration_id: str, step: Step) -> None:
     """A bounded watch on the persisted record until it reaches ``step``."""
-    async with asyncio.timeout(120):
-        while True:
-            stored = await MigrationStore(store).get(migration_id)
-            assert stored is not None
-            if load(stored.record).step is step:
-                return
-            await asyncio.sleep(0.1)
+    await until_record(store, migration_id, lambda record: record.step is step)
 
 
 async def test_a_reset_mid_migrate_back_with_the_cache_stopped_leaves_it_a_close_order(

@@ -8,7 +8,6 @@ LocalStack, a real redis-server and the real component processes.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from collections.abc import Iterator
@@ -18,10 +17,8 @@ import pytest
 
 from appliance.components.control import ComponentOrders
 from appliance.components.orders import OrderAction, OutcomeKind
-from appliance.orchestrator.record import load
 from appliance.orchestrator.states import Step
 from appliance.sites.lab.site import LabSite
-from appliance.state.migrations import MigrationStore
 from appliance.state.store import StateStore
 from clients.client import FerryClient
 from messages.commands import ResetRequest, ResetRequestBody
@@ -41,6 +38,7 @@ from tests.integration.tbc_helpers import (
 )
 from tests.integration.test_bus import StartAppliance
 from tests.support.lab import MIB, build_lab, lab_vm
+from tests.support.records import until_record
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -53,13 +51,7 @@ def component_pids(data_dir: Path) -> Iterator[list[int]]:
 
 
 async def _step(store: StateStore, migration_id: str, step: Step) -> None:
-    async with asyncio.timeout(120):
-        while True:
-            stored = await MigrationStore(store).get(migration_id)
-            assert stored is not None
-            if load(stored.record).step is step:
-                return
-            await asyncio.sleep(0.1)
+    await until_record(store, migration_id, lambda record: record.step is step)
 
 
 async def test_a_reset_before_the_vm_ran_in_the_cloud_undoes_it_components_included(

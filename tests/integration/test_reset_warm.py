@@ -11,13 +11,12 @@ order keys. On LocalStack, a real redis-server and the real component processes.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from appliance.orchestrator.record import MigrationRecord, load
+from appliance.orchestrator.record import MigrationRecord
 from appliance.orchestrator.states import Step
 from appliance.sites.lab.site import LabSite
 from appliance.state.migrations import MigrationStore
@@ -39,6 +38,7 @@ from tests.integration.migration_helpers import start_migration
 from tests.integration.tbc_helpers import TBC_SETTINGS, components_up, kill_pids, state_store
 from tests.integration.test_bus import StartAppliance
 from tests.support.lab import MIB, NETWORK_MAP, build_lab, lab_vm
+from tests.support.records import until_record
 
 pytestmark = pytest.mark.timeout(300)
 WARM_SETTINGS: dict[str, object] = {
@@ -71,15 +71,14 @@ async def _until(
     store: StateStore, migration_id: str, check: Callable[[MigrationRecord], bool]
 ) -> MigrationRecord:
     """A bounded watch on the persisted record."""
-    async with asyncio.timeout(120):
-        while True:
-            stored = await MigrationStore(store).get(migration_id)
-            assert stored is not None
-            record = load(stored.record)
-            if check(record):
-                return record
-            assert record.step not in (Step.FAILED, Step.ROLLING_BACK), record
-            await asyncio.sleep(0.1)
+
+    def reached(record: MigrationRecord) -> bool:
+        if check(record):
+            return True
+        assert record.step not in (Step.FAILED, Step.ROLLING_BACK), record
+        return False
+
+    return await until_record(store, migration_id, reached)
 
 
 async def test_a_reset_keeps_a_cut_over_warm_vm_and_brings_a_reconciling_one_home(

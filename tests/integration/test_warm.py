@@ -61,6 +61,7 @@ from tests.integration.tbc_helpers import (
 )
 from tests.integration.test_bus import StartAppliance
 from tests.support.lab import MIB, NETWORK_MAP, build_lab, lab_vm
+from tests.support.records import until_record
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -95,13 +96,14 @@ async def _until_record(
 ) -> MigrationRecord:
     """Until the record satisfies ``check`` (a bounded watch on the persisted record)."""
     assert callable(check)
-    async with asyncio.timeout(within_s):
-        while True:
-            record = await _record(store, migration_id)
-            if check(record):
-                return record
-            assert record.step not in (Step.FAILED, Step.ROLLING_BACK), (done, record)
-            await asyncio.sleep(0.1)
+
+    def reached(record: MigrationRecord) -> bool:
+        if check(record):
+            return True
+        assert record.step not in (Step.FAILED, Step.ROLLING_BACK), (done, record)
+        return False
+
+    return await until_record(store, migration_id, reached, within_s)
 
 
 async def open_gates(store: StateStore, migration_id: str) -> None:
